@@ -1,0 +1,200 @@
+"""The `fleet` command: every operator action, with the exit codes of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fleet import db, logs
+from fleet.config import FleetConfig, Settings, load_fleet_config, load_settings
+from fleet.errors import ExitCode, FleetError, UnavailableError
+from fleet.services import Services, build, check_redis
+
+app = typer.Typer(help="Fleet: run unattended agents on a Celery worker fleet, with safety rails.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class _State:
+    config_path: Path | None = None
+    soft_fail: bool = False
+
+
+state = _State()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) instead of a table.")]
+
+
+@app.callback()
+def _global(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to fleet.toml "
+                                                "(default: $FLEET_CONFIG or ./fleet.toml).")] = None,
+    soft_fail: Annotated[bool, typer.Option("--soft-fail", help="Exit 0 on a retryable failure (75) and "
+                                            "append it to logs/soft-fail.jsonl; for cron.")] = False,
+) -> None:
+    """Fleet: run unattended agents on a Celery worker fleet, with safety rails."""
+    state.config_path = config
+    state.soft_fail = soft_fail
+
+
+def settings() -> Settings:
+    """The process settings, with --config applied (it wins over FLEET_CONFIG)."""
+    loaded = load_settings()
+    if state.config_path is not None:
+        loaded = loaded.model_copy(update={"config": state.config_path})
+    return loaded
+
+
+def fleet_config(s: Settings | None = None) -> FleetConfig:
+    """The validated fleet.toml."""
+    return load_fleet_config((s or settings()).config)
+
+
+def services() -> Services:
+    """Settings, config, database and Redis for one command."""
+    return build(settings())
+
+
+def emit_json(data: Any) -> None:
+    """Print machine-readable output."""
+    out.print_json(json.dumps(data, default=str), highlight=False)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Where to write fleet.toml and keys/.")] = Path("."),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing fleet.toml.")] = False,
+) -> None:
+    """Write a starter fleet.toml and a private keys/ folder.
+
+    Example: fleet init ./myfleet
+    """
+    from fleet.starter import write_starter
+
+    for line in write_starter(directory, force=force):
+        out.print(line)
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, max=64,
+                                         help="Worker processes per queue.")] = 2,
+    embedded: Annotated[bool, typer.Option(help="Start a private Redis-compatible server even if one "
+                                           "answers on 6379.")] = False,
+    no_beat: Annotated[bool, typer.Option("--no-beat", help="Do not start beat.")] = False,
+    no_flower: Annotated[bool, typer.Option("--no-flower", help="Do not start Flower.")] = False,
+    no_web: Annotated[bool, typer.Option("--no-web", help="Do not start the web page.")] = False,
+) -> None:
+    """Run a whole single-host fleet in the foreground: migrations, worker, beat, Flower, web.
+
+    Example: fleet up --workers 2
+    """
+    from fleet.supervisor import UpOptions, run_up
+
+    code = run_up(settings(), UpOptions(workers=workers, embedded=embedded, beat=not no_beat,
+                                        flower=not no_flower, web=not no_web))
+    raise typer.Exit(code)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the configuration, Redis and the database; say what is wrong and how to fix it.
+
+    Example: fleet doctor    (exit 78: bad config, 75: a service is down)
+    """
+    from fleet.doctor import run_doctor
+
+    raise typer.Exit(run_doctor(settings(), out))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Migrate the database to the latest schema, under a lock (safe from two hosts at once).
+
+    Example: FLEET_DATABASE_URL=postgresql://fleet@db/fleet fleet db upgrade
+    """
+    s = settings()
+    engine = db.make_engine(s.database_url)
+    try:
+        db.check(engine)
+        db.upgrade(engine, revision)
+        out.print(f"database at revision {db.current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def web() -> None:
+    """Serve the operator page, probes, /metrics and /api/state.
+
+    Example: FLEET_WEB_TOKEN=secret fleet web
+    """
+    from fleet.web import serve
+
+    s = settings()
+    logs.configure("web")
+    serve(build(s))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _soft_fail_record(s: Settings, exc: FleetError) -> None:
+    path = s.log_dir / "soft-fail.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"at": datetime.now(UTC).isoformat(), "argv": sys.argv[1:],
+                                 "exit_code": int(exc.exit_code), "error": str(exc)}) + "\n")
+
+
+def main() -> None:
+    """Console-script entry point: maps FleetError to its exit code, never a traceback."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app(standalone_mode=False)
+    except FleetError as exc:
+        err.print(f"fleet: {exc}", highlight=False, markup=False)
+        if state.soft_fail and isinstance(exc, UnavailableError):
+            try:
+                _soft_fail_record(load_settings(), exc)
+            except FleetError:
+                pass
+            sys.exit(ExitCode.OK)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - click usage errors carry their own code
+        import click
+
+        if isinstance(exc, click.exceptions.UsageError):
+            exc.show()
+            sys.exit(ExitCode.USAGE)
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
+
+
+# The other command groups register themselves on `app` when imported.
+from fleet import cli_rails, cli_runs  # noqa: E402, F401

@@ -1,0 +1,138 @@
+"""`fleet kill`, `resume`, `spend`, `agents`: the safety rails from the command line."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fleet import db, killswitch, ledger
+from fleet.cli import JsonOpt, app, emit_json, out, services
+from fleet.cli_runs import actor
+from fleet.errors import BadInputError
+from fleet.keys import GLOBAL
+from fleet.services import Services
+
+
+@app.command()
+def kill(
+    agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (shown in status and the audit trail).")] = None,
+    hard: Annotated[bool, typer.Option("--hard", help="Also revoke and terminate in-flight tasks through "
+                                       "Celery, for a wedged worker.")] = False,
+) -> None:
+    """Stop everything now: intake stops at once, running agents within a second.
+
+    Example: fleet kill --reason "runaway spend"    |    fleet kill digest
+    """
+    svc = services()
+    scope = GLOBAL if agent is None else svc.config.agent(agent).name
+    killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard, now=svc.now())
+    out.print(f"kill switch engaged for {'the whole fleet' if agent is None else 'agent ' + agent}"
+              + (f": {reason}" if reason else ""))
+    if hard:
+        from workers.control import revoke_in_flight
+
+        revoked = revoke_in_flight(agent)
+        out.print(f"hard kill: revoked and terminated {revoked} in-flight fleet.execute task(s)")
+
+
+@app.command()
+def resume(agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None) -> None:
+    """Release the kill switch (and an agent's paused schedule).
+
+    Example: fleet resume    |    fleet resume digest
+    """
+    from fleet import keys
+
+    svc = services()
+    scope = GLOBAL if agent is None else svc.config.agent(agent).name
+    killswitch.release(svc.engine, svc.redis, scope=scope, actor=actor(), now=svc.now())
+    if agent is not None:
+        svc.redis.delete(keys.paused(agent))
+    out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + agent}")
+
+
+@app.command()
+def spend(
+    day: Annotated[str | None, typer.Option(help="Budget day YYYY-MM-DD (default: today).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Spend per agent and fleet-wide: reserved and actual, against the caps.
+
+    Example: fleet spend --json
+    """
+    svc = services()
+    data = spend_report(svc, day)
+    if as_json:
+        emit_json(data)
+        return
+    table = Table("scope", "spent $", "reserved $", "cap $", "left $")
+    for row in data["scopes"]:
+        table.add_row(row["scope"], f"{row['spent_usd']:.4f}", f"{row['reserved_usd']:.4f}",
+                      "-" if row["cap_usd"] is None else f"{row['cap_usd']:.2f}",
+                      "-" if row["left_usd"] is None else f"{row['left_usd']:.4f}")
+    out.print(f"budget day {data['day']} ({data['timezone']})")
+    out.print(table)
+
+
+def spend_report(svc: Services, day: str | None) -> dict[str, Any]:
+    """Per-scope spend for a day, as JSON."""
+    import datetime as dt
+
+    with db.session(svc.engine) as session:
+        if day is None:
+            day = ledger.budget_day(session, svc.config.fleet.timezone)
+        else:
+            try:
+                dt.date.fromisoformat(day)
+            except ValueError:
+                raise BadInputError(f"--day must be YYYY-MM-DD, got {day!r}") from None
+        rows = {r.scope: r for r in ledger.day_rows(session, day=day)}
+    caps = {GLOBAL: svc.config.fleet.daily_cap_usd} | {n: a.daily_cap_usd for n, a in svc.config.agents.items()}
+    scopes = []
+    for scope in sorted(set(caps) | set(rows), key=lambda s: (s != GLOBAL, s)):
+        row = rows.get(scope)
+        spent = row.spent_micros if row else 0
+        reserved = row.reserved_micros if row else 0
+        cap = caps.get(scope)
+        scopes.append({"scope": scope, "spent_usd": spent / 1e6, "reserved_usd": reserved / 1e6, "cap_usd": cap,
+                       "left_usd": None if cap is None else cap - (spent + reserved) / 1e6,
+                       "spent_micros": spent, "reserved_micros": reserved})
+    return {"day": day, "timezone": svc.config.fleet.timezone, "scopes": scopes}
+
+
+@app.command()
+def agents(as_json: JsonOpt = False) -> None:
+    """Each agent: schedule and next fire, caps, breaker, concurrency, and its key's fingerprint.
+
+    Example: fleet agents --json
+    """
+    svc = services()
+    now = svc.now()
+    rows = []
+    for name, spec in svc.config.agents.items():
+        schedule = spec.parsed_schedule
+        rows.append({
+            "agent": name, "schedule": spec.schedule,
+            "next_fire": schedule.next_after(now).isoformat() if schedule else None,
+            "daily_cap_usd": spec.daily_cap_usd, "est_cost_usd": spec.est_cost_usd, "timeout_s": spec.timeout_s,
+            "concurrency": spec.concurrency, "breaker": svc.breakers.state(name).get("state", "closed"),
+            "key_fingerprint": fingerprint(spec.key_file.read_bytes()) if spec.key_file else None,
+        })
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("agent", "schedule", "next fire", "cap $", "est $", "timeout", "slots", "breaker", "key")
+    for r in rows:
+        table.add_row(r["agent"], r["schedule"] or "-", (r["next_fire"] or "-")[:19],
+                      "-" if r["daily_cap_usd"] is None else f"{r['daily_cap_usd']:.2f}", f"{r['est_cost_usd']:.2f}",
+                      f"{r['timeout_s']:.0f}s", str(r["concurrency"]), r["breaker"], r["key_fingerprint"] or "-")
+    out.print(table)
+
+
+def fingerprint(secret: bytes) -> str:
+    """A short, non-reversible fingerprint of a key (never the key)."""
+    return "sha256:" + hashlib.sha256(secret.strip()).hexdigest()[:12]

@@ -1,0 +1,326 @@
+"""`fleet dispatch`, `runs`, `logs`, `dlq`, `events`: starting work and reading what it did."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fleet import db, dlq, store
+from fleet.cli import JsonOpt, app, emit_json, err, out, services
+from fleet.dispatch import DispatchRequest, Sender, dispatch, parse_payload
+from fleet.errors import ExitCode, NotFoundError
+from fleet.executor import run_log_path
+from fleet.models import TERMINAL, DeadLetter, Run, RunStatus
+from fleet.services import Services
+
+runs_app = typer.Typer(help="Runs: list them, or show one.", invoke_without_command=True)
+dlq_app = typer.Typer(help="The dead-letter queue: list, show, replay, purge.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(dlq_app, name="dlq")
+
+REFUSED_EXIT = ExitCode.IDLE  # refused by cap, busy, killed, breaker: nothing done
+
+
+def actor() -> str:
+    """Who is acting, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def celery_sender() -> Sender:
+    """The Celery sender, imported only by the commands that send (the core never imports Celery)."""
+    from workers.tasks import send_execute
+
+    return send_execute
+
+
+def run_exit_code(run: Run) -> int:
+    """A finished run's exit code for the shell: the agent's own where it failed."""
+    if run.status == RunStatus.SUCCEEDED:
+        return ExitCode.OK
+    if run.status in (RunStatus.IDLE, RunStatus.KILLED, RunStatus.ARCHIVED):
+        return ExitCode.IDLE
+    return run.exit_code if run.exit_code not in (None, 0) else ExitCode.FAILURE  # type: ignore[return-value]
+
+
+@app.command("dispatch")
+def dispatch_command(
+    agent: Annotated[str, typer.Argument(help="The agent's name in fleet.toml.")],
+    key: Annotated[str | None, typer.Option("--key", "-k", help="Work key: the same key never runs twice.")] = None,
+    payload: Annotated[str | None, typer.Option(help="JSON given to the agent as FLEET_PAYLOAD.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would fire and every gate; write "
+                                          "nothing.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end; exit with its code.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dispatch one run of an agent (exit 3 when refused: busy, over cap, killed, breaker open).
+
+    Example: fleet dispatch digest --key 2026-11-21 --payload '{"topic": "news"}' --wait
+    """
+    svc = services()
+    request = DispatchRequest(agent, key, parse_payload(payload), dry_run, actor=actor())
+    result = dispatch(svc, request, (lambda *_: None) if dry_run else celery_sender())
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        _print_dispatch(result.to_json())
+    if result.status in ("refused", "misdispatch"):
+        raise typer.Exit(REFUSED_EXIT)
+    if wait and result.run_id and not dry_run:
+        final = follow_run(svc, result.run_id, quiet=as_json)
+        raise typer.Exit(run_exit_code(final))
+
+
+def _print_dispatch(result: dict[str, Any]) -> None:
+    status, reason = result["status"], result.get("reason")
+    out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({reason})" if reason else ""))
+    if result.get("would_fire"):
+        out.print(f"would fire: {', '.join(result['would_fire'])}")
+    for name, gate in result.get("gates", {}).items():
+        mark = "[green]open[/green]" if gate["ok"] else "[red]closed[/red]"
+        out.print(f"  gate {name:<8} {mark}  {gate['detail']}")
+
+
+def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float | None = None) -> Run:
+    """Wait for a run to end, showing its status as it changes."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last = None
+    with err.status(f"run {run_id}: waiting", spinner="dots") as spinner:
+        while True:
+            run = load_run(svc, run_id)
+            if run.status != last and not quiet:
+                spinner.update(f"run {run_id}: {run.status} (attempt {run.attempt})")
+                last = run.status
+            if run.status in TERMINAL:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    if not quiet:
+        out.print(f"run {run_id} ended [bold]{run.status}[/bold]"
+                  + (f", exit {run.exit_code}" if run.exit_code is not None else "")
+                  + (f": {run.error}" if run.error else ""))
+    return run
+
+
+def load_run(svc: Services, run_id: str) -> Run:
+    """A run by id (69 when unknown)."""
+    with db.session(svc.engine) as session:
+        run = store.get_run(session=session, run_id=run_id)
+    if run is None:
+        raise NotFoundError(f"no run {run_id!r}")
+    return run
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    """A run as stable JSON."""
+    data = run.model_dump(mode="json")
+    data["status"] = str(run.status.value if isinstance(run.status, RunStatus) else run.status)
+    data["cost_usd"] = run.cost_micros / 1_000_000
+    return data
+
+
+@runs_app.callback()
+def runs_list(
+    ctx: typer.Context,
+    agent: Annotated[str | None, typer.Option(help="Only this agent's runs.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the newest runs.
+
+    Example: fleet runs --agent digest --status dead --json
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if status is not None and status not in {s.value for s in RunStatus}:
+        from fleet.errors import BadInputError
+
+        raise BadInputError(f"unknown status {status!r}; one of {', '.join(s.value for s in RunStatus)}")
+    svc = services()
+    with db.session(svc.engine) as session:
+        rows = store.list_runs(session=session, agent=agent, status=status, limit=limit)
+    if as_json:
+        emit_json([run_json(r) for r in rows])
+        return
+    table = Table("run", "agent", "work key", "status", "attempt", "exit", "cost $", "created")
+    for r in rows:
+        table.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), str(r.exit_code or ""),
+                      f"{r.cost_micros / 1e6:.4f}", r.created_at.isoformat(timespec="seconds"))
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
+    """Show one run and its audit trail.
+
+    Example: fleet runs show 3f2a...
+    """
+    svc = services()
+    run = load_run(svc, run_id)
+    with db.session(svc.engine) as session:
+        events = store.run_events(session=session, run_id=run_id)
+    data = run_json(run) | {"events": [e.model_dump(mode="json") for e in events],
+                            "log": str(run_log_path(svc.settings.log_dir, run_id))}
+    if as_json:
+        emit_json(data)
+        return
+    for key, value in data.items():
+        if key != "events" and value not in (None, ""):
+            out.print(f"{key:>15}: {value}", highlight=False)
+    for e in events:
+        out.print(f"  {e.at.isoformat(timespec='seconds')} {e.kind} {e.detail or ''}", highlight=False)
+
+
+@app.command()
+def logs(
+    run_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
+) -> None:
+    """Print a run's output (merged stdout and stderr).
+
+    Example: fleet logs 3f2a... -f
+    """
+    svc = services()
+    run = load_run(svc, run_id)
+    path = run_log_path(svc.settings.log_dir, run_id)
+    position = _print_from(path, 0)
+    while follow and run.status not in TERMINAL:
+        time.sleep(0.2)
+        position = _print_from(path, position)
+        run = load_run(svc, run_id)
+    position = _print_from(path, position)
+    if position == 0 and not path.exists():
+        err.print(f"(no output recorded for run {run_id} at {path})")
+
+
+def _print_from(path: Path, position: int) -> int:
+    if not path.exists():
+        return position
+    with path.open("rb") as handle:
+        handle.seek(position)
+        chunk = handle.read()
+    if chunk:
+        typer.echo(chunk.decode("utf-8", errors="replace"), nl=False)
+    return position + len(chunk)
+
+
+# ---------------------------------------------------------------- dead letters
+
+
+def dead_json(dead: DeadLetter) -> dict[str, Any]:
+    """A dead letter as stable JSON."""
+    return dead.model_dump(mode="json")
+
+
+@dlq_app.command("list")
+def dlq_list(as_json: JsonOpt = False) -> None:
+    """List dead letters, newest first.
+
+    Example: fleet dlq list --json
+    """
+    svc = services()
+    with db.session(svc.engine) as session:
+        rows = store.list_dead_letters(session=session)
+    if as_json:
+        emit_json([dead_json(d) for d in rows])
+        return
+    table = Table("id", "agent", "run", "reason", "attempts", "exit", "error", "replayed as")
+    for d in rows:
+        table.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), str(d.exit_code or ""),
+                      (d.last_error or "")[:60], d.replayed_run_id or "")
+    out.print(table)
+
+
+@dlq_app.command("show")
+def dlq_show(dead_id: int, as_json: JsonOpt = False) -> None:
+    """Show one dead letter with the tail of its output.
+
+    Example: fleet dlq show 7
+    """
+    dead = dlq.get(services(), dead_id)
+    if as_json:
+        emit_json(dead_json(dead))
+        return
+    for key, value in dead_json(dead).items():
+        if key != "output_tail":
+            out.print(f"{key:>15}: {value}", highlight=False)
+    out.print("--- output tail ---")
+    typer.echo(dead.output_tail or "")
+
+
+@dlq_app.command("replay")
+def dlq_replay(dead_id: int, as_json: JsonOpt = False) -> None:
+    """Run a dead letter's work again (once: a second replay returns the first).
+
+    Example: fleet dlq replay 7
+    """
+    result = dlq.replay(services(), dead_id, celery_sender(), actor())
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        _print_dispatch(result.to_json())
+    if result.status in ("refused", "misdispatch"):
+        raise typer.Exit(REFUSED_EXIT)
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    dead_ids: Annotated[list[int] | None, typer.Argument(help="Dead letter ids; none with --all.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Purge every dead letter.")] = False,
+) -> None:
+    """Delete dead letters for good.
+
+    Example: fleet dlq purge 7 8   |   fleet dlq purge --all
+    """
+    if not dead_ids and not all_:
+        from fleet.errors import BadInputError
+
+        raise BadInputError("name dead letter ids, or pass --all")
+    removed = dlq.purge(services(), None if all_ else list(dead_ids or []), actor())
+    out.print(f"purged {removed} dead letter(s)")
+
+
+# ---------------------------------------------------------------- audit trail
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=100000, help="How many recent events.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the audit trail: who dispatched what, every status change, every switch thrown.
+
+    Example: fleet events -f --json
+    """
+    svc = services()
+    with db.session(svc.engine) as session:
+        newest = store.recent_events(session=session, limit=limit)
+    last = _print_events(newest, as_json, 0)
+    while follow:
+        time.sleep(0.5)
+        with db.session(svc.engine) as session:
+            last = _print_events(store.events_after(session=session, after_id=last), as_json, last)
+
+
+def _print_events(rows: list[Any], as_json: bool, last: int) -> int:
+    for e in rows:
+        if as_json:
+            typer.echo(json.dumps(e.model_dump(mode="json"), sort_keys=True))
+        else:
+            out.print(f"{e.at.isoformat(timespec='seconds')} {e.kind:<18} {e.agent or '-':<12} "
+                      f"{e.run_id or '-'} {e.actor or ''} {e.detail or ''}", highlight=False)
+        last = e.id or last
+    return last

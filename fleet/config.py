@@ -1,0 +1,292 @@
+"""The one reader of configuration: FLEET_* settings from the environment and fleet.toml agents.
+
+Both are read once at each entry point (CLI, worker, beat, web) and passed down from there.
+A bad fleet.toml is refused whole, naming the file, line, agent, field and why; never a value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.errors import ConfigError
+from fleet.schedule import Schedule, parse_schedule
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables the fleet sets itself; an agent's env may not override them.
+RESERVED_ENV = frozenset({"FLEET_RUN_ID", "FLEET_AGENT", "FLEET_WORK_KEY", "FLEET_PAYLOAD", "FLEET_ATTEMPT",
+                          "FLEET_PREV_RUN_ID", "FLEET_AGENT_KEY", "PATH", "HOME", "LANG"})
+
+
+class Settings(BaseSettings):
+    """Process settings from FLEET_* environment variables (DESIGN.md, "Settings")."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    config: Path = Path("fleet.toml")
+    redis_url: str | None = None  # None: the default URL, or the embedded server under `fleet up`
+    database_url: str = "sqlite:///./fleet.db"
+    log_dir: Path = Path("logs")
+    sentry_dsn: str | None = None
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8700, ge=0, le=65535)
+    flower_port: int = Field(default=5555, ge=0, le=65535)
+    flower_auth: str | None = None
+    web_token: str | None = None
+
+    @property
+    def broker_url(self) -> str:
+        """The Redis URL every component uses."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @field_validator("flower_auth")
+    @classmethod
+    def _auth_has_user_and_password(cls, value: str | None) -> str | None:
+        if value is not None and (":" not in value or not all(value.split(":", 1))):
+            raise ValueError("FLEET_FLOWER_AUTH must be user:password")
+        return value
+
+
+def load_settings() -> Settings:
+    """Read the settings once; an invalid variable is a configuration error (exit 78)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"FLEET_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def _finite_non_negative(value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise ValueError("must be a finite number >= 0")
+    return value
+
+
+class FleetSection(BaseModel):
+    """The `[fleet]` table: fleet-wide limits and timings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    daily_cap_usd: float | None = None
+    timezone: str = "UTC"
+    lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    heartbeat_s: float = Field(default=5.0, gt=0, le=600)
+    kill_poll_s: float = Field(default=0.2, gt=0, le=5)
+    kill_unreachable_grace_s: float = Field(default=30.0, gt=0, le=3600)
+    stale_after_s: float = Field(default=3600.0, gt=0)
+    idempotency_ttl_s: float = Field(default=7 * 86400.0, gt=0)
+    retention_days: float = Field(default=30.0, gt=0)
+    log_retention_runs: int = Field(default=1000, ge=1)
+    breaker_threshold: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=300.0, gt=0)
+    retry_backoff_s: float = Field(default=10.0, ge=0, le=3600)  # first retry waits about this long (plus jitter)
+    kill_grace_s: float = Field(default=5.0, ge=0, le=300)  # SIGTERM, then this long, then SIGKILL
+
+    _finite = field_validator("daily_cap_usd", "lease_ttl_s", "heartbeat_s", "kill_poll_s",
+                              "kill_unreachable_grace_s", "stale_after_s", "idempotency_ttl_s",
+                              "retention_days", "breaker_cooldown_s", "retry_backoff_s",
+                              "kill_grace_s")(_finite_non_negative)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {value!r}") from None
+        return value
+
+
+class AgentSpec(BaseModel):
+    """One `[agents.NAME]` table, validated. Paths are resolved against the config file's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    command: list[str] = Field(min_length=1)
+    poll: list[str] | None = None
+    schedule: str | None = None
+    daily_cap_usd: float | None = None
+    est_cost_usd: float = 0.0
+    timeout_s: float = Field(default=1800.0, gt=0, le=86400)  # workers.app sizes the broker timeout on this
+    concurrency: int = Field(default=1, ge=1, le=1000)
+    key_file: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    secret_env: dict[str, Path] = Field(default_factory=dict)
+
+    _finite = field_validator("daily_cap_usd", "est_cost_usd", "timeout_s")(_finite_non_negative)
+
+    @field_validator("command", "poll")
+    @classmethod
+    def _argv_strings(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not arg or "\x00" in arg for arg in value)):
+            raise ValueError("must be a non-empty list of non-empty strings (argv, no shell)")
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_schedule(value)
+        return value
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _env_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name in RESERVED_ENV:
+                raise ValueError(f"{name} is set by Fleet itself")
+        return value
+
+    @property
+    def parsed_schedule(self) -> Schedule | None:
+        """The schedule as an object beat can evaluate."""
+        return parse_schedule(self.schedule) if self.schedule else None
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """A whole validated fleet.toml."""
+
+    path: Path
+    fleet: FleetSection
+    agents: dict[str, AgentSpec]
+
+    def agent(self, name: str) -> AgentSpec:
+        """The named agent; NotFoundError when there is none."""
+        from fleet.errors import NotFoundError
+
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise NotFoundError(f"unknown agent {name!r} (known: {', '.join(sorted(self.agents)) or 'none'})") \
+                from None
+
+
+def load_fleet_config(path: Path) -> FleetConfig:
+    """Load and validate fleet.toml, refusing it whole on the first set of problems found."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (create one with `fleet init`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.__class__.__name__}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib says "(at line N, column M)", or "(at end of document)": then the last line is the one.
+        found = re.search(r"at line (\d+)", str(exc))
+        line = int(found.group(1)) if found else max(1, len(text.splitlines()))
+        raise ConfigError(f"{path}:{line}: invalid TOML: {exc}") from None
+    return _validate(path, text, raw)
+
+
+def _validate(path: Path, text: str, raw: dict[str, Any]) -> FleetConfig:
+    problems: list[str] = []
+    unknown = set(raw) - {"fleet", "agents"}
+    problems += [f"{path}:{_line_of(text, key)}: unknown top-level table [{key}]" for key in sorted(unknown)]
+    try:
+        fleet = FleetSection.model_validate(raw.get("fleet", {}))
+    except ValidationError as exc:
+        problems += _describe(path, text, "fleet", None, exc)
+        fleet = FleetSection()
+    agents_raw = raw.get("agents", {})
+    if not isinstance(agents_raw, dict):
+        problems.append(f"{path}: [agents] must be a table of agent tables")
+        agents_raw = {}
+    agents: dict[str, AgentSpec] = {}
+    for name, body in agents_raw.items():
+        agent, agent_problems = _validate_agent(path, text, name, body)
+        problems += agent_problems
+        if agent is not None:
+            agents[name] = agent
+    if problems:
+        raise ConfigError("invalid configuration, nothing loaded:\n  " + "\n  ".join(problems))
+    return FleetConfig(path=path, fleet=fleet, agents=agents)
+
+
+def _validate_agent(path: Path, text: str, name: str, body: Any) -> tuple[AgentSpec | None, list[str]]:
+    where = f"{path}:{_line_of(text, f'agents.{name}')}"
+    if not AGENT_NAME.match(name):
+        return None, [f"{where}: agent {name!r}: name must be an ASCII slug (a-z, 0-9, '-', '_'; "
+                      "it is used in Redis keys, file names and metrics labels)"]
+    if not isinstance(body, dict):
+        return None, [f"{where}: agent {name!r} must be a table"]
+    try:
+        agent = AgentSpec.model_validate({**body, "name": name})
+    except ValidationError as exc:
+        return None, _describe(path, text, f"agents.{name}", name, exc)
+    base = path.parent
+    agent = agent.model_copy(update={
+        "key_file": base / agent.key_file if agent.key_file else None,
+        "secret_env": {var: base / file for var, file in agent.secret_env.items()},
+    })
+    problems = []
+    if agent.key_file is not None:
+        problems += _secret_file_problems(path, text, name, "key_file", agent.key_file)
+    for var, file in agent.secret_env.items():
+        problems += _secret_file_problems(path, text, name, f"secret_env.{var}", file)
+    return (None, problems) if problems else (agent, [])
+
+
+def _secret_file_problems(path: Path, text: str, agent: str, field: str, file: Path) -> list[str]:
+    where = f"{path}:{_line_of(text, field.split('.')[0], section=f'agents.{agent}')}"
+    try:
+        info = file.stat()
+    except FileNotFoundError:
+        return [f"{where}: agent {agent!r}, {field}: {file} does not exist"]
+    except OSError as exc:
+        return [f"{where}: agent {agent!r}, {field}: {file} cannot be read ({exc.strerror})"]
+    if not stat.S_ISREG(info.st_mode):
+        return [f"{where}: agent {agent!r}, {field}: {file} is not a regular file"]
+    if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        return [f"{where}: agent {agent!r}, {field}: {file} is readable by group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):o}); run: chmod 600 {file}"]
+    if not os.access(file, os.R_OK):
+        return [f"{where}: agent {agent!r}, {field}: {file} is not readable by this user"]
+    return []
+
+
+def _describe(path: Path, text: str, section: str, agent: str | None, exc: ValidationError) -> list[str]:
+    """Turn pydantic errors into file:line messages. Input values are never echoed: they may be secrets."""
+    out = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        line = _line_of(text, str(error["loc"][0]) if error["loc"] else section, section=section)
+        who = f"agent {agent!r}, " if agent else f"[{section}] "
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        out.append(f"{path}:{line}: {who}{field}: {message}")
+    return out
+
+
+def _line_of(text: str, key: str, section: str | None = None) -> int:
+    """Best-effort line number of a table header or of a key inside a section (1 when not found)."""
+    lines = text.splitlines()
+    start = 0
+    if section is not None:
+        header = re.compile(rf"^\s*\[\s*{re.escape(section)}\s*\]")
+        start = next((i for i, line in enumerate(lines) if header.match(line.replace('"', ""))), 0)
+    patterns = (re.compile(rf"^\s*\[+\s*{re.escape(key)}\s*\]+"), re.compile(rf"^\s*{re.escape(key)}\s*="))
+    for i in range(start, len(lines)):
+        unquoted = lines[i].replace('"', "").replace("'", "")
+        if any(p.match(unquoted) for p in patterns):
+            return i + 1
+    return start + 1

@@ -1,0 +1,139 @@
+"""Engines, sessions and migrations. SQLite (WAL, write lock taken up front) or PostgreSQL by URL."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlmodel import Session
+
+from fleet.errors import ConfigError, UnavailableError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Any 64-bit number unique to Fleet: the PostgreSQL advisory lock that serialises `fleet db upgrade`.
+_MIGRATION_LOCK_ID = 0x466C656574_01
+
+
+def make_engine(url: str) -> Engine:
+    """Build an engine; call it after any fork (worker_process_init), never at import."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - sqlalchemy raises several types for a bad URL
+        raise ConfigError("FLEET_DATABASE_URL is not a valid database URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                             connect_args={"connect_timeout": 5})
+    raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
+
+
+def _sqlite_engine(url: str) -> Engine:
+    # isolation_level=None hands transaction control to us, so every transaction can start with
+    # BEGIN IMMEDIATE: the write lock is taken before the first read, which makes read-then-write
+    # (a reservation against a cap) race-free across processes and makes a busy writer wait
+    # out busy_timeout instead of failing at once with SQLITE_BUSY.
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30,
+                                              "isolation_level": None})
+
+    @event.listens_for(engine, "do_connect")
+    def _make_folder(*_args: Any) -> None:
+        # SQLite creates a missing file but not a missing folder ("unable to open database file").
+        database = engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # money lives here: survive power loss too
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def session(engine: Engine) -> Session:
+    """A session whose objects stay readable after commit."""
+    return Session(engine, expire_on_commit=False)
+
+
+def check(engine: Engine) -> None:
+    """Raise UnavailableError when the database cannot be reached."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        raise UnavailableError(f"database unreachable ({engine.url.render_as_string()}): "
+                               f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic config that runs our migrations on `engine`."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision` under a lock, so two hosts upgrading at once is safe."""
+    try:
+        with _migration_lock(engine):
+            command.upgrade(alembic_config(engine), revision)
+    except OperationalError as exc:
+        raise UnavailableError(f"database unreachable: {_first_line(exc)}") from None
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at (None when never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
+                conn.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite lives on one host: an exclusive file lock beside the database serialises upgrades.
+    with open(f"{database}.migrate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

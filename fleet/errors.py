@@ -1,0 +1,54 @@
+"""One rooted error tree; each error carries the CLI exit code it maps to (DESIGN.md)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The exit codes of the `fleet` command, also used by agents (sysexits.h where one fits)."""
+
+    OK = 0
+    FAILURE = 1
+    IDLE = 3  # nothing done: idle, refused by cap, busy, killed
+    USAGE = 65  # bad arguments or payload (EX_DATAERR)
+    NOT_FOUND = 69  # unknown agent, run or dead letter (EX_UNAVAILABLE)
+    TRANSIENT = 75  # a service is down; safe to retry (EX_TEMPFAIL)
+    AUTH = 77  # permission or a revoked key (EX_NOPERM)
+    CONFIG = 78  # configuration is invalid (EX_CONFIG)
+
+
+class FleetError(Exception):
+    """Root of every error Fleet raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+
+class ConfigError(FleetError):
+    """The configuration (fleet.toml or FLEET_* settings) is invalid."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class BadInputError(FleetError):
+    """An argument, work key or payload is malformed."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NotFoundError(FleetError):
+    """An agent, run or dead letter does not exist."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class UnavailableError(FleetError):
+    """Redis or the database cannot be reached; nothing was written."""
+
+    exit_code = ExitCode.TRANSIENT
+
+
+class PermissionDeniedError(FleetError):
+    """Credentials are missing or refused."""
+
+    exit_code = ExitCode.AUTH

@@ -1,0 +1,51 @@
+"""Every Redis key Fleet uses, in one place. All live under the `fleet:` prefix."""
+
+from __future__ import annotations
+
+PREFIX = "fleet:"
+GLOBAL = "*"  # the scope name of fleet-wide switches and budgets
+
+
+def kill(scope: str = GLOBAL) -> str:
+    """The kill flag of the fleet ('*') or of one agent; its value is a JSON record of who and why."""
+    return f"{PREFIX}kill:{scope}"
+
+
+def slot_lease(agent: str, slot: int) -> str:
+    """One of an agent's concurrency slots; its value is `run_id:fence`."""
+    return f"{PREFIX}lease:{agent}:{slot}"
+
+
+def fence_counter(agent: str) -> str:
+    """The monotonically increasing fencing-token counter of an agent's leases."""
+    return f"{PREFIX}fence:{agent}"
+
+
+def breaker(agent: str) -> str:
+    """The circuit breaker hash of an agent."""
+    return f"{PREFIX}breaker:{agent}"
+
+
+def beat_leader() -> str:
+    """The beat leader lease."""
+    return f"{PREFIX}beat:leader"
+
+
+def last_tick() -> str:
+    """When beat last sent anything (ISO timestamp)."""
+    return f"{PREFIX}beat:last_tick"
+
+
+def paused(agent: str) -> str:
+    """Set when an agent said it is done for good (`fleet_done`) or exited 78: its schedule pauses."""
+    return f"{PREFIX}paused:{agent}"
+
+
+def canary(queue: str) -> str:
+    """The last canary that came back through a queue (ISO timestamp)."""
+    return f"{PREFIX}canary:{queue}"
+
+
+def redis_epoch() -> str:
+    """A marker set once per Redis lifetime: when it is missing, Redis restarted and lost its data."""
+    return f"{PREFIX}epoch"

@@ -1,0 +1,116 @@
+"""The kill switch: global ('*') and per agent, in Redis for speed and mirrored in the database.
+
+Whichever says "killed" wins. Redis unreachable reads as killed (fail closed). A Redis that lost its
+data (restart without persistence) is noticed by its missing epoch marker and refilled from the mirror.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import redis
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from fleet import db, keys, store
+from fleet.keys import GLOBAL
+from fleet.models import KillSwitch
+
+
+@dataclass(frozen=True)
+class KillState:
+    """Whether work must stop, and why (the scope that is engaged, or the failure that forces it)."""
+
+    killed: bool
+    scope: str | None = None
+    reason: str | None = None
+    actor: str | None = None
+
+    def describe(self) -> str:
+        """One line for a refusal or a gate verdict."""
+        if not self.killed:
+            return "not killed"
+        where = "fleet" if self.scope == GLOBAL else f"agent {self.scope}"
+        return f"killed ({where}): {self.reason or 'no reason given'}"
+
+
+ALIVE = KillState(killed=False)
+
+
+def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
+           hard: bool, now: datetime) -> None:
+    """Throw the switch: the database first (durable), then Redis (fast)."""
+    with db.session(engine) as session:
+        _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, hard=hard, now=now)
+        store.add_event(session=session, at=now, kind="kill.engaged", agent=None if scope == GLOBAL else scope,
+                        actor=actor, scope=scope, reason=reason, hard=hard)
+        session.commit()
+    record = json.dumps({"reason": reason, "actor": actor, "at": now.isoformat(), "hard": hard})
+    client.set(keys.kill(scope), record)
+
+
+def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> None:
+    """Lift the switch in both places."""
+    with db.session(engine) as session:
+        _upsert(session, scope=scope, engaged=False, reason=None, actor=actor, hard=False, now=now)
+        store.add_event(session=session, at=now, kind="kill.released", agent=None if scope == GLOBAL else scope,
+                        actor=actor, scope=scope)
+        session.commit()
+    client.delete(keys.kill(scope))
+
+
+def _upsert(session: Session, *, scope: str, engaged: bool, reason: str | None, actor: str, hard: bool,
+            now: datetime) -> None:
+    row = session.get(KillSwitch, scope) or KillSwitch(scope=scope, changed_at=now)
+    row.engaged, row.reason, row.actor, row.hard, row.changed_at = engaged, reason, actor, hard, now
+    session.add(row)
+
+
+def check_redis(client: redis.Redis, agent: str | None) -> KillState:
+    """The fast check: Redis only. Raises redis.RedisError when Redis cannot be reached."""
+    scopes = [GLOBAL] if agent is None else [GLOBAL, agent]
+    values = client.mget([keys.kill(s) for s in scopes])
+    for scope, value in zip(scopes, values, strict=True):
+        if value:
+            record = json.loads(value)
+            return KillState(True, scope, record.get("reason"), record.get("actor"))
+    return ALIVE
+
+
+def check_mirror(session: Session, agent: str | None) -> KillState:
+    """The durable check: the database mirror only."""
+    scopes = [GLOBAL] if agent is None else [GLOBAL, agent]
+    rows = session.exec(select(KillSwitch).where(col(KillSwitch.scope).in_(scopes), col(KillSwitch.engaged)))
+    for row in sorted(rows, key=lambda r: r.scope != GLOBAL):
+        return KillState(True, row.scope, row.reason, row.actor)
+    return ALIVE
+
+
+def check(session: Session, client: redis.Redis, agent: str | None) -> KillState:
+    """Both checks, either one killing wins; Redis unreachable is a kill (fail closed)."""
+    mirror = check_mirror(session, agent)
+    try:
+        fast = check_redis(client, agent)
+    except redis.RedisError as exc:
+        return mirror if mirror.killed else KillState(True, GLOBAL, f"Redis unreachable ({exc.__class__.__name__})")
+    if mirror.killed and not fast.killed:
+        restore(session, client)  # Redis lost the flag: put it back
+    return mirror if mirror.killed else fast
+
+
+def restore(session: Session, client: redis.Redis) -> int:
+    """Copy every engaged flag from the mirror into Redis; returns how many were missing there."""
+    restored = 0
+    for row in session.exec(select(KillSwitch).where(col(KillSwitch.engaged))):
+        record = json.dumps({"reason": row.reason, "actor": row.actor, "at": row.changed_at.isoformat(),
+                             "hard": row.hard})
+        if client.set(keys.kill(row.scope), record, nx=True):
+            restored += 1
+    return restored
+
+
+def engaged(session: Session) -> list[KillSwitch]:
+    """Every engaged switch, from the mirror (for status pages)."""
+    return list(session.exec(select(KillSwitch).where(col(KillSwitch.engaged)).order_by(col(KillSwitch.scope))))

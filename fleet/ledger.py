@@ -1,0 +1,130 @@
+"""The spend ledger: daily caps that a reservation can never pass, even under concurrent dispatches.
+
+Each budget day has one row per scope ('*' for the fleet, one per agent). A reservation is a single
+conditional UPDATE per row (`... WHERE spent + reserved + x <= cap`), inside a transaction that took
+the write lock first (SQLite: BEGIN IMMEDIATE, see fleet/db.py) or that PostgreSQL serialises on the
+row lock it re-checks under READ COMMITTED. There is no read-then-write anywhere.
+Money is integer micro-dollars; the day is taken from the database's clock in the fleet's timezone,
+so a worker with a skewed clock cannot open a second "today".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col, select
+
+from fleet.keys import GLOBAL
+from fleet.models import MICROS_PER_USD, Run, SpendDay
+
+
+def to_micros(usd: float | None) -> int | None:
+    """Dollars (as configured) to integer micro-dollars; None stays None (no cap)."""
+    if usd is None:
+        return None
+    if not math.isfinite(usd) or usd < 0:
+        raise ValueError("money must be a finite, non-negative amount")
+    return round(usd * MICROS_PER_USD)
+
+
+def to_usd(micros: int) -> float:
+    """Micro-dollars to dollars, for display only."""
+    return micros / MICROS_PER_USD
+
+
+def database_now(session: Session) -> datetime:
+    """The database server's clock (one clock for every worker), as aware UTC."""
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.execute(text("SELECT now()")).scalar_one()
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+    value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def budget_day(session: Session, timezone: str) -> str:
+    """Today's budget day (YYYY-MM-DD) by the database clock in the fleet's timezone."""
+    return database_now(session).astimezone(ZoneInfo(timezone)).date().isoformat()
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The caps a reservation is checked against, in micro-dollars (None: no cap)."""
+
+    agent: int | None
+    fleet: int | None
+
+
+def reserve(session: Session, *, day: str, agent: str, amount: int, caps: Caps, now: datetime) -> bool:
+    """Reserve `amount` against the agent's and the fleet's caps for `day`, both or neither.
+
+    Runs in the caller's transaction; on False the caller must roll back (nothing is then reserved).
+    """
+    _ensure_rows(session, day, agent, now)
+    for scope, cap in ((agent, caps.agent), (GLOBAL, caps.fleet)):  # fixed order: no deadlock
+        if not _add_reserved(session, day, scope, amount, cap, now):
+            return False
+    return True
+
+
+def _add_reserved(session: Session, day: str, scope: str, amount: int, cap: int | None, now: datetime) -> bool:
+    guard = "" if cap is None else " AND spent_micros + reserved_micros + :amount <= :cap"
+    result = session.execute(
+        text("UPDATE spend_days SET reserved_micros = reserved_micros + :amount, updated_at = :now "
+             f"WHERE day = :day AND scope = :scope{guard}"),
+        params={"amount": amount, "cap": cap, "day": day, "scope": scope, "now": now},
+    )
+    return bool(result.rowcount == 1)
+
+
+def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "updated_at": now}
+            for scope in (agent, GLOBAL)]
+    session.execute(insert(SpendDay).values(rows).on_conflict_do_nothing())
+
+
+def settle(session: Session, *, run: Run, now: datetime) -> bool:
+    """Replace the run's open reservation by its actual cost, once; False if already settled."""
+    if run.settled_at is not None or run.budget_day is None:
+        return False
+    claimed = session.execute(
+        text("UPDATE runs SET settled_at = :now, reserved_micros = 0 WHERE id = :id AND settled_at IS NULL"),
+        params={"now": now, "id": run.id},
+    )
+    if claimed.rowcount != 1:
+        return False
+    _ensure_rows(session, run.budget_day, run.agent, now)
+    for scope in (run.agent, GLOBAL):
+        session.execute(
+            text("UPDATE spend_days SET reserved_micros = reserved_micros - :reserved, "
+                 "spent_micros = spent_micros + :cost, updated_at = :now WHERE day = :day AND scope = :scope"),
+            params={"reserved": run.reserved_micros, "cost": run.cost_micros, "now": now,
+                    "day": run.budget_day, "scope": scope},
+        )
+    run.settled_at, run.reserved_micros = now, 0
+    return True
+
+
+def headroom(session: Session, *, day: str, agent: str, caps: Caps) -> int | None:
+    """What the tighter of the two caps still allows today (None: neither is capped)."""
+    rows = {row.scope: row for row in session.exec(
+        select(SpendDay).where(SpendDay.day == day, col(SpendDay.scope).in_([agent, GLOBAL])))}
+    room = [cap - _used(rows.get(scope)) for scope, cap in ((agent, caps.agent), (GLOBAL, caps.fleet))
+            if cap is not None]
+    return min(room) if room else None
+
+
+def _used(row: SpendDay | None) -> int:
+    return 0 if row is None else row.spent_micros + row.reserved_micros
+
+
+def day_rows(session: Session, *, day: str) -> list[SpendDay]:
+    """Every scope's row for a day."""
+    return list(session.exec(select(SpendDay).where(SpendDay.day == day).order_by(col(SpendDay.scope))))

@@ -1,0 +1,124 @@
+"""Fenced leases on an agent's concurrency slots, in Redis.
+
+A lease's value is `run_id:fence`, where the fence comes from a per-agent counter that only grows,
+so a holder whose lease expired and was taken over can be told apart from the new holder: every
+renew and release names its fence and changes nothing when it no longer matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from fleet import keys
+
+# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms.
+# Returns {slot, fence}; the same run asking again gets its own lease back (idempotent);
+# nil when every slot is held.
+_ACQUIRE = """
+local n = #KEYS - 1
+local prefix = ARGV[1] .. ':'
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  if v and string.sub(v, 1, #prefix) == prefix then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    return {i - 1, tonumber(string.sub(v, #prefix + 1))}
+  end
+end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local fence = redis.call('INCR', KEYS[n + 1])
+    redis.call('SET', KEYS[i], prefix .. fence, 'PX', ARGV[2])
+    return {i - 1, fence}
+  end
+end
+return nil
+"""
+
+# KEYS: a slot key. ARGV: expected value, ttl_ms. 1 when renewed, 0 when the lease is not ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: a slot key. ARGV: expected value. 1 when released, 0 when the lease is not ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held slot: which agent, which slot, which run, and its fencing token."""
+
+    agent: str
+    slot: int
+    run_id: str
+    fence: int
+
+    @property
+    def key(self) -> str:
+        """The Redis key of this slot."""
+        return keys.slot_lease(self.agent, self.slot)
+
+    @property
+    def value(self) -> str:
+        """What the slot key holds while this lease is current."""
+        return f"{self.run_id}:{self.fence}"
+
+
+class Leases:
+    """Acquire, renew, release and inspect an agent's slot leases."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float) -> Lease | None:
+        """Take a free slot for `run_id` (or return the one it holds); None when all are taken."""
+        slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
+        got = self._acquire(keys=[*slot_keys, keys.fence_counter(agent)], args=[run_id, _ms(ttl_s)])
+        if got is None:
+            return None
+        return Lease(agent, int(got[0]), run_id, int(got[1]))
+
+    def renew(self, lease: Lease, ttl_s: float) -> bool:
+        """Extend the lease if it is still ours; False means it expired or was taken over."""
+        return bool(self._renew(keys=[lease.key], args=[lease.value, _ms(ttl_s)]))
+
+    def release(self, lease: Lease) -> bool:
+        """Free the slot if the lease is still ours (a stale holder never frees a newer lease)."""
+        return bool(self._release(keys=[lease.key], args=[lease.value]))
+
+    def holder(self, agent: str, slot: int) -> Lease | None:
+        """Who holds a slot now, if anyone."""
+        value = self._redis.get(keys.slot_lease(agent, slot))
+        return parse(agent, slot, value) if value else None
+
+    def holders(self, agent: str, concurrency: int) -> list[Lease]:
+        """Every held slot of an agent."""
+        slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
+        values = self._redis.mget(slot_keys) if slot_keys else []
+        return [parse(agent, i, v) for i, v in enumerate(values) if v]
+
+    def free_slots(self, agent: str, concurrency: int) -> int:
+        """How many slots are free now (a read-only look, for dry runs)."""
+        return concurrency - len(self.holders(agent, concurrency))
+
+
+def parse(agent: str, slot: int, value: str) -> Lease:
+    """Read a slot key's value back into a Lease."""
+    run_id, _, fence = value.rpartition(":")
+    return Lease(agent, slot, run_id, int(fence))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))

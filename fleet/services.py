@@ -1,0 +1,74 @@
+"""The clients a process needs, built once at its entry point (after any fork) and passed down."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+
+import redis
+from sqlalchemy import Engine
+
+from fleet import db
+from fleet.breaker import Breakers
+from fleet.config import FleetConfig, Settings, load_fleet_config
+from fleet.errors import UnavailableError
+from fleet.locks import Leases
+
+
+def utcnow() -> datetime:
+    """The wall clock, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def redis_client(url: str, *, blocking: bool = False) -> redis.Redis:
+    """A Redis client with short timeouts, so a dead server is noticed in seconds, not minutes."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None if blocking else 5,
+                                health_check_interval=30, decode_responses=True)
+
+
+def check_redis(client: redis.Redis) -> None:
+    """Raise UnavailableError when Redis does not answer."""
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise UnavailableError(f"Redis unreachable: {exc}") from None
+
+
+@dataclass
+class Services:
+    """Settings, the validated fleet.toml, a database engine, a Redis client and the clock."""
+
+    settings: Settings
+    config: FleetConfig
+    engine: Engine
+    redis: redis.Redis
+    now: Callable[[], datetime] = utcnow
+    host: str = field(default_factory=socket.gethostname)
+
+    @cached_property
+    def leases(self) -> Leases:
+        """Slot leases on this Redis."""
+        return Leases(self.redis)
+
+    @cached_property
+    def breakers(self) -> Breakers:
+        """Circuit breakers on this Redis."""
+        return Breakers(self.redis)
+
+    def close(self) -> None:
+        """Release sockets and pooled connections."""
+        self.redis.close()
+        self.engine.dispose()
+
+
+def build(settings: Settings, config: FleetConfig | None = None) -> Services:
+    """Connect lazily (no I/O here): engines and pools open their first connection on first use."""
+    return Services(
+        settings=settings,
+        config=config if config is not None else load_fleet_config(settings.config),
+        engine=db.make_engine(settings.database_url),
+        redis=redis_client(settings.broker_url),
+    )

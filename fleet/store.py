@@ -1,0 +1,81 @@
+"""Queries over the tables. Every function takes the session as a keyword; none commits on its own."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from fleet.models import DeadLetter, Run, RunEvent, RunStatus
+
+
+def add_event(*, session: Session, at: datetime, kind: str, run_id: str | None = None,
+              agent: str | None = None, actor: str | None = None, **detail: Any) -> None:
+    """Append one entry to the audit trail (written in the caller's transaction)."""
+    session.add(RunEvent(at=at, kind=kind, run_id=run_id, agent=agent, actor=actor,
+                         detail=json.dumps(detail, default=str, sort_keys=True) if detail else None))
+
+
+def get_run(*, session: Session, run_id: str) -> Run | None:
+    """A run by id."""
+    return session.get(Run, run_id)
+
+
+def get_run_by_key(*, session: Session, idem_key: str) -> Run | None:
+    """A run by its idempotency key."""
+    return session.exec(select(Run).where(Run.idem_key == idem_key)).first()
+
+
+def list_runs(*, session: Session, agent: str | None = None, status: str | None = None,
+              limit: int = 50) -> list[Run]:
+    """The newest runs, optionally of one agent or status."""
+    query = select(Run).order_by(col(Run.created_at).desc()).limit(limit)
+    if agent:
+        query = query.where(Run.agent == agent)
+    if status:
+        query = query.where(Run.status == status)
+    return list(session.exec(query))
+
+
+def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
+    """A unit's runs that have not started (created or queued)."""
+    query = select(Run).where(Run.agent == agent, Run.work_key == work_key,
+                              col(Run.status).in_([RunStatus.CREATED, RunStatus.QUEUED]))
+    return list(session.exec(query))
+
+
+def run_events(*, session: Session, run_id: str) -> list[RunEvent]:
+    """A run's audit trail, oldest first."""
+    query = select(RunEvent).where(RunEvent.run_id == run_id).order_by(col(RunEvent.id))
+    return list(session.exec(query))
+
+
+def events_after(*, session: Session, after_id: int = 0, limit: int = 100) -> list[RunEvent]:
+    """Events newer than `after_id`, oldest first (for `fleet events -f`)."""
+    query = select(RunEvent).where(col(RunEvent.id) > after_id).order_by(col(RunEvent.id)).limit(limit)
+    return list(session.exec(query))
+
+
+def recent_events(*, session: Session, limit: int = 50) -> list[RunEvent]:
+    """The newest `limit` events, oldest first."""
+    query = select(RunEvent).order_by(col(RunEvent.id).desc()).limit(limit)
+    return list(reversed(list(session.exec(query))))
+
+
+def count_by_status(*, session: Session, since: datetime) -> dict[str, int]:
+    """How many runs of each status were created since `since`."""
+    query = select(Run.status, func.count()).where(col(Run.created_at) >= since).group_by(Run.status)
+    return {str(status): int(n) for status, n in session.exec(query)}
+
+
+def get_dead_letter(*, session: Session, dead_id: int) -> DeadLetter | None:
+    """A dead letter by id."""
+    return session.get(DeadLetter, dead_id)
+
+
+def list_dead_letters(*, session: Session, limit: int = 100) -> list[DeadLetter]:
+    """The newest dead letters."""
+    return list(session.exec(select(DeadLetter).order_by(col(DeadLetter.id).desc()).limit(limit)))

@@ -1,0 +1,134 @@
+"""Shared fixtures: real Redis and real databases (SQLite and PostgreSQL).
+
+A server that is absent skips its tests locally but fails them under CI=true, so CI can never
+go green by skipping what it was meant to prove.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import Engine, create_engine, text
+
+from fleet import db
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+REDIS_BASE = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+PG_BASE = os.environ.get("FLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def _absent(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is required under CI=true but does not answer")
+    pytest.skip(f"{what} does not answer; start it to run these tests")
+
+
+def _xdist_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw") or 0)
+
+
+def redis_db_url(offset: int) -> str:
+    """A Redis database of this xdist worker's own: three each (plain tests, a SQLite fleet, a PG fleet),
+    so parallel tests never share keys or queues. Database 0 is left to the user."""
+    url = f"{REDIS_BASE}/{1 + (3 * _xdist_index() + offset) % 15}"
+    try:
+        redis_lib.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis_lib.RedisError:
+        _absent(f"Redis at {REDIS_BASE}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """This xdist worker's Redis database for tests that flush it freely."""
+    return redis_db_url(0)
+
+
+@pytest.fixture
+def redis(redis_url: str) -> Iterator[redis_lib.Redis]:
+    """A client on a flushed database."""
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The PostgreSQL server's admin URL."""
+    try:
+        engine = create_engine(f"{PG_BASE}/postgres", connect_args={"connect_timeout": 2})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception:  # noqa: BLE001
+        _absent(f"PostgreSQL at {PG_BASE}")
+    return PG_BASE
+
+
+def new_pg_database(pg_server: str) -> str:
+    """Create an empty database and return its URL (dropped by `drop_pg_database`)."""
+    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{pg_server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{pg_server}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    """Drop a database made by `new_pg_database`, closing whatever still holds it."""
+    server, name = url.rsplit("/", 1)
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    url = new_pg_database(request.getfixturevalue("pg_server"))
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated engine on each kind of database."""
+    eng = db.make_engine(database_url)
+    db.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A running fleet per database kind: migrated database, real Redis, one real Celery worker.
+
+    Shared by the tests of this xdist worker; each test uses its own agents or work keys and leaves
+    kill switches released.
+    """
+    from tests.harness import Fleet
+
+    kind = request.param
+    database = (f"sqlite:///{tmp_path_factory.mktemp('fleet-sqlite') / 'fleet.db'}" if kind == "sqlite"
+                else new_pg_database(request.getfixturevalue("pg_server")))
+    harness = Fleet(tmp_path_factory.mktemp(f"fleet-{kind}"), redis_db_url(1 if kind == "sqlite" else 2), database)
+    try:
+        harness.start()
+        yield harness
+    finally:
+        harness.stop()
+        if kind == "postgresql":
+            drop_pg_database(database)

@@ -1,0 +1,241 @@
+"""A real fleet for tests: a migrated database, a Redis database of its own, real Celery workers.
+
+Everything runs as it would for a user: `python -m fleet` for the CLI, `celery -A workers.app worker`
+for the workers, with the settings passed through FLEET_* variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis as redis_lib
+from celery import Celery
+
+from fleet import keys
+from fleet.config import Settings, load_fleet_config
+from fleet.services import Services, build
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+AGENTS = """
+[fleet]
+daily_cap_usd = 1000.0
+lease_ttl_s = 3
+heartbeat_s = 0.5
+kill_poll_s = 0.1
+kill_grace_s = 1
+retry_backoff_s = 0.2
+breaker_threshold = 1000
+kill_unreachable_grace_s = 3
+
+[agents.echo]
+command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
+est_cost_usd = 0.01
+timeout_s = 30
+
+[agents.counter]
+command = ["python", "-m", "fleet.examples.echo_agent", "--append", "{tmp}/counter.txt", "--sleep", "0.3"]
+timeout_s = 30
+
+[agents.fail]
+command = ["python", "-m", "fleet.examples.exit_with", "1", "--message", "boom: the failing agent"]
+timeout_s = 30
+
+[agents.exit3]
+command = ["python", "-m", "fleet.examples.exit_with", "3"]
+timeout_s = 30
+
+[agents.exit75]
+command = ["python", "-m", "fleet.examples.exit_with", "75"]
+timeout_s = 30
+
+[agents.exit77]
+command = ["python", "-m", "fleet.examples.exit_with", "77"]
+timeout_s = 30
+
+[agents.exit78]
+command = ["python", "-m", "fleet.examples.exit_with", "78"]
+timeout_s = 30
+
+[agents.timeout]
+command = ["python", "-m", "fleet.examples.sleeper", "60", "--ignore-term", "--child", "--pidfile", "{tmp}/timeout.pids"]
+timeout_s = 1.5
+
+[agents.long]
+command = ["python", "-m", "fleet.examples.sleeper", "120", "--pidfile", "{tmp}/long.pids"]
+timeout_s = 300
+concurrency = 20
+
+[agents.secret]
+command = ["python", "-c", "import os; k = os.environ['FLEET_AGENT_KEY']; print('the key is', k); print(os.environ.get('TOKEN'))"]
+key_file = "keys/secret.key"
+secret_env = { TOKEN = "keys/secret.token" }
+timeout_s = 30
+
+[agents.idle-poll]
+command = ["python", "-m", "fleet.examples.echo_agent", "--append", "{tmp}/idle-poll.txt"]
+poll = ["python", "-m", "fleet.examples.has_work", "--marker", "{tmp}/no-such-marker"]
+est_cost_usd = 0.5
+timeout_s = 30
+
+[agents.env]
+command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+env = { MODEL = "sonnet" }
+timeout_s = 30
+"""
+
+SECRET_KEY = "sk-fleet-test-SECRET-KEY-0123456789abcdef"
+SECRET_TOKEN = "tok-fleet-test-SECRET-TOKEN-9876543210"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Fleet:
+    """One test fleet: config, database, Redis database, workers."""
+
+    def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS) -> None:
+        self.tmp, self.redis_url, self.database_url = tmp, redis_url, database_url
+        self.config_path = tmp / "fleet.toml"
+        self.log_dir = tmp / "logs"
+        self.config_path.write_text(agents.replace("{tmp}", str(tmp)))
+        keys_dir = tmp / "keys"
+        keys_dir.mkdir(mode=0o700, exist_ok=True)
+        for name, secret in (("secret.key", SECRET_KEY), ("secret.token", SECRET_TOKEN)):
+            (keys_dir / name).write_text(secret + "\n")
+            (keys_dir / name).chmod(0o600)
+        self.env = {**os.environ, "FLEET_CONFIG": str(self.config_path), "FLEET_REDIS_URL": redis_url,
+                    "FLEET_DATABASE_URL": database_url, "FLEET_LOG_DIR": str(self.log_dir),
+                    "PYTHONPATH": str(ROOT)}
+        self.env.pop("FLEET_SENTRY_DSN", None)
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.celery = Celery("fleet-test", broker=redis_url, backend=redis_url)
+        self.celery.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                                broker_connection_retry_on_startup=True)
+        self.redis = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        self._services: Services | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, workers: int = 1, concurrency: int = 4) -> None:
+        """Flush this fleet's Redis database, migrate, start workers and wait until they consume."""
+        self.redis.flushdb()
+        self.cli("db", "upgrade", check=True)
+        for _ in range(workers):
+            self.start_worker(concurrency=concurrency)
+        self.wait_consuming()
+
+    def start_worker(self, concurrency: int = 4, queues: str = "dispatch,agents") -> subprocess.Popen[bytes]:
+        """Start one more real Celery worker node."""
+        name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}@%h"
+        log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115 - lives with the worker
+        proc = subprocess.Popen(
+            [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", str(concurrency), "-O", "fair",
+             "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"],
+            env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def wait_consuming(self, timeout: float = 30) -> None:
+        """A canary through each queue comes back: the workers consume, not merely live."""
+        for task, queue in (("fleet.canary.dispatch", "dispatch"), ("fleet.canary.agents", "agents")):
+            self.celery.send_task(task, args=["ping"], queue=queue).get(timeout=timeout)
+
+    def stop_worker(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        """Stop a worker node (warm shutdown on SIGTERM), then make sure its whole group is gone."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        if proc in self.workers:
+            self.workers.remove(proc)
+
+    def stop(self) -> None:
+        """Stop every worker and close clients."""
+        for proc in list(self.workers):
+            self.stop_worker(proc)
+        if self._services is not None:
+            self._services.close()
+        self.redis.close()
+
+    # ------------------------------------------------------------ using it
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the fleet's processes read."""
+        return Settings(config=self.config_path, redis_url=self.redis_url, database_url=self.database_url,
+                        log_dir=self.log_dir)
+
+    @property
+    def services(self) -> Services:
+        """In-process clients on this fleet (for assertions and direct dispatches)."""
+        if self._services is None:
+            self._services = build(self.settings, load_fleet_config(self.config_path))
+        return self._services
+
+    def send_execute(self, run_id: str, fence: int, countdown: float = 0.0) -> None:
+        """What workers.tasks.send_execute does, from the test process."""
+        self.celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", countdown=countdown or None)
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `python -m fleet ARGS` as a user would."""
+        proc = subprocess.run([PY, "-m", "fleet", *args], env={**self.env, **(env or {})}, cwd=self.tmp,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"fleet {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def cli_json(self, *args: str) -> Any:
+        """Run a CLI command with --json and parse what it printed."""
+        proc = self.cli(*args, "--json", check=True)
+        return json.loads(proc.stdout)
+
+    def reset_agent(self, agent: str) -> None:
+        """Forget an agent's Redis state (breaker, leases, pause, kill) from earlier tests."""
+        names = [keys.breaker(agent), keys.paused(agent), keys.kill(agent), keys.fence_counter(agent)]
+        names += list(self.redis.scan_iter(f"{keys.PREFIX}lease:{agent}:*"))
+        self.redis.delete(*names)
+
+    @contextmanager
+    def worker_count(self, extra: int, concurrency: int = 4) -> Iterator[list[subprocess.Popen[bytes]]]:
+        """Extra worker nodes for the length of a block."""
+        procs = [self.start_worker(concurrency=concurrency) for _ in range(extra)]
+        try:
+            yield procs
+        finally:
+            for proc in procs:
+                self.stop_worker(proc)

@@ -1,0 +1,41 @@
+"""One process of a dispatch storm: N identical dispatches from 8 threads, results to a JSON file.
+
+Run by tests as `python -m tests.storm CONFIG REDIS_URL DATABASE_URL AGENT WORK_KEY N OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from celery import Celery
+
+from fleet.config import Settings, load_fleet_config
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.services import build
+
+
+def main() -> None:
+    config, redis_url, database_url, agent, work_key, n, out = sys.argv[1:8]
+    settings = Settings(config=Path(config), redis_url=redis_url, database_url=database_url)
+    services = build(settings, load_fleet_config(Path(config)))
+    celery = Celery("storm", broker=redis_url)
+    celery.conf.update(task_serializer="json", accept_content=["json"])
+
+    def send(run_id: str, fence: int) -> None:
+        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents")
+
+    def one(_: int) -> dict[str, object]:
+        result = dispatch(services, DispatchRequest(agent, work_key, actor="storm"), send)
+        return {"run_id": result.run_id, "status": result.status}
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(int(n))))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

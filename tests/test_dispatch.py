@@ -1,0 +1,245 @@
+"""The dispatch end to end: real Redis, real database (SQLite and PostgreSQL), real Celery workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import select
+
+from fleet import db, keys, store
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.models import DeadLetter, Run, RunEvent, RunStatus, SpendDay
+from tests.harness import SECRET_KEY, SECRET_TOKEN, Fleet, pid_alive, wait_for
+
+pytestmark = pytest.mark.slow
+TABLES = ("runs", "run_events", "dead_letters", "spend_days", "kill_switches", "watchdog_verdicts")
+
+
+def send(fleet: Fleet, agent: str, work_key: str | None = None, payload: Any = None, dry_run: bool = False) -> Any:
+    """Dispatch in this process, as `fleet dispatch` does."""
+    return dispatch(fleet.services, DispatchRequest(agent, work_key, payload, dry_run, actor="test"),
+                    fleet.send_execute)
+
+
+def run_of(fleet: Fleet, run_id: str) -> Run:
+    with db.session(fleet.services.engine) as session:
+        run = store.get_run(session=session, run_id=run_id)
+    assert run is not None
+    return run
+
+
+def wait_status(fleet: Fleet, run_id: str, statuses: set[str], timeout: float = 30) -> Run:
+    def done() -> Run | None:
+        run = run_of(fleet, run_id)
+        return run if run.status in statuses else None
+
+    return wait_for(done, timeout, f"run {run_id} to reach {statuses}")
+
+
+def counts(fleet: Fleet) -> dict[str, int]:
+    with fleet.services.engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in TABLES}
+
+
+def redis_snapshot(fleet: Fleet) -> dict[str, Any]:
+    r = fleet.redis
+    return {"keys": sorted(k for k in r.keys("*") if not k.startswith("celery-task-meta")),
+            "dispatch": r.llen("dispatch"), "agents": r.llen("agents")}
+
+
+def test_dry_run_writes_nothing(fleet: Fleet) -> None:
+    fleet.reset_agent("echo")
+    before_rows, before_redis = counts(fleet), redis_snapshot(fleet)
+    result = send(fleet, "echo", f"dry-{uuid.uuid4().hex}", dry_run=True)
+    assert result.status == "dry_run"
+    assert result.would_fire and result.would_fire[0].startswith("new:echo:dry-")
+    assert set(result.gates) == {"kill", "breaker", "caps", "lock"}
+    assert all(g.ok for g in result.gates.values())
+    assert counts(fleet) == before_rows
+    assert redis_snapshot(fleet) == before_redis
+
+
+def test_dispatch_runs_once_and_settles(fleet: Fleet) -> None:
+    fleet.reset_agent("echo")
+    result = send(fleet, "echo", f"once-{uuid.uuid4().hex}", payload={"topic": "news"})
+    assert result.status == "queued", result
+    run = wait_status(fleet, result.run_id, {"succeeded", "dead"})
+    assert run.status == RunStatus.SUCCEEDED and run.attempt == 1 and run.exit_code == 0
+    assert run.cost_micros == 10_000 and run.reserved_micros == 0 and run.settled_at is not None
+    log = (fleet.log_dir / "runs" / f"{run.id}.log").read_text()
+    assert '{"topic":"news"}' in log and "fleet_usage" in log
+    with db.session(fleet.services.engine) as session:
+        kinds = [e.kind for e in store.run_events(session=session, run_id=run.id)]
+    assert kinds == ["run.created", "run.queued", "run.started", "run.succeeded"]
+    assert fleet.services.leases.holders("echo", 1) == []
+    again = send(fleet, "echo", run.work_key)
+    assert again.status == "duplicate" and again.run_id == run.id
+
+
+def test_busy_agent_is_refused_not_queued(fleet: Fleet) -> None:
+    fleet.reset_agent("counter")
+    first = send(fleet, "counter", f"busy-a-{uuid.uuid4().hex}")
+    second = send(fleet, "counter", f"busy-b-{uuid.uuid4().hex}")
+    assert first.status == "queued"
+    assert second.status == "refused" and second.reason == "busy"
+    with db.session(fleet.services.engine) as session:
+        assert session.get(Run, second.run_id) is None  # refused: no row, the key may be used later
+    wait_status(fleet, first.run_id, {"succeeded"})
+
+
+def test_dedup_storm_one_run_one_process(fleet: Fleet, tmp_path: Path) -> None:
+    """500 identical dispatches from 8 processes at once: one row, one agent process, one run id."""
+    fleet.reset_agent("counter")
+    counter = fleet.tmp / "counter.txt"
+    lines_before = counter.read_text().count("\n") if counter.exists() else 0
+    work_key = f"storm-{uuid.uuid4().hex}"
+    out = tmp_path / "results"
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.storm", str(fleet.config_path), fleet.redis_url,
+                               fleet.database_url, "counter", work_key, "63", str(out / f"{i}.json")],
+                              env=fleet.env) for i in range(8)]
+    for proc in procs:
+        assert proc.wait(120) == 0
+    results = [r for f in out.iterdir() for r in json.loads(f.read_text())]
+    assert len(results) == 8 * 63
+    run_ids = {r["run_id"] for r in results}
+    assert len(run_ids) == 1, run_ids
+    assert sorted({r["status"] for r in results}) in (["duplicate", "queued"],)
+    assert sum(r["status"] == "queued" for r in results) == 1
+    (run_id,) = run_ids
+    wait_status(fleet, run_id, {"succeeded"})
+    with db.session(fleet.services.engine) as session:
+        rows = session.exec(select(Run).where(Run.idem_key == f"counter:{work_key}")).all()
+    assert len(rows) == 1
+    lines = counter.read_text().splitlines()[lines_before:]
+    assert [line.split()[0] for line in lines if line.split()[0] == run_id] == [run_id]
+    assert fleet.services.leases.holders("counter", 1) == []
+
+
+def test_redelivered_execute_starts_nothing(fleet: Fleet) -> None:
+    fleet.reset_agent("long")
+    pidfile = fleet.tmp / "long.pids"
+    before = pidfile.read_text().count("\n") if pidfile.exists() else 0
+    result = send(fleet, "long", f"redeliver-{uuid.uuid4().hex}")
+    running = wait_status(fleet, result.run_id, {"running"})
+    wait_for(lambda: run_of(fleet, result.run_id).pid, 10, "the agent's pid to be recorded")
+    duplicate = fleet.celery.send_task("fleet.execute", args=[result.run_id, running.fence], queue="agents")
+    assert duplicate.get(timeout=20)["status"] == "duplicate"
+    assert pidfile.read_text().count("\n") == before + 1
+    fleet.cli("kill", "long", "--reason", "test over", check=True)
+    try:
+        ended = wait_status(fleet, result.run_id, {"killed"}, timeout=15)
+        assert ended.pid is None
+        late = fleet.celery.send_task("fleet.execute", args=[result.run_id, running.fence], queue="agents")
+        assert late.get(timeout=20)["status"] == "duplicate"
+    finally:
+        fleet.cli("resume", "long", check=True)
+
+
+def test_failing_agent_retries_once_then_dead_letters(fleet: Fleet) -> None:
+    fleet.reset_agent("fail")
+    result = send(fleet, "fail", f"fail-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"dead"})
+    assert run.attempt == 2 and run.exit_code == 1
+    with db.session(fleet.services.engine) as session:
+        dead = session.exec(select(DeadLetter).where(DeadLetter.run_id == run.id)).all()
+        kinds = [e.kind for e in store.run_events(session=session, run_id=run.id)]
+    assert len(dead) == 1 and dead[0].attempts == 2 and dead[0].exit_code == 1
+    assert "boom: the failing agent" in (dead[0].output_tail or "")
+    assert kinds.count("run.started") == 2 and "run.retrying" in kinds and "run.dead_lettered" in kinds
+    assert fleet.services.leases.holders("fail", 1) == []
+
+
+@pytest.mark.parametrize(("agent", "status", "attempts", "dead_reason"), [
+    ("exit3", "idle", 1, None),
+    ("exit75", "dead", 2, "transient"),
+    ("exit77", "dead", 1, "auth"),
+    ("exit78", "dead", 1, "config"),
+])
+def test_exit_codes_take_their_paths(fleet: Fleet, agent: str, status: str, attempts: int,
+                                     dead_reason: str | None) -> None:
+    fleet.reset_agent(agent)
+    result = send(fleet, agent, f"code-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"idle", "dead", "succeeded"})
+    assert (run.status, run.attempt) == (status, attempts)
+    with db.session(fleet.services.engine) as session:
+        dead = session.exec(select(DeadLetter).where(DeadLetter.run_id == run.id)).first()
+    assert (dead.reason if dead else None) == dead_reason
+    assert bool(fleet.redis.exists(keys.paused(agent))) == (agent == "exit78")
+
+
+def test_timeout_kills_the_whole_process_group(fleet: Fleet) -> None:
+    fleet.reset_agent("timeout")
+    pidfile = fleet.tmp / "timeout.pids"
+    pidfile.unlink(missing_ok=True)
+    result = send(fleet, "timeout", f"timeout-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"dead"}, timeout=40)
+    assert run.error == "timeout" and run.attempt == 2
+    pids = [int(p) for line in pidfile.read_text().splitlines() for p in line.split()]
+    assert len(pids) == 4  # two attempts, each an agent and a grandchild that ignores SIGTERM
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 5, "every process of both groups to be gone")
+
+
+def test_idle_poll_starts_no_agent_and_costs_nothing(fleet: Fleet) -> None:
+    fleet.reset_agent("idle-poll")
+    result = send(fleet, "idle-poll", f"idle-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"idle", "dead", "succeeded"})
+    assert run.status == RunStatus.IDLE and run.cost_micros == 0 and run.reserved_micros == 0
+    assert not (fleet.tmp / "idle-poll.txt").exists()
+
+
+def test_agent_environment_is_clean(fleet: Fleet) -> None:
+    fleet.reset_agent("env")
+    result = send(fleet, "env", f"env-{uuid.uuid4().hex}", payload=[1, 2])
+    run = wait_status(fleet, result.run_id, {"succeeded", "dead"})
+    env = json.loads((fleet.log_dir / "runs" / f"{run.id}.log").read_text().strip().splitlines()[-1])
+    assert env["MODEL"] == "sonnet" and env["FLEET_RUN_ID"] == run.id and env["FLEET_AGENT"] == "env"
+    assert env["FLEET_PAYLOAD"] == "[1,2]" and env["FLEET_ATTEMPT"] == "1"
+    assert not {"FLEET_REDIS_URL", "FLEET_DATABASE_URL", "FLEET_SENTRY_DSN", "FLEET_CONFIG"} & set(env)
+    assert not any(fleet.redis_url in v or fleet.database_url in v for v in env.values())
+
+
+def test_agent_key_never_leaks(fleet: Fleet) -> None:
+    fleet.reset_agent("secret")
+    result = send(fleet, "secret", f"secret-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"succeeded", "dead"})
+    assert run.status == RunStatus.SUCCEEDED
+    log = (fleet.log_dir / "runs" / f"{run.id}.log").read_text()
+    assert "the key is" in log
+    everything = [log]
+    with db.session(fleet.services.engine) as session:
+        for model in (Run, RunEvent, DeadLetter, SpendDay):
+            everything += [json.dumps(row.model_dump(mode="json")) for row in session.exec(select(model))]
+    everything += [str(fleet.redis.dump(k)) for k in fleet.redis.keys("*")]
+    for secret in (SECRET_KEY, SECRET_TOKEN):
+        assert not any(secret in blob for blob in everything)
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["dispatch", "no-such-agent"], 69),
+    (["dispatch", "echo", "--key", "caf\u00e9"], 65),
+    (["dispatch", "echo", "--key", "has space"], 65),
+    (["dispatch", "echo", "--payload", "{not json"], 65),
+    (["dispatch", "echo", "--payload", json.dumps("x" * 40_000)], 65),
+])
+def test_bad_input_is_refused_and_nothing_persists(fleet: Fleet, args: list[str], code: int) -> None:
+    before = counts(fleet)
+    proc = fleet.cli(*args)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip() and "Traceback" not in proc.stderr
+    assert counts(fleet) == before
+
+
+def test_nul_in_work_key_is_refused(fleet: Fleet) -> None:
+    from fleet.errors import BadInputError
+
+    before = counts(fleet)
+    with pytest.raises(BadInputError):
+        send(fleet, "echo", "a\x00b")
+    assert counts(fleet) == before
