@@ -42,8 +42,18 @@ def paused(agent: str) -> str:
 
 
 def canary(queue: str) -> str:
-    """The last canary that came back through a queue (ISO timestamp)."""
-    return f"{PREFIX}canary:{queue}"
+    """The send time of the last canary that came back through a queue (ISO timestamp)."""
+    return f"{PREFIX}canary:{queue}:back"
+
+
+def canary_sent(queue: str) -> str:
+    """The send time of the last canary sent through a queue (ISO timestamp)."""
+    return f"{PREFIX}canary:{queue}:sent"
+
+
+def canary_seen(queue: str) -> str:
+    """When the last canary came back through a queue (ISO timestamp)."""
+    return f"{PREFIX}canary:{queue}:seen"
 
 
 def redis_epoch() -> str:

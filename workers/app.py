@@ -50,6 +50,8 @@ app.conf.update(
     task_queues=(Queue(DISPATCH_QUEUE), Queue(AGENTS_QUEUE)),
     task_routes={"fleet.execute": {"queue": AGENTS_QUEUE}, "fleet.canary.agents": {"queue": AGENTS_QUEUE}},
     worker_hijack_root_logger=False,
+    beat_scheduler="workers.beat:LeaderScheduler",
+    beat_max_loop_interval=1,  # the leader lease is renewed every loop and lives 10 s
     timezone="UTC",
     enable_utc=True,
 )

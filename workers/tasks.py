@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from fleet import dispatch as dispatching
-from fleet import executor, killswitch
+from fleet import executor, killswitch, sweeps, ticks, watchdog
 from fleet.keys import GLOBAL
 from workers.app import AGENTS_QUEUE, EXECUTE_TIME_LIMIT, app, services
 
@@ -56,13 +56,51 @@ def resume(self: Task, agent: str | None = None) -> dict[str, Any]:
     return {"scope": scope, "engaged": False}
 
 
+@app.task(name="fleet.tick", bind=True, ignore_result=True)
+def tick(self: Task, agent: str) -> dict[str, Any]:
+    """Beat's tick for one agent: dispatch its current schedule slot (at most once per slot)."""
+    return ticks.tick(services(), agent, send_execute, actor=f"beat:{self.request.id}").to_json()
+
+
+@app.task(name="fleet.sweep.reaper")
+def sweep_reaper() -> dict[str, Any]:
+    """Recover runs whose worker died and queued runs whose message was lost."""
+    return sweeps.reap(services(), send_execute).to_json()
+
+
+@app.task(name="fleet.sweep.idempotency")
+def sweep_idempotency() -> dict[str, Any]:
+    """Release idempotency keys past their TTL."""
+    return sweeps.release_keys(services()).to_json()
+
+
+@app.task(name="fleet.sweep.retention")
+def sweep_retention() -> dict[str, Any]:
+    """Prune old runs, events and logs."""
+    return sweeps.prune(services()).to_json()
+
+
+def send_canary(queue: str, sent_at: str) -> None:
+    """One canary through a queue; it marks itself returned when a worker runs it."""
+    task = canary_dispatch if queue == "dispatch" else canary_agents
+    task.apply_async((sent_at,), queue=queue, expires=watchdog.CANARY_DEADLINE_S * 5)
+
+
+@app.task(name="fleet.watchdog")
+def run_watchdog() -> dict[str, Any]:
+    """Zero-token health check of the fleet; stores and returns the verdict."""
+    return watchdog.run_watchdog(services(), send_canary).to_json()
+
+
 @app.task(name="fleet.canary.dispatch")
 def canary_dispatch(sent_at: str) -> str:
     """Comes straight back: proves the dispatch queue is being consumed."""
+    watchdog.canary_returned(services().redis, "dispatch", sent_at)
     return sent_at
 
 
 @app.task(name="fleet.canary.agents")
 def canary_agents(sent_at: str) -> str:
     """Comes straight back: proves the agents queue is being consumed."""
+    watchdog.canary_returned(services().redis, "agents", sent_at)
     return sent_at

@@ -1,0 +1,39 @@
+"""Scheduled ticks: beat names a slot, the dispatch makes it happen at most once.
+
+A tick's work key is `schedule:<slot>`, the scheduled time floored to the agent's schedule, so
+two beats, a restarted beat or a retried message all name the same slot and the run row's unique
+key keeps it to one run. Missed slots are not replayed: a tick dispatches the current slot only,
+and archive-stale retires an older slot that never started.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from fleet import keys
+from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch
+from fleet.services import Services
+
+
+def slot_key(services: Services, agent: str, now: datetime) -> str | None:
+    """The work key of the slot due at `now` (None for an agent without a schedule)."""
+    spec = services.config.agent(agent)
+    schedule = spec.parsed_schedule
+    if schedule is None:
+        return None
+    local = now.astimezone(ZoneInfo(services.config.fleet.timezone))
+    return "schedule:" + schedule.slot(local).isoformat(timespec="seconds")
+
+
+def tick(services: Services, agent: str, send: Sender, actor: str = "beat") -> DispatchResult:
+    """Dispatch the agent's current slot, unless the agent is paused."""
+    now = services.now()
+    work_key = slot_key(services, agent, now)
+    if work_key is None:
+        return DispatchResult(None, "skipped", reason="agent has no schedule")
+    paused = services.redis.get(keys.paused(agent))
+    if paused:
+        return DispatchResult(None, "skipped", reason=f"paused: {paused} (fleet resume {agent})")
+    services.redis.set(keys.last_tick(), now.isoformat())
+    return dispatch(services, DispatchRequest(agent, work_key, actor=actor), send)

@@ -1,0 +1,262 @@
+"""The watchdog: a zero-token health check of the whole fleet. It never starts an agent.
+
+Each check is green, amber or red with a reason; the verdict is the worst of them and is stored.
+It heals two known failures itself: a lease still held for a run that finished (an orphaned lock)
+and a kill flag that Redis lost but the database still has. Idle workers with empty queues are
+healthy: liveness means a canary came back through each queue, not that work is flowing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import func
+from sqlalchemy.engine import make_url
+from sqlmodel import Session, col, select
+
+from fleet import db, keys, killswitch, ledger
+from fleet.locks import Lease
+from fleet.models import DeadLetter, Run, RunStatus, WatchdogVerdict
+from fleet.services import Services
+
+GREEN, AMBER, RED = "green", "amber", "red"
+_RANK = {GREEN: 0, AMBER: 1, RED: 2}
+QUEUES = ("dispatch", "agents")
+CANARY_DEADLINE_S = 60.0  # a canary not back within this is a queue nobody consumes
+BEAT_SILENT_S = 180.0
+DISK_AMBER, DISK_RED = 1 << 30, 100 << 20
+
+CanarySender = Callable[[str, str], None]  # (queue, sent_at): send one canary through a queue
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's colour and reason."""
+
+    name: str
+    status: str
+    reason: str
+
+
+@dataclass
+class Verdict:
+    """A whole watchdog pass."""
+
+    status: str
+    checks: list[Check]
+    healed: list[str] = field(default_factory=list)
+    at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON."""
+        return asdict(self)
+
+
+def worst(statuses: list[str]) -> str:
+    """The most severe colour."""
+    return max(statuses, key=_RANK.__getitem__, default=GREEN)
+
+
+def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadline_s: float = CANARY_DEADLINE_S,
+                 store_verdict: bool = True) -> Verdict:
+    """Check everything, heal what is known, send fresh canaries, store the verdict."""
+    now = services.now()
+    healed = heal(services)
+    with db.session(services.engine) as session:
+        checks = [
+            *[canary_check(services.redis, q, now, deadline_s) for q in QUEUES],
+            beat_check(services, now),
+            stuck_check(services, session, now),
+            backlog_check(services.redis),
+            dlq_check(session, now),
+            spend_check(services, session),
+            kill_check(session),
+            breaker_check(services),
+            *disk_checks(services),
+        ]
+        session.rollback()
+    verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
+    if send_canary is not None:
+        for queue in QUEUES:
+            send_canaries(services.redis, send_canary, queue, now)
+    if store_verdict:
+        with db.session(services.engine) as session:
+            session.add(WatchdogVerdict(at=now, status=verdict.status, host=services.host,
+                                        checks=json.dumps(verdict.to_json()["checks"])))
+            session.commit()
+    return verdict
+
+
+# ---------------------------------------------------------------- canaries
+
+
+def send_canaries(client: redis.Redis, send: CanarySender, queue: str, now: datetime) -> None:
+    """Send a canary unless one is still out and within its deadline (never pile them up)."""
+    sent = client.get(keys.canary_sent(queue))
+    back = client.get(keys.canary(queue))
+    if sent and sent != back and (now - datetime.fromisoformat(sent)).total_seconds() < CANARY_DEADLINE_S:
+        return
+    stamp = now.isoformat()
+    client.set(keys.canary_sent(queue), stamp)
+    send(queue, stamp)
+
+
+def canary_returned(client: redis.Redis, queue: str, sent_at: str) -> None:
+    """Called by the canary task: the canary sent at `sent_at` came back through `queue`."""
+    client.set(keys.canary(queue), sent_at)
+    client.set(keys.canary_seen(queue), datetime.now(UTC).isoformat())
+
+
+def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: float) -> Check:
+    """Red when the last canary through `queue` is overdue."""
+    name = f"consumption:{queue}"
+    sent, back = client.get(keys.canary_sent(queue)), client.get(keys.canary(queue))
+    if not sent:
+        return Check(name, AMBER, "no canary sent yet")
+    age = (now - datetime.fromisoformat(sent)).total_seconds()
+    if sent == back:
+        return Check(name, GREEN, f"last canary came back ({age:.0f}s ago)")
+    if age > deadline_s:
+        return Check(name, RED, f"canary sent {age:.0f}s ago has not come back: no worker consumes {queue!r}")
+    return Check(name, GREEN, f"canary in flight for {age:.0f}s")
+
+
+# ---------------------------------------------------------------- the other checks
+
+
+def beat_check(services: Services, now: datetime) -> Check:
+    """Beat is alive when it ticked recently (only matters when some agent has a schedule)."""
+    scheduled = [a for a in services.config.agents.values() if a.schedule]
+    last = services.redis.get(keys.last_tick())
+    leader = services.redis.get(keys.beat_leader())
+    if not scheduled:
+        return Check("beat", GREEN, "no scheduled agents")
+    if not last:
+        return Check("beat", AMBER, "beat has not ticked yet" + ("" if leader else "; no beat leader"))
+    age = (now - datetime.fromisoformat(last)).total_seconds()
+    if age > BEAT_SILENT_S:
+        return Check("beat", RED, f"last tick {age:.0f}s ago" + ("" if leader else "; no beat leader holds the lease"))
+    return Check("beat", GREEN, f"last tick {age:.0f}s ago, leader {leader or 'unknown'}")
+
+
+def stuck_check(services: Services, session: Session, now: datetime) -> Check:
+    """Runs still running well past their timeout."""
+    stuck = []
+    for run in session.exec(select(Run).where(Run.status == RunStatus.RUNNING)):
+        spec = services.config.agents.get(run.agent)
+        fleet = services.config.fleet
+        limit = (spec.timeout_s if spec else 3600) + fleet.kill_grace_s + fleet.lease_ttl_s
+        if run.started_at and now - _aware(run.started_at) > timedelta(seconds=limit + 60):
+            stuck.append(run.id)
+    if stuck:
+        return Check("stuck_runs", RED, f"{len(stuck)} run(s) past timeout + grace: {', '.join(stuck[:5])}")
+    return Check("stuck_runs", GREEN, "none")
+
+
+def backlog_check(client: redis.Redis) -> Check:
+    """Queue depths (a deep queue with canaries coming back is busy, not broken)."""
+    depths = {q: int(client.llen(q)) for q in QUEUES}
+    deep = {q: d for q, d in depths.items() if d > 1000}
+    if deep:
+        return Check("backlog", AMBER, f"deep queues: {deep}")
+    return Check("backlog", GREEN, f"depths {depths}")
+
+
+def dlq_check(session: Session, now: datetime) -> Check:
+    """Dead letters in the last hour."""
+    recent = session.exec(select(func.count()).select_from(DeadLetter)
+                          .where(col(DeadLetter.created_at) > now - timedelta(hours=1))).one()
+    total = session.exec(select(func.count()).select_from(DeadLetter)).one()
+    if recent:
+        return Check("dead_letters", AMBER, f"{recent} new in the last hour ({total} in all): fleet dlq list")
+    return Check("dead_letters", GREEN, f"{total} in all, none new")
+
+
+def spend_check(services: Services, session: Session) -> Check:
+    """Scopes at or near their daily cap."""
+    day = ledger.budget_day(session, services.config.fleet.timezone)
+    caps = {keys.GLOBAL: services.config.fleet.daily_cap_usd} | {
+        n: a.daily_cap_usd for n, a in services.config.agents.items()}
+    near = []
+    for row in ledger.day_rows(session, day=day):
+        cap = ledger.to_micros(caps.get(row.scope))
+        if cap:
+            used = row.spent_micros + row.reserved_micros
+            if used >= 0.9 * cap:
+                near.append(f"{row.scope} {100 * used / cap:.0f}%")
+    if near:
+        return Check("spend", AMBER, "near or at cap: " + ", ".join(near))
+    return Check("spend", GREEN, "below 90% of every cap")
+
+
+def kill_check(session: Session) -> Check:
+    """Whether a kill switch is engaged (amber: intended, but nothing runs)."""
+    engaged = killswitch.engaged(session)
+    if engaged:
+        return Check("kill_switch", AMBER, "engaged: " + ", ".join(f"{k.scope} ({k.reason or 'no reason'})"
+                                                                     for k in engaged))
+    return Check("kill_switch", GREEN, "released")
+
+
+def breaker_check(services: Services) -> Check:
+    """Open breakers."""
+    open_ = [n for n in services.config.agents if services.breakers.state(n).get("state") == "open"]
+    if open_:
+        return Check("breakers", AMBER, f"open: {', '.join(open_)}")
+    return Check("breakers", GREEN, "all closed")
+
+
+def disk_checks(services: Services) -> list[Check]:
+    """Free space where the logs and the SQLite database live."""
+    places = {"logs": services.settings.log_dir}
+    url = make_url(services.settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        places["database"] = Path(url.database).resolve().parent
+    checks = []
+    for name, path in places.items():
+        probe = path if path.exists() else Path.cwd()
+        free = shutil.disk_usage(probe).free
+        status = RED if free < DISK_RED else AMBER if free < DISK_AMBER else GREEN
+        checks.append(Check(f"disk:{name}", status, f"{free / 2**30:.1f} GiB free at {probe}"))
+    return checks
+
+
+# ---------------------------------------------------------------- healing
+
+
+def heal(services: Services) -> list[str]:
+    """Mend the known failures: orphaned leases and kill flags Redis lost."""
+    healed = []
+    with db.session(services.engine) as session:
+        restored = killswitch.restore(session, services.redis)
+        if restored:
+            healed.append(f"restored {restored} kill flag(s) from the database")
+        for name, spec in services.config.agents.items():
+            for lease in services.leases.holders(name, spec.concurrency):
+                if _lease_orphaned(session, lease):
+                    services.leases.release(lease)
+                    healed.append(f"released orphaned lease {lease.key} of finished run {lease.run_id}")
+        session.rollback()
+    return healed
+
+
+def _lease_orphaned(session: Session, lease: Lease) -> bool:
+    run = session.get(Run, lease.run_id)
+    return run is None or run.status in (RunStatus.SUCCEEDED, RunStatus.IDLE, RunStatus.KILLED, RunStatus.ARCHIVED,
+                                         RunStatus.DEAD, RunStatus.FAILED)
+
+
+def latest(session: Session) -> WatchdogVerdict | None:
+    """The newest stored verdict."""
+    return session.exec(select(WatchdogVerdict).order_by(col(WatchdogVerdict.id).desc()).limit(1)).first()
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
