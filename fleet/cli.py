@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ from rich.console import Console
 from fleet import db, logs
 from fleet.config import FleetConfig, Settings, load_fleet_config, load_settings
 from fleet.errors import ExitCode, FleetError, UnavailableError
-from fleet.services import Services, build, check_redis
+from fleet.services import Services, build
 
 app = typer.Typer(help="Fleet: run unattended agents on a Celery worker fleet, with safety rails.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -165,14 +166,14 @@ def main() -> None:
     """Console-script entry point: maps FleetError to its exit code, never a traceback."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of exiting with it.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else ExitCode.OK)
     except FleetError as exc:
         err.print(f"fleet: {exc}", highlight=False, markup=False)
         if state.soft_fail and isinstance(exc, UnavailableError):
-            try:
+            with contextlib.suppress(FleetError):
                 _soft_fail_record(load_settings(), exc)
-            except FleetError:
-                pass
             sys.exit(ExitCode.OK)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
@@ -180,7 +181,7 @@ def main() -> None:
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - click usage errors carry their own code
+    except Exception as exc:
         import click
 
         if isinstance(exc, click.exceptions.UsageError):
@@ -197,4 +198,4 @@ if __name__ == "__main__":
 
 
 # The other command groups register themselves on `app` when imported.
-from fleet import cli_rails, cli_runs  # noqa: E402, F401
+from fleet import cli_health, cli_rails, cli_runs  # noqa: E402, F401

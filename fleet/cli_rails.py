@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from fleet import db, killswitch, ledger
+from fleet import killswitch
 from fleet.cli import JsonOpt, app, emit_json, out, services
 from fleet.cli_runs import actor
-from fleet.errors import BadInputError
 from fleet.keys import GLOBAL
-from fleet.services import Services
+from fleet.state import spend_report
 
 
 @app.command()
@@ -40,7 +39,9 @@ def kill(
 
 
 @app.command()
-def resume(agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None) -> None:
+def resume(
+    agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
+) -> None:
     """Release the kill switch (and an agent's paused schedule).
 
     Example: fleet resume    |    fleet resume digest
@@ -76,32 +77,6 @@ def spend(
                       "-" if row["left_usd"] is None else f"{row['left_usd']:.4f}")
     out.print(f"budget day {data['day']} ({data['timezone']})")
     out.print(table)
-
-
-def spend_report(svc: Services, day: str | None) -> dict[str, Any]:
-    """Per-scope spend for a day, as JSON."""
-    import datetime as dt
-
-    with db.session(svc.engine) as session:
-        if day is None:
-            day = ledger.budget_day(session, svc.config.fleet.timezone)
-        else:
-            try:
-                dt.date.fromisoformat(day)
-            except ValueError:
-                raise BadInputError(f"--day must be YYYY-MM-DD, got {day!r}") from None
-        rows = {r.scope: r for r in ledger.day_rows(session, day=day)}
-    caps = {GLOBAL: svc.config.fleet.daily_cap_usd} | {n: a.daily_cap_usd for n, a in svc.config.agents.items()}
-    scopes = []
-    for scope in sorted(set(caps) | set(rows), key=lambda s: (s != GLOBAL, s)):
-        row = rows.get(scope)
-        spent = row.spent_micros if row else 0
-        reserved = row.reserved_micros if row else 0
-        cap = caps.get(scope)
-        scopes.append({"scope": scope, "spent_usd": spent / 1e6, "reserved_usd": reserved / 1e6, "cap_usd": cap,
-                       "left_usd": None if cap is None else cap - (spent + reserved) / 1e6,
-                       "spent_micros": spent, "reserved_micros": reserved})
-    return {"day": day, "timezone": svc.config.fleet.timezone, "scopes": scopes}
 
 
 @app.command()

@@ -186,8 +186,8 @@ def create(services: Services, spec: AgentSpec, work_key: str, idem_key: str, pa
                "reserved_micros": 0, "cost_micros": 0, "dispatched_by": request.actor[:255],
                "prev_run_id": request.prev_run_id, "replay_of": request.replay_of,
                "created_at": now, "updated_at": now}
-        inserted = session.execute(insert(Run).values(row).on_conflict_do_nothing())
-        if inserted.rowcount == 1:
+        inserted = session.execute(insert(Run).values(row).on_conflict_do_nothing().returning(Run.id)).first()
+        if inserted is not None:
             store.add_event(session=session, at=now, kind="run.created", run_id=run_id, agent=spec.name,
                             actor=request.actor, work_key=work_key, replay_of=request.replay_of)
             session.commit()

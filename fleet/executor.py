@@ -143,12 +143,24 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: _Watche
     log_path = run_log_path(services.settings.log_dir, run.id)
     common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
                               "grace_s": services.config.fleet.kill_grace_s,
-                              "watch_interval_s": services.config.fleet.kill_poll_s}
+                              "watch_interval_s": services.config.fleet.kill_poll_s,
+                              "redact": secrets_of(spec, env)}
+    # A retry appends to the first attempt's log: the whole story of a run stays in one file.
+    append = run.attempt > 1
     if spec.poll:
-        poll = run_agent(list(spec.poll), env, timeout_s=min(POLL_TIMEOUT_S, spec.timeout_s), **common)
+        poll = run_agent(list(spec.poll), env, timeout_s=min(POLL_TIMEOUT_S, spec.timeout_s), append_log=append,
+                         **common)
         if poll.exit_code != EXIT_OK or watcher.stop_reason:
             return poll
-    return run_agent(list(spec.command), env, timeout_s=spec.timeout_s, on_usage=watcher.usage, **common)
+        append = True
+    return run_agent(list(spec.command), env, timeout_s=spec.timeout_s, on_usage=watcher.usage, append_log=append,
+                     **common)
+
+
+def secrets_of(spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
+    """The values Fleet masks in the agent's output: its key and its secret_env values."""
+    names = [*spec.secret_env, *(["FLEET_AGENT_KEY"] if spec.key_file else [])]
+    return tuple(env[name] for name in names if len(env.get(name, "")) >= 4)
 
 
 def agent_environment(run: Run, spec: AgentSpec) -> dict[str, str]:

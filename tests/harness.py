@@ -69,7 +69,8 @@ command = ["python", "-m", "fleet.examples.exit_with", "78"]
 timeout_s = 30
 
 [agents.timeout]
-command = ["python", "-m", "fleet.examples.sleeper", "60", "--ignore-term", "--child", "--pidfile", "{tmp}/timeout.pids"]
+command = ["python", "-m", "fleet.examples.sleeper", "60", "--ignore-term", "--child",
+           "--pidfile", "{tmp}/timeout.pids"]
 timeout_s = 1.5
 
 [agents.long]
@@ -78,7 +79,8 @@ timeout_s = 300
 concurrency = 20
 
 [agents.secret]
-command = ["python", "-c", "import os; k = os.environ['FLEET_AGENT_KEY']; print('the key is', k); print(os.environ.get('TOKEN'))"]
+command = ["python", "-c",
+           "import os; print('the key is', os.environ['FLEET_AGENT_KEY']); print(os.environ.get('TOKEN'))"]
 key_file = "keys/secret.key"
 secret_env = { TOKEN = "keys/secret.token" }
 timeout_s = 30

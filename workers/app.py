@@ -47,7 +47,7 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     task_default_queue=DISPATCH_QUEUE,
-    task_queues=(Queue(DISPATCH_QUEUE), Queue(AGENTS_QUEUE)),
+    task_queues=(Queue(DISPATCH_QUEUE, routing_key=DISPATCH_QUEUE), Queue(AGENTS_QUEUE, routing_key=AGENTS_QUEUE)),
     task_routes={"fleet.execute": {"queue": AGENTS_QUEUE}, "fleet.canary.agents": {"queue": AGENTS_QUEUE}},
     worker_hijack_root_logger=False,
     beat_scheduler="workers.beat:LeaderScheduler",
@@ -85,3 +85,8 @@ def _init_process(**_: Any) -> None:
 def _close_process(**_: Any) -> None:
     if _services is not None:
         _services.close()
+
+
+# Register the tasks on import, so `app.tasks` is complete for `celery call`, Flower and beat
+# without waiting for a worker to load its `include` list.
+import workers.tasks  # noqa: E402, F401

@@ -1,0 +1,144 @@
+"""`fleet status`, `watchdog`, `sweep`: how the fleet is, and the chores that keep it so."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fleet import sweeps, watchdog
+from fleet.cli import JsonOpt, app, emit_json, out, services
+from fleet.cli_runs import celery_sender
+from fleet.errors import ExitCode, UnavailableError
+from fleet.services import Services, check_redis
+from fleet.state import snapshot
+
+_COLOUR = {"green": "green", "amber": "yellow", "red": "red"}
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """The whole fleet on one screen: kill switch, spend, runs, breakers, DLQ, queues, beat, watchdog.
+
+    Example: fleet status --json
+    """
+    svc = services()
+    picture = snapshot(svc)
+    if as_json:
+        emit_json(picture)
+        return
+    _print_status(picture)
+
+
+def _print_status(p: dict[str, Any]) -> None:
+    if p["kill"]:
+        for k in p["kill"]:
+            out.print(f"[bold red]KILLED[/] {k['scope']} since {k['since'][:19]} by {k['actor']}: {k['reason'] or '-'}")
+    else:
+        out.print("[green]kill switch released[/]")
+    verdict = p.get("watchdog")
+    if verdict:
+        out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}")
+        for check in verdict["checks"]:
+            if check["status"] != "green":
+                out.print(f"  {check['name']}: [{_COLOUR[check['status']]}]{check['status']}[/] {check['reason']}")
+    spend = Table("scope", "spent $", "reserved $", "cap $", title=f"spend {p['spend']['day']}")
+    for s in p["spend"]["scopes"]:
+        spend.add_row(s["scope"], f"{s['spent_usd']:.4f}", f"{s['reserved_usd']:.4f}",
+                      "-" if s["cap_usd"] is None else f"{s['cap_usd']:.2f}")
+    out.print(spend)
+    out.print("runs (24 h): " + (", ".join(f"{k} {v}" for k, v in sorted(p["runs_24h"].items())) or "none"))
+    for r in p["running"]:
+        out.print(f"  running {r['run_id']} {r['agent']} attempt {r['attempt']} on {r['host']} pid {r['pid']}")
+    out.print(f"dead letters: {p['dlq_depth']}")
+    if p["redis"] != "ok":
+        out.print(f"[red]Redis {p['redis']}[/]")
+        return
+    out.print(f"queues: {p['queues']}")
+    open_ = {a: b.get("state") for a, b in p["breakers"].items() if b.get("state", "closed") != "closed"}
+    out.print(f"breakers: {open_ or 'all closed'}")
+    if p["paused"]:
+        out.print(f"paused: {p['paused']}")
+    for queue, canary in p["canaries"].items():
+        out.print(f"worker canary {queue}: last back {canary['seen'] or 'never'}")
+    out.print(f"beat: leader {p['beat']['leader'] or 'none'}, last tick {p['beat']['last_tick'] or 'never'}")
+
+
+@app.command("watchdog")
+def watchdog_command(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the canaries to come back.")] = 20.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the fleet from anywhere (cron on another host): exit 0 green, 1 red, 75 unreachable.
+
+    Example: */5 * * * * fleet watchdog --json || page-me
+    """
+    svc = services()
+    check_redis(svc.redis)
+    from fleet import db
+
+    db.check(svc.engine)
+    _push_canaries(svc, wait)
+    verdict = watchdog.run_watchdog(svc, None, deadline_s=wait)
+    if as_json:
+        emit_json(verdict.to_json())
+    else:
+        out.print(f"watchdog: [{_COLOUR[verdict.status]}]{verdict.status}[/]")
+        for check in verdict.checks:
+            out.print(f"  [{_COLOUR[check.status]}]{check.status:<5}[/] {check.name}: {check.reason}", highlight=False)
+        for line in verdict.healed:
+            out.print(f"  healed: {line}")
+    raise typer.Exit(ExitCode.FAILURE if verdict.status == "red" else ExitCode.OK)
+
+
+def _push_canaries(svc: Services, wait: float) -> None:
+    """Send a canary through each queue now and give the workers `wait` seconds to return it."""
+    from workers.tasks import send_canary
+
+    stamp = svc.now().isoformat()
+    for queue in watchdog.QUEUES:
+        svc.redis.set(watchdog.keys.canary_sent(queue), stamp)
+        send_canary(queue, stamp)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if all(svc.redis.get(watchdog.keys.canary(q)) == stamp for q in watchdog.QUEUES):
+            return
+        time.sleep(0.1)
+    # Leave the canaries out: run_watchdog reports them overdue against the same `wait`.
+    for queue in watchdog.QUEUES:
+        if svc.redis.get(watchdog.keys.canary(queue)) != stamp:
+            svc.redis.set(watchdog.keys.canary_sent(queue), datetime.fromtimestamp(0, svc.now().tzinfo).isoformat())
+
+
+class SweepName(str, Enum):
+    """The sweeps."""
+
+    reaper = "reaper"
+    idempotency = "idempotency"
+    retention = "retention"
+
+
+@app.command()
+def sweep(name: SweepName, as_json: JsonOpt = False) -> None:
+    """Run one sweep now (beat runs them on schedule).
+
+    Example: fleet sweep reaper
+    """
+    svc = services()
+    try:
+        if name is SweepName.reaper:
+            report = sweeps.reap(svc, celery_sender())
+        elif name is SweepName.idempotency:
+            report = sweeps.release_keys(svc)
+        else:
+            report = sweeps.prune(svc)
+    except ConnectionError as exc:
+        raise UnavailableError(str(exc)) from None
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        out.print(f"sweep {name.value}: {report.counts or 'nothing to do'}")

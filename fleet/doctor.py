@@ -1,0 +1,299 @@
+"""`fleet doctor`: check the configuration, Redis, the database and the log folder, one line each.
+
+Every check runs, so one pass shows everything that is wrong. The exit code is that of the worst
+failure: 78 configuration, then 77 permission, then 75 a service is down; warnings never fail.
+Secrets never reach the output: URLs are shown with their passwords masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from rich.console import Console
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from fleet import db
+from fleet.config import Settings, load_fleet_config
+from fleet.errors import ConfigError, ExitCode, UnavailableError
+from fleet.services import redis_client
+
+# Worst first: configuration and permissions need a person; a service that is down may come back.
+_SEVERITY = (ExitCode.CONFIG, ExitCode.AUTH, ExitCode.TRANSIENT)
+_MASK = "***"
+
+
+class Status(str, Enum):
+    """How one check came out."""
+
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report; a failure carries the exit code it calls for."""
+
+    status: Status
+    check: str
+    detail: str
+    code: ExitCode = ExitCode.OK
+
+
+def _ok(check: str, detail: str) -> Finding:
+    return Finding(Status.OK, check, detail)
+
+
+def _warn(check: str, detail: str) -> Finding:
+    return Finding(Status.WARN, check, detail)
+
+
+def _fail(check: str, detail: str, code: ExitCode) -> Finding:
+    return Finding(Status.FAIL, check, detail, code)
+
+
+def run_doctor(settings: Settings, console: Console) -> int:
+    """Run every check, print one line each and a summary; return the exit code."""
+    secrets = _secrets(settings)
+    findings: list[Finding] = []
+    for check in (_check_config, _check_redis, _check_database, _check_log_dir):
+        for finding in check(settings):
+            findings.append(finding)
+            line = f"{finding.status.value:<4}  {finding.check:<8}  {finding.detail}"
+            console.print(_scrub(line, secrets), markup=False, highlight=False)
+    failed = {f.code for f in findings if f.status is Status.FAIL}
+    code = next((c for c in _SEVERITY if c in failed), ExitCode.FAILURE if failed else ExitCode.OK)
+    warnings = sum(f.status is Status.WARN for f in findings)
+    if failed:
+        summary = f"doctor: {sum(f.status is Status.FAIL for f in findings)} check(s) failed (exit {int(code)})"
+    elif warnings:
+        summary = f"doctor: ready, with {warnings} warning(s)"
+    else:
+        summary = "doctor: all checks passed"
+    console.print(summary, markup=False, highlight=False)
+    return int(code)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_config(settings: Settings) -> Iterator[Finding]:
+    try:
+        config = load_fleet_config(settings.config)
+    except ConfigError as exc:
+        yield _fail("config", str(exc), ExitCode.CONFIG)
+        return
+    names = ", ".join(sorted(config.agents))
+    if names:
+        yield _ok("config", f"{settings.config}: {len(config.agents)} agent(s): {names}")
+    else:
+        yield _warn("config", f"{settings.config} is valid but defines no agents: add an [agents.NAME] table")
+
+
+def _check_redis(settings: Settings) -> Iterator[Finding]:
+    url = settings.broker_url
+    shown = mask_url(url)
+    try:
+        client = redis_client(url)
+    except ValueError:
+        yield _fail("redis", "FLEET_REDIS_URL is not a Redis URL (use redis://, rediss:// or unix://)",
+                    ExitCode.CONFIG)
+        return
+    try:
+        client.ping()
+        yield _ok("redis", f"{shown} answers")
+        yield _eviction_policy(client)
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        yield _fail("redis", f"{shown} refused us ({_first_line(exc)}): check the user and password in "
+                    "FLEET_REDIS_URL", ExitCode.AUTH)
+    except redis.RedisError as exc:
+        yield _fail("redis", f"{shown} does not answer ({_first_line(exc)}); {_how_to_start_redis(settings)}",
+                    ExitCode.TRANSIENT)
+    finally:
+        client.close()
+
+
+def _how_to_start_redis(settings: Settings) -> str:
+    port = _port(settings.broker_url) or 6379
+    embedded = ("or run `fleet up`, which starts an embedded Redis-compatible server when none answers"
+                if settings.redis_url is None else
+                "or unset FLEET_REDIS_URL and run `fleet up`, which then starts an embedded one")
+    return f"start Redis there: `redis-server --port {port}`, {embedded}"
+
+
+def _eviction_policy(client: redis.Redis) -> Finding:
+    """Eviction would silently drop queued tasks, leases and kill flags (PITFALLS.md #14)."""
+    fix = "set `maxmemory-policy noeviction` in redis.conf (or: redis-cli CONFIG SET maxmemory-policy noeviction)"
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError as exc:  # CONFIG renamed away, or forbidden to this ACL user
+        return _warn("redis", f"cannot read maxmemory-policy ({_first_line(exc)}); make sure it is noeviction")
+    if policy == "noeviction":
+        return _ok("redis", "maxmemory-policy is noeviction")
+    return _warn("redis", f"maxmemory-policy is {policy or 'not reported'}: under memory pressure Redis may "
+                 f"evict queued tasks, leases and kill flags; {fix}")
+
+
+def _check_database(settings: Settings) -> Iterator[Finding]:
+    try:
+        engine = db.make_engine(settings.database_url)
+    except ConfigError as exc:
+        yield _fail("database", str(exc), ExitCode.CONFIG)
+        return
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        if engine.dialect.name == "sqlite":
+            findings = list(_check_sqlite_file(engine, shown))
+        else:
+            findings = list(_check_server(engine, shown))
+        yield from findings
+        if all(f.status is Status.OK for f in findings):
+            yield _check_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def _check_sqlite_file(engine: Engine, shown: str) -> Iterator[Finding]:
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield _warn("database", f"{shown} is not a plain file: nothing is kept between processes")
+        return
+    path = Path(database)
+    folder = _nearest_existing(path.parent)
+    if not folder.is_dir():
+        yield _fail("database", f"{shown}: {folder} is not a folder", ExitCode.CONFIG)
+        return
+    problem = _cannot_write(folder)
+    if problem:
+        yield _fail("database", f"{shown}: cannot create files in {folder} ({problem}); SQLite needs to write "
+                    "the database and its -wal and -shm files there", ExitCode.AUTH)
+    elif not path.exists():
+        yield _warn("database", f"{shown} does not exist yet: run `fleet db upgrade` to create it")
+    elif not path.is_file():
+        yield _fail("database", f"{shown}: {path} is not a file", ExitCode.CONFIG)
+    else:
+        yield from _check_server(engine, shown)
+
+
+def _check_server(engine: Engine, shown: str) -> Iterator[Finding]:
+    try:
+        db.check(engine)
+    except UnavailableError as exc:
+        hint = ("" if engine.dialect.name == "sqlite" else
+                "; start PostgreSQL (e.g. `sudo systemctl start postgresql`, or `docker compose up -d postgres` "
+                "in compose/) and check the host, port, user and database in FLEET_DATABASE_URL")
+        yield _fail("database", f"{exc}{hint}", ExitCode.TRANSIENT)
+        return
+    yield _ok("database", f"{shown} answers")
+
+
+def _check_schema(engine: Engine) -> Finding:
+    scripts = ScriptDirectory.from_config(db.alembic_config(engine))
+    head = scripts.get_current_head()
+    try:
+        current = db.current_revision(engine)
+    except Exception as exc:  # noqa: BLE001 - any driver error here means the same: cannot read it
+        return _fail("schema", f"cannot read the schema revision ({_first_line(exc)})", ExitCode.TRANSIENT)
+    if current == head:
+        return _ok("schema", f"at the latest revision ({head})")
+    if current is None:
+        return _warn("schema", "the database has no schema yet: run `fleet db upgrade`")
+    try:
+        scripts.get_revision(current)
+    except CommandError:
+        return _warn("schema", f"at revision {current}, which this Fleet does not know (a newer Fleet migrated "
+                     "it?): upgrade Fleet on this host")
+    return _warn("schema", f"at revision {current}, this Fleet expects {head}: run `fleet db upgrade`")
+
+
+def _check_log_dir(settings: Settings) -> Iterator[Finding]:
+    log_dir = settings.log_dir
+    folder = _nearest_existing(log_dir)
+    if not folder.is_dir():
+        yield _fail("logs", f"FLEET_LOG_DIR {log_dir}: {folder} is not a folder", ExitCode.CONFIG)
+        return
+    problem = _cannot_write(folder)
+    if problem:
+        yield _fail("logs", f"cannot create files in {folder} ({problem}): fix its permissions or set "
+                    "FLEET_LOG_DIR", ExitCode.AUTH)
+    elif folder == log_dir.absolute():
+        yield _ok("logs", f"{log_dir} is writable")
+    else:
+        yield _ok("logs", f"{log_dir} does not exist yet; it will be created in {folder}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` (made absolute) when it exists, else its closest existing ancestor."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _cannot_write(folder: Path) -> str | None:
+    """Why a file cannot be created in `folder` (tried for real: root and ACLs defeat os.access)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _port(url: str) -> int | None:
+    try:
+        return urlsplit(url).port
+    except ValueError:
+        return None
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by *** (a lone user part too: `redis://SECRET@host` is common)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unparsable URL)"
+    masked = url
+    if "@" in parts.netloc:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        masked = masked.replace(f"//{parts.netloc}", f"//{user}:{_MASK}@{host}" if colon else f"//{_MASK}@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", rf"\g<1>{_MASK}", masked)
+
+
+def _secrets(settings: Settings) -> list[str]:
+    """Every secret the settings hold: scrubbed from each line in case an error message echoes one."""
+    found: list[str | None] = [settings.web_token, settings.sentry_dsn]
+    # An unparsable URL is reported by its own check; here it just has no password to hide.
+    with contextlib.suppress(ValueError):
+        found.append(urlsplit(settings.broker_url).password)
+    with contextlib.suppress(Exception):
+        found.append(make_url(settings.database_url).password)
+    if settings.flower_auth:
+        found.append(settings.flower_auth.partition(":")[2])
+    # Longest first, so a secret containing another is masked whole; very short ones would mangle text.
+    return sorted({str(s) for s in found if s and len(str(s)) >= 4}, key=len, reverse=True)
+
+
+def _scrub(line: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        line = line.replace(secret, _MASK)
+    return line

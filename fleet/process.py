@@ -1,0 +1,462 @@
+"""Run one agent process and watch it until it and everything it started are gone.
+
+The agent gets argv (never a shell), exactly the environment it is given, its own session and
+process group, and stdin from /dev/null. Its stdout and stderr, merged, stream to a capped log
+file; lines carrying usage (`{"fleet_usage": ...}` or Claude Code's `{"type": "result", ...}`) or
+`{"fleet_done": ...}` are parsed as they arrive. A timeout, or a reason returned by `watch` or
+`on_usage`, stops the whole group: SIGTERM, `grace_s`, then SIGKILL.
+
+Things a caller must know:
+- A bare `python` or `python3` as argv[0] means this worker's own interpreter (`sys.executable`),
+  so example agents run with the worker's venv even when it is not activated. Any other bare
+  name is looked up on the agent's `env["PATH"]`, not the worker's.
+- The agent dies with its spawning *thread* (PR_SET_PDEATHSIG, set by `fleet.launcher` before
+  it execs the agent): `run_agent` spawns from the calling thread and blocks it for the whole
+  run, so never call it from a thread that may exit before the run ends. Only the agent process
+  itself gets that signal: if the worker is SIGKILLed, the agent's own children live on in its
+  process group, which is why `on_started` reports the pgid for a reaper to kill later.
+- All callbacks run on the calling thread, so they may use the caller's clients and sessions.
+- A process that leaves the group (its own `setsid`) escapes; only a cgroup could hold it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet import launcher
+from fleet.usage import DEFAULT_MAX_LINE, LineScanner, Usage, parse_line
+
+LAUNCHER_PATH = Path(launcher.__file__)
+# -I: ignore PYTHON* variables meant for the agent; -S: skip site, half the startup time.
+LAUNCHER_FLAGS = ("-I", "-S")
+PYTHON_NAMES = frozenset({"python", "python3"})
+EXIT_CANNOT_EXECUTE = launcher.EXIT_CANNOT_EXECUTE
+EXIT_NOT_FOUND = launcher.EXIT_NOT_FOUND
+
+_CHUNK = 64 * 1024
+_GROUP_POLL_S = 0.02  # how often to look for survivors once the leader is gone or SIGKILLed
+_EXIT_POLL_S = 0.05  # how often to poll for the leader's exit when pidfd is unavailable
+_DRAIN_S = 1.0  # the group is gone but something outside it still holds the pipe: stop waiting
+REDACTED = b"[redacted by fleet]"
+_TRUNCATED = b"\n[fleet: log truncated at %d bytes; later output was read but not kept]\n"
+
+
+@dataclass
+class ProcessResult:
+    """How an agent process ended, what it reported, and where its output went."""
+
+    exit_code: int | None  # None if it never started; 128+signum for a death by signal
+    stop_reason: str | None  # None, "timeout", or the reason a watcher returned
+    cost_micros: int
+    input_tokens: int
+    output_tokens: int
+    done_reason: str | None
+    output_tail: str
+    pid: int | None
+    pgid: int | None
+    log_bytes: int
+    started: bool
+
+
+def _no_start_hook(_pid: int, _pgid: int) -> None:
+    return None
+
+
+def _no_watch(_cost_micros: int) -> str | None:
+    return None
+
+
+# ---------------------------------------------------------------- output
+
+
+class Output:
+    """An agent's merged output: a log file that stops at a cap, and a rolling in-memory tail."""
+
+    def __init__(self, log_path: Path, *, max_log_bytes: int, tail_bytes: int, append: bool = False,
+                 redact: tuple[str, ...] = ()) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+        self._fd = os.open(log_path, flags, 0o600)
+        os.fchmod(self._fd, 0o600)  # an existing file keeps its old mode otherwise
+        self._room = max_log_bytes
+        self._max_log = max_log_bytes
+        self._tail_bytes = tail_bytes
+        self._tail = bytearray()
+        self.log_bytes = 0
+        self.truncated = False
+        # Secrets the agent was given never reach the log or the tail, even if it prints them. A
+        # secret may straddle two reads, so the last (longest secret - 1) bytes wait for the next.
+        self._secrets = sorted({r.encode() for r in redact if r}, key=len, reverse=True)
+        self._hold = max((len(r) for r in self._secrets), default=1) - 1
+        self._pending = b""
+
+    def write(self, data: bytes) -> None:
+        """Redact, then log what fits under the cap (then one marker line) and keep the tail."""
+        if not self._secrets:
+            self._keep(data)
+            return
+        data = self._pending + data
+        for secret in self._secrets:
+            data = data.replace(secret, REDACTED)
+        cut = max(0, len(data) - self._hold)
+        self._pending = data[cut:]
+        self._keep(data[:cut])
+
+    def flush(self) -> None:
+        """Write out what was held back for redaction (the output has ended)."""
+        data, self._pending = self._pending, b""
+        self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self.truncated:
+            kept = data[:self._room]
+            self._log(kept)
+            self._room -= len(kept)
+            if len(kept) < len(data):
+                self.truncated = True
+                self._log(_TRUNCATED % self._max_log)
+        self._tail += data[-self._tail_bytes:] if self._tail_bytes else b""
+        del self._tail[:max(0, len(self._tail) - self._tail_bytes)]
+
+    def tail(self) -> str:
+        """The last `tail_bytes` of the output as text."""
+        return self._tail.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        """Flush what redaction held back and close the log file."""
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+
+    def _log(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            self.log_bytes += written
+            view = view[written:]
+
+
+# ---------------------------------------------------------------- process groups
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send `signum` to a process group; False when the group is gone (or is not ours)."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids of the group's processes that still run: zombies waiting for a reaper do not count."""
+    with os.scandir("/proc") as entries:
+        return [int(entry.name) for entry in entries
+                if entry.name.isdigit() and _stat_is_live_member(entry.name, pgid)]
+
+
+def _stat_is_live_member(pid: str, pgid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return False
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs."""
+    if not signal_group(pgid, 0):
+        return False
+    # killpg also succeeds for zombies, and an init that never reaps orphans (some containers')
+    # would keep them forever: look at what the members are doing.
+    return not os.path.isdir("/proc") or bool(live_group_members(pgid))
+
+
+# ---------------------------------------------------------------- spawning
+
+
+def resolve_argv(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> list[str]:
+    """argv with argv[0] an absolute executable path; raises FileNotFoundError or PermissionError."""
+    if not argv:
+        raise FileNotFoundError(errno.ENOENT, "empty command")
+    program = argv[0]
+    if program in PYTHON_NAMES:
+        path = sys.executable
+    elif "/" in program:
+        path = os.path.join(cwd or os.getcwd(), program)
+    else:
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "not found on the agent's PATH", program)
+        path = found
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    return [os.path.abspath(path), *argv[1:]]
+
+
+def launcher_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """The command that runs `argv` (already resolved) through `fleet.launcher`."""
+    lc_ctype = "=" + env["LC_CTYPE"] if "LC_CTYPE" in env else launcher.UNSET
+    return [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER_PATH), str(os.getpid()), lc_ctype, "--", *argv]
+
+
+def _spawn(argv: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        launcher_argv(resolve_argv(argv, env, cwd), env), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, bufsize=0)
+
+
+def _not_started(exc: OSError, argv: list[str], output: Output) -> ProcessResult:
+    what = exc.filename or (argv[0] if argv else "")
+    output.write(f"fleet: cannot start agent {what!r}: {exc.strerror or exc}\n".encode())
+    code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+    return ProcessResult(exit_code=code, stop_reason=None, cost_micros=0, input_tokens=0, output_tokens=0,
+                         done_reason=None, output_tail=output.tail(), pid=None, pgid=None,
+                         log_bytes=output.log_bytes, started=False)
+
+
+def _abandon(proc: subprocess.Popen[bytes]) -> None:
+    # Could not even set up the watch (out of fds?): the agent must not run unwatched.
+    signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def exit_code(returncode: int) -> int:
+    """A returncode as a shell reports it: 128+signum for a death by signal."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class _Limits:
+    timeout_s: float
+    watch_interval_s: float
+    grace_s: float
+
+
+class _Run:
+    """One running agent: its output, its clock, and the escalation that stops its group."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], output: Output, scanner: LineScanner, limits: _Limits,
+                 watch: Callable[[int], str | None], on_usage: Callable[[int], str | None]) -> None:
+        self.proc, self.pgid, self.output, self.scanner = proc, proc.pid, output, scanner
+        self.limits, self.watch, self.on_usage = limits, watch, on_usage
+        now = time.monotonic()
+        self.deadline = now + limits.timeout_s
+        self.next_watch = now + limits.watch_interval_s
+        self.stop_reason: str | None = None
+        self.term_sent = False
+        self.kill_at: float | None = None  # when the next SIGKILL is due
+        self.next_group_check = now
+        self.group_gone_at: float | None = None
+        self.eof = False
+        self.cost_micros = self.input_tokens = self.output_tokens = 0
+        self.done_reason: str | None = None
+        self.selector = selectors.DefaultSelector()
+        assert proc.stdout is not None
+        self.out_fd = proc.stdout.fileno()
+        os.set_blocking(self.out_fd, False)
+        self.selector.register(self.out_fd, selectors.EVENT_READ)
+        self.pidfd = self._open_pidfd()
+
+    def _open_pidfd(self) -> int | None:
+        # A pidfd wakes the loop the moment the leader exits, even while a child still holds the pipe.
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            return None
+        self.selector.register(pidfd, selectors.EVENT_READ)
+        return pidfd
+
+    def loop(self) -> None:
+        """Read, watch and escalate until the leader is reaped, the group is empty and the pipe drained."""
+        while True:
+            now = time.monotonic()
+            self._tick(now)
+            if self._finished(now):
+                return
+            for key, _ in self.selector.select(self._wait_s(now)):
+                if key.fd == self.out_fd:
+                    self._read()
+                else:
+                    self._leader_exited()
+
+    def _tick(self, now: float) -> None:
+        if self.proc.returncode is None and self.pidfd is None:
+            self.proc.poll()
+        if self.proc.returncode is None:
+            self._check_clock(now)
+        elif now >= self.next_group_check:
+            self._check_group(now)
+        if self.kill_at is not None and now >= self.kill_at:
+            signal_group(self.pgid, signal.SIGKILL)
+            self.kill_at = now + _GROUP_POLL_S  # again until the group is empty: a child may have forked
+            self.next_group_check = now
+
+    def _check_clock(self, now: float) -> None:
+        if self.stop_reason is not None:
+            return
+        if now >= self.deadline:
+            self._stop("timeout", now)
+        elif now >= self.next_watch:
+            self.next_watch = now + self.limits.watch_interval_s
+            reason = self.watch(self.cost_micros)
+            if reason:
+                self._stop(reason, time.monotonic())
+
+    def _check_group(self, now: float) -> None:
+        # The leader is gone; whatever it left in its group goes too (same TERM, grace, KILL).
+        self.next_group_check = now + _GROUP_POLL_S
+        if self.group_gone_at is not None:
+            return
+        if group_alive(self.pgid):
+            self._terminate(now)
+        else:
+            self.group_gone_at, self.kill_at = now, None
+
+    def _stop(self, reason: str, now: float) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self._terminate(now)
+
+    def _terminate(self, now: float) -> None:
+        if not self.term_sent:
+            self.term_sent = True
+            signal_group(self.pgid, signal.SIGTERM)
+            self.kill_at = now + self.limits.grace_s
+
+    def _finished(self, now: float) -> bool:
+        if self.proc.returncode is None or self.group_gone_at is None:
+            return False
+        return self.eof or now >= self.group_gone_at + _DRAIN_S
+
+    def _wait_s(self, now: float) -> float:
+        wake = [self.kill_at] if self.kill_at is not None else []
+        if self.proc.returncode is not None:
+            wake.append(self.next_group_check if self.group_gone_at is None else self.group_gone_at + _DRAIN_S)
+        else:
+            if self.stop_reason is None:
+                wake += [self.deadline, self.next_watch]
+            if self.pidfd is None:
+                wake.append(now + _EXIT_POLL_S)
+        return max(0.0, min(wake, default=now + _EXIT_POLL_S) - now)
+
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self.out_fd, _CHUNK)
+        except BlockingIOError:
+            return
+        if chunk:
+            self.output.write(chunk)
+            self._on_lines(self.scanner.feed(chunk))
+        else:
+            self.eof = True
+            self.selector.unregister(self.out_fd)
+            self._on_lines(self.scanner.finish())
+
+    def _on_lines(self, lines: list[bytes]) -> None:
+        for line in lines:
+            usage, done = parse_line(line)
+            if done is not None:
+                self.done_reason = done
+            if usage is not None:
+                self._add_usage(usage)
+
+    def _add_usage(self, usage: Usage) -> None:
+        self.cost_micros += usage.cost_micros
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        reason = self.on_usage(self.cost_micros)  # called after a stop too: the spend still happened
+        if reason:
+            self._stop(reason, time.monotonic())
+
+    def _leader_exited(self) -> None:
+        self.proc.poll()
+        if self.proc.returncode is not None and self.pidfd is not None:
+            self.selector.unregister(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def close(self) -> None:
+        """Kill and reap whatever is left (the loop may have ended by an exception), free the fds."""
+        if self.proc.returncode is None or group_alive(self.pgid):
+            signal_group(self.pgid, signal.SIGKILL)
+        self.proc.wait()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.selector.close()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+    def result(self) -> ProcessResult:
+        """What the finished run amounts to."""
+        assert self.proc.returncode is not None
+        return ProcessResult(
+            exit_code=exit_code(self.proc.returncode), stop_reason=self.stop_reason,
+            cost_micros=self.cost_micros, input_tokens=self.input_tokens, output_tokens=self.output_tokens,
+            done_reason=self.done_reason, output_tail=self.output.tail(), pid=self.proc.pid, pgid=self.pgid,
+            log_bytes=self.output.log_bytes, started=True)
+
+
+def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s: float,
+              on_started: Callable[[int, int], None] = _no_start_hook,
+              watch: Callable[[int], str | None] = _no_watch,
+              on_usage: Callable[[int], str | None] = _no_watch,
+              watch_interval_s: float = 0.1, grace_s: float = 5.0,
+              max_log_bytes: int = 10 * 2**20, tail_bytes: int = 16 * 1024, cwd: Path | None = None,
+              max_line_bytes: int = DEFAULT_MAX_LINE, append_log: bool = False,
+              redact: tuple[str, ...] = ()) -> ProcessResult:
+    """Run one agent to its end (or stop it) and report how it went; blocks the calling thread.
+
+    `env` is the agent's whole environment. `watch` gets the running cost every `watch_interval_s`
+    and `on_usage` gets it on each usage line; a reason string from either stops the agent with
+    that reason. A program that cannot be started returns `started=False` (exit 127 or 126).
+    Every process of the agent's group is gone when this returns, or raises. The agent dies with
+    the calling thread (see the module docstring): do not call this from a short-lived thread.
+    `append_log` adds to an existing log instead of replacing it (a poll, then the command).
+    Each string in `redact` (the agent's own secrets) is masked in the log and the output tail.
+    """
+    output = Output(log_path, max_log_bytes=max_log_bytes, tail_bytes=tail_bytes, append=append_log,
+                    redact=redact)
+    try:
+        try:
+            proc = _spawn(argv, env, cwd)
+        except OSError as exc:
+            return _not_started(exc, argv, output)
+        try:
+            run = _Run(proc, output, LineScanner(max_line_bytes), _Limits(timeout_s, watch_interval_s, grace_s),
+                       watch, on_usage)
+        except BaseException:
+            _abandon(proc)
+            raise
+        try:
+            on_started(proc.pid, run.pgid)
+            run.loop()
+        finally:
+            run.close()
+        output.flush()
+        return run.result()
+    finally:
+        output.close()

@@ -1,0 +1,451 @@
+"""`fleet up`: migrations, a Redis (embedded when none answers), then worker, beat, Flower and web.
+
+Every child runs in its own session and process group: a Ctrl-C at the terminal reaches only this
+supervisor, which then stops the children in order (worker drains first, embedded broker last) and
+sweeps each process group, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.engine import make_url
+
+from fleet import db
+from fleet.config import DEFAULT_REDIS_URL, Settings, load_fleet_config
+from fleet.embedded import EmbeddedRedis, redis_answers
+from fleet.errors import ConfigError, UnavailableError
+
+QUEUES = ("dispatch", "agents")
+FLOWER_HOST = "127.0.0.1"  # Flower's /metrics and /healthcheck skip auth: never expose it beyond loopback
+FLOWER_USER = "fleet"
+WORKER_GRACE_S = 15.0  # warm shutdown: running tasks get this long to finish
+OTHER_GRACE_S = 5.0
+PROBE_DEADLINE_S = 120.0
+POLL_S = 0.2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# Runs in its own interpreter so that fleet/ never imports Celery: pings one worker node until it answers.
+_PING_PROBE = """\
+import sys, time
+from workers.app import app
+node, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    if app.control.ping(destination=[node], timeout=0.5):
+        sys.exit(0)
+sys.exit(1)
+"""
+
+
+@dataclass
+class UpOptions:
+    """What `fleet up` starts."""
+
+    workers: int
+    embedded: bool
+    beat: bool
+    flower: bool
+    web: bool
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it and how long it may take to stop."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    where: str = ""  # what the operator is told about it
+    grace_s: float = OTHER_GRACE_S
+    process: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class _Signals:
+    """Records stop signals instead of raising KeyboardInterrupt in the middle of a step."""
+
+    received: list[int] = field(default_factory=list)
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        """Signal handler."""
+        self.received.append(signum)  # no printing here: print() is not reentrant
+
+    @property
+    def stop(self) -> bool:
+        """A stop was asked for."""
+        return bool(self.received)
+
+    @property
+    def hurry(self) -> bool:
+        """A second signal: skip the grace periods."""
+        return len(self.received) > 1
+
+
+def say(message: str) -> None:
+    """One line for the operator on stdout (children log JSON on stderr)."""
+    print(f"fleet up: {message}", flush=True)
+
+
+def run_up(settings: Settings, options: UpOptions) -> int:
+    """Run a whole single-host fleet in the foreground; the exit code (0 after a clean stop)."""
+    started = time.monotonic()
+    _check_ports(settings, options)
+    load_fleet_config(settings.config)  # a bad fleet.toml is refused (78) before anything starts
+    signals = _Signals()
+    with _signals_handled(signals), contextlib.ExitStack() as stack:
+        _migrate(settings.database_url)
+        redis_url = _choose_redis(settings, options, stack)
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-up-")))
+        children = _plan(settings, options, redis_url, workdir)
+        if signals.stop:
+            return 0
+        return _supervise(settings, options, children, signals, started)
+
+
+# ---------------------------------------------------------------- before anything starts
+
+
+def _check_ports(settings: Settings, options: UpOptions) -> None:
+    """Refuse (75) when the web or Flower port is taken, so nothing half-starts."""
+    wanted = []
+    if options.web:
+        wanted.append(("web", settings.web_host, settings.web_port, "FLEET_WEB_PORT"))
+    if options.flower:
+        wanted.append(("flower", FLOWER_HOST, settings.flower_port, "FLEET_FLOWER_PORT"))
+    if options.web and options.flower and settings.web_port == settings.flower_port:
+        raise ConfigError(f"FLEET_WEB_PORT and FLEET_FLOWER_PORT are both {settings.web_port}")
+    for name, host, port, variable in wanted:
+        _check_port(name, host, port, variable)
+
+
+def _check_port(name: str, host: str, port: int, variable: str) -> None:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"{name}: cannot resolve {host!r}: {exc.strerror}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # tornado binds with SO_REUSEADDR too: a port in TIME_WAIT is free for it, a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UnavailableError(f"{name} port {host}:{port} is already in use; stop what holds it "
+                                       f"or set {variable}") from None
+            raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _migrate(database_url: str) -> None:
+    engine = db.make_engine(database_url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+    say(f"database: {mask_database_url(database_url)} (migrated)")
+
+
+def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.ExitStack) -> str:
+    """The broker URL: the configured or default server, or an embedded one started here."""
+    if options.embedded:
+        return _start_embedded(stack, "--embedded was given")
+    if settings.redis_url is None and not redis_answers(DEFAULT_REDIS_URL, timeout=1.0):
+        return _start_embedded(stack, f"FLEET_REDIS_URL is unset and nothing answers at {DEFAULT_REDIS_URL}")
+    url = settings.broker_url
+    if not redis_answers(url, timeout=2.0):
+        raise UnavailableError(f"Redis at {mask_redis_url(url)} does not answer PING; start it, fix "
+                               "FLEET_REDIS_URL, or run `fleet up --embedded`")
+    say(f"redis: {mask_redis_url(url)}")
+    return url
+
+
+def _start_embedded(stack: contextlib.ExitStack, why: str) -> str:
+    server = EmbeddedRedis()
+    server.start()
+    stack.callback(_stop_embedded, server)  # registered first, so it runs after every child has stopped
+    say(f"redis: {server.url} is an EMBEDDED Valkey server started by fleet up (pid {server.pid}), "
+        f"because {why}; it keeps nothing after exit")
+    return server.url
+
+
+def _stop_embedded(server: EmbeddedRedis) -> None:
+    server.stop()
+    say("embedded Redis stopped")
+
+
+# ---------------------------------------------------------------- what to start
+
+
+def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path) -> list[Child]:
+    """The children to start, in start order."""
+    env = child_env(settings, redis_url)
+    python = sys.executable
+    celery = [python, "-m", "celery", "-A", "workers.app"]
+    node = worker_node()
+    children = [Child("worker", [*celery, "worker", "-Q", ",".join(QUEUES), "-c", str(options.workers),
+                                 "-O", "fair", "-E", "--hostname", "fleet@%h", "-l", "INFO"], env,
+                      f"{node}, {options.workers} process(es) consuming queues {', '.join(QUEUES)}",
+                      grace_s=WORKER_GRACE_S)]
+    if options.beat:
+        # The schedule state lives in this run's temporary folder, and no pid file is written: a
+        # killed run can leave nothing stale behind that would block the next start.
+        children.append(Child("beat", [*celery, "beat", "-l", "INFO", "--schedule",
+                                       str(workdir / "celerybeat-schedule"), "--pidfile="], env,
+                              "schedule state in a temporary folder"))
+    if options.flower:
+        children.append(_flower_child(settings, celery, env))
+    if options.web:
+        children.append(Child("web", [python, "-m", "fleet", "web"], env,
+                              f"{web_url(settings)} (/livez, /readyz)"))
+    return children
+
+
+def _flower_child(settings: Settings, celery: list[str], env: dict[str, str]) -> Child:
+    """Flower, always behind basic auth (PITFALLS #12), generated when FLEET_FLOWER_AUTH is unset."""
+    if settings.flower_auth:
+        auth = settings.flower_auth
+        note = "password from FLEET_FLOWER_AUTH"
+    else:
+        password = secrets.token_urlsafe(18)
+        auth = f"{FLOWER_USER}:{password}"
+        note = f"password {password} (generated for this run; set FLEET_FLOWER_AUTH=user:password to choose)"
+    where = f"http://{FLOWER_HOST}:{settings.flower_port} user {auth.split(':', 1)[0]}, {note}"
+    # Through the environment rather than --basic-auth, so the password is not in `ps` output.
+    flower_env = {**env, "FLOWER_BASIC_AUTH": auth}
+    return Child("flower", [*celery, "flower", f"--address={FLOWER_HOST}",
+                            f"--port={settings.flower_port}"], flower_env, where)
+
+
+def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """The children's environment: ours, with every location made explicit and absolute."""
+    # FLOWER_* variables configure Flower behind our back (FLOWER_UNAUTHENTICATED_API would open it).
+    env = {name: value for name, value in os.environ.items() if not name.startswith("FLOWER_")}
+    env.update({
+        "FLEET_REDIS_URL": redis_url,
+        "FLEET_DATABASE_URL": absolute_database_url(settings.database_url),
+        "FLEET_CONFIG": str(settings.config.resolve()),
+        "FLEET_LOG_DIR": str(settings.log_dir.resolve()),
+        "FLEET_WEB_HOST": settings.web_host,
+        "FLEET_WEB_PORT": str(settings.web_port),
+        "FLEET_FLOWER_PORT": str(settings.flower_port),
+        "PYTHONUNBUFFERED": "1",  # log lines reach the terminal as they happen
+    })
+    return env
+
+
+def worker_node() -> str:
+    """The worker's node name: `fleet@%h` as Celery expands it."""
+    return f"fleet@{socket.gethostname()}"
+
+
+def web_url(settings: Settings) -> str:
+    """Where the web process can be reached from this host."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.web_host, settings.web_host)
+    return f"http://[{host}]:{settings.web_port}" if ":" in host else f"http://{host}:{settings.web_port}"
+
+
+def absolute_database_url(url: str) -> str:
+    """A SQLite URL with an absolute path (children may run elsewhere); other URLs unchanged."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" \
+            or database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(Path(database).resolve())).render_as_string(hide_password=False)
+
+
+def mask_redis_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def mask_database_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------- running
+
+
+def _supervise(settings: Settings, options: UpOptions, children: list[Child], signals: _Signals,
+               started: float) -> int:
+    probe = _Readiness(web_url(settings) if options.web else None, children[0].env)
+    try:
+        for child in children:
+            _start(child)
+        return _watch(children, probe, signals, started)
+    finally:
+        probe.close()
+        _stop_all(children, signals)
+
+
+def _start(child: Child) -> None:
+    # Own session: terminal signals skip it (we stop it in order) and killpg reaches its pool children.
+    child.process = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+    say(f"{child.name}: {child.where} [pid {child.process.pid}]")
+
+
+def _watch(children: list[Child], probe: _Readiness, signals: _Signals, started: float) -> int:
+    """Wait for a stop signal (0) or a child's death (1), announcing readiness on the way."""
+    ready = False
+    while not signals.stop:
+        for child in children:
+            code = exit_status(child)
+            if code is not None:
+                say(f"{child.name} (pid {_pid(child)}) exited unexpectedly ({_describe_exit(code)}); "
+                    "stopping the rest")
+                return 1
+        if not ready and probe.ready():
+            ready = True
+            say(f"ready in {time.monotonic() - started:.1f}s (Ctrl-C stops everything)")
+        time.sleep(POLL_S)
+    say(f"stopping on {signal.Signals(signals.received[0]).name}")
+    return 0
+
+
+class _Readiness:
+    """Ready when the web /livez answers (if started) and the worker answers a Celery ping."""
+
+    def __init__(self, web: str | None, env: dict[str, str]) -> None:
+        """Remember what to probe; the ping probe starts on the first call."""
+        self.livez = f"{web}/livez" if web else None
+        self.env = env
+        self.web_ok = web is None
+        self.worker_ok = False
+        self.process: subprocess.Popen[bytes] | None = None
+        self.warned = False
+
+    def ready(self) -> bool:
+        """Check what is not yet known to be up; never blocks for long."""
+        if not self.web_ok and self.livez is not None:
+            self.web_ok = _http_ok(self.livez)
+        if not self.worker_ok:
+            self.worker_ok = self._worker_answered()
+        return self.web_ok and self.worker_ok
+
+    def _worker_answered(self) -> bool:
+        if self.process is None:
+            self.process = subprocess.Popen([sys.executable, "-c", _PING_PROBE, worker_node(),
+                                             str(PROBE_DEADLINE_S)], env=self.env, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, start_new_session=True)
+        code = self.process.poll()
+        if code is None:
+            return False
+        self.process = None
+        if code != 0 and not self.warned:
+            self.warned = True
+            say(f"the worker has not answered a ping for {PROBE_DEADLINE_S:.0f}s; still waiting")
+        return code == 0
+
+    def close(self) -> None:
+        """Stop the ping probe if it still runs."""
+        if self.process is not None and self.process.poll() is None:
+            _killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+# No proxies: an http_proxy in the environment must not swallow a loopback probe.
+_LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _LOCAL_HTTP.open(url, timeout=1.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def _stop_all(children: list[Child], signals: _Signals) -> None:
+    """SIGTERM each child, wait out its grace period, then SIGKILL its whole process group."""
+    started = time.monotonic()
+    running = [c for c in children if c.process is not None]
+    for child in running:
+        # The leader only: Celery's pool children die at once on SIGTERM, while the worker's own
+        # warm shutdown lets their running tasks finish first.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(_pid(child), signal.SIGTERM)
+    deadlines = {c.name: started + c.grace_s for c in running}
+    while not signals.hurry and any(exit_status(c) is None and time.monotonic() < deadlines[c.name]
+                                    for c in running):
+        time.sleep(0.05)
+    if signals.hurry:
+        say("second signal: killing what is left now")
+    for child in running:
+        late = exit_status(child) is None
+        # Sweep the group even when the leader exited: a stray grandchild must not outlive us.
+        # The leader is not reaped yet, so its pid (the group id) cannot have been reused.
+        _killpg(_pid(child), signal.SIGKILL)
+        assert child.process is not None
+        code = child.process.wait()
+        say(f"{child.name} stopped ({'SIGKILL: it did not stop in time' if late else _describe_exit(code)})")
+    if running:
+        say(f"all children stopped in {time.monotonic() - started:.1f}s")
+
+
+def exit_status(child: Child) -> int | None:
+    """The child's exit code once it exited, without reaping it (so its pid stays reserved for killpg)."""
+    process = child.process
+    if process is None:
+        return None
+    if process.returncode is not None or not hasattr(os, "waitid"):
+        return process.poll()
+    info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None or info.si_pid == 0:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _pid(child: Child) -> int:
+    assert child.process is not None
+    return child.process.pid
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@contextlib.contextmanager
+def _signals_handled(signals: _Signals) -> Iterator[None]:
+    """Route SIGINT/SIGTERM/SIGHUP to `signals` for the duration (main thread only, as Python requires)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signals) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,143 @@
+"""The set-up commands as a user runs them: `fleet init`, `fleet db upgrade`, `fleet doctor`, each a real
+subprocess with a controlled environment in a folder of its own."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.config import load_fleet_config
+from fleet.errors import ExitCode
+from fleet.starter import STARTER_TOML
+
+
+def cli_env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    """The caller's environment minus every FLEET_* variable, plus settings that point into tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_CONFIG=str(tmp_path / "fleet.toml"), FLEET_REDIS_URL=redis_url,
+               FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_LOG_DIR=str(tmp_path / "logs"))
+    env.update(extra)
+    return env
+
+
+def fleet(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleet", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but never listening: connecting is refused, and no one else can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def test_init_then_db_upgrade_then_doctor_passes(tmp_path: Path, redis_url: str) -> None:
+    target = tmp_path / "myfleet"
+    env = cli_env(target, redis_url)
+    result = fleet("init", str(target), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config, key = target / "fleet.toml", target / "keys" / "echo.key"
+    assert f"wrote {config}" in result.stdout
+    assert "next steps" in result.stdout and "doctor" in result.stdout and "db upgrade" in result.stdout
+    assert mode(target / "keys") == 0o700
+    assert mode(key) == 0o600
+    secret = key.read_text()
+    assert len(secret) >= 32
+    assert secret not in result.stdout + result.stderr
+    agent = load_fleet_config(config).agent("echo")
+    assert agent.command[1:3] == ["-m", "fleet.examples.echo_agent"]
+    assert agent.key_file == key
+
+    result = fleet("db", "upgrade", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = fleet("--config", str(config), "doctor", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+    assert f"ok    config    {config}: 1 agent(s): echo" in result.stdout
+    assert "ok    schema" in result.stdout
+    assert secret not in result.stdout + result.stderr
+
+
+def test_doctor_before_db_upgrade_warns_but_passes(tmp_path: Path, redis_url: str) -> None:
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0  # into the current folder by default
+    result = fleet("doctor", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warn  database" in result.stdout and "fleet db upgrade" in result.stdout
+
+
+def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
+    config, key = tmp_path / "fleet.toml", tmp_path / "keys" / "echo.key"
+    edited = config.read_text() + "# my own edit\n"
+    config.write_text(edited)
+    secret = key.read_text()
+
+    result = fleet("init", str(tmp_path), env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.USAGE
+    assert f"{config} already exists" in result.stderr and "--force" in result.stderr
+    assert config.read_text() == edited
+    assert key.read_text() == secret
+
+    key.chmod(0o644)
+    result = fleet("init", "--force", str(tmp_path), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert config.read_text() == STARTER_TOML  # the config is rewritten...
+    assert key.read_text() == secret  # ...but a key in use is never replaced
+    assert mode(key) == 0o600  # and its mode is tightened again
+    assert "kept the existing key" in result.stdout
+
+
+def test_each_init_makes_a_different_key(tmp_path: Path, redis_url: str) -> None:
+    env = cli_env(tmp_path, redis_url)
+    for name in ("one", "two"):
+        assert fleet("init", str(tmp_path / name), env=env, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "one/keys/echo.key").read_text() != (tmp_path / "two/keys/echo.key").read_text()
+
+
+def test_doctor_exits_75_when_redis_is_down(tmp_path: Path, redis_url: str, closed_port: int) -> None:
+    env = cli_env(tmp_path, f"redis://127.0.0.1:{closed_port}/0")
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("doctor", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.TRANSIENT, result.stdout + result.stderr
+    assert f"FAIL  redis     redis://127.0.0.1:{closed_port}/0 does not answer" in result.stdout
+    assert f"redis-server --port {closed_port}" in result.stdout
+
+
+def test_doctor_exits_75_when_postgresql_is_down(tmp_path: Path, redis_url: str, closed_port: int) -> None:
+    env = cli_env(tmp_path, redis_url,
+                  FLEET_DATABASE_URL=f"postgresql://fleet:hunter2-secret@127.0.0.1:{closed_port}/fleet")
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("doctor", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.TRANSIENT, result.stdout + result.stderr
+    assert "FAIL  database" in result.stdout and "start PostgreSQL" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_doctor_against_migrated_postgresql(tmp_path: Path, redis_url: str, pg_server: str) -> None:
+    from tests.conftest import drop_pg_database, new_pg_database
+
+    url = new_pg_database(pg_server)
+    try:
+        env = cli_env(tmp_path, redis_url, FLEET_DATABASE_URL=url)
+        assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+        assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+        result = fleet("doctor", env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "ok    schema" in result.stdout
+    finally:
+        drop_pg_database(url)

@@ -1,0 +1,335 @@
+"""fleet.toml and FLEET_* settings: a good file loads; every bad kind is refused whole, with file:line,
+agent and field, and never with a secret in the message. A few run through `fleet doctor` (exit 78)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fleet.config import Settings, load_fleet_config, load_settings
+from fleet.doctor import run_doctor
+from fleet.errors import ConfigError, ExitCode
+from fleet.schedule import Cron
+
+SECRET = "sk-ant-PLANTED-secret-0123456789abcdef"
+
+GOOD = """\
+[fleet]
+daily_cap_usd = 5.00
+timezone = "Europe/Berlin"
+breaker_threshold = 5
+
+[agents.digest]
+command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
+poll = ["python", "-m", "fleet.examples.has_work"]
+schedule = "*/15 * * * *"
+daily_cap_usd = 1.00
+est_cost_usd = 0.05
+timeout_s = 600
+concurrency = 2
+key_file = "keys/digest.key"
+env = { MODEL = "sonnet" }
+secret_env = { ANTHROPIC_API_KEY = "keys/digest.anthropic" }
+
+[agents.night-job_2]
+command = ["true"]
+"""
+
+
+@pytest.fixture
+def fleet_dir(tmp_path: Path) -> Path:
+    """A folder with a private keys/ holding the two secret files GOOD refers to."""
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    for name in ("digest.key", "digest.anthropic"):
+        (keys / name).write_text(SECRET)
+        (keys / name).chmod(0o600)
+    return tmp_path
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "fleet.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def refused(folder: Path, text: str) -> str:
+    """The ConfigError message for `text`; the secret planted in the key files never appears in it."""
+    with pytest.raises(ConfigError) as caught:
+        load_fleet_config(write(folder, text))
+    message = str(caught.value)
+    assert SECRET not in message
+    assert caught.value.exit_code == ExitCode.CONFIG
+    return message
+
+
+def test_good_file_loads(fleet_dir: Path) -> None:
+    config = load_fleet_config(write(fleet_dir, GOOD))
+    assert config.fleet.daily_cap_usd == 5.0
+    assert config.fleet.timezone == "Europe/Berlin"
+    assert config.fleet.breaker_threshold == 5
+    assert config.fleet.lease_ttl_s == 30.0  # a default
+    assert sorted(config.agents) == ["digest", "night-job_2"]
+    digest = config.agent("digest")
+    assert digest.command == ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
+    assert digest.poll == ["python", "-m", "fleet.examples.has_work"]
+    assert (digest.daily_cap_usd, digest.est_cost_usd, digest.timeout_s, digest.concurrency) == (1.0, 0.05, 600, 2)
+    assert digest.key_file == fleet_dir / "keys" / "digest.key"  # relative to the file, not the cwd
+    assert digest.secret_env == {"ANTHROPIC_API_KEY": fleet_dir / "keys" / "digest.anthropic"}
+    assert digest.env == {"MODEL": "sonnet"}
+    assert isinstance(digest.parsed_schedule, Cron)
+    other = config.agent("night-job_2")
+    assert (other.schedule, other.key_file, other.concurrency, other.est_cost_usd) == (None, None, 1, 0.0)
+
+
+def test_unknown_agent_lookup_is_not_found(fleet_dir: Path) -> None:
+    from fleet.errors import NotFoundError
+
+    config = load_fleet_config(write(fleet_dir, GOOD))
+    with pytest.raises(NotFoundError, match="digest, night-job_2"):
+        config.agent("nope")
+
+
+def test_missing_file_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fleet init") as caught:
+        load_fleet_config(tmp_path / "absent.toml")
+    assert str(tmp_path / "absent.toml") in str(caught.value)
+
+
+AGENT = '[agents.a]\ncommand = ["true"]\n'
+
+# (id, text, fragments the message must contain; "{p}" is the file's path)
+BAD = [
+    ("toml-syntax", '[agents.a]\ncommand = ["true"\n', ["{p}:2: invalid TOML", "Unclosed array"]),
+    ("toml-syntax-mid-file", '[fleet]\ntimezone = "UTC\n' + AGENT, ["{p}:2: invalid TOML", "line 2"]),
+    ("duplicate-agent", AGENT + '[agents.a]\ncommand = ["false"]\n', ["{p}:3: invalid TOML", "('agents', 'a')"]),
+    ("unknown-key", AGENT + 'comand = ["x"]\n', ["{p}:3: agent 'a', comand: unknown key"]),
+    ("unknown-fleet-key", '[fleet]\ndaily_cap = 1.0\n', ["{p}:2: [fleet] daily_cap: unknown key"]),
+    ("unknown-table", '[fleets]\ndaily_cap_usd = 1.0\n', ["{p}:1: unknown top-level table [fleets]"]),
+    ("wrong-type", AGENT + 'timeout_s = "soon"\n', ["{p}:3: agent 'a', timeout_s:", "number"]),
+    ("command-not-a-list", '[agents.a]\ncommand = "true"\n', ["{p}:2: agent 'a', command:", "list"]),
+    ("empty-command", '[agents.a]\ncommand = []\n', ["{p}:2: agent 'a', command:"]),
+    ("empty-argument", '[agents.a]\ncommand = ["python", ""]\n', ["{p}:2: agent 'a', command:", "non-empty"]),
+    ("missing-command", '[agents.a]\nschedule = "every 5m"\n', ["{p}:1: agent 'a', command: required key is missing"]),
+    ("negative-cap", AGENT + "daily_cap_usd = -1.0\n", ["{p}:3: agent 'a', daily_cap_usd: must be a finite number"]),
+    ("negative-cost", AGENT + "est_cost_usd = -0.01\n", ["{p}:3: agent 'a', est_cost_usd: must be a finite"]),
+    ("nan-cap", AGENT + "daily_cap_usd = nan\n", ["{p}:3: agent 'a', daily_cap_usd: must be a finite number"]),
+    ("inf-cap", AGENT + "daily_cap_usd = inf\n", ["{p}:3: agent 'a', daily_cap_usd: must be a finite number"]),
+    ("nan-cost", AGENT + "est_cost_usd = nan\n", ["{p}:3: agent 'a', est_cost_usd: must be a finite number"]),
+    ("inf-cost", AGENT + "est_cost_usd = +inf\n", ["{p}:3: agent 'a', est_cost_usd: must be a finite number"]),
+    ("fleet-inf-cap", "[fleet]\ndaily_cap_usd = inf\n", ["{p}:2: [fleet] daily_cap_usd: must be a finite number"]),
+    ("fleet-nan-cap", "[fleet]\ndaily_cap_usd = nan\n", ["{p}:2: [fleet] daily_cap_usd: must be a finite number"]),
+    ("zero-timeout", AGENT + "timeout_s = 0\n", ["{p}:3: agent 'a', timeout_s:"]),
+    ("zero-concurrency", AGENT + "concurrency = 0\n", ["{p}:3: agent 'a', concurrency:"]),
+    ("bad-schedule", AGENT + 'schedule = "61 * * * *"\n', ["{p}:3: agent 'a', schedule:", "minute"]),
+    ("bad-timezone", '[fleet]\ntimezone = "Mars/Olympus"\n', ["{p}:2: [fleet] timezone: unknown timezone"]),
+    ("reserved-env", AGENT + 'env = { PATH = "/tmp" }\n', ["{p}:3: agent 'a', env:", "set by Fleet itself"]),
+    ("bad-env-name", AGENT + 'env = { "1X" = "y" }\n', ["{p}:3: agent 'a', env:", "not a valid environment"]),
+    ("name-with-colon", '[agents."a:b"]\ncommand = ["true"]\n', ["{p}:1: agent 'a:b': name must be an ASCII slug"]),
+    ("name-star", '[agents."*"]\ncommand = ["true"]\n', ["{p}:1: agent '*': name must be an ASCII slug"]),
+    ("name-non-ascii", '[agents."ÄBC"]\ncommand = ["true"]\n', ["{p}:1: agent 'ÄBC': name must be an ASCII slug"]),
+    ("name-upper", '[agents.Digest]\ncommand = ["true"]\n', ["{p}:1: agent 'Digest': name must be"]),
+    ("name-too-long", f'[agents.{"a" * 64}]\ncommand = ["true"]\n', ["{p}:1:", "name must be"]),
+    ("agent-not-a-table", '[agents]\na = "x"\n', ["agent 'a' must be a table"]),
+]
+
+
+@pytest.mark.parametrize(("text", "fragments"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_each_bad_kind_is_refused_with_file_line_agent_and_field(fleet_dir: Path, text: str,
+                                                                  fragments: list[str]) -> None:
+    message = refused(fleet_dir, text)
+    path = fleet_dir / "fleet.toml"
+    assert "nothing loaded" in message or "invalid TOML" in message
+    for fragment in fragments:
+        assert fragment.format(p=path) in message
+
+
+def test_every_problem_is_reported_at_once(fleet_dir: Path) -> None:
+    text = ('[fleet]\ndaily_cap_usd = -5\n\n[agents.one]\ncommand = ["true"]\ntimeout_s = "x"\n\n'
+            '[agents."t:w:o"]\ncommand = ["true"]\n\n[agents.three]\nschedule = "every 5m"\n')
+    message = refused(fleet_dir, text)
+    path = fleet_dir / "fleet.toml"
+    assert f"{path}:2: [fleet] daily_cap_usd" in message
+    assert f"{path}:6: agent 'one', timeout_s" in message
+    assert f"{path}:8: agent 't:w:o'" in message
+    assert f"{path}:11: agent 'three', command: required key is missing" in message
+
+
+# ---------------------------------------------------------------- secret files
+
+
+@pytest.mark.parametrize(("setup", "why"), [
+    (lambda keys: None, "does not exist"),
+    (lambda keys: (keys / "a.key").mkdir(), "is not a regular file"),
+    (lambda keys: _secret(keys / "a.key", 0o644), "is readable by group or others (mode 644); run: chmod 600"),
+    (lambda keys: _secret(keys / "a.key", 0o640), "is readable by group or others (mode 640)"),
+    (lambda keys: _secret(keys / "a.key", 0o604), "is readable by group or others (mode 604)"),
+], ids=["missing", "directory", "world-readable", "group-readable", "other-readable"])
+def test_bad_key_file_is_refused(fleet_dir: Path, setup: object, why: str) -> None:
+    setup(fleet_dir / "keys")  # type: ignore[operator]
+    message = refused(fleet_dir, '[agents.a]\ncommand = ["true"]\n\nkey_file = "keys/a.key"\n')
+    assert f"{fleet_dir / 'fleet.toml'}:4: agent 'a', key_file: {fleet_dir / 'keys' / 'a.key'} {why}" in message
+
+
+def test_bad_secret_env_file_is_refused_naming_the_variable(fleet_dir: Path) -> None:
+    _secret(fleet_dir / "keys" / "token", 0o644)
+    message = refused(fleet_dir, '[agents.a]\ncommand = ["true"]\nsecret_env = { API_TOKEN = "keys/token" }\n')
+    assert f"{fleet_dir / 'fleet.toml'}:3: agent 'a', secret_env.API_TOKEN:" in message
+    assert "readable by group or others" in message
+
+
+def test_private_key_file_is_accepted(fleet_dir: Path) -> None:
+    _secret(fleet_dir / "keys" / "a.key", 0o400)
+    config = load_fleet_config(write(fleet_dir, '[agents.a]\ncommand = ["true"]\nkey_file = "keys/a.key"\n'))
+    assert config.agent("a").key_file == fleet_dir / "keys" / "a.key"
+
+
+def _secret(path: Path, mode: int) -> None:
+    path.write_text(SECRET)
+    path.chmod(mode)
+
+
+@pytest.mark.parametrize("line", [
+    f'timeout_s = "{SECRET}"',
+    f'command = "{SECRET}"',
+    f'poll = ["{SECRET}", 3]',
+    f'env = {{ TOKEN = ["{SECRET}"] }}',
+    f'env = "{SECRET}"',
+    f'secret_env = "{SECRET}"',
+    f'key_file = ["{SECRET}"]',
+    f'concurrency = "{SECRET}"',
+    f'schedule = "{SECRET}"',
+    f'env = {{ TOKEN = "{SECRET}',  # a TOML syntax error on the secret's own line
+], ids=["float", "command", "poll", "env-value", "env", "secret-env", "key-file", "int", "schedule", "syntax"])
+def test_secret_looking_value_of_the_wrong_type_is_never_echoed(fleet_dir: Path, line: str) -> None:
+    command = "" if line.startswith("command") else 'command = ["true"]\n'
+    message = refused(fleet_dir, f"[agents.a]\n{command}{line}\n")
+    assert f"{fleet_dir / 'fleet.toml'}:" in message
+    assert "sk-ant" not in message
+
+
+def test_secret_files_contents_never_appear_even_beside_other_errors(fleet_dir: Path) -> None:
+    _secret(fleet_dir / "keys" / "loose.key", 0o644)
+    message = refused(fleet_dir, GOOD + '\n[agents.bad]\ncommand = ["true"]\nkey_file = "keys/loose.key"\n'
+                      "est_cost_usd = nan\n")
+    assert "agent 'bad'" in message
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in list(os.environ):
+        if name.startswith("FLEET_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_settings_defaults_and_environment(clean_env: pytest.MonkeyPatch) -> None:
+    defaults = load_settings()
+    assert (defaults.config, defaults.log_dir, defaults.web_port, defaults.flower_port) == \
+        (Path("fleet.toml"), Path("logs"), 8700, 5555)
+    assert defaults.broker_url == "redis://127.0.0.1:6379/0"
+    assert defaults.database_url == "sqlite:///./fleet.db"
+    clean_env.setenv("FLEET_REDIS_URL", "redis://10.0.0.1:6380/2")
+    clean_env.setenv("FLEET_WEB_PORT", "9000")
+    clean_env.setenv("FLEET_FLOWER_AUTH", "admin:pass:with:colons")
+    loaded = load_settings()
+    assert (loaded.broker_url, loaded.web_port, loaded.flower_auth) == \
+        ("redis://10.0.0.1:6380/2", 9000, "admin:pass:with:colons")
+
+
+@pytest.mark.parametrize("value", ["eighty", "70000", "-1", "80.5"])
+def test_bad_web_port_is_a_config_error(clean_env: pytest.MonkeyPatch, value: str) -> None:
+    clean_env.setenv("FLEET_WEB_PORT", value)
+    with pytest.raises(ConfigError, match="FLEET_WEB_PORT"):
+        load_settings()
+
+
+@pytest.mark.parametrize("value", ["adminhunter2secret", ":hunter2secret", "admin:", ":"])
+def test_flower_auth_needs_user_and_password(clean_env: pytest.MonkeyPatch, value: str) -> None:
+    clean_env.setenv("FLEET_FLOWER_AUTH", value)
+    with pytest.raises(ConfigError, match="FLEET_FLOWER_AUTH must be user:password") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- through `fleet doctor`
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but never listening: connecting is refused, and no one else can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def doctor_env(tmp_path: Path, redis_port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", FLEET_LOG_DIR=str(tmp_path / "logs"),
+               FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_CONFIG=str(tmp_path / "absent.toml"))
+    env.update(extra)
+    return env
+
+
+def run_fleet(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleet", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ('[agents.a]\ncommand = ["true"\n', "{p}:2: invalid TOML"),
+    ('[agents.a]\ncommand = ["true"]\nest_cost_usd = inf\n', "{p}:3: agent 'a', est_cost_usd: must be a finite"),
+    ('[agents.a]\ncommand = ["true"]\nkey_file = "keys/digest.key"\n', None),  # made world-readable below
+], ids=["syntax", "inf-cost", "readable-key"])
+def test_doctor_cli_exits_78_on_bad_config(fleet_dir: Path, closed_port: int, text: str,
+                                           fragment: str | None) -> None:
+    path = write(fleet_dir, text)
+    (fleet_dir / "keys" / "digest.key").chmod(0o644)
+    # Redis is down too: the configuration problem still decides the exit code (78 beats 75).
+    result = run_fleet(["--config", str(path), "doctor"], doctor_env(fleet_dir, closed_port), fleet_dir)
+    output = result.stdout + result.stderr
+    assert result.returncode == ExitCode.CONFIG, output
+    expected = fragment or "{p}:3: agent 'a', key_file: " + str(fleet_dir / "keys" / "digest.key")
+    assert expected.format(p=path) in output
+    assert SECRET not in output
+
+
+def test_config_option_beats_fleet_config_variable(fleet_dir: Path, closed_port: int) -> None:
+    good = write(fleet_dir, GOOD)
+    env = doctor_env(fleet_dir, closed_port, FLEET_CONFIG=str(fleet_dir / "absent.toml"))
+    result = run_fleet(["--config", str(good), "doctor"], env, fleet_dir)
+    assert result.returncode == ExitCode.TRANSIENT, result.stdout  # config fine; only Redis is down
+    assert "ok    config" in result.stdout
+    result = run_fleet(["doctor"], env, fleet_dir)
+    assert result.returncode == ExitCode.CONFIG
+    assert "absent.toml: no such file" in result.stdout
+
+
+@pytest.mark.parametrize(("name", "value"), [("FLEET_WEB_PORT", "not-a-port"),
+                                             ("FLEET_FLOWER_AUTH", "adminhunter2secret")])
+def test_bad_setting_exits_78_through_the_cli(tmp_path: Path, closed_port: int, name: str, value: str) -> None:
+    result = run_fleet(["doctor"], doctor_env(tmp_path, closed_port, **{name: value}), tmp_path)
+    assert result.returncode == ExitCode.CONFIG
+    assert f"invalid settings: {name}" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_doctor_in_process_prints_the_config_error(fleet_dir: Path, closed_port: int) -> None:
+    path = write(fleet_dir, '[agents."a:b"]\ncommand = ["true"]\n')
+    settings = Settings(config=path, redis_url=f"redis://127.0.0.1:{closed_port}/0",
+                        database_url=f"sqlite:///{fleet_dir / 'fleet.db'}", log_dir=fleet_dir / "logs")
+    buffer = io.StringIO()
+    code = run_doctor(settings, Console(file=buffer, width=200))
+    assert code == ExitCode.CONFIG
+    assert f"FAIL  config    invalid configuration, nothing loaded:\n  {path}:1: agent 'a:b'" in buffer.getvalue()

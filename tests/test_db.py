@@ -1,0 +1,188 @@
+"""Migrations on real SQLite and PostgreSQL: they build exactly the models' schema, run twice harmlessly,
+and two processes upgrading at once both succeed and leave one schema at head."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, text
+from sqlmodel import SQLModel
+
+import fleet.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from fleet import db
+from fleet.errors import ConfigError, UnavailableError
+
+
+def head_revision(engine: Engine) -> str:
+    head = ScriptDirectory.from_config(db.alembic_config(engine)).get_current_head()
+    assert head is not None
+    return head
+
+
+@pytest.fixture
+def bare(database_url: str) -> Iterator[Engine]:
+    """An engine on an empty, never migrated database of each kind."""
+    engine = db.make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def schema_diff(engine: Engine) -> list[object]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        return list(compare_metadata(context, SQLModel.metadata))
+
+
+def test_migrations_build_the_models_schema_on_an_empty_database(bare: Engine) -> None:
+    assert db.current_revision(bare) is None
+    assert set(inspect(bare).get_table_names()) == set()
+    db.upgrade(bare)
+    assert db.current_revision(bare) == head_revision(bare)
+    assert set(inspect(bare).get_table_names()) == set(SQLModel.metadata.tables) | {"alembic_version"}
+    assert schema_diff(bare) == []
+
+
+def test_schema_diff_notices_a_missing_index(engine: Engine) -> None:
+    """The comparison above is not vacuous: a schema that drifts from the models shows up."""
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_runs_created_at"))
+    diff = schema_diff(engine)
+    assert [entry[0] for entry in diff] == ["add_index"]  # type: ignore[index]
+
+
+def test_upgrade_is_idempotent_and_keeps_data(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO kill_switches (scope, engaged, hard, changed_at) "
+                          "VALUES ('*', true, false, CURRENT_TIMESTAMP)"))
+    db.upgrade(engine)
+    db.upgrade(engine)
+    assert db.current_revision(engine) == head_revision(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+        assert conn.execute(text("SELECT scope FROM kill_switches")).scalars().all() == ["*"]
+    assert schema_diff(engine) == []
+
+
+def test_concurrent_upgrades_from_separate_processes_both_succeed(database_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(FLEET_DATABASE_URL=database_url, FLEET_LOG_DIR=str(tmp_path / "logs"),
+               FLEET_CONFIG=str(tmp_path / "fleet.toml"))
+    procs = [subprocess.Popen([sys.executable, "-m", "fleet", "db", "upgrade"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(proc.wait(timeout=120), *proc.communicate()) for proc in procs]
+    engine = db.make_engine(database_url)
+    try:
+        head = head_revision(engine)
+        for code, out, err in results:
+            assert code == 0, err
+            assert f"database at revision {head}" in out
+        assert db.current_revision(engine) == head
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head]
+        assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def _upgrade_at_the_barrier(url: str, barrier: Barrier) -> None:
+    engine = db.make_engine(url)  # after the fork: engines are never shared across one
+    try:
+        barrier.wait(timeout=60)
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_upgrades_released_at_the_same_instant_serialise_on_the_lock(database_url: str) -> None:
+    """Forked after imports and released together by a barrier, four upgrades really do collide."""
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(4)
+    procs = [context.Process(target=_upgrade_at_the_barrier, args=(database_url, barrier)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    engine = db.make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == \
+                [head_revision(engine)]
+        assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    try:
+        db.upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 30000
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    finally:
+        engine.dispose()
+    raw = sqlite3.connect(path)  # WAL is recorded in the file itself, so any later reader sees it
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        raw.close()
+
+
+def test_sqlite_folder_is_created_on_first_connect(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "yet" / "fleet.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    try:
+        db.check(engine)
+        db.upgrade(engine)
+        assert path.is_file()
+        assert db.current_revision(engine) == head_revision(engine)
+    finally:
+        engine.dispose()
+
+
+def test_plain_postgresql_url_uses_psycopg(pg_server: str) -> None:
+    server = pg_server.replace("postgresql+psycopg://", "postgresql://")
+    engine = db.make_engine(f"{server}/postgres")
+    try:
+        assert engine.url.drivername == "postgresql+psycopg"
+        db.check(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("url", ["not a url", "mysql://u@localhost/x", "mongodb://localhost/x"])
+def test_unusable_database_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError):
+        db.make_engine(url)
+
+
+def test_unreachable_postgresql_is_unavailable_and_hides_the_password() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = sock.getsockname()[1]
+        engine = db.make_engine(f"postgresql://fleet:hunter2-secret@127.0.0.1:{port}/fleet")
+        try:
+            with pytest.raises(UnavailableError) as caught:
+                db.check(engine)
+            with pytest.raises(UnavailableError) as caught_upgrade:
+                db.upgrade(engine)
+        finally:
+            engine.dispose()
+    for exc in (caught.value, caught_upgrade.value):
+        assert "hunter2" not in str(exc)
+    assert f"127.0.0.1:{port}" in str(caught.value)

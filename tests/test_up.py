@@ -1,0 +1,359 @@
+"""`fleet up` as a real subprocess: ready, consuming both queues, Flower behind auth, clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_lib
+from celery import Celery
+
+from fleet.embedded import EmbeddedRedis, redis_answers
+from fleet.supervisor import absolute_database_url, mask_redis_url
+
+READY_WITHIN_S = 20.0
+STOP_WITHIN_S = 30.0  # the worker's warm-shutdown grace is 15 s; an idle one stops in ~1-2 s
+MARKER_VAR = "FLEET_UP_TEST_MARKER"  # inherited by every descendant: how we find leftovers in /proc
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+
+
+def local_get(url: str, **kwargs: Any) -> httpx.Response:
+    """GET on loopback, never through a proxy from the environment."""
+    return httpx.get(url, trust_env=False, **kwargs)
+
+
+def free_port() -> int:
+    """A loopback port free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    """Poll `condition` until it returns something truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def marked_processes(marker: str) -> list[tuple[int, str]]:
+    """Live processes (not zombies) whose environment carries `marker`, with their command lines."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes():
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        if state != "Z":
+            found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+@dataclass
+class UpRun:
+    """One `fleet up` subprocess and where its output goes."""
+
+    process: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+    marker: str
+    web_port: int
+    flower_port: int
+    started: float
+
+    def stdout(self) -> str:
+        """Everything printed so far on stdout (the supervisor's own lines)."""
+        return self.out.read_text(errors="replace")
+
+    def line(self, pattern: str) -> re.Match[str] | None:
+        """The first stdout match of `pattern`, failing at once if fleet up already exited."""
+        match = re.search(pattern, self.stdout(), re.MULTILINE)
+        if match is None and self.process.poll() is not None:
+            pytest.fail(f"fleet up exited with {self.process.returncode} before printing {pattern!r}:\n"
+                        f"{self.stdout()}\n{self.err.read_text(errors='replace')[-3000:]}")
+        return match
+
+
+@pytest.fixture
+def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
+    """Start `fleet up` in tmp_path; whatever happens, nothing it started outlives the test."""
+    runs: list[UpRun] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> UpRun:
+        (tmp_path / "fleet.toml").write_text("[fleet]\ndaily_cap_usd = 1.0\n")
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLOWER_"))}
+        marker = uuid.uuid4().hex
+        web_port, flower_port = free_port(), free_port()
+        run_env.update({
+            "FLEET_CONFIG": str(tmp_path / "fleet.toml"),
+            "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+            "FLEET_LOG_DIR": str(tmp_path / "logs"),
+            "FLEET_WEB_PORT": str(web_port),
+            "FLEET_FLOWER_PORT": str(flower_port),
+            MARKER_VAR: marker,
+            **(env or {}),
+        })
+        out, err = tmp_path / f"up-{len(runs)}.out", tmp_path / f"up-{len(runs)}.err"
+        with out.open("wb") as out_file, err.open("wb") as err_file:
+            process = subprocess.Popen([sys.executable, "-m", "fleet", "up", *args], cwd=tmp_path, env=run_env,
+                                       stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file,
+                                       start_new_session=True)
+        run = UpRun(process, out, err, marker, web_port, flower_port, time.monotonic())
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+        for pid, _ in marked_processes(run.marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_ready(run: UpRun) -> tuple[float, float]:
+    """(seconds fleet up reported, seconds since spawn) until ready; fails past READY_WITHIN_S."""
+    match = wait_for("the 'ready' line", lambda: run.line(r"^fleet up: ready in ([\d.]+)s"), READY_WITHIN_S)
+    return float(match.group(1)), time.monotonic() - run.started
+
+
+def broker_url_of(run: UpRun) -> str:
+    """The Redis URL fleet up chose, as it printed it."""
+    match = run.line(r"^fleet up: redis: (redis://\S+)")
+    assert match is not None
+    return match.group(1)
+
+
+def assert_worker_consumes_both_queues(broker_url: str) -> None:
+    """A ping answers, both queues are consumed, and a task sent to each queue comes back."""
+    app = Celery("fleet-up-test", broker=broker_url, backend=broker_url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    try:
+        replies = wait_for("a worker ping", lambda: app.control.ping(timeout=1.0), 10)
+        node = next(name for reply in replies for name in reply if name.startswith("fleet@"))
+        queues = app.control.inspect(destination=[node], timeout=2.0).active_queues() or {}
+        assert {"dispatch", "agents"} <= {q["name"] for q in queues.get(node, [])}
+        for queue in ("dispatch", "agents"):
+            # celery.accumulate is built in: it proves consumption without depending on our task module.
+            result = app.send_task("celery.accumulate", args=[queue], queue=queue)
+            assert result.get(timeout=10) == [queue]
+    finally:
+        app.close()
+
+
+def assert_flower_requires_auth(run: UpRun, user: str, password: str) -> None:
+    """Flower answers 401 without credentials and 200 with them."""
+    url = f"http://127.0.0.1:{run.flower_port}/api/workers"
+    wait_for("Flower to listen", lambda: _answers(url), 10)
+    assert local_get(url, timeout=5).status_code == 401
+    assert local_get(url, auth=(user, "wrong"), timeout=5).status_code == 401
+    assert local_get(url, auth=(user, password), timeout=5).status_code == 200
+
+
+def _answers(url: str) -> bool:
+    try:
+        local_get(url, timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def assert_web_probes(run: UpRun) -> None:
+    """/livez says ok; /readyz sees Redis and the database."""
+    base = f"http://127.0.0.1:{run.web_port}"
+    livez = local_get(f"{base}/livez", timeout=5)
+    assert (livez.status_code, livez.text) == (200, "ok")
+    readyz = local_get(f"{base}/readyz", timeout=5)
+    assert readyz.status_code == 200, readyz.text
+    assert readyz.json()["status"] == "ok"
+
+
+def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig: int = signal.SIGINT) -> float:
+    """Signal fleet up (if `sig`), wait for its exit code, and check nothing it started survives."""
+    began = time.monotonic()
+    if sig:
+        run.process.send_signal(sig)
+    try:
+        code = run.process.wait(STOP_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fleet up did not stop within {STOP_WITHIN_S:.0f}s:\n{run.stdout()}")
+    took = time.monotonic() - began
+    assert code == expect_code, run.stdout() + run.err.read_text(errors="replace")[-3000:]
+    # Its children were SIGKILLed by process group at the latest: give the kernel a moment to finish them.
+    wait_for("no process left behind", lambda: not marked_processes(run.marker), 5)
+    assert not list(tmp_path.rglob("*.pid")), "a stale pid file was left behind"
+    assert "all children stopped" in run.stdout()
+    return took
+
+
+# ---------------------------------------------------------------- the whole fleet
+
+
+@pytest.mark.slow
+@needs_proc
+def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_property: Any) -> None:
+    """--embedded: a private server even though one answers on 6379; Flower gets a generated password."""
+    run = start_up("--embedded", "--workers", "1")
+    ready_s, wall_s = wait_ready(run)
+    broker = broker_url_of(run)
+    assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", broker) and ":6379/" not in broker
+    assert "EMBEDDED" in run.stdout()
+    password = run.line(r"flower: .* user fleet, password (\S+) \(generated")
+    assert password is not None
+    assert_web_probes(run)
+    assert_worker_consumes_both_queues(broker)
+    assert_flower_requires_auth(run, "fleet", password.group(1))
+    stop_s = stop_and_assert_clean(run, tmp_path)
+    assert not redis_answers(broker, timeout=0.5), "the embedded server outlived fleet up"
+    record_property("ready_s", ready_s)
+    record_property("stop_s", round(stop_s, 1))
+    print(f"\nfleet up --embedded: ready in {ready_s:.1f}s ({wall_s:.1f}s from spawn), stopped in {stop_s:.1f}s")
+
+
+@pytest.mark.slow
+@needs_proc
+def test_up_real_redis(start_up: Callable[..., UpRun], tmp_path: Path, redis: redis_lib.Redis,
+                       redis_url: str, record_property: Any) -> None:
+    """FLEET_REDIS_URL given: no embedded server; Flower uses FLEET_FLOWER_AUTH."""
+    run = start_up("--workers", "1", env={"FLEET_REDIS_URL": redis_url, "FLEET_FLOWER_AUTH": "ops:s3cret-pw"})
+    ready_s, wall_s = wait_ready(run)
+    assert broker_url_of(run) == redis_url
+    assert "EMBEDDED" not in run.stdout()
+    assert "s3cret-pw" not in run.stdout(), "a configured Flower password must not be printed"
+    assert_web_probes(run)
+    assert_worker_consumes_both_queues(redis_url)
+    assert_flower_requires_auth(run, "ops", "s3cret-pw")
+    stop_s = stop_and_assert_clean(run, tmp_path, sig=signal.SIGTERM)
+    record_property("ready_s", ready_s)
+    record_property("stop_s", round(stop_s, 1))
+    print(f"\nfleet up (real Redis): ready in {ready_s:.1f}s ({wall_s:.1f}s from spawn), stopped in {stop_s:.1f}s")
+
+
+@pytest.mark.slow
+@needs_proc
+def test_up_stops_everything_when_a_child_dies(start_up: Callable[..., UpRun], tmp_path: Path) -> None:
+    """A child that dies is named, the rest are stopped, and fleet up exits 1."""
+    run = start_up("--embedded", "--workers", "1", "--no-beat", "--no-flower")
+    wait_ready(run)
+    web = run.line(r"^fleet up: web: .*\[pid (\d+)\]")
+    assert web is not None
+    os.kill(int(web.group(1)), signal.SIGKILL)
+    stop_and_assert_clean(run, tmp_path, expect_code=1, sig=0)
+    assert re.search(rf"web \(pid {web.group(1)}\) exited unexpectedly \(signal SIGKILL\)", run.stdout())
+
+
+# ---------------------------------------------------------------- quick ones
+
+
+@needs_proc
+def test_up_refuses_a_busy_port_before_starting_anything(start_up: Callable[..., UpRun],
+                                                          tmp_path: Path) -> None:
+    """Web port taken: exit 75 with a clear message; no migration, no child."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        run = start_up("--embedded", env={"FLEET_WEB_PORT": str(busy)})
+        code = run.process.wait(30)
+    assert code == 75
+    assert f"web port 127.0.0.1:{busy} is already in use" in run.err.read_text()
+    assert not (tmp_path / "fleet.db").exists()
+    assert not marked_processes(run.marker)
+
+
+@needs_proc
+def test_up_refuses_a_configured_redis_that_does_not_answer(start_up: Callable[..., UpRun]) -> None:
+    """FLEET_REDIS_URL given but dead: exit 75 saying so; no embedded server replaces it silently."""
+    dead = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    run = start_up(env={"FLEET_REDIS_URL": dead})
+    assert run.process.wait(30) == 75
+    err = run.err.read_text()
+    assert "does not answer" in err and "--embedded" in err and "hunter2" not in err
+    assert "EMBEDDED" not in run.stdout()
+    assert not marked_processes(run.marker)
+
+
+def test_embedded_server_starts_answers_and_stops() -> None:
+    """The embedded server: a redis:// URL on loopback, no eviction, no persistence, gone after stop."""
+    server = EmbeddedRedis()
+    with server:
+        assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", server.url)
+        assert redis_answers(server.url, timeout=1)
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("save") == {"save": ""}
+        assert client.config_get("appendonly") == {"appendonly": "no"}
+        data_dir = Path(client.config_get("dir")["dir"])
+        client.close()
+        assert data_dir.is_dir()
+    assert not redis_answers(server.url, timeout=0.5)
+    assert not data_dir.exists()
+
+
+def test_redis_answers_is_false_for_nothing_listening() -> None:
+    """No server on the port: False, quickly."""
+    began = time.monotonic()
+    assert not redis_answers(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
+    assert time.monotonic() - began < 2
+
+
+def test_printed_urls_hide_passwords_and_sqlite_paths_become_absolute(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What fleet up prints and passes on."""
+    assert mask_redis_url("redis://:hunter2@db:6379/0") == "redis://:***@db:6379/0"
+    assert mask_redis_url("redis://user:hunter2@db:6379/0") == "redis://user:***@db:6379/0"
+    assert mask_redis_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    monkeypatch.chdir(tmp_path)
+    assert absolute_database_url("sqlite:///./fleet.db") == f"sqlite:///{tmp_path / 'fleet.db'}"
+    assert absolute_database_url("sqlite:////abs/fleet.db") == "sqlite:////abs/fleet.db"
+    pg = "postgresql+psycopg://u:p@h/db"
+    assert absolute_database_url(pg) == pg
+
+
+def test_web_readyz_names_what_is_down_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`fleet web` alone: /livez 200, /readyz 503 naming Redis when it is down; SIGTERM exits 0."""
+    (tmp_path / "fleet.toml").write_text("[fleet]\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_PORT": str(port),
+                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+                "FLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens there
+    web = subprocess.Popen([sys.executable, "-m", "fleet", "web"], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for("the web process to listen", lambda: _answers(f"{base}/livez"), 15)
+        assert local_get(f"{base}/livez", timeout=5).text == "ok"
+        readyz = local_get(f"{base}/readyz", timeout=10)
+        assert readyz.status_code == 503
+        assert set(readyz.json()["down"]) == {"redis"}
+        web.send_signal(signal.SIGTERM)
+        assert web.wait(10) == 0
+    finally:
+        if web.poll() is None:
+            web.kill()
+            web.wait()
