@@ -6,6 +6,7 @@ go green by skipping what it was meant to prove.
 
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 from collections.abc import Iterator
@@ -34,15 +35,32 @@ def _xdist_index() -> int:
     return int(worker.removeprefix("gw") or 0)
 
 
+_embedded: list[Any] = []
+
+
+def _redis_base() -> str:
+    """The Redis server tests use: the real one, or locally (never under CI) an embedded one."""
+    if _embedded:
+        return str(_embedded[0].url.rsplit("/", 1)[0])
+    try:
+        redis_lib.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=1).ping()
+        return REDIS_BASE
+    except redis_lib.RedisError:
+        if IN_CI:
+            _absent(f"Redis at {REDIS_BASE}")
+    from fleet.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    server.start()
+    atexit.register(server.stop)
+    _embedded.append(server)
+    return str(server.url.rsplit("/", 1)[0])
+
+
 def redis_db_url(offset: int) -> str:
     """A Redis database of this xdist worker's own: three each (plain tests, a SQLite fleet, a PG fleet),
     so parallel tests never share keys or queues. Database 0 is left to the user."""
-    url = f"{REDIS_BASE}/{1 + (3 * _xdist_index() + offset) % 15}"
-    try:
-        redis_lib.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis_lib.RedisError:
-        _absent(f"Redis at {REDIS_BASE}")
-    return url
+    return f"{_redis_base()}/{1 + (3 * _xdist_index() + offset) % 15}"
 
 
 @pytest.fixture(scope="session")

@@ -129,9 +129,11 @@ def test_redelivered_execute_starts_nothing(fleet: Fleet) -> None:
     result = send(fleet, "long", f"redeliver-{uuid.uuid4().hex}")
     running = wait_status(fleet, result.run_id, {"running"})
     wait_for(lambda: run_of(fleet, result.run_id).pid, 10, "the agent's pid to be recorded")
+    lines = lambda: pidfile.read_text().count("\n") if pidfile.exists() else 0  # noqa: E731
+    wait_for(lambda: lines() == before + 1, 10, "the agent to write its pid")
     duplicate = fleet.celery.send_task("fleet.execute", args=[result.run_id, running.fence], queue="agents")
     assert duplicate.get(timeout=20)["status"] == "duplicate"
-    assert pidfile.read_text().count("\n") == before + 1
+    assert lines() == before + 1
     fleet.cli("kill", "long", "--reason", "test over", check=True)
     try:
         ended = wait_status(fleet, result.run_id, {"killed"}, timeout=15)
