@@ -122,6 +122,8 @@ class AgentSpec(BaseModel):
     est_cost_usd: float = 0.0
     timeout_s: float = Field(default=1800.0, gt=0, le=86400)  # workers.app sizes the broker timeout on this
     concurrency: int = Field(default=1, ge=1, le=1000)
+    breaker_threshold: int | None = Field(default=None, ge=1)  # overrides [fleet] for this agent
+    breaker_cooldown_s: float | None = Field(default=None, gt=0, le=86400)
     key_file: Path | None = None
     env: dict[str, str] = Field(default_factory=dict)
     secret_env: dict[str, Path] = Field(default_factory=dict)
@@ -151,6 +153,11 @@ class AgentSpec(BaseModel):
             if name in RESERVED_ENV:
                 raise ValueError(f"{name} is set by Fleet itself")
         return value
+
+    def breaker_settings(self, fleet: FleetSection) -> tuple[int, float]:
+        """(threshold, cool-down) of this agent's breaker: its own values, else the fleet's."""
+        return (self.breaker_threshold or fleet.breaker_threshold,
+                self.breaker_cooldown_s or fleet.breaker_cooldown_s)
 
     @property
     def parsed_schedule(self) -> Schedule | None:

@@ -227,14 +227,13 @@ _REFUSAL = {"kill": "killed", "breaker": "breaker_open", "caps": "over_cap", "lo
 
 
 def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, Gate]:
+    # Either store saying "killed" wins. Redis unreachable raises: the dispatch refuses with 75.
     kill = killswitch.check_mirror(session, spec.name)
     if not kill.killed:
-        try:
-            kill = killswitch.check_redis(services.redis, spec.name)
-        except redis.RedisError as exc:
-            kill = killswitch.KillState(True, "*", f"Redis unreachable ({exc.__class__.__name__})")
+        kill = killswitch.check_redis(services.redis, spec.name)
     fleet = services.config.fleet
-    verdict = services.breakers.peek(spec.name, now=services.now().timestamp(), cooldown_s=fleet.breaker_cooldown_s)
+    verdict = services.breakers.peek(spec.name, now=services.now().timestamp(),
+                                     cooldown_s=spec.breaker_settings(fleet)[1])
     caps = caps_of(services, spec)
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     room = ledger.headroom(session, day=ledger.budget_day(session, fleet.timezone), agent=spec.name, caps=caps)
@@ -278,7 +277,8 @@ def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: Dispatch
     kill = killswitch.check_redis(services.redis, spec.name)  # intake stops at once, at every step
     if kill.killed:
         return _refuse(services, run, result, "killed")
-    if not services.breakers.admit(spec.name, run.id, now=now.timestamp(), cooldown_s=fleet.breaker_cooldown_s).allowed:
+    cooldown = spec.breaker_settings(fleet)[1]
+    if not services.breakers.admit(spec.name, run.id, now=now.timestamp(), cooldown_s=cooldown).allowed:
         return _refuse(services, run, result, "breaker_open")
     # Queued runs wait in the broker, so the lease must outlive the wait; the executor shortens it
     # to the heartbeat TTL once the run starts. Runs still queued after stale_after are archived.

@@ -26,6 +26,7 @@ from sqlmodel import col
 from fleet import db, keys, killswitch, ledger, logs, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
+from fleet.dispatch import caps_of
 from fleet.errors import NotFoundError
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus
@@ -79,9 +80,10 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     watcher = _Watcher(services, run, lease)
     result = _run_attempt(services, run, spec, watcher)
     if watcher.lost:
+        services.leases.release(lease)  # only if the key still holds our fence
         return ExecuteResult(run.id, "stale", result.exit_code, "lease lost: another owner took the run over")
     verdict = judge(result, watcher.stop_reason)
-    return _finish(services, run, spec, lease, result, verdict, requeue)
+    return _finish(services, run, spec, lease, result, verdict, requeue, watcher)
 
 
 # ---------------------------------------------------------------- claim
@@ -199,6 +201,7 @@ class _Watcher:
         self.unreachable_since: float | None = None
         self.stop_reason: str | None = None
         self.lost = False
+        self.charged = 0  # micro-dollars of this attempt already booked in the ledger
 
     def started(self, pid: int, pgid: int) -> None:
         """Record where the agent runs, so the reaper can find an orphan."""
@@ -209,11 +212,35 @@ class _Watcher:
 
     def watch(self, _cost_micros: int) -> str | None:
         """Every poll interval: stop on a kill; heartbeat when due."""
-        self.stop_reason = self._kill_check() or self._heartbeat_if_due()
+        self.stop_reason = self.stop_reason or self._kill_check() or self._heartbeat_if_due()
         return self.stop_reason
 
-    def usage(self, _cost_micros: int) -> str | None:
-        """Each usage line (the running-cost guard lands with the ledger's live charging)."""
+    def usage(self, cost_micros: int) -> str | None:
+        """Each usage line: book the new spend now, and stop the agent before it can pass a cap.
+
+        The cap holds even when the estimate was wrong: once what the caps still allow (plus what
+        is left of this run's own reservation) would not cover another step like the last one,
+        the agent is stopped.
+        """
+        step = cost_micros - self.charged
+        if step <= 0:
+            return None
+        services, spec = self.services, self.services.config.agents.get(self.run.agent)
+        try:
+            with db.session(services.engine) as session:
+                ledger.charge(session, run=self.run, amount=step, now=services.now())
+                self.charged = cost_micros
+                current = session.get(Run, self.run.id, populate_existing=True)
+                own = current.reserved_micros if current is not None else 0
+                room = None if spec is None or self.run.budget_day is None else ledger.headroom(
+                    session, day=self.run.budget_day, agent=self.run.agent, caps=caps_of(services, spec))
+                session.commit()
+        except SQLAlchemyError as exc:
+            log.warning("run.charge_failed", run_id=self.run.id, error=str(exc).splitlines()[0])
+            return None  # booked at the end instead; the heartbeat's checks go on
+        if room is not None and room + own < step:
+            self.stop_reason = "over_cap"
+            return "over_cap"
         return None
 
     def _kill_check(self) -> str | None:
@@ -221,20 +248,18 @@ class _Watcher:
             state = killswitch.check_redis(self.services.redis, self.run.agent)
             self.unreachable_since = None
         except redis.RedisError:
+            # Without Redis the kill flag is read from the database mirror, but the lease cannot be
+            # renewed either: past the grace another worker could take the run over, so stop first.
+            self.unreachable_since = self.unreachable_since or time.monotonic()
             state = self._mirror_check()
-        if state is not None and state.killed:
-            return "killed"
-        if self.unreachable_since is not None and time.monotonic() - self.unreachable_since > self.unreachable_grace:
-            return "unreachable"
-        return None
+            if time.monotonic() - self.unreachable_since > self.unreachable_grace:
+                return "unreachable"
+        return "killed" if state is not None and state.killed else None
 
     def _mirror_check(self) -> killswitch.KillState | None:
-        self.unreachable_since = self.unreachable_since or time.monotonic()
         try:
             with db.session(self.services.engine) as session:
-                state = killswitch.check_mirror(session, self.run.agent)
-            self.unreachable_since = None  # the mirror answered: we still know the truth
-            return state
+                return killswitch.check_mirror(session, self.run.agent)
         except SQLAlchemyError:
             return None
 
@@ -270,7 +295,7 @@ class _Watcher:
 def judge(result: ProcessResult, stop_reason: str | None) -> Verdict:
     """Map an attempt's end to a status: exit codes mean what the CLI's mean."""
     if stop_reason in ("killed", "unreachable"):
-        reason = "killed" if stop_reason == "killed" else "Redis and database unreachable past the grace"
+        reason = "killed" if stop_reason == "killed" else "Redis unreachable past kill_unreachable_grace_s"
         return Verdict(RunStatus.KILLED, reason, retryable=False, breaker=Outcome.NEUTRAL)
     if stop_reason == "over_cap":
         return Verdict(RunStatus.KILLED, "stopped by the spend cap", retryable=False, breaker=Outcome.NEUTRAL)
@@ -306,7 +331,7 @@ def backoff_s(base: float, attempt: int) -> float:
 
 
 def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult, verdict: Verdict,
-            requeue: Requeue) -> ExecuteResult:
+            requeue: Requeue, watcher: _Watcher) -> ExecuteResult:
     now = services.now()
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
@@ -317,7 +342,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     with db.session(services.engine) as session:
         values: dict[str, Any] = {
             "status": status, "exit_code": result.exit_code, "error": verdict.error, "updated_at": now,
-            "cost_micros": Run.cost_micros + result.cost_micros, "pid": None, "pgid": None,
+            "pid": None, "pgid": None,
         }
         if retry:
             values["retry_at"] = now + timedelta(seconds=delay or 0)
@@ -329,6 +354,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
             session.rollback()
             return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
         run = session.get(Run, run.id, populate_existing=True) or run
+        ledger.charge(session, run=run, amount=result.cost_micros - watcher.charged, now=now)
         if not retry:
             ledger.settle(session, run=run, now=now)
         if dead:
@@ -359,9 +385,20 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
             requeue(run.id, lease.fence, delay or 0)
         else:
             services.leases.release(lease)
-        services.breakers.record(run.agent, run.id, verdict.breaker, now=services.now().timestamp(),
-                                 threshold=fleet.breaker_threshold)
+        old, new = services.breakers.record(run.agent, run.id, verdict.breaker, now=services.now().timestamp(),
+                                            threshold=spec.breaker_settings(fleet)[0])
+        if new != old:
+            _breaker_changed(services, run, old, new)
         if verdict.pause:
             services.redis.set(keys.paused(spec.name), verdict.pause)
     except Exception as exc:  # noqa: BLE001 - the outcome is persisted; the reaper mends the rest
         log.warning("run.after_persist_failed", run_id=run.id, error=f"{exc.__class__.__name__}: {exc}")
+
+
+def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
+    """Breaker transitions are events (and the open one an alert)."""
+    with db.session(services.engine) as session:
+        store.add_event(session=session, at=services.now(), kind=f"breaker.{new}", run_id=run.id, agent=run.agent,
+                        previous=old)
+        session.commit()
+    log.warning("breaker.changed", agent=run.agent, previous=old, state=new, run_id=run.id)

@@ -90,24 +90,46 @@ def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
     session.execute(insert(SpendDay).values(rows).on_conflict_do_nothing())
 
 
-def settle(session: Session, *, run: Run, now: datetime) -> bool:
-    """Replace the run's open reservation by its actual cost, once; False if already settled."""
-    if run.settled_at is not None or run.budget_day is None:
-        return False
-    claimed = session.execute(
-        text("UPDATE runs SET settled_at = :now, reserved_micros = 0 WHERE id = :id AND settled_at IS NULL"),
-        params={"now": now, "id": run.id},
-    )
-    if claimed.rowcount != 1:
-        return False
+def charge(session: Session, *, run: Run, amount: int, now: datetime) -> None:
+    """Book money a running agent reported spending, as it is reported: its own reservation is used up
+    first, so the ledger always holds spent + what is still reserved. Only the run's fenced owner
+    calls this, in its own transaction."""
+    if amount <= 0 or run.budget_day is None:
+        return
+    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    reserved = current.reserved_micros if current is not None and current.settled_at is None else 0
+    consumed = min(reserved, amount)
+    session.execute(text("UPDATE runs SET cost_micros = cost_micros + :amount, "
+                         "reserved_micros = reserved_micros - :consumed WHERE id = :id"),
+                    params={"amount": amount, "consumed": consumed, "id": run.id})
     _ensure_rows(session, run.budget_day, run.agent, now)
     for scope in (run.agent, GLOBAL):
-        session.execute(
-            text("UPDATE spend_days SET reserved_micros = reserved_micros - :reserved, "
-                 "spent_micros = spent_micros + :cost, updated_at = :now WHERE day = :day AND scope = :scope"),
-            params={"reserved": run.reserved_micros, "cost": run.cost_micros, "now": now,
-                    "day": run.budget_day, "scope": scope},
-        )
+        session.execute(text("UPDATE spend_days SET spent_micros = spent_micros + :amount, "
+                             "reserved_micros = reserved_micros - :consumed, updated_at = :now "
+                             "WHERE day = :day AND scope = :scope"),
+                        params={"amount": amount, "consumed": consumed, "now": now, "day": run.budget_day,
+                                "scope": scope})
+
+
+def settle(session: Session, *, run: Run, now: datetime) -> bool:
+    """Close the run's reservation: what it did not spend goes back, once; False if already settled.
+
+    The actual cost was booked as it was reported (`charge`), so the reservation is replaced by it.
+    """
+    if run.budget_day is None:
+        return False
+    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    if current is None or current.settled_at is not None:
+        return False
+    remaining = current.reserved_micros
+    session.execute(text("UPDATE runs SET settled_at = :now, reserved_micros = 0 WHERE id = :id"),
+                    params={"now": now, "id": run.id})
+    _ensure_rows(session, run.budget_day, run.agent, now)
+    for scope in (run.agent, GLOBAL):
+        session.execute(text("UPDATE spend_days SET reserved_micros = reserved_micros - :remaining, "
+                             "updated_at = :now WHERE day = :day AND scope = :scope"),
+                        params={"remaining": remaining, "now": now, "day": run.budget_day, "scope": scope})
+    current.settled_at, current.reserved_micros = now, 0
     run.settled_at, run.reserved_micros = now, 0
     return True
 

@@ -28,18 +28,34 @@ for i = 1, n do
 end
 for i = 1, n do
   if redis.call('EXISTS', KEYS[i]) == 0 then
+    -- The counter never goes below the server's clock in microseconds, so fences keep growing
+    -- even after a Redis restart without persistence wiped the counter.
+    local now = redis.call('TIME')
+    local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
     local fence = redis.call('INCR', KEYS[n + 1])
-    redis.call('SET', KEYS[i], prefix .. fence, 'PX', ARGV[2])
+    if fence < floor then
+      fence = floor
+      redis.call('SET', KEYS[n + 1], string.format('%d', fence))
+    end
+    -- %d, not tostring: Lua would print a number this large as 1.76e+15
+    redis.call('SET', KEYS[i], prefix .. string.format('%d', fence), 'PX', ARGV[2])
     return {i - 1, fence}
   end
 end
 return nil
 """
 
-# KEYS: a slot key. ARGV: expected value, ttl_ms. 1 when renewed, 0 when the lease is not ours.
+# KEYS: a slot key. ARGV: expected value, ttl_ms. 1 when renewed, 0 when another holder has it.
+# A key that vanished (Redis restarted, or the lease lapsed and nobody took it) is re-asserted
+# with the same fence: the database row, fenced too, says whether the run is still ours.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -91,7 +107,7 @@ class Leases:
         return Lease(agent, int(got[0]), run_id, int(got[1]))
 
     def renew(self, lease: Lease, ttl_s: float) -> bool:
-        """Extend the lease if it is still ours; False means it expired or was taken over."""
+        """Extend the lease, or re-assert it if its key vanished; False means another holder has it."""
         return bool(self._renew(keys=[lease.key], args=[lease.value, _ms(ttl_s)]))
 
     def release(self, lease: Lease) -> bool:

@@ -1,46 +1,159 @@
-"""The web process (`fleet web`): probes now; /health, /metrics, /api/state and / are added to ROUTES.
+"""The web process (`fleet web`): probes, /health, /metrics, /api/state, the operator page and run logs.
 
-One tornado Application, built by `make_app(services)`; handlers get the Services through
-`initialize`. Blocking checks (Redis, the database) run in a thread so one slow probe cannot
-stall the event loop that answers /livez.
+One tornado Application, built by `make_app(services)`; handlers get a `Web` (the Services, the token,
+the start time) through `initialize`. Blocking work (Redis, the database, files) runs in a thread so
+one slow request cannot stall the event loop that answers /livez.
+
+Decisions:
+- Auth: `FLEET_WEB_TOKEN`, given as `Authorization: Bearer TOKEN`, as `?token=TOKEN`, or as the
+  password of HTTP basic auth (any user name; a browser prompts for it). /livez, /readyz and /health
+  never need it (probes; they name no agent and no amount). /metrics needs it too when a token is
+  set, although Prometheus endpoints are usually open: these metrics name agents and their spend.
+  Scrape with `authorization: {credentials: TOKEN}` (bearer) in the Prometheus job.
+- No token: allowed on a loopback address only, with a warning line at start; on any other address
+  `fleet web` refuses to start (ConfigError, exit 78).
+- /readyz: Redis and the database answer, and a watchdog canary came back through each queue within
+  CANARY_FRESH_S. Where no canary ever came back (a new Redis, or no watchdog ran yet) it is ready
+  for the first CANARY_FRESH_S of this web process's life, the time a running beat needs to send and
+  get back its first canaries (the watchdog runs every minute); after that, 503 naming the queue.
+- /health: always 200 while the process runs, with `status` "ok" or "degraded" and each component.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import errno
+import hmac
+import ipaddress
 import json
+import re
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
+import redis
 import tornado.httpserver
+import tornado.iostream
+import tornado.template
 import tornado.web
+from prometheus_client.exposition import choose_encoder
 
-from fleet import db, logs
-from fleet.errors import FleetError, UnavailableError
+from fleet import __version__, db, keys, logs, metrics, watchdog
+from fleet.errors import ConfigError, FleetError, UnavailableError
+from fleet.executor import run_log_path
 from fleet.services import Services, check_redis
+from fleet.state import snapshot
 
 log = logs.get("fleet.web")
 _SHUTDOWN_GRACE_S = 5.0
-_QUIET_PATHS = frozenset({"/livez", "/readyz"})  # polled every second: successes are not worth a log line
+_QUIET_PATHS = frozenset({"/livez", "/readyz", "/health"})  # polled often: successes are not worth a log line
+CANARY_FRESH_S = 180.0
+WATCHDOG_STALE_S = 300.0  # the watchdog runs every minute; a verdict older than this means it stopped
+REFRESH_S = 10
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_LOG_CHUNK = 64 * 1024
+TEMPLATES = tornado.template.Loader(str(Path(__file__).parent / "templates"), autoescape="xhtml_escape")
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # ?token= must never travel to Flower or anywhere else in a Referer
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class Web:
+    """What every handler needs: the process's Services, the token (None: open) and when it started."""
+
+    services: Services
+    token: str | None
+    started: float  # time.monotonic() at start
 
 
 class BaseHandler(tornado.web.RequestHandler):
-    """Gives every handler the process's Services and a JSON writer."""
+    """Gives every handler the Web context, safe headers and a JSON writer."""
 
+    web: Web
     services: Services
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, web: Web) -> None:
         """Called by tornado with the route's keyword arguments."""
-        self.services = services
+        self.web, self.services = web, web.services
+
+    def set_default_headers(self) -> None:
+        """No sniffing, no framing, no referrer, no caching, no scripts."""
+        for name, value in _SECURITY_HEADERS.items():
+            self.set_header(name, value)
 
     def write_json(self, status: int, body: dict[str, Any]) -> None:
         """Send `body` as JSON with `status`."""
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
         self.finish(json.dumps(body, default=str))
+
+    def write_text(self, status: int, body: str | bytes) -> None:
+        """Send plain text with `status`."""
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(body)
+
+    def log_exception(self, typ: type[BaseException] | None, value: BaseException | None,
+                      tb: TracebackType | None) -> None:
+        """Log failures by path only: the full URI may carry ?token=."""
+        if isinstance(value, tornado.web.HTTPError):
+            return
+        log.error("web: request failed", path=self.request.path, exc_info=(typ, value, tb))
+
+    async def blocking(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+class AuthHandler(BaseHandler):
+    """A handler behind FLEET_WEB_TOKEN (open when no token is configured: loopback only)."""
+
+    def prepare(self) -> None:
+        """Refuse with 401 unless the token was given."""
+        if not authorized(self.web.token, self.request.headers.get("Authorization", ""),
+                          self.get_query_argument("token", None)):
+            self.set_header("WWW-Authenticate", 'Basic realm="fleet", charset="UTF-8"')
+            self.write_text(401, "401: FLEET_WEB_TOKEN required (Authorization: Bearer TOKEN, ?token=TOKEN, "
+                                 "or basic auth with the token as password)\n")
+
+    def token_query(self) -> str:
+        """`?token=…` for links on a page reached with ?token= (a browser re-sends basic auth itself)."""
+        supplied = self.get_query_argument("token", None)
+        return f"?token={quote(supplied, safe='')}" if supplied and self.web.token else ""
+
+
+def authorized(token: str | None, authorization: str, query_token: str | None) -> bool:
+    """Whether a request carrying this Authorization header and ?token= may see protected routes."""
+    if token is None:
+        return True
+    offered = [query_token] if query_token else []
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        offered.append(value.strip())
+    elif scheme.lower() == "basic":
+        try:
+            offered.append(base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2])
+        except (binascii.Error, UnicodeDecodeError):
+            pass
+    wanted = token.encode()
+    return any(hmac.compare_digest(candidate.encode(), wanted) for candidate in offered)
+
+
+# ---------------------------------------------------------------- probes (no auth)
 
 
 class LivezHandler(BaseHandler):
@@ -48,28 +161,90 @@ class LivezHandler(BaseHandler):
 
     def get(self) -> None:
         """Answer 'ok'."""
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-        self.finish("ok")
+        self.write_text(200, "ok")
 
 
 class ReadyzHandler(BaseHandler):
-    """200 when Redis answers PING and the database answers SELECT 1; 503 naming what is down."""
+    """200 when Redis and the database answer and the canaries are fresh; 503 naming what is not."""
 
     async def get(self) -> None:
-        """Run both checks concurrently and report."""
+        """Run the checks concurrently and report."""
         checks: dict[str, Callable[[], None]] = {
             "redis": lambda: check_redis(self.services.redis),
             "database": lambda: db.check(self.services.engine),
         }
-        loop = asyncio.get_running_loop()
-        pending = (loop.run_in_executor(None, _reason_down, check) for check in checks.values())
-        results = await asyncio.gather(*pending)
+        results = await asyncio.gather(*(self.blocking(lambda c=c: _reason_down(c)) for c in checks.values()))
         down = {name: reason for name, reason in zip(checks, results, strict=True) if reason}
+        ok = {name: "ok" for name in checks if name not in down}
+        if "redis" not in down:  # without Redis there is nothing to read the canaries from
+            canary = await self.blocking(lambda: _canary_state(self.web))
+            (down if canary[0] else ok)["canary"] = canary[1]
         if down:
             self.write_json(503, {"status": "unavailable", "down": down})
         else:
-            self.write_json(200, {"status": "ok", "checks": {name: "ok" for name in checks}})
+            self.write_json(200, {"status": "ok", "checks": ok})
+
+
+class HealthHandler(BaseHandler):
+    """Version and each component's state; 200 whenever the process answers."""
+
+    async def get(self) -> None:
+        """Collect the components in a thread."""
+        self.write_json(200, await self.blocking(lambda: health(self.web)))
+
+
+def health(web: Web) -> dict[str, Any]:
+    """The /health document: version, uptime, Redis, database, canaries, watchdog and beat."""
+    components: dict[str, Any] = {
+        "redis": _reason_down(lambda: check_redis(web.services.redis)) or "ok",
+        "database": _reason_down(lambda: db.check(web.services.engine)) or "ok",
+    }
+    now = web.services.now()
+    if components["redis"] == "ok":
+        down, reason = _canary_state(web)
+        components["canary"] = {"status": "stale" if down else "ok", "detail": reason}
+        last_tick = _get(web.services.redis, keys.last_tick())
+        components["beat"] = {"last_tick_age_s": round(metrics.age_seconds(now, last_tick), 1) if last_tick else None}
+    if components["database"] == "ok":
+        with db.session(web.services.engine) as session:
+            verdict = watchdog.latest(session)
+            components["watchdog"] = None if verdict is None else {
+                "status": verdict.status, "age_s": round(metrics.age_seconds(now, verdict.at.isoformat()), 1)}
+            session.rollback()
+    healthy = components["redis"] == components["database"] == "ok" and components["canary"]["status"] == "ok"
+    return {"status": "ok" if healthy else "degraded", "version": __version__, "host": web.services.host,
+            "uptime_s": round(time.monotonic() - web.started, 1), "components": components}
+
+
+def _canary_state(web: Web) -> tuple[bool, str]:
+    """(down, detail) of the canary freshness check; reads Redis."""
+    seen = {q: _get(web.services.redis, keys.canary_seen(q)) for q in watchdog.QUEUES}
+    return canary_verdict(seen, web.services.now(), time.monotonic() - web.started)
+
+
+def canary_verdict(seen: dict[str, str | None], now: datetime, uptime_s: float) -> tuple[bool, str]:
+    """(down, detail): down when a queue's last canary is older than CANARY_FRESH_S, or none ever came
+    back and this process has been up longer than that."""
+    stale, notes = [], []
+    for queue, at in seen.items():
+        if at is None:
+            if uptime_s > CANARY_FRESH_S:
+                stale.append(f"no canary has ever come back through {queue!r}: is a worker consuming it, "
+                             "and is the watchdog running (beat, or `fleet watchdog`)?")
+            else:
+                notes.append(f"{queue}: no canary yet ({CANARY_FRESH_S - uptime_s:.0f}s of start-up grace left)")
+            continue
+        age = metrics.age_seconds(now, at)
+        if age > CANARY_FRESH_S:
+            stale.append(f"last canary came back through {queue!r} {age:.0f}s ago (limit {CANARY_FRESH_S:.0f}s)")
+        else:
+            notes.append(f"{queue}: {age:.0f}s ago")
+    return (True, "; ".join(stale)) if stale else (False, "ok (" + "; ".join(notes) + ")")
+
+
+def _get(client: redis.Redis, key: str) -> str | None:
+    value = client.get(key)
+    return None if value is None else str(value)
 
 
 def _reason_down(check: Callable[[], None]) -> str | None:
@@ -83,10 +258,188 @@ def _reason_down(check: Callable[[], None]) -> str | None:
     return None
 
 
-# Another engineer adds /health, /metrics, /api/state and / here: (pattern, handler class).
+# ---------------------------------------------------------------- behind the token
+
+
+class MetricsHandler(AuthHandler):
+    """Prometheus exposition (text, or OpenMetrics when asked for), read from the fleet on each scrape."""
+
+    async def get(self) -> None:
+        """Collect in a thread."""
+        encode, content_type = choose_encoder(self.request.headers.get("Accept", ""))
+        registry = self.application.settings["metrics_registry"]
+        body = await self.blocking(lambda: encode(registry))
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
+
+
+class StateHandler(AuthHandler):
+    """The same JSON as `fleet status --json`."""
+
+    async def get(self) -> None:
+        """503 when the database cannot be read (Redis down is reported inside the picture)."""
+        try:
+            picture = await self.blocking(lambda: snapshot(self.services))
+        except Exception as exc:  # noqa: BLE001 - the operator gets the reason, not a stack trace
+            self.write_json(503, {"error": _reason_down(_raiser(exc))})
+            return
+        self.write_json(200, picture)
+
+
+class PageHandler(AuthHandler):
+    """The operator's page."""
+
+    async def get(self) -> None:
+        """Render the snapshot; a database that cannot be read still gets a page that says so."""
+        flower = f"http://{self.request.host_name}:{self.services.settings.flower_port}/"
+        try:
+            picture = await self.blocking(lambda: snapshot(self.services))
+        except Exception as exc:  # noqa: BLE001 - shown on the page instead
+            picture, error = None, _reason_down(_raiser(exc))
+        else:
+            error = None
+        self.set_status(200 if picture is not None else 503)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(render_page(picture, error=error, flower_url=flower, token_query=self.token_query(),
+                                host=self.services.host))
+
+
+def render_page(picture: dict[str, Any] | None, *, error: str | None, flower_url: str, token_query: str,
+                host: str) -> bytes:
+    """The page's HTML (every value escaped by the template)."""
+    now = datetime.fromisoformat(picture["at"]) if picture else datetime.now(UTC)
+    return TEMPLATES.load("index.html").generate(
+        p=picture, flower_url=flower_url, tq=token_query, host=host, refresh_s=REFRESH_S, version=__version__,
+        now=now, banners=banners(picture, error, now), spend=spend_rows(picture), ago=lambda iso: _ago(now, iso),
+        money=_money, tone=_tone, overall=_overall)
+
+
+# ---------------------------------------------------------------- the page's view of the snapshot
+
+
+def banners(p: dict[str, Any] | None, error: str | None, now: datetime) -> list[tuple[str, str, str]]:
+    """(tone, title, detail) lines for the top of the page, most severe first."""
+    if p is None:
+        return [("red", "Cannot read the fleet's state", error or "unknown error")]
+    out = []
+    for k in sorted(p["kill"], key=lambda k: k["scope"] != keys.GLOBAL):
+        who = "FLEET KILLED: nothing starts, running agents were stopped" if k["scope"] == keys.GLOBAL \
+            else f"Agent {k['scope']} killed"
+        out.append(("red", who, f"{k['reason'] or 'no reason given'} (by {k['actor'] or '?'}, "
+                                f"{_ago(now, k['since'])}). Lift with: fleet resume"
+                                + ("" if k["scope"] == keys.GLOBAL else f" {k['scope']}")))
+    if p["redis"] != "ok":
+        out.append(("red", "Redis unreachable", f"{p['redis']}: dispatches are refused (kill checks fail closed)"))
+    verdict = p.get("watchdog")
+    if verdict is None:
+        out.append(("amber", "No watchdog verdict yet", "is beat running? `fleet watchdog` checks by hand"))
+    else:
+        bad = [c for c in verdict["checks"] if c["status"] != "green" and c["name"] != "kill_switch"]
+        if verdict["status"] != "green" and bad:
+            worst = watchdog.worst([c["status"] for c in bad])
+            out.append((worst, f"Watchdog {verdict['status'].upper()}",
+                        "; ".join(f"{c['name']}: {c['reason']}" for c in bad)))
+        age = metrics.age_seconds(now, verdict["at"])
+        if age > WATCHDOG_STALE_S:
+            out.append(("amber", "Watchdog verdict is stale", f"last one {_ago(now, verdict['at'])}: is beat running?"))
+    opened = [a for a, b in p.get("breakers", {}).items() if b.get("state", "closed") != "closed"]
+    if opened:
+        out.append(("amber", "Circuit breaker not closed", ", ".join(f"{a} ({p['breakers'][a]['state']})"
+                                                                      for a in sorted(opened))))
+    return sorted(out, key=lambda b: b[0] != "red")
+
+
+def spend_rows(p: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each scope's spend as bar widths (percent of its cap) and a tone."""
+    rows = []
+    for s in (p or {}).get("spend", {}).get("scopes", []):
+        cap, spent, reserved = s["cap_usd"], s["spent_usd"], s["reserved_usd"]
+        row = {"name": "whole fleet" if s["scope"] == keys.GLOBAL else s["scope"], "spent": spent,
+               "reserved": reserved, "cap": cap, "spent_pct": 0.0, "reserved_pct": 0.0, "used_pct": None,
+               "tone": "muted"}
+        if cap is not None:
+            used = 100.0 if cap <= 0 else 100 * (spent + reserved) / cap
+            row["spent_pct"] = 100.0 if cap <= 0 else min(100.0, 100 * spent / cap)
+            row["reserved_pct"] = 0.0 if cap <= 0 else min(100.0 - row["spent_pct"], 100 * reserved / cap)
+            row["used_pct"] = used
+            row["tone"] = "red" if used >= 90 else "amber" if used >= 75 else "green"
+        rows.append(row)
+    return rows
+
+
+_TONES = {"succeeded": "green", "green": "green", "closed": "green", "ok": "green",
+          "running": "blue", "queued": "blue", "created": "blue", "half_open": "amber", "amber": "amber",
+          "killed": "amber", "abandoned": "amber", "idle": "muted", "archived": "muted",
+          "failed": "red", "dead": "red", "open": "red", "red": "red"}
+
+
+def _tone(word: str | None) -> str:
+    return _TONES.get(word or "", "muted")
+
+
+def _overall(items: list[tuple[str, str, str]]) -> tuple[str, str]:
+    tones = {tone for tone, _, _ in items}
+    if any(title.startswith("FLEET KILLED") for _, title, _ in items):
+        return "red", "KILLED"
+    return ("red", "ATTENTION") if "red" in tones else ("amber", "WARNING") if "amber" in tones else ("green", "OK")
+
+
+def _money(value: float | None) -> str:
+    if value is None:
+        return "no cap"
+    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.4f}".rstrip("0")
+
+
+def _ago(now: datetime, iso: str | None) -> str:
+    if not iso:
+        return "never"
+    seconds = metrics.age_seconds(now, iso)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+class RunLogHandler(AuthHandler):
+    """A run's merged output as text/plain, streamed from `<log_dir>/runs/<run_id>.log`."""
+
+    async def get(self, run_id: str) -> None:
+        """400 for anything but 32 lowercase hex characters, 404 when there is no log."""
+        if not RUN_ID.match(run_id):
+            self.write_text(400, "400: a run id is 32 lowercase hex characters\n")
+            return
+        path = run_log_path(self.services.settings.log_dir, run_id)
+        try:
+            handle = await self.blocking(lambda: path.open("rb"))
+        except FileNotFoundError:
+            self.write_text(404, f"404: no log for run {run_id}\n")
+            return
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        try:
+            while chunk := await self.blocking(lambda: handle.read(_LOG_CHUNK)):
+                self.write(chunk)
+                await self.flush()
+        except tornado.iostream.StreamClosedError:
+            return  # the reader went away
+        finally:
+            handle.close()
+        self.finish()
+
+
+def _raiser(exc: Exception) -> Callable[[], None]:
+    def again() -> None:
+        raise exc
+    return again
+
+
 ROUTES: list[tuple[str, type[BaseHandler]]] = [
     (r"/livez", LivezHandler),
     (r"/readyz", ReadyzHandler),
+    (r"/health", HealthHandler),
+    (r"/metrics", MetricsHandler),
+    (r"/api/state", StateHandler),
+    (r"/runs/([^/]+)/log", RunLogHandler),
+    (r"/", PageHandler),
 ]
 
 
@@ -99,30 +452,61 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
                         status=status, ms=round(1000 * handler.request.request_time(), 1))
 
 
-def make_app(services: Services) -> tornado.web.Application:
-    """The tornado application with every route bound to `services`."""
+def make_app(services: Services, *, token: str | None = None, started: float | None = None) -> tornado.web.Application:
+    """The tornado application with every route bound to `services` (and `token`: None leaves it open)."""
+    web = Web(services, token, time.monotonic() if started is None else started)
     return tornado.web.Application(
-        [(pattern, handler, {"services": services}) for pattern, handler in ROUTES],
+        [(pattern, handler, {"web": web}) for pattern, handler in ROUTES],
         log_function=_log_request,
+        metrics_registry=metrics.registry(services),
     )
+
+
+# ---------------------------------------------------------------- serving
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` keeps the web on this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def web_token(services: Services) -> str | None:
+    """The token, or None when unset; refuses (exit 78) to serve without one beyond loopback."""
+    token = (services.settings.web_token or "").strip() or None
+    host = services.settings.web_host
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"FLEET_WEB_HOST={host} is not a loopback address and FLEET_WEB_TOKEN is not set: "
+                          "refusing to serve the fleet's state without auth (set FLEET_WEB_TOKEN, or bind to "
+                          "127.0.0.1)")
+    if token is None:
+        log.warning("web: FLEET_WEB_TOKEN is not set; the page, /api/state, /metrics and run logs are open "
+                    f"to every user of this machine ({host} is loopback). Set FLEET_WEB_TOKEN to require it.")
+    return token
 
 
 def serve(services: Services) -> None:
     """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly."""
     try:
-        asyncio.run(_serve(services))
+        token = web_token(services)
+        asyncio.run(_serve(services, token))
     finally:
         services.close()
 
 
-async def _serve(services: Services) -> None:
+async def _serve(services: Services, token: str | None) -> None:
     host, port = services.settings.web_host, services.settings.web_port
-    server = _listen(make_app(services), host, port)
+    server = _listen(make_app(services, token=token), host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("web listening", url=f"http://{host}:{port}")
+    log.info("web listening", url=f"http://{host}:{port}", auth="token" if token else "none (loopback)",
+             started_at=datetime.now(UTC).isoformat())
     await stop.wait()
     log.info("web stopping")
     server.stop()  # no new connections; then close the open ones, bounded so shutdown never hangs
