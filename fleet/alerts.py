@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import socket
 import threading
@@ -56,17 +57,19 @@ class Kind(str, Enum):
 _SECRET_WORDS = "key|token|secret|password|passwd|auth|credential|cookie|dsn|session|payload"
 _SECRET_NAME = re.compile(_SECRET_WORDS, re.IGNORECASE)
 _TOKEN_CHARS = r"A-Za-z0-9_\-+/="
-_VALUE_RULES: list[tuple[re.Pattern[str], str]] = [
+_NAME = rf"[A-Za-z0-9_.\-]*(?:{_SECRET_WORDS})[A-Za-z0-9_.\-]*"
+_UNMASKED = rf"(?!{re.escape(REDACTED)})"  # scrubbing twice changes nothing
+_VALUE_RULES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     # Credentials in a URL: redis://:pw@host, postgresql://user:pw@host, https://token@host.
     (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s\"']+@"), rf"\1{REDACTED}@"),
     # Authorization schemes: Bearer abc, Basic dXNlcjpwdw==, Token abc.
-    (re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9\-._~+/]+=*", re.IGNORECASE), rf"\1 {REDACTED}"),
+    (re.compile(r"\b([Bb]earer)\s+[A-Za-z0-9\-._~+/]+=*|\b(Basic|Token)\s+[A-Za-z0-9\-._~+/]{12,}=*"),
+     lambda m: f"{m.group(1) or m.group(2)} {REDACTED}"),
     # NAME=value, "name": "value", name: value, where the name looks secret (ANTHROPIC_API_KEY=...).
-    (re.compile(rf"(\b[A-Za-z0-9_.\-]*(?:{_SECRET_WORDS})[A-Za-z0-9_.\-]*[\"']?\s*[:=]\s*)"
-                rf"(?:\"[^\"]*\"|'[^']*'|[^\s\"',;&)}}\]]+)", re.IGNORECASE), rf"\1{REDACTED}"),
+    (re.compile(rf"(\b{_NAME}[\"']?\s*[:=]\s*){_UNMASKED}(?:\"[^\"]*\"|'[^']*'|[^\s\"',;&)}}\]]+)", re.IGNORECASE),
+     rf"\1{REDACTED}"),
     # --api-key value / --token=value on a command line.
-    (re.compile(rf"(--?[A-Za-z0-9_\-]*(?:{_SECRET_WORDS})[A-Za-z0-9_\-]*[\s=]+)(?!{re.escape(REDACTED)})\S+",
-                re.IGNORECASE), rf"\1{REDACTED}"),
+    (re.compile(rf"(?<!\S)(--?{_NAME}[\s=]+){_UNMASKED}\S+", re.IGNORECASE), rf"\1{REDACTED}"),
     # Well-known key shapes: Anthropic/OpenAI sk-, Stripe, GitHub, Slack, AWS, GitLab, Google, JWTs.
     (re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{8,}|[rs]k_(?:live|test)_[A-Za-z0-9]{8,}|gh[pousr]_[A-Za-z0-9]{20,}"
                 r"|github_pat_[A-Za-z0-9_]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|AKIA[0-9A-Z]{16}"
@@ -165,7 +168,9 @@ _initialised = False
 def init_sentry(settings: Settings, process: str, *, celery: bool = False) -> bool:
     """Start Sentry for this process when FLEET_SENTRY_DSN is set; a second call does nothing.
 
-    Returns whether Sentry is on. A malformed DSN is a configuration error (exit 78).
+    `process` tags every event (worker, beat, flower, web, or the CLI command's name); `web` adds the
+    Tornado integration, `beat` sends trace headers with its tasks (see below). Returns whether
+    Sentry is on. A malformed DSN is a configuration error (exit 78).
     """
     global _initialised
     with _init_lock:
@@ -182,7 +187,9 @@ def init_sentry(settings: Settings, process: str, *, celery: bool = False) -> bo
         if celery:
             from sentry_sdk.integrations.celery import CeleryIntegration
 
-            integrations.append(CeleryIntegration(monitor_beat_tasks=True, propagate_traces=False,
+            # No Sentry trace headers on Fleet's task messages, except beat's: they carry the start
+            # time that gives the worker's `ok` check-in its duration.
+            integrations.append(CeleryIntegration(monitor_beat_tasks=True, propagate_traces=process == "beat",
                                                   exclude_beat_tasks=UNMONITORED_BEAT_TASKS))
         if process == "web":
             from sentry_sdk.integrations.tornado import TornadoIntegration
@@ -252,15 +259,21 @@ class Deduper:
             self._seen[key] = now
             return True
 
+    def after_fork(self) -> None:
+        """Give a forked child a fresh lock (it keeps what its parent had seen)."""
+        self._lock = threading.Lock()
+
 
 _recent = Deduper(DEDUPE_WINDOW_S)
+# A prefork child must not inherit the lock held by another thread of its parent.
+os.register_at_fork(after_in_child=_recent.after_fork)
 _LEVELS = {"fatal": "fatal", "critical": "fatal", "error": "error", "warning": "warning", "warn": "warning",
            "info": "info", "debug": "debug"}
 
 
 def alert(kind: str, message: str, *, agent: str | None = None, run_id: str | None = None, level: str = "error",
           **context: Any) -> None:
-    """Raise one alert: a Sentry event tagged alert/agent/run_id (or a log line when Sentry is off).
+    """Raise one alert: a Sentry event tagged alert/agent/run_id, and a log line (the only trace when Sentry is off).
 
     Callers call it on a transition; a repeat of the same (kind, agent, run_id) within
     DEDUPE_WINDOW_S is dropped. It never raises.
@@ -271,15 +284,23 @@ def alert(kind: str, message: str, *, agent: str | None = None, run_id: str | No
             return
         level = _LEVELS.get(str(level).lower(), "error")
         safe = scrub(context)
-        log_level = {"fatal": "critical", "warning": "warning", "info": "info", "debug": "debug"}.get(level, "error")
-        getattr(log, log_level)("alert", kind=kind, message=scrub_text(message), agent=agent, run_id=run_id,
-                                context=safe)
-        if not _initialised:
-            return
+    except Exception:  # noqa: BLE001 - an alert must never break the caller
+        return
+    # Two independent tries: a context that cannot be logged must not stop the event, nor the reverse.
+    try:
+        getattr(log, "critical" if level == "fatal" else level)(
+            "alert", kind=kind, message=scrub_text(message), agent=agent, run_id=run_id, context=safe)
+    except Exception:  # noqa: BLE001
+        with contextlib.suppress(Exception):
+            log.error("alert", kind=kind, message=scrub_text(message), agent=agent, run_id=run_id,
+                      context="(could not be rendered)")
+    if not _initialised:
+        return
+    try:
         tags = {"alert": kind} | ({"agent": agent} if agent else {}) | ({"run_id": run_id} if run_id else {})
         sentry_sdk.capture_message(message, level=level, tags=tags,  # type: ignore[arg-type]
                                    fingerprint=[kind, agent or "fleet"],
                                    contexts={"alert": {"kind": kind, **safe}})
-    except Exception:  # noqa: BLE001 - an alert must never break the caller
+    except Exception:  # noqa: BLE001
         with contextlib.suppress(Exception):
-            log.warning("alerts.alert_failed", kind=str(kind))
+            log.warning("alerts.capture_failed", kind=kind, agent=agent, run_id=run_id)

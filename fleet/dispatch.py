@@ -228,9 +228,7 @@ _REFUSAL = {"kill": "killed", "breaker": "breaker_open", "caps": "over_cap", "lo
 
 def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, Gate]:
     # Either store saying "killed" wins. Redis unreachable raises: the dispatch refuses with 75.
-    kill = killswitch.check_mirror(session, spec.name)
-    if not kill.killed:
-        kill = killswitch.check_redis(services.redis, spec.name)
+    kill = killswitch.check(session, services.redis, spec.name)
     fleet = services.config.fleet
     verdict = services.breakers.peek(spec.name, now=services.now().timestamp(),
                                      cooldown_s=spec.breaker_settings(fleet)[1])

@@ -27,7 +27,7 @@ from fleet import db, keys, killswitch, ledger, logs, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
-from fleet.errors import NotFoundError
+from fleet.errors import NotFoundError, UnavailableError
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus
 from fleet.process import ProcessResult, run_agent
@@ -103,7 +103,10 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         except NotFoundError:
             _end_unstarted(services, session, run, RunStatus.FAILED, "agent no longer in fleet.toml")
             return ExecuteResult(run_id, "failed", reason="agent no longer configured")
-        kill = killswitch.check(session, services.redis, run.agent)
+        try:
+            kill = killswitch.check(session, services.redis, run.agent)
+        except UnavailableError as exc:
+            return ExecuteResult(run_id, "deferred", reason=str(exc))  # the task sends it again later
         if kill.killed:
             _end_unstarted(services, session, run, RunStatus.KILLED, kill.describe())
             return ExecuteResult(run_id, "killed", reason=kill.describe())
@@ -202,6 +205,7 @@ class _Watcher:
         self.stop_reason: str | None = None
         self.lost = False
         self.charged = 0  # micro-dollars of this attempt already booked in the ledger
+        self.reserved = run.reserved_micros  # what this attempt starts with reserved
 
     def started(self, pid: int, pgid: int) -> None:
         """Record where the agent runs, so the reaper can find an orphan."""
@@ -218,9 +222,9 @@ class _Watcher:
     def usage(self, cost_micros: int) -> str | None:
         """Each usage line: book the new spend now, and stop the agent before it can pass a cap.
 
-        The cap holds even when the estimate was wrong: once what the caps still allow (plus what
-        is left of this run's own reservation) would not cover another step like the last one,
-        the agent is stopped.
+        The cap holds even when the estimate was wrong: once the run spends past its reservation
+        and what the caps still allow would not cover another step like the last one, the agent
+        is stopped.
         """
         step = cost_micros - self.charged
         if step <= 0:
@@ -238,7 +242,8 @@ class _Watcher:
         except SQLAlchemyError as exc:
             log.warning("run.charge_failed", run_id=self.run.id, error=str(exc).splitlines()[0])
             return None  # booked at the end instead; the heartbeat's checks go on
-        if room is not None and room + own < step:
+        # Within its reservation a run is covered; past it, stop while one more step still fits.
+        if room is not None and cost_micros > self.reserved and room + own < step:
             self.stop_reason = "over_cap"
             return "over_cap"
         return None

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from fleet import db, keys, store
+from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.models import KillSwitch
 
@@ -89,14 +90,20 @@ def check_mirror(session: Session, agent: str | None) -> KillState:
 
 
 def check(session: Session, client: redis.Redis, agent: str | None) -> KillState:
-    """Both checks, either one killing wins; Redis unreachable is a kill (fail closed)."""
+    """Both checks, either one killing wins; a flag Redis lost is put back from the mirror.
+
+    Redis unreachable raises UnavailableError unless the mirror already says killed: nothing
+    is let through on a guess (fail closed).
+    """
     mirror = check_mirror(session, agent)
     try:
         fast = check_redis(client, agent)
+        if mirror.killed and not fast.killed:
+            restore(session, client)  # Redis lost the flag (a restart without persistence)
     except redis.RedisError as exc:
-        return mirror if mirror.killed else KillState(True, GLOBAL, f"Redis unreachable ({exc.__class__.__name__})")
-    if mirror.killed and not fast.killed:
-        restore(session, client)  # Redis lost the flag: put it back
+        if mirror.killed:
+            return mirror
+        raise UnavailableError(f"Redis unreachable ({exc.__class__.__name__}): refusing to start work") from None
     return mirror if mirror.killed else fast
 
 

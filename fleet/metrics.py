@@ -152,8 +152,9 @@ def _watchdog_families(picture: dict[str, Any], now: datetime) -> list[Metric]:
     checks = GaugeMetricFamily("fleet_watchdog_check", "Each check of the last watchdog verdict, one-hot",
                                labels=["check", "status"])
     out: list[Metric] = [status, checks]
+    current = verdict["status"] if verdict else None
     for colour in COLOURS:
-        status.add_metric([colour], int(bool(verdict) and verdict["status"] == colour))
+        status.add_metric([colour], int(current == colour))
     if verdict:
         for check in verdict["checks"]:
             for colour in COLOURS:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import errno
+import functools
 import hmac
 import ipaddress
 import json
@@ -145,10 +147,8 @@ def authorized(token: str | None, authorization: str, query_token: str | None) -
     if scheme.lower() == "bearer":
         offered.append(value.strip())
     elif scheme.lower() == "basic":
-        try:
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
             offered.append(base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2])
-        except (binascii.Error, UnicodeDecodeError):
-            pass
     wanted = token.encode()
     return any(hmac.compare_digest(candidate.encode(), wanted) for candidate in offered)
 
@@ -173,7 +173,7 @@ class ReadyzHandler(BaseHandler):
             "redis": lambda: check_redis(self.services.redis),
             "database": lambda: db.check(self.services.engine),
         }
-        results = await asyncio.gather(*(self.blocking(lambda c=c: _reason_down(c)) for c in checks.values()))
+        results = await asyncio.gather(*(self.blocking(functools.partial(_reason_down, c)) for c in checks.values()))
         down = {name: reason for name, reason in zip(checks, results, strict=True) if reason}
         ok = {name: "ok" for name in checks if name not in down}
         if "redis" not in down:  # without Redis there is nothing to read the canaries from
@@ -206,14 +206,22 @@ def health(web: Web) -> dict[str, Any]:
         last_tick = _get(web.services.redis, keys.last_tick())
         components["beat"] = {"last_tick_age_s": round(metrics.age_seconds(now, last_tick), 1) if last_tick else None}
     if components["database"] == "ok":
-        with db.session(web.services.engine) as session:
-            verdict = watchdog.latest(session)
-            components["watchdog"] = None if verdict is None else {
-                "status": verdict.status, "age_s": round(metrics.age_seconds(now, verdict.at.isoformat()), 1)}
-            session.rollback()
+        try:
+            components["watchdog"] = _latest_verdict(web.services, now)
+        except Exception as exc:  # noqa: BLE001 - e.g. a database not migrated yet: reported, not raised
+            components["watchdog"] = {"error": describe(exc)}
     healthy = components["redis"] == components["database"] == "ok" and components["canary"]["status"] == "ok"
     return {"status": "ok" if healthy else "degraded", "version": __version__, "host": web.services.host,
             "uptime_s": round(time.monotonic() - web.started, 1), "components": components}
+
+
+def _latest_verdict(services: Services, now: datetime) -> dict[str, Any] | None:
+    with db.session(services.engine) as session:
+        verdict = watchdog.latest(session)
+        session.rollback()
+    if verdict is None:
+        return None
+    return {"status": verdict.status, "age_s": round(metrics.age_seconds(now, verdict.at.isoformat()), 1)}
 
 
 def _canary_state(web: Web) -> tuple[bool, str]:
@@ -251,11 +259,15 @@ def _reason_down(check: Callable[[], None]) -> str | None:
     """None when `check` passes, else a one-line reason with any credentials masked."""
     try:
         check()
-    except FleetError as exc:
-        return logs.redact_value(str(exc))
     except Exception as exc:  # noqa: BLE001 - a probe reports any failure rather than crashing
-        return f"{type(exc).__name__}: {logs.redact_value(str(exc))}"
+        return describe(exc)
     return None
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an operator: our own errors as they are, others with their type; credentials masked."""
+    text = logs.redact_value(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    return text if isinstance(exc, FleetError) else f"{type(exc).__name__}: {text}"
 
 
 # ---------------------------------------------------------------- behind the token
@@ -281,7 +293,8 @@ class StateHandler(AuthHandler):
         try:
             picture = await self.blocking(lambda: snapshot(self.services))
         except Exception as exc:  # noqa: BLE001 - the operator gets the reason, not a stack trace
-            self.write_json(503, {"error": _reason_down(_raiser(exc))})
+            log.warning("web: cannot read the fleet's state", error=describe(exc))
+            self.write_json(503, {"error": describe(exc)})
             return
         self.write_json(200, picture)
 
@@ -292,12 +305,13 @@ class PageHandler(AuthHandler):
     async def get(self) -> None:
         """Render the snapshot; a database that cannot be read still gets a page that says so."""
         flower = f"http://{self.request.host_name}:{self.services.settings.flower_port}/"
+        picture: dict[str, Any] | None = None
+        error: str | None = None
         try:
             picture = await self.blocking(lambda: snapshot(self.services))
         except Exception as exc:  # noqa: BLE001 - shown on the page instead
-            picture, error = None, _reason_down(_raiser(exc))
-        else:
-            error = None
+            error = describe(exc)
+            log.warning("web: cannot read the fleet's state", error=error)
         self.set_status(200 if picture is not None else 503)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(render_page(picture, error=error, flower_url=flower, token_query=self.token_query(),
@@ -325,11 +339,13 @@ def banners(p: dict[str, Any] | None, error: str | None, now: datetime) -> list[
     for k in sorted(p["kill"], key=lambda k: k["scope"] != keys.GLOBAL):
         who = "FLEET KILLED: nothing starts, running agents were stopped" if k["scope"] == keys.GLOBAL \
             else f"Agent {k['scope']} killed"
+        who += " (hard)" if k.get("hard") else ""
         out.append(("red", who, f"{k['reason'] or 'no reason given'} (by {k['actor'] or '?'}, "
                                 f"{_ago(now, k['since'])}). Lift with: fleet resume"
                                 + ("" if k["scope"] == keys.GLOBAL else f" {k['scope']}")))
     if p["redis"] != "ok":
-        out.append(("red", "Redis unreachable", f"{p['redis']}: dispatches are refused (kill checks fail closed)"))
+        out.append(("red", "Redis unreachable", f"{p['redis']}: every dispatch is refused, and running agents "
+                                                "stop once it has been down longer than the grace"))
     verdict = p.get("watchdog")
     if verdict is None:
         out.append(("amber", "No watchdog verdict yet", "is beat running? `fleet watchdog` checks by hand"))
@@ -387,7 +403,7 @@ def _overall(items: list[tuple[str, str, str]]) -> tuple[str, str]:
 def _money(value: float | None) -> str:
     if value is None:
         return "no cap"
-    return f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.4f}".rstrip("0")
+    return f"${value:,.2f}" if round(value, 2) == value or value >= 100 else f"${value:,.4f}"
 
 
 def _ago(now: datetime, iso: str | None) -> str:
@@ -426,10 +442,12 @@ class RunLogHandler(AuthHandler):
         self.finish()
 
 
-def _raiser(exc: Exception) -> Callable[[], None]:
-    def again() -> None:
-        raise exc
-    return again
+class NotFoundHandler(BaseHandler):
+    """Any other path: a plain 404 with the same safe headers."""
+
+    def prepare(self) -> None:
+        """Answer every method."""
+        self.write_text(404, "404: not found\n")
 
 
 ROUTES: list[tuple[str, type[BaseHandler]]] = [
@@ -458,6 +476,8 @@ def make_app(services: Services, *, token: str | None = None, started: float | N
     return tornado.web.Application(
         [(pattern, handler, {"web": web}) for pattern, handler in ROUTES],
         log_function=_log_request,
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"web": web},
         metrics_registry=metrics.registry(services),
     )
 

@@ -137,16 +137,22 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     Shared by the tests of this xdist worker; each test uses its own agents or work keys and leaves
     kill switches released.
     """
-    from tests.harness import Fleet
+    from tests.harness import Fleet, PrivateRedis
 
     kind = request.param
     database = (f"sqlite:///{tmp_path_factory.mktemp('fleet-sqlite') / 'fleet.db'}" if kind == "sqlite"
                 else new_pg_database(request.getfixturevalue("pg_server")))
-    harness = Fleet(tmp_path_factory.mktemp(f"fleet-{kind}"), redis_db_url(1 if kind == "sqlite" else 2), database)
+    home = tmp_path_factory.mktemp(f"fleet-{kind}")
+    # A Redis server of the fleet's own (the real redis-server, on a free port): its queues can never
+    # be consumed by the workers of another test session running on the same machine.
+    server = PrivateRedis(home)
+    server.start()
+    harness = Fleet(home, server.url, database)
     try:
         harness.start()
         yield harness
     finally:
         harness.stop()
+        server.stop()
         if kind == "postgresql":
             drop_pg_database(database)

@@ -91,6 +91,26 @@ poll = ["python", "-m", "fleet.examples.has_work", "--marker", "{tmp}/no-such-ma
 est_cost_usd = 0.5
 timeout_s = 30
 
+[agents.capped]
+command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "1.00"]
+est_cost_usd = 1.00
+daily_cap_usd = 5.00
+concurrency = 100
+timeout_s = 30
+
+[agents.spender]
+command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.10", "--usage-lines", "1000", "--sleep", "0.05"]
+est_cost_usd = 0.10
+daily_cap_usd = 1.00
+timeout_s = 60
+
+[agents.tripper]
+command = ["python", "-m", "fleet.examples.exit_with", "1"]
+breaker_threshold = 3
+breaker_cooldown_s = 2
+concurrency = 20
+timeout_s = 30
+
 [agents.env]
 command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
 env = { MODEL = "sonnet" }
@@ -148,7 +168,7 @@ class Fleet:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, workers: int = 1, concurrency: int = 4) -> None:
+    def start(self, workers: int = 2, concurrency: int = 6) -> None:
         """Flush this fleet's Redis database, migrate, start workers and wait until they consume."""
         self.redis.flushdb()
         self.cli("db", "upgrade", check=True)
@@ -241,3 +261,46 @@ class Fleet:
         finally:
             for proc in procs:
                 self.stop_worker(proc)
+
+
+class PrivateRedis:
+    """A Redis server of a test's own, on its own port, without persistence: it can be stopped and
+    restarted (losing everything) without touching the Redis other tests share."""
+
+    def __init__(self, tmp: Path) -> None:
+        from fleet.embedded import free_port, server_binary
+
+        self.port = free_port()
+        self.dir = tmp
+        system = Path("/usr/bin/redis-server")
+        self.binary = str(system if system.exists() else server_binary())
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL, database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or start again) on the same port, empty."""
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        client = redis_lib.Redis(port=self.port, socket_connect_timeout=0.5)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis_lib.RedisError:
+                return False
+
+        wait_for(answers, 10, f"redis-server on port {self.port}")
+        client.close()
+
+    def stop(self) -> None:
+        """Stop it (SIGKILL: nothing is saved, as after a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None

@@ -47,6 +47,7 @@ class Envelope:
     raw: bytes
     headers: dict[str, Any]
     items: list[Item] = field(default_factory=list)
+    encoding: str = ""  # the Content-Encoding it came with
 
 
 def parse_envelope(body: bytes) -> tuple[dict[str, Any], list[Item]]:
@@ -90,7 +91,7 @@ def decode_body(body: bytes, encoding: str) -> bytes:
         return zlib.decompress(body)
     if encoding == "br":
         try:
-            import brotli  # type: ignore[import-not-found]
+            import brotli
         except ImportError:
             raise ValueError("brotli-encoded envelope but the brotli module is not importable") from None
         return bytes(brotli.decompress(body))
@@ -106,7 +107,8 @@ class SentryServer:
         self._changed = threading.Condition()
         self._server = ThreadingHTTPServer((host, 0), self._handler_class())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="sentry-server", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="sentry-server",
+                                        daemon=True)
 
     @property
     def port(self) -> int:
@@ -191,19 +193,20 @@ class SentryServer:
                     server._record(None, f"unexpected path {self.path}")
                     self._answer(404, {"detail": "not an envelope endpoint"})
                     return
+                encoding = self.headers.get("Content-Encoding", "")
                 try:
-                    raw = decode_body(body, self.headers.get("Content-Encoding", ""))
+                    raw = decode_body(body, encoding)
                     headers, items = parse_envelope(raw)
                 except (ValueError, OSError, EOFError, zlib.error) as exc:
                     server._record(None, f"{self.path}: {exc.__class__.__name__}: {exc}")
                     self._answer(400, {"detail": str(exc)})
                     return
-                server._record(Envelope(match["project"], raw, headers, items), None)
+                server._record(Envelope(match["project"], raw, headers, items, encoding), None)
                 self._answer(200, {"id": headers.get("event_id")})
 
             def _read_body(self) -> bytes:
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                    chunks = []
+                    chunks: list[bytes] = []
                     while True:
                         size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                         if size == 0:

@@ -1,4 +1,4 @@
-"""One process of a dispatch storm: N identical dispatches from 8 threads, results to a JSON file.
+"""One process of a dispatch storm: N dispatches from 8 threads, results to a JSON file.
 
 Run by tests as `python -m tests.storm CONFIG REDIS_URL DATABASE_URL AGENT WORK_KEY N OUT`.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +29,10 @@ def main() -> None:
         celery.send_task("fleet.execute", args=[run_id, fence], queue="agents")
 
     def one(_: int) -> dict[str, object]:
-        result = dispatch(services, DispatchRequest(agent, work_key, actor="storm"), send)
-        return {"run_id": result.run_id, "status": result.status}
+        # "@distinct" gives every dispatch a key of its own (a cap race), anything else one key for all.
+        key = f"race-{uuid.uuid4().hex}" if work_key == "@distinct" else work_key
+        result = dispatch(services, DispatchRequest(agent, key, actor="storm"), send)
+        return {"run_id": result.run_id, "status": result.status, "reason": result.reason}
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(int(n))))

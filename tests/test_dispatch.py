@@ -35,7 +35,7 @@ def run_of(fleet: Fleet, run_id: str) -> Run:
     return run
 
 
-def wait_status(fleet: Fleet, run_id: str, statuses: set[str], timeout: float = 30) -> Run:
+def wait_status(fleet: Fleet, run_id: str, statuses: set[str], timeout: float = 90) -> Run:
     def done() -> Run | None:
         run = run_of(fleet, run_id)
         return run if run.status in statuses else None

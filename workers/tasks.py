@@ -32,7 +32,10 @@ def dispatch(self: Task, agent: str, work_key: str | None = None, payload: Any =
 @app.task(name="fleet.execute", time_limit=EXECUTE_TIME_LIMIT)
 def execute(run_id: str, fence: int) -> dict[str, Any]:
     """Run one attempt of a queued run; a stale or redelivered message starts nothing."""
-    return executor.execute(services(), run_id, fence, send_execute).to_json()
+    result = executor.execute(services(), run_id, fence, send_execute)
+    if result.status == "deferred":  # Redis blinked between delivery and start: try again shortly
+        send_execute(run_id, fence, countdown=5.0)
+    return result.to_json()
 
 
 @app.task(name="fleet.kill", bind=True)

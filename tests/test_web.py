@@ -1,0 +1,478 @@
+"""The web process: probes, auth, /metrics, /api/state, run logs, and the page in a real headless Chromium.
+
+Pure parts (auth, canary freshness, rendering, metric families) are plain unit tests; the rest runs a
+real `fleet web` subprocess against the real test fleet (or a Redis database and SQLite file of its own).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_lib
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleet import db, keys, store
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.metrics import build_families
+from fleet.models import Run
+from fleet.web import authorized, canary_verdict, is_loopback, render_page
+from tests.conftest import IN_CI
+from tests.harness import ROOT, Fleet, wait_for
+
+TOKEN = f"web-test-{uuid.uuid4().hex}"
+ARTIFACTS = ROOT / "test-artifacts"
+NOW = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)> & \'quoted\''
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A loopback port free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(url: str, **kwargs: Any) -> httpx.Response:
+    """GET on loopback, never through a proxy from the environment."""
+    return httpx.get(url, trust_env=False, **{"timeout": 15, **kwargs})
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    """An Authorization header carrying `token`."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class WebProc:
+    """A `fleet web` subprocess and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    base: str
+    stderr: Path
+
+    def log(self) -> str:
+        """What it wrote to stderr (JSON log lines)."""
+        return self.stderr.read_text(errors="replace")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_web(env: dict[str, str], cwd: Path, stderr: Path) -> WebProc:
+    """Start `fleet web` and wait until /livez answers."""
+    port = free_port()
+    env = {**{k: v for k, v in env.items() if k != "FLEET_WEB_HOST"}, "FLEET_WEB_PORT": str(port)}
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fleet", "web"], env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    web = WebProc(proc, f"http://127.0.0.1:{port}", stderr)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"fleet web exited {proc.returncode}:\n{web.log()}")
+        return _answers(f"{web.base}/livez")
+
+    try:
+        wait_for(up, 20, "fleet web to answer /livez", interval=0.1)
+    except BaseException:
+        stop_web(web)
+        raise
+    return web
+
+
+def stop_web(web: WebProc) -> None:
+    """SIGTERM, then make sure it is gone."""
+    if web.proc.poll() is None:
+        web.proc.terminate()
+        try:
+            web.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            web.proc.kill()
+            web.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def web(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebProc]:
+    """`fleet web` on the test fleet, behind TOKEN."""
+    env = {**fleet.env, "FLEET_WEB_TOKEN": TOKEN}
+    proc = start_web(env, fleet.tmp, tmp_path_factory.mktemp("web") / "web.err")
+    yield proc
+    stop_web(proc)
+
+
+def send(fleet: Fleet, agent: str) -> str:
+    """Dispatch one run of `agent` with a fresh work key; its run id."""
+    result = dispatch(fleet.services, DispatchRequest(agent, f"web-{uuid.uuid4().hex}", None, False, actor="test"),
+                      fleet.send_execute)
+    assert result.status == "queued", result
+    return str(result.run_id)
+
+
+def wait_status(fleet: Fleet, run_id: str, statuses: set[str], timeout: float = 30) -> Run:
+    """Wait until a run reaches one of `statuses`."""
+    def reached() -> Run | None:
+        with db.session(fleet.services.engine) as session:
+            run = store.get_run(session=session, run_id=run_id)
+        return run if run is not None and run.status in statuses else None
+
+    return wait_for(reached, timeout, f"run {run_id} to reach {statuses}")
+
+
+def picture(**changes: Any) -> dict[str, Any]:
+    """A snapshot as `fleet.state.snapshot` shapes it, for the pure tests."""
+    at = NOW.isoformat()
+    base: dict[str, Any] = {
+        "at": at, "kill": [], "runs_24h": {"succeeded": 3, "dead": 1},
+        "running": [{"run_id": "a" * 32, "agent": "digest", "attempt": 1, "host": "h1", "pid": 42,
+                     "started_at": (NOW - timedelta(seconds=30)).isoformat()}],
+        "recent": [{"run_id": "b" * 32, "agent": "digest", "status": "dead", "attempt": 2, "exit_code": 1,
+                    "cost_usd": 0.0, "created_at": at, "error": HOSTILE}],
+        "dlq_depth": 1,
+        "dead_letters": [{"id": 7, "agent": "digest", "run_id": "b" * 32, "reason": "failed", "attempts": 2,
+                          "exit_code": 1, "error": HOSTILE, "created_at": at, "replayed_run_id": None}],
+        "watchdog": {"status": "green", "at": at, "host": "h1",
+                     "checks": [{"name": "beat", "status": "green", "reason": "fine"}]},
+        "spend": {"day": "2026-11-22", "timezone": "UTC", "scopes": [
+            {"scope": "*", "spent_usd": 4.5, "reserved_usd": 0.25, "cap_usd": 5.0, "left_usd": 0.25},
+            {"scope": "digest", "spent_usd": 0.1, "reserved_usd": 0.05, "cap_usd": 1.0, "left_usd": 0.85},
+            {"scope": "free", "spent_usd": 0.0, "reserved_usd": 0.0, "cap_usd": None, "left_usd": None}]},
+        "redis": "ok", "queues": {"dispatch": 0, "agents": 2},
+        "breakers": {"digest": {"state": "open", "failures": "3"}, "free": {"state": "closed"}},
+        "paused": {}, "canaries": {q: {"sent": at, "back": at, "seen": at} for q in ("dispatch", "agents")},
+        "beat": {"leader": "h1", "last_tick": at},
+    }
+    return base | changes
+
+
+def section(dom: str, section_id: str) -> str:
+    """The HTML of `<section id=section_id>` (or the banners div) in a page."""
+    match = re.search(rf'<(section|div) id="{section_id}"[^>]*>(.*?)</\1>\s*(?=<section|<div class="grid"|<div '
+                      rf'class="stats"|</main>|<footer|\Z)', dom, re.S)
+    assert match, f"no #{section_id} in the page"
+    return match.group(2)
+
+
+# ---------------------------------------------------------------- pure units
+
+
+UNIT_TOKEN = "unit-test-token-0123456789"  # parameters must be the same in every xdist worker
+
+
+@pytest.mark.parametrize(("header", "query", "ok"), [
+    (f"Bearer {UNIT_TOKEN}", None, True),
+    (f"bearer   {UNIT_TOKEN}", None, True),
+    ("", UNIT_TOKEN, True),
+    ("Basic " + base64.b64encode(f"anyone:{UNIT_TOKEN}".encode()).decode(), None, True),
+    ("Basic " + base64.b64encode(f"{UNIT_TOKEN}:".encode()).decode(), None, False),  # the token as user name
+    ("Basic !!!not-base64", None, False),
+    ("Bearer wrong", "also-wrong", False),
+    (f"Bearer {UNIT_TOKEN}x", None, False),
+    ("", None, False),
+    (UNIT_TOKEN, None, False),
+])
+def test_authorized(header: str, query: str | None, ok: bool) -> None:
+    assert authorized(UNIT_TOKEN, header, query) is ok
+    assert authorized(None, header, query) is True  # no token configured: open (loopback only)
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("", False), ("10.0.0.5", False), ("fleet.example.org", False),
+])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_canary_freshness() -> None:
+    fresh, old = (NOW - timedelta(seconds=30)).isoformat(), (NOW - timedelta(seconds=400)).isoformat()
+    assert canary_verdict({"dispatch": fresh, "agents": fresh}, NOW, uptime_s=10_000)[0] is False
+    down, why = canary_verdict({"dispatch": fresh, "agents": old}, NOW, uptime_s=10)
+    assert down and "'agents' 400s ago" in why and "dispatch" not in why
+    # Never seen: ready during the start-up grace, not after it.
+    down, why = canary_verdict({"dispatch": None, "agents": None}, NOW, uptime_s=5)
+    assert not down and "grace" in why
+    down, why = canary_verdict({"dispatch": fresh, "agents": None}, NOW, uptime_s=600)
+    assert down and "no canary has ever come back through 'agents'" in why
+
+
+def test_page_escapes_untrusted_text_and_shows_what_matters() -> None:
+    kill = {"scope": "*", "reason": HOSTILE, "actor": "ops", "hard": False, "since": NOW.isoformat()}
+    html = render_page(picture(kill=[kill]), error=None, flower_url="http://h:5555/", token_query="?token=t%26",
+                       host="h1").decode()
+    assert "<script" not in html and "<img" not in html and "onerror=alert(1)>" not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    banners = section(html, "banners")
+    assert "FLEET KILLED" in banners and "Circuit breaker not closed" in banners
+    assert banners.index("FLEET KILLED") < banners.index("Circuit breaker")  # red first
+    assert 'id="overall">KILLED<' in html
+    assert 'href="/runs/' + "b" * 32 + '/log?token=t%26"' in section(html, "dlq")
+    assert "90%" in section(html, "spend") or "95%" in section(html, "spend")  # 4.75 of 5.00
+    assert 'href="http://h:5555/"' in html
+
+
+def test_page_when_the_database_cannot_be_read() -> None:
+    html = render_page(None, error="OperationalError: <no db>", flower_url="http://h:5555/", token_query="",
+                       host="h1").decode()
+    assert "Cannot read the fleet&#x27;s state" in html and "&lt;no db&gt;" in html
+
+
+def test_metric_families_without_redis() -> None:
+    p = picture(redis="unreachable: ConnectionError")
+    for key in ("queues", "breakers", "paused", "canaries", "beat"):
+        p.pop(key)
+    names = {f.name for f in build_families(p, {("digest", "dead"): 1}, {}, agents=["digest"])}
+    assert {"fleet_redis_up", "fleet_spend_dollars", "fleet_dlq_depth", "fleet_kill_engaged"} <= names
+    assert not names & {"fleet_queue_depth", "fleet_breaker_state", "fleet_last_tick_age_seconds"}
+
+
+# ---------------------------------------------------------------- fleet web as a process
+
+
+def test_refuses_to_serve_beyond_loopback_without_a_token(tmp_path: Path) -> None:
+    (tmp_path / "fleet.toml").write_text("[fleet]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_HOST": "0.0.0.0",
+                "FLEET_WEB_PORT": str(free_port()), "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}"})
+    proc = subprocess.run([sys.executable, "-m", "fleet", "web"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 78, proc.stderr
+    assert "FLEET_WEB_TOKEN" in proc.stderr and "0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readyz_names_redis_when_it_is_down(tmp_path: Path) -> None:
+    (tmp_path / "fleet.toml").write_text("[fleet]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_TOKEN": TOKEN,
+                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+                "FLEET_REDIS_URL": f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"})  # nothing listens
+    web = start_web(env, tmp_path, tmp_path / "web.err")
+    try:
+        readyz = get(f"{web.base}/readyz")
+        assert readyz.status_code == 503
+        assert set(readyz.json()["down"]) == {"redis"}
+        assert "hunter2" not in readyz.text
+        health = get(f"{web.base}/health").json()
+        assert health["status"] == "degraded" and health["components"]["redis"] != "ok"
+        assert health["components"]["database"] == "ok"
+    finally:
+        stop_web(web)
+
+
+def test_open_on_loopback_without_token_and_canary_freshness(tmp_path: Path, redis: redis_lib.Redis,
+                                                            redis_url: str) -> None:
+    """No token on 127.0.0.1: a warning at start and no auth. /readyz follows the canaries."""
+    (tmp_path / "fleet.toml").write_text("[fleet]\ndaily_cap_usd = 2.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_REDIS_URL": redis_url,
+                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}", "FLEET_LOG_DIR": str(tmp_path / "logs")})
+    subprocess.run([sys.executable, "-m", "fleet", "db", "upgrade"], env=env, cwd=tmp_path, check=True,
+                   capture_output=True, timeout=60)
+    web = start_web(env, tmp_path, tmp_path / "web.err")
+    try:
+        assert "FLEET_WEB_TOKEN is not set" in web.log()
+        assert get(f"{web.base}/").status_code == 200
+        assert get(f"{web.base}/api/state").json()["redis"] == "ok"
+        assert get(f"{web.base}/metrics").status_code == 200
+        # No canary ever: ready within the start-up grace.
+        readyz = get(f"{web.base}/readyz")
+        assert readyz.status_code == 200 and "grace" in readyz.json()["checks"]["canary"]
+        old = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()
+        redis.set(keys.canary_seen("dispatch"), old)
+        redis.set(keys.canary_seen("agents"), datetime.now(UTC).isoformat())
+        readyz = get(f"{web.base}/readyz")
+        assert readyz.status_code == 503 and set(readyz.json()["down"]) == {"canary"}
+        assert "'dispatch'" in readyz.json()["down"]["canary"]
+        assert get(f"{web.base}/health").json()["components"]["canary"]["status"] == "stale"
+        redis.set(keys.canary_seen("dispatch"), datetime.now(UTC).isoformat())
+        assert get(f"{web.base}/readyz").status_code == 200
+    finally:
+        stop_web(web)
+
+
+# ---------------------------------------------------------------- against the test fleet
+
+
+@pytest.mark.slow
+def test_probes_need_no_auth(fleet: Fleet, web: WebProc) -> None:
+    fleet.wait_consuming()  # a fresh canary through each queue
+    assert get(f"{web.base}/livez").text == "ok"
+    readyz = get(f"{web.base}/readyz")
+    assert readyz.status_code == 200, readyz.text
+    assert readyz.json()["checks"] == {"redis": "ok", "database": "ok", "canary": readyz.json()["checks"]["canary"]}
+    health = get(f"{web.base}/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["version"] and body["status"] == "ok"
+    assert body["components"]["redis"] == body["components"]["database"] == "ok"
+    assert body["components"]["canary"]["status"] == "ok"
+    assert "echo" not in health.text  # no agent names without the token
+    missing = get(f"{web.base}/no/such/page")
+    assert missing.status_code == 404 and missing.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.slow
+def test_protected_routes_need_the_token(fleet: Fleet, web: WebProc) -> None:
+    fleet.reset_agent("echo")
+    run_id = send(fleet, "echo")
+    wait_status(fleet, run_id, {"succeeded"})
+    basic = "Basic " + base64.b64encode(f"ops:{TOKEN}".encode()).decode()
+    for path in ("/", "/api/state", "/metrics", f"/runs/{run_id}/log"):
+        url = f"{web.base}{path}"
+        refused = get(url)
+        assert refused.status_code == 401, path
+        assert refused.headers["WWW-Authenticate"].startswith("Basic")
+        assert get(url, headers=bearer("wrong")).status_code == 401, path
+        assert get(url, params={"token": "wrong"}).status_code == 401, path
+        for kwargs in ({"headers": bearer()}, {"params": {"token": TOKEN}}, {"headers": {"Authorization": basic}}):
+            response = get(url, **kwargs)
+            assert response.status_code == 200, (path, kwargs, response.text[:300])
+    log = get(f"{web.base}/runs/{run_id}/log", headers=bearer())
+    assert log.headers["Content-Type"].startswith("text/plain") and "fleet_usage" in log.text
+    assert log.headers["X-Content-Type-Options"] == "nosniff"
+    assert TOKEN not in web.log()  # ?token= never reaches a log line
+
+
+@pytest.mark.slow
+def test_api_state_is_fleet_status_json(fleet: Fleet, web: WebProc) -> None:
+    response = get(f"{web.base}/api/state", headers=bearer())
+    assert response.headers["Content-Type"] == "application/json"
+    state, status = response.json(), fleet.cli_json("status")
+    assert set(state) == set(status)
+    assert [(s["scope"], s["cap_usd"]) for s in state["spend"]["scopes"]] == \
+        [(s["scope"], s["cap_usd"]) for s in status["spend"]["scopes"]]
+    assert state["kill"] == status["kill"] and state["redis"] == status["redis"] == "ok"
+    assert [d["id"] for d in state["dead_letters"]] == [d["id"] for d in status["dead_letters"]]
+    assert set(state["breakers"]) == set(status["breakers"]) == set(fleet.services.config.agents)
+
+
+@pytest.mark.slow
+def test_log_route_refuses_anything_but_a_run_id(fleet: Fleet, web: WebProc) -> None:
+    secret_file = fleet.tmp / "keys" / "secret.key"
+    for bad in ("..%2F..%2F..%2F..%2Fetc%2Fpasswd", "..%2Fkeys%2Fsecret.key", "%2e%2e", "A" * 32, "0" * 31,
+                "0" * 33, "0" * 31 + "g", "0" * 32 + "%00"):
+        response = get(f"{web.base}/runs/{bad}/log", headers=bearer())
+        assert response.status_code == 400, (bad, response.status_code)
+        assert "root:" not in response.text and secret_file.read_text().strip() not in response.text
+    assert get(f"{web.base}/runs/{'0' * 32}/log", headers=bearer()).status_code == 404
+
+
+@pytest.mark.slow
+def test_metrics_after_a_dispatch(fleet: Fleet, web: WebProc) -> None:
+    fleet.reset_agent("echo")
+    run_id = send(fleet, "echo")
+    wait_status(fleet, run_id, {"succeeded"})
+    response = get(f"{web.base}/metrics", headers=bearer())
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+
+    def value(name: str, **labels: str) -> float:
+        return samples[name][tuple(sorted(labels.items()))]
+
+    assert all(name.startswith("fleet_") for name in samples)
+    assert value("fleet_scrape_ok") == 1 and value("fleet_redis_up") == 1
+    assert value("fleet_info", version=next(iter(samples["fleet_info"]))[0][1]) == 1
+    assert value("fleet_runs_last_24h", agent="echo", status="succeeded") >= 1
+    assert value("fleet_spend_dollars", scope="echo") >= 0.01
+    assert value("fleet_spend_dollars", scope="*") >= value("fleet_spend_dollars", scope="echo")
+    assert value("fleet_spend_cap_dollars", scope="*") == 1000.0
+    assert (("scope", "echo"),) not in samples["fleet_spend_cap_dollars"]  # echo has no cap of its own
+    assert value("fleet_reservations_open", agent="echo") == 0  # settled
+    assert value("fleet_kill_engaged", scope="*") == 0 and value("fleet_kill_engaged", scope="echo") == 0
+    assert value("fleet_breaker_state", agent="echo", state="closed") == 1
+    assert value("fleet_breaker_state", agent="echo", state="open") == 0
+    assert set(samples["fleet_queue_depth"]) == {(("queue", "agents"),), (("queue", "dispatch"),)}
+    assert value("fleet_dlq_depth") >= 0
+    assert len(samples["fleet_watchdog_status"]) == 3 and sum(samples["fleet_watchdog_status"].values()) <= 1
+    assert value("fleet_canary_age_seconds", queue="agents") >= 0
+    # OpenMetrics when Prometheus asks for it.
+    om = get(f"{web.base}/metrics", headers={**bearer(), "Accept": "application/openmetrics-text"})
+    assert om.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert "fleet_dlq_depth" in {f.name for f in parse_openmetrics(om.text)}
+
+
+# ---------------------------------------------------------------- the page in a real browser
+
+
+def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run headless Chromium once (skipped locally when it is not installed; a failure under CI)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        if IN_CI:
+            pytest.fail("chromium is required under CI=true (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+         "--no-first-run", "--disable-component-update", "--disable-sync", "--no-proxy-server",
+         f"--user-data-dir={profile}", *args],
+        capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_page_in_chromium(fleet: Fleet, web: WebProc, tmp_path: Path) -> None:
+    """A dead letter and an agent's kill banner, as a browser shows them; a screenshot is kept."""
+    fleet.reset_agent("fail")
+    dead_id = send(fleet, "fail")
+    wait_status(fleet, dead_id, {"dead"})
+    fleet.cli("watchdog", "--wait", "10")  # a verdict for the page (exit 1 if red: fine, the page shows it)
+    reason = 'bed <b>time</b> & "quotes" <script>alert(1)</script>'
+    url = f"{web.base}/?token={TOKEN}"
+    kind = "sqlite" if fleet.database_url.startswith("sqlite") else "postgresql"
+    shot = ARTIFACTS / f"web-page-{kind}.png"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot.unlink(missing_ok=True)
+    fleet.cli("kill", "exit3", "--reason", reason, check=True)
+    try:
+        dumped = chromium(tmp_path / "profile-dom", "--dump-dom", url)
+        shown = chromium(tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,1600", url)
+    finally:
+        fleet.cli("resume", "exit3", check=True)
+    assert dumped.returncode == 0, dumped.stderr[-2000:]
+    dom = dumped.stdout
+    banners = section(dom, "banners")
+    assert "Agent exit3 killed" in banners
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in banners and "&lt;b&gt;time&lt;/b&gt;" in banners
+    assert "<script" not in dom and "<b>time</b>" not in dom
+    assert 'id="overall">ATTENTION<' in dom
+    dlq = section(dom, "dlq")
+    log_href = f"/runs/{dead_id}/log?token={TOKEN}"
+    assert dead_id[:12] in dlq and log_href in dlq and "fail" in dlq
+    assert "exit code 1" in dlq  # the dead letter's last error
+    assert f'href="http://127.0.0.1:{fleet.settings.flower_port}/"' in dom
+    assert "Watchdog" in section(dom, "watchdog") and "consumption:agents" in section(dom, "watchdog")
+    log = get(f"{web.base}{log_href}")
+    assert log.status_code == 200 and "boom: the failing agent" in log.text
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    print(f"screenshot of the page ({kind}): {shot}")
+
+
+def test_artifacts_are_ignored_by_git() -> None:
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(ARTIFACTS / "x.png")], cwd=ROOT, timeout=30)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0
