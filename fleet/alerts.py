@@ -13,6 +13,7 @@ import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from enum import Enum
 from typing import Any
 
 import sentry_sdk
+import structlog
 
 from fleet import __version__, logs
 from fleet.config import Settings
@@ -264,6 +266,14 @@ class Deduper:
         self._lock = threading.Lock()
 
 
+def _logger() -> Any:
+    """The process's structured log; before `logs.configure` (a CLI command), a plain one on stderr,
+    since unconfigured structlog prints to stdout, where `--json` output goes."""
+    if structlog.is_configured():
+        return log
+    return structlog.wrap_logger(structlog.PrintLogger(sys.__stderr__ or sys.stderr)).bind(logger=__name__)
+
+
 _recent = Deduper(DEDUPE_WINDOW_S)
 # A prefork child must not inherit the lock held by another thread of its parent.
 os.register_at_fork(after_in_child=_recent.after_fork)
@@ -287,12 +297,13 @@ def alert(kind: str, message: str, *, agent: str | None = None, run_id: str | No
     except Exception:  # noqa: BLE001 - an alert must never break the caller
         return
     # Two independent tries: a context that cannot be logged must not stop the event, nor the reverse.
+    out = _logger()
     try:
-        getattr(log, "critical" if level == "fatal" else level)(
+        getattr(out, "critical" if level == "fatal" else level)(
             "alert", kind=kind, message=scrub_text(message), agent=agent, run_id=run_id, context=safe)
     except Exception:  # noqa: BLE001
         with contextlib.suppress(Exception):
-            log.error("alert", kind=kind, message=scrub_text(message), agent=agent, run_id=run_id,
+            out.error("alert", kind=kind, message=scrub_text(message), agent=agent, run_id=run_id,
                       context="(could not be rendered)")
     if not _initialised:
         return

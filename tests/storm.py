@@ -1,12 +1,13 @@
 """One process of a dispatch storm: N dispatches from 8 threads, results to a JSON file.
 
-Run by tests as `python -m tests.storm CONFIG REDIS_URL DATABASE_URL AGENT WORK_KEY N OUT`.
+Run by tests as `python -m tests.storm CONFIG REDIS_URL DATABASE_URL AGENT WORK_KEY N OUT START_AT`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ from fleet.services import build
 
 
 def main() -> None:
-    config, redis_url, database_url, agent, work_key, n, out = sys.argv[1:8]
+    config, redis_url, database_url, agent, work_key, n, out, start_at = sys.argv[1:9]
     settings = Settings(config=Path(config), redis_url=redis_url, database_url=database_url)
     services = build(settings, load_fleet_config(Path(config)))
     celery = Celery("storm", broker=redis_url)
@@ -34,6 +35,8 @@ def main() -> None:
         result = dispatch(services, DispatchRequest(agent, key, actor="storm"), send)
         return {"run_id": result.run_id, "status": result.status, "reason": result.reason}
 
+    # A start barrier: every process of the storm fires at the same moment, after its imports.
+    time.sleep(max(0.0, float(start_at) - time.time()))
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(int(n))))
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,8 @@ import pytest
 from fleet import alerts, db, store
 from fleet.config import Settings
 from fleet.dispatch import DispatchRequest, dispatch
-from fleet.embedded import EmbeddedRedis
 from fleet.models import RunStatus
-from tests.harness import PY, ROOT, SECRET_KEY, SECRET_TOKEN, Fleet, wait_for
+from tests.harness import PY, ROOT, SECRET_KEY, SECRET_TOKEN, Fleet, PrivateRedis, wait_for
 from tests.sentry_server import SentryServer, parse_envelope
 
 WORKER_PROJECT, BEAT_PROJECT = "1", "2"  # two DSNs tell the worker's envelopes from beat's
@@ -148,7 +147,7 @@ def test_deduper_says_yes_once_per_window() -> None:
     assert seen.first(key)
 
 
-def test_alert_without_sentry_logs_and_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+def test_alert_without_sentry_logs_and_never_raises(capfd: pytest.CaptureFixture[str]) -> None:
     assert alerts.init_sentry(Settings(sentry_dsn=None), "test") is False and not alerts.enabled()
 
     class Unprintable:
@@ -160,8 +159,9 @@ def test_alert_without_sentry_logs_and_never_raises(capsys: pytest.CaptureFixtur
                  api_key="sk-should-not-print-0123456789", odd=Unprintable())
     alerts.alert(alerts.Kind.KILL_ENGAGED, "kill engaged", run_id=run_id)
     alerts.flush()
-    out = capsys.readouterr()
-    assert run_id in out.out + out.err and "sk-should-not-print" not in out.out + out.err
+    out = capfd.readouterr()
+    assert run_id in out.err and "sk-should-not-print" not in out.err
+    assert run_id not in out.out  # stdout is where `--json` output goes
 
 
 # ---------------------------------------------------------------- the envelope parser
@@ -297,13 +297,9 @@ def test_local_variables_never_reach_sentry(sentry: SentryServer, tmp_path: Path
     secret = uuid.uuid4().hex  # lowercase hex: no shape the scrubber could spot, only locals would carry it
     key_file = tmp_path / "agent.key"
     key_file.write_text(secret)
-    script = tmp_path / "crash.py"
-    script.write_text((GUARDED if guarded else BARE) + CRASH)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTRY_", "FLEET_"))}
-    env |= {"PYTHONPATH": str(ROOT), "FLEET_SENTRY_DSN": sentry.dsn()}
-    proc = subprocess.run([PY, str(script), str(key_file)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 1 and "the agent failed" in proc.stderr  # an uncaught crash, reported at exit
+    proc = run_scenario(sentry, CRASH, tmp_path, prelude=GUARDED if guarded else BARE, args=(str(key_file),),
+                        expect_exit=1)
+    assert "the agent failed" in proc.stderr  # an uncaught crash, reported at exit
     event = sentry.wait_for(lambda: sentry.events(), 10, "the crash event")[0]
     frames = event["exception"]["values"][-1]["stacktrace"]["frames"]
     assert any(frame.get("function") == "handle" for frame in frames)
@@ -372,13 +368,17 @@ class SentryFleet:
 @pytest.fixture(scope="module")
 def sentry_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentryFleet]:
     """A Sentry stand-in, and a fleet reporting to it: one worker (project 1) and one beat (project 2)."""
-    with SentryServer() as server, EmbeddedRedis() as redis_server:
-        fleet = SentryFleet(tmp_path_factory.mktemp("sentry-fleet"), server, redis_server.url)
+    home = tmp_path_factory.mktemp("sentry-fleet")
+    redis_server = PrivateRedis(home)
+    redis_server.start()
+    with SentryServer() as server:
+        fleet = SentryFleet(home, server, redis_server.url)
         try:
             fleet.start()
             yield fleet
         finally:
             fleet.stop()
+            redis_server.stop()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,10 @@ def test_dedup_storm_one_run_one_process(fleet: Fleet, tmp_path: Path) -> None:
     lines_before = counter.read_text().count("\n") if counter.exists() else 0
     work_key = f"storm-{uuid.uuid4().hex}"
     out = tmp_path / "results"
+    start_at = str(time.time() + 5)  # one moment for all, after every process has imported
     procs = [subprocess.Popen([sys.executable, "-m", "tests.storm", str(fleet.config_path), fleet.redis_url,
-                               fleet.database_url, "counter", work_key, "63", str(out / f"{i}.json")],
+                               fleet.database_url, "counter", work_key, "63", str(out / f"{i}.json"),
+                               start_at],
                               env=fleet.env) for i in range(8)]
     for proc in procs:
         assert proc.wait(120) == 0

@@ -25,8 +25,10 @@ CAP = 5_000_000
 
 def storm(fleet: Fleet, agent: str, work_key: str, per_process: int, out: Path, processes: int = 8) -> list[Any]:
     """Dispatch from many processes at once; every result."""
+    start_at = time.time() + 5  # after every process has imported
     procs = [subprocess.Popen([sys.executable, "-m", "tests.storm", str(fleet.config_path), fleet.redis_url,
-                               fleet.database_url, agent, work_key, str(per_process), str(out / f"{i}.json")],
+                               fleet.database_url, agent, work_key, str(per_process), str(out / f"{i}.json"),
+                               str(start_at)],
                               env=fleet.env) for i in range(processes)]
     for proc in procs:
         assert proc.wait(180) == 0
