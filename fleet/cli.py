@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fleet import db, logs
+from fleet import alerts, db, logs
 from fleet.config import FleetConfig, Settings, load_fleet_config, load_settings
 from fleet.errors import ExitCode, FleetError, UnavailableError
 from fleet.services import Services, build
@@ -39,6 +39,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) 
 
 @app.callback()
 def _global(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to fleet.toml "
                                                 "(default: $FLEET_CONFIG or ./fleet.toml).")] = None,
     soft_fail: Annotated[bool, typer.Option("--soft-fail", help="Exit 0 on a retryable failure (75) and "
@@ -47,6 +48,8 @@ def _global(
     """Fleet: run unattended agents on a Celery worker fleet, with safety rails."""
     state.config_path = config
     state.soft_fail = soft_fail
+    # Sentry for this command, tagged with its name (`fleet web` is the web process). Off without a DSN.
+    alerts.init_sentry(load_settings(), ctx.invoked_subcommand or "cli")
 
 
 def settings() -> Settings:
@@ -191,6 +194,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    finally:
+        alerts.flush()  # a short-lived command must not exit before its alerts are sent
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import db, killswitch, ledger, store
+from fleet import alerts, db, killswitch, ledger, store
 from fleet.config import AgentSpec
 from fleet.errors import BadInputError, UnavailableError
 from fleet.ledger import Caps
@@ -287,6 +287,8 @@ def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: Dispatch
     if not _reserve_and_queue(services, spec, run, lease, now):
         services.leases.release(lease)
         services.breakers.forfeit(spec.name, run.id)
+        alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
+                     agent=spec.name, level="warning")
         return _refuse(services, run, result, "over_cap")
     try:
         send(run.id, lease.fence)

@@ -23,7 +23,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
-from fleet import db, keys, killswitch, ledger, logs, store
+from fleet import alerts, db, keys, killswitch, ledger, logs, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
@@ -242,6 +242,9 @@ class _Watcher:
         except SQLAlchemyError as exc:
             log.warning("run.charge_failed", run_id=self.run.id, error=str(exc).splitlines()[0])
             return None  # booked at the end instead; the heartbeat's checks go on
+        if room is not None and room < 0:
+            alerts.alert("overspend", f"run {self.run.id} of {self.run.agent} took today's spend past a cap by "
+                         f"${ledger.to_usd(-room):.2f}", agent=self.run.agent, run_id=self.run.id, over_micros=-room)
         # Within its reservation a run is covered; past it, stop while one more step still fits.
         if room is not None and cost_micros > self.reserved and room + own < step:
             self.stop_reason = "over_cap"
@@ -368,6 +371,10 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
                         agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
                         cost_micros=result.cost_micros, retry_in_s=delay)
         session.commit()
+    if dead:
+        alerts.alert("dead_letter", f"run {run.id} of {run.agent} was dead-lettered after {run.attempt} "
+                     f"attempt(s): {verdict.error}", agent=run.agent, run_id=run.id, reason=verdict.dead_reason,
+                     attempts=run.attempt, exit_code=result.exit_code)
     _after_persist(services, run, spec, lease, verdict, retry, delay, requeue)
     return ExecuteResult(run.id, status.value, result.exit_code, verdict.error, run.attempt, delay)
 
@@ -407,3 +414,6 @@ def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
                         previous=old)
         session.commit()
     log.warning("breaker.changed", agent=run.agent, previous=old, state=new, run_id=run.id)
+    if new == "open":
+        alerts.alert("breaker_opened", f"breaker of {run.agent} opened ({old} -> open) after run {run.id}",
+                     agent=run.agent, run_id=run.id, previous=old)

@@ -14,7 +14,7 @@ import redis
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from fleet import db, keys, store
+from fleet import alerts, db, keys, store
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.models import KillSwitch
@@ -50,6 +50,9 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
         session.commit()
     record = json.dumps({"reason": reason, "actor": actor, "at": now.isoformat(), "hard": hard})
     client.set(keys.kill(scope), record)
+    where = "the fleet" if scope == GLOBAL else f"agent {scope}"
+    alerts.alert("kill_engaged", f"kill switch engaged for {where} by {actor}: {reason or 'no reason given'}",
+                 agent=None if scope == GLOBAL else scope, level="warning", scope=scope, actor=actor, hard=hard)
 
 
 def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> None:

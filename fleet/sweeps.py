@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, update
 from sqlmodel import col, select
 
-from fleet import db, ledger, store
+from fleet import alerts, db, ledger, store
 from fleet.dispatch import Sender, archive
 from fleet.executor import run_log_path
 from fleet.locks import Lease
@@ -166,6 +166,9 @@ def _bury(services: Services, run: Run, reason: str, error: str, report: SweepRe
         store.add_event(session=session, at=now, kind="run.dead_lettered", run_id=run.id, agent=run.agent,
                         reason=reason, error=error)
         session.commit()
+    alerts.alert("crash_loop" if reason == "crash_loop" else "dead_letter",
+                 f"run {run.id} of {run.agent} was dead-lettered by the reaper: {error}",
+                 agent=run.agent, run_id=run.id, reason=reason, attempts=run.attempt)
     report.add(f"dead_{reason}", run.id)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import func
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, col, select
 
-from fleet import db, keys, killswitch, ledger
+from fleet import alerts, db, keys, killswitch, ledger
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus, WatchdogVerdict
 from fleet.services import Services
@@ -81,8 +81,13 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
             breaker_check(services),
             *disk_checks(services),
         ]
+        previous = latest(session)
         session.rollback()
     verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
+    # Once per transition: the previous verdict is in the database, shared by beat's and cron's watchdogs.
+    if verdict.status == RED and (previous is None or previous.status != RED):
+        red = [f"{c.name}: {c.reason}" for c in checks if c.status == RED]
+        alerts.alert("watchdog_red", "watchdog red: " + "; ".join(red), host=services.host, checks=red)
     if send_canary is not None:
         for queue in QUEUES:
             send_canaries(services.redis, send_canary, queue, now)
@@ -238,6 +243,10 @@ def heal(services: Services) -> list[str]:
         restored = killswitch.restore(session, services.redis)
         if restored:
             healed.append(f"restored {restored} kill flag(s) from the database")
+        if services.redis.set(keys.redis_epoch(), services.now().isoformat(), nx=True) and latest(session) is not None:
+            healed.append("Redis had lost its data (epoch marker missing): marker set again")
+            alerts.alert("redis_restart", f"Redis lost its data; {restored} kill flag(s) restored from the database",
+                         level="warning", restored=restored)
         for name, spec in services.config.agents.items():
             for lease in services.leases.holders(name, spec.concurrency):
                 if _lease_orphaned(session, lease):

@@ -48,7 +48,7 @@ import tornado.template
 import tornado.web
 from prometheus_client.exposition import choose_encoder
 
-from fleet import __version__, db, keys, logs, metrics, watchdog
+from fleet import __version__, alerts, db, keys, logs, metrics, watchdog
 from fleet.errors import ConfigError, FleetError, UnavailableError
 from fleet.executor import run_log_path
 from fleet.services import Services, check_redis
@@ -511,6 +511,7 @@ def web_token(services: Services) -> str | None:
 
 def serve(services: Services) -> None:
     """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly."""
+    alerts.init_sentry(services.settings, "web")
     try:
         token = web_token(services)
         asyncio.run(_serve(services, token))

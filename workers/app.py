@@ -5,13 +5,14 @@ Settings are read once here; clients are built per worker process after the fork
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
 from kombu import Queue
 
-from fleet import logs
+from fleet import alerts, logs
 from fleet.config import load_settings
 from fleet.services import Services, build
 
@@ -24,6 +25,10 @@ EXECUTE_TIME_LIMIT = MAX_AGENT_SECONDS + 1800
 VISIBILITY_TIMEOUT = EXECUTE_TIME_LIMIT + 3600
 
 settings = load_settings()
+# The one Sentry initialisation of every Celery process, at import: before the prefork pool forks
+# (children inherit it) and before beat's scheduler starts (its check-ins are patched in).
+alerts.init_sentry(settings, next((a for a in sys.argv[1:] if a in ("worker", "beat", "flower")), "celery"),
+                   celery=True)
 
 app = Celery("fleet", broker=settings.broker_url, backend=settings.broker_url, include=["workers.tasks"])
 app.conf.update(

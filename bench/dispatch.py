@@ -1,0 +1,285 @@
+"""Dispatch-to-finish throughput and dispatch-to-running latency of a no-op agent, Fleet versus bare Celery.
+
+    python -m bench.dispatch [--quick] [--db sqlite,postgresql] [--reps 3]
+
+Fleet: an agent `noop` (command ["true"]); N runs with distinct work keys dispatched one after the
+other from this process (`fleet.dispatch.dispatch` with a `send_task("fleet.execute")` sender, as in
+tests/harness.py) to one real worker (prefork -c 2, -O fair, Fleet's own Celery settings).
+Bare Celery: bench/bare_app.py, a task running `subprocess.run(["true"])` with the same worker
+settings on the same private redis-server; N fire-and-forget sends, then every result.
+
+Figures per repetition (tables show the median of the repetitions, with min..max):
+- throughput: N / (last run finished - first dispatch call started), from the run rows (Fleet) or
+  the tasks' own end times (bare), so polling granularity does not count;
+- dispatch rate: N / time spent in the N dispatch (or send) calls alone: the producer's ceiling;
+- burst latency: per run, its start (`started_at`, or the task's first line) minus the start of
+  the call that dispatched it, while the rest of the burst queues up too;
+- isolated latency: the same with one run at a time (each waits for the previous one to finish);
+- commits per run (PostgreSQL): pg_stat_database.xact_commit of the benchmark's own database
+  before and after the burst, with every connection closed so the counters are flushed;
+- events per run: run_events rows per run (a proxy on SQLite, which keeps no commit counter).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+
+from bench.common import (
+    ROOT,
+    database,
+    epoch,
+    log,
+    machine_note,
+    med_of,
+    parse_args,
+    pct,
+    pg_backends,
+    pg_commits,
+    private_redis,
+    spread,
+    table,
+    wait_until,
+    workdir,
+)
+
+NOOP_AGENTS = """
+[fleet]
+timezone = "UTC"
+
+[agents.noop]
+command = ["true"]
+concurrency = 1000
+timeout_s = 60
+"""
+
+_TERMINAL_SQL = "('succeeded','idle','failed','killed','archived','dead')"
+
+
+# ---------------------------------------------------------------- Fleet
+
+
+def _reader(url: str) -> Engine:
+    """A plain engine for polling: no BEGIN IMMEDIATE, so it never takes SQLite's write lock."""
+    return create_engine(url)
+
+
+def _terminal_count(reader: Engine, actor: str) -> int:
+    with reader.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM runs WHERE dispatched_by = :a AND status IN "
+                                     f"{_TERMINAL_SQL}"), {"a": actor}).scalar_one())
+
+
+def _rows(reader: Engine, actor: str) -> list[Any]:
+    with reader.connect() as conn:
+        return list(conn.execute(text("SELECT id, status, started_at, finished_at FROM runs "
+                                      "WHERE dispatched_by = :a"), {"a": actor}))
+
+
+def _events_per_run(reader: Engine, actor: str) -> float:
+    with reader.connect() as conn:
+        runs = conn.execute(text("SELECT count(*) FROM runs WHERE dispatched_by = :a"), {"a": actor}).scalar_one()
+        events = conn.execute(text("SELECT count(*) FROM run_events WHERE run_id IN "
+                                   "(SELECT id FROM runs WHERE dispatched_by = :a)"), {"a": actor}).scalar_one()
+    return float(events / runs) if runs else float("nan")
+
+
+def _close_all(fleet: Any, reader: Engine, pg_url: str | None) -> None:
+    """Stop the workers and close our connections (PostgreSQL flushes a backend's counters as it exits)."""
+    for proc in list(fleet.workers):
+        fleet.stop_worker(proc)
+    fleet.services.engine.dispose()
+    reader.dispose()
+    if pg_url is not None:
+        wait_until(lambda: pg_backends(pg_url) == 0, 30, "every connection to the benchmark database to close", 0.05)
+
+
+def _as_epoch(value: Any) -> float:
+    if isinstance(value, str):  # SQLite through a plain engine hands timestamps back as text
+        from datetime import datetime
+
+        value = datetime.fromisoformat(value)
+    return epoch(value)
+
+
+def _fleet_burst(fleet: Any, n: int, actor: str) -> tuple[dict[str, float], list[float], float]:
+    """N dispatches one after the other: when each call began, how long each took, when the first began."""
+    from fleet.dispatch import DispatchRequest, dispatch
+
+    sent_at: dict[str, float] = {}
+    called: list[float] = []
+    statuses: dict[str, int] = {}
+    first = time.time()
+    for i in range(n):
+        at = time.time()
+        result = dispatch(fleet.services, DispatchRequest("noop", f"{actor}-{i}", actor=actor), fleet.send_execute)
+        called.append(time.time() - at)
+        statuses[result.status] = statuses.get(result.status, 0) + 1
+        sent_at[str(result.run_id)] = at
+    if statuses != {"queued": n}:
+        raise RuntimeError(f"not every dispatch was queued: {statuses}")
+    return sent_at, called, first
+
+
+def _finished_rows(reader: Engine, actor: str, n: int) -> list[Any]:
+    wait_until(lambda: _terminal_count(reader, actor) == n, 600, f"{n} runs of {actor} to finish", 0.05)
+    rows = _rows(reader, actor)
+    if {r.status for r in rows} != {"succeeded"}:
+        raise RuntimeError(f"not every run succeeded: {sorted({r.status for r in rows})}")
+    return rows
+
+
+def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: int) -> dict[str, Any]:
+    """One repetition on a fresh database: isolated runs (they also warm up), the burst, then the drain."""
+    from fleet.dispatch import DispatchRequest, dispatch
+    from tests.harness import Fleet
+
+    home.mkdir(parents=True)
+    with database(kind, home) as url:
+        fleet = Fleet(home, redis_url, url, agents=NOOP_AGENTS)
+        reader = _reader(url)
+        try:
+            fleet.start(workers=1, concurrency=2)
+            isolated = []
+            for i in range(paced):
+                actor = f"paced-{i}"
+                at = time.time()
+                dispatch(fleet.services, DispatchRequest("noop", actor, actor=actor), fleet.send_execute)
+                wait_until(lambda a=actor: _terminal_count(reader, a) == 1, 60, "an isolated run to finish", 0.005)
+                isolated.append(_as_epoch(_rows(reader, actor)[0].started_at) - at)
+            # A fresh worker for the burst, with every connection closed first so that PostgreSQL's
+            # per-database commit counter is flushed before and after.
+            _close_all(fleet, reader, url if kind == "postgresql" else None)
+            before = pg_commits(url) if kind == "postgresql" else None
+            fleet.start_worker(concurrency=2)
+            fleet.wait_consuming()
+            sent_at, called, first = _fleet_burst(fleet, n, "burst")
+            rows = _finished_rows(reader, "burst", n)
+            events = _events_per_run(reader, "burst")
+            _close_all(fleet, reader, url if kind == "postgresql" else None)
+            commits = (pg_commits(url)[0] - before[0]) / n if before is not None else None
+            # The consumer alone: runs queued while no worker runs, then drained by a fresh one.
+            _fleet_burst(fleet, drain, "drain")
+            fleet.start_worker(concurrency=2)
+            drained = _finished_rows(reader, "drain", drain)
+        finally:
+            fleet.stop()
+            reader.dispose()
+    latency = [_as_epoch(r.started_at) - sent_at[r.id] for r in rows]
+    elapsed = max(_as_epoch(r.finished_at) for r in rows) - first
+    drain_s = max(_as_epoch(r.finished_at) for r in drained) - min(_as_epoch(r.started_at) for r in drained)
+    return {"throughput": n / elapsed, "dispatch_rate": n / sum(called), "call_p50": 1000 * pct(called, 50),
+            "drain_rate": drain / drain_s,
+            "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
+            "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
+            "commits": commits, "events": events}
+
+
+# ---------------------------------------------------------------- bare Celery
+
+
+def _start_bare_worker(home: Path, broker: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "BENCH_BROKER_URL": broker, "PYTHONPATH": str(ROOT)}
+    logfile = open(home / "bare-worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.bare_app", "worker", "-Q", "bare", "-P", "prefork", "-c", "2",
+         "-O", "fair", "-n", f"bare-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"],
+        env=env, cwd=home, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def bare_rep(home: Path, broker: str, n: int, paced: int) -> dict[str, Any]:
+    """One repetition: a fresh worker, isolated tasks (warm-up), then N fire-and-forget sends."""
+    os.environ["BENCH_BROKER_URL"] = broker
+    from bench import bare_app
+
+    bare_app.app.conf.update(broker_url=broker, result_backend=broker)
+    home.mkdir(parents=True)
+    worker = _start_bare_worker(home, broker)
+    try:
+        bare_app.run.apply_async().get(timeout=60)  # the worker consumes
+        isolated = []
+        for _ in range(paced):
+            at = time.time()
+            out = bare_app.run.apply_async().get(timeout=60)
+            isolated.append(out["start"] - at)
+        sent: list[tuple[Any, float]] = []
+        called: list[float] = []
+        first = time.time()
+        for _ in range(n):
+            at = time.time()
+            sent.append((bare_app.run.apply_async(), at))
+            called.append(time.time() - at)
+        outs = [(result.get(timeout=600), at) for result, at in sent]
+    finally:
+        _stop(worker)
+    latency = [out["start"] - at for out, at in outs]
+    elapsed = max(out["end"] for out, _ in outs) - first
+    return {"throughput": n / elapsed, "dispatch_rate": n / sum(called), "call_p50": 1000 * pct(called, 50),
+            "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
+            "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
+            "commits": None, "events": None}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    """Run the repetitions interleaved (bare, then Fleet on each database), print the tables."""
+    args = parse_args("Fleet vs bare Celery: dispatch-to-finish throughput and latency of a no-op agent")
+    n = 50 if args.quick else 300
+    paced = 10 if args.quick else 30
+    reps = args.reps or (1 if args.quick else 3)
+    results: dict[str, list[dict[str, Any]]] = {"bare": [], **{k: [] for k in args.kinds}}
+    began = time.monotonic()
+    with workdir("dispatch") as tmp, private_redis(tmp) as redis:
+        for rep in range(reps):
+            log(f"rep {rep + 1}/{reps}: bare Celery, N={n}")
+            results["bare"].append(bare_rep(tmp / f"bare-{rep}", f"redis://127.0.0.1:{redis.port}/1", n, paced))
+            for kind in args.kinds:
+                log(f"rep {rep + 1}/{reps}: Fleet on {kind}, N={n}")
+                results[kind].append(fleet_rep(kind, tmp / f"{kind}-{rep}", redis.url, n, paced))
+    print(f"\nbench.dispatch: N={n} burst runs + {paced} isolated runs per repetition, {reps} repetition(s), "
+          f"medians (min..max); {machine_note()}; took {time.monotonic() - began:.0f} s")
+    rows = []
+    bare = results["bare"]
+    for name, reps_ in results.items():
+        label = "bare Celery" if name == "bare" else f"Fleet, {name}"
+        rows.append([label, spread(reps_, "throughput"), spread(reps_, "dispatch_rate"), spread(reps_, "call_p50", "{:.2f}"),
+                     f"{med_of(reps_, 'lat_p50'):.1f} / {med_of(reps_, 'lat_p95'):.1f}",
+                     f"{med_of(reps_, 'iso_p50'):.1f} / {med_of(reps_, 'iso_p95'):.1f}",
+                     spread(reps_, "commits") if name == "postgresql" else "-",
+                     spread(reps_, "events") if name != "bare" else "-"])
+    table("no-op agent: throughput and latency", ["system", "throughput runs/s", "dispatch calls/s",
+                                                  "call p50 ms", "burst latency p50 / p95 ms",
+                                                  "isolated latency p50 / p95 ms", "DB commits/run",
+                                                  "events/run"], rows)
+    ratios = []
+    for kind in args.kinds:
+        fleet = results[kind]
+        ratios.append([f"Fleet {kind} / bare",
+                       f"{med_of(fleet, 'throughput') / med_of(bare, 'throughput'):.2f}",
+                       f"{med_of(fleet, 'lat_p50') / med_of(bare, 'lat_p50'):.2f}",
+                       f"{med_of(fleet, 'iso_p50') / med_of(bare, 'iso_p50'):.2f}"])
+    table("ratios (Fleet / bare Celery)", ["", "throughput", "burst latency p50", "isolated latency p50"], ratios)
+
+
+if __name__ == "__main__":
+    main()
