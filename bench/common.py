@@ -33,6 +33,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--db", default=",".join(KINDS), help="comma-separated: sqlite,postgresql")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3)")
     args = parser.parse_args(argv)
+    quiet_logs()
     args.kinds = [k.strip() for k in args.db.split(",") if k.strip()]
     unknown = set(args.kinds) - set(KINDS)
     if unknown:
@@ -101,6 +102,16 @@ def machine_note() -> str:
     """CPU count and load, printed with the figures: a loaded 2-core machine bounds all of them."""
     load = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+def quiet_logs() -> None:
+    """Fleet's in-process code logs at INFO through structlog: keep only warnings, on stderr."""
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
 def log(message: str) -> None:

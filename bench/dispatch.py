@@ -22,11 +22,14 @@ Figures per repetition (tables show the median of the repetitions, with min..max
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from bench.common import (
     wait_until,
     workdir,
 )
+from bench.sqltrace import Counts, Tracer
 
 NOOP_AGENTS = """
 [fleet]
@@ -205,8 +209,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-def bare_rep(home: Path, broker: str, n: int, paced: int) -> dict[str, Any]:
-    """One repetition: a fresh worker, isolated tasks (warm-up), then N fire-and-forget sends."""
+def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[str, Any]:
+    """One repetition: a fresh worker, isolated tasks (warm-up), N fire-and-forget sends, then the drain."""
     os.environ["BENCH_BROKER_URL"] = broker
     from bench import bare_app
 
@@ -228,17 +232,142 @@ def bare_rep(home: Path, broker: str, n: int, paced: int) -> dict[str, Any]:
             sent.append((bare_app.run.apply_async(), at))
             called.append(time.time() - at)
         outs = [(result.get(timeout=600), at) for result, at in sent]
+        _stop(worker)
+        # The consumer alone: tasks queued while no worker runs, then drained by a fresh one.
+        queued = [bare_app.run.apply_async() for _ in range(drain)]
+        worker = _start_bare_worker(home, broker)
+        drained = [result.get(timeout=600) for result in queued]
     finally:
         _stop(worker)
     latency = [out["start"] - at for out, at in outs]
     elapsed = max(out["end"] for out, _ in outs) - first
+    drain_s = max(out["end"] for out in drained) - min(out["start"] for out in drained)
     return {"throughput": n / elapsed, "dispatch_rate": n / sum(called), "call_p50": 1000 * pct(called, 50),
+            "drain_rate": drain / drain_s,
             "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
             "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
             "commits": None, "events": None}
 
 
+# ---------------------------------------------------------------- in-process trace
+
+
+@contextlib.contextmanager
+def _timed(module: Any, names: list[str], into: dict[str, list[float]]) -> Iterator[None]:
+    """Time every call of the named module attributes (patched for the block, then put back)."""
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                into.setdefault(name, []).append(time.perf_counter() - started)
+        return timed
+
+    for name, fn in originals.items():
+        setattr(module, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
+def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, Any]:
+    """Dispatch and execute runs one at a time in this process (no Celery), counting the database work
+    of each side with engine events and timing each step."""
+    from fleet import db, executor
+    from fleet import dispatch as dispatching
+    from fleet.config import Settings, load_fleet_config
+    from fleet.services import build
+
+    home.mkdir(parents=True)
+    config = home / "fleet.toml"
+    config.write_text(NOOP_AGENTS)
+    with database(kind, home) as url:
+        services = build(Settings(config=config, redis_url=redis_url, database_url=url, log_dir=home / "logs"),
+                         load_fleet_config(config))
+        services.redis.flushdb()
+        db.upgrade(services.engine)
+        tracer = Tracer(services.engine)
+        try:
+            def one_run(key: str, sides: dict[str, Counts] | None = None) -> None:
+                sent: list[tuple[str, int]] = []
+                request = dispatching.DispatchRequest("noop", key, actor="trace")
+                with tracer.counting() as counts:
+                    dispatching.dispatch(services, request, lambda run_id, fence: sent.append((run_id, fence)))
+                if sides is not None:
+                    _add(sides["dispatch"], counts)
+                with tracer.counting() as counts:
+                    result = executor.execute(services, sent[0][0], sent[0][1], lambda *_: None)
+                if sides is not None:
+                    _add(sides["execute"], counts)
+                if result.status != "succeeded":
+                    raise RuntimeError(f"traced run ended {result.status}: {result.reason}")
+
+            for i in range(3):
+                one_run(f"warm-{i}")
+            sides = {"dispatch": Counts(), "execute": Counts()}
+            steps: dict[str, list[float]] = {}
+            with _timed(dispatching, ["archive_stale", "create", "plan", "dispatch_one"], steps), \
+                    _timed(executor, ["_claim", "_run_attempt", "_finish"], steps):
+                for i in range(runs):
+                    one_run(f"trace-{i}", sides)
+        finally:
+            tracer.close()
+            services.close()
+    return {"per_run": {side: counts.per(runs) for side, counts in sides.items()},
+            "steps": {name: 1000 * pct(values, 50) for name, values in steps.items()}}
+
+
+def _add(total: Counts, part: Counts) -> None:
+    for name in ("checkouts", "begins", "write_commits", "read_commits", "rollbacks", "statements"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+
+
 # ---------------------------------------------------------------- main
+
+
+def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
+    rows = []
+    bare = results["bare"]
+    for name, reps in results.items():
+        rows.append(["bare Celery" if name == "bare" else f"Fleet, {name}", spread(reps, "throughput"),
+                     spread(reps, "dispatch_rate"), spread(reps, "drain_rate"), spread(reps, "call_p50", "{:.2f}"),
+                     f"{med_of(reps, 'lat_p50'):.1f} / {med_of(reps, 'lat_p95'):.1f}",
+                     f"{med_of(reps, 'iso_p50'):.1f} / {med_of(reps, 'iso_p95'):.1f}",
+                     spread(reps, "commits") if name == "postgresql" else "-",
+                     spread(reps, "events") if name != "bare" else "-"])
+    table("no-op agent: throughput and latency",
+          ["system", "throughput runs/s", "producer: dispatch calls/s", "consumer: drain runs/s", "call p50 ms",
+           "burst latency p50 / p95 ms", "isolated latency p50 / p95 ms", "DB commits/run (pg_stat)",
+           "events/run"], rows)
+    ratios = []
+    for kind in kinds:
+        fleet = results[kind]
+        ratios.append([f"Fleet {kind} / bare Celery"] + [
+            f"{med_of(fleet, key) / med_of(bare, key):.3f}" for key in ("throughput", "drain_rate", "lat_p50",
+                                                                        "iso_p50")])
+    table("ratios (Fleet / bare Celery, medians)",
+          ["", "throughput", "consumer drain rate", "burst latency p50", "isolated latency p50"], ratios)
+
+
+def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
+    rows = []
+    for kind, trace in traces.items():
+        for side, per in trace["per_run"].items():
+            rows.append([kind, side, f"{per['write_commits']:.1f}", f"{per['read_commits']:.1f}",
+                         f"{per['rollbacks']:.1f}", f"{per['checkouts']:.1f}", f"{per['statements']:.1f}"])
+    table("database work per run, traced in-process (engine events; one run at a time, no Celery)",
+          ["DB", "side", "commits that wrote (durable)", "read-only commits", "rollbacks",
+           "connection checkouts (pg: +1 ping each)", "SQL statements"], rows)
+    names = ["archive_stale", "create", "plan", "dispatch_one", "_claim", "_run_attempt", "_finish"]
+    table("where one run's time goes, p50 ms per step (in-process, one at a time, no Celery)",
+          ["step", *traces], [[name, *[f"{t['steps'].get(name, float('nan')):.2f}" for t in traces.values()]]
+                              for name in names])
 
 
 def main() -> None:
@@ -246,39 +375,27 @@ def main() -> None:
     args = parse_args("Fleet vs bare Celery: dispatch-to-finish throughput and latency of a no-op agent")
     n = 50 if args.quick else 300
     paced = 10 if args.quick else 30
+    drain = 30 if args.quick else 150
     reps = args.reps or (1 if args.quick else 3)
     results: dict[str, list[dict[str, Any]]] = {"bare": [], **{k: [] for k in args.kinds}}
+    traces: dict[str, dict[str, Any]] = {}
     began = time.monotonic()
     with workdir("dispatch") as tmp, private_redis(tmp) as redis:
         for rep in range(reps):
             log(f"rep {rep + 1}/{reps}: bare Celery, N={n}")
-            results["bare"].append(bare_rep(tmp / f"bare-{rep}", f"redis://127.0.0.1:{redis.port}/1", n, paced))
+            results["bare"].append(bare_rep(tmp / f"bare-{rep}", f"redis://127.0.0.1:{redis.port}/1", n, paced,
+                                            drain))
             for kind in args.kinds:
                 log(f"rep {rep + 1}/{reps}: Fleet on {kind}, N={n}")
-                results[kind].append(fleet_rep(kind, tmp / f"{kind}-{rep}", redis.url, n, paced))
-    print(f"\nbench.dispatch: N={n} burst runs + {paced} isolated runs per repetition, {reps} repetition(s), "
-          f"medians (min..max); {machine_note()}; took {time.monotonic() - began:.0f} s")
-    rows = []
-    bare = results["bare"]
-    for name, reps_ in results.items():
-        label = "bare Celery" if name == "bare" else f"Fleet, {name}"
-        rows.append([label, spread(reps_, "throughput"), spread(reps_, "dispatch_rate"), spread(reps_, "call_p50", "{:.2f}"),
-                     f"{med_of(reps_, 'lat_p50'):.1f} / {med_of(reps_, 'lat_p95'):.1f}",
-                     f"{med_of(reps_, 'iso_p50'):.1f} / {med_of(reps_, 'iso_p95'):.1f}",
-                     spread(reps_, "commits") if name == "postgresql" else "-",
-                     spread(reps_, "events") if name != "bare" else "-"])
-    table("no-op agent: throughput and latency", ["system", "throughput runs/s", "dispatch calls/s",
-                                                  "call p50 ms", "burst latency p50 / p95 ms",
-                                                  "isolated latency p50 / p95 ms", "DB commits/run",
-                                                  "events/run"], rows)
-    ratios = []
-    for kind in args.kinds:
-        fleet = results[kind]
-        ratios.append([f"Fleet {kind} / bare",
-                       f"{med_of(fleet, 'throughput') / med_of(bare, 'throughput'):.2f}",
-                       f"{med_of(fleet, 'lat_p50') / med_of(bare, 'lat_p50'):.2f}",
-                       f"{med_of(fleet, 'iso_p50') / med_of(bare, 'iso_p50'):.2f}"])
-    table("ratios (Fleet / bare Celery)", ["", "throughput", "burst latency p50", "isolated latency p50"], ratios)
+                results[kind].append(fleet_rep(kind, tmp / f"{kind}-{rep}", redis.url, n, paced, drain))
+        for kind in args.kinds:
+            log(f"in-process trace on {kind}")
+            traces[kind] = trace_kind(kind, tmp / f"trace-{kind}", f"redis://127.0.0.1:{redis.port}/2",
+                                      10 if args.quick else 30)
+    print(f"\nbench.dispatch: N={n} burst runs, {paced} isolated runs and {drain} drained runs per repetition, "
+          f"{reps} repetition(s), medians (min..max); {machine_note()}; took {time.monotonic() - began:.0f} s")
+    _print(results, args.kinds)
+    _print_trace(traces)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 
 _WRITE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
@@ -29,6 +29,7 @@ class Counts:
     rollbacks: int = 0
     statements: int = 0
     by_statement: dict[str, list[float]] = field(default_factory=dict)  # SQL -> [calls, seconds]
+    params: dict[str, Any] = field(default_factory=dict)  # SQL -> the parameters of its first call
 
     def per(self, n: int) -> dict[str, float]:
         """Each count divided by n (per run)."""
@@ -58,9 +59,12 @@ class Tracer:
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[Counts]:
-        """Count what the block does (replaces the running totals)."""
-        self.counts = Counts()
-        yield self.counts
+        """Count what the block does, and only that."""
+        counts = self.counts = Counts()
+        try:
+            yield counts
+        finally:
+            self.counts = Counts()  # what runs after the block goes to a throw-away tally
 
     def _checkout(self, *_: Any) -> None:
         self.counts.checkouts += 1
@@ -79,9 +83,10 @@ class Tracer:
         self._writes.pop(id(conn), None)
         self.counts.rollbacks += 1
 
-    def _before(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    def _before(self, conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
         if statement.startswith("BEGIN"):
             return
+        self.counts.params.setdefault(_SPACE.sub(" ", statement).strip(), parameters)
         self.counts.statements += 1
         if _WRITE.match(statement):
             self._writes[id(conn)] = self._writes.get(id(conn), 0) + 1
@@ -97,11 +102,11 @@ class Tracer:
         entry[1] += time.perf_counter() - started
 
 
-def explain(engine: Engine, statement: str, params: dict[str, Any] | None = None) -> list[str]:
-    """The query plan of a statement (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL)."""
+def explain(engine: Engine, statement: str, params: Any = None) -> list[str]:
+    """The query plan of a statement as the driver saw it (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL)."""
     prefix = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
     with engine.connect() as conn:
-        rows = conn.execute(text(prefix + statement), params or {}).all()
+        rows = conn.exec_driver_sql(prefix + statement, params if params is not None else ()).all()
         conn.rollback()
     if engine.dialect.name == "sqlite":
         return [str(row[-1]) for row in rows]

@@ -111,6 +111,14 @@ breaker_cooldown_s = 2
 concurrency = 20
 timeout_s = 30
 
+[agents.crashy]
+command = ["python", "-m", "fleet.examples.sleeper", "3", "--pidfile", "{tmp}/crashy.pids"]
+timeout_s = 60
+
+[agents.worker-killer]
+command = ["python", "-c", "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"]
+timeout_s = 60
+
 [agents.env]
 command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
 env = { MODEL = "sonnet" }
@@ -231,6 +239,14 @@ class Fleet:
     def send_execute(self, run_id: str, fence: int, countdown: float = 0.0) -> None:
         """What workers.tasks.send_execute does, from the test process."""
         self.celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", countdown=countdown or None)
+
+    def start_beat(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a real `celery beat` (its own schedule file and log)."""
+        log = open(self.tmp / f"beat-{name}.log", "ab")  # noqa: SIM115 - lives with the beat
+        return subprocess.Popen(
+            [PY, "-m", "celery", "-A", "workers.app", "beat", "-l", "INFO", "-s", str(self.tmp / f"beat-{name}.db")],
+            env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
 
     def cli(self, *args: str, check: bool = False, timeout: float = 60,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

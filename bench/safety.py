@@ -1,0 +1,264 @@
+"""The safety rails under load: kill latency, and spend reservations under maximum contention.
+
+    python -m bench.safety [--quick] [--db sqlite,postgresql] [--reps 3]
+
+(a) Kill latency. A real fleet (2 worker nodes x 26 pool processes) runs K sleeping agents
+    (`python -m fleet.examples.sleeper 120 --pidfile F`, concurrency 100). Once every pid is in F,
+    `killswitch.engage(...)` (global) is called and each agent's pid is polled in /proc every ~5 ms;
+    an agent's latency is from the start of the engage call to the moment its pid is gone (a zombie
+    counts as gone). p50 and max per repetition, for K = 10 and 50; the switch is released after.
+    Fleet's own settings are the defaults: kill_poll_s = 0.2 s, kill_grace_s = 5 s (the sleeper
+    obeys SIGTERM). There is no Celery baseline: Celery's revoke(terminate=True) kills the pool
+    process and leaves the agent subprocess running (FACTS.md: 6 of 6 orphaned), so the bare
+    Celery latency is "never".
+(b) Reservation throughput. P processes (1, then 8) each call `ledger.reserve` (1 micro-dollar,
+    caps high enough never to refuse, the same agent and day = one hot row per scope) in its own
+    transaction, commit, and repeat for a fixed time. Total reservations/s and per-reservation
+    latency; afterwards the ledger row must equal the number of reservations made.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import select
+
+from bench.common import (
+    database,
+    log,
+    machine_note,
+    med_of,
+    parse_args,
+    pct,
+    private_redis,
+    spread,
+    table,
+    wait_until,
+    workdir,
+)
+
+SLEEPER_AGENTS = """
+[fleet]
+timezone = "UTC"
+
+[agents.sleeper]
+command = ["python", "-m", "fleet.examples.sleeper", "120", "--pidfile", "{tmp}/sleeper.pids"]
+concurrency = 100
+timeout_s = 300
+"""
+
+HUGE_CAP = 10**15  # micro-dollars: never refuses
+
+
+# ---------------------------------------------------------------- (a) kill latency
+
+
+def _pids(pidfile: Path) -> list[int]:
+    if not pidfile.exists():
+        return []
+    return [int(line.split()[0]) for line in pidfile.read_text().splitlines() if line.strip()]
+
+
+def kill_rep(fleet: Any, agents: int, tag: str) -> dict[str, Any]:
+    """Start `agents` sleepers, engage the global kill, time each pid's end, release."""
+    from fleet import keys, killswitch
+    from fleet.dispatch import DispatchRequest, dispatch
+    from fleet.models import Run
+    from tests.harness import pid_alive
+
+    services = fleet.services
+    pidfile = fleet.tmp / "sleeper.pids"
+    pidfile.unlink(missing_ok=True)
+    run_ids = []
+    for i in range(agents):
+        result = dispatch(services, DispatchRequest("sleeper", f"{tag}-{i}", actor="bench"), fleet.send_execute)
+        if result.status != "queued":
+            raise RuntimeError(f"dispatch of sleeper {i} was {result.status}: {result.reason}")
+        run_ids.append(result.run_id)
+    wait_until(lambda: len(_pids(pidfile)) == agents, 300, f"{agents} sleepers to write their pids", 0.1)
+    pids = _pids(pidfile)
+    if not all(pid_alive(p) for p in pids):
+        raise RuntimeError("a sleeper died before the kill")
+    time.sleep(0.5)  # every executor is in its watch loop
+    gone: dict[int, float] = {}
+    started = time.monotonic()
+    killswitch.engage(services.engine, services.redis, scope=keys.GLOBAL, reason="bench", actor="bench",
+                      hard=False, now=services.now())
+    engaged = time.monotonic() - started
+    try:
+        deadline = started + 30
+        while len(gone) < len(pids) and time.monotonic() < deadline:
+            for pid in pids:
+                if pid not in gone and not pid_alive(pid):
+                    gone[pid] = time.monotonic() - started
+            time.sleep(0.005)
+        if len(gone) < len(pids):
+            raise RuntimeError(f"{len(pids) - len(gone)} agent(s) still alive 30 s after the kill")
+
+        def all_killed() -> bool:
+            from fleet import db
+
+            with db.session(services.engine) as session:
+                statuses = {r.status for r in session.exec(select(Run).where(Run.id.in_(run_ids)))}  # type: ignore[union-attr]
+                session.rollback()
+            return statuses == {"killed"}
+
+        wait_until(all_killed, 60, "every run to be recorded as killed", 0.1)
+    finally:
+        killswitch.release(services.engine, services.redis, scope=keys.GLOBAL, actor="bench", now=services.now())
+    latencies = list(gone.values())
+    return {"p50": 1000 * pct(latencies, 50), "max": 1000 * max(latencies), "engage": 1000 * engaged}
+
+
+def kill_bench(kind: str, home: Path, redis_url: str, sizes: list[int], reps: int, procs: tuple[int, int]
+               ) -> dict[int, list[dict[str, Any]]]:
+    """One fleet on a fresh database; every size `reps` times, interleaved."""
+    from tests.harness import Fleet
+
+    home.mkdir(parents=True)
+    out: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
+    with database(kind, home) as url:
+        fleet = Fleet(home, redis_url, url, agents=SLEEPER_AGENTS)
+        try:
+            fleet.start(workers=procs[0], concurrency=procs[1])
+            for rep in range(reps):
+                for size in sizes:
+                    log(f"kill latency on {kind}: {size} agents, rep {rep + 1}/{reps}")
+                    out[size].append(kill_rep(fleet, size, f"r{rep}-k{size}"))
+        finally:
+            fleet.stop()
+    return out
+
+
+# ---------------------------------------------------------------- (b) reservations
+
+
+def _reserver(url: str, day: str, duration: float, go: Any, start_at: Any, ready: Any, out: Any) -> None:
+    """One contending process: reserve 1 micro-dollar per transaction until the time is up."""
+    from fleet import db, ledger
+
+    engine = db.make_engine(url)
+    caps = ledger.Caps(agent=HUGE_CAP, fleet=HUGE_CAP)
+    with engine.connect():
+        pass  # connected before the start line
+    ready.put(True)
+    go.wait()
+    while time.time() < start_at.value:
+        time.sleep(0.0005)
+    end = start_at.value + duration
+    latencies = []
+    while True:
+        began = time.perf_counter()
+        if time.time() >= end:
+            break
+        with db.session(engine) as session:
+            if not ledger.reserve(session, day=day, agent="hot", amount=1, caps=caps, now=datetime.now(UTC)):
+                raise RuntimeError("a reservation was refused under a cap that cannot be reached")
+            session.commit()
+        latencies.append(time.perf_counter() - began)
+    engine.dispose()
+    out.put({"count": len(latencies), "latencies": latencies})
+
+
+def reserve_rep(url: str, processes: int, duration: float) -> dict[str, Any]:
+    """`processes` reservers on the same row for `duration` seconds; checks the ledger adds up."""
+    from fleet import db, ledger
+    from fleet.keys import GLOBAL
+    from fleet.models import SpendDay
+
+    engine = db.make_engine(url)
+    with db.session(engine) as session:
+        day = ledger.budget_day(session, "UTC")
+        before = {row.scope: row.reserved_micros for row in ledger.day_rows(session, day=day)}
+        session.rollback()
+    ctx = multiprocessing.get_context("spawn")
+    out, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    workers = [ctx.Process(target=_reserver, args=(url, day, duration, go, start_at, ready, out))
+               for _ in range(processes)]
+    for proc in workers:
+        proc.start()
+    for _ in workers:  # a start line: every process has imported and connected
+        ready.get(timeout=120)
+    start_at.value = time.time() + 0.1
+    go.set()
+    results = [out.get(timeout=duration + 120) for _ in workers]
+    for proc in workers:
+        proc.join(30)
+    total = sum(r["count"] for r in results)
+    with db.session(engine) as session:
+        after = {row.scope: row.reserved_micros for row in session.exec(select(SpendDay).where(SpendDay.day == day))}
+        session.rollback()
+    engine.dispose()
+    for scope in ("hot", GLOBAL):
+        if after[scope] - before.get(scope, 0) != total:
+            raise RuntimeError(f"ledger row {scope!r} does not add up: {after[scope] - before.get(scope, 0)} "
+                               f"reserved, {total} reservations made")
+    latencies = [x for r in results for x in r["latencies"]]
+    return {"rate": total / duration, "p50": 1000 * pct(latencies, 50), "p99": 1000 * pct(latencies, 99),
+            "total": total}
+
+
+def reserve_bench(kind: str, home: Path, counts: list[int], duration: float, reps: int
+                  ) -> dict[int, list[dict[str, Any]]]:
+    """Every process count `reps` times on one fresh, migrated database."""
+    from fleet import db
+
+    home.mkdir(parents=True)
+    out: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+    with database(kind, home) as url:
+        engine = db.make_engine(url)
+        db.upgrade(engine)
+        engine.dispose()
+        for rep in range(reps):
+            for n in counts:
+                log(f"reservations on {kind}: {n} process(es), rep {rep + 1}/{reps}")
+                out[n].append(reserve_rep(url, n, duration))
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    """(a) then (b), each on every database asked for; print the tables."""
+    args = parse_args("Fleet safety rails: kill latency and reservation throughput under contention")
+    reps = args.reps or (1 if args.quick else 3)
+    sizes = [10] if args.quick else [10, 50]
+    procs = (2, 6) if args.quick else (2, 26)
+    duration = 1.0 if args.quick else 5.0
+    kill_kinds = args.kinds[:1] if args.quick else args.kinds
+    began = time.monotonic()
+    kills: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    reservations: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    with workdir("safety") as tmp:
+        with private_redis(tmp) as redis:
+            for kind in kill_kinds:
+                kills[kind] = kill_bench(kind, tmp / f"kill-{kind}", redis.url, sizes, reps, procs)
+        for kind in args.kinds:
+            reservations[kind] = reserve_bench(kind, tmp / f"reserve-{kind}", [1, 8], duration, reps)
+    print(f"\nbench.safety: {reps} repetition(s), medians (min..max); {machine_note()}; "
+          f"took {time.monotonic() - began:.0f} s")
+    rows = []
+    for kind, by_size in kills.items():
+        for size, reps_ in by_size.items():
+            rows.append([kind, size, f"{procs[0]} x {procs[1]}", spread(reps_, "p50", "{:.0f}"),
+                         spread(reps_, "max", "{:.0f}"), spread(reps_, "engage", "{:.1f}"),
+                         "never (agents orphaned, FACTS.md)"])
+    table("(a) kill latency: engage() to agent pid gone, ms (kill_poll_s 0.2, kill_grace_s 5)",
+          ["DB", "running agents", "workers x processes", "p50 ms", "max ms", "engage() call ms",
+           "bare Celery revoke(terminate)"], rows)
+    rows = []
+    for kind, by_count in reservations.items():
+        for count, reps_ in by_count.items():
+            rows.append([kind, count, spread(reps_, "rate", "{:.0f}"), f"{med_of(reps_, 'p50'):.2f}",
+                         f"{med_of(reps_, 'p99'):.2f}"])
+    table(f"(b) ledger.reserve on one hot agent/day row, {duration:.0f} s per run",
+          ["DB", "processes", "reservations/s (total)", "latency p50 ms", "latency p99 ms"], rows)
+
+
+if __name__ == "__main__":
+    main()
