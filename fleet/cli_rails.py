@@ -32,10 +32,10 @@ def kill(
     out.print(f"kill switch engaged for {'the whole fleet' if agent is None else 'agent ' + agent}"
               + (f": {reason}" if reason else ""))
     if hard:
-        from workers.control import revoke_in_flight
+        from workers.control import hard_stop
 
-        revoked = revoke_in_flight(agent)
-        out.print(f"hard kill: revoked and terminated {revoked} in-flight fleet.execute task(s)")
+        revoked = hard_stop(svc, None if agent is None else scope)
+        out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
 
 
 @app.command()

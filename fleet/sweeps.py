@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import delete, func, or_, update
 from sqlmodel import col, select
 
-from fleet import alerts, db, ledger, store
+from fleet import alerts, db, killswitch, ledger, store
 from fleet.dispatch import Sender, archive
 from fleet.executor import run_log_path
 from fleet.locks import Lease
@@ -122,6 +122,11 @@ def _kill_group(pgid: int) -> None:
 
 
 def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
+    with db.session(services.engine) as session:
+        kill = killswitch.check_mirror(session, run.agent)
+    if kill.killed:
+        _end_killed(services, run, kill.describe(), report)
+        return
     if run.attempt >= run.max_attempts:
         _bury(services, run, "crash_loop", "the run's worker died on every attempt", report)
         return
@@ -147,6 +152,23 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
         session.commit()
     send(run.id, lease.fence)
     report.add("requeued", run.id)
+
+
+def _end_killed(services: Services, run: Run, reason: str, report: SweepReport) -> None:
+    """An abandoned run of a killed scope is not retried: it ends killed."""
+    now = services.now()
+    with db.session(services.engine) as session:
+        moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
+                                .values(status=RunStatus.KILLED, finished_at=now, updated_at=now, error=reason))
+        if moved.rowcount != 1:
+            session.rollback()
+            return
+        fresh = session.get(Run, run.id, populate_existing=True)
+        assert fresh is not None
+        ledger.settle(session, run=fresh, now=now)
+        store.add_event(session=session, at=now, kind="run.killed", run_id=run.id, agent=run.agent, reason=reason)
+        session.commit()
+    report.add("killed", run.id)
 
 
 def _bury(services: Services, run: Run, reason: str, error: str, report: SweepReport) -> None:

@@ -112,7 +112,7 @@ concurrency = 20
 timeout_s = 30
 
 [agents.crashy]
-command = ["python", "-m", "fleet.examples.sleeper", "3", "--pidfile", "{tmp}/crashy.pids"]
+command = ["python", "-m", "fleet.examples.sleeper", "3", "--child", "--pidfile", "{tmp}/crashy.pids"]
 timeout_s = 60
 
 [agents.worker-killer]

@@ -102,17 +102,20 @@ def test_worker_killed_mid_run_is_retried_exactly_once(fleet: Fleet) -> None:
     pidfile.unlink(missing_ok=True)
     result = send(fleet, "crashy", f"crash-{uuid.uuid4().hex}")
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the agent to start")
-    agent = int(pidfile.read_text().split()[0])
+    agent, grandchild = (int(p) for p in pidfile.read_text().split())
     pool_process = parent_of(agent)
     os.kill(pool_process, signal.SIGKILL)
     # The agent dies with its worker (parent-death signal): nothing runs unowned.
     wait_for(lambda: not pid_alive(agent), 5, "the orphaned agent to die with its worker")
     assert run_of(fleet, result.run_id).status == RunStatus.RUNNING  # only the reaper may decide
     reap_until(fleet, lambda: run_of(fleet, result.run_id).attempt == 2, 60, "the reaper to retry the run")
+    # The first attempt's group (its grandchild ignores SIGTERM) was killed before the retry started.
+    assert not pid_alive(grandchild)
     run = wait_status(fleet, result.run_id, {"succeeded", "dead"})
     assert run.status == RunStatus.SUCCEEDED and run.attempt == 2
-    pids = [int(line.split()[0]) for line in pidfile.read_text().splitlines()]
-    assert len(pids) == 2  # the first attempt and exactly one retry; Celery's redelivery started nothing
+    lines = pidfile.read_text().splitlines()
+    assert len(lines) == 2  # the first attempt and exactly one retry; Celery's redelivery started nothing
+    assert not any(pid_alive(int(p)) for line in lines for p in line.split())
     with db.session(fleet.services.engine) as session:
         kinds = [e.kind for e in session.exec(select(RunEvent).where(RunEvent.run_id == run.id))]
     assert kinds.count("run.started") == 2 and kinds.count("run.abandoned") == 1

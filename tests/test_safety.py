@@ -17,7 +17,7 @@ from sqlmodel import select
 from fleet import db, keys, killswitch
 from fleet.models import Run, RunStatus, SpendDay
 from tests.harness import AGENTS, Fleet, PrivateRedis, pid_alive, wait_for
-from tests.test_dispatch import send, wait_status
+from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
 CAP = 5_000_000
@@ -178,3 +178,32 @@ def test_breaker_opens_and_lets_one_trial_through(fleet: Fleet, tmp_path: Path) 
     (trial,) = [r["run_id"] for r in results if r["status"] == "queued"]
     wait_status(fleet, trial, {"dead"})
     assert fleet.services.breakers.state("tripper")["state"] == "open"  # the trial failed: open again
+
+
+def test_hard_kill_through_celery_stops_a_wedged_executor(fleet: Fleet) -> None:
+    """`fleet.kill(hard=True)` from Celery: an executor that cannot read the flag is revoked and terminated."""
+    import os
+    import signal
+
+    from tests.test_beat import parent_of, reap_until
+
+    fleet.reset_agent("long")
+    pidfile = fleet.tmp / "long.pids"
+    pidfile.unlink(missing_ok=True)
+    result = send(fleet, "long", f"wedged-{uuid.uuid4().hex}")
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the agent to run")
+    agent = int(pidfile.read_text().split()[0])
+    executor = parent_of(agent)
+    os.kill(executor, signal.SIGSTOP)  # the executor is wedged: it will never see the flag
+    try:
+        outcome = fleet.celery.send_task("fleet.kill", kwargs={"agent": "long", "reason": "wedged", "hard": True},
+                                         queue="dispatch").get(timeout=60)
+        assert outcome["engaged"] and outcome["revoked"] == 1
+        wait_for(lambda: not pid_alive(agent), 10, "the agent to die with its terminated executor")
+        reap_until(fleet, lambda: run_of(fleet, result.run_id).status == RunStatus.KILLED, 60,
+                   "the reaper to end the run as killed, not retry it")
+    finally:
+        if pid_alive(executor):
+            os.kill(executor, signal.SIGCONT)
+        fleet.celery.send_task("fleet.resume", kwargs={"agent": "long"}, queue="dispatch").get(timeout=60)
+    assert not fleet.redis.get(keys.kill("long"))

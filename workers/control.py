@@ -1,14 +1,46 @@
-"""Celery remote control used by `fleet kill --hard`: revoke and terminate in-flight executes."""
+"""Celery remote control for `fleet kill --hard`: revoke and terminate what the kill flag did not stop.
+
+The kill flag stops healthy executors within a second. A wedged one (stuck in a system call, say)
+never reads it, so after a short grace every fleet.execute still running in the killed scope is
+revoked with terminate; the agent dies with its pool process (parent-death signal) and the reaper
+ends the run as killed.
+"""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+from sqlmodel import col, select
+
+from fleet import db
+from fleet.models import Run, RunStatus
+from fleet.services import Services
 from workers.app import app
 
+GRACE_S = 2.0
 
-def revoke_in_flight(agent: str | None = None) -> int:
-    """Revoke with terminate every active fleet.execute (of one agent, when given); returns how many."""
-    active = app.control.inspect(timeout=2.0).active() or {}
-    ids = [task["id"] for tasks in active.values() for task in tasks if task.get("name") == "fleet.execute"]
+
+def _still_running(services: Services, agent: str | None) -> set[str]:
+    with db.session(services.engine) as session:
+        query = select(Run.id).where(col(Run.status) == RunStatus.RUNNING)
+        if agent is not None:
+            query = query.where(Run.agent == agent)
+        return set(session.exec(query))
+
+
+def hard_stop(services: Services, agent: str | None, grace_s: float = GRACE_S) -> int:
+    """After `grace_s`, revoke with terminate the in-flight executes of runs still running; how many."""
+    deadline = time.monotonic() + grace_s
+    running = _still_running(services, agent)
+    while running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = _still_running(services, agent)
+    if not running:
+        return 0
+    active: dict[str, list[dict[str, Any]]] = app.control.inspect(timeout=2.0).active() or {}
+    ids = [task["id"] for tasks in active.values() for task in tasks
+           if task.get("name") == "fleet.execute" and (task.get("args") or [None])[0] in running]
     if ids:
-        app.control.revoke(ids, terminate=True, signal="SIGTERM")
+        app.control.revoke(ids, terminate=True, signal="SIGKILL")
     return len(ids)

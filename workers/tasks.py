@@ -9,6 +9,7 @@ from celery import Task
 from fleet import dispatch as dispatching
 from fleet import executor, killswitch, sweeps, ticks, watchdog
 from fleet.keys import GLOBAL
+from workers import control
 from workers.app import AGENTS_QUEUE, EXECUTE_TIME_LIMIT, app, services
 
 
@@ -47,7 +48,8 @@ def kill(self: Task, agent: str | None = None, reason: str | None = None, hard: 
         svc.config.agent(agent)
     killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=_actor(self), hard=hard,
                       now=svc.now())
-    return {"scope": scope, "engaged": True, "reason": reason, "hard": hard}
+    revoked = control.hard_stop(svc, agent) if hard else 0
+    return {"scope": scope, "engaged": True, "reason": reason, "hard": hard, "revoked": revoked}
 
 
 @app.task(name="fleet.resume", bind=True)
