@@ -279,6 +279,22 @@ class Fleet:
                 self.stop_worker(proc)
 
 
+@contextmanager
+def private_fleet(tmp: Path, agents: str = AGENTS, concurrency: int = 4) -> Iterator[tuple[Fleet, PrivateRedis]]:
+    """A one-worker SQLite fleet on a redis-server of its own, which a test may stop and restart."""
+    server = PrivateRedis(tmp)
+    server.start()
+    home = tmp / "fleet"
+    home.mkdir()
+    harness = Fleet(home, server.url, f"sqlite:///{tmp / 'fleet.db'}", agents=agents)
+    try:
+        harness.start(workers=1, concurrency=concurrency)
+        yield harness, server
+    finally:
+        harness.stop()
+        server.stop()
+
+
 class PrivateRedis:
     """A Redis server of a test's own, on its own port, without persistence: it can be stopped and
     restarted (losing everything) without touching the Redis other tests share."""

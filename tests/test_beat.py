@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from fleet import db, keys, sweeps
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus
-from tests.harness import AGENTS, Fleet, PrivateRedis, pid_alive, wait_for
+from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
@@ -46,22 +46,15 @@ def reap_until(fleet: Fleet, condition: Any, timeout: float, what: str) -> Any:
 
 @pytest.fixture
 def beat_fleet(tmp_path: Path) -> Any:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    home = tmp_path / "fleet"
-    home.mkdir()
-    harness = Fleet(home, server.url, f"sqlite:///{tmp_path / 'fleet.db'}", agents=TICKER)
-    harness.start(workers=1, concurrency=2)
     beats: list[subprocess.Popen[bytes]] = []
-    try:
-        yield harness, beats
-    finally:
-        for proc in beats:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(15)
-        harness.stop()
-        server.stop()
+    with private_fleet(tmp_path, TICKER, concurrency=2) as (harness, _):
+        try:
+            yield harness, beats
+        finally:
+            for proc in beats:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(15)
 
 
 def test_two_beats_fire_each_slot_once_and_survive_the_leader(beat_fleet: Any) -> None:

@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from fleet import db, keys, killswitch
 from fleet.models import Run, RunStatus, SpendDay
-from tests.harness import AGENTS, Fleet, PrivateRedis, pid_alive, wait_for
+from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
@@ -111,21 +111,12 @@ def test_kill_stops_every_agent_within_a_second(fleet: Fleet) -> None:
     wait_status(fleet, ok.run_id, {"succeeded"})
 
 
-@pytest.fixture
-def private_fleet(tmp_path: Path) -> Any:
+@pytest.fixture(name="private_fleet")
+def private_fleet_fixture(tmp_path: Path) -> Any:
     """A fleet on a Redis of its own (SQLite), so the test may stop and restart that Redis."""
-    server = PrivateRedis(tmp_path)
-    server.start()
-    home = tmp_path / "fleet"
-    home.mkdir()
-    config = AGENTS.replace("kill_unreachable_grace_s = 3", "kill_unreachable_grace_s = 2")
-    harness = Fleet(home, server.url, f"sqlite:///{tmp_path / 'fleet.db'}", agents=config)
-    harness.start(workers=1, concurrency=4)
-    try:
-        yield harness, server
-    finally:
-        harness.stop()
-        server.stop()
+    with private_fleet(tmp_path, AGENTS.replace("kill_unreachable_grace_s = 3", "kill_unreachable_grace_s = 2")) \
+            as pair:
+        yield pair
 
 
 def test_kill_survives_a_redis_restart(private_fleet: Any) -> None:
