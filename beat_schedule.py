@@ -19,7 +19,7 @@ from fleet.schedule import Schedule
 DISPATCH_QUEUE = "dispatch"
 
 
-class FleetSchedule(BaseSchedule):  # type: ignore[misc]
+class FleetSchedule(BaseSchedule):
     """A Celery schedule that asks fleet/schedule.py when the next slot is due."""
 
     def __init__(self, schedule: Schedule, timezone: str, text: str) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from fleet import alerts, db, logs
 from fleet.config import FleetConfig, Settings, load_fleet_config, load_settings
@@ -68,6 +69,14 @@ def fleet_config(s: Settings | None = None) -> FleetConfig:
 def services() -> Services:
     """Settings, config, database and Redis for one command."""
     return build(settings())
+
+
+def table(*headers: str, title: str | None = None) -> Table:
+    """A table that folds long cells instead of cutting them: run ids must stay whole to be copied."""
+    grid = Table(title=title)
+    for header in headers:
+        grid.add_column(header, overflow="fold")
+    return grid
 
 
 def emit_json(data: Any) -> None:

@@ -8,10 +8,9 @@ from enum import Enum
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from fleet import sweeps, watchdog
-from fleet.cli import JsonOpt, app, emit_json, out, services
+from fleet import keys, sweeps, watchdog
+from fleet.cli import JsonOpt, app, emit_json, out, services, table
 from fleet.cli_runs import celery_sender
 from fleet.errors import ExitCode, UnavailableError
 from fleet.services import Services, check_redis
@@ -46,7 +45,7 @@ def _print_status(p: dict[str, Any]) -> None:
         for check in verdict["checks"]:
             if check["status"] != "green":
                 out.print(f"  {check['name']}: [{_COLOUR[check['status']]}]{check['status']}[/] {check['reason']}")
-    spend = Table("scope", "spent $", "reserved $", "cap $", title=f"spend {p['spend']['day']}")
+    spend = table("scope", "spent $", "reserved $", "cap $", title=f"spend {p['spend']['day']}")
     for s in p["spend"]["scopes"]:
         spend.add_row(s["scope"], f"{s['spent_usd']:.4f}", f"{s['reserved_usd']:.4f}",
                       "-" if s["cap_usd"] is None else f"{s['cap_usd']:.2f}")
@@ -101,17 +100,17 @@ def _push_canaries(svc: Services, wait: float) -> None:
 
     stamp = svc.now().isoformat()
     for queue in watchdog.QUEUES:
-        svc.redis.set(watchdog.keys.canary_sent(queue), stamp)
+        svc.redis.set(keys.canary_sent(queue), stamp)
         send_canary(queue, stamp)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if all(svc.redis.get(watchdog.keys.canary(q)) == stamp for q in watchdog.QUEUES):
+        if all(svc.redis.get(keys.canary(q)) == stamp for q in watchdog.QUEUES):
             return
         time.sleep(0.1)
     # Leave the canaries out: run_watchdog reports them overdue against the same `wait`.
     for queue in watchdog.QUEUES:
-        if svc.redis.get(watchdog.keys.canary(queue)) != stamp:
-            svc.redis.set(watchdog.keys.canary_sent(queue), datetime.fromtimestamp(0, svc.now().tzinfo).isoformat())
+        if svc.redis.get(keys.canary(queue)) != stamp:
+            svc.redis.set(keys.canary_sent(queue), datetime.fromtimestamp(0, svc.now().tzinfo).isoformat())
 
 
 class SweepName(str, Enum):

@@ -6,10 +6,9 @@ import hashlib
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from fleet import killswitch
-from fleet.cli import JsonOpt, app, emit_json, out, services
+from fleet.cli import JsonOpt, app, emit_json, out, services, table
 from fleet.cli_runs import actor
 from fleet.keys import GLOBAL
 from fleet.state import spend_report
@@ -70,13 +69,13 @@ def spend(
     if as_json:
         emit_json(data)
         return
-    table = Table("scope", "spent $", "reserved $", "cap $", "left $")
+    grid = table("scope", "spent $", "reserved $", "cap $", "left $")
     for row in data["scopes"]:
-        table.add_row(row["scope"], f"{row['spent_usd']:.4f}", f"{row['reserved_usd']:.4f}",
+        grid.add_row(row["scope"], f"{row['spent_usd']:.4f}", f"{row['reserved_usd']:.4f}",
                       "-" if row["cap_usd"] is None else f"{row['cap_usd']:.2f}",
                       "-" if row["left_usd"] is None else f"{row['left_usd']:.4f}")
     out.print(f"budget day {data['day']} ({data['timezone']})")
-    out.print(table)
+    out.print(grid)
 
 
 @app.command()
@@ -100,12 +99,13 @@ def agents(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table("agent", "schedule", "next fire", "cap $", "est $", "timeout", "slots", "breaker", "key")
+    grid = table("agent", "schedule", "next fire", "cap $", "est $", "timeout", "slots", "breaker", "key")
     for r in rows:
-        table.add_row(r["agent"], r["schedule"] or "-", (r["next_fire"] or "-")[:19],
+        grid.add_row(str(r["agent"]), str(r["schedule"] or "-"), str(r["next_fire"] or "-")[:19],
                       "-" if r["daily_cap_usd"] is None else f"{r['daily_cap_usd']:.2f}", f"{r['est_cost_usd']:.2f}",
-                      f"{r['timeout_s']:.0f}s", str(r["concurrency"]), r["breaker"], r["key_fingerprint"] or "-")
-    out.print(table)
+                      f"{r['timeout_s']:.0f}s", str(r["concurrency"]), str(r["breaker"]),
+                      str(r["key_fingerprint"] or "-"))
+    out.print(grid)
 
 
 def fingerprint(secret: bytes) -> str:

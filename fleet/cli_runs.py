@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from fleet import db, dlq, store
-from fleet.cli import JsonOpt, app, emit_json, err, out, services
-from fleet.dispatch import DispatchRequest, Sender, dispatch, parse_payload
+from fleet.cli import JsonOpt, app, emit_json, err, out, services, table
+from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch, parse_payload
 from fleet.errors import ExitCode, NotFoundError
 from fleet.executor import run_log_path
 from fleet.models import TERMINAL, DeadLetter, Run, RunStatus
@@ -50,7 +49,7 @@ def run_exit_code(run: Run) -> int:
         return ExitCode.OK
     if run.status in (RunStatus.IDLE, RunStatus.KILLED, RunStatus.ARCHIVED):
         return ExitCode.IDLE
-    return run.exit_code if run.exit_code not in (None, 0) else ExitCode.FAILURE  # type: ignore[return-value]
+    return run.exit_code if run.exit_code not in (None, 0) else ExitCode.FAILURE
 
 
 @app.command("dispatch")
@@ -70,15 +69,20 @@ def dispatch_command(
     svc = services()
     request = DispatchRequest(agent, key, parse_payload(payload), dry_run, actor=actor())
     result = dispatch(svc, request, (lambda *_: None) if dry_run else celery_sender())
+    report_dispatch(result, as_json)
+    if wait and result.run_id and not dry_run:
+        final = follow_run(svc, result.run_id, quiet=as_json)
+        raise typer.Exit(run_exit_code(final))
+
+
+def report_dispatch(result: DispatchResult, as_json: bool) -> None:
+    """Print a dispatch's answer; exit 3 when nothing was done (refused or misdispatch)."""
     if as_json:
         emit_json(result.to_json())
     else:
         _print_dispatch(result.to_json())
     if result.status in ("refused", "misdispatch"):
         raise typer.Exit(REFUSED_EXIT)
-    if wait and result.run_id and not dry_run:
-        final = follow_run(svc, result.run_id, quiet=as_json)
-        raise typer.Exit(run_exit_code(final))
 
 
 def _print_dispatch(result: dict[str, Any]) -> None:
@@ -154,11 +158,11 @@ def runs_list(
     if as_json:
         emit_json([run_json(r) for r in rows])
         return
-    table = Table("run", "agent", "work key", "status", "attempt", "exit", "cost $", "created")
+    grid = table("run", "agent", "work key", "status", "attempt", "exit", "cost $", "created")
     for r in rows:
-        table.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), str(r.exit_code or ""),
+        grid.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), str(r.exit_code or ""),
                       f"{r.cost_micros / 1e6:.4f}", r.created_at.isoformat(timespec="seconds"))
-    out.print(table)
+    out.print(grid)
 
 
 @runs_app.command("show")
@@ -236,11 +240,11 @@ def dlq_list(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json([dead_json(d) for d in rows])
         return
-    table = Table("id", "agent", "run", "reason", "attempts", "exit", "error", "replayed as")
+    grid = table("id", "agent", "run", "reason", "attempts", "exit", "error", "replayed as")
     for d in rows:
-        table.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), str(d.exit_code or ""),
+        grid.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), str(d.exit_code or ""),
                       (d.last_error or "")[:60], d.replayed_run_id or "")
-    out.print(table)
+    out.print(grid)
 
 
 @dlq_app.command("show")
@@ -266,13 +270,7 @@ def dlq_replay(dead_id: int, as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq replay 7
     """
-    result = dlq.replay(services(), dead_id, celery_sender(), actor())
-    if as_json:
-        emit_json(result.to_json())
-    else:
-        _print_dispatch(result.to_json())
-    if result.status in ("refused", "misdispatch"):
-        raise typer.Exit(REFUSED_EXIT)
+    report_dispatch(dlq.replay(services(), dead_id, celery_sender(), actor()), as_json)
 
 
 @dlq_app.command("purge")

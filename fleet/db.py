@@ -6,11 +6,11 @@ import contextlib
 import fcntl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
@@ -72,6 +72,11 @@ def _sqlite_engine(url: str) -> Engine:
 def session(engine: Engine) -> Session:
     """A session whose objects stay readable after commit."""
     return Session(engine, expire_on_commit=False)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE/DELETE matched: `session.execute` returns a CursorResult for DML, but is typed as Result."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def check(engine: Engine) -> None:

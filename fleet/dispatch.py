@@ -161,7 +161,7 @@ def archive(session: Session, services: Services, run: Run, *, reason: str) -> b
     now = services.now()
     changed = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status).in_(NOT_STARTED))
                            .values(status=RunStatus.ARCHIVED, finished_at=now, updated_at=now, error=reason))
-    if changed.rowcount != 1:
+    if db.rowcount(changed) != 1:
         return False
     run.status = RunStatus.ARCHIVED
     ledger.settle(session, run=run, now=now)
@@ -186,7 +186,7 @@ def create(services: Services, spec: AgentSpec, work_key: str, idem_key: str, pa
                "reserved_micros": 0, "cost_micros": 0, "dispatched_by": request.actor[:255],
                "prev_run_id": request.prev_run_id, "replay_of": request.replay_of,
                "created_at": now, "updated_at": now}
-        inserted = session.execute(insert(Run).values(row).on_conflict_do_nothing().returning(Run.id)).first()
+        inserted = session.execute(insert(Run).values(row).on_conflict_do_nothing().returning(col(Run.id))).first()
         if inserted is not None:
             store.add_event(session=session, at=now, kind="run.created", run_id=run_id, agent=spec.name,
                             actor=request.actor, work_key=work_key, replay_of=request.replay_of)

@@ -57,7 +57,7 @@ def purge(services: Services, dead_ids: list[int] | None, actor: str) -> int:
         query = delete(DeadLetter)
         if dead_ids is not None:
             query = query.where(col(DeadLetter.id).in_(dead_ids))
-        removed = session.execute(query).rowcount
+        removed = db.rowcount(session.execute(query))
         store.add_event(session=session, at=now, kind="dlq.purged", actor=actor, count=removed,
                         ids=dead_ids if dead_ids is not None else "all")
         session.commit()

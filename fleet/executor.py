@@ -118,7 +118,7 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
             col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED, col(Run.fence) == fence).values(
             status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now, heartbeat_at=now, updated_at=now,
             host=services.host, retry_at=None))
-        if claimed.rowcount != 1:
+        if db.rowcount(claimed) != 1:
             session.rollback()
             return ExecuteResult(run_id, "duplicate", reason="another worker claimed the run first")
         session.refresh(run)
@@ -253,7 +253,7 @@ class _Watcher:
 
     def _kill_check(self) -> str | None:
         try:
-            state = killswitch.check_redis(self.services.redis, self.run.agent)
+            state: killswitch.KillState | None = killswitch.check_redis(self.services.redis, self.run.agent)
             self.unreachable_since = None
         except redis.RedisError:
             # Without Redis the kill flag is read from the database mirror, but the lease cannot be
@@ -287,7 +287,7 @@ class _Watcher:
                     col(Run.id) == self.run.id, col(Run.fence) == self.lease.fence,
                     col(Run.status) == RunStatus.RUNNING).values(heartbeat_at=self.services.now()))
                 session.commit()
-            if owned.rowcount != 1:
+            if db.rowcount(owned) != 1:
                 self.lost = True
                 return "lease_lost"
         except SQLAlchemyError:
@@ -332,7 +332,8 @@ def judge(result: ProcessResult, stop_reason: str | None) -> Verdict:
 
 def backoff_s(base: float, attempt: int) -> float:
     """Exponential backoff with full jitter on the upper half: base * 2^(attempt-1) * [0.5, 1.0)."""
-    return base * (2 ** max(0, attempt - 1)) * (0.5 + random.random() / 2)
+    factor: int = 2 ** max(0, attempt - 1)  # int ** int is typed Any (a negative power is a float)
+    return base * factor * (0.5 + random.random() / 2)
 
 
 # ---------------------------------------------------------------- finish
@@ -358,7 +359,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
             values["finished_at"] = now
         owned = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.fence) == lease.fence,
                                                   col(Run.status) == RunStatus.RUNNING).values(**values))
-        if owned.rowcount != 1:
+        if db.rowcount(owned) != 1:
             session.rollback()
             return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
         run = session.get(Run, run.id, populate_existing=True) or run

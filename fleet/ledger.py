@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
+from fleet import db
 from fleet.keys import GLOBAL
 from fleet.models import MICROS_PER_USD, Run, SpendDay
 
@@ -79,7 +80,7 @@ def _add_reserved(session: Session, day: str, scope: str, amount: int, cap: int 
              f"WHERE day = :day AND scope = :scope{guard}"),
         params={"amount": amount, "cap": cap, "day": day, "scope": scope, "now": now},
     )
-    return bool(result.rowcount == 1)
+    return db.rowcount(result) == 1
 
 
 def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:

@@ -8,6 +8,7 @@ renew and release names its fence and changes nothing when it no longer matches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -117,13 +118,13 @@ class Leases:
     def holder(self, agent: str, slot: int) -> Lease | None:
         """Who holds a slot now, if anyone."""
         value = self._redis.get(keys.slot_lease(agent, slot))
-        return parse(agent, slot, value) if value else None
+        return parse(agent, slot, cast(str, value)) if value else None  # decode_responses: str, never bytes
 
     def holders(self, agent: str, concurrency: int) -> list[Lease]:
         """Every held slot of an agent."""
         slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
         values = self._redis.mget(slot_keys) if slot_keys else []
-        return [parse(agent, i, v) for i, v in enumerate(values) if v]
+        return [parse(agent, i, cast(str, v)) for i, v in enumerate(values) if v]
 
     def free_slots(self, agent: str, concurrency: int) -> int:
         """How many slots are free now (a read-only look, for dry runs)."""

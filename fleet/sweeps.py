@@ -104,7 +104,7 @@ def _reap_running(services: Services, run: Run, send: Sender, report: SweepRepor
                                                     col(Run.fence) == run.fence)
                                   .values(status=RunStatus.ABANDONED, updated_at=now, pid=None, pgid=None,
                                           error="worker died mid-run (heartbeat stopped)"))
-        if claimed.rowcount != 1:
+        if db.rowcount(claimed) != 1:
             return
         store.add_event(session=session, at=now, kind="run.abandoned", run_id=run.id, agent=run.agent,
                         attempt=run.attempt, host=run.host)
@@ -143,7 +143,7 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
                                 .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, queued_at=now,
                                         updated_at=now, retry_at=None))
-        if moved.rowcount != 1:
+        if db.rowcount(moved) != 1:
             session.rollback()
             services.leases.release(lease)
             return
@@ -154,40 +154,39 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
     report.add("requeued", run.id)
 
 
-def _end_killed(services: Services, run: Run, reason: str, report: SweepReport) -> None:
-    """An abandoned run of a killed scope is not retried: it ends killed."""
+def _end_abandoned(services: Services, run: Run, status: RunStatus, error: str,
+                   dead_reason: str | None = None) -> bool:
+    """End an abandoned run for good (killed, or dead-lettered with `dead_reason`); False if it moved on."""
     now = services.now()
     with db.session(services.engine) as session:
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
-                                .values(status=RunStatus.KILLED, finished_at=now, updated_at=now, error=reason))
-        if moved.rowcount != 1:
+                                .values(status=status, finished_at=now, updated_at=now, error=error))
+        if db.rowcount(moved) != 1:
             session.rollback()
-            return
+            return False
         fresh = session.get(Run, run.id, populate_existing=True)
         assert fresh is not None
         ledger.settle(session, run=fresh, now=now)
-        store.add_event(session=session, at=now, kind="run.killed", run_id=run.id, agent=run.agent, reason=reason)
+        if dead_reason is not None:
+            session.add(DeadLetter(run_id=run.id, agent=run.agent, reason=dead_reason, attempts=run.attempt,
+                                   exit_code=run.exit_code, last_error=error, output_tail=_tail(services, run.id),
+                                   created_at=now))
+        kind = "run.dead_lettered" if dead_reason is not None else f"run.{status.value}"
+        store.add_event(session=session, at=now, kind=kind, run_id=run.id, agent=run.agent, reason=dead_reason,
+                        error=error)
         session.commit()
-    report.add("killed", run.id)
+    return True
+
+
+def _end_killed(services: Services, run: Run, reason: str, report: SweepReport) -> None:
+    """An abandoned run of a killed scope is not retried: it ends killed."""
+    if _end_abandoned(services, run, RunStatus.KILLED, reason):
+        report.add("killed", run.id)
 
 
 def _bury(services: Services, run: Run, reason: str, error: str, report: SweepReport) -> None:
-    now = services.now()
-    with db.session(services.engine) as session:
-        moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
-                                .values(status=RunStatus.DEAD, finished_at=now, updated_at=now, error=error))
-        if moved.rowcount != 1:
-            session.rollback()
-            return
-        fresh = session.get(Run, run.id, populate_existing=True)
-        assert fresh is not None
-        ledger.settle(session, run=fresh, now=now)
-        session.add(DeadLetter(run_id=run.id, agent=run.agent, reason=reason, attempts=run.attempt,
-                               exit_code=run.exit_code, last_error=error, output_tail=_tail(services, run.id),
-                               created_at=now))
-        store.add_event(session=session, at=now, kind="run.dead_lettered", run_id=run.id, agent=run.agent,
-                        reason=reason, error=error)
-        session.commit()
+    if not _end_abandoned(services, run, RunStatus.DEAD, error, dead_reason=reason):
+        return
     alerts.alert("crash_loop" if reason == "crash_loop" else "dead_letter",
                  f"run {run.id} of {run.agent} was dead-lettered by the reaper: {error}",
                  agent=run.agent, run_id=run.id, reason=reason, attempts=run.attempt)
@@ -239,7 +238,7 @@ def _resend_lost(services: Services, run: Run, send: Sender, report: SweepReport
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
                                                   col(Run.fence) == run.fence)
                                 .values(fence=lease.fence, slot=lease.slot, queued_at=now, updated_at=now))
-        if moved.rowcount != 1:
+        if db.rowcount(moved) != 1:
             session.rollback()
             services.leases.release(lease)
             return
@@ -281,7 +280,7 @@ def prune(services: Services) -> SweepReport:
                                                      col(Run.id).not_in(kept)).limit(BATCH)))
         if old:
             session.execute(delete(Run).where(col(Run.id).in_(old)))
-        events = session.execute(delete(RunEvent).where(col(RunEvent.at) < cutoff)).rowcount
+        events = db.rowcount(session.execute(delete(RunEvent).where(col(RunEvent.at) < cutoff)))
         session.commit()
     for run_id in old:
         run_log_path(services.settings.log_dir, run_id).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ and archive-stale retires an older slot that never started.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 from zoneinfo import ZoneInfo
 
 from fleet import keys
@@ -32,7 +33,7 @@ def tick(services: Services, agent: str, send: Sender, actor: str = "beat") -> D
     work_key = slot_key(services, agent, now)
     if work_key is None:
         return DispatchResult(None, "skipped", reason="agent has no schedule")
-    paused = services.redis.get(keys.paused(agent))
+    paused = cast(str | None, services.redis.get(keys.paused(agent)))  # decode_responses: str, never bytes
     if paused:
         return DispatchResult(None, "skipped", reason=f"paused: {paused} (fleet resume {agent})")
     services.redis.set(keys.last_tick(), now.isoformat())

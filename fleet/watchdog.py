@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from sqlalchemy import func
@@ -104,7 +104,8 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
 
 def send_canaries(client: redis.Redis, send: CanarySender, queue: str, now: datetime) -> None:
     """Send a canary unless one is still out and within its deadline (never pile them up)."""
-    sent = client.get(keys.canary_sent(queue))
+    # Clients are built with decode_responses=True: values are str, never bytes.
+    sent = cast(str | None, client.get(keys.canary_sent(queue)))
     back = client.get(keys.canary(queue))
     if sent and sent != back and (now - datetime.fromisoformat(sent)).total_seconds() < CANARY_DEADLINE_S:
         return
@@ -122,7 +123,7 @@ def canary_returned(client: redis.Redis, queue: str, sent_at: str) -> None:
 def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: float) -> Check:
     """Red when the last canary through `queue` is overdue."""
     name = f"consumption:{queue}"
-    sent, back = client.get(keys.canary_sent(queue)), client.get(keys.canary(queue))
+    sent, back = cast(str | None, client.get(keys.canary_sent(queue))), client.get(keys.canary(queue))
     if not sent:
         return Check(name, AMBER, "no canary sent yet")
     age = (now - datetime.fromisoformat(sent)).total_seconds()
@@ -139,8 +140,8 @@ def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: flo
 def beat_check(services: Services, now: datetime) -> Check:
     """Beat is alive when it ticked recently (only matters when some agent has a schedule)."""
     scheduled = [a for a in services.config.agents.values() if a.schedule]
-    last = services.redis.get(keys.last_tick())
-    leader = services.redis.get(keys.beat_leader())
+    last = cast(str | None, services.redis.get(keys.last_tick()))  # decode_responses: str, never bytes
+    leader = cast(str | None, services.redis.get(keys.beat_leader()))
     if not scheduled:
         return Check("beat", GREEN, "no scheduled agents")
     if not last:

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
-from kombu import Queue
+from kombu.entity import Queue
 
 from fleet import alerts, logs
 from fleet.config import load_settings

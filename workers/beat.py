@@ -35,7 +35,7 @@ return 0
 """
 
 
-class LeaderScheduler(PersistentScheduler):  # type: ignore[misc]
+class LeaderScheduler(PersistentScheduler):
     """A PersistentScheduler that fires only as leader and keeps the last good fleet.toml."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
