@@ -11,10 +11,10 @@ from functools import cached_property
 import redis
 from sqlalchemy import Engine
 
-from fleet import db
+from fleet import db, logs
 from fleet.breaker import Breakers
 from fleet.config import FleetConfig, Settings, load_fleet_config
-from fleet.errors import UnavailableError
+from fleet.errors import ConfigError, UnavailableError
 from fleet.locks import Leases
 
 
@@ -47,6 +47,7 @@ class Services:
     redis: redis.Redis
     now: Callable[[], datetime] = utcnow
     host: str = field(default_factory=socket.gethostname)
+    config_mtime: float | None = None
 
     @cached_property
     def leases(self) -> Leases:
@@ -57,6 +58,26 @@ class Services:
     def breakers(self) -> Breakers:
         """Circuit breakers on this Redis."""
         return Breakers(self.redis)
+
+    def refresh_config(self) -> bool:
+        """Pick up a changed fleet.toml (checked by mtime); a bad file is reported and the last good kept."""
+        path = self.settings.config
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return False
+        if self.config_mtime is None:
+            self.config_mtime = mtime
+        if mtime == self.config_mtime:
+            return False
+        self.config_mtime = mtime
+        try:
+            self.config = load_fleet_config(path)
+        except ConfigError as exc:
+            logs.get(__name__).error("config.invalid", error=str(exc), keeping="last good configuration")
+            return False
+        logs.get(__name__).info("config.reloaded", agents=sorted(self.config.agents))
+        return True
 
     def close(self) -> None:
         """Release sockets and pooled connections."""

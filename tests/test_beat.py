@@ -144,3 +144,28 @@ def test_reaper_never_touches_a_finished_run(fleet: Fleet) -> None:
     sweeps.reap(fleet.services, fleet.send_execute)
     after = run_of(fleet, result.run_id)
     assert (after.status, after.attempt, after.finished_at) == (before.status, before.attempt, before.finished_at)
+
+
+def test_changed_fleet_toml_is_picked_up_and_a_bad_one_is_refused(beat_fleet: Any) -> None:
+    fleet, beats = beat_fleet
+    beats.append(fleet.start_beat("a"))
+
+    def runs_of(agent: str) -> int:
+        with db.session(fleet.services.engine) as session:
+            return len(session.exec(select(Run).where(Run.agent == agent)).all())
+
+    wait_for(lambda: runs_of("ticker") >= 1, 60, "the first tick")
+    good = fleet.config_path.read_text()
+    fleet.config_path.write_text(good + "\n[agents.broken]\ncommand = []\nschedule = \"every 2s\"\n")
+    wait_for(lambda: "beat.config_invalid" in (fleet.tmp / "beat-a.log").read_text(), 30,
+             "beat to report the bad file")
+    before = runs_of("ticker")
+    wait_for(lambda: runs_of("ticker") >= before + 2, 60, "ticks to go on with the last good schedule")
+    ticker2 = "\n[agents.ticker2]" + TICKER.split("[agents.ticker]")[1].replace("{tmp}/ticker.txt",
+                                                                              f"{fleet.tmp}/ticker2.txt")
+    fleet.config_path.write_text(good + ticker2)
+    def ticker2_succeeded() -> bool:  # beat ticked it and the workers ran it: both know the new agent
+        with db.session(fleet.services.engine) as session:
+            return any(r.status == RunStatus.SUCCEEDED for r in session.exec(select(Run).where(Run.agent == "ticker2")))
+
+    wait_for(ticker2_succeeded, 60, "the new agent to run, without a restart")

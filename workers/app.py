@@ -69,6 +69,7 @@ def services() -> Services:
     global _services
     if _services is None:
         _services = build(settings)
+    _services.refresh_config()  # a changed fleet.toml is picked up without a restart
     return _services
 
 

@@ -1,0 +1,112 @@
+"""The idempotency and retention sweeps, and beat's catch-up rule, against a real database and Redis
+(no workers needed: the sweeps are plain functions of the store and the clock)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+import beat_schedule
+from fleet import db, sweeps
+from fleet.config import Settings, load_fleet_config
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.models import DeadLetter, Run, RunEvent, RunStatus
+from fleet.schedule import parse_schedule
+from fleet.services import Services, build
+from tests.harness import AGENTS
+
+
+@pytest.fixture
+def services(tmp_path: Path, redis_url: str, redis: object, database_url: str) -> Iterator[Services]:
+    config = tmp_path / "fleet.toml"
+    config.write_text(AGENTS.replace("{tmp}", str(tmp_path)))
+    (tmp_path / "keys").mkdir(mode=0o700)
+    for name in ("secret.key", "secret.token"):
+        (tmp_path / "keys" / name).write_text("x" * 16)
+        (tmp_path / "keys" / name).chmod(0o600)
+    settings = Settings(config=config, redis_url=redis_url, database_url=database_url, log_dir=tmp_path / "logs")
+    svc = build(settings, load_fleet_config(config))
+    db.upgrade(svc.engine)
+    yield svc
+    svc.close()
+
+
+def finished_run(svc: Services, agent: str, key: str, *, days_ago: float,
+                 status: RunStatus = RunStatus.SUCCEEDED) -> Run:
+    """A run as a dispatch leaves it, then aged and ended."""
+    sent: list[tuple[str, int]] = []
+    result = dispatch(svc, DispatchRequest(agent, key, actor="test"), lambda *message: sent.append(message))
+    assert result.status == "queued"
+    at = datetime.now(UTC) - timedelta(days=days_ago)
+    with db.session(svc.engine) as session:
+        run = session.get(Run, result.run_id)
+        assert run is not None
+        run.status, run.created_at, run.finished_at = status, at, at
+        session.add(run)
+        session.add(RunEvent(at=at, kind="run.succeeded", run_id=run.id, agent=agent))
+        session.commit()
+    svc.leases.release(svc.leases.holders(agent, 1)[0])
+    path = svc.settings.log_dir / "runs" / f"{run.id}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("output\n")
+    return run
+
+
+def test_idempotency_sweep_lets_an_old_key_run_again(services: Services) -> None:
+    old = finished_run(services, "echo", "nightly", days_ago=8)
+    fresh = finished_run(services, "echo", "today", days_ago=0)
+    report = sweeps.release_keys(services)
+    assert report.counts == {"released": 1} and report.runs == [old.id]
+    again = dispatch(services, DispatchRequest("echo", "nightly", actor="test"), lambda *_: None)
+    assert again.status == "queued" and again.run_id != old.id  # the key was free again
+    assert dispatch(services, DispatchRequest("echo", "today", actor="test"), lambda *_: None).run_id == fresh.id
+    assert sweeps.release_keys(services).counts == {}  # nothing twice
+
+
+def test_retention_prunes_old_runs_events_and_logs_but_keeps_dead_letters(services: Services) -> None:
+    old = finished_run(services, "echo", "old", days_ago=40)
+    dead = finished_run(services, "fail", "dead", days_ago=40, status=RunStatus.DEAD)
+    recent = finished_run(services, "counter", "recent", days_ago=1)
+    with db.session(services.engine) as session:
+        session.add(DeadLetter(run_id=dead.id, agent="fail", reason="failed", attempts=2,
+                               created_at=datetime.now(UTC) - timedelta(days=40)))
+        session.commit()
+    report = sweeps.prune(services)
+    assert report.counts["runs_deleted"] == 1
+    with db.session(services.engine) as session:
+        assert session.get(Run, old.id) is None
+        assert session.get(Run, dead.id) is not None and session.get(Run, recent.id) is not None
+        assert session.exec(select(DeadLetter)).one().run_id == dead.id
+        assert all(e.at > datetime.now(UTC) - timedelta(days=30)
+                   for e in session.exec(select(RunEvent)) if e.at.tzinfo)
+    logs = services.settings.log_dir / "runs"
+    assert not (logs / f"{old.id}.log").exists() and (logs / f"{recent.id}.log").exists()
+
+
+def test_log_retention_keeps_the_newest_logs(services: Services) -> None:
+    limited = dataclasses.replace(services.config,
+                                  fleet=services.config.fleet.model_copy(update={"log_retention_runs": 2}))
+    svc = dataclasses.replace(services, config=limited)
+    folder = svc.settings.log_dir / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(5):
+        path = folder / f"{i:032x}.log"
+        path.write_text("x")
+        os.utime(path, (1_700_000_000 + i, 1_700_000_000 + i))
+    sweeps.prune(svc)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{3:032x}.log", f"{4:032x}.log"]
+
+
+def test_missed_slots_collapse_into_one_catch_up() -> None:
+    entry = beat_schedule.FleetSchedule(parse_schedule("every 60s"), "UTC", "every 60s")
+    long_ago = datetime.now(UTC) - timedelta(hours=5)  # beat was down for 300 slots
+    due = entry.is_due(long_ago)
+    assert due.is_due and due.next <= 60  # one catch-up now ...
+    after = entry.is_due(datetime.now(UTC))
+    assert not after.is_due  # ... and no burst of the 299 others
