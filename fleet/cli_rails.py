@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 
-from fleet import killswitch
+from fleet import db, keys, killswitch, store
 from fleet.cli import JsonOpt, app, emit_json, out, services, table
 from fleet.cli_runs import actor
 from fleet.keys import GLOBAL
@@ -85,13 +86,20 @@ def agents(as_json: JsonOpt = False) -> None:
     Example: fleet agents --json
     """
     svc = services()
-    now = svc.now()
-    rows = []
+    now = svc.now().astimezone(ZoneInfo(svc.config.fleet.timezone))
+    rows: list[dict[str, Any]] = []
+    with db.session(svc.engine) as session:
+        last = {name: store.last_run(session=session, agent=name) for name in svc.config.agents}
     for name, spec in svc.config.agents.items():
         schedule = spec.parsed_schedule
+        previous = last[name]
         rows.append({
             "agent": name, "schedule": spec.schedule,
             "next_fire": schedule.next_after(now).isoformat() if schedule else None,
+            "paused": svc.redis.get(keys.paused(name)),
+            "last_run": None if previous is None else {
+                "run_id": previous.id, "status": str(getattr(previous.status, "value", previous.status)),
+                "created_at": previous.created_at.isoformat()},
             "daily_cap_usd": spec.daily_cap_usd, "est_cost_usd": spec.est_cost_usd, "timeout_s": spec.timeout_s,
             "concurrency": spec.concurrency, "breaker": svc.breakers.state(name).get("state", "closed"),
             "key_fingerprint": fingerprint(spec.key_file.read_bytes()) if spec.key_file else None,
@@ -99,12 +107,16 @@ def agents(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json(rows)
         return
-    grid = table("agent", "schedule", "next fire", "cap $", "est $", "timeout", "slots", "breaker", "key")
+    grid = table("agent", "schedule", "next fire", "cap $", "est $", "timeout", "slots", "breaker", "last run",
+                 "key")
     for r in rows:
-        grid.add_row(str(r["agent"]), str(r["schedule"] or "-"), str(r["next_fire"] or "-")[:19],
-                      "-" if r["daily_cap_usd"] is None else f"{r['daily_cap_usd']:.2f}", f"{r['est_cost_usd']:.2f}",
-                      f"{r['timeout_s']:.0f}s", str(r["concurrency"]), str(r["breaker"]),
-                      str(r["key_fingerprint"] or "-"))
+        last_run = r["last_run"]
+        grid.add_row(str(r["agent"]), str(r["schedule"] or "-") + (" (paused)" if r["paused"] else ""),
+                     str(r["next_fire"] or "-")[:19],
+                     "-" if r["daily_cap_usd"] is None else f"{r['daily_cap_usd']:.2f}", f"{r['est_cost_usd']:.2f}",
+                     f"{r['timeout_s']:.0f}s", str(r["concurrency"]), str(r["breaker"]),
+                     f"{last_run['status']} {last_run['created_at'][:19]}" if last_run else "-",
+                     str(r["key_fingerprint"] or "-"))
     out.print(grid)
 
 

@@ -40,6 +40,11 @@ def list_runs(*, session: Session, agent: str | None = None, status: str | None 
     return list(session.exec(query))
 
 
+def last_run(*, session: Session, agent: str) -> Run | None:
+    """An agent's newest run."""
+    return session.exec(select(Run).where(Run.agent == agent).order_by(col(Run.created_at).desc()).limit(1)).first()
+
+
 def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
     """A unit's runs that have not started (created or queued)."""
     query = select(Run).where(Run.agent == agent, Run.work_key == work_key,
