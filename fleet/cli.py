@@ -8,23 +8,27 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
+import redis
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+from typer import _click as click  # typer bundles its own click: catch its exceptions
 
 from fleet import alerts, db, logs
 from fleet.config import FleetConfig, Settings, load_fleet_config, load_settings
-from fleet.errors import ExitCode, FleetError, UnavailableError
-from fleet.services import Services, build
+from fleet.errors import ExitCode, FleetError
+from fleet.services import Services, as_fleet_error, build
 
 app = typer.Typer(help="Fleet: run unattended agents on a Celery worker fleet, with safety rails.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-out = Console(soft_wrap=True)
+# Piped output is for scripts and pagers: never cut it at 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -166,43 +170,67 @@ def web() -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def _soft_fail_record(s: Settings, exc: FleetError) -> None:
+def _soft_fail_record(s: Settings, reason: str) -> None:
     path = s.log_dir / "soft-fail.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({"at": datetime.now(UTC).isoformat(), "argv": sys.argv[1:],
-                                 "exit_code": int(exc.exit_code), "error": str(exc)}) + "\n")
+                                 "exit_code": int(ExitCode.TRANSIENT), "error": reason}) + "\n")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """`--config` and `--soft-fail` may follow the command name too (`fleet dispatch x --config f`)."""
+    front: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest += [arg, *args]
+        elif arg in ("--config", "-c"):
+            front += [arg, next(args, "")]
+        elif arg.startswith("--config=") or arg == "--soft-fail":
+            front.append(arg)
+        else:
+            rest.append(arg)
+    return front + rest
+
+
+def _exit_for(exc: FleetError) -> NoReturn:
+    err.print(f"fleet: {exc}", highlight=False, markup=False)
+    _exit(exc.exit_code, str(exc))
+
+
+def _exit(code: int, reason: str = "") -> NoReturn:
+    # --soft-fail: for cron, a retryable failure (75) is recorded and exits 0; 77 and 78 stay loud.
+    if state.soft_fail and code == ExitCode.TRANSIENT:
+        with contextlib.suppress(FleetError, OSError):
+            _soft_fail_record(load_settings(), reason or "exit 75")
+        sys.exit(ExitCode.OK)
+    sys.exit(code)
 
 
 def main() -> None:
-    """Console-script entry point: maps FleetError to its exit code, never a traceback."""
+    """Console-script entry point: every failure maps to its exit code, never a traceback."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         # Without standalone mode click returns a typer.Exit's code instead of exiting with it.
-        code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else ExitCode.OK)
+        code = app(args=hoist_global_options(sys.argv[1:]), standalone_mode=False)
+        _exit(code if isinstance(code, int) else ExitCode.OK)
     except FleetError as exc:
-        err.print(f"fleet: {exc}", highlight=False, markup=False)
-        if state.soft_fail and isinstance(exc, UnavailableError):
-            with contextlib.suppress(FleetError):
-                _soft_fail_record(load_settings(), exc)
-            sys.exit(ExitCode.OK)
-        sys.exit(exc.exit_code)
+        _exit_for(exc)
+    except (redis.RedisError, SQLAlchemyError) as exc:
+        _exit_for(as_fleet_error(exc))
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code)
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
-            exc.show()
-            sys.exit(ExitCode.USAGE)
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
     finally:
         alerts.flush()  # a short-lived command must not exit before its alerts are sent
 

@@ -19,7 +19,7 @@ from fleet.executor import run_log_path
 from fleet.models import TERMINAL, DeadLetter, Run, RunStatus
 from fleet.services import Services
 
-runs_app = typer.Typer(help="Runs: list them, or show one.", invoke_without_command=True)
+runs_app = typer.Typer(invoke_without_command=True)  # its help is runs_list's docstring, with the example
 dlq_app = typer.Typer(help="The dead-letter queue: list, show, replay, purge.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(dlq_app, name="dlq")

@@ -11,6 +11,7 @@ fixed clock and count what each did. Expected outcomes (duplicate, busy, over ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
@@ -32,7 +33,7 @@ from fleet.errors import BadInputError, UnavailableError
 from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import NOT_STARTED, Run, RunStatus
-from fleet.services import Services
+from fleet.services import Services, as_fleet_error
 
 WORK_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: it is part of a unique key
 MAX_PAYLOAD_BYTES = 32 * 1024  # it travels in the agent's environment, which the kernel limits
@@ -123,21 +124,26 @@ def dispatch(services: Services, request: DispatchRequest, send: Sender) -> Disp
     spec, work_key, payload = validate(services, request)
     idem_key = f"{spec.name}:{work_key}"
     try:
+        services.redis.ping()  # fail before anything is written when Redis is away
         if request.dry_run:
             return dry_run(services, spec, work_key, idem_key)
         archived = archive_stale(services, spec, work_key, idem_key)
         run, created = create(services, spec, work_key, idem_key, payload, request)
-        if not created:
-            return DispatchResult(run.id, "duplicate", reason=f"already {run.status}", archived=archived,
-                                  fence=run.fence)
+    except (redis.RedisError, SQLAlchemyError) as exc:
+        raise as_fleet_error(exc) from None
+    if not created:
+        return DispatchResult(run.id, "duplicate", reason=f"already {run.status}", archived=archived, fence=run.fence)
+    try:
         result = plan(services, spec, run.id, work_key, idem_key)
         result.archived = archived
         if result.status != "ok":
             return _abort(services, run, result)
         return dispatch_one(services, spec, run, result, send)
-    except (redis.RedisError, SQLAlchemyError) as exc:
-        raise UnavailableError(f"dispatch of {spec.name!r} not done, nothing half-written: "
-                               f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    except (redis.RedisError, SQLAlchemyError, UnavailableError) as exc:
+        # Undo the row, so the retry that 75 invites is not answered "duplicate" for work never done.
+        with contextlib.suppress(SQLAlchemyError):
+            _abort(services, run, DispatchResult(run.id, "failed", reason=exc.__class__.__name__))
+        raise (exc if isinstance(exc, UnavailableError) else as_fleet_error(exc)) from None
 
 
 # ---------------------------------------------------------------- step 1: archive-stale

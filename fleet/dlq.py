@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import delete, update
-from sqlmodel import col
+from sqlmodel import col, select
 
 from fleet import db, store
 from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch
@@ -56,6 +56,10 @@ def purge(services: Services, dead_ids: list[int] | None, actor: str) -> int:
     with db.session(services.engine) as session:
         query = delete(DeadLetter)
         if dead_ids is not None:
+            known = set(session.exec(select(DeadLetter.id).where(col(DeadLetter.id).in_(dead_ids))))
+            missing = sorted(set(dead_ids) - known)
+            if missing:  # nothing is purged when any id is wrong: a typo must not half-run
+                raise NotFoundError(f"no dead letter {', '.join(map(str, missing))}; nothing purged")
             query = query.where(col(DeadLetter.id).in_(dead_ids))
         removed = db.rowcount(session.execute(query))
         store.add_event(session=session, at=now, kind="dlq.purged", actor=actor, count=removed,

@@ -14,7 +14,7 @@ import redis
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from fleet import alerts, db, keys, store
+from fleet import alerts, db, keys, logs, store
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.models import KillSwitch
@@ -49,7 +49,12 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
                         actor=actor, scope=scope, reason=reason, hard=hard)
         session.commit()
     record = json.dumps({"reason": reason, "actor": actor, "at": now.isoformat(), "hard": hard})
-    client.set(keys.kill(scope), record)
+    try:
+        client.set(keys.kill(scope), record)
+    except redis.RedisError:
+        # The mirror already holds it: dispatches refuse, executors read the mirror while Redis is
+        # away, and the next check copies it back into Redis. The kill is in force.
+        logs.get(__name__).warning("kill.redis_unreachable", scope=scope)
     where = "the fleet" if scope == GLOBAL else f"agent {scope}"
     alerts.alert("kill_engaged", f"kill switch engaged for {where} by {actor}: {reason or 'no reason given'}",
                  agent=None if scope == GLOBAL else scope, level="warning", scope=scope, actor=actor, hard=hard)
@@ -62,7 +67,12 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
         store.add_event(session=session, at=now, kind="kill.released", agent=None if scope == GLOBAL else scope,
                         actor=actor, scope=scope)
         session.commit()
-    client.delete(keys.kill(scope))
+    try:
+        client.delete(keys.kill(scope))
+    except redis.RedisError as exc:
+        # Still killed in Redis: the fleet stays stopped (safe), and the operator must say it again.
+        raise UnavailableError(f"released in the database, but Redis is unreachable ({exc.__class__.__name__}) "
+                               "and still holds the flag: run `fleet resume` again once Redis is back") from None
 
 
 def _upsert(session: Session, *, scope: str, engaged: bool, reason: str | None, actor: str, hard: bool,
@@ -106,6 +116,8 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> KillState
     except redis.RedisError as exc:
         if mirror.killed:
             return mirror
+        if isinstance(exc, redis.AuthenticationError):
+            raise
         raise UnavailableError(f"Redis unreachable ({exc.__class__.__name__}): refusing to start work") from None
     return mirror if mirror.killed else fast
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, String, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 MICROS_PER_USD = 1_000_000
@@ -29,10 +30,29 @@ class RunStatus(str, Enum):
     ABANDONED = "abandoned"
     DEAD = "dead"  # dead-lettered after its last attempt
 
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)  # f"{status}" is "idle", never "RunStatus.IDLE"
+
 
 TERMINAL = frozenset({RunStatus.SUCCEEDED, RunStatus.IDLE, RunStatus.FAILED, RunStatus.KILLED,
                       RunStatus.ARCHIVED, RunStatus.DEAD})
 NOT_STARTED = frozenset({RunStatus.CREATED, RunStatus.QUEUED})
+
+
+class StatusColumn(TypeDecorator[RunStatus]):
+    """A run's status, stored as its plain string value and read back as a RunStatus."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else RunStatus(value).value
+
+    def process_result_value(self, value: Any, dialect: Any) -> RunStatus | None:
+        return None if value is None else RunStatus(value)
 
 
 class Run(SQLModel, table=True):
@@ -49,7 +69,7 @@ class Run(SQLModel, table=True):
     idem_key: str = Field(max_length=600, unique=True)
     agent: str = Field(max_length=64)
     work_key: str = Field(max_length=512)
-    status: RunStatus = Field(default=RunStatus.CREATED, sa_column=Column(String(16), nullable=False))
+    status: RunStatus = Field(default=RunStatus.CREATED, sa_column=Column(StatusColumn(), nullable=False))
     attempt: int = 0
     max_attempts: int = 2
     fence: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))

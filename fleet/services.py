@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from fleet import db, logs
 from fleet.breaker import Breakers
 from fleet.config import FleetConfig, Settings, load_fleet_config
-from fleet.errors import ConfigError, UnavailableError
+from fleet.errors import ConfigError, FleetError, PermissionDeniedError, UnavailableError
 from fleet.locks import Leases
 
 
@@ -29,12 +29,27 @@ def redis_client(url: str, *, blocking: bool = False) -> redis.Redis:
                                 health_check_interval=30, decode_responses=True)
 
 
+def as_fleet_error(exc: Exception) -> FleetError:
+    """A Redis or database failure as the error the CLI maps to its exit code: refused credentials
+    are 77 (loud: retrying will not help), anything else is 75 (down; safe to retry)."""
+    text = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()
+    detail = text[0] if text else exc.__class__.__name__
+    if isinstance(exc, redis.AuthenticationError | redis.AuthenticationWrongNumberOfArgsError) or (
+            isinstance(exc, redis.ResponseError) and "NOAUTH" in str(exc)):
+        return PermissionDeniedError(f"Redis refused the credentials: {detail}")
+    if isinstance(exc, redis.RedisError):
+        return UnavailableError(f"Redis unreachable: {detail} (nothing was written; safe to retry)")
+    if "password authentication failed" in detail or "authentication failed" in detail:
+        return PermissionDeniedError(f"the database refused the credentials: {detail}")
+    return UnavailableError(f"database unreachable: {detail} (nothing was written; safe to retry)")
+
+
 def check_redis(client: redis.Redis) -> None:
-    """Raise UnavailableError when Redis does not answer."""
+    """Raise UnavailableError (or PermissionDeniedError) when Redis does not answer."""
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise UnavailableError(f"Redis unreachable: {exc}") from None
+        raise as_fleet_error(exc) from None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus
 from fleet.services import Services
 
 BATCH = 500
+NEVER_DISPATCHED_S = 300.0  # a dispatch takes milliseconds: five minutes in `created` means it died
 
 
 @dataclass
@@ -61,7 +62,19 @@ def reap(services: Services, send: Sender) -> SweepReport:
         _requeue_or_bury(services, run, send, report)
     for run in _queued_runs(services):
         _check_queued(services, run, send, report)
+    _archive_never_dispatched(services, report)
     return report
+
+
+def _archive_never_dispatched(services: Services, report: SweepReport) -> None:
+    """A run left `created` (its dispatcher died between create and queue) would hold its key forever."""
+    cutoff = services.now() - timedelta(seconds=NEVER_DISPATCHED_S)
+    with db.session(services.engine) as session:
+        for run in session.exec(select(Run).where(Run.status == RunStatus.CREATED, col(Run.created_at) < cutoff)
+                                .limit(BATCH)):
+            if archive(session, services, run, reason="never dispatched"):
+                report.add("archived_never_dispatched", run.id)
+        session.commit()
 
 
 def _silent_runs(services: Services) -> list[Run]:

@@ -107,7 +107,7 @@ timeout_s = 60
 [agents.tripper]
 command = ["python", "-m", "fleet.examples.exit_with", "1"]
 breaker_threshold = 3
-breaker_cooldown_s = 2
+breaker_cooldown_s = 6  # longer than a 20-dispatch storm takes on a loaded 2-core machine
 concurrency = 20
 timeout_s = 30
 
