@@ -227,12 +227,13 @@ def _validate(path: Path, text: str, raw: dict[str, Any]) -> FleetConfig:
 
 
 def _validate_agent(path: Path, text: str, name: str, body: Any) -> tuple[AgentSpec | None, list[str]]:
-    where = f"{path}:{_line_of(text, f'agents.{name}')}"
+    # The line is looked up only for a problem: scanning the file per agent would make loading
+    # quadratic in the number of agents.
     if not AGENT_NAME.match(name):
-        return None, [f"{where}: agent {name!r}: name must be an ASCII slug (a-z, 0-9, '-', '_'; "
-                      "it is used in Redis keys, file names and metrics labels)"]
+        return None, [f"{path}:{_line_of(text, f'agents.{name}')}: agent {name!r}: name must be an ASCII slug "
+                      "(a-z, 0-9, '-', '_'; it is used in Redis keys, file names and metrics labels)"]
     if not isinstance(body, dict):
-        return None, [f"{where}: agent {name!r} must be a table"]
+        return None, [f"{path}:{_line_of(text, f'agents.{name}')}: agent {name!r} must be a table"]
     try:
         agent = AgentSpec.model_validate({**body, "name": name})
     except ValidationError as exc:
@@ -251,20 +252,22 @@ def _validate_agent(path: Path, text: str, name: str, body: Any) -> tuple[AgentS
 
 
 def _secret_file_problems(path: Path, text: str, agent: str, field: str, file: Path) -> list[str]:
-    where = f"{path}:{_line_of(text, field.split('.')[0], section=f'agents.{agent}')}"
+    def where() -> str:
+        return f"{path}:{_line_of(text, field.split('.')[0], section=f'agents.{agent}')}"
+
     try:
         info = file.stat()
     except FileNotFoundError:
-        return [f"{where}: agent {agent!r}, {field}: {file} does not exist"]
+        return [f"{where()}: agent {agent!r}, {field}: {file} does not exist"]
     except OSError as exc:
-        return [f"{where}: agent {agent!r}, {field}: {file} cannot be read ({exc.strerror})"]
+        return [f"{where()}: agent {agent!r}, {field}: {file} cannot be read ({exc.strerror})"]
     if not stat.S_ISREG(info.st_mode):
-        return [f"{where}: agent {agent!r}, {field}: {file} is not a regular file"]
+        return [f"{where()}: agent {agent!r}, {field}: {file} is not a regular file"]
     if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
-        return [f"{where}: agent {agent!r}, {field}: {file} is readable by group or others "
+        return [f"{where()}: agent {agent!r}, {field}: {file} is readable by group or others "
                 f"(mode {stat.S_IMODE(info.st_mode):o}); run: chmod 600 {file}"]
     if not os.access(file, os.R_OK):
-        return [f"{where}: agent {agent!r}, {field}: {file} is not readable by this user"]
+        return [f"{where()}: agent {agent!r}, {field}: {file} is not readable by this user"]
     return []
 
 

@@ -158,7 +158,8 @@ def archive_stale(services: Services, spec: AgentSpec, work_key: str, idem_key: 
                  if r.idem_key != idem_key or _aware(r.created_at) < cutoff]
         for run in stale:
             archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")
-        session.commit()
+        if stale:
+            session.commit()  # nothing to archive (the usual case) commits nothing
     return [run.id for run in stale]
 
 
