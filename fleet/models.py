@@ -115,7 +115,8 @@ class DeadLetter(SQLModel, table=True):
     """A run that used its last attempt: what failed, and the tail of what it printed."""
 
     __tablename__ = "dead_letters"
-    __table_args__ = (UniqueConstraint("run_id", name="uq_dead_letters_run_id"),)
+    __table_args__ = (UniqueConstraint("run_id", name="uq_dead_letters_run_id"),
+                      Index("ix_dead_letters_created_at", "created_at"))
 
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(max_length=32)

@@ -74,7 +74,8 @@ def _archive_never_dispatched(services: Services, report: SweepReport) -> None:
                                 .limit(BATCH)):
             if archive(session, services, run, reason="never dispatched"):
                 report.add("archived_never_dispatched", run.id)
-        session.commit()
+        if report.counts.get("archived_never_dispatched"):
+            session.commit()
 
 
 def _silent_runs(services: Services) -> list[Run]:

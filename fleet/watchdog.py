@@ -69,18 +69,18 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
     """Check everything, heal what is known, send fresh canaries, store the verdict."""
     now = services.now()
     healed = heal(services)
+    # Redis checks first and apart: on SQLite every transaction holds the write lock, which must
+    # not wait on a round trip per agent.
+    checks = [
+        *[canary_check(services.redis, q, now, deadline_s) for q in QUEUES],
+        beat_check(services, now),
+        backlog_check(services.redis),
+        breaker_check(services),
+        *disk_checks(services),
+    ]
     with db.session(services.engine) as session:
-        checks = [
-            *[canary_check(services.redis, q, now, deadline_s) for q in QUEUES],
-            beat_check(services, now),
-            stuck_check(services, session, now),
-            backlog_check(services.redis),
-            dlq_check(session, now),
-            spend_check(services, session),
-            kill_check(session),
-            breaker_check(services),
-            *disk_checks(services),
-        ]
+        checks[3:3] = [stuck_check(services, session, now), dlq_check(session, now), spend_check(services, session),
+                       kill_check(session)]
         previous = latest(session)
         session.rollback()
     verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
@@ -242,18 +242,24 @@ def heal(services: Services) -> list[str]:
     healed = []
     with db.session(services.engine) as session:
         restored = killswitch.restore(session, services.redis)
-        if restored:
-            healed.append(f"restored {restored} kill flag(s) from the database")
-        if services.redis.set(keys.redis_epoch(), services.now().isoformat(), nx=True) and latest(session) is not None:
-            healed.append("Redis had lost its data (epoch marker missing): marker set again")
-            alerts.alert("redis_restart", f"Redis lost its data; {restored} kill flag(s) restored from the database",
-                         level="warning", restored=restored)
-        for name, spec in services.config.agents.items():
-            for lease in services.leases.holders(name, spec.concurrency):
-                if _lease_orphaned(session, lease):
-                    services.leases.release(lease)
-                    healed.append(f"released orphaned lease {lease.key} of finished run {lease.run_id}")
+        first_pass = latest(session) is None
         session.rollback()
+    if restored:
+        healed.append(f"restored {restored} kill flag(s) from the database")
+    if services.redis.set(keys.redis_epoch(), services.now().isoformat(), nx=True) and not first_pass:
+        healed.append("Redis had lost its data (epoch marker missing): marker set again")
+        alerts.alert("redis_restart", f"Redis lost its data; {restored} kill flag(s) restored from the database",
+                     level="warning", restored=restored)
+    # The leases are read from Redis before the database session opens (see run_watchdog).
+    held = [lease for name, spec in services.config.agents.items()
+            for lease in services.leases.holders(name, spec.concurrency)]
+    if held:
+        with db.session(services.engine) as session:
+            orphaned = [lease for lease in held if _lease_orphaned(session, lease)]
+            session.rollback()
+        for lease in orphaned:
+            if services.leases.release(lease):  # fenced: a lease renewed meanwhile is not ours to drop
+                healed.append(f"released orphaned lease {lease.key} of finished run {lease.run_id}")
     return healed
 
 
