@@ -11,9 +11,10 @@
     the same schedule: 1,000 `apply_async` messages to the same redis-server.
 (b) Sweeps on a big table. 1k, then 10k, then 100k finished runs (realistic statuses and
     timestamps over 30 days across the 1,000 agents, 4 events each, a dead letter per dead run,
-    ledger rows per agent and day) plus 20 live runs (running and queued, their leases held, so
-    that the passes look at them and leave them alone). At each size, `fleet.sweeps.reap` and
-    `fleet.watchdog.run_watchdog(services, None)` are timed (a warm-up pass, then the median of 3).
+    ledger rows per agent and day, today's for every agent from the start) plus 20 live runs
+    (running and queued, their leases held, so that the passes look at them and leave them alone).
+    At each size, `fleet.sweeps.reap` and `fleet.watchdog.run_watchdog(services, None)` are timed
+    (a warm-up pass, then the median of 3).
     Every SQL statement of the passes is timed through engine events; a statement that grows with
     the table is printed with its query plan. PostgreSQL tables are ANALYZEd after each bulk load,
     as autovacuum would; SQLite gets nothing (Fleet never runs ANALYZE there).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -47,8 +50,21 @@ from bench.common import (
 )
 from bench.sqltrace import Counts, Tracer, explain
 
+# Imported up front: other people edit the code while benchmarks run, and a module imported late
+# could come from a newer tree than the ones imported at start.
+from fleet import db
+from fleet import watchdog as wd
+from fleet.config import Settings, load_fleet_config
+from fleet.keys import GLOBAL
+from fleet.models import DeadLetter, Run, RunEvent, SpendDay
+from fleet.services import build
+from fleet.sweeps import reap
+from fleet.ticks import tick
+from fleet.watchdog import run_watchdog
+
 SIZES = (1_000, 10_000, 100_000)
 LIVE = 20
+TRACED = 5  # passes traced statement by statement at each size; a statement's fastest call is compared
 # (status, share of finished runs); failed is what an unstarted run ends as when its agent vanished
 STATUS_MIX = (("succeeded", 0.86), ("idle", 0.06), ("archived", 0.03), ("dead", 0.02), ("killed", 0.02),
               ("failed", 0.01))
@@ -63,10 +79,6 @@ def agents_toml(count: int) -> str:
 
 
 def _services(home: Path, url: str, redis_url: str, agents: int) -> Any:
-    from fleet import db
-    from fleet.config import Settings, load_fleet_config
-    from fleet.services import build
-
     config = home / "fleet.toml"
     config.write_text(agents_toml(agents))
     services = build(Settings(config=config, redis_url=redis_url, database_url=url, log_dir=home / "logs"),
@@ -77,8 +89,6 @@ def _services(home: Path, url: str, redis_url: str, agents: int) -> Any:
 
 
 def _celery(redis_url: str) -> Any:
-    from celery import Celery
-
     client = Celery("bench-beat", broker=redis_url)
     client.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
     return client
@@ -89,8 +99,6 @@ def _celery(redis_url: str) -> Any:
 
 def tick_rep(kind: str, home: Path, redis_url: str, agents: int) -> dict[str, Any]:
     """One pass (all dispatched) and a second pass (all duplicates) on a fresh database."""
-    from fleet.ticks import tick
-
     home.mkdir(parents=True)
     celery = _celery(redis_url)
 
@@ -127,8 +135,6 @@ def tick_rep(kind: str, home: Path, redis_url: str, agents: int) -> dict[str, An
 
 def floor_rep(redis_url: str, agents: int) -> float:
     """Bare Celery beat's part of the same schedule: `agents` apply_async messages, nobody consuming."""
-    from celery import Celery
-
     app = Celery("bench-floor", broker=redis_url)
     app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
 
@@ -188,9 +194,6 @@ def _finished_rows(count: int, agents: int, now: datetime, rng: random.Random) -
 
 def load(services: Any, count: int, agents: int, rng: random.Random) -> None:
     """Bulk-insert `count` more finished runs (and their events, dead letters, ledger rows)."""
-    from fleet.keys import GLOBAL
-    from fleet.models import DeadLetter, Run, RunEvent, SpendDay
-
     now = datetime.now(UTC)
     engine = services.engine
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
@@ -212,9 +215,8 @@ def load(services: Any, count: int, agents: int, rng: random.Random) -> None:
 
 
 def add_live_runs(services: Any, agents: int) -> None:
-    """20 unfinished runs the sweeps must look at and leave alone: their leases are held in Redis."""
-    from fleet.models import Run
-
+    """20 unfinished runs the sweeps must look at and leave alone (their leases are held in Redis),
+    and today's ledger rows."""
     now = datetime.now(UTC)
     rows = []
     for i in range(LIVE):
@@ -233,8 +235,14 @@ def add_live_runs(services: Any, agents: int) -> None:
             "cost_micros": 0, "host": "another-host", "created_at": now - age, "updated_at": now - age,
             "queued_at": now - age, "started_at": now - age if running else None,
             "heartbeat_at": now - age if running else None, "dispatched_by": "bench"})
+    # Today's ledger: every agent of a fleet that ticks every minute has spent something today,
+    # whatever the size of its history (so the spend check reads the same rows at every size).
+    insert = pg_insert if services.engine.dialect.name == "postgresql" else sqlite_insert
+    today = [{"day": now.date().isoformat(), "scope": scope, "reserved_micros": 0, "spent_micros": 1000,
+              "updated_at": now} for scope in [GLOBAL, *services.config.agents]]
     with services.engine.begin() as conn:
         conn.execute(Run.__table__.insert(), rows)  # type: ignore[attr-defined]
+        conn.execute(insert(SpendDay).on_conflict_do_nothing(), today)
 
 
 def _timed_passes(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
@@ -249,9 +257,6 @@ def _timed_passes(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
 
 def _watchdog_parts(services: Any) -> dict[str, float]:
     """Each part of a watchdog pass on its own, ms."""
-    from fleet import db
-    from fleet import watchdog as wd
-
     parts: dict[str, Callable[[Any], Any]] = {
         "heal (a lease look-up per agent)": lambda _s: wd.heal(services),
         "stuck_check": lambda s: wd.stuck_check(services, s, services.now()),
@@ -276,9 +281,6 @@ def _watchdog_parts(services: Any) -> dict[str, float]:
 def sweep_bench(kind: str, home: Path, redis_url: str, sizes: tuple[int, ...], reps: int,
                 agents: int) -> dict[str, Any]:
     """Grow the table through `sizes`; time the passes and profile their statements at each size."""
-    from fleet.sweeps import reap
-    from fleet.watchdog import run_watchdog
-
     home.mkdir(parents=True)
     celery = _celery(redis_url)
     sent: list[tuple[str, int]] = []
@@ -305,15 +307,19 @@ def sweep_bench(kind: str, home: Path, redis_url: str, sizes: tuple[int, ...], r
                     raise RuntimeError(f"the reaper changed something: {report.counts}")
                 watchdog_s, verdict = _timed_passes(lambda: run_watchdog(services, None), reps)
                 with tracer.counting() as reaper_sql:
-                    reap(services, send)
+                    for _ in range(TRACED):
+                        reap(services, send)
                 with tracer.counting() as watchdog_sql:
-                    run_watchdog(services, None)
+                    for _ in range(TRACED):
+                        run_watchdog(services, None)
                 results["sizes"][size] = {"reaper": reaper_s, "watchdog": watchdog_s,
                                           "reaper_sql": reaper_sql, "watchdog_sql": watchdog_sql,
                                           "parts": _watchdog_parts(services),
                                           "checks": {c.name: c.status for c in verdict.checks}}
             if sent:
                 raise RuntimeError(f"the reaper sent {len(sent)} message(s) for runs it should leave alone")
+            if kind == "sqlite":
+                results["lock_probe"] = lock_probe(services, url)
             results["explain"] = _explain_growers(services, results["sizes"])
             results["plans"] = _plans(services, results["sizes"][max(sizes)])
             with services.engine.connect() as conn:
@@ -325,19 +331,67 @@ def sweep_bench(kind: str, home: Path, redis_url: str, sizes: tuple[int, ...], r
     return results
 
 
+def lock_probe(services: Any, url: str, passes: int = 5) -> dict[str, float]:
+    """SQLite only: how long another writer waits while a watchdog pass runs.
+
+    Every SQLite transaction in Fleet begins IMMEDIATE (it takes the write lock before its first
+    read), so a session that makes Redis round trips inside holds the lock that long. A probe
+    thread commits one small row every ~2 ms on its own engine; its commit latency is compared
+    between writes that began during a pass and writes that began well outside one.
+    """
+    writer = db.make_engine(url)
+    samples: list[tuple[float, float]] = []
+    windows: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            began = time.perf_counter()
+            with writer.connect() as conn:
+                conn.execute(text("INSERT INTO run_events (at, kind) VALUES ('2000-01-01 00:00:00', 'bench.probe')"))
+                conn.commit()
+            samples.append((began, time.perf_counter() - began))
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    for _ in range(passes):
+        began = time.perf_counter()
+        run_watchdog(services, None)
+        windows.append((began, time.perf_counter()))
+        time.sleep(0.3)
+    stop.set()
+    thread.join(10)
+    writer.dispose()
+    with services.engine.begin() as conn:
+        conn.execute(text("DELETE FROM run_events WHERE kind = 'bench.probe'"))
+    inside = [took for at, took in samples if any(a <= at <= b for a, b in windows)]
+    outside = [took for at, took in samples if not any(a - 0.1 <= at <= b + 0.1 for a, b in windows)]
+    return {"pass_ms": 1000 * median([b - a for a, b in windows]),
+            "inside_n": len(inside), "inside_p50": 1000 * median(inside), "inside_max": 1000 * max(inside or [0]),
+            "outside_n": len(outside), "outside_p50": 1000 * median(outside),
+            "outside_max": 1000 * max(outside or [0])}
+
+
 def _growers(sizes: dict[int, Any]) -> list[tuple[str, str, float, float]]:
-    """(pass, SQL, ms per call at the smallest size, at the largest) for statements that grew > 3x."""
+    """(pass, SQL, fastest call ms at the smallest size, at the largest) for reads that grew > 3x.
+
+    The fastest of TRACED calls is compared, not the mean: on a loaded machine a single call can
+    wait for the CPU, and a scan is slow on every call."""
     small, large = sizes[min(sizes)], sizes[max(sizes)]
     out = []
     for which in ("reaper_sql", "watchdog_sql"):
         a: Counts = small[which]
         b: Counts = large[which]
-        for sql, (calls, seconds) in b.by_statement.items():
-            per_large = 1000 * seconds / calls
+        for sql, entry in b.by_statement.items():
+            if sql.startswith("INSERT"):
+                continue  # appends one row: nothing to scan
+            fastest_large = 1000 * entry[2]
             base = a.by_statement.get(sql)
-            per_small = 1000 * base[1] / base[0] if base else float("nan")
-            if per_large > 0.5 and (base is None or per_large > 3 * per_small):
-                out.append((which.removesuffix("_sql"), sql, per_small, per_large))
+            fastest_small = 1000 * base[2] if base else float("nan")
+            if fastest_large > 0.3 and (base is None or fastest_large > 3 * fastest_small):
+                out.append((which.removesuffix("_sql"), sql, fastest_small, fastest_large))
     return out
 
 
@@ -371,6 +425,25 @@ def _short(sql: str) -> str:
     return f"{head}{sep}{tail}"
 
 
+# ---------------------------------------------------------------- (c) loading fleet.toml
+
+
+def config_load(home: Path, counts: list[int], reps: int) -> dict[int, float]:
+    """Median seconds to load and validate a fleet.toml of each agent count."""
+    home.mkdir(parents=True)
+    out = {}
+    for count in counts:
+        path = home / f"fleet-{count}.toml"
+        path.write_text(agents_toml(count))
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            load_fleet_config(path)
+            times.append(time.perf_counter() - started)
+        out[count] = median(times)
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -401,12 +474,15 @@ def _print_sweeps(sweeps: dict[str, dict[str, Any]]) -> None:
         sizes = res["sizes"]
         for name in ("reaper", "watchdog"):
             times = [1000 * sizes[s][name] for s in sizes]
-            sql = [1000 * sum(t for _, t in sizes[s][f"{name}_sql"].by_statement.values()) for s in sizes]
+            # The SQL floor of a pass: each statement's fastest call times its calls per pass.
+            sql = [1000 * sum(e[0] * e[2] for e in sizes[s][f"{name}_sql"].by_statement.values()) / TRACED
+                   for s in sizes]
             rows.append([kind, name, *[f"{t:.1f} ({q:.2f})" for t, q in zip(times, sql, strict=True)],
                          f"{times[-1] / times[0]:.2f} ({sql[-1] / sql[0]:.2f})",
-                         f"{sizes[max(sizes)][f'{name}_sql'].statements}"])
+                         f"{sizes[max(sizes)][f'{name}_sql'].statements / TRACED:.0f}"])
     sizes_ = list(next(iter(sweeps.values()))["sizes"])
-    table("(b) sweep pass time, ms: whole pass, median of 3 (its SQL statements alone, one traced pass)",
+    table(f"(b) sweep pass time, ms: whole pass, median of 3 (its SQL alone: each statement's fastest "
+          f"of {TRACED} traced passes)",
           ["DB", "pass", *[f"{s:,} runs" for s in sizes_], "largest / smallest", "SQL statements per pass"], rows)
     parts_rows = []
     for kind, res in sweeps.items():
@@ -415,6 +491,13 @@ def _print_sweeps(sweeps: dict[str, dict[str, Any]]) -> None:
             parts_rows.append([kind, part, *[f"{sizes[s]['parts'][part]:.1f}" for s in sizes]])
     table("(b) watchdog pass by part (median of 3, ms)", ["DB", "part", *[f"{s:,} runs" for s in sizes_]],
           parts_rows)
+    probe = sweeps.get("sqlite", {}).get("lock_probe")
+    if probe:
+        table(f"(b) SQLite: another writer's commit during a watchdog pass at {max(sweeps['sqlite']['sizes']):,} runs "
+              f"(pass p50 {probe['pass_ms']:.0f} ms)",
+              ["probe commits that began", "count", "p50 ms", "max ms"],
+              [[label, probe[f"{key}_n"], f"{probe[f'{key}_p50']:.1f}", f"{probe[f'{key}_max']:.1f}"]
+               for label, key in (("during a watchdog pass", "inside"), ("outside any pass", "outside"))])
     for kind, res in sweeps.items():
         print(f"\n{kind}: rows at the end: {res['rows']}")
         if not res["explain"]:
@@ -424,7 +507,7 @@ def _print_sweeps(sweeps: dict[str, dict[str, Any]]) -> None:
             print(f"  [{which}] {_short(sql)}\n      -> {plan}")
         for sql, info in res["explain"].items():
             print(f"\n{kind}: {info['pass']} statement grew from {info['small_ms']:.2f} ms to "
-                  f"{info['large_ms']:.2f} ms per call:\n  {sql}\n  plan:")
+                  f"{info['large_ms']:.2f} ms (fastest of {TRACED} calls):\n  {sql}\n  plan:")
             for line in info["plan"]:
                 print(f"    {line}")
 
@@ -449,10 +532,16 @@ def main() -> None:
                 ticks[kind].append(tick_rep(kind, tmp / f"tick-{kind}-{rep}", f"{base}/0", agents))
         for kind in args.kinds:
             sweeps[kind] = sweep_bench(kind, tmp / f"sweep-{kind}", f"{base}/2", sizes, 3, 1000)
+        log("loading fleet.toml files of 100 to 1,000 agents")
+        loads = config_load(tmp / "config", [100, 300] if args.quick else [100, 300, 1000], 3)
     print(f"\nbench.beat: {reps} repetition(s) of (a), medians (min..max); {machine_note()}; "
           f"took {time.monotonic() - began:.0f} s")
     _print_ticks(ticks, floors, agents)
     _print_sweeps(sweeps)
+    base = min(loads)
+    table("(c) load_fleet_config (parse + validate), median of 3",
+          ["agents", "seconds", "ms per agent", f"vs {base} agents"],
+          [[n, f"{t:.3f}", f"{1000 * t / n:.2f}", f"{t / loads[base]:.0f}x"] for n, t in loads.items()])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -34,6 +35,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3)")
     args = parser.parse_args(argv)
     quiet_logs()
+    revision()  # the code measured is the code at start: other people edit the tree meanwhile
     args.kinds = [k.strip() for k in args.db.split(",") if k.strip()]
     unknown = set(args.kinds) - set(KINDS)
     if unknown:
@@ -99,9 +101,25 @@ def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 
 
 def machine_note() -> str:
-    """CPU count and load, printed with the figures: a loaded 2-core machine bounds all of them."""
+    """CPU count, load and the code measured, printed with the figures."""
     load = os.getloadavg()
-    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    return (f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+            f"code at start: {revision()}")
+
+
+@functools.cache
+def revision() -> str:
+    """The git commit measured, and whether the tree had changes on top of it (taken once, at start)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fleet", "workers"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head or 'unknown'}{' + uncommitted changes in fleet/ or workers/' if dirty else ''}"
 
 
 def quiet_logs() -> None:

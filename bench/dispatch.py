@@ -11,13 +11,18 @@ settings on the same private redis-server; N fire-and-forget sends, then every r
 Figures per repetition (tables show the median of the repetitions, with min..max):
 - throughput: N / (last run finished - first dispatch call started), from the run rows (Fleet) or
   the tasks' own end times (bare), so polling granularity does not count;
-- dispatch rate: N / time spent in the N dispatch (or send) calls alone: the producer's ceiling;
+- producer rate: N / time spent in the N dispatch (or send) calls alone: the producer's ceiling;
+- consumer (drain) rate: D runs queued while no worker runs, then drained by a fresh worker:
+  D / (last finished - first started): the worker side's ceiling;
 - burst latency: per run, its start (`started_at`, or the task's first line) minus the start of
   the call that dispatched it, while the rest of the burst queues up too;
 - isolated latency: the same with one run at a time (each waits for the previous one to finish);
 - commits per run (PostgreSQL): pg_stat_database.xact_commit of the benchmark's own database
   before and after the burst, with every connection closed so the counters are flushed;
 - events per run: run_events rows per run (a proxy on SQLite, which keeps no commit counter).
+Then, in this process without Celery, runs are dispatched and executed one at a time with
+SQLAlchemy engine events counting each side's transactions (the same count on SQLite and
+PostgreSQL), and each step of the dispatch and the executor is timed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,15 @@ from bench.common import (
     workdir,
 )
 from bench.sqltrace import Counts, Tracer
+
+# Everything imported up front: other people edit the code while benchmarks run, and a module
+# imported late could come from a newer tree than the ones imported at start.
+from fleet import db, executor
+from fleet import dispatch as dispatching
+from fleet.config import Settings, load_fleet_config
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.services import build
+from tests.harness import Fleet
 
 NOOP_AGENTS = """
 [fleet]
@@ -107,16 +122,12 @@ def _close_all(fleet: Any, reader: Engine, pg_url: str | None) -> None:
 
 def _as_epoch(value: Any) -> float:
     if isinstance(value, str):  # SQLite through a plain engine hands timestamps back as text
-        from datetime import datetime
-
         value = datetime.fromisoformat(value)
     return epoch(value)
 
 
 def _fleet_burst(fleet: Any, n: int, actor: str) -> tuple[dict[str, float], list[float], float]:
     """N dispatches one after the other: when each call began, how long each took, when the first began."""
-    from fleet.dispatch import DispatchRequest, dispatch
-
     sent_at: dict[str, float] = {}
     called: list[float] = []
     statuses: dict[str, int] = {}
@@ -142,9 +153,6 @@ def _finished_rows(reader: Engine, actor: str, n: int) -> list[Any]:
 
 def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: int) -> dict[str, Any]:
     """One repetition on a fresh database: isolated runs (they also warm up), the burst, then the drain."""
-    from fleet.dispatch import DispatchRequest, dispatch
-    from tests.harness import Fleet
-
     home.mkdir(parents=True)
     with database(kind, home) as url:
         fleet = Fleet(home, redis_url, url, agents=NOOP_AGENTS)
@@ -279,11 +287,6 @@ def _timed(module: Any, names: list[str], into: dict[str, list[float]]) -> Itera
 def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, Any]:
     """Dispatch and execute runs one at a time in this process (no Celery), counting the database work
     of each side with engine events and timing each step."""
-    from fleet import db, executor
-    from fleet import dispatch as dispatching
-    from fleet.config import Settings, load_fleet_config
-    from fleet.services import build
-
     home.mkdir(parents=True)
     config = home / "fleet.toml"
     config.write_text(NOOP_AGENTS)
@@ -374,8 +377,8 @@ def main() -> None:
     """Run the repetitions interleaved (bare, then Fleet on each database), print the tables."""
     args = parse_args("Fleet vs bare Celery: dispatch-to-finish throughput and latency of a no-op agent")
     n = 50 if args.quick else 300
-    paced = 10 if args.quick else 30
-    drain = 30 if args.quick else 150
+    paced = 5 if args.quick else 30
+    drain = 20 if args.quick else 150
     reps = args.reps or (1 if args.quick else 3)
     results: dict[str, list[dict[str, Any]]] = {"bare": [], **{k: [] for k in args.kinds}}
     traces: dict[str, dict[str, Any]] = {}
@@ -388,13 +391,14 @@ def main() -> None:
             for kind in args.kinds:
                 log(f"rep {rep + 1}/{reps}: Fleet on {kind}, N={n}")
                 results[kind].append(fleet_rep(kind, tmp / f"{kind}-{rep}", redis.url, n, paced, drain))
+        print(f"\nbench.dispatch: N={n} burst runs, {paced} isolated runs and {drain} drained runs per "
+              f"repetition, {reps} repetition(s), medians (min..max); {machine_note()}; "
+              f"took {time.monotonic() - began:.0f} s")
+        _print(results, args.kinds)
         for kind in args.kinds:
             log(f"in-process trace on {kind}")
             traces[kind] = trace_kind(kind, tmp / f"trace-{kind}", f"redis://127.0.0.1:{redis.port}/2",
-                                      10 if args.quick else 30)
-    print(f"\nbench.dispatch: N={n} burst runs, {paced} isolated runs and {drain} drained runs per repetition, "
-          f"{reps} repetition(s), medians (min..max); {machine_note()}; took {time.monotonic() - began:.0f} s")
-    _print(results, args.kinds)
+                                      5 if args.quick else 30)
     _print_trace(traces)
 
 

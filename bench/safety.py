@@ -41,6 +41,14 @@ from bench.common import (
     workdir,
 )
 
+# Imported up front: other people edit the code while benchmarks run, and a module imported late
+# could come from a newer tree than the ones imported at start.
+from fleet import db, keys, killswitch, ledger
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.keys import GLOBAL
+from fleet.models import Run, SpendDay
+from tests.harness import Fleet
+
 SLEEPER_AGENTS = """
 [fleet]
 timezone = "UTC"
@@ -57,6 +65,15 @@ HUGE_CAP = 10**15  # micro-dollars: never refuses
 # ---------------------------------------------------------------- (a) kill latency
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a pid that vanishes mid-read is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:  # FileNotFoundError, or ProcessLookupError when it exits between open and read
+        return False
+
+
 def _pids(pidfile: Path) -> list[int]:
     if not pidfile.exists():
         return []
@@ -65,11 +82,6 @@ def _pids(pidfile: Path) -> list[int]:
 
 def kill_rep(fleet: Any, agents: int, tag: str) -> dict[str, Any]:
     """Start `agents` sleepers, engage the global kill, time each pid's end, release."""
-    from fleet import keys, killswitch
-    from fleet.dispatch import DispatchRequest, dispatch
-    from fleet.models import Run
-    from tests.harness import pid_alive
-
     services = fleet.services
     pidfile = fleet.tmp / "sleeper.pids"
     pidfile.unlink(missing_ok=True)
@@ -81,7 +93,7 @@ def kill_rep(fleet: Any, agents: int, tag: str) -> dict[str, Any]:
         run_ids.append(result.run_id)
     wait_until(lambda: len(_pids(pidfile)) == agents, 300, f"{agents} sleepers to write their pids", 0.1)
     pids = _pids(pidfile)
-    if not all(pid_alive(p) for p in pids):
+    if not all(_alive(p) for p in pids):
         raise RuntimeError("a sleeper died before the kill")
     time.sleep(0.5)  # every executor is in its watch loop
     gone: dict[int, float] = {}
@@ -93,15 +105,13 @@ def kill_rep(fleet: Any, agents: int, tag: str) -> dict[str, Any]:
         deadline = started + 30
         while len(gone) < len(pids) and time.monotonic() < deadline:
             for pid in pids:
-                if pid not in gone and not pid_alive(pid):
+                if pid not in gone and not _alive(pid):
                     gone[pid] = time.monotonic() - started
             time.sleep(0.005)
         if len(gone) < len(pids):
             raise RuntimeError(f"{len(pids) - len(gone)} agent(s) still alive 30 s after the kill")
 
         def all_killed() -> bool:
-            from fleet import db
-
             with db.session(services.engine) as session:
                 statuses = {r.status for r in session.exec(select(Run).where(Run.id.in_(run_ids)))}  # type: ignore[union-attr]
                 session.rollback()
@@ -117,8 +127,6 @@ def kill_rep(fleet: Any, agents: int, tag: str) -> dict[str, Any]:
 def kill_bench(kind: str, home: Path, redis_url: str, sizes: list[int], reps: int, procs: tuple[int, int]
                ) -> dict[int, list[dict[str, Any]]]:
     """One fleet on a fresh database; every size `reps` times, interleaved."""
-    from tests.harness import Fleet
-
     home.mkdir(parents=True)
     out: dict[int, list[dict[str, Any]]] = {size: [] for size in sizes}
     with database(kind, home) as url:
@@ -139,8 +147,6 @@ def kill_bench(kind: str, home: Path, redis_url: str, sizes: list[int], reps: in
 
 def _reserver(url: str, day: str, duration: float, go: Any, start_at: Any, ready: Any, out: Any) -> None:
     """One contending process: reserve 1 micro-dollar per transaction until the time is up."""
-    from fleet import db, ledger
-
     engine = db.make_engine(url)
     caps = ledger.Caps(agent=HUGE_CAP, fleet=HUGE_CAP)
     with engine.connect():
@@ -166,10 +172,6 @@ def _reserver(url: str, day: str, duration: float, go: Any, start_at: Any, ready
 
 def reserve_rep(url: str, processes: int, duration: float) -> dict[str, Any]:
     """`processes` reservers on the same row for `duration` seconds; checks the ledger adds up."""
-    from fleet import db, ledger
-    from fleet.keys import GLOBAL
-    from fleet.models import SpendDay
-
     engine = db.make_engine(url)
     with db.session(engine) as session:
         day = ledger.budget_day(session, "UTC")
@@ -205,8 +207,6 @@ def reserve_rep(url: str, processes: int, duration: float) -> dict[str, Any]:
 def reserve_bench(kind: str, home: Path, counts: list[int], duration: float, reps: int
                   ) -> dict[int, list[dict[str, Any]]]:
     """Every process count `reps` times on one fresh, migrated database."""
-    from fleet import db
-
     home.mkdir(parents=True)
     out: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     with database(kind, home) as url:
@@ -239,7 +239,8 @@ def main() -> None:
             for kind in kill_kinds:
                 kills[kind] = kill_bench(kind, tmp / f"kill-{kind}", redis.url, sizes, reps, procs)
         for kind in args.kinds:
-            reservations[kind] = reserve_bench(kind, tmp / f"reserve-{kind}", [1, 8], duration, reps)
+            counts = [8] if args.quick else [1, 8]
+            reservations[kind] = reserve_bench(kind, tmp / f"reserve-{kind}", counts, duration, reps)
     print(f"\nbench.safety: {reps} repetition(s), medians (min..max); {machine_note()}; "
           f"took {time.monotonic() - began:.0f} s")
     rows = []

@@ -28,7 +28,7 @@ class Counts:
     read_commits: int = 0  # commits of transactions that only read
     rollbacks: int = 0
     statements: int = 0
-    by_statement: dict[str, list[float]] = field(default_factory=dict)  # SQL -> [calls, seconds]
+    by_statement: dict[str, list[float]] = field(default_factory=dict)  # SQL -> [calls, seconds, fastest call]
     params: dict[str, Any] = field(default_factory=dict)  # SQL -> the parameters of its first call
 
     def per(self, n: int) -> dict[str, float]:
@@ -97,9 +97,11 @@ class Tracer:
         if started is None:
             return
         key = _SPACE.sub(" ", statement).strip()
-        entry = self.counts.by_statement.setdefault(key, [0, 0.0])
+        took = time.perf_counter() - started
+        entry = self.counts.by_statement.setdefault(key, [0, 0.0, took])
         entry[0] += 1
-        entry[1] += time.perf_counter() - started
+        entry[1] += took
+        entry[2] = min(entry[2], took)
 
 
 def explain(engine: Engine, statement: str, params: Any = None) -> list[str]:
