@@ -61,6 +61,7 @@ if outcome == 'success' then
   return {old, 'closed'}
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if old == 'open' then return {old, old} end  -- a late failure does not stretch the cool-down
 if outcome == 'auth' or old == 'half_open' or failures >= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[2])
   redis.call('HDEL', KEYS[1], 'trial')
