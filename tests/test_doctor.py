@@ -23,14 +23,6 @@ GOOD_TOML = '[agents.echo]\ncommand = ["python", "-m", "fleet.examples.echo_agen
 
 
 @pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A loopback port bound but never listening: connecting is refused, and no one else can take it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture
 def good(tmp_path: Path, redis_url: str) -> Settings:
     """A valid fleet.toml with a private key, the real Redis, a migrated SQLite file, a log folder."""
     (tmp_path / "keys").mkdir(mode=0o700)
