@@ -155,7 +155,7 @@ def archive_stale(services: Services, spec: AgentSpec, work_key: str, idem_key: 
     cutoff = now - timedelta(seconds=services.config.fleet.stale_after_s)
     with db.session(services.engine) as session:
         stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
-                 if r.idem_key != idem_key or _aware(r.created_at) < cutoff]
+                 if r.idem_key != idem_key or r.created_at < cutoff]
         for run in stale:
             archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")
         if stale:
@@ -349,9 +349,3 @@ def _abort(services: Services, run: Run, result: DispatchResult) -> DispatchResu
                         reason=result.reason)
         session.commit()
     return result
-
-
-def _aware(at: datetime) -> datetime:
-    from datetime import UTC
-
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

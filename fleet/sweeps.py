@@ -220,7 +220,7 @@ def _tail(services: Services, run_id: str, size: int = 8192) -> str | None:
 def _check_queued(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
     stale_cutoff = services.now() - timedelta(seconds=services.config.fleet.stale_after_s)
     lease = _lease_of(run)
-    if run.queued_at is not None and _aware(run.queued_at) < stale_cutoff:
+    if run.queued_at is not None and run.queued_at < stale_cutoff:
         with db.session(services.engine) as session:
             fresh = session.get(Run, run.id)
             if fresh is not None and archive(session, services, fresh, reason="stale"):
@@ -314,9 +314,3 @@ def _trim_logs(services: Services) -> int:
     for path in extra:
         path.unlink(missing_ok=True)
     return len(extra)
-
-
-def _aware(at: Any) -> Any:
-    from datetime import UTC
-
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

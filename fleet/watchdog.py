@@ -159,7 +159,7 @@ def stuck_check(services: Services, session: Session, now: datetime) -> Check:
         spec = services.config.agents.get(run.agent)
         fleet = services.config.fleet
         limit = (spec.timeout_s if spec else 3600) + fleet.kill_grace_s + fleet.lease_ttl_s
-        if run.started_at and now - _aware(run.started_at) > timedelta(seconds=limit + 60):
+        if run.started_at and now - run.started_at > timedelta(seconds=limit + 60):
             stuck.append(run.id)
     if stuck:
         return Check("stuck_runs", RED, f"{len(stuck)} run(s) past timeout + grace: {', '.join(stuck[:5])}")
@@ -272,7 +272,3 @@ def _lease_orphaned(session: Session, lease: Lease) -> bool:
 def latest(session: Session) -> WatchdogVerdict | None:
     """The newest stored verdict."""
     return session.exec(select(WatchdogVerdict).order_by(col(WatchdogVerdict.id).desc()).limit(1)).first()
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
