@@ -141,6 +141,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def wait_for_pids(pidfile: Path, timeout: float, lines: int = 1) -> list[list[int]]:
+    """Wait until `lines` agents wrote their pids (example sleeper's --pidfile); the pids, line by line."""
+    wait_for(lambda: pidfile.exists() and len(pidfile.read_text().splitlines()) >= lines, timeout,
+             f"{lines} agent(s) to write {pidfile.name}")
+    return [[int(p) for p in line.split()] for line in pidfile.read_text().splitlines()]
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie."""
     try:

@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from fleet import db, keys, sweeps
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus
-from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for
+from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for, wait_for_pids
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
@@ -94,8 +94,7 @@ def test_worker_killed_mid_run_is_retried_exactly_once(fleet: Fleet) -> None:
     pidfile = fleet.tmp / "crashy.pids"
     pidfile.unlink(missing_ok=True)
     result = send(fleet, "crashy", f"crash-{uuid.uuid4().hex}")
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the agent to start")
-    agent, grandchild = (int(p) for p in pidfile.read_text().split())
+    ((agent, grandchild),) = wait_for_pids(pidfile, 60)
     pool_process = parent_of(agent)
     os.kill(pool_process, signal.SIGKILL)
     # The agent dies with its worker (parent-death signal): nothing runs unowned.

@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from fleet import db, keys, killswitch
 from fleet.models import Run, RunStatus, SpendDay
-from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for
+from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for, wait_for_pids
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
@@ -87,9 +87,8 @@ def test_kill_stops_every_agent_within_a_second(fleet: Fleet) -> None:
     assert len(fleet.workers) == 2  # two worker nodes, six pool processes each
     results = [send(fleet, "long", f"kill-{uuid.uuid4().hex}") for _ in range(10)]
     assert all(r.status == "queued" for r in results)
-    wait_for(lambda: pidfile.exists() and len(pidfile.read_text().splitlines()) == 10, 120,
-             "10 agents to be running")
-    pids = [int(line.split()[0]) for line in pidfile.read_text().splitlines()]
+    pids = [line[0] for line in wait_for_pids(pidfile, 120, lines=10)]
+    assert len(pids) == 10
     assert all(pid_alive(p) for p in pids)
     started = time.monotonic()
     killswitch.engage(fleet.services.engine, fleet.services.redis, scope=keys.GLOBAL, reason="latency test",
@@ -138,8 +137,7 @@ def test_redis_down_refuses_dispatch_and_stops_agents(private_fleet: Any) -> Non
     fleet, server = private_fleet
     pidfile = fleet.tmp / "long.pids"
     result = send(fleet, "long", f"down-{uuid.uuid4().hex}")
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "the agent to run")
-    pid = int(pidfile.read_text().split()[0])
+    pid = wait_for_pids(pidfile, 30)[0][0]
     server.stop()
     started = time.monotonic()
     proc = fleet.cli("dispatch", "echo")
@@ -182,8 +180,7 @@ def test_hard_kill_through_celery_stops_a_wedged_executor(fleet: Fleet) -> None:
     pidfile = fleet.tmp / "long.pids"
     pidfile.unlink(missing_ok=True)
     result = send(fleet, "long", f"wedged-{uuid.uuid4().hex}")
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 60, "the agent to run")
-    agent = int(pidfile.read_text().split()[0])
+    agent = wait_for_pids(pidfile, 60)[0][0]
     executor = parent_of(agent)
     os.kill(executor, signal.SIGSTOP)  # the executor is wedged: it will never see the flag
     try:

@@ -22,6 +22,7 @@ from celery import Celery
 
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.supervisor import absolute_database_url, mask_redis_url
+from tests.harness import wait_for
 
 READY_WITHIN_S = 20.0
 STOP_WITHIN_S = 30.0  # the worker's warm-shutdown grace is 15 s; an idle one stops in ~1-2 s
@@ -40,18 +41,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for(what: str, condition: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    """Poll `condition` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def marked_processes(marker: str) -> list[tuple[int, str]]:
@@ -137,7 +126,7 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
 
 def wait_ready(run: UpRun) -> tuple[float, float]:
     """(seconds fleet up reported, seconds since spawn) until ready; fails past READY_WITHIN_S."""
-    match = wait_for("the 'ready' line", lambda: run.line(r"^fleet up: ready in ([\d.]+)s"), READY_WITHIN_S)
+    match = wait_for(lambda: run.line(r"^fleet up: ready in ([\d.]+)s"), READY_WITHIN_S, "the 'ready' line")
     return float(match.group(1)), time.monotonic() - run.started
 
 
@@ -153,7 +142,7 @@ def assert_worker_consumes_both_queues(broker_url: str) -> None:
     app = Celery("fleet-up-test", broker=broker_url, backend=broker_url)
     app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
     try:
-        replies = wait_for("a worker ping", lambda: app.control.ping(timeout=1.0), 10)
+        replies = wait_for(lambda: app.control.ping(timeout=1.0), 10, "a worker ping")
         node = next(name for reply in replies for name in reply if name.startswith("fleet@"))
         queues = app.control.inspect(destination=[node], timeout=2.0).active_queues() or {}
         assert {"dispatch", "agents"} <= {q["name"] for q in queues.get(node, [])}
@@ -168,7 +157,7 @@ def assert_worker_consumes_both_queues(broker_url: str) -> None:
 def assert_flower_requires_auth(run: UpRun, user: str, password: str) -> None:
     """Flower answers 401 without credentials and 200 with them."""
     url = f"http://127.0.0.1:{run.flower_port}/api/workers"
-    wait_for("Flower to listen", lambda: _answers(url), 10)
+    wait_for(lambda: _answers(url), 10, "Flower to listen")
     assert local_get(url, timeout=5).status_code == 401
     assert local_get(url, auth=(user, "wrong"), timeout=5).status_code == 401
     assert local_get(url, auth=(user, password), timeout=5).status_code == 200
@@ -204,7 +193,7 @@ def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig:
     took = time.monotonic() - began
     assert code == expect_code, run.stdout() + run.err.read_text(errors="replace")[-3000:]
     # Its children were SIGKILLed by process group at the latest: give the kernel a moment to finish them.
-    wait_for("no process left behind", lambda: not marked_processes(run.marker), 5)
+    wait_for(lambda: not marked_processes(run.marker), 5, "no process left behind")
     assert not list(tmp_path.rglob("*.pid")), "a stale pid file was left behind"
     assert "all children stopped" in run.stdout()
     return took
@@ -346,7 +335,7 @@ def test_web_readyz_names_what_is_down_and_stops_on_sigterm(tmp_path: Path) -> N
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_for("the web process to listen", lambda: _answers(f"{base}/livez"), 15)
+        wait_for(lambda: _answers(f"{base}/livez"), 15, "the web process to listen")
         assert local_get(f"{base}/livez", timeout=5).text == "ok"
         readyz = local_get(f"{base}/readyz", timeout=10)
         assert readyz.status_code == 503
