@@ -160,8 +160,13 @@ def pid_alive(pid: int) -> bool:
 class Fleet:
     """One test fleet: config, database, Redis database, workers."""
 
-    def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS) -> None:
+    def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS, *,
+                 direct_redis_url: str | None = None, direct_database_url: str | None = None) -> None:
+        # The fleet's processes use redis_url and database_url (perhaps through a fault proxy);
+        # the test's own clients use the direct URLs, so a fault never blinds the assertions.
         self.tmp, self.redis_url, self.database_url = tmp, redis_url, database_url
+        self.direct_redis_url = direct_redis_url or redis_url
+        self.direct_database_url = direct_database_url or database_url
         self.config_path = tmp / "fleet.toml"
         self.log_dir = tmp / "logs"
         self.config_path.write_text(agents.replace("{tmp}", str(tmp)))
@@ -175,10 +180,10 @@ class Fleet:
                     "PYTHONPATH": str(ROOT)}
         self.env.pop("FLEET_SENTRY_DSN", None)
         self.workers: list[subprocess.Popen[bytes]] = []
-        self.celery = Celery("fleet-test", broker=redis_url, backend=redis_url)
+        self.celery = Celery("fleet-test", broker=self.direct_redis_url, backend=self.direct_redis_url)
         self.celery.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
                                 broker_connection_retry_on_startup=True)
-        self.redis = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = redis_lib.Redis.from_url(self.direct_redis_url, decode_responses=True)
         self._services: Services | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -233,8 +238,8 @@ class Fleet:
     @property
     def settings(self) -> Settings:
         """The settings the fleet's processes read."""
-        return Settings(config=self.config_path, redis_url=self.redis_url, database_url=self.database_url,
-                        log_dir=self.log_dir)
+        return Settings(config=self.config_path, redis_url=self.direct_redis_url,
+                        database_url=self.direct_database_url, log_dir=self.log_dir)
 
     @property
     def services(self) -> Services:

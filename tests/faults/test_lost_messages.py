@@ -1,0 +1,96 @@
+"""Messages that go missing: resending is always safe, losing is not, and nothing waits forever unseen."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from fleet import db, sweeps
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.errors import UnavailableError
+from fleet.models import DeadLetter, Run, RunStatus, SpendDay
+from fleet.services import Services, utcnow
+from tests.faults.conftest import FaultFleet, fault_fleet
+from tests.faults.servers import PrivateCluster
+from tests.test_dispatch import run_of, wait_status
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+def later(services: Services, seconds: float) -> Services:
+    """The same clients with a clock `seconds` ahead, as a reaper pass that much later sees it."""
+    return dataclasses.replace(services, now=lambda: utcnow() + timedelta(seconds=seconds))
+
+
+def drop(_run_id: str, _fence: int, _countdown: float = 0.0) -> None:
+    """A send whose message is lost on the way (the dispatcher died after its commit, a failover ate it)."""
+
+
+def request(agent: str = "quick") -> DispatchRequest:
+    return DispatchRequest(agent, f"lost-{uuid.uuid4().hex}", actor="test")
+
+
+def test_a_message_lost_after_the_commit_is_sent_again(faults: FaultFleet) -> None:
+    result = dispatch(faults.fleet.services, request(), drop)
+    assert result.status == "queued"
+    faults.accepted.add(result.run_id)
+    sweeps.reap(later(faults.fleet.services, 600), faults.fleet.send_execute)
+    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
+    assert run.status == RunStatus.SUCCEEDED and run.attempt == 1
+    assert faults.violations() == []
+
+
+def test_a_message_lost_twice_is_dead_lettered_as_lost(faults: FaultFleet) -> None:
+    result = dispatch(faults.fleet.services, request(), drop)
+    faults.accepted.add(result.run_id)
+    for minutes in (10, 20, 30, 40, 80, 160):
+        sweeps.reap(later(faults.fleet.services, minutes * 60), drop)
+    run = run_of(faults.fleet, result.run_id)
+    assert run.status == RunStatus.DEAD, f"a run whose every message was lost ended {run.status}"
+    with db.session(faults.fleet.services.engine) as session:
+        dead = session.exec(select(DeadLetter).where(DeadLetter.run_id == run.id)).one()
+        day = session.exec(select(SpendDay).where(SpendDay.scope == "quick")).one()
+    assert dead.reason == "lost"
+    assert day.reserved_micros == 0  # its reservation came back
+    assert faults.fleet.services.leases.holders("quick", 100) == []
+    assert faults.violations() == []
+
+
+def test_a_run_waiting_behind_a_busy_queue_is_never_archived(kind: str, tmp_path: Path,
+                                                              pg_cluster: PrivateCluster | None) -> None:
+    """No worker consumes the agents queue for two hours: the run waits, and runs once a worker comes."""
+    with fault_fleet(kind, tmp_path, pg_cluster, start=False) as faults:
+        result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
+        faults.accepted.add(result.run_id)
+        for hours in (0.5, 1, 1.5, 2, 3):
+            sweeps.reap(later(faults.fleet.services, hours * 3600), faults.fleet.send_execute)
+        assert run_of(faults.fleet, result.run_id).status == RunStatus.QUEUED
+        assert faults.fleet.redis.llen("agents") >= 1
+        faults.fleet.start_worker()
+        run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
+        assert run.status == RunStatus.SUCCEEDED
+        assert len(faults.effects.starts(result.run_id)) == 1
+        assert faults.violations() == []
+
+
+def test_an_enqueue_failure_leaves_the_key_free(faults: FaultFleet) -> None:
+    """The broker refuses the message: 75, nothing held, and the same key dispatches afterwards."""
+    def refuse(_run_id: str, _fence: int) -> None:
+        raise ConnectionError("broker down")
+
+    asked = request()
+    with pytest.raises(UnavailableError):
+        dispatch(faults.fleet.services, asked, refuse)
+    assert faults.fleet.services.leases.holders("quick", 100) == []
+    again = dispatch(faults.fleet.services, asked, faults.fleet.send_execute)
+    assert again.status == "queued", f"the retry that 75 invited was answered {again.status} ({again.reason})"
+    faults.accepted.add(again.run_id)
+    wait_status(faults.fleet, again.run_id, {"succeeded"}, timeout=60)
+    with db.session(faults.fleet.services.engine) as session:
+        assert len(session.exec(select(Run).where(Run.work_key == asked.work_key)).all()) == 1
+    assert faults.violations() == []
