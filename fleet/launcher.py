@@ -1,33 +1,80 @@
-"""The first program an agent's process runs: it asks to die with its parent, then becomes the agent.
+"""The first program of every agent attempt: it starts the agent and outlives it, so the attempt's whole
+process group goes when the attempt ends, for whatever reason it ends.
 
-`fleet.process` runs it as ``python -I -S launcher.py PARENT_PID LC_CTYPE -- PROGRAM ARGS...``.
-It sets PR_SET_PDEATHSIG=SIGKILL, which `preexec_fn` could do only at the risk of a deadlock in a
-threaded worker, checks that the parent did not die before that (the signal would then never come),
-and execs PROGRAM with the exact environment it was given. Stdlib only and run without `site`: it
-costs ~15 ms per spawn where ``python -m fleet.launcher`` costs ~35 ms.
+`fleet.process` runs it as ``python -I -S launcher.py key=value ... -- PROGRAM ARGS...`` as the leader
+of a new process group; the keys are
+
+    parent=PID     the executor's pid: if it is gone before we start, nothing starts
+    lc=VALUE       the agent's LC_CTYPE ('=C.UTF-8'), or '-' for none (Python's startup changes it)
+    tether=FD      the read end of the executor's dead-man pipe, or '-' for none
+    ttl=SECONDS    how long the executor's first proof of ownership is good for
+    grace=SECONDS  between SIGTERM and SIGKILL when the launcher itself stops the group
+    creds=U:G:GS   switch the agent to uid U, gid G and groups GS (comma-separated), or '-'
+    run=ID:FENCE   which run attempt this is (for `ps` and the orphan sweep; not a secret)
+
+The launcher forks the agent (which gets PR_SET_PDEATHSIG, so it cannot outlive the launcher),
+becomes a child subreaper (orphaned descendants come back to it) and then waits for one of:
+- the agent exits: whatever it left in the group gets SIGTERM, the grace, then SIGKILL; the
+  launcher exits with the agent's code (128+N for a death by signal N);
+- the tether reaches end-of-file: the executor died (a SIGKILLed pool process), so nobody owns the
+  attempt any more: the group is stopped the same way;
+- the tether's deadline passes: the executor could not prove it still owns the run (its lease) in
+  time, or is stopped or wedged: the group is stopped before the lease can lapse, so a retry
+  elsewhere never overlaps this attempt.
+Each message on the tether is a number of milliseconds the ownership is good for from now.
+The launcher ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT (a group-wide SIGTERM is for the agent);
+a group-wide SIGKILL takes it too. Stdlib only, `signal` not imported (it pulls in `enum`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import select
 import sys
+import time
 
-PR_SET_PDEATHSIG = 1
-SIGKILL = 9  # a literal: `import signal` pulls in `enum` and adds milliseconds to every spawn
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGTERM = 1, 2, 3, 9, 15
+SIG_DFL, SIG_IGN = 0, 1
 EXIT_USAGE = 2
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
-UNSET = "-"  # the LC_CTYPE argument when the agent's environment has no LC_CTYPE
+UNSET = "-"
+POLL_S = 0.02  # how often to look for the group's survivors while stopping it
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def prctl(option: int, value: int) -> None:
+    """prctl(2) with one argument; raises OSError."""
+    zero = ctypes.c_ulong(0)
+    if _libc.prctl(option, ctypes.c_ulong(value), zero, zero, zero) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
 
 
 def set_parent_death_signal(signum: int) -> None:
     """Ask the kernel to send `signum` to this process when the thread that spawned it exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    zero = ctypes.c_ulong(0)
-    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signum), zero, zero, zero) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+    prctl(PR_SET_PDEATHSIG, signum)
+
+
+def _disposition(signums: tuple[int, ...], handler: int) -> None:
+    _libc.signal.restype = ctypes.c_void_p
+    for signum in signums:
+        _libc.signal(signum, ctypes.c_void_p(handler))
+
+
+def parse(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The key=value options and the agent's argv; ValueError when malformed."""
+    if "--" not in args:
+        raise ValueError("missing --")
+    cut = args.index("--")
+    options = dict(arg.split("=", 1) for arg in args[:cut])
+    argv = args[cut + 1:]
+    if not argv or "parent" not in options:
+        raise ValueError("parent= and a program are required")
+    return options, argv
 
 
 def original_environment(lc_ctype: str) -> dict[bytes, bytes]:
@@ -41,22 +88,160 @@ def original_environment(lc_ctype: str) -> dict[bytes, bytes]:
     return env
 
 
-def main(args: list[str]) -> int:
-    """Set the death signal, make sure the parent still lives, exec the agent; return only on failure."""
-    if len(args) < 4 or args[2] != "--":
-        print("usage: launcher.py PARENT_PID LC_CTYPE -- PROGRAM [ARGS...]", file=sys.stderr)
-        return EXIT_USAGE
-    parent, lc_ctype, argv = int(args[0]), args[1], args[3:]
-    set_parent_death_signal(SIGKILL)
-    if os.getppid() != parent:
-        # The parent died before the prctl: no signal will ever come, so do what it would have done.
-        os.kill(os.getpid(), SIGKILL)
+def _become_agent(argv: list[str], options: dict[str, str], tether: int | None) -> None:
+    """In the forked child: die with the launcher, drop to the agent's user, exec. Never returns."""
+    code = EXIT_CANNOT_EXECUTE
     try:
-        os.execve(argv[0], argv, original_environment(lc_ctype))
+        _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM), SIG_DFL)  # ignored ones survive exec otherwise
+        set_parent_death_signal(SIGKILL)
+        if tether is not None:
+            os.close(tether)
+        creds = options.get("creds", UNSET)
+        if creds != UNSET:
+            uid, gid, groups = creds.split(":")
+            os.setgroups([int(g) for g in groups.split(",") if g])
+            os.setgid(int(gid))
+            os.setuid(int(uid))
+        os.execve(argv[0], argv, original_environment(options.get("lc", UNSET)))
     except OSError as exc:
-        print(f"fleet launcher: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr, flush=True)
-        return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
-    return EXIT_CANNOT_EXECUTE  # not reached: execve returns only by raising
+        code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+        _say(f"fleet launcher: cannot run {argv[0]}: {exc.strerror}\n")
+    finally:
+        os._exit(code)
+
+
+def _say(text: str) -> None:
+    """A line into the agent's output; nobody may be reading it any more (the executor died)."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
+def _members() -> list[int]:
+    """Every other live process of our group, and every child of ours (a subreaper's orphans)."""
+    me, group = os.getpid(), os.getpgid(0)
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X") and (int(fields[2]) == group or int(fields[1]) == me):
+            found.append(int(name))
+    return found
+
+
+_statuses: dict[int, int] = {}  # wait statuses of the children reaped while stopping the group
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _statuses[pid] = status
+
+
+def _wait(pid: int) -> int:
+    """A child's wait status, whether it was reaped just now or earlier by `_reap`."""
+    if pid in _statuses:
+        return _statuses.pop(pid)
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return _statuses.pop(pid, 0)
+
+
+def stop_group(grace_s: float) -> None:
+    """SIGTERM the group, wait up to `grace_s` for it to empty, then SIGKILL whatever is left, until none is."""
+    members = _members()
+    if not members:
+        return
+    os.killpg(os.getpgid(0), SIGTERM)  # we ignore it ourselves
+    deadline = time.monotonic() + grace_s
+    while members and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        _reap()
+        members = _members()
+    while members:
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, SIGKILL)
+        time.sleep(POLL_S)
+        _reap()
+        members = _members()
+
+
+def _read_tether(tether: int) -> float | None:
+    """The newest validity in the pipe (seconds), or None at end-of-file."""
+    data = os.read(tether, 4096)
+    if not data:
+        return None
+    lines = data.split(b"\n")
+    last = lines[-1] or (lines[-2] if len(lines) > 1 else b"")
+    try:
+        return int(last) / 1000
+    except ValueError:
+        return 0.0
+
+
+def supervise(agent: int, tether: int | None, ttl_s: float | None, grace_s: float) -> int:
+    """Wait for the agent, the tether's end or its deadline; stop the group; the agent's exit status."""
+    pidfd = os.pidfd_open(agent)
+    deadline = None if ttl_s is None else time.monotonic() + ttl_s
+    watched = [pidfd] + ([tether] if tether is not None else [])
+    status: int | None = None
+    reason = ""
+    while status is None:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select(watched, [], [], timeout)
+        if pidfd in ready:
+            status = _wait(agent)
+            break
+        if tether is not None and tether in ready:
+            valid = _read_tether(tether)
+            if valid is None:
+                reason = "its executor is gone"
+            else:
+                deadline = time.monotonic() + valid
+                continue
+        elif deadline is not None and time.monotonic() >= deadline:
+            reason = "its executor could not prove it still owns the run"
+        else:
+            continue
+        _say(f"\nfleet launcher: stopping the agent: {reason}\n")
+        stop_group(grace_s)
+        status = _wait(agent)
+    stop_group(grace_s)
+    _reap()
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def main(args: list[str]) -> int:
+    """Start the agent under supervision; return its exit code (or a launcher failure's)."""
+    try:
+        options, argv = parse(args)
+        parent = int(options["parent"])
+        tether = None if options.get("tether", UNSET) == UNSET else int(options["tether"])
+        ttl_s = float(options["ttl"]) if "ttl" in options else None
+        grace_s = float(options.get("grace", "5"))
+    except ValueError as exc:
+        print(f"usage: launcher.py parent=PID [key=value ...] -- PROGRAM [ARGS...] ({exc})", file=sys.stderr)
+        return EXIT_USAGE
+    if os.getppid() != parent:
+        return EXIT_CANNOT_EXECUTE  # the executor died before we started: nobody would own the agent
+    _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM), SIG_IGN)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    agent = os.fork()
+    if agent == 0:
+        _become_agent(argv, options, tether)
+    return supervise(agent, tether, ttl_s, grace_s)
 
 
 if __name__ == "__main__":

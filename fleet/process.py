@@ -10,17 +10,19 @@ Things a caller must know:
 - A bare `python` or `python3` as argv[0] means this worker's own interpreter (`sys.executable`),
   so example agents run with the worker's venv even when it is not activated. Any other bare
   name is looked up on the agent's `env["PATH"]`, not the worker's.
-- The agent dies with its spawning *thread* (PR_SET_PDEATHSIG, set by `fleet.launcher` before
-  it execs the agent): `run_agent` spawns from the calling thread and blocks it for the whole
-  run, so never call it from a thread that may exit before the run ends. Only the agent process
-  itself gets that signal: if the worker is SIGKILLed, the agent's own children live on in its
-  process group, which is why `on_started` reports the pgid for a reaper to kill later.
+- Every agent runs under `fleet.launcher`, which leads the group, outlives the agent and stops
+  the whole group when the attempt ends for any reason: the agent exits (its leftovers go),
+  this process dies (the tether pipe reaches end-of-file), or the `Tether` is not extended in
+  time (the caller could not prove it still owns the run: stopped, wedged or cut off). So the
+  group never outlives the attempt, even when the worker is SIGKILLed or SIGSTOPped.
 - All callbacks run on the calling thread, so they may use the caller's clients and sessions.
-- A process that leaves the group (its own `setsid`) escapes; only a cgroup could hold it.
+- A process that leaves the group (its own `setsid`) escapes the group signals; the launcher is
+  its subreaper and kills it too once its parent is gone, but only a cgroup could hold it fully.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
@@ -28,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,16 +215,76 @@ def resolve_argv(argv: list[str], env: dict[str, str], cwd: Path | None = None) 
     return [os.path.abspath(path), *argv[1:]]
 
 
-def launcher_argv(argv: list[str], env: dict[str, str]) -> list[str]:
-    """The command that runs `argv` (already resolved) through `fleet.launcher`."""
+class Tether:
+    """The executor's end of the launcher's dead-man pipe: the group lives only while it is extended.
+
+    `extend(s)` says "my ownership of this run is proven for `s` more seconds". If that time passes
+    without another extension, or this process dies (the pipe's end-of-file), the launcher stops
+    the whole group itself. Writes never block: a stopped launcher just reads the newest later.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.write_fd, False)
+        # extend() comes from another thread than close(): never write to an fd number closed (and reused).
+        self._lock = threading.Lock()
+
+    def extend(self, seconds: float) -> None:
+        """Prove ownership for `seconds` from now."""
+        with self._lock:
+            if self.write_fd < 0:
+                return
+            # A full pipe means a stopped launcher (it reads the newest later); a broken one, a launcher gone.
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self.write_fd, b"%d\n" % max(0, int(seconds * 1000)))
+
+    def spawned(self) -> None:
+        """The launcher holds the read end now: drop ours, so its end-of-file means our death."""
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+    def close(self) -> None:
+        """The attempt is over: let go of the launcher."""
+        self.spawned()
+        with self._lock:
+            if self.write_fd >= 0:
+                os.close(self.write_fd)
+                self.write_fd = -1
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the launcher starts an agent: its tether, its user, and which run attempt it is."""
+
+    tether: Tether | None = None
+    creds: str | None = None  # "uid:gid:groups" to switch to, or None to stay this user
+    tag: str | None = None  # "run_id:fence", shown in `ps` and read by the orphan sweep
+
+
+def launcher_argv(argv: list[str], env: dict[str, str], launch: Launch, grace_s: float) -> list[str]:
+    """The command that runs `argv` (already resolved) under `fleet.launcher`."""
     lc_ctype = "=" + env["LC_CTYPE"] if "LC_CTYPE" in env else launcher.UNSET
-    return [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER_PATH), str(os.getpid()), lc_ctype, "--", *argv]
+    tether = launch.tether
+    options = [f"parent={os.getpid()}", f"lc={lc_ctype}", f"grace={grace_s:g}",
+               f"tether={tether.read_fd if tether is not None else launcher.UNSET}",
+               *([f"ttl={tether.ttl_s:.3f}"] if tether is not None else []),
+               f"creds={launch.creds or launcher.UNSET}", f"run={launch.tag or launcher.UNSET}"]
+    return [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER_PATH), *options, "--", *argv]
 
 
-def _spawn(argv: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        launcher_argv(resolve_argv(argv, env, cwd), env), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True, bufsize=0)
+def _spawn(argv: list[str], env: dict[str, str], cwd: Path | None, launch: Launch,
+           grace_s: float) -> subprocess.Popen[bytes]:
+    tether = launch.tether
+    try:
+        return subprocess.Popen(
+            launcher_argv(resolve_argv(argv, env, cwd), env, launch, grace_s), env=env, cwd=cwd,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            close_fds=True, pass_fds=(tether.read_fd,) if tether is not None else (), bufsize=0)
+    finally:
+        if tether is not None:
+            tether.spawned()
 
 
 def _not_started(exc: OSError, argv: list[str], output: Output) -> ProcessResult:
@@ -427,7 +490,7 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
               watch_interval_s: float = 0.1, grace_s: float = 5.0,
               max_log_bytes: int = 10 * 2**20, tail_bytes: int = 16 * 1024, cwd: Path | None = None,
               max_line_bytes: int = DEFAULT_MAX_LINE, append_log: bool = False,
-              redact: tuple[str, ...] = ()) -> ProcessResult:
+              redact: tuple[str, ...] = (), launch: Launch = Launch()) -> ProcessResult:
     """Run one agent to its end (or stop it) and report how it went; blocks the calling thread.
 
     `env` is the agent's whole environment. `watch` gets the running cost every `watch_interval_s`
@@ -437,12 +500,13 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
     the calling thread (see the module docstring): do not call this from a short-lived thread.
     `append_log` adds to an existing log instead of replacing it (a poll, then the command).
     Each string in `redact` (the agent's own secrets) is masked in the log and the output tail.
+    `launch` gives the launcher its tether, the agent's user and the run tag (see `Launch`).
     """
     output = Output(log_path, max_log_bytes=max_log_bytes, tail_bytes=tail_bytes, append=append_log,
                     redact=redact)
     try:
         try:
-            proc = _spawn(argv, env, cwd)
+            proc = _spawn(argv, env, cwd, launch, grace_s)
         except OSError as exc:
             return _not_started(exc, argv, output)
         try:
@@ -459,4 +523,6 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
         output.flush()
         return run.result()
     finally:
+        if launch.tether is not None:
+            launch.tether.close()
         output.close()

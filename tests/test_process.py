@@ -21,8 +21,10 @@ from fleet.process import (
     EXIT_CANNOT_EXECUTE,
     EXIT_NOT_FOUND,
     LAUNCHER_PATH,
+    Launch,
     LineScanner,
     ProcessResult,
+    Tether,
     Usage,
     group_alive,
     parse_line,
@@ -236,7 +238,7 @@ def test_timeout_kills_the_whole_group_even_what_ignores_sigterm(run: Callable[.
     pids = read_pids(pidfile)
     assert result.stop_reason == "timeout"
     assert result.exit_code == 128 + signal.SIGKILL  # SIGTERM was ignored: the grace ended in SIGKILL
-    assert len(pids) == 2 and pids[0] == result.pid
+    assert len(pids) == 2 and result.pid not in pids  # the launcher leads the group, the agent is its child
     assert not any(running(pid) for pid in pids)
     assert result.pgid is not None and not group_alive(result.pgid)
     assert 2.3 <= elapsed < 4.0
@@ -393,30 +395,39 @@ PARENT = """
 import sys
 from pathlib import Path
 from typing import Any
-from fleet.process import run_agent
-run_agent(sys.argv[2:], {"PATH": "/usr/bin:/bin"}, log_path=Path(sys.argv[1]), timeout_s=120)
+from fleet.process import Launch, Tether, run_agent
+tether = Tether(float(sys.argv[2])) if sys.argv[2] != "-" else None
+run_agent(sys.argv[3:], {"PATH": "/usr/bin:/bin"}, log_path=Path(sys.argv[1]), timeout_s=120, grace_s=0.3,
+          launch=Launch(tether=tether))
 """
 
 
-def test_the_agent_dies_with_its_parent(tmp_path: Path) -> None:
-    pidfile = tmp_path / "pids"
-    # Silent, or a write to the orphaned pipe (SIGPIPE) would kill it and prove nothing.
-    silent_agent = python_agent(f"""
+def _silent_group(pidfile: Path) -> list[str]:
+    # Silent, or a write to the orphaned pipe (SIGPIPE) would kill it and prove nothing; a child in the
+    # group and both ignoring SIGTERM, so only the launcher's SIGKILL can end them.
+    return python_agent(f"""
         import os, signal, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        with open({str(pidfile)!r}, "w") as handle:
-            handle.write(str(os.getpid()))
+        os.fork()
+        with open({str(pidfile)!r}, "a") as handle:
+            handle.write(str(os.getpid()) + "\\n")
         time.sleep(60)
         """)
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "p.log"), *silent_agent],
-                              start_new_session=True)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_the_whole_group_dies_with_its_runner_or_when_the_tether_lapses(tmp_path: Path, how: int) -> None:
+    """The runner (a worker's pool process) is SIGKILLed (the tether's end-of-file) or SIGSTOPped (it cannot
+    extend the tether): the launcher stops the agent and its child, though both ignore SIGTERM."""
+    pidfile = tmp_path / "pids"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "p.log"), "1.0",
+                               *_silent_group(pidfile)], start_new_session=True)
     try:
-        assert wait_for(lambda: bool(read_pids(pidfile)), 15.0)
-        (agent_pid,) = read_pids(pidfile)
-        assert running(agent_pid)
-        parent.kill()
-        parent.wait()
-        assert wait_for(lambda: not running(agent_pid), 5.0)
+        assert wait_for(lambda: len(read_pids(pidfile)) == 2, 15.0)
+        pids = read_pids(pidfile)
+        assert all(running(pid) for pid in pids)
+        os.kill(parent.pid, how)
+        assert wait_for(lambda: not any(running(pid) for pid in pids), 5.0)
     finally:
         parent.kill()
         parent.wait()
@@ -425,10 +436,26 @@ def test_the_agent_dies_with_its_parent(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_a_tether_that_is_extended_keeps_the_agent(run: Callable[..., ProcessResult]) -> None:
+    tether = Tether(0.5)
+    result = run([*SLEEPER, "1.5"], watch=lambda _cost: tether.extend(0.5), watch_interval_s=0.1,
+                 launch=Launch(tether=tether))
+    assert (result.exit_code, result.stop_reason) == (0, None)
+
+
+def test_a_tether_that_lapses_stops_the_agent(run: Callable[..., ProcessResult]) -> None:
+    started = time.monotonic()
+    result = run([*SLEEPER, "30"], grace_s=0.3, launch=Launch(tether=Tether(0.5)))
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert 0.5 <= time.monotonic() - started < 5.0
+    assert "could not prove it still owns the run" in result.output_tail
+
+
 def test_launcher_does_not_exec_when_its_parent_is_already_gone(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     not_my_parent = "1"
-    proc = subprocess.run([sys.executable, "-I", "-S", str(LAUNCHER_PATH), not_my_parent, launcher.UNSET, "--",
-                           "/usr/bin/touch", str(marker)], capture_output=True, timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    proc = subprocess.run([sys.executable, "-I", "-S", str(LAUNCHER_PATH), f"parent={not_my_parent}",
+                           f"lc={launcher.UNSET}", "--", "/usr/bin/touch", str(marker)],
+                          capture_output=True, timeout=30)
+    assert proc.returncode == launcher.EXIT_CANNOT_EXECUTE
     assert not marker.exists()
