@@ -130,7 +130,9 @@ def sweep(name: SweepName, as_json: JsonOpt = False) -> None:
     svc = services()
     try:
         if name is SweepName.reaper:
-            report = sweeps.reap(svc, celery_sender())
+            from workers.tasks import waiting_in_agents_queue
+
+            report = sweeps.reap(svc, celery_sender(), waiting_in_agents_queue)
         elif name is SweepName.idempotency:
             report = sweeps.release_keys(svc)
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.errors import ConfigError
@@ -93,11 +93,37 @@ class FleetSection(BaseModel):
     breaker_cooldown_s: float = Field(default=300.0, gt=0)
     retry_backoff_s: float = Field(default=10.0, ge=0, le=3600)  # first retry waits about this long (plus jitter)
     kill_grace_s: float = Field(default=5.0, ge=0, le=300)  # SIGTERM, then this long, then SIGKILL
+    # A queued run whose message no worker claimed within this is sent again (a resend is harmless:
+    # the claim is fenced); one whose resent message is lost too is dead-lettered as `lost`.
+    resend_after_s: float = Field(default=300.0, gt=0, le=86400)
+    # How long a worker keeps trying to write an outcome while the database is away (keeping its lease).
+    outcome_retry_s: float = Field(default=3600.0, gt=0)
 
     _finite = field_validator("daily_cap_usd", "lease_ttl_s", "heartbeat_s", "kill_poll_s",
                               "kill_unreachable_grace_s", "stale_after_s", "idempotency_ttl_s",
                               "retention_days", "breaker_cooldown_s", "retry_backoff_s",
-                              "kill_grace_s")(_finite_non_negative)
+                              "kill_grace_s", "resend_after_s", "outcome_retry_s")(_finite_non_negative)
+
+    @model_validator(mode="after")
+    def _proofs_fit_in_a_lease(self) -> FleetSection:
+        # A running agent lives only as long as its last proof of ownership is good for (the lease
+        # minus the launcher's SIGTERM grace and a margin); two heartbeats must fit in that window.
+        if self.ownership_window_s < 2 * self.heartbeat_s:
+            raise ValueError(f"lease_ttl_s ({self.lease_ttl_s:g}) must exceed kill_grace_s + 2 x heartbeat_s + "
+                             f"a margin of max(0.5 s, 10%): with these values an agent would be stopped between "
+                             "two heartbeats")
+        return self
+
+    @property
+    def ownership_window_s(self) -> float:
+        """How long one proof of ownership lets a running agent live: the launcher's SIGTERM, its grace
+        and its SIGKILL must all land before the lease itself could lapse (a margin for slow clocks)."""
+        return self.lease_ttl_s - self.kill_grace_s - max(0.5, self.lease_ttl_s * 0.1)
+
+    @property
+    def queued_lease_ttl_s(self) -> float:
+        """How long a queued run's slot lease lives between the reaper's renewals."""
+        return 3 * self.resend_after_s
 
     @field_validator("timezone")
     @classmethod

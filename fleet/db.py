@@ -33,8 +33,13 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        # A client frozen or cut off inside a transaction must not hold row locks for ever: the server
+        # ends such a session after 20 s. TCP keepalives and a user timeout notice a silent server.
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                             connect_args={"connect_timeout": 5})
+                             connect_args={"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5,
+                                           "keepalives_interval": 2, "keepalives_count": 3,
+                                           "tcp_user_timeout": 10_000,
+                                           "options": "-c idle_in_transaction_session_timeout=20000"})
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
 
 

@@ -175,6 +175,7 @@ def archive(session: Session, services: Services, run: Run, *, reason: str) -> b
     store.add_event(session=session, at=now, kind="run.archived", run_id=run.id, agent=run.agent, reason=reason)
     if run.fence is not None and run.slot is not None:
         services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
+    services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
     return True
 
 
@@ -285,15 +286,19 @@ def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: Dispatch
     cooldown = spec.breaker_settings(fleet)[1]
     if not services.breakers.admit(spec.name, run.id, now=now.timestamp(), cooldown_s=cooldown).allowed:
         return _refuse(services, run, result, "breaker_open")
-    # Queued runs wait in the broker, so the lease must outlive the wait; the executor shortens it
-    # to the heartbeat TTL once the run starts. Runs still queued after stale_after are archived.
-    lease = services.leases.acquire(spec.name, spec.concurrency, run.id, ttl_s=fleet.stale_after_s)
+    # Queued runs wait in the broker, so the lease must outlive the wait: the reaper renews the
+    # leases of runs still waiting, and the executor shortens it to the lease TTL once the run starts.
+    lease = services.leases.acquire(spec.name, spec.concurrency, run.id, ttl_s=fleet.queued_lease_ttl_s)
     if lease is None:
         services.breakers.forfeit(spec.name, run.id)
         return _refuse(services, run, result, "busy")
-    if not _reserve_and_queue(services, spec, run, lease, now):
+    queued = _reserve_and_queue(services, spec, run, lease, now)
+    if queued is not True:
         services.leases.release(lease)
         services.breakers.forfeit(spec.name, run.id)
+        if queued is None:  # another dispatcher ended the row in between: it is not ours to queue
+            result.status, result.reason = "misdispatch", "the run was ended by another dispatcher before it queued"
+            return result
         alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
                      agent=spec.name, level="warning")
         return _refuse(services, run, result, "over_cap")
@@ -301,13 +306,16 @@ def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: Dispatch
         send(run.id, lease.fence)
     except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
         _unsend(services, run, lease)
-        raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); "
-                               "it was archived and its slot and reservation returned") from None
+        raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
+                               "its slot and reservation were returned, and the same key may be dispatched "
+                               "again") from None
     result.status, result.fence, result.reason = "queued", lease.fence, None
     return result
 
 
-def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lease, now: datetime) -> bool:
+def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lease, now: datetime) -> bool | None:
+    """Reserve the estimate and mark the run queued, in one transaction: True when done, False when a cap
+    refused, None when the row is no longer `created` (another dispatcher archived it)."""
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     with db.session(services.engine) as session:
         day = ledger.budget_day(session, services.config.fleet.timezone)
@@ -315,9 +323,12 @@ def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lea
                               now=now):
             session.rollback()
             return False
-        session.execute(update(Run).where(col(Run.id) == run.id).values(
-            status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day,
-            reserved_micros=estimate, queued_at=now, updated_at=now))
+        moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED)
+                                .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day,
+                                        reserved_micros=estimate, queued_at=now, updated_at=now, sends=1))
+        if db.rowcount(moved) != 1:
+            session.rollback()  # the reservation goes with it
+            return None
         store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name,
                         fence=lease.fence, slot=lease.slot, reserved_micros=estimate)
         session.commit()
@@ -327,12 +338,19 @@ def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lea
 
 
 def _unsend(services: Services, run: Run, lease: Lease) -> None:
+    """The message could not be sent: return the reservation and the slot and delete the row, so the
+    retry that 75 invites dispatches the key afresh (a message that did get through finds no run)."""
+    now = services.now()
     with db.session(services.engine) as session:
         fresh = store.get_run(session=session, run_id=run.id)
-        if fresh is not None:
-            archive(session, services, fresh, reason="enqueue_failed")
+        if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == lease.fence:
+            ledger.settle(session, run=fresh, now=now)
+            session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
+                                              col(Run.fence) == lease.fence))
+            store.add_event(session=session, at=now, kind="dispatch.enqueue_failed", run_id=run.id, agent=run.agent)
         session.commit()
     services.leases.release(lease)
+    services.breakers.forfeit(run.agent, run.id)
 
 
 def _refuse(services: Services, run: Run, result: DispatchResult, reason: str) -> DispatchResult:

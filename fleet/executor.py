@@ -1,14 +1,18 @@
 """The executor: step 5 of the dispatch. It owns a run from `queued` to the end.
 
 It refuses to start unless the run's status and fence still match (a redelivered or stale message
-is a `duplicate` and starts nothing), runs the agent in its own process group with a clean
-environment, heartbeats the lease, watches the kill flag, and persists the outcome before anything
-optional happens. A retryable failure goes back to the queue once, on the same row; the second
-failure is dead-lettered.
+is a `duplicate` and starts nothing), reserves again for a retry (every attempt reserves before it
+starts), runs the agent under the launcher in its own process group with a clean environment, and
+watches it (fleet/watch.py: the kill flag, the proof of ownership that keeps the launcher's tether
+taut, the running cost). The outcome is written fenced, and retried while the database is away
+(the lease stays renewed meanwhile, so the reaper can tell "could not write" from "died"), before
+anything optional happens. A retryable failure goes back to the queue once, on the same row; the
+second failure is dead-lettered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -21,7 +25,7 @@ from typing import Any
 import redis
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from fleet import alerts, db, keys, killswitch, ledger, logs, store
 from fleet.breaker import Outcome
@@ -30,8 +34,9 @@ from fleet.dispatch import caps_of
 from fleet.errors import NotFoundError, UnavailableError
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus
-from fleet.process import ProcessResult, run_agent
+from fleet.process import Launch, ProcessResult, run_agent
 from fleet.services import Services
+from fleet.watch import Bookkeeper, Ownership, Watcher
 
 log = logs.get(__name__)
 
@@ -70,26 +75,49 @@ class Verdict:
     dead_reason: str = "failed"  # the dead letter's reason if this ends the run
 
 
+
+
 def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> ExecuteResult:
     """Run one attempt of a queued run, if (and only if) this message still owns it."""
     started = _claim(services, run_id, fence)
     if isinstance(started, ExecuteResult):
         return started
-    run, spec, lease = started
+    run, spec, lease, room = started
     log.info("run.started", run_id=run.id, agent=run.agent, attempt=run.attempt, fence=fence)
-    watcher = _Watcher(services, run, lease)
-    result = _run_attempt(services, run, spec, watcher)
+    fleet = services.config.fleet
+    ownership = Ownership(fleet.ownership_window_s)
+    books = Bookkeeper(services, run, lease, caps_of(services, spec), ownership, room)
+    watcher = Watcher(services, run, lease, ownership, books)
+    books.start()
+    try:
+        result = _run_attempt(services, run, spec, watcher, ownership)
+    finally:
+        charged = books.finish()
     if watcher.lost:
         services.leases.release(lease)  # only if the key still holds our fence
+        _book_orphaned_spend(services, run, result.cost_micros - charged)
         return ExecuteResult(run.id, "stale", result.exit_code, "lease lost: another owner took the run over")
-    verdict = judge(result, watcher.stop_reason)
-    return _finish(services, run, spec, lease, result, verdict, requeue, watcher)
+    stop = watcher.stop_reason or ("lease_lapsed" if ownership.lapsed() and result.exit_code else None)
+    verdict = judge(result, stop)
+    return _finish(services, run, spec, lease, result, verdict, requeue, charged)
+
+
+def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:
+    """An attempt that lost its run still spent what it reported: book it, without the new owner's reservation."""
+    if amount <= 0:
+        return
+    try:
+        with db.session(services.engine) as session:
+            ledger.charge(session, run=run, amount=amount, now=services.now(), own_reservation=False)
+            session.commit()
+    except SQLAlchemyError as exc:
+        log.error("run.orphaned_spend_unbooked", run_id=run.id, micros=amount, error=_first_line(exc))
 
 
 # ---------------------------------------------------------------- claim
 
 
-def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec, Lease] | ExecuteResult:
+def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec, Lease, int | None] | ExecuteResult:
     now = services.now()
     with db.session(services.engine) as session:
         run = store.get_run(session=session, run_id=run_id)
@@ -101,8 +129,8 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         try:
             spec = services.config.agent(run.agent)
         except NotFoundError:
-            _end_unstarted(services, session, run, RunStatus.FAILED, "agent no longer in fleet.toml")
-            return ExecuteResult(run_id, "failed", reason="agent no longer configured")
+            _end_unstarted(services, session, run, RunStatus.DEAD, "agent no longer in fleet.toml", "agent_removed")
+            return ExecuteResult(run_id, "dead", reason="agent no longer configured")
         try:
             kill = killswitch.check(session, services.redis, run.agent)
         except UnavailableError as exc:
@@ -111,55 +139,103 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
             _end_unstarted(services, session, run, RunStatus.KILLED, kill.describe())
             return ExecuteResult(run_id, "killed", reason=kill.describe())
         lease = Lease(run.agent, run.slot, run.id, fence)
-        if not services.leases.renew(lease, services.config.fleet.lease_ttl_s):
-            _end_unstarted(services, session, run, RunStatus.ARCHIVED, "lease expired before the run started")
-            return ExecuteResult(run_id, "stale", reason="lease expired before start")
+        try:
+            renewed = services.leases.renew(lease, services.config.fleet.lease_ttl_s)
+        except redis.RedisError as exc:
+            return ExecuteResult(run_id, "deferred", reason=f"Redis unreachable ({exc.__class__.__name__})")
+        if not renewed:
+            # Its slot lapsed and another run holds it now: it stays queued, and the reaper sends it
+            # again once a slot is free. Nothing is archived in silence.
+            return ExecuteResult(run_id, "waiting", reason="its slot is held by another run; the reaper re-sends it")
+        if run.attempt >= 1 and not _reserve_retry(session, services, spec, run, now):
+            session.rollback()
+            return _end_over_cap(services, session, run, spec)
         claimed = session.execute(update(Run).where(
             col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED, col(Run.fence) == fence).values(
-            status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now, heartbeat_at=now, updated_at=now,
-            host=services.host, retry_at=None))
+            status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now,
+            heartbeat_at=ledger.database_now(session), updated_at=now, host=services.host, retry_at=None))
         if db.rowcount(claimed) != 1:
             session.rollback()
             return ExecuteResult(run_id, "duplicate", reason="another worker claimed the run first")
         session.refresh(run)
+        room = None if run.budget_day is None else ledger.headroom(
+            session, day=run.budget_day, agent=run.agent, caps=caps_of(services, spec))
         store.add_event(session=session, at=now, kind="run.started", run_id=run.id, agent=run.agent,
                         attempt=run.attempt, host=services.host)
         session.commit()
-    return run, spec, lease
+    return run, spec, lease, room
 
 
-def _end_unstarted(services: Services, session: Any, run: Run, status: RunStatus, reason: str) -> None:
+def _reserve_retry(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime) -> bool:
+    """A retry reserves its estimate again, on today's budget day, before it may start (what the attempt
+    before it left reserved goes back first: an abandoned attempt was never settled)."""
+    estimate = ledger.to_micros(spec.est_cost_usd) or 0
+    ledger.settle(session, run=run, now=now)
+    day = ledger.budget_day(session, services.config.fleet.timezone)
+    if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps_of(services, spec), now=now):
+        return False
+    session.execute(update(Run).where(col(Run.id) == run.id).values(
+        budget_day=day, reserved_micros=estimate, settled_at=None))
+    return True
+
+
+def _end_over_cap(services: Services, session: Session, run: Run, spec: AgentSpec) -> ExecuteResult:
+    """The retry no longer fits under a cap: the run ends dead (`over_cap`) and never runs over."""
+    error = "over_cap: the retry's estimate no longer fits under today's cap"
+    if not _end_unstarted(services, session, run, RunStatus.DEAD, error, "over_cap"):
+        return ExecuteResult(run.id, "duplicate", reason="the run moved on before it could be ended")
+    alerts.alert("dead_letter", f"run {run.id} of {run.agent} was dead-lettered: {error}", agent=run.agent,
+                 run_id=run.id, reason="over_cap", attempts=run.attempt)
+    return ExecuteResult(run.id, "dead", reason=error, attempt=run.attempt)
+
+
+def _end_unstarted(services: Services, session: Session, run: Run, status: RunStatus, reason: str,
+                   dead_reason: str | None = None) -> bool:
+    """End a queued run that will not start; False (and nothing changed) if it is no longer queued."""
     now = services.now()
-    session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED).values(
-        status=status, error=reason, finished_at=now, updated_at=now))
+    ended = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
+                                              col(Run.fence) == run.fence)
+                            .values(status=status, error=reason, finished_at=now, updated_at=now))
+    if db.rowcount(ended) != 1:
+        session.rollback()
+        return False
     run.status = status
     ledger.settle(session, run=run, now=now)
+    if dead_reason is not None:
+        session.add(DeadLetter(run_id=run.id, agent=run.agent, reason=dead_reason, attempts=run.attempt,
+                               last_error=reason, created_at=now))
+        store.add_event(session=session, at=now, kind="run.dead_lettered", run_id=run.id, agent=run.agent,
+                        error=reason)
     store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent, reason=reason)
     session.commit()
     if run.slot is not None and run.fence is not None:
         services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
+    services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
+    return True
 
 
 # ---------------------------------------------------------------- the attempt
 
 
-def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: _Watcher) -> ProcessResult:
+def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher,
+                 ownership: Ownership) -> ProcessResult:
     env = agent_environment(run, spec)
     log_path = run_log_path(services.settings.log_dir, run.id)
     common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
                               "grace_s": services.config.fleet.kill_grace_s,
                               "watch_interval_s": services.config.fleet.kill_poll_s,
                               "redact": secrets_of(spec, env)}
+    tag = f"{run.id}:{run.fence}"
     # A retry appends to the first attempt's log: the whole story of a run stays in one file.
     append = run.attempt > 1
     if spec.poll:
         poll = run_agent(list(spec.poll), env, timeout_s=min(POLL_TIMEOUT_S, spec.timeout_s), append_log=append,
-                         **common)
+                         launch=Launch(tether=ownership.tether(), tag=tag), **common)
         if poll.exit_code != EXIT_OK or watcher.stop_reason:
             return poll
         append = True
     return run_agent(list(spec.command), env, timeout_s=spec.timeout_s, on_usage=watcher.usage, append_log=append,
-                     **common)
+                     launch=Launch(tether=ownership.tether(), tag=tag), **common)
 
 
 def secrets_of(spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
@@ -192,111 +268,6 @@ def run_log_path(log_dir: Path, run_id: str) -> Path:
     return log_dir / "runs" / f"{run_id}.log"
 
 
-class _Watcher:
-    """Called by the process runner while the agent lives: kill flag, heartbeat, running-cost guard."""
-
-    def __init__(self, services: Services, run: Run, lease: Lease) -> None:
-        self.services, self.run, self.lease = services, run, lease
-        fleet = services.config.fleet
-        self.heartbeat_every, self.lease_ttl = fleet.heartbeat_s, fleet.lease_ttl_s
-        self.unreachable_grace = fleet.kill_unreachable_grace_s
-        self.next_heartbeat = time.monotonic() + self.heartbeat_every
-        self.unreachable_since: float | None = None
-        self.stop_reason: str | None = None
-        self.lost = False
-        self.charged = 0  # micro-dollars of this attempt already booked in the ledger
-        self.reserved = run.reserved_micros  # what this attempt starts with reserved
-
-    def started(self, pid: int, pgid: int) -> None:
-        """Record where the agent runs, so the reaper can find an orphan."""
-        with db.session(self.services.engine) as session:
-            session.execute(update(Run).where(col(Run.id) == self.run.id, col(Run.fence) == self.lease.fence)
-                            .values(pid=pid, pgid=pgid))
-            session.commit()
-
-    def watch(self, _cost_micros: int) -> str | None:
-        """Every poll interval: stop on a kill; heartbeat when due."""
-        self.stop_reason = self.stop_reason or self._kill_check() or self._heartbeat_if_due()
-        return self.stop_reason
-
-    def usage(self, cost_micros: int) -> str | None:
-        """Each usage line: book the new spend now, and stop the agent before it can pass a cap.
-
-        The cap holds even when the estimate was wrong: once the run spends past its reservation
-        and what the caps still allow would not cover another step like the last one, the agent
-        is stopped.
-        """
-        step = cost_micros - self.charged
-        if step <= 0:
-            return None
-        services, spec = self.services, self.services.config.agents.get(self.run.agent)
-        try:
-            with db.session(services.engine) as session:
-                ledger.charge(session, run=self.run, amount=step, now=services.now())
-                self.charged = cost_micros
-                current = session.get(Run, self.run.id, populate_existing=True)
-                own = current.reserved_micros if current is not None else 0
-                room = None if spec is None or self.run.budget_day is None else ledger.headroom(
-                    session, day=self.run.budget_day, agent=self.run.agent, caps=caps_of(services, spec))
-                session.commit()
-        except SQLAlchemyError as exc:
-            log.warning("run.charge_failed", run_id=self.run.id, error=str(exc).splitlines()[0])
-            return None  # booked at the end instead; the heartbeat's checks go on
-        if room is not None and room < 0:
-            alerts.alert("overspend", f"run {self.run.id} of {self.run.agent} took today's spend past a cap by "
-                         f"${ledger.to_usd(-room):.2f}", agent=self.run.agent, run_id=self.run.id, over_micros=-room)
-        # Within its reservation a run is covered; past it, stop while one more step still fits.
-        if room is not None and cost_micros > self.reserved and room + own < step:
-            self.stop_reason = "over_cap"
-            return "over_cap"
-        return None
-
-    def _kill_check(self) -> str | None:
-        try:
-            state: killswitch.KillState | None = killswitch.check_redis(self.services.redis, self.run.agent)
-            self.unreachable_since = None
-        except redis.RedisError:
-            # Without Redis the kill flag is read from the database mirror, but the lease cannot be
-            # renewed either: past the grace another worker could take the run over, so stop first.
-            self.unreachable_since = self.unreachable_since or time.monotonic()
-            state = self._mirror_check()
-            if time.monotonic() - self.unreachable_since > self.unreachable_grace:
-                return "unreachable"
-        return "killed" if state is not None and state.killed else None
-
-    def _mirror_check(self) -> killswitch.KillState | None:
-        try:
-            with db.session(self.services.engine) as session:
-                return killswitch.check_mirror(session, self.run.agent)
-        except SQLAlchemyError:
-            return None
-
-    def _heartbeat_if_due(self) -> str | None:
-        if time.monotonic() < self.next_heartbeat:
-            return None
-        self.next_heartbeat = time.monotonic() + self.heartbeat_every
-        try:
-            if not self.services.leases.renew(self.lease, self.lease_ttl):
-                self.lost = True
-                return "lease_lost"
-        except redis.RedisError:
-            pass  # the kill check's unreachable grace decides when to give up
-        try:
-            with db.session(self.services.engine) as session:
-                owned = session.execute(update(Run).where(
-                    col(Run.id) == self.run.id, col(Run.fence) == self.lease.fence,
-                    col(Run.status) == RunStatus.RUNNING).values(heartbeat_at=self.services.now()))
-                session.commit()
-            if db.rowcount(owned) != 1:
-                self.lost = True
-                return "lease_lost"
-        except SQLAlchemyError:
-            pass
-        # Re-read the durable mirror now and then: a flag Redis lost must still stop us.
-        state = self._mirror_check()
-        return "killed" if state is not None and state.killed else None
-
-
 # ---------------------------------------------------------------- the verdict
 
 
@@ -307,6 +278,10 @@ def judge(result: ProcessResult, stop_reason: str | None) -> Verdict:
         return Verdict(RunStatus.KILLED, reason, retryable=False, breaker=Outcome.NEUTRAL)
     if stop_reason == "over_cap":
         return Verdict(RunStatus.KILLED, "stopped by the spend cap", retryable=False, breaker=Outcome.NEUTRAL)
+    if stop_reason == "lease_lapsed":
+        return Verdict(RunStatus.FAILED, "stopped: its worker could not prove it still owned the run (stopped, "
+                       "wedged or cut off) before the lease could lapse", retryable=True, breaker=Outcome.NEUTRAL,
+                       dead_reason="lease_lapsed")
     if result.stop_reason == "timeout":
         return Verdict(RunStatus.FAILED, "timeout", retryable=True, breaker=Outcome.FAILURE, dead_reason="timeout")
     code = result.exit_code
@@ -340,44 +315,87 @@ def backoff_s(base: float, attempt: int) -> float:
 
 
 def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult, verdict: Verdict,
-            requeue: Requeue, watcher: _Watcher) -> ExecuteResult:
-    now = services.now()
+            requeue: Requeue, charged: int) -> ExecuteResult:
+    """Write the outcome; while the database is away, keep the lease and try again (bounded)."""
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
-    # A failure that will not be retried needs a human: it goes to the dead-letter queue.
-    dead = verdict.status == RunStatus.FAILED and not retry
-    status = RunStatus.QUEUED if retry else (RunStatus.DEAD if dead else verdict.status)
     delay = backoff_s(fleet.retry_backoff_s, run.attempt) if retry else None
-    with db.session(services.engine) as session:
-        values: dict[str, Any] = {
-            "status": status, "exit_code": result.exit_code, "error": verdict.error, "updated_at": now,
-            "pid": None, "pgid": None,
-        }
-        if retry:
-            values["retry_at"] = now + timedelta(seconds=delay or 0)
-        else:
-            values["finished_at"] = now
-        owned = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.fence) == lease.fence,
-                                                  col(Run.status) == RunStatus.RUNNING).values(**values))
-        if db.rowcount(owned) != 1:
-            session.rollback()
-            return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
-        run = session.get(Run, run.id, populate_existing=True) or run
-        ledger.charge(session, run=run, amount=result.cost_micros - watcher.charged, now=now)
-        if not retry:
-            ledger.settle(session, run=run, now=now)
-        if dead:
-            _dead_letter(session, run, result, verdict, now)
-        store.add_event(session=session, at=now, kind=f"run.{'retrying' if retry else status.value}", run_id=run.id,
-                        agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
-                        cost_micros=result.cost_micros, retry_in_s=delay)
-        session.commit()
+    deadline = time.monotonic() + fleet.outcome_retry_s
+    pause = 0.2
+    while True:
+        try:
+            written = _write_outcome(services, run, lease, result, verdict, retry, delay, charged)
+            break
+        except SQLAlchemyError as exc:
+            if time.monotonic() + pause > deadline:
+                log.error("run.outcome_lost", run_id=run.id, error=_first_line(exc))
+                raise UnavailableError(f"could not write the outcome of run {run.id} for "
+                                       f"{fleet.outcome_retry_s:.0f} s: {_first_line(exc)}") from None
+            log.warning("run.outcome_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause)
+            _wait_keeping(services, lease, pause)
+            pause = min(pause * 2, 5.0)
+    if written is None:
+        _book_orphaned_spend(services, run, result.cost_micros - charged)
+        return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
+    status, dead = written
     if dead:
         alerts.alert("dead_letter", f"run {run.id} of {run.agent} was dead-lettered after {run.attempt} "
                      f"attempt(s): {verdict.error}", agent=run.agent, run_id=run.id, reason=verdict.dead_reason,
                      attempts=run.attempt, exit_code=result.exit_code)
     _after_persist(services, run, spec, lease, verdict, retry, delay, requeue)
     return ExecuteResult(run.id, status.value, result.exit_code, verdict.error, run.attempt, delay)
+
+
+def _wait_keeping(services: Services, lease: Lease, seconds: float) -> None:
+    """Wait, renewing the lease every heartbeat: while the outcome waits for the database, the reaper
+    must see a live owner that cannot write, not a dead one."""
+    fleet = services.config.fleet
+    until = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            services.leases.renew(lease, fleet.lease_ttl_s)
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, fleet.heartbeat_s))
+
+
+def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessResult, verdict: Verdict,
+                   retry: bool, delay: float | None, charged: int) -> tuple[RunStatus, bool] | None:
+    """One fenced attempt at writing the outcome: (status, dead-lettered), or None when taken over.
+
+    An earlier try whose commit reached the database although its answer did not (an ambiguous
+    commit) is recognised by the row it left: our fence, our attempt, the status we meant to write.
+    """
+    now = services.now()
+    dead = verdict.status == RunStatus.FAILED and not retry
+    status = RunStatus.QUEUED if retry else (RunStatus.DEAD if dead else verdict.status)
+    with db.session(services.engine) as session:
+        values: dict[str, Any] = {"status": status, "exit_code": result.exit_code, "error": verdict.error,
+                                  "updated_at": now, "pid": None, "pgid": None}
+        if retry:
+            values.update(retry_at=now + timedelta(seconds=delay or 0), queued_at=now, sends=1)
+        else:
+            values["finished_at"] = now
+        owned = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.fence) == lease.fence,
+                                                  col(Run.status) == RunStatus.RUNNING).values(**values))
+        if db.rowcount(owned) != 1:
+            current = session.get(Run, run.id)
+            session.rollback()
+            if current is not None and (current.fence, current.attempt, current.status) == (
+                    lease.fence, run.attempt, status):
+                return status, False  # our own earlier commit: already written (its alert went then, or is lost)
+            return None
+        fresh = session.get(Run, run.id, populate_existing=True) or run
+        ledger.charge(session, run=fresh, amount=result.cost_micros - charged, now=now)
+        ledger.settle(session, run=fresh, now=now)  # a retry reserves again when it starts
+        if dead:
+            _dead_letter(session, fresh, result, verdict, now)
+        store.add_event(session=session, at=now, kind=f"run.{'retrying' if retry else status.value}", run_id=run.id,
+                        agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
+                        cost_micros=result.cost_micros, retry_in_s=delay)
+        session.commit()
+    return status, dead
 
 
 def _dead_letter(session: Any, run: Run, result: ProcessResult, verdict: Verdict, now: datetime) -> None:
@@ -394,7 +412,7 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     fleet = services.config.fleet
     try:
         if retry:
-            services.leases.renew(lease, (delay or 0) + fleet.stale_after_s)
+            services.leases.renew(lease, (delay or 0) + fleet.queued_lease_ttl_s)
             requeue(run.id, lease.fence, delay or 0)
         else:
             services.leases.release(lease)
@@ -418,3 +436,8 @@ def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
     if new == "open":
         alerts.alert("breaker_opened", f"breaker of {run.agent} opened ({old} -> open) after run {run.id}",
                      agent=run.agent, run_id=run.id, previous=old)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc)).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__

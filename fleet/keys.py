@@ -56,6 +56,12 @@ def canary_seen(queue: str) -> str:
     return f"{PREFIX}canary:{queue}:seen"
 
 
+def suspect(run_id: str) -> str:
+    """When the reaper first saw a running run's lease lapsed (`fence:redis_seconds`): it takes the run
+    over only a whole lease TTL later."""
+    return f"{PREFIX}suspect:{run_id}"
+
+
 def redis_epoch() -> str:
     """A marker set once per Redis lifetime: when it is missing, Redis restarted and lost its data."""
     return f"{PREFIX}epoch"

@@ -91,14 +91,16 @@ def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
     session.execute(insert(SpendDay).values(rows).on_conflict_do_nothing())
 
 
-def charge(session: Session, *, run: Run, amount: int, now: datetime) -> None:
+def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True) -> None:
     """Book money a running agent reported spending, as it is reported: its own reservation is used up
-    first, so the ledger always holds spent + what is still reserved. Only the run's fenced owner
-    calls this, in its own transaction."""
+    first, so the ledger always holds spent + what is still reserved. The run's fenced owner calls
+    this in its own transaction; an attempt that lost its run books what it spent all the same (the
+    money is gone) but with `own_reservation=False`, leaving the new owner's reservation alone."""
     if amount <= 0 or run.budget_day is None:
         return
     current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
-    reserved = current.reserved_micros if current is not None and current.settled_at is None else 0
+    owned = own_reservation and current is not None and current.settled_at is None
+    reserved = current.reserved_micros if owned and current is not None else 0
     consumed = min(reserved, amount)
     session.execute(text("UPDATE runs SET cost_micros = cost_micros + :amount, "
                          "reserved_micros = reserved_micros - :consumed WHERE id = :id"),

@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 MICROS_PER_USD = 1_000_000
@@ -94,6 +94,8 @@ class Run(SQLModel, table=True):
     finished_at: datetime | None = None
     retry_at: datetime | None = None
     settled_at: datetime | None = None  # set once the reservation was replaced by the actual cost
+    # How many execute messages this attempt has been sent (the reaper re-sends a lost one once).
+    sends: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
 
 
 class RunEvent(SQLModel, table=True):

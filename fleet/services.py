@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 
 import redis
+from redis import Redis
 from sqlalchemy import Engine
 
 from fleet import db, logs
@@ -23,9 +24,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def redis_client(url: str, *, blocking: bool = False) -> redis.Redis:
+def redis_client(url: str, *, blocking: bool = False, timeout_s: float = 5.0) -> redis.Redis:
     """A Redis client with short timeouts, so a dead server is noticed in seconds, not minutes."""
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None if blocking else 5,
+    return redis.Redis.from_url(url, socket_connect_timeout=min(2.0, timeout_s),
+                                socket_timeout=None if blocking else timeout_s,
                                 health_check_interval=30, decode_responses=True)
 
 
@@ -70,6 +72,16 @@ class Services:
         return Leases(self.redis)
 
     @cached_property
+    def fast_redis(self) -> Redis:
+        """A client with a one-second timeout for the watch loop: a hung Redis must not hold up a stop."""
+        return redis_client(self.settings.broker_url, timeout_s=1.0)
+
+    @cached_property
+    def leases_fast(self) -> Leases:
+        """Slot leases through the fast client (the watch loop's renewals)."""
+        return Leases(self.fast_redis)
+
+    @cached_property
     def breakers(self) -> Breakers:
         """Circuit breakers on this Redis."""
         return Breakers(self.redis)
@@ -97,6 +109,8 @@ class Services:
     def close(self) -> None:
         """Release sockets and pooled connections."""
         self.redis.close()
+        if "fast_redis" in self.__dict__:
+            self.fast_redis.close()
         self.engine.dispose()
 
 

@@ -1,27 +1,30 @@
 """Sweeps that clean up after crashes and time, run by beat and by `fleet sweep NAME`.
 
-reaper       - a running run whose heartbeat stopped (its lease expired) is abandoned: an orphaned
-               agent group on this host is killed first, then the run is retried once on the same
-               row or dead-lettered as `crash_loop`; never-started runs whose message was lost are
-               re-sent once, stale ones archived. Finished runs are never touched.
+reaper       - a running run whose heartbeat stopped and whose lease lapsed is abandoned, then retried
+               once on the same row or dead-lettered as `crash_loop`. It never kills a process: the
+               host that ran the attempt does (the launcher stops its own group once its executor
+               dies or cannot prove its lease), and the lease must have been seen lapsed for a whole
+               lease TTL first, so a retry never overlaps an attempt that may still live. A queued run
+               whose message no worker claimed within `resend_after_s` is sent again (same fence: a
+               duplicate delivery starts nothing); once its resent message is lost too it is
+               dead-lettered as `lost`. One still waiting in the broker behind a busy queue keeps its
+               slot and is never archived. Finished runs are never touched.
 idempotency  - keys older than `idempotency_ttl_s` are released so the same work key may run again.
 retention    - old finished runs, events and run logs are pruned in batches; dead letters stay.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, update
+from sqlalchemy import delete, or_, update
 from sqlmodel import col, select
 
-from fleet import alerts, db, killswitch, ledger, store
-from fleet.dispatch import Sender, archive
+from fleet import alerts, db, keys, killswitch, ledger, store
+from fleet.dispatch import Sender
 from fleet.executor import run_log_path
 from fleet.locks import Lease
 from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus
@@ -29,6 +32,10 @@ from fleet.services import Services
 
 BATCH = 500
 NEVER_DISPATCHED_S = 300.0  # a dispatch takes milliseconds: five minutes in `created` means it died
+MAX_SENDS = 2  # an attempt's message, and one resend
+
+# Which of these queued runs have an execute message still waiting in the broker (workers/broker.py).
+Waiting = Callable[[Sequence[Run]], set[str]]
 
 
 @dataclass
@@ -53,34 +60,45 @@ class SweepReport:
 # ---------------------------------------------------------------- reaper
 
 
-def reap(services: Services, send: Sender) -> SweepReport:
-    """Recover runs whose worker died, and queued runs whose message was lost."""
+def reap(services: Services, send: Sender, waiting: Waiting | None = None) -> SweepReport:
+    """Recover runs whose worker died, and queued runs whose message was lost.
+
+    `waiting` tells which queued runs still have a message in the broker; without it a quiet run is
+    re-sent (harmless) but never declared lost.
+    """
     report = SweepReport("reaper")
     for run in _silent_runs(services):
         _reap_running(services, run, send, report)
     for run in _abandoned_runs(services):
         _requeue_or_bury(services, run, send, report)
-    for run in _queued_runs(services):
-        _check_queued(services, run, send, report)
-    _archive_never_dispatched(services, report)
+    _check_queued(services, _quiet_queued_runs(services), send, waiting, report)
+    _drop_never_dispatched(services, report)
     return report
 
 
-def _archive_never_dispatched(services: Services, report: SweepReport) -> None:
-    """A run left `created` (its dispatcher died between create and queue) would hold its key forever."""
+def _drop_never_dispatched(services: Services, report: SweepReport) -> None:
+    """A run left `created` (its dispatcher died before queueing it) is deleted, not archived: nothing was
+    accepted, so the caller's retry with the same key must dispatch afresh."""
     cutoff = services.now() - timedelta(seconds=NEVER_DISPATCHED_S)
+    now = services.now()
+    dropped = []
     with db.session(services.engine) as session:
         for run in session.exec(select(Run).where(Run.status == RunStatus.CREATED, col(Run.created_at) < cutoff)
-                                .limit(BATCH)):
-            if archive(session, services, run, reason="never dispatched"):
-                report.add("archived_never_dispatched", run.id)
-        if report.counts.get("archived_never_dispatched"):
-            session.commit()
+                                .limit(BATCH)).all():
+            gone = session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED))
+            if db.rowcount(gone) == 1:
+                store.add_event(session=session, at=now, kind="dispatch.abandoned", run_id=run.id, agent=run.agent,
+                                reason="its dispatcher died before queueing it")
+                dropped.append(run)
+        session.commit()
+    for run in dropped:
+        services.breakers.forfeit(run.agent, run.id)
+        report.add("dropped_never_dispatched", run.id)
 
 
 def _silent_runs(services: Services) -> list[Run]:
-    cutoff = services.now() - timedelta(seconds=services.config.fleet.lease_ttl_s)
     with db.session(services.engine) as session:
+        cutoff = ledger.database_now(session) - timedelta(seconds=services.config.fleet.lease_ttl_s)
         query = select(Run).where(Run.status == RunStatus.RUNNING, col(Run.heartbeat_at) < cutoff).limit(BATCH)
         return list(session.exec(query))
 
@@ -90,9 +108,9 @@ def _abandoned_runs(services: Services) -> list[Run]:
         return list(session.exec(select(Run).where(Run.status == RunStatus.ABANDONED).limit(BATCH)))
 
 
-def _queued_runs(services: Services) -> list[Run]:
-    # Only runs queued a while ago: a fresh one's message may simply not have been consumed yet.
-    cutoff = services.now() - timedelta(seconds=services.config.fleet.lease_ttl_s)
+def _quiet_queued_runs(services: Services) -> list[Run]:
+    # Only runs sent a while ago (and retries past their due time): a fresh message may simply wait.
+    cutoff = services.now() - timedelta(seconds=services.config.fleet.resend_after_s)
     with db.session(services.engine) as session:
         query = select(Run).where(Run.status == RunStatus.QUEUED, col(Run.queued_at) < cutoff,
                                   or_(col(Run.retry_at).is_(None), col(Run.retry_at) < cutoff)).limit(BATCH)
@@ -105,13 +123,34 @@ def _lease_of(run: Run) -> Lease | None:
     return Lease(run.agent, run.slot, run.id, run.fence)
 
 
+def _lapsed_long_enough(services: Services, run: Run) -> bool:
+    """Whether the run's lease has been seen lapsed for a whole lease TTL (by Redis's own clock).
+
+    The executor stops its agent before its last proof of ownership runs out, and that proof may
+    have been a renewal just before Redis lost the key: only once a full TTL has passed since the
+    lapse was first seen can no agent of this attempt be alive anywhere.
+    """
+    marker = keys.suspect(run.id)
+    seconds, _ = services.redis.time()
+    first_seen = services.redis.set(marker, f"{run.fence}:{seconds}", nx=True,
+                                    ex=int(4 * services.config.fleet.lease_ttl_s) + 1)
+    if first_seen:
+        return False
+    value = str(services.redis.get(marker) or "")
+    fence, _, since = value.partition(":")
+    if fence != str(run.fence) or not since.isdigit():
+        services.redis.set(marker, f"{run.fence}:{seconds}", ex=int(4 * services.config.fleet.lease_ttl_s) + 1)
+        return False
+    return int(seconds) - int(since) >= services.config.fleet.lease_ttl_s
+
+
 def _reap_running(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
     lease = _lease_of(run)
     if lease is not None and services.leases.holder(run.agent, lease.slot) == lease:
-        return  # the lease is still renewed: the executor lives, only its database heartbeat lags
-    if run.host == services.host and run.pgid:
-        _kill_group(run.pgid)
-        report.add("orphans_killed", run.id)
+        return  # the lease is still renewed: the executor lives, only its database writes fail or lag
+    if not _lapsed_long_enough(services, run):
+        report.add("lapse_seen", run.id)  # the next pass decides, a lease TTL from now
+        return
     now = services.now()
     with db.session(services.engine) as session:
         claimed = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.RUNNING,
@@ -125,14 +164,10 @@ def _reap_running(services: Services, run: Run, send: Sender, report: SweepRepor
         session.commit()
     if lease is not None:
         services.leases.release(lease)
+    services.redis.delete(keys.suspect(run.id))
     report.add("abandoned", run.id)
     run.status = RunStatus.ABANDONED
     _requeue_or_bury(services, run, send, report)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
@@ -146,9 +181,9 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
         return
     spec = services.config.agents.get(run.agent)
     if spec is None:
-        _bury(services, run, "failed", "agent no longer configured", report)
+        _bury(services, run, "agent_removed", "agent no longer configured", report)
         return
-    lease = services.leases.acquire(run.agent, spec.concurrency, run.id, ttl_s=services.config.fleet.stale_after_s)
+    lease = services.leases.acquire(run.agent, spec.concurrency, run.id, ttl_s=services.config.fleet.queued_lease_ttl_s)
     if lease is None:
         report.add("waiting_for_slot", run.id)  # the next pass tries again
         return
@@ -156,10 +191,12 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
     with db.session(services.engine) as session:
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
                                 .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, queued_at=now,
-                                        updated_at=now, retry_at=None))
+                                        updated_at=now, retry_at=None, sends=1))
         if db.rowcount(moved) != 1:
+            current = session.get(Run, run.id)
             session.rollback()
-            services.leases.release(lease)
+            if current is None or current.fence != lease.fence:
+                services.leases.release(lease)  # ours alone; a lease the run was already moved with stays
             return
         store.add_event(session=session, at=now, kind="run.retrying", run_id=run.id, agent=run.agent,
                         attempt=run.attempt, reason="abandoned", fence=lease.fence)
@@ -168,12 +205,13 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
     report.add("requeued", run.id)
 
 
-def _end_abandoned(services: Services, run: Run, status: RunStatus, error: str,
-                   dead_reason: str | None = None) -> bool:
-    """End an abandoned run for good (killed, or dead-lettered with `dead_reason`); False if it moved on."""
+def _end_run(services: Services, run: Run, from_status: RunStatus, status: RunStatus, error: str,
+             dead_reason: str | None = None) -> bool:
+    """End a run for good (killed, or dead-lettered with `dead_reason`); False if it moved on meanwhile."""
     now = services.now()
     with db.session(services.engine) as session:
-        moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
+        moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == from_status,
+                                                  col(Run.fence) == run.fence)
                                 .values(status=status, finished_at=now, updated_at=now, error=error))
         if db.rowcount(moved) != 1:
             session.rollback()
@@ -185,21 +223,27 @@ def _end_abandoned(services: Services, run: Run, status: RunStatus, error: str,
             session.add(DeadLetter(run_id=run.id, agent=run.agent, reason=dead_reason, attempts=run.attempt,
                                    exit_code=run.exit_code, last_error=error, output_tail=_tail(services, run.id),
                                    created_at=now))
-        kind = "run.dead_lettered" if dead_reason is not None else f"run.{status.value}"
-        store.add_event(session=session, at=now, kind=kind, run_id=run.id, agent=run.agent, reason=dead_reason,
+            store.add_event(session=session, at=now, kind="run.dead_lettered", run_id=run.id, agent=run.agent,
+                            reason=dead_reason, error=error)
+        store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent,
                         error=error)
         session.commit()
+    lease = _lease_of(run)
+    if lease is not None:
+        services.leases.release(lease)
+    services.breakers.forfeit(run.agent, run.id)
     return True
 
 
 def _end_killed(services: Services, run: Run, reason: str, report: SweepReport) -> None:
     """An abandoned run of a killed scope is not retried: it ends killed."""
-    if _end_abandoned(services, run, RunStatus.KILLED, reason):
+    if _end_run(services, run, RunStatus.ABANDONED, RunStatus.KILLED, reason):
         report.add("killed", run.id)
 
 
-def _bury(services: Services, run: Run, reason: str, error: str, report: SweepReport) -> None:
-    if not _end_abandoned(services, run, RunStatus.DEAD, error, dead_reason=reason):
+def _bury(services: Services, run: Run, reason: str, error: str, report: SweepReport,
+          from_status: RunStatus = RunStatus.ABANDONED) -> None:
+    if not _end_run(services, run, from_status, RunStatus.DEAD, error, dead_reason=reason):
         return
     alerts.alert("crash_loop" if reason == "crash_loop" else "dead_letter",
                  f"run {run.id} of {run.agent} was dead-lettered by the reaper: {error}",
@@ -217,48 +261,46 @@ def _tail(services: Services, run_id: str, size: int = 8192) -> str | None:
         return None
 
 
-def _check_queued(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
-    stale_cutoff = services.now() - timedelta(seconds=services.config.fleet.stale_after_s)
+def _check_queued(services: Services, runs: list[Run], send: Sender, waiting: Waiting | None,
+                  report: SweepReport) -> None:
+    """Quiet queued runs: keep the slot of one still waiting, re-send one whose message is gone, once."""
+    held = [run for run in runs if _hold_slot(services, run, report)]
+    in_broker = waiting(held) if waiting is not None and held else set()
+    for run in held:
+        if run.id in in_broker:
+            report.add("waiting", run.id)  # behind a busy queue: it keeps its slot, and waits
+        elif run.sends >= MAX_SENDS and waiting is not None:
+            _bury(services, run, "lost", "its execute message was lost, and so was the one sent again", report,
+                  from_status=RunStatus.QUEUED)
+        else:
+            _resend(services, run, send, report)
+
+
+def _hold_slot(services: Services, run: Run, report: SweepReport) -> bool:
+    """Renew (or, after Redis lost it, re-assert) a queued run's lease; False while another run holds the slot."""
     lease = _lease_of(run)
-    if run.queued_at is not None and run.queued_at < stale_cutoff:
-        with db.session(services.engine) as session:
-            fresh = session.get(Run, run.id)
-            if fresh is not None and archive(session, services, fresh, reason="stale"):
-                report.add("archived_stale", run.id)
-            session.commit()
-        return
-    if lease is not None and services.leases.holder(run.agent, lease.slot) == lease:
-        return  # still waiting its turn in the broker, with its slot held
-    _resend_lost(services, run, send, report)
-
-
-def _resend_lost(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
-    """A queued run without its lease lost its message too (Redis restarted): send it again, once."""
-    spec = services.config.agents.get(run.agent)
-    with db.session(services.engine) as session:
-        resent = session.exec(select(func.count()).select_from(RunEvent).where(
-            RunEvent.run_id == run.id, RunEvent.kind == "run.resent")).one()
-        if resent or spec is None:
-            if archive(session, services, run, reason="message lost twice" if spec else "agent removed"):
-                report.add("archived_lost", run.id)
-            session.commit()
-            return
-    lease = services.leases.acquire(run.agent, spec.concurrency, run.id, ttl_s=services.config.fleet.stale_after_s)
     if lease is None:
-        report.add("waiting_for_slot", run.id)
-        return
+        return False
+    if services.leases.renew(lease, services.config.fleet.queued_lease_ttl_s):
+        return True
+    report.add("waiting_for_slot", run.id)  # the slot went to another run meanwhile: try again next pass
+    return False
+
+
+def _resend(services: Services, run: Run, send: Sender, report: SweepReport) -> None:
+    """Send the same attempt again: its fenced claim makes a second delivery start nothing."""
     now = services.now()
     with db.session(services.engine) as session:
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
                                                   col(Run.fence) == run.fence)
-                                .values(fence=lease.fence, slot=lease.slot, queued_at=now, updated_at=now))
+                                .values(queued_at=now, updated_at=now, sends=Run.sends + 1))
         if db.rowcount(moved) != 1:
             session.rollback()
-            services.leases.release(lease)
             return
-        store.add_event(session=session, at=now, kind="run.resent", run_id=run.id, agent=run.agent, fence=lease.fence)
+        store.add_event(session=session, at=now, kind="run.resent", run_id=run.id, agent=run.agent, fence=run.fence,
+                        sends=run.sends + 1)
         session.commit()
-    send(run.id, lease.fence)
+    send(run.id, run.fence or 0)
     report.add("resent", run.id)
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,9 @@ from celery import Celery
 
 from fleet import keys
 from fleet.config import Settings, load_fleet_config
+from fleet.models import Run
 from fleet.services import Services, build
+from workers import broker
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -116,7 +118,7 @@ command = ["python", "-m", "fleet.examples.sleeper", "3", "--child", "--pidfile"
 timeout_s = 60
 
 [agents.worker-killer]
-command = ["python", "-c", "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/worker-killer.log", "--kill-worker"]
 timeout_s = 60
 
 [agents.env]
@@ -155,6 +157,16 @@ def pid_alive(pid: int) -> bool:
             return handle.read().split(")")[-1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):  # it may exit between the open and the read
         return False
+
+
+def executor_of(agent_pid: int) -> int:
+    """The pool process running an agent: the parent of the launcher that leads the agent's group."""
+    from fleet.examples.effects_agent import parent_of
+
+    launcher = parent_of(agent_pid)
+    with open(f"/proc/{launcher}/cmdline", "rb") as handle:
+        assert b"launcher" in handle.read(), f"process {agent_pid} does not run under Fleet's launcher"
+    return parent_of(launcher)
 
 
 class Fleet:
@@ -250,7 +262,18 @@ class Fleet:
 
     def send_execute(self, run_id: str, fence: int, countdown: float = 0.0) -> None:
         """What workers.tasks.send_execute does, from the test process."""
-        self.celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", countdown=countdown or None)
+        self.celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", countdown=countdown or None,
+                              task_id=broker.execute_task_id(run_id, fence))
+
+    def waiting(self, runs: Sequence[Run]) -> set[str]:
+        """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue."""
+        return broker.waiting_runs(self.redis, "agents", [run.id for run in runs])
+
+    def reap(self, services: Services | None = None, send: Any = None) -> Any:
+        """One reaper pass as beat runs it (optionally with other clients, or a sender that loses messages)."""
+        from fleet import sweeps
+
+        return sweeps.reap(services or self.services, send or self.send_execute, self.waiting)
 
     def start_beat(self, name: str) -> subprocess.Popen[bytes]:
         """Start a real `celery beat` (its own schedule file and log)."""

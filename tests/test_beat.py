@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from fleet import db, keys, sweeps
+from fleet import db, keys
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus
-from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for, wait_for_pids
+from tests.harness import AGENTS, Fleet, executor_of, pid_alive, private_fleet, wait_for, wait_for_pids
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
@@ -29,16 +29,10 @@ timeout_s = 30
 """
 
 
-def parent_of(pid: int) -> int:
-    """A process's parent pid, from /proc."""
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[1])
-
-
 def reap_until(fleet: Fleet, condition: Any, timeout: float, what: str) -> Any:
     """Run the reaper as beat would (here: every half second) until `condition` holds."""
     def step() -> Any:
-        sweeps.reap(fleet.services, fleet.send_execute)
+        fleet.reap()
         return condition()
 
     return wait_for(step, timeout, what, interval=0.5)
@@ -95,7 +89,7 @@ def test_worker_killed_mid_run_is_retried_exactly_once(fleet: Fleet) -> None:
     pidfile.unlink(missing_ok=True)
     result = send(fleet, "crashy", f"crash-{uuid.uuid4().hex}")
     ((agent, grandchild),) = wait_for_pids(pidfile, 60)
-    pool_process = parent_of(agent)
+    pool_process = executor_of(agent)
     os.kill(pool_process, signal.SIGKILL)
     # The agent dies with its worker (parent-death signal): nothing runs unowned.
     wait_for(lambda: not pid_alive(agent), 5, "the orphaned agent to die with its worker")
@@ -140,7 +134,7 @@ def test_reaper_never_touches_a_finished_run(fleet: Fleet) -> None:
         row.heartbeat_at = row.started_at
         session.add(row)
         session.commit()
-    sweeps.reap(fleet.services, fleet.send_execute)
+    fleet.reap()
     after = run_of(fleet, result.run_id)
     assert (after.status, after.attempt, after.finished_at) == (before.status, before.attempt, before.finished_at)
 

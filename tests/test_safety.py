@@ -174,14 +174,15 @@ def test_hard_kill_through_celery_stops_a_wedged_executor(fleet: Fleet) -> None:
     import os
     import signal
 
-    from tests.test_beat import parent_of, reap_until
+    from tests.harness import executor_of
+    from tests.test_beat import reap_until
 
     fleet.reset_agent("long")
     pidfile = fleet.tmp / "long.pids"
     pidfile.unlink(missing_ok=True)
     result = send(fleet, "long", f"wedged-{uuid.uuid4().hex}")
     agent = wait_for_pids(pidfile, 60)[0][0]
-    executor = parent_of(agent)
+    executor = executor_of(agent)
     os.kill(executor, signal.SIGSTOP)  # the executor is wedged: it will never see the flag
     try:
         outcome = fleet.celery.send_task("fleet.kill", kwargs={"agent": "long", "reason": "wedged", "hard": True},

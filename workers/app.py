@@ -40,7 +40,9 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Not True (PITFALLS #5): on any broker blip it SIGTERMs every busy pool process, killing every running
+    # agent and using up its retry. A redelivered execute is harmless anyway: its claim is fenced.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_deduplicate_successful_tasks=True,
     worker_max_tasks_per_child=1000,
     worker_max_memory_per_child=512_000,  # KiB

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Task
@@ -9,13 +10,20 @@ from celery import Task
 from fleet import dispatch as dispatching
 from fleet import executor, killswitch, sweeps, ticks, watchdog
 from fleet.keys import GLOBAL
-from workers import control
+from fleet.models import Run
+from workers import broker, control
 from workers.app import AGENTS_QUEUE, EXECUTE_TIME_LIMIT, app, services
 
 
 def send_execute(run_id: str, fence: int, countdown: float = 0.0) -> None:
-    """Enqueue exactly one fleet.execute for a run on the agents queue."""
-    execute.apply_async((run_id, fence), queue=AGENTS_QUEUE, countdown=countdown or None)
+    """Enqueue exactly one fleet.execute for a run on the agents queue (its task id names the run)."""
+    execute.apply_async((run_id, fence), queue=AGENTS_QUEUE, countdown=countdown or None,
+                        task_id=broker.execute_task_id(run_id, fence))
+
+
+def waiting_in_agents_queue(runs: Sequence[Run]) -> set[str]:
+    """Which of these queued runs still have a message waiting in the agents queue."""
+    return broker.waiting_runs(services().redis, AGENTS_QUEUE, [run.id for run in runs])
 
 
 def _actor(task: Task) -> str:
@@ -70,7 +78,7 @@ def tick(self: Task, agent: str) -> dict[str, Any]:
 @app.task(name="fleet.sweep.reaper")
 def sweep_reaper() -> dict[str, Any]:
     """Recover runs whose worker died and queued runs whose message was lost."""
-    return sweeps.reap(services(), send_execute).to_json()
+    return sweeps.reap(services(), send_execute, waiting_in_agents_queue).to_json()
 
 
 @app.task(name="fleet.sweep.idempotency")

@@ -8,6 +8,9 @@ and database; PostgreSQL tests share one private cluster per xdist worker (resta
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,7 +94,7 @@ class FaultFleet:
 
     def reap(self) -> sweeps.SweepReport:
         """One reaper pass, as beat would run it."""
-        return sweeps.reap(self.fleet.services, self.fleet.send_execute)
+        return self.fleet.reap()
 
     def reap_until(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
         """Run the reaper every half second until `condition` holds."""
@@ -107,6 +110,30 @@ class FaultFleet:
         while time.monotonic() < deadline and not until():
             self.reap()
             time.sleep(0.5)
+
+    def freeze(self, pid: int) -> None:
+        """SIGSTOP a fleet process. On SQLite, only at a moment it does not hold the write lock: a process
+        frozen inside a write transaction stalls every writer until it resumes (SQLite's one writer;
+        the README says so), which is a database stall, not the fault this stands for."""
+        for _ in range(200):
+            os.kill(pid, signal.SIGSTOP)
+            if self.kind != "sqlite" or self._write_lock_free():
+                return
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02)
+        raise AssertionError(f"process {pid} held the SQLite write lock at every try")
+
+    def _write_lock_free(self) -> bool:
+        database = self.fleet.direct_database_url.removeprefix("sqlite:///")
+        probe = sqlite3.connect(database, timeout=0.3, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            probe.close()
 
     def violations(self, **caps: Any) -> list[str]:
         """Every broken invariant over the effects log and the database."""
@@ -181,22 +208,6 @@ def faults(kind: str, tmp_path: Path, pg_cluster: PrivateCluster | None) -> Iter
 # Scenarios that show a defect still open: each fails today, strictly (an unexpected pass fails the
 # run too), and leaves this list in the commit that fixes it.
 KNOWN_DEFECTS: dict[str, str] = {
-    "test_broker_blip_leaves_running_agents_running": "issue 9 defect 1: a blip kills running agents",
-    "test_killed_pool_process_takes_the_agents_whole_group": "issue 9 defect 1: the agent's children survive",
-    "test_poison_run_is_dead_lettered_after_exactly_two_attempts": "the reaper's dead letter has no run.dead event",
-    "test_a_message_lost_after_the_commit_is_sent_again": "issue 9 defect 2: a lost message is never re-sent",
-    "test_a_message_lost_twice_is_dead_lettered_as_lost": "issue 9 defect 2: archived as stale, no dead letter",
-    "test_a_run_waiting_behind_a_busy_queue_is_never_archived": "issue 9 defect 2: archived as stale",
-    "test_an_enqueue_failure_leaves_the_key_free": "issue 9 defect 3: an enqueue failure burns the key",
-    "test_a_failed_outcome_write_does_not_run_a_finished_agent_again": "issue 9 defect 4",
-    "test_a_stopped_executor_cannot_overlap_its_retry": "issue 9 defect 5: a retry overlaps a survivor",
-    "test_the_reaper_never_kills_a_process_group_it_does_not_own": "issue 9 defect 5: a reused pid is killed",
-    "test_two_reapers_requeueing_one_run_keep_its_slot": "issue 9 defect 6: one reaper frees the other's slot",
-    "test_an_archived_run_cannot_be_queued_back_to_life": "issue 9 defect 6: an unconditional queue update",
-    "test_a_losing_duplicate_delivery_leaves_the_running_run_alone": "issue 9 defect 6: _end_unstarted's row count",
-    "test_a_retry_reserves_before_it_starts_and_never_passes_the_cap": "issue 10 item 1: retries reserve nothing",
-    "test_a_kill_stops_the_agent_while_the_database_is_locked": "issue 10 item 5: the watch loop waits on the DB",
-    "test_a_breaker_trial_that_never_runs_frees_the_trial": "issue 10 item 8: the trial is never forfeited",
 }
 
 

@@ -14,23 +14,14 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col
 
-from fleet import db, sweeps
+from fleet import db
 from fleet.models import Run, RunStatus
 from tests.faults.conftest import FaultFleet
 from tests.faults.effects import pid_alive
-from tests.harness import wait_for
+from tests.harness import executor_of, wait_for
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-
-
-def _executor_of(agent_pid: int) -> int:
-    """The pool process running an agent (its parent, or its grandparent behind a launcher)."""
-    from fleet.examples.effects_agent import parent_of
-
-    parent = parent_of(agent_pid)
-    with open(f"/proc/{parent}/cmdline", "rb") as handle:
-        return parent_of(parent) if b"launcher" in handle.read() else parent
 
 
 def test_a_stopped_executor_cannot_overlap_its_retry(faults: FaultFleet) -> None:
@@ -40,11 +31,11 @@ def test_a_stopped_executor_cannot_overlap_its_retry(faults: FaultFleet) -> None
     result = send(faults.fleet, "long", f"stop-{uuid.uuid4().hex}")
     faults.accepted.add(result.run_id)
     start = wait_for(lambda: faults.effects.starts(result.run_id), 60, "the agent to start")[0]
-    pool = _executor_of(start.value)
+    pool = executor_of(start.value)
     elsewhere = dataclasses.replace(faults.fleet.services, host="dispatch-host")
-    os.kill(pool, signal.SIGSTOP)
+    faults.freeze(pool)
     try:
-        wait_for(lambda: sweeps.reap(elsewhere, faults.fleet.send_execute) and
+        wait_for(lambda: faults.fleet.reap(elsewhere) and
                  len(faults.effects.starts(result.run_id)) >= 2, 60, "the reaper's retry to start", interval=0.5)
     finally:
         os.kill(pool, signal.SIGCONT)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from fleet import db, sweeps
+from fleet import db
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.errors import UnavailableError
 from fleet.models import DeadLetter, Run, RunStatus, SpendDay
@@ -39,7 +39,7 @@ def test_a_message_lost_after_the_commit_is_sent_again(faults: FaultFleet) -> No
     result = dispatch(faults.fleet.services, request(), drop)
     assert result.status == "queued"
     faults.accepted.add(result.run_id)
-    sweeps.reap(later(faults.fleet.services, 600), faults.fleet.send_execute)
+    faults.fleet.reap(later(faults.fleet.services, 600))
     run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
     assert run.status == RunStatus.SUCCEEDED and run.attempt == 1
     assert faults.violations() == []
@@ -49,7 +49,7 @@ def test_a_message_lost_twice_is_dead_lettered_as_lost(faults: FaultFleet) -> No
     result = dispatch(faults.fleet.services, request(), drop)
     faults.accepted.add(result.run_id)
     for minutes in (10, 20, 30, 40, 80, 160):
-        sweeps.reap(later(faults.fleet.services, minutes * 60), drop)
+        faults.fleet.reap(later(faults.fleet.services, minutes * 60), drop)
     run = run_of(faults.fleet, result.run_id)
     assert run.status == RunStatus.DEAD, f"a run whose every message was lost ended {run.status}"
     with db.session(faults.fleet.services.engine) as session:
@@ -68,7 +68,7 @@ def test_a_run_waiting_behind_a_busy_queue_is_never_archived(kind: str, tmp_path
         result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
         faults.accepted.add(result.run_id)
         for hours in (0.5, 1, 1.5, 2, 3):
-            sweeps.reap(later(faults.fleet.services, hours * 3600), faults.fleet.send_execute)
+            faults.fleet.reap(later(faults.fleet.services, hours * 3600))
         assert run_of(faults.fleet, result.run_id).status == RunStatus.QUEUED
         assert faults.fleet.redis.llen("agents") >= 1
         faults.fleet.start_worker()
