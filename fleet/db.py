@@ -70,7 +70,12 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def session(engine: Engine) -> Session:
-    """A session whose objects stay readable after commit."""
+    """A session whose objects stay readable after commit, and after it closes.
+
+    Closing it (the end of its `with` block) ends the transaction, and with it SQLite's write lock,
+    without expiring anything. Never end a read-only session with `rollback()`: that expires every
+    loaded object, which then raises DetachedInstanceError once the session is closed (PITFALLS #18).
+    """
     return Session(engine, expire_on_commit=False)
 
 

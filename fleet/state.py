@@ -56,7 +56,6 @@ def snapshot(services: Services) -> dict[str, Any]:
             "dead_letters": [_dead_json(d) for d in store.list_dead_letters(session=session, limit=10)],
             "watchdog": _verdict_json(session),
         }
-        session.rollback()
     picture["spend"] = spend_report(services)
     picture |= _redis_part(services)
     return picture

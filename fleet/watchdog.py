@@ -82,7 +82,6 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
         checks[3:3] = [stuck_check(services, session, now), dlq_check(session, now), spend_check(services, session),
                        kill_check(session)]
         previous = latest(session)
-        session.rollback()
     verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
     # Once per transition: the previous verdict is in the database, shared by beat's and cron's watchdogs.
     if verdict.status == RED and (previous is None or previous.status != RED):
@@ -243,7 +242,6 @@ def heal(services: Services) -> list[str]:
     with db.session(services.engine) as session:
         restored = killswitch.restore(session, services.redis)
         first_pass = latest(session) is None
-        session.rollback()
     if restored:
         healed.append(f"restored {restored} kill flag(s) from the database")
     if services.redis.set(keys.redis_epoch(), services.now().isoformat(), nx=True) and not first_pass:
@@ -256,7 +254,6 @@ def heal(services: Services) -> list[str]:
     if held:
         with db.session(services.engine) as session:
             orphaned = [lease for lease in held if _lease_orphaned(session, lease)]
-            session.rollback()
         for lease in orphaned:
             if services.leases.release(lease):  # fenced: a lease renewed meanwhile is not ours to drop
                 healed.append(f"released orphaned lease {lease.key} of finished run {lease.run_id}")

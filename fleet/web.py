@@ -218,7 +218,6 @@ def health(web: Web) -> dict[str, Any]:
 def _latest_verdict(services: Services, now: datetime) -> dict[str, Any] | None:
     with db.session(services.engine) as session:
         verdict = watchdog.latest(session)
-        session.rollback()
     if verdict is None:
         return None
     return {"status": verdict.status, "age_s": round(metrics.age_seconds(now, verdict.at.isoformat()), 1)}

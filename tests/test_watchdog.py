@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from fleet import keys, killswitch, watchdog
+from fleet import db, keys, killswitch, watchdog
 from fleet.keys import GLOBAL
+from fleet.models import WatchdogVerdict
+from fleet.services import Services
 from tests.harness import Fleet, wait_for
 from tests.sentry_server import SentryServer
 from tests.test_dispatch import send, wait_status
@@ -30,8 +32,17 @@ def consumption(verdict: dict[str, Any]) -> dict[str, str]:
     return {c["name"]: c["status"] for c in verdict["checks"] if c["name"].startswith("consumption:")}
 
 
+def store_verdict(services: Services, status: str) -> None:
+    """A verdict as an earlier watchdog pass leaves it."""
+    with db.session(services.engine) as session:
+        session.add(WatchdogVerdict(at=services.now(), status=status, host="earlier-pass", checks="[]"))
+        session.commit()
+
+
 def test_stopped_workers_turn_the_watchdog_red_and_alert(fleet: Fleet, sentry: SentryServer) -> None:
+    """The red path after a green pass (the transition that alerts): exit 1, the alert, the red verdict stored."""
     env = {"FLEET_SENTRY_DSN": sentry.dsn()}
+    store_verdict(fleet.services, watchdog.GREEN)
     for worker in fleet.workers:
         os.killpg(worker.pid, signal.SIGSTOP)  # alive, but consuming nothing
     try:
@@ -41,6 +52,9 @@ def test_stopped_workers_turn_the_watchdog_red_and_alert(fleet: Fleet, sentry: S
         assert verdict["status"] == "red" and set(consumption(verdict).values()) == {"red"}
         sentry.wait_for(lambda: [e for e in sentry.events() if e.get("tags", {}).get("alert") == "watchdog_red"],
                         15, "the watchdog_red alert to reach Sentry")
+        with db.session(fleet.services.engine) as session:
+            stored = watchdog.latest(session)
+            assert stored is not None and stored.status == watchdog.RED
     finally:
         for worker in fleet.workers:
             os.killpg(worker.pid, signal.SIGCONT)
