@@ -237,8 +237,13 @@ def disk_checks(services: Services) -> list[Check]:
 
 
 def heal(services: Services) -> list[str]:
-    """Mend the known failures: orphaned leases and kill flags Redis lost."""
+    """Mend the known failures: orphaned leases, kill flags Redis lost, kill flags only Redis has."""
     healed = []
+    scopes = [keys.GLOBAL, *services.config.agents]
+    mirrored = killswitch.repair_mirror(services.engine, services.redis, scopes, services.now())
+    if mirrored:
+        healed.append(f"wrote the database mirror of {len(mirrored)} kill flag(s) only Redis held: "
+                      + ", ".join(mirrored))
     with db.session(services.engine) as session:
         restored = killswitch.restore(session, services.redis)
         first_pass = latest(session) is None
