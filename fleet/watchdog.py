@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import redis
 from sqlalchemy import func
@@ -30,7 +31,9 @@ GREEN, AMBER, RED = "green", "amber", "red"
 _RANK = {GREEN: 0, AMBER: 1, RED: 2}
 QUEUES = ("dispatch", "agents")
 CANARY_DEADLINE_S = 60.0  # a canary not back within this is a queue nobody consumes
-BEAT_SILENT_S = 180.0
+# A canary that came back longer ago than this proves nothing about now (the watchdog sends one a minute).
+CANARY_FRESH_S = 180.0
+BEAT_SILENT_S = 180.0  # how late a due slot may be before beat counts as silent
 DISK_AMBER, DISK_RED = 1 << 30, 100 << 20
 
 CanarySender = Callable[[str, str], None]  # (queue, sent_at): send one canary through a queue
@@ -119,14 +122,19 @@ def canary_returned(client: redis.Redis, queue: str, sent_at: str) -> None:
     client.set(keys.canary_seen(queue), datetime.now(UTC).isoformat())
 
 
-def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: float) -> Check:
-    """Red when the last canary through `queue` is overdue."""
+def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: float,
+                 fresh_s: float = CANARY_FRESH_S) -> Check:
+    """Red when the last canary through `queue` is overdue, or came back too long ago to count."""
     name = f"consumption:{queue}"
     sent, back = cast(str | None, client.get(keys.canary_sent(queue))), client.get(keys.canary(queue))
     if not sent:
         return Check(name, AMBER, "no canary sent yet")
     age = (now - datetime.fromisoformat(sent)).total_seconds()
     if sent == back:
+        limit = max(fresh_s, deadline_s)
+        if age > limit:
+            return Check(name, RED, f"the last canary came back {age:.0f}s ago (limit {limit:.0f}s): nothing shows "
+                                    f"that a worker consumes {queue!r} now; is the watchdog sending canaries?")
         return Check(name, GREEN, f"last canary came back ({age:.0f}s ago)")
     if age > deadline_s:
         return Check(name, RED, f"canary sent {age:.0f}s ago has not come back: no worker consumes {queue!r}")
@@ -137,17 +145,24 @@ def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: flo
 
 
 def beat_check(services: Services, now: datetime) -> Check:
-    """Beat is alive when it ticked recently (only matters when some agent has a schedule)."""
-    scheduled = [a for a in services.config.agents.values() if a.schedule]
+    """Beat is alive when it ticked every slot that fell due more than BEAT_SILENT_S ago (only matters
+    when some agent has a schedule). A paused agent's tick counts: beat sent it."""
+    schedules = [s for s in (a.parsed_schedule for a in services.config.agents.values()) if s is not None]
     last = cast(str | None, services.redis.get(keys.last_tick()))  # decode_responses: str, never bytes
     leader = cast(str | None, services.redis.get(keys.beat_leader()))
-    if not scheduled:
+    if not schedules:
         return Check("beat", GREEN, "no scheduled agents")
     if not last:
         return Check("beat", AMBER, "beat has not ticked yet" + ("" if leader else "; no beat leader"))
-    age = (now - datetime.fromisoformat(last)).total_seconds()
-    if age > BEAT_SILENT_S:
-        return Check("beat", RED, f"last tick {age:.0f}s ago" + ("" if leader else "; no beat leader holds the lease"))
+    ticked = datetime.fromisoformat(last)
+    age = (now - ticked).total_seconds()
+    # The first slot any agent had after the last tick: a */15 schedule may be quiet for 15 minutes.
+    local = ticked.astimezone(ZoneInfo(services.config.fleet.timezone))
+    missed = min(schedule.next_after(local) for schedule in schedules)
+    late = (now - missed).total_seconds()
+    if late > BEAT_SILENT_S:
+        return Check("beat", RED, f"last tick {age:.0f}s ago; the slot due at {missed.isoformat(timespec='seconds')} "
+                                  f"is {late:.0f}s late" + ("" if leader else "; no beat leader holds the lease"))
     return Check("beat", GREEN, f"last tick {age:.0f}s ago, leader {leader or 'unknown'}")
 
 
