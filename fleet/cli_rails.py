@@ -22,7 +22,7 @@ def kill(
     hard: Annotated[bool, typer.Option("--hard", help="Also revoke and terminate in-flight tasks through "
                                        "Celery, for a wedged worker.")] = False,
 ) -> None:
-    """Stop everything now: intake stops at once, running agents within a second.
+    """Stop everything now: intake stops at once, agents get SIGTERM within a second, SIGKILL after kill_grace_s.
 
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
