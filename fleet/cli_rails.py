@@ -22,20 +22,21 @@ def kill(
     hard: Annotated[bool, typer.Option("--hard", help="Also revoke and terminate in-flight tasks through "
                                        "Celery, for a wedged worker.")] = False,
 ) -> None:
-    """Stop everything now: intake stops at once, running agents within a second.
+    """Stop everything now: intake stops at once, agents get SIGTERM within a second, SIGKILL after kill_grace_s.
 
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
     svc = services()
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
-    killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard, now=svc.now())
-    out.print(f"kill switch engaged for {'the whole fleet' if agent is None else 'agent ' + agent}"
-              + (f": {reason}" if reason else ""))
+    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard,
+                                now=svc.now())
+    out.print(engaged.describe() + (f": {reason}" if reason else ""))
     if hard:
         from workers.control import hard_stop
 
         revoked = hard_stop(svc, None if agent is None else scope)
         out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
+    engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
 
 
 @app.command()

@@ -75,8 +75,36 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 def session(engine: Engine) -> Session:
-    """A session whose objects stay readable after commit."""
+    """A session whose objects stay readable after commit, and after it closes.
+
+    Closing it (the end of its `with` block) ends the transaction, and with it SQLite's write lock,
+    without expiring anything. Never end a read-only session with `rollback()`: that expires every
+    loaded object, which then raises DetachedInstanceError once the session is closed (PITFALLS #18).
+    """
     return Session(engine, expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def bounded_session(engine: Engine, wait_s: float) -> Iterator[Session]:
+    """A session that waits at most `wait_s` for a lock (SQLite's write lock, a PostgreSQL row lock)
+    instead of the engine's 30 s, for writes that must not hold up what comes after them."""
+    wait_ms = max(1, int(wait_s * 1000))
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        raw = conn.connection.dbapi_connection
+        if sqlite:
+            # Below SQLAlchemy, so no transaction (and no BEGIN IMMEDIATE) starts for it; the pooled
+            # connection gets its usual timeout back before it is returned.
+            usual = raw.execute("PRAGMA busy_timeout").fetchone()[0]  # type: ignore[union-attr]
+            raw.execute(f"PRAGMA busy_timeout={wait_ms}")  # type: ignore[union-attr]
+        try:
+            with Session(bind=conn, expire_on_commit=False) as bounded:
+                if not sqlite:
+                    bounded.execute(text(f"SET LOCAL lock_timeout = {wait_ms}"))
+                yield bounded
+        finally:
+            if sqlite:
+                raw.execute(f"PRAGMA busy_timeout={int(usual)}")  # type: ignore[union-attr]
 
 
 def rowcount(result: Result[Any]) -> int:

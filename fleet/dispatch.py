@@ -218,7 +218,6 @@ def plan(services: Services, spec: AgentSpec, run_id: str | None, work_key: str,
         pending = [r.id for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
                    if r.status == RunStatus.CREATED]
         gates = _gates(services, session, spec)
-        session.rollback()
     would_fire = pending if run_id is not None else [*pending, f"new:{idem_key}"]
     result = DispatchResult(run_id, "ok", would_fire=would_fire, gates=gates)
     expected = [run_id] if run_id is not None else [f"new:{idem_key}"]
@@ -263,7 +262,6 @@ def dry_run(services: Services, spec: AgentSpec, work_key: str, idem_key: str) -
     """The plan alone: no row, no Redis key, no message."""
     with db.session(services.engine) as session:
         existing = store.get_run_by_key(session=session, idem_key=idem_key)
-        session.rollback()
     if existing is not None:
         return DispatchResult(existing.id, "dry_run", reason=f"duplicate: already {existing.status}")
     result = plan(services, spec, None, work_key, idem_key)

@@ -52,3 +52,9 @@ class PermissionDeniedError(FleetError):
     """Credentials are missing or refused."""
 
     exit_code = ExitCode.AUTH
+
+
+class KillNotMirroredError(FleetError):
+    """A kill is in force in Redis, but its database mirror could not be written yet (the watchdog will)."""
+
+    exit_code = ExitCode.TRANSIENT  # `fleet kill` again is safe and writes the mirror

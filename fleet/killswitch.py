@@ -2,22 +2,35 @@
 
 Whichever says "killed" wins. Redis unreachable reads as killed (fail closed). A Redis that lost its
 data (restart without persistence) is noticed by its missing epoch marker and refilled from the mirror.
+
+Engaging writes Redis first, so the kill is in force at once whatever the database is doing; the
+mirror follows, retried within a short bound, and a mirror that still could not be written is written
+by the watchdog (`repair_mirror`). Releasing goes the other way, the mirror first: a Redis delete that
+fails leaves the fleet stopped, never half-released. Any value under a kill key counts as a kill, even
+one Fleet did not write.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import redis
 from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, logs, store
-from fleet.errors import UnavailableError
+from fleet.errors import BadInputError, KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
 from fleet.models import KillSwitch
+
+MAX_REASON = 1000  # characters: the mirror's column (KillSwitch.reason), so a reason is kept whole or refused
+MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
+_FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,8 @@ class KillState:
     scope: str | None = None
     reason: str | None = None
     actor: str | None = None
+    at: datetime | None = None  # when it was engaged, as its record says (None: unknown)
+    hard: bool = False
 
     def describe(self) -> str:
         """One line for a refusal or a gate verdict."""
@@ -40,24 +55,106 @@ class KillState:
 ALIVE = KillState(killed=False)
 
 
+@dataclass(frozen=True)
+class Engagement:
+    """Where a kill landed: Redis (in force at once), the mirror (survives a Redis restart), or both."""
+
+    scope: str
+    in_redis: bool
+    mirrored: bool
+    problem: str | None = None  # why one of the two could not be written
+
+    def describe(self) -> str:
+        """One line for the operator: where the kill landed."""
+        where = "the whole fleet" if self.scope == GLOBAL else f"agent {self.scope}"
+        if self.in_redis and self.mirrored:
+            return f"kill switch engaged for {where}"
+        if self.mirrored:
+            return (f"kill switch engaged for {where}, in the database only ({self.problem}; dispatches refuse, "
+                    "running agents stop at their next mirror check)")
+        return f"kill switch engaged for {where}, in Redis only (the database mirror could not be written)"
+
+    def confirm(self) -> None:
+        """Raise KillNotMirroredError (exit 75) when the kill is in force in Redis but not yet mirrored."""
+        if not self.mirrored:
+            raise KillNotMirroredError(
+                f"the kill IS in force (Redis has it), but its database mirror could not be written ({self.problem})"
+                ": the watchdog writes it on its next pass, or run `fleet kill` again; until then a Redis restart "
+                "would lift this kill")
+
+
+def check_reason(reason: str | None) -> None:
+    """Refuse a reason the mirror could not store whole (BadInputError, exit 65), before anything is set."""
+    if reason is None:
+        return
+    if len(reason) > MAX_REASON:
+        raise BadInputError(f"--reason is {len(reason)} characters long; at most {MAX_REASON} are kept")
+    if "\x00" in reason:
+        raise BadInputError("--reason must not contain a NUL character")
+
+
 def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
-           hard: bool, now: datetime) -> None:
-    """Throw the switch: the database first (durable), then Redis (fast)."""
-    with db.session(engine) as session:
-        _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, hard=hard, now=now)
-        store.add_event(session=session, at=now, kind="kill.engaged", agent=None if scope == GLOBAL else scope,
-                        actor=actor, scope=scope, reason=reason, hard=hard)
-        session.commit()
-    record = json.dumps({"reason": reason, "actor": actor, "at": now.isoformat(), "hard": hard})
+           hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S) -> Engagement:
+    """Throw the switch: Redis first (in force at once), then the database mirror (durable).
+
+    Raises BadInputError before anything is set, and UnavailableError when neither place could be
+    written. A kill that reached only one of them is in force and is returned as such.
+    """
+    check_reason(reason)
+    record = _record(reason=reason, actor=actor, at=now, hard=hard)
+    redis_problem = None
     try:
         client.set(keys.kill(scope), record)
-    except redis.RedisError:
-        # The mirror already holds it: dispatches refuse, executors read the mirror while Redis is
-        # away, and the next check copies it back into Redis. The kill is in force.
+    except redis.RedisError as exc:
+        # The mirror alone still holds it: dispatches refuse, executors read the mirror while Redis is
+        # away, and the next check copies it back into Redis.
+        redis_problem = f"Redis unreachable: {_first_line(exc)}"
         logs.get(__name__).warning("kill.redis_unreachable", scope=scope)
+    mirror_problem = _write_mirror(engine, scope=scope, reason=reason, actor=actor, hard=hard, now=now,
+                                   deadline_s=mirror_deadline_s)
+    if redis_problem and mirror_problem:
+        raise UnavailableError(f"the kill switch was NOT engaged: {redis_problem}; "
+                               f"database: {mirror_problem}") from None
+    outcome = Engagement(scope, in_redis=redis_problem is None, mirrored=mirror_problem is None,
+                         problem=redis_problem or mirror_problem)
+    if mirror_problem:
+        logs.get(__name__).error("kill.mirror_unwritten", scope=scope, error=mirror_problem)
     where = "the fleet" if scope == GLOBAL else f"agent {scope}"
     alerts.alert("kill_engaged", f"kill switch engaged for {where} by {actor}: {reason or 'no reason given'}",
-                 agent=None if scope == GLOBAL else scope, level="warning", scope=scope, actor=actor, hard=hard)
+                 agent=None if scope == GLOBAL else scope, level="warning", scope=scope, actor=actor, hard=hard,
+                 mirrored=outcome.mirrored, in_redis=outcome.in_redis)
+    return outcome
+
+
+def _write_mirror(engine: Engine, *, scope: str, reason: str | None, actor: str, hard: bool, now: datetime,
+                  deadline_s: float) -> str | None:
+    """Write the engaged row and its event, retried until `deadline_s`; None once written, else why not."""
+    give_up = time.monotonic() + deadline_s
+    pause = 0.05
+    while True:
+        try:
+            with db.bounded_session(engine, max(0.05, give_up - time.monotonic())) as session:
+                _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, hard=hard, now=now)
+                store.add_event(session=session, at=now, kind="kill.engaged",
+                                agent=None if scope == GLOBAL else scope, actor=actor, scope=scope, reason=reason,
+                                hard=hard)
+                session.commit()
+            return None
+        except (SQLAlchemyError, OSError) as exc:  # OSError: an SQLite folder that cannot be made
+            problem = _first_line(exc)
+        if time.monotonic() + pause >= give_up:
+            return problem
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
+
+
+def _record(*, reason: str | None, actor: str | None, at: datetime, hard: bool) -> str:
+    return json.dumps({"reason": reason, "actor": actor, "at": at.isoformat(), "hard": hard})
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> None:
@@ -83,14 +180,45 @@ def _upsert(session: Session, *, scope: str, engaged: bool, reason: str | None, 
 
 
 def check_redis(client: redis.Redis, agent: str | None) -> KillState:
-    """The fast check: Redis only. Raises redis.RedisError when Redis cannot be reached."""
+    """The fast check: Redis only. Raises redis.RedisError when Redis cannot be reached.
+
+    Any value under a kill key is a kill: one that is not Fleet's own record (set by hand, corrupted)
+    kills with a reason saying so, never with an exception.
+    """
     scopes = [GLOBAL] if agent is None else [GLOBAL, agent]
-    values = client.mget([keys.kill(s) for s in scopes])
+    try:
+        values = client.mget([keys.kill(s) for s in scopes])
+    except UnicodeDecodeError:  # not UTF-8: the reply cannot even be decoded, so find which key holds it
+        values = ["\ufffd" if client.exists(keys.kill(s)) else None for s in scopes]
     for scope, value in zip(scopes, values, strict=True):
-        if value:
-            record = json.loads(value)
-            return KillState(True, scope, record.get("reason"), record.get("actor"))
+        if value is not None:
+            return parse_flag(scope, value)
     return ALIVE
+
+
+def parse_flag(scope: str, value: Any) -> KillState:
+    """The kill a flag's value stands for: Fleet's JSON record, or anything else (still a kill)."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        shown = text if len(text) <= _FOREIGN_SHOWN else text[:_FOREIGN_SHOWN] + "..."
+        return KillState(True, scope, f"kill flag not written by Fleet: {shown!r}")
+    reason, actor = record.get("reason"), record.get("actor")
+    return KillState(True, scope, None if reason is None else str(reason), None if actor is None else str(actor),
+                     at=_when(record.get("at")), hard=record.get("hard") is True)
+
+
+def _when(stamp: Any) -> datetime | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        at = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else None  # a naive time cannot be compared: unknown
 
 
 def check_mirror(session: Session, agent: str | None) -> KillState:
@@ -126,11 +254,44 @@ def restore(session: Session, client: redis.Redis) -> int:
     """Copy every engaged flag from the mirror into Redis; returns how many were missing there."""
     restored = 0
     for row in session.exec(select(KillSwitch).where(col(KillSwitch.engaged))):
-        record = json.dumps({"reason": row.reason, "actor": row.actor, "at": row.changed_at.isoformat(),
-                             "hard": row.hard})
+        record = _record(reason=row.reason, actor=row.actor, at=row.changed_at, hard=row.hard)
         if client.set(keys.kill(row.scope), record, nx=True):
             restored += 1
     return restored
+
+
+def repair_mirror(engine: Engine, client: redis.Redis, scopes: list[str], now: datetime) -> list[str]:
+    """Mirror every kill flag Redis holds that the database lacks (a kill whose mirror write failed, or a
+    flag set by hand); the scopes repaired.
+
+    A mirror row released after the flag was engaged is a `fleet resume` whose Redis delete has not
+    happened (or failed): that flag is left alone, so a resume is never undone. `now` must be read
+    before Redis, since it dates flags whose record says nothing of when they were set.
+    """
+    values = client.mget([keys.kill(s) for s in scopes])
+    flags = [parse_flag(scope, value) for scope, value in zip(scopes, values, strict=True) if value is not None]
+    return [flag.scope for flag in flags if flag.scope is not None and _mirror_one(engine, flag, flag.at or now)]
+
+
+def _mirror_one(engine: Engine, flag: KillState, at: datetime) -> bool:
+    assert flag.scope is not None
+    reason = None if flag.reason is None else flag.reason[:MAX_REASON]
+    agent = None if flag.scope == GLOBAL else flag.scope
+    try:
+        with db.session(engine) as session:
+            # Locked (PostgreSQL; SQLite's transaction already holds the write lock), so a resume that
+            # commits meanwhile is seen and not overwritten.
+            row = session.get(KillSwitch, flag.scope, with_for_update=True)
+            if row is not None and (row.engaged or row.changed_at >= at):
+                return False
+            _upsert(session, scope=flag.scope, engaged=True, reason=reason, actor=(flag.actor or "watchdog")[:255],
+                    hard=flag.hard, now=at)
+            store.add_event(session=session, at=at, kind="kill.mirrored", agent=agent, actor="watchdog",
+                            scope=flag.scope, reason=reason)
+            session.commit()
+    except IntegrityError:  # another writer inserted the row first: the next pass looks again
+        return False
+    return True
 
 
 def engaged(session: Session) -> list[KillSwitch]:

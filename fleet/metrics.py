@@ -79,7 +79,6 @@ def run_counts(services: Services, *, since: datetime) -> tuple[dict[tuple[str, 
         open_ = session.exec(
             select(Run.agent, func.count()).where(col(Run.reserved_micros) > 0, col(Run.settled_at).is_(None))
             .group_by(Run.agent)).all()
-        session.rollback()
     runs = {(agent, str(getattr(status, "value", status))): int(n) for agent, status, n in by_status}
     return runs, {agent: int(n) for agent, n in open_}
 

@@ -56,10 +56,24 @@ def snapshot(services: Services) -> dict[str, Any]:
             "dead_letters": [_dead_json(d) for d in store.list_dead_letters(session=session, limit=10)],
             "watchdog": _verdict_json(session),
         }
-        session.rollback()
     picture["spend"] = spend_report(services)
     picture |= _redis_part(services)
+    if picture["redis"] == "ok":
+        picture["kill"] += _unmirrored_kills(services, {k["scope"] for k in picture["kill"]}, now)
     return picture
+
+
+def _unmirrored_kills(services: Services, mirrored: set[str], now: dt.datetime) -> list[dict[str, Any]]:
+    """Kill flags only Redis holds (a mirror write that failed, a flag set by hand): in force all the same,
+    so shown as kills until the watchdog has mirrored them."""
+    scopes = [s for s in (GLOBAL, *services.config.agents) if s not in mirrored]
+    try:
+        values = services.redis.mget([keys.kill(s) for s in scopes]) if scopes else []
+    except (redis.RedisError, UnicodeDecodeError):
+        return []
+    flags = [killswitch.parse_flag(s, v) for s, v in zip(scopes, values, strict=True) if v is not None]
+    return [{"scope": f.scope, "reason": f.reason, "actor": f.actor, "hard": f.hard,
+             "since": (f.at or now).isoformat(), "mirrored": False} for f in flags]
 
 
 def _redis_part(services: Services) -> dict[str, Any]:
@@ -79,7 +93,8 @@ def _redis_part(services: Services) -> dict[str, Any]:
 
 
 def _kill_json(k: Any) -> dict[str, Any]:
-    return {"scope": k.scope, "reason": k.reason, "actor": k.actor, "hard": k.hard, "since": k.changed_at.isoformat()}
+    return {"scope": k.scope, "reason": k.reason, "actor": k.actor, "hard": k.hard, "since": k.changed_at.isoformat(),
+            "mirrored": True}
 
 
 def _running_json(r: Run) -> dict[str, Any]:

@@ -33,8 +33,9 @@ def tick(services: Services, agent: str, send: Sender, actor: str = "beat") -> D
     work_key = slot_key(services, agent, now)
     if work_key is None:
         return DispatchResult(None, "skipped", reason="agent has no schedule")
+    # Before the pause check: a paused agent's tick still shows beat alive (the watchdog's beat check).
+    services.redis.set(keys.last_tick(), now.isoformat())
     paused = cast(str | None, services.redis.get(keys.paused(agent)))  # decode_responses: str, never bytes
     if paused:
         return DispatchResult(None, "skipped", reason=f"paused: {paused} (fleet resume {agent})")
-    services.redis.set(keys.last_tick(), now.isoformat())
     return dispatch(services, DispatchRequest(agent, work_key, actor=actor), send)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import redis
 from sqlalchemy import func
@@ -30,7 +31,9 @@ GREEN, AMBER, RED = "green", "amber", "red"
 _RANK = {GREEN: 0, AMBER: 1, RED: 2}
 QUEUES = ("dispatch", "agents")
 CANARY_DEADLINE_S = 60.0  # a canary not back within this is a queue nobody consumes
-BEAT_SILENT_S = 180.0
+# A canary that came back longer ago than this proves nothing about now (the watchdog sends one a minute).
+CANARY_FRESH_S = 180.0
+BEAT_SILENT_S = 180.0  # how late a due slot may be before beat counts as silent
 DISK_AMBER, DISK_RED = 1 << 30, 100 << 20
 
 CanarySender = Callable[[str, str], None]  # (queue, sent_at): send one canary through a queue
@@ -82,7 +85,6 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
         checks[3:3] = [stuck_check(services, session, now), dlq_check(session, now), spend_check(services, session),
                        kill_check(session)]
         previous = latest(session)
-        session.rollback()
     verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
     # Once per transition: the previous verdict is in the database, shared by beat's and cron's watchdogs.
     if verdict.status == RED and (previous is None or previous.status != RED):
@@ -120,14 +122,19 @@ def canary_returned(client: redis.Redis, queue: str, sent_at: str) -> None:
     client.set(keys.canary_seen(queue), datetime.now(UTC).isoformat())
 
 
-def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: float) -> Check:
-    """Red when the last canary through `queue` is overdue."""
+def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: float,
+                 fresh_s: float = CANARY_FRESH_S) -> Check:
+    """Red when the last canary through `queue` is overdue, or came back too long ago to count."""
     name = f"consumption:{queue}"
     sent, back = cast(str | None, client.get(keys.canary_sent(queue))), client.get(keys.canary(queue))
     if not sent:
         return Check(name, AMBER, "no canary sent yet")
     age = (now - datetime.fromisoformat(sent)).total_seconds()
     if sent == back:
+        limit = max(fresh_s, deadline_s)
+        if age > limit:
+            return Check(name, RED, f"the last canary came back {age:.0f}s ago (limit {limit:.0f}s): nothing shows "
+                                    f"that a worker consumes {queue!r} now; is the watchdog sending canaries?")
         return Check(name, GREEN, f"last canary came back ({age:.0f}s ago)")
     if age > deadline_s:
         return Check(name, RED, f"canary sent {age:.0f}s ago has not come back: no worker consumes {queue!r}")
@@ -138,17 +145,24 @@ def canary_check(client: redis.Redis, queue: str, now: datetime, deadline_s: flo
 
 
 def beat_check(services: Services, now: datetime) -> Check:
-    """Beat is alive when it ticked recently (only matters when some agent has a schedule)."""
-    scheduled = [a for a in services.config.agents.values() if a.schedule]
+    """Beat is alive when it ticked every slot that fell due more than BEAT_SILENT_S ago (only matters
+    when some agent has a schedule). A paused agent's tick counts: beat sent it."""
+    schedules = [s for s in (a.parsed_schedule for a in services.config.agents.values()) if s is not None]
     last = cast(str | None, services.redis.get(keys.last_tick()))  # decode_responses: str, never bytes
     leader = cast(str | None, services.redis.get(keys.beat_leader()))
-    if not scheduled:
+    if not schedules:
         return Check("beat", GREEN, "no scheduled agents")
     if not last:
         return Check("beat", AMBER, "beat has not ticked yet" + ("" if leader else "; no beat leader"))
-    age = (now - datetime.fromisoformat(last)).total_seconds()
-    if age > BEAT_SILENT_S:
-        return Check("beat", RED, f"last tick {age:.0f}s ago" + ("" if leader else "; no beat leader holds the lease"))
+    ticked = datetime.fromisoformat(last)
+    age = (now - ticked).total_seconds()
+    # The first slot any agent had after the last tick: a */15 schedule may be quiet for 15 minutes.
+    local = ticked.astimezone(ZoneInfo(services.config.fleet.timezone))
+    missed = min(schedule.next_after(local) for schedule in schedules)
+    late = (now - missed).total_seconds()
+    if late > BEAT_SILENT_S:
+        return Check("beat", RED, f"last tick {age:.0f}s ago; the slot due at {missed.isoformat(timespec='seconds')} "
+                                  f"is {late:.0f}s late" + ("" if leader else "; no beat leader holds the lease"))
     return Check("beat", GREEN, f"last tick {age:.0f}s ago, leader {leader or 'unknown'}")
 
 
@@ -238,12 +252,16 @@ def disk_checks(services: Services) -> list[Check]:
 
 
 def heal(services: Services) -> list[str]:
-    """Mend the known failures: orphaned leases and kill flags Redis lost."""
+    """Mend the known failures: orphaned leases, kill flags Redis lost, kill flags only Redis has."""
     healed = []
+    scopes = [keys.GLOBAL, *services.config.agents]
+    mirrored = killswitch.repair_mirror(services.engine, services.redis, scopes, services.now())
+    if mirrored:
+        healed.append(f"wrote the database mirror of {len(mirrored)} kill flag(s) only Redis held: "
+                      + ", ".join(mirrored))
     with db.session(services.engine) as session:
         restored = killswitch.restore(session, services.redis)
         first_pass = latest(session) is None
-        session.rollback()
     if restored:
         healed.append(f"restored {restored} kill flag(s) from the database")
     if services.redis.set(keys.redis_epoch(), services.now().isoformat(), nx=True) and not first_pass:
@@ -256,7 +274,6 @@ def heal(services: Services) -> list[str]:
     if held:
         with db.session(services.engine) as session:
             orphaned = [lease for lease in held if _lease_orphaned(session, lease)]
-            session.rollback()
         for lease in orphaned:
             if services.leases.release(lease):  # fenced: a lease renewed meanwhile is not ours to drop
                 healed.append(f"released orphaned lease {lease.key} of finished run {lease.run_id}")

@@ -57,7 +57,7 @@ from fleet.state import snapshot
 log = logs.get("fleet.web")
 _SHUTDOWN_GRACE_S = 5.0
 _QUIET_PATHS = frozenset({"/livez", "/readyz", "/health"})  # polled often: successes are not worth a log line
-CANARY_FRESH_S = 180.0
+CANARY_FRESH_S = watchdog.CANARY_FRESH_S  # one freshness limit for the probes and the watchdog
 WATCHDOG_STALE_S = 300.0  # the watchdog runs every minute; a verdict older than this means it stopped
 REFRESH_S = 10
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -218,7 +218,6 @@ def health(web: Web) -> dict[str, Any]:
 def _latest_verdict(services: Services, now: datetime) -> dict[str, Any] | None:
     with db.session(services.engine) as session:
         verdict = watchdog.latest(session)
-        session.rollback()
     if verdict is None:
         return None
     return {"status": verdict.status, "age_s": round(metrics.age_seconds(now, verdict.at.isoformat()), 1)}

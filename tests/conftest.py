@@ -160,6 +160,34 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture
+def services_agents() -> str:
+    """The fleet.toml of the `services` fixture (a test module may override this fixture)."""
+    from tests.harness import AGENTS
+
+    return AGENTS
+
+
+@pytest.fixture
+def services(tmp_path: Path, redis_url: str, redis: redis_lib.Redis, database_url: str,
+             services_agents: str) -> Iterator[Any]:
+    """In-process clients on a migrated database of each kind and a flushed Redis: no workers."""
+    from fleet.config import Settings, load_fleet_config
+    from fleet.services import build
+
+    config = tmp_path / "fleet.toml"
+    config.write_text(services_agents.replace("{tmp}", str(tmp_path)))
+    (tmp_path / "keys").mkdir(mode=0o700)
+    for name in ("secret.key", "secret.token"):
+        (tmp_path / "keys" / name).write_text("x" * 16)
+        (tmp_path / "keys" / name).chmod(0o600)
+    settings = Settings(config=config, redis_url=redis_url, database_url=database_url, log_dir=tmp_path / "logs")
+    svc = build(settings, load_fleet_config(config))
+    db.upgrade(svc.engine)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
 def closed_port() -> Iterator[int]:
     """A loopback port bound but never listening: connecting is refused at once, and no one else can take it."""
     with socket.socket() as sock:

@@ -125,6 +125,11 @@ timeout_s = 60
 command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
 env = { MODEL = "sonnet" }
 timeout_s = 30
+
+[agents.stubborn]
+command = ["python", "-m", "fleet.examples.sleeper", "120", "--ignore-term", "--child",
+           "--pidfile", "{tmp}/stubborn.pids"]
+timeout_s = 300
 """
 
 SECRET_KEY = "sk-fleet-test-SECRET-KEY-0123456789abcdef"

@@ -522,6 +522,16 @@ def test_dry_run_writes_nothing_and_shows_the_gates(fleet: Fleet) -> None:
     assert runs_with_key(fleet, f"echo:{key}") == []
 
 
+def test_dry_run_of_an_existing_key_says_duplicate(fleet: Fleet) -> None:
+    fleet.reset_agent("echo")
+    key = new_key("dry-dup")
+    first = send(fleet, "echo", key)
+    wait_status(fleet, first.run_id, {"succeeded"})
+    plan = parse(fleet.cli("dispatch", "echo", "--key", key, "--dry-run", "--json"))
+    assert (plan["status"], plan["run_id"]) == ("dry_run", first.run_id)
+    assert plan["reason"] == "duplicate: already succeeded"
+
+
 def test_celery_call_then_result_shows_the_plan(fleet: Fleet) -> None:
     """DESIGN: `celery call` then `celery result ID` shows what a dispatch decided."""
     only_once(fleet)

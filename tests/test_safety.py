@@ -4,6 +4,7 @@ a Redis restart, Redis down, and the shared breaker. Real Redis, real workers, S
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from sqlmodel import select
 
 from fleet import db, keys, killswitch
 from fleet.models import Run, RunStatus, SpendDay
+from fleet.process import group_alive
 from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for, wait_for_pids
 from tests.test_dispatch import run_of, send, wait_status
 
@@ -108,6 +110,34 @@ def test_kill_stops_every_agent_within_a_second(fleet: Fleet) -> None:
     ok = send(fleet, "echo", f"after-{uuid.uuid4().hex}")
     assert ok.status == "queued"
     wait_status(fleet, ok.run_id, {"succeeded"})
+
+
+def test_kill_stops_an_agent_that_ignores_sigterm_after_the_grace(fleet: Fleet) -> None:
+    """SIGTERM is delivered at once and ignored by the agent and its child; the whole group is SIGKILLed
+    once kill_grace_s (1 s here) has passed."""
+    fleet.reset_agent("stubborn")
+    pidfile = fleet.tmp / "stubborn.pids"
+    pidfile.unlink(missing_ok=True)
+    grace = fleet.services.config.fleet.kill_grace_s
+    result = send(fleet, "stubborn", f"stubborn-{uuid.uuid4().hex}")
+    assert result.status == "queued", result
+    ((agent, child),) = wait_for_pids(pidfile, 60)
+    pgid = os.getpgid(agent)
+    assert os.getpgid(child) == pgid
+    started = time.monotonic()
+    killswitch.engage(fleet.services.engine, fleet.services.redis, scope="stubborn", reason="ignores SIGTERM",
+                      actor="test", hard=False, now=fleet.services.now()).confirm()
+    try:
+        wait_for(lambda: not group_alive(pgid), grace + 5, "every process of the agent's group to be gone")
+        gone = time.monotonic() - started
+        print(f"\nSIGTERM-ignoring agent and child gone {gone * 1000:.0f} ms after the kill (grace {grace} s)")
+        assert not pid_alive(agent) and not pid_alive(child)
+        assert grace <= gone < grace + 1.5  # it outlived SIGTERM, not the grace; margin for a loaded machine
+        run = wait_status(fleet, result.run_id, {"killed"}, timeout=10)
+        assert run.status == RunStatus.KILLED
+    finally:
+        killswitch.release(fleet.services.engine, fleet.services.redis, scope="stubborn", actor="test",
+                           now=fleet.services.now())
 
 
 @pytest.fixture(name="private_fleet")

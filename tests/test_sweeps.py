@@ -5,36 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
 from sqlmodel import select
 
 import beat_schedule
 from fleet import db, sweeps
-from fleet.config import Settings, load_fleet_config
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus
 from fleet.schedule import parse_schedule
-from fleet.services import Services, build
-from tests.harness import AGENTS
-
-
-@pytest.fixture
-def services(tmp_path: Path, redis_url: str, redis: object, database_url: str) -> Iterator[Services]:
-    config = tmp_path / "fleet.toml"
-    config.write_text(AGENTS.replace("{tmp}", str(tmp_path)))
-    (tmp_path / "keys").mkdir(mode=0o700)
-    for name in ("secret.key", "secret.token"):
-        (tmp_path / "keys" / name).write_text("x" * 16)
-        (tmp_path / "keys" / name).chmod(0o600)
-    settings = Settings(config=config, redis_url=redis_url, database_url=database_url, log_dir=tmp_path / "logs")
-    svc = build(settings, load_fleet_config(config))
-    db.upgrade(svc.engine)
-    yield svc
-    svc.close()
+from fleet.services import Services
 
 
 def finished_run(svc: Services, agent: str, key: str, *, days_ago: float,

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis as redis_lib
 
-from fleet import keys, killswitch, watchdog
+from fleet import db, keys, killswitch, ticks, watchdog
 from fleet.keys import GLOBAL
-from tests.harness import Fleet, wait_for
+from fleet.models import WatchdogVerdict
+from fleet.services import Services
+from tests.harness import AGENTS, Fleet, wait_for
 from tests.sentry_server import SentryServer
 from tests.test_dispatch import send, wait_status
 
@@ -30,8 +35,37 @@ def consumption(verdict: dict[str, Any]) -> dict[str, str]:
     return {c["name"]: c["status"] for c in verdict["checks"] if c["name"].startswith("consumption:")}
 
 
+@pytest.fixture
+def services_agents() -> str:
+    """The `services` fixture's fleet.toml here: the test agents and two scheduled ones."""
+    return AGENTS + """
+[agents.minutely]
+command = ["true"]
+schedule = "every 60s"
+
+[agents.quarterly]
+command = ["true"]
+schedule = "*/15 * * * *"
+"""
+
+
+def only(services: Services, agent: str) -> Services:
+    """The same clients with a fleet.toml of one agent."""
+    config = dataclasses.replace(services.config, agents={agent: services.config.agents[agent]})
+    return dataclasses.replace(services, config=config)
+
+
+def store_verdict(services: Services, status: str) -> None:
+    """A verdict as an earlier watchdog pass leaves it."""
+    with db.session(services.engine) as session:
+        session.add(WatchdogVerdict(at=services.now(), status=status, host="earlier-pass", checks="[]"))
+        session.commit()
+
+
 def test_stopped_workers_turn_the_watchdog_red_and_alert(fleet: Fleet, sentry: SentryServer) -> None:
+    """The red path after a green pass (the transition that alerts): exit 1, the alert, the red verdict stored."""
     env = {"FLEET_SENTRY_DSN": sentry.dsn()}
+    store_verdict(fleet.services, watchdog.GREEN)
     for worker in fleet.workers:
         os.killpg(worker.pid, signal.SIGSTOP)  # alive, but consuming nothing
     try:
@@ -41,6 +75,9 @@ def test_stopped_workers_turn_the_watchdog_red_and_alert(fleet: Fleet, sentry: S
         assert verdict["status"] == "red" and set(consumption(verdict).values()) == {"red"}
         sentry.wait_for(lambda: [e for e in sentry.events() if e.get("tags", {}).get("alert") == "watchdog_red"],
                         15, "the watchdog_red alert to reach Sentry")
+        with db.session(fleet.services.engine) as session:
+            stored = watchdog.latest(session)
+            assert stored is not None and stored.status == watchdog.RED
     finally:
         for worker in fleet.workers:
             os.killpg(worker.pid, signal.SIGCONT)
@@ -76,3 +113,39 @@ def test_watchdog_heals_an_orphaned_lease_and_a_lost_kill_flag(fleet: Fleet) -> 
     finally:
         killswitch.release(services.engine, services.redis, scope="exit3", actor="test", now=services.now())
     assert not fleet.redis.get(keys.kill(GLOBAL))
+
+
+# ---------------------------------------------------------------- freshness and beat liveness (no workers)
+
+
+def test_a_canary_that_came_back_long_ago_is_not_back(redis: redis_lib.Redis) -> None:
+    now = datetime.now(UTC)
+    for age, status in ((timedelta(minutes=19), watchdog.RED), (timedelta(seconds=50), watchdog.GREEN)):
+        stamp = (now - age).isoformat()
+        redis.set(keys.canary_sent("agents"), stamp)
+        redis.set(keys.canary("agents"), stamp)
+        check = watchdog.canary_check(redis, "agents", now, watchdog.CANARY_DEADLINE_S)
+        assert check.status == status, check
+
+
+def test_a_fleet_whose_scheduled_agents_are_all_paused_is_not_beat_silent(services: Services) -> None:
+    start = datetime(2026, 12, 1, 12, 0, 1, tzinfo=UTC)
+    svc = only(services, "minutely")
+    svc.redis.set(keys.last_tick(), start.isoformat())  # its last tick before it paused itself
+    svc.redis.set(keys.paused("minutely"), "fleet_done: converged")
+    for minute in range(1, 10):  # beat goes on ticking it every minute
+        tick_at = start + timedelta(minutes=minute)
+        result = ticks.tick(dataclasses.replace(svc, now=lambda at=tick_at: at), "minutely", lambda *_: None)
+        assert result.status == "skipped"
+    check = watchdog.beat_check(svc, start + timedelta(minutes=9, seconds=30))
+    assert check.status == watchdog.GREEN, check
+
+
+def test_beat_is_silent_only_once_a_due_slot_is_late(services: Services) -> None:
+    svc = only(services, "quarterly")  # */15: quiet for 15 minutes between ticks
+    svc.redis.set(keys.last_tick(), "2026-12-01T12:00:02+00:00")
+    at = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert watchdog.beat_check(svc, at + timedelta(minutes=10)).status == watchdog.GREEN
+    assert watchdog.beat_check(svc, at + timedelta(minutes=17, seconds=30)).status == watchdog.GREEN  # 150 s late
+    late = watchdog.beat_check(svc, at + timedelta(minutes=18, seconds=30))
+    assert late.status == watchdog.RED and "12:15:00" in late.reason, late

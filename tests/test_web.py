@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet import db, keys, store
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.metrics import build_families
-from fleet.models import Run
+from fleet.models import Run, WatchdogVerdict
 from fleet.web import authorized, canary_verdict, is_loopback, render_page
 from tests.conftest import IN_CI
 from tests.harness import ROOT, Fleet, wait_for
@@ -317,6 +317,9 @@ def test_open_on_loopback_without_token_and_canary_freshness(tmp_path: Path, red
 @pytest.mark.slow
 def test_probes_need_no_auth(fleet: Fleet, web: WebProc) -> None:
     fleet.wait_consuming()  # a fresh canary through each queue
+    with db.session(fleet.services.engine) as session:  # a healthy fleet has a verdict to report
+        session.add(WatchdogVerdict(at=datetime.now(UTC), status="green", host="test", checks="[]"))
+        session.commit()
     assert get(f"{web.base}/livez").text == "ok"
     readyz = get(f"{web.base}/readyz")
     assert readyz.status_code == 200, readyz.text
@@ -327,6 +330,9 @@ def test_probes_need_no_auth(fleet: Fleet, web: WebProc) -> None:
     assert body["version"] and body["status"] == "ok"
     assert body["components"]["redis"] == body["components"]["database"] == "ok"
     assert body["components"]["canary"]["status"] == "ok"
+    watchdog_part = body["components"]["watchdog"]
+    assert set(watchdog_part) == {"status", "age_s"}, watchdog_part  # the newest verdict, not an error
+    assert watchdog_part["status"] in ("green", "amber", "red")
     assert "echo" not in health.text  # no agent names without the token
     missing = get(f"{web.base}/no/such/page")
     assert missing.status_code == 404 and missing.headers["X-Content-Type-Options"] == "nosniff"

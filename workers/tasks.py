@@ -54,10 +54,11 @@ def kill(self: Task, agent: str | None = None, reason: str | None = None, hard: 
     scope = agent or GLOBAL
     if agent is not None:
         svc.config.agent(agent)
-    killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=_actor(self), hard=hard,
-                      now=svc.now())
+    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=_actor(self), hard=hard,
+                                now=svc.now())
     revoked = control.hard_stop(svc, agent) if hard else 0
-    return {"scope": scope, "engaged": True, "reason": reason, "hard": hard, "revoked": revoked}
+    return {"scope": scope, "engaged": True, "reason": reason, "hard": hard, "revoked": revoked,
+            "in_redis": engaged.in_redis, "mirrored": engaged.mirrored, "problem": engaged.problem}
 
 
 @app.task(name="fleet.resume", bind=True)
