@@ -24,6 +24,7 @@ from celery import Celery
 from fleet import keys
 from fleet.config import Settings, load_fleet_config
 from fleet.services import Services, build
+from fleet.supervisor import SECRET_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -157,10 +158,40 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def processes_holding(needle: str) -> list[tuple[int, str]]:
+    """Every live process whose start environment or command line contains `needle`: (pid, "environ" or
+    "cmdline"). Reads all of /proc, as root can (a process that is gone meanwhile is skipped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        for part in ("environ", "cmdline"):
+            try:
+                if needle.encode() in (entry / part).read_bytes():
+                    found.append((int(entry.name), part))
+            except OSError:
+                continue
+    return found
+
+
+# A reader with the same uid as the fleet (the tests run as root) but without CAP_SYS_PTRACE, as an
+# agent of the same uid would be: the kernel lets it read a process's environ only if that is dumpable.
+CAPLESS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--"]
+
+
+def capless_can_read(path: str) -> bool:
+    """Whether a same-uid process without capabilities can read `path`."""
+    return subprocess.run([*CAPLESS, "cat", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          timeout=30).returncode == 0
+
+
 class Fleet:
     """One test fleet: config, database, Redis database, workers."""
 
-    def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS) -> None:
+    def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS,
+                 secrets_as_files: bool = False, sentry_dsn: str | None = None) -> None:
+        """`secrets_as_files`: the Redis URL, database URL and Sentry DSN reach every process it starts
+        as FLEET_*_FILE (0600 files in a 0700 folder), never in an environment."""
         self.tmp, self.redis_url, self.database_url = tmp, redis_url, database_url
         self.config_path = tmp / "fleet.toml"
         self.log_dir = tmp / "logs"
@@ -170,10 +201,22 @@ class Fleet:
         for name, secret in (("secret.key", SECRET_KEY), ("secret.token", SECRET_TOKEN)):
             (keys_dir / name).write_text(secret + "\n")
             (keys_dir / name).chmod(0o600)
-        self.env = {**os.environ, "FLEET_CONFIG": str(self.config_path), "FLEET_REDIS_URL": redis_url,
-                    "FLEET_DATABASE_URL": database_url, "FLEET_LOG_DIR": str(self.log_dir),
+        secrets = {"FLEET_REDIS_URL": redis_url, "FLEET_DATABASE_URL": database_url}
+        if sentry_dsn is not None:
+            secrets["FLEET_SENTRY_DSN"] = sentry_dsn
+        inherited = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        self.env = {**inherited, "FLEET_CONFIG": str(self.config_path), "FLEET_LOG_DIR": str(self.log_dir),
                     "PYTHONPATH": str(ROOT)}
-        self.env.pop("FLEET_SENTRY_DSN", None)
+        if secrets_as_files:
+            folder = tmp / "secrets"
+            folder.mkdir(mode=0o700)
+            for name, value in secrets.items():
+                path = folder / name.lower()
+                path.write_text(value + "\n")
+                path.chmod(0o600)
+                self.env[f"{name}_FILE"] = str(path)
+        else:
+            self.env.update(secrets)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.celery = Celery("fleet-test", broker=redis_url, backend=redis_url)
         self.celery.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
