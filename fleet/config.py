@@ -97,18 +97,26 @@ class Settings(BaseSettings):
 def read_secret_file(variable: str, path: Path) -> str:
     """The stripped content of a FLEET_*_FILE; ValueError (a configuration error) when unusable."""
     try:
-        value = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ValueError(f"{variable}: {path} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"{variable}: {path} is a folder, not a file") from None
-    except OSError as exc:
-        raise ValueError(f"{variable}: cannot read {path} ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{variable}: {path} is not UTF-8 text") from None
+        value = read_text(path).strip()
+    except ValueError as exc:
+        raise ValueError(f"{variable}: {exc}") from None
     if not value:
         raise ValueError(f"{variable}: {path} is empty")
     return value
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; ValueError saying why it cannot be read (never what it holds)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror})") from None
 
 
 def load_settings() -> Settings:
