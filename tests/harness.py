@@ -174,24 +174,40 @@ def processes_holding(needle: str) -> list[tuple[int, str]]:
     return found
 
 
-# A reader with the same uid as the fleet (the tests run as root) but without CAP_SYS_PTRACE, as an
-# agent of the same uid would be: the kernel lets it read a process's environ only if that is dumpable.
+# Root without any capability: a process of the same uid as another started this way, and like it
+# without CAP_SYS_PTRACE, which is an agent's position beside a worker of its own uid. The kernel then
+# lets one read the other's /proc/PID/environ only if the target is dumpable. (Both must be capless:
+# a capless reader is refused a target that holds capabilities it lacks, dumpable or not.)
 CAPLESS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--"]
 
 
 def capless_can_read(path: str) -> bool:
-    """Whether a same-uid process without capabilities can read `path`."""
+    """Whether a capless root process can read `path`."""
     return subprocess.run([*CAPLESS, "cat", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           timeout=30).returncode == 0
+
+
+def assert_capless_reader_reads_a_dumpable_peer() -> None:
+    """The control for `capless_can_read`: it does read a dumpable capless process's environ."""
+    peer = subprocess.Popen([*CAPLESS, "sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: Path(f"/proc/{peer.pid}/cmdline").read_bytes().startswith(b"sleep"), 10, "the peer")
+        assert capless_can_read(f"/proc/{peer.pid}/environ"), "the capless reader cannot read even a dumpable peer"
+    finally:
+        peer.kill()
+        peer.wait()
 
 
 class Fleet:
     """One test fleet: config, database, Redis database, workers."""
 
     def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS,
-                 secrets_as_files: bool = False, sentry_dsn: str | None = None) -> None:
+                 secrets_as_files: bool = False, sentry_dsn: str | None = None,
+                 worker_prefix: tuple[str, ...] = ()) -> None:
         """`secrets_as_files`: the Redis URL, database URL and Sentry DSN reach every process it starts
-        as FLEET_*_FILE (0600 files in a 0700 folder), never in an environment."""
+        as FLEET_*_FILE (0600 files in a 0700 folder), never in an environment. `worker_prefix`: argv
+        that execs the worker (e.g. CAPLESS)."""
+        self.worker_prefix = list(worker_prefix)
         self.tmp, self.redis_url, self.database_url = tmp, redis_url, database_url
         self.config_path = tmp / "fleet.toml"
         self.log_dir = tmp / "logs"
@@ -239,8 +255,8 @@ class Fleet:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}@%h"
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115 - lives with the worker
         proc = subprocess.Popen(
-            [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", str(concurrency), "-O", "fair",
-             "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"],
+            [*self.worker_prefix, PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
+             "-c", str(concurrency), "-O", "fair", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"],
             env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         self.workers.append(proc)

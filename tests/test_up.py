@@ -22,7 +22,13 @@ from celery import Celery
 
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.supervisor import absolute_database_url, mask_redis_url
-from tests.harness import capless_can_read, processes_holding, wait_for
+from tests.harness import (
+    CAPLESS,
+    assert_capless_reader_reads_a_dumpable_peer,
+    capless_can_read,
+    processes_holding,
+    wait_for,
+)
 
 READY_WITHIN_S = 20.0
 STOP_WITHIN_S = 30.0  # the worker's warm-shutdown grace is 15 s; an idle one stops in ~1-2 s
@@ -92,7 +98,7 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
     """Start `fleet up` in tmp_path; whatever happens, nothing it started outlives the test."""
     runs: list[UpRun] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> UpRun:
+    def start(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> UpRun:
         (tmp_path / "fleet.toml").write_text("[fleet]\ndaily_cap_usd = 1.0\n")
         run_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLOWER_"))}
         marker = uuid.uuid4().hex
@@ -108,7 +114,7 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
         })
         out, err = tmp_path / f"up-{len(runs)}.out", tmp_path / f"up-{len(runs)}.err"
         with out.open("wb") as out_file, err.open("wb") as err_file:
-            process = subprocess.Popen([sys.executable, "-m", "fleet", "up", *args], cwd=tmp_path, env=run_env,
+            process = subprocess.Popen([*prefix, sys.executable, "-m", "fleet", "up", *args], cwd=tmp_path, env=run_env,
                                        stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file,
                                        start_new_session=True)
         run = UpRun(process, out, err, marker, web_port, flower_port, time.monotonic())
@@ -197,10 +203,12 @@ def child_environ(run: UpRun, name: str) -> str:
 
 def assert_no_secret_in_children(run: UpRun, *secrets: str) -> None:
     """No child's start environment or argv holds a secret (the supervisor's own does: it was given
-    them), and neither fleet up nor its fleet children can be read by a same-uid process."""
+    them), and neither fleet up nor its fleet children can be read by a same-uid process (fleet up
+    must run under CAPLESS for that: see tests/harness.py)."""
     for secret in secrets:
         holders = [(pid, part) for pid, part in processes_holding(secret) if pid != run.process.pid]
         assert not holders, f"{secret!r} is readable in {holders}"
+    assert_capless_reader_reads_a_dumpable_peer()
     assert not capless_can_read(f"/proc/{run.process.pid}/environ"), "fleet up is dumpable"
     for name in ("worker", "web", "flower"):
         match = run.line(rf"^fleet up: {name}: .*\[pid (\d+)\]")
@@ -233,7 +241,7 @@ def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig:
 @needs_proc
 def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_property: Any) -> None:
     """--embedded: a private server even though one answers on 6379; Flower gets a generated password."""
-    run = start_up("--embedded", "--workers", "1")
+    run = start_up("--embedded", "--workers", "1", prefix=tuple(CAPLESS))
     ready_s, wall_s = wait_ready(run)
     broker = broker_url_of(run)
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", broker) and ":6379/" not in broker
@@ -267,7 +275,7 @@ def test_up_real_redis(start_up: Callable[..., UpRun], tmp_path: Path, redis: re
     dsn = f"http://sentrykey{uuid.uuid4().hex}@127.0.0.1:{free_port()}/1"  # nothing listens: events are dropped
     token = f"web-token-{uuid.uuid4().hex}"
     run = start_up("--workers", "1", env={"FLEET_REDIS_URL": redis_url, "FLEET_FLOWER_AUTH": "ops:s3cret-pw",
-                                          "FLEET_SENTRY_DSN": dsn, "FLEET_WEB_TOKEN": token})
+                                          "FLEET_SENTRY_DSN": dsn, "FLEET_WEB_TOKEN": token}, prefix=tuple(CAPLESS))
     ready_s, wall_s = wait_ready(run)
     assert broker_url_of(run) == redis_url
     assert "EMBEDDED" not in run.stdout()
