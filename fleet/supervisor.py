@@ -230,7 +230,7 @@ def _flower_child(settings: Settings, celery: list[str], env: dict[str, str], se
     """Flower, always behind basic auth (PITFALLS #12), generated when FLEET_FLOWER_AUTH is unset."""
     if settings.flower_auth:
         auth = settings.flower_auth
-        note = "password from FLEET_FLOWER_AUTH"
+        note = "password from FLEET_FLOWER_AUTH(_FILE)"
     else:
         password = secrets.token_urlsafe(18)
         auth = f"{FLOWER_USER}:{password}"
@@ -246,7 +246,7 @@ def _flower_child(settings: Settings, celery: list[str], env: dict[str, str], se
 def _web_child(settings: Settings, python: str, env: dict[str, str], secrets_dir: Path) -> Child:
     """The web page, always behind a token: FLEET_WEB_TOKEN, or one generated here and printed."""
     if settings.web_token:
-        token, note = settings.web_token, "token from FLEET_WEB_TOKEN"
+        token, note = settings.web_token, "token from FLEET_WEB_TOKEN(_FILE)"
     else:
         token = secrets.token_urlsafe(24)
         note = (f"token {token} (generated for this run; set FLEET_WEB_TOKEN_FILE or FLEET_WEB_TOKEN to choose; "
