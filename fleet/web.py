@@ -515,7 +515,7 @@ def make_app(services: Services, *, token: str | None = None, started: float | N
 
 
 def is_loopback(host: str) -> bool:
-    """Whether binding to `host` keeps the web on this machine."""
+    """Whether `host` (an address, bracketed or not, or `localhost`) is this machine's loopback."""
     if host.strip().lower() == "localhost":
         return True
     try:

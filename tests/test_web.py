@@ -195,7 +195,7 @@ UNIT_TOKEN = "unit-test-token-0123456789"  # parameters must be the same in ever
 ])
 def test_authorized(header: str, query: str | None, ok: bool) -> None:
     assert authorized(UNIT_TOKEN, header, query) is ok
-    assert authorized(None, header, query) is True  # no token configured: open (loopback only)
+    assert authorized(None, header, query) is True  # make_app without a token is open: `fleet web` never is
 
 
 @pytest.mark.parametrize(("host", "loopback"), [
