@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ import typer
 
 from fleet import db, dlq, store
 from fleet.cli import JsonOpt, app, emit_json, err, out, services, table
-from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch, parse_payload
+from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch, payload_argument
 from fleet.errors import ExitCode, NotFoundError
 from fleet.executor import run_log_path
 from fleet.models import TERMINAL, DeadLetter, Run, RunStatus
@@ -56,7 +57,8 @@ def run_exit_code(run: Run) -> int:
 def dispatch_command(
     agent: Annotated[str, typer.Argument(help="The agent's name in fleet.toml.")],
     key: Annotated[str | None, typer.Option("--key", "-k", help="Work key: the same key never runs twice.")] = None,
-    payload: Annotated[str | None, typer.Option(help="JSON given to the agent as FLEET_PAYLOAD.")] = None,
+    payload: Annotated[str | None, typer.Option(help="JSON given to the agent as FLEET_PAYLOAD; @FILE reads it "
+                                                "from a file, - from stdin (neither shows in `ps`).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would fire and every gate; write "
                                           "nothing.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end; exit with its code.")] = False,
@@ -67,7 +69,7 @@ def dispatch_command(
     Example: fleet dispatch digest --key 2026-11-21 --payload '{"topic": "news"}' --wait
     """
     svc = services()
-    request = DispatchRequest(agent, key, parse_payload(payload), dry_run, actor=actor())
+    request = DispatchRequest(agent, key, payload_argument(payload, sys.stdin), dry_run, actor=actor())
     result = dispatch(svc, request, (lambda *_: None) if dry_run else celery_sender())
     report_dispatch(result, as_json)
     if wait and result.run_id and not dry_run:

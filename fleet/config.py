@@ -13,11 +13,11 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.errors import ConfigError
 from fleet.schedule import Schedule, parse_schedule
@@ -30,26 +30,61 @@ RESERVED_ENV = frozenset({"FLEET_RUN_ID", "FLEET_AGENT", "FLEET_WORK_KEY", "FLEE
                           "FLEET_PREV_RUN_ID", "FLEET_AGENT_KEY", "PATH", "HOME", "LANG"})
 
 
+# Settings that may instead be read from a file named by FLEET_<NAME>_FILE (the convention of
+# container secrets): the file's content, stripped, is the value. Giving both is an error.
+FILE_SETTINGS = ("redis_url", "database_url", "sentry_dsn", "flower_auth", "web_token")
+
+
 class Settings(BaseSettings):
     """Process settings from FLEET_* environment variables (DESIGN.md, "Settings")."""
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
 
     config: Path = Path("fleet.toml")
-    redis_url: str | None = None  # None: the default URL, or the embedded server under `fleet up`
-    database_url: str = "sqlite:///./fleet.db"
+    # The secrets are left out of repr(): a settings object in a traceback or a log must not show them.
+    redis_url: str | None = Field(default=None, repr=False)  # None: the default URL, or the embedded server
+    database_url: str = Field(default="sqlite:///./fleet.db", repr=False)
     log_dir: Path = Path("logs")
-    sentry_dsn: str | None = None
+    sentry_dsn: str | None = Field(default=None, repr=False)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8700, ge=0, le=65535)
+    # Host names the web answers to besides loopback and web_host (DNS rebinding: see fleet/web.py).
+    web_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     flower_port: int = Field(default=5555, ge=0, le=65535)
-    flower_auth: str | None = None
-    web_token: str | None = None
+    flower_auth: str | None = Field(default=None, repr=False)
+    web_token: str | None = Field(default=None, repr=False)
+    redis_url_file: Path | None = None
+    database_url_file: Path | None = None
+    sentry_dsn_file: Path | None = None
+    flower_auth_file: Path | None = None
+    web_token_file: Path | None = None
 
     @property
     def broker_url(self) -> str:
         """The Redis URL every component uses."""
         return self.redis_url or DEFAULT_REDIS_URL
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in FILE_SETTINGS:
+            path = data.get(f"{name}_file")
+            if path in (None, ""):
+                continue
+            if data.get(name) not in (None, ""):  # an empty variable (compose's `${X:-}`) counts as unset
+                raise ValueError(f"FLEET_{name.upper()} and FLEET_{name.upper()}_FILE are both set: give one")
+            data[name] = read_secret_file(f"FLEET_{name.upper()}_FILE", Path(path))
+        return data
+
+    @field_validator("web_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
 
     @field_validator("flower_auth")
     @classmethod
@@ -59,13 +94,47 @@ class Settings(BaseSettings):
         return value
 
 
+def read_secret_file(variable: str, path: Path) -> str:
+    """The stripped content of a FLEET_*_FILE; ValueError (a configuration error) when unusable."""
+    try:
+        value = read_text(path).strip()
+    except ValueError as exc:
+        raise ValueError(f"{variable}: {exc}") from None
+    if not value:
+        raise ValueError(f"{variable}: {path} is empty")
+    return value
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; ValueError saying why it cannot be read (never what it holds)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror})") from None
+
+
 def load_settings() -> Settings:
     """Read the settings once; an invalid variable is a configuration error (exit 78)."""
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"FLEET_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid settings: {problems}") from None
+        raise ConfigError(f"invalid settings: {describe_settings_error(exc)}") from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per problem, named by variable; never the value (it may be a secret)."""
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        where = "_".join(map(str, error["loc"])).upper()
+        problems.append(f"FLEET_{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def _finite_non_negative(value: float | None) -> float | None:

@@ -18,7 +18,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import redis
 from sqlalchemy import delete, update
@@ -28,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
 from fleet import alerts, db, killswitch, ledger, store
-from fleet.config import AgentSpec
+from fleet.config import AgentSpec, read_text
 from fleet.errors import BadInputError, UnavailableError
 from fleet.ledger import Caps
 from fleet.locks import Lease
@@ -114,6 +115,23 @@ def parse_payload(text: str | None) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInputError(f"payload is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def payload_argument(value: str | None, stdin: IO[str]) -> Any:
+    """`--payload`: JSON text, `@FILE` (read from the file) or `-` (read from stdin); 65 when unusable.
+
+    The file and stdin forms keep the payload out of the command line, which every user of the
+    machine can read (`ps`, /proc/PID/cmdline). JSON never starts with `@` and `-` alone is not JSON,
+    so the forms cannot be mistaken for each other.
+    """
+    if value == "-":
+        return parse_payload(stdin.read())
+    if value is not None and value.startswith("@"):
+        try:
+            return parse_payload(read_text(Path(value[1:])))
+        except ValueError as exc:
+            raise BadInputError(f"payload: {exc}") from None
+    return parse_payload(value)
 
 
 # ---------------------------------------------------------------- the orchestrator

@@ -8,7 +8,10 @@ Secrets never reach the output: URLs are shown with their passwords masked.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from fleet import db
-from fleet.config import Settings, load_fleet_config
+from fleet.config import FleetConfig, Settings, load_fleet_config
 from fleet.errors import ConfigError, ExitCode, UnavailableError
 from fleet.services import redis_client
 
@@ -99,6 +102,19 @@ def _check_config(settings: Settings) -> Iterator[Finding]:
         yield _ok("config", f"{settings.config}: {len(config.agents)} agent(s): {names}")
     else:
         yield _warn("config", f"{settings.config} is valid but defines no agents: add an [agents.NAME] table")
+    yield from _check_run_as(config, os.geteuid() if hasattr(os, "geteuid") else None)
+
+
+def _check_run_as(config: FleetConfig, euid: int | None) -> Iterator[Finding]:
+    """Agents that would run as root: each could read every key file and the fleet's own secrets."""
+    if euid != 0:
+        return
+    default = getattr(config.fleet, "run_as", None)  # the run_as keys are read only where they exist
+    as_root = sorted(name for name, agent in config.agents.items() if not (getattr(agent, "run_as", None) or default))
+    if as_root:
+        yield _warn("run_as", f"AGENTS RUN AS ROOT: this user is root and {', '.join(as_root)} set no run_as, so "
+                    "they would run as root, able to read every agent's key file and the fleet's own secrets; "
+                    'set run_as = "USER" in [fleet] (or per agent) to run them as an unprivileged user')
 
 
 def _check_redis(settings: Settings) -> Iterator[Finding]:
@@ -113,6 +129,7 @@ def _check_redis(settings: Settings) -> Iterator[Finding]:
     try:
         client.ping()
         yield _ok("redis", f"{shown} answers")
+        yield from _open_redis(url)
         yield _eviction_policy(client)
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
         yield _fail("redis", f"{shown} refused us ({_first_line(exc)}): check the user and password in "
@@ -132,13 +149,37 @@ def _how_to_start_redis(settings: Settings) -> str:
     return f"start Redis there: `redis-server --port {port}`, {embedded}"
 
 
+def _open_redis(url: str) -> Iterator[Finding]:
+    """It answered without credentials: on an address others can reach, anyone there can lift the kill
+    switch, raise caps, read payloads in the queues or flush everything."""
+    parts = urlsplit(url)
+    if parts.password or parts.username or parts.scheme == "unix" or not parts.hostname:
+        return
+    exposed = [address for address in _addresses(parts.hostname, parts.port or 6379) if not address.is_loopback]
+    if exposed:
+        yield _warn("redis", f"{mask_url(url)} answers WITHOUT A PASSWORD on a non-loopback address "
+                    f"({', '.join(sorted(map(str, exposed)))}): anyone who can reach it can lift the kill switch, "
+                    "change caps or flush the queues; require a password (an ACL user, as compose/ sets up) and "
+                    "put the URL with it in FLEET_REDIS_URL_FILE")
+
+
+def _addresses(host: str, port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses `host` stands for (nothing when it does not resolve: the ping would have failed)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return set()
+    return {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+
+
 def _eviction_policy(client: redis.Redis) -> Finding:
     """Eviction would silently drop queued tasks, leases and kill flags (PITFALLS.md #14)."""
     fix = "set `maxmemory-policy noeviction` in redis.conf (or: redis-cli CONFIG SET maxmemory-policy noeviction)"
     try:
         policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-    except redis.ResponseError as exc:  # CONFIG renamed away, or forbidden to this ACL user
-        return _warn("redis", f"cannot read maxmemory-policy ({_first_line(exc)}); make sure it is noeviction")
+    except redis.ResponseError as exc:  # CONFIG renamed away, or forbidden to this ACL user (compose's)
+        return _warn("redis", f"cannot read maxmemory-policy ({_first_line(exc)}); make sure it is noeviction "
+                     "(compose/ starts Redis with it)")
     if policy == "noeviction":
         return _ok("redis", "maxmemory-policy is noeviction")
     return _warn("redis", f"maxmemory-policy is {policy or 'not reported'}: under memory pressure Redis may "

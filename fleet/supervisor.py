@@ -3,6 +3,12 @@
 Every child runs in its own session and process group: a Ctrl-C at the terminal reaches only this
 supervisor, which then stops the children in order (worker drains first, embedded broker last) and
 sweeps each process group, so nothing is left behind.
+
+No secret is in a child's start environment or argv (both outlive any later change: /proc/PID/environ
+and `ps`): the Redis URL, database URL, Sentry DSN and web token are handed over as FLEET_*_FILE
+paths to 0600 files in a 0700 folder of this run (in memory where /dev/shm exists, removed on exit),
+and Flower's basic auth as a 0600 `--conf` file. The web token and Flower's password are generated
+for this run and printed here when not configured.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
 
-from fleet import db
-from fleet.config import DEFAULT_REDIS_URL, Settings, load_fleet_config
+from fleet import db, hardening
+from fleet.config import DEFAULT_REDIS_URL, FILE_SETTINGS, Settings, load_fleet_config
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.errors import ConfigError, UnavailableError
 
@@ -41,6 +47,8 @@ OTHER_GRACE_S = 5.0
 PROBE_DEADLINE_S = 120.0
 POLL_S = 0.2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Our own variables that carry a secret, or name a file that does: never inherited by a child as they are.
+SECRET_ENV = frozenset(f"FLEET_{name.upper()}{suffix}" for name in FILE_SETTINGS for suffix in ("", "_FILE"))
 
 # Runs in its own interpreter so that fleet/ never imports Celery: pings one worker node until it answers.
 _PING_PROBE = """\
@@ -106,6 +114,8 @@ def say(message: str) -> None:
 def run_up(settings: Settings, options: UpOptions) -> int:
     """Run a whole single-host fleet in the foreground; the exit code (0 after a clean stop)."""
     started = time.monotonic()
+    # The operator's FLEET_* secrets are in our own start environment: keep same-uid agents out of it.
+    hardening.make_undumpable()
     _check_ports(settings, options)
     load_fleet_config(settings.config)  # a bad fleet.toml is refused (78) before anything starts
     signals = _Signals()
@@ -113,7 +123,8 @@ def run_up(settings: Settings, options: UpOptions) -> int:
         _migrate(settings.database_url)
         redis_url = _choose_redis(settings, options, stack)
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-up-")))
-        children = _plan(settings, options, redis_url, workdir)
+        secrets_dir = stack.enter_context(hardening.private_folder("fleet-up-secrets-"))
+        children = _plan(settings, options, redis_url, workdir, secrets_dir)
         if signals.stop:
             return 0
         return _supervise(settings, options, children, signals, started)
@@ -192,9 +203,9 @@ def _stop_embedded(server: EmbeddedRedis) -> None:
 # ---------------------------------------------------------------- what to start
 
 
-def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path) -> list[Child]:
+def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path, secrets_dir: Path) -> list[Child]:
     """The children to start, in start order."""
-    env = child_env(settings, redis_url)
+    env = child_env(settings, redis_url, secrets_dir)
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "workers.app"]
     node = worker_node()
@@ -209,36 +220,48 @@ def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path)
                                        str(workdir / "celerybeat-schedule"), "--pidfile="], env,
                               "schedule state in a temporary folder"))
     if options.flower:
-        children.append(_flower_child(settings, celery, env))
+        children.append(_flower_child(settings, celery, env, secrets_dir))
     if options.web:
-        children.append(Child("web", [python, "-m", "fleet", "web"], env,
-                              f"{web_url(settings)} (/livez, /readyz)"))
+        children.append(_web_child(settings, python, env, secrets_dir))
     return children
 
 
-def _flower_child(settings: Settings, celery: list[str], env: dict[str, str]) -> Child:
+def _flower_child(settings: Settings, celery: list[str], env: dict[str, str], secrets_dir: Path) -> Child:
     """Flower, always behind basic auth (PITFALLS #12), generated when FLEET_FLOWER_AUTH is unset."""
     if settings.flower_auth:
         auth = settings.flower_auth
-        note = "password from FLEET_FLOWER_AUTH"
+        note = "password from FLEET_FLOWER_AUTH(_FILE)"
     else:
         password = secrets.token_urlsafe(18)
         auth = f"{FLOWER_USER}:{password}"
         note = f"password {password} (generated for this run; set FLEET_FLOWER_AUTH=user:password to choose)"
     where = f"http://{FLOWER_HOST}:{settings.flower_port} user {auth.split(':', 1)[0]}, {note}"
-    # Through the environment rather than --basic-auth, so the password is not in `ps` output.
-    flower_env = {**env, "FLOWER_BASIC_AUTH": auth}
-    return Child("flower", [*celery, "flower", f"--address={FLOWER_HOST}",
-                            f"--port={settings.flower_port}"], flower_env, where)
+    # A conf file (Python, read by Flower at start): neither argv (`ps`) nor Flower's start environment
+    # holds the password. A list, so a comma in the password is not taken for a second user.
+    conf = hardening.write_private(secrets_dir, "flowerconfig.py", f"basic_auth = [{auth!r}]\n")
+    return Child("flower", [*celery, "flower", f"--address={FLOWER_HOST}", f"--port={settings.flower_port}",
+                            f"--conf={conf}"], env, where)
 
 
-def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
-    """The children's environment: ours, with every location made explicit and absolute."""
+def _web_child(settings: Settings, python: str, env: dict[str, str], secrets_dir: Path) -> Child:
+    """The web page, always behind a token: FLEET_WEB_TOKEN, or one generated here and printed."""
+    if settings.web_token:
+        token, note = settings.web_token, "token from FLEET_WEB_TOKEN(_FILE)"
+    else:
+        token = secrets.token_urlsafe(24)
+        note = (f"token {token} (generated for this run; set FLEET_WEB_TOKEN_FILE or FLEET_WEB_TOKEN to choose; "
+                "open /?token=TOKEN, or send it as a bearer token or basic-auth password)")
+    web_env = {**env, "FLEET_WEB_TOKEN_FILE": str(hardening.write_private(secrets_dir, "web_token", token))}
+    return Child("web", [python, "-m", "fleet", "web"], web_env, f"{web_url(settings)} (/livez, /readyz), {note}")
+
+
+def child_env(settings: Settings, redis_url: str, secrets_dir: Path) -> dict[str, str]:
+    """The children's environment: ours, with every location made explicit and absolute, and every
+    secret replaced by a FLEET_*_FILE path to a private file in `secrets_dir`."""
     # FLOWER_* variables configure Flower behind our back (FLOWER_UNAUTHENTICATED_API would open it).
-    env = {name: value for name, value in os.environ.items() if not name.startswith("FLOWER_")}
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("FLOWER_") and name not in SECRET_ENV}
     env.update({
-        "FLEET_REDIS_URL": redis_url,
-        "FLEET_DATABASE_URL": absolute_database_url(settings.database_url),
         "FLEET_CONFIG": str(settings.config.resolve()),
         "FLEET_LOG_DIR": str(settings.log_dir.resolve()),
         "FLEET_WEB_HOST": settings.web_host,
@@ -246,6 +269,11 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
         "FLEET_FLOWER_PORT": str(settings.flower_port),
         "PYTHONUNBUFFERED": "1",  # log lines reach the terminal as they happen
     })
+    shared = {"redis_url": redis_url, "database_url": absolute_database_url(settings.database_url),
+              "sentry_dsn": settings.sentry_dsn}
+    for name, value in shared.items():
+        if value:
+            env[f"FLEET_{name.upper()}_FILE"] = str(hardening.write_private(secrets_dir, name, value))
     return env
 
 

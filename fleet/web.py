@@ -5,13 +5,23 @@ the start time) through `initialize`. Blocking work (Redis, the database, files)
 one slow request cannot stall the event loop that answers /livez.
 
 Decisions:
-- Auth: `FLEET_WEB_TOKEN`, given as `Authorization: Bearer TOKEN`, as `?token=TOKEN`, or as the
-  password of HTTP basic auth (any user name; a browser prompts for it). /livez, /readyz and /health
-  never need it (probes; they name no agent and no amount). /metrics needs it too when a token is
-  set, although Prometheus endpoints are usually open: these metrics name agents and their spend.
+- Auth: `FLEET_WEB_TOKEN` (or `FLEET_WEB_TOKEN_FILE`), given as `Authorization: Bearer TOKEN`, as
+  `?token=TOKEN`, or as the password of HTTP basic auth (any user name; a browser prompts for it).
+  /livez, /readyz and /health never need it (probes; they name no agent and no amount). /metrics
+  does, although Prometheus endpoints are usually open: these metrics name agents and their spend.
   Scrape with `authorization: {credentials: TOKEN}` (bearer) in the Prometheus job.
-- No token: allowed on a loopback address only, with a warning line at start; on any other address
-  `fleet web` refuses to start (ConfigError, exit 78).
+- No token: `fleet web` refuses to start (ConfigError, exit 78), on loopback too: every local user,
+  and any web page a local browser opens, could read an open page. It does not make one up itself:
+  a generated token would be printed into the service's log and change on every restart. `fleet up`
+  (interactive, like Flower's password) generates one and prints it on the terminal.
+- Host header (DNS rebinding: a hostile page whose name resolves to 127.0.0.1 is same-origin with
+  the fleet's page in the victim's browser): only loopback literals (127.0.0.1, ::1, localhost, any
+  port), FLEET_WEB_HOST and the names in FLEET_WEB_ALLOWED_HOSTS are answered; any other gets 400 on
+  every route but /livez and /readyz. Those two are exempt because orchestrators probe by address
+  (a Kubernetes probe sends the pod IP as Host) and they tell only "ok" or which component is down.
+  /health is checked: it is read by people and monitors, which can use a configured name, and it
+  shows the host name, version and error text. /metrics too: Prometheus sends the target as you
+  configured it, so add that name (or address) to FLEET_WEB_ALLOWED_HOSTS.
 - /readyz: Redis and the database answer, and a watchdog canary came back through each queue within
   CANARY_FRESH_S. Where no canary ever came back (a new Redis, or no watchdog ran yet) it is ready
   for the first CANARY_FRESH_S of this web process's life, the time a running beat needs to send and
@@ -48,7 +58,7 @@ import tornado.template
 import tornado.web
 from prometheus_client.exposition import choose_encoder
 
-from fleet import __version__, alerts, db, keys, logs, metrics, watchdog
+from fleet import __version__, alerts, db, hardening, keys, logs, metrics, watchdog
 from fleet.errors import ConfigError, FleetError, UnavailableError
 from fleet.executor import run_log_path
 from fleet.services import Services, check_redis
@@ -75,22 +85,30 @@ _SECURITY_HEADERS = {
 
 @dataclass(frozen=True)
 class Web:
-    """What every handler needs: the process's Services, the token (None: open) and when it started."""
+    """What every handler needs: the process's Services, the token (None: open), when it started and
+    the Host names it answers to."""
 
     services: Services
     token: str | None
     started: float  # time.monotonic() at start
+    allowed_hosts: frozenset[str] = frozenset()
 
 
 class BaseHandler(tornado.web.RequestHandler):
-    """Gives every handler the Web context, safe headers and a JSON writer."""
+    """Gives every handler the Web context, the Host check, safe headers and a JSON writer."""
 
     web: Web
     services: Services
+    any_host = False  # the probes answer whatever Host they are sent
 
     def initialize(self, web: Web) -> None:
         """Called by tornado with the route's keyword arguments."""
         self.web, self.services = web, web.services
+
+    def prepare(self) -> None:
+        """Refuse a Host header this web is not known by (DNS rebinding), before anything else."""
+        if not self.any_host and not host_allowed(self.request.headers.get("Host"), self.web.allowed_hosts):
+            self.write_text(400, "400: unknown Host header (add the name to FLEET_WEB_ALLOWED_HOSTS)\n")
 
     def set_default_headers(self) -> None:
         """No sniffing, no framing, no referrer, no caching, no scripts."""
@@ -126,6 +144,9 @@ class AuthHandler(BaseHandler):
 
     def prepare(self) -> None:
         """Refuse with 401 unless the token was given."""
+        super().prepare()
+        if self._finished:
+            return
         if not authorized(self.web.token, self.request.headers.get("Authorization", ""),
                           self.get_query_argument("token", None)):
             self.set_header("WWW-Authenticate", 'Basic realm="fleet", charset="UTF-8"')
@@ -159,6 +180,8 @@ def authorized(token: str | None, authorization: str, query_token: str | None) -
 class LivezHandler(BaseHandler):
     """200 while the process runs: no dependency checks, so a Redis outage never restarts the web."""
 
+    any_host = True
+
     def get(self) -> None:
         """Answer 'ok'."""
         self.write_text(200, "ok")
@@ -166,6 +189,8 @@ class LivezHandler(BaseHandler):
 
 class ReadyzHandler(BaseHandler):
     """200 when Redis and the database answer and the canaries are fresh; 503 naming what is not."""
+
+    any_host = True
 
     async def get(self) -> None:
         """Run the checks concurrently and report."""
@@ -446,7 +471,9 @@ class NotFoundHandler(BaseHandler):
 
     def prepare(self) -> None:
         """Answer every method."""
-        self.write_text(404, "404: not found\n")
+        super().prepare()
+        if not self._finished:
+            self.write_text(404, "404: not found\n")
 
 
 ROUTES: list[tuple[str, type[BaseHandler]]] = [
@@ -471,7 +498,9 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 def make_app(services: Services, *, token: str | None = None, started: float | None = None) -> tornado.web.Application:
     """The tornado application with every route bound to `services` (and `token`: None leaves it open)."""
-    web = Web(services, token, time.monotonic() if started is None else started)
+    settings = services.settings
+    web = Web(services, token, time.monotonic() if started is None else started,
+              allowed_hosts(settings.web_host, settings.web_allowed_hosts))
     return tornado.web.Application(
         [(pattern, handler, {"web": web}) for pattern, handler in ROUTES],
         log_function=_log_request,
@@ -485,7 +514,7 @@ def make_app(services: Services, *, token: str | None = None, started: float | N
 
 
 def is_loopback(host: str) -> bool:
-    """Whether binding to `host` keeps the web on this machine."""
+    """Whether `host` (an address, bracketed or not, or `localhost`) is this machine's loopback."""
     if host.strip().lower() == "localhost":
         return True
     try:
@@ -494,22 +523,51 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def web_token(services: Services) -> str | None:
-    """The token, or None when unset; refuses (exit 78) to serve without one beyond loopback."""
-    token = (services.settings.web_token or "").strip() or None
-    host = services.settings.web_host
-    if token is None and not is_loopback(host):
-        raise ConfigError(f"FLEET_WEB_HOST={host} is not a loopback address and FLEET_WEB_TOKEN is not set: "
-                          "refusing to serve the fleet's state without auth (set FLEET_WEB_TOKEN, or bind to "
-                          "127.0.0.1)")
-    if token is None:
-        log.warning("web: FLEET_WEB_TOKEN is not set; the page, /api/state, /metrics and run logs are open "
-                    f"to every user of this machine ({host} is loopback). Set FLEET_WEB_TOKEN to require it.")
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})  # a bound wildcard names no host a browser could send
+
+
+def allowed_hosts(web_host: str, configured: list[str]) -> frozenset[str]:
+    """The Host names (lowercase, no port, no brackets) answered besides loopback literals."""
+    names = {_normal_host(_strip_port(name.strip())) for name in configured}
+    if web_host.strip().lower() not in _WILDCARDS:
+        names.add(_normal_host(web_host))
+    return frozenset(name for name in names if name)
+
+
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a request's Host header names this web: a loopback literal or an allowed name."""
+    if header is None:
+        return True  # HTTP/1.0 without Host: no browser sends that, so no rebinding page can
+    host = _normal_host(_strip_port(header.strip()))
+    return host in allowed or is_loopback(host)
+
+
+def _strip_port(value: str) -> str:
+    if value.startswith("["):  # [::1]:8700
+        end = value.find("]")
+        return value[: end + 1] if end > 0 else value
+    host, colon, port = value.rpartition(":")
+    return host if colon and port.isdigit() and ":" not in host else value
+
+
+def _normal_host(value: str) -> str:
+    # A trailing dot is the same DNS name; brackets only wrap an IPv6 literal.
+    return value.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+
+
+def web_token(services: Services) -> str:
+    """The token; refuses (exit 78) to serve without one."""
+    token = (services.settings.web_token or "").strip()
+    if not token:
+        raise ConfigError("FLEET_WEB_TOKEN is not set: refusing to serve the fleet's state without auth, on "
+                          "loopback too. Set FLEET_WEB_TOKEN_FILE to a 0600 file holding a token (e.g. "
+                          "`openssl rand -hex 32`) or FLEET_WEB_TOKEN; `fleet up` generates one and prints it")
     return token
 
 
 def serve(services: Services) -> None:
     """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly."""
+    hardening.make_undumpable()  # the token and URLs in this process stay out of same-uid agents' reach
     alerts.init_sentry(services.settings, "web")
     try:
         token = web_token(services)
@@ -518,14 +576,14 @@ def serve(services: Services) -> None:
         services.close()
 
 
-async def _serve(services: Services, token: str | None) -> None:
+async def _serve(services: Services, token: str) -> None:
     host, port = services.settings.web_host, services.settings.web_port
     server = _listen(make_app(services, token=token), host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("web listening", url=f"http://{host}:{port}", auth="token" if token else "none (loopback)",
+    log.info("web listening", url=f"http://{host}:{port}", allowed_hosts=sorted(services.settings.web_allowed_hosts),
              started_at=datetime.now(UTC).isoformat())
     await stop.wait()
     log.info("web stopping")

@@ -25,6 +25,7 @@ from fleet import keys
 from fleet.config import Settings, load_fleet_config
 from fleet.models import Run
 from fleet.services import Services, build
+from fleet.supervisor import SECRET_ENV
 from workers import broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,13 +175,59 @@ def executor_of(agent_pid: int) -> int:
     return parent_of(launcher)
 
 
+def processes_holding(needle: str) -> list[tuple[int, str]]:
+    """Every live process whose start environment or command line contains `needle`: (pid, "environ" or
+    "cmdline"). Reads all of /proc, as root can (a process that is gone meanwhile is skipped)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        for part in ("environ", "cmdline"):
+            try:
+                if needle.encode() in (entry / part).read_bytes():
+                    found.append((int(entry.name), part))
+            except OSError:
+                continue
+    return found
+
+
+# Root without any capability: a process of the same uid as another started this way, and like it
+# without CAP_SYS_PTRACE, which is an agent's position beside a worker of its own uid. The kernel then
+# lets one read the other's /proc/PID/environ only if the target is dumpable. (Both must be capless:
+# a capless reader is refused a target that holds capabilities it lacks, dumpable or not.)
+CAPLESS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all", "--"]
+
+
+def capless_can_read(path: str) -> bool:
+    """Whether a capless root process can read `path`."""
+    return subprocess.run([*CAPLESS, "cat", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          timeout=30).returncode == 0
+
+
+def assert_capless_reader_reads_a_dumpable_peer() -> None:
+    """The control for `capless_can_read`: it does read a dumpable capless process's environ."""
+    peer = subprocess.Popen([*CAPLESS, "sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: Path(f"/proc/{peer.pid}/cmdline").read_bytes().startswith(b"sleep"), 10, "the peer")
+        assert capless_can_read(f"/proc/{peer.pid}/environ"), "the capless reader cannot read even a dumpable peer"
+    finally:
+        peer.kill()
+        peer.wait()
+
+
 class Fleet:
     """One test fleet: config, database, Redis database, workers."""
 
     def __init__(self, tmp: Path, redis_url: str, database_url: str, agents: str = AGENTS, *,
-                 direct_redis_url: str | None = None, direct_database_url: str | None = None) -> None:
-        # The fleet's processes use redis_url and database_url (perhaps through a fault proxy);
-        # the test's own clients use the direct URLs, so a fault never blinds the assertions.
+                 direct_redis_url: str | None = None, direct_database_url: str | None = None,
+                 secrets_as_files: bool = False, sentry_dsn: str | None = None,
+                 worker_prefix: tuple[str, ...] = ()) -> None:
+        """`secrets_as_files`: the Redis URL, database URL and Sentry DSN reach every process it starts
+        as FLEET_*_FILE (0600 files in a 0700 folder), never in an environment. `worker_prefix`: argv
+        that execs the worker (e.g. CAPLESS). The fleet's processes use redis_url and database_url
+        (perhaps through a fault proxy); the test's own clients use the direct URLs, so a fault never
+        blinds the assertions."""
+        self.worker_prefix = list(worker_prefix)
         self.tmp, self.redis_url, self.database_url = tmp, redis_url, database_url
         self.direct_redis_url = direct_redis_url or redis_url
         self.direct_database_url = direct_database_url or database_url
@@ -192,10 +239,22 @@ class Fleet:
         for name, secret in (("secret.key", SECRET_KEY), ("secret.token", SECRET_TOKEN)):
             (keys_dir / name).write_text(secret + "\n")
             (keys_dir / name).chmod(0o600)
-        self.env = {**os.environ, "FLEET_CONFIG": str(self.config_path), "FLEET_REDIS_URL": redis_url,
-                    "FLEET_DATABASE_URL": database_url, "FLEET_LOG_DIR": str(self.log_dir),
+        secrets = {"FLEET_REDIS_URL": redis_url, "FLEET_DATABASE_URL": database_url}
+        if sentry_dsn is not None:
+            secrets["FLEET_SENTRY_DSN"] = sentry_dsn
+        inherited = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        self.env = {**inherited, "FLEET_CONFIG": str(self.config_path), "FLEET_LOG_DIR": str(self.log_dir),
                     "PYTHONPATH": str(ROOT)}
-        self.env.pop("FLEET_SENTRY_DSN", None)
+        if secrets_as_files:
+            folder = tmp / "secrets"
+            folder.mkdir(mode=0o700)
+            for name, value in secrets.items():
+                path = folder / name.lower()
+                path.write_text(value + "\n")
+                path.chmod(0o600)
+                self.env[f"{name}_FILE"] = str(path)
+        else:
+            self.env.update(secrets)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.celery = Celery("fleet-test", broker=self.direct_redis_url, backend=self.direct_redis_url)
         self.celery.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
@@ -218,8 +277,8 @@ class Fleet:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}@%h"
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115 - lives with the worker
         proc = subprocess.Popen(
-            [PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-c", str(concurrency), "-O", "fair",
-             "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"],
+            [*self.worker_prefix, PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
+             "-c", str(concurrency), "-O", "fair", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"],
             env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         self.workers.append(proc)

@@ -10,15 +10,18 @@ import json
 import os
 import re
 import subprocess
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_lib
 
 from fleet.config import Settings
+from fleet.embedded import free_port
 from tests.conftest import IN_CI
-from tests.harness import ROOT
+from tests.harness import PY, ROOT, Fleet, processes_holding, wait_for
 
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
@@ -109,7 +112,7 @@ def test_no_secret_literal_in_compose_file_or_dockerfile() -> None:
         match = re.match(r"\s*([A-Z][A-Z0-9_]*):\s*(\S.*)$", line)
         if match and SECRET_NAME.search(match.group(1)):
             assert match.group(2).startswith("${"), f"literal value for {match.group(1)}: {line.strip()}"
-    assert "requirepass \"$$REDIS_PASSWORD\"" in texts["docker-compose.yml"]
+    assert "requirepass" not in texts["docker-compose.yml"]  # a password in redis-server's argv shows in `ps`
     # The image holds no secret: no ENV/ARG with a secret name, no copy of keys/, .env or a database.
     for line in texts["Dockerfile"].splitlines():
         if line.startswith(("ENV", "ARG")):
@@ -140,10 +143,14 @@ def test_services_resolve_as_designed() -> None:
         environment = service.get("environment") or {}
         assert ("FLEET_WEB_TOKEN" in environment) == (name == "web"), name
         assert ("FLOWER_BASIC_AUTH" in environment) == (name == "flower"), name
-    # Redis: a broker that never evicts and keeps its data, behind a password.
+    # Redis: a broker that never evicts and keeps its data; one ACL user, the default one off.
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd
-    assert '--requirepass "$$REDIS_PASSWORD"' in redis_cmd and '--save ""' not in redis_cmd
+    assert "--aclfile" in redis_cmd and '--save ""' not in redis_cmd
+    assert "user default off" in redis_cmd and "-@dangerous" in redis_cmd
+    assert "--user fleet" in " ".join(services["redis"]["healthcheck"]["test"])
+    for name in ("migrate", "worker-dispatch", "worker-agents", "beat", "flower", "web"):
+        assert services[name]["environment"]["FLEET_REDIS_URL"].startswith("redis://fleet:"), name
     # Queues: one worker service per queue, scalable (no fixed container name, no host port).
     for name, queue in (("worker-dispatch", "dispatch"), ("worker-agents", "agents")):
         command = services[name]["command"]
@@ -160,7 +167,7 @@ def test_services_resolve_as_designed() -> None:
         assert conditions == {"redis": "service_healthy", "postgres": "service_healthy",
                               "migrate": "service_completed_successfully"}, name
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
-    assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
+    assert "redis-cli --user fleet ping" in " ".join(services["redis"]["healthcheck"]["test"])
 
 
 def test_env_example_documents_every_setting() -> None:
@@ -169,3 +176,76 @@ def test_env_example_documents_every_setting() -> None:
         assert f"FLEET_{field.upper()}" in text, f"FLEET_{field.upper()} is not documented in compose/.env.example"
     for name in re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE_FILE.read_text()):
         assert name in text, f"{name} is used by docker-compose.yml but not documented in compose/.env.example"
+
+
+# ---------------------------------------------------------------- the Redis ACL, on a real server
+
+# What the ACL user must still be able to do was measured with MONITOR on a fleet at work (worker,
+# beat, Flower, web, every CLI command): BRPOP, LPUSH, LLEN, MULTI/EXEC, EVALSHA/SCRIPT LOAD|EXISTS,
+# GET/SET/SETEX/MGET/DEL/EXISTS/INCR/PEXPIRE/TIME, hashes, sets, sorted sets, PUBLISH/(P)SUBSCRIBE,
+# HELLO and PING. None is in @dangerous; these are, and must be refused:
+DENIED = (("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "SET", "save", ""),
+          ("DEBUG", "SLEEP", "0"), ("KEYS", "*"), ("ACL", "LIST"), ("SHUTDOWN",), ("CLIENT", "KILL", "ID", "1"),
+          ("SWAPDB", "0", "1"), ("MIGRATE", "h", "1", "k", "0", "1"), ("REPLICAOF", "NO", "ONE"), ("INFO",))
+
+
+def compose_redis_script(tmp_path: Path, port: int) -> str:
+    """The redis service's own shell script, pointed at `tmp_path` and `port` instead of the container's paths."""
+    script = resolved()["services"]["redis"]["command"][2].replace("$$", "$")
+    for container, here in (("/tmp/users.acl", str(tmp_path / "users.acl")), ("--dir /data", f"--dir {tmp_path}"),
+                            ("--appendonly yes", "--appendonly no")):
+        assert container in script, container
+        script = script.replace(container, here)
+    return script + f" --port {port} --bind 127.0.0.1"
+
+
+@pytest.mark.slow
+def test_the_compose_redis_acl_runs_a_fleet_and_refuses_dangerous_commands(tmp_path: Path) -> None:
+    """The compose script itself, run here: the fleet user runs a worker, dispatches, kill/resume, the
+    watchdog and doctor; the default user is off; @dangerous commands are refused; the password is
+    in no argv and no environ."""
+    password = f"acl-{uuid.uuid4().hex}"
+    port = free_port()
+    server = subprocess.Popen(["sh", "-c", compose_redis_script(tmp_path, port)],
+                              env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": password},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    fleet_client = redis_lib.Redis(port=port, username="fleet", password=password, socket_connect_timeout=1)
+    home = tmp_path / "fleet"
+    home.mkdir()
+    harness = Fleet(home, f"redis://fleet:{password}@127.0.0.1:{port}/0", f"sqlite:///{tmp_path / 'fleet.db'}")
+    try:
+        wait_for(lambda: _pings(fleet_client), 15, "the compose Redis to answer the fleet user")
+        assert password not in (tmp_path / "users.acl").read_text()  # only its SHA-256
+        assert processes_holding(password) == []
+        with pytest.raises(redis_lib.AuthenticationError):  # the default user is off
+            redis_lib.Redis(port=port).ping()
+        for command in DENIED:  # DEBUG is also off in redis-server itself (enable-debug-command no)
+            with pytest.raises(redis_lib.ResponseError, match=r"no permissions|DEBUG command not allowed"):
+                fleet_client.execute_command(*command)
+        # The fleet at work on it (a fresh server: nothing to flush, which the ACL would refuse).
+        harness.cli("db", "upgrade", check=True)
+        harness.start_worker(concurrency=2)
+        harness.wait_consuming()
+        done = harness.cli("dispatch", "echo", "--key", "acl-1", "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        for args in (("kill", "--reason", "acl test"), ("resume",), ("status",), ("watchdog", "--wait", "20")):
+            result = harness.cli(*args)
+            assert result.returncode == 0, (args, result.stdout + result.stderr)
+        ping = subprocess.run([PY, "-m", "celery", "-A", "workers.app", "inspect", "ping", "--timeout", "5"],
+                              env=harness.env, cwd=home, capture_output=True, text=True, timeout=60)
+        assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+        doctor = harness.cli("doctor")
+        assert doctor.returncode == 0, doctor.stdout
+        assert "cannot read maxmemory-policy" in doctor.stdout and password not in doctor.stdout
+    finally:
+        harness.stop()
+        fleet_client.close()
+        os.killpg(server.pid, 9)
+        server.wait(10)
+
+
+def _pings(client: redis_lib.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis_lib.RedisError:
+        return False

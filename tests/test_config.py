@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -333,3 +334,62 @@ def test_doctor_in_process_prints_the_config_error(fleet_dir: Path, closed_port:
     code = run_doctor(settings, Console(file=buffer, width=200))
     assert code == ExitCode.CONFIG
     assert f"FAIL  config    invalid configuration, nothing loaded:\n  {path}:1: agent 'a:b'" in buffer.getvalue()
+
+
+# ---------------------------------------------------------------- secrets from files (FLEET_*_FILE)
+
+
+@pytest.mark.parametrize("name", ["redis_url", "database_url", "sentry_dsn", "flower_auth", "web_token"])
+def test_a_secret_setting_can_come_from_a_file(clean_env: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    """The container-secrets convention: the file's content, stripped, is the value."""
+    value = {"redis_url": "redis://:hunter2secret@db:6379/0", "flower_auth": "ops:hunter2secret"}.get(
+        name, "hunter2secret")
+    secret = tmp_path / "secret"
+    secret.write_text(f"  {value}\n\n")
+    clean_env.setenv(f"FLEET_{name.upper()}_FILE", str(secret))
+    loaded = load_settings()
+    assert getattr(loaded, name) == value
+    assert "hunter2" not in repr(loaded) and "hunter2" not in str(loaded)  # secrets stay out of reprs
+
+
+def test_a_value_and_its_file_together_are_a_config_error(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("redis://:hunter2secret@db:6379/0")
+    clean_env.setenv("FLEET_REDIS_URL_FILE", str(secret))
+    clean_env.setenv("FLEET_REDIS_URL", "redis://:other-hunter2@db:6379/0")
+    with pytest.raises(ConfigError, match="FLEET_REDIS_URL and FLEET_REDIS_URL_FILE are both set") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+    clean_env.setenv("FLEET_REDIS_URL", "")  # compose's `${X:-}`: an empty variable is unset
+    assert load_settings().redis_url == "redis://:hunter2secret@db:6379/0"
+
+
+@pytest.mark.parametrize(("setup", "why"), [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: p.write_text(" \n"), "is empty"),
+    (lambda p: p.write_bytes(b"\xff\xfehunter2"), "is not UTF-8"),
+])
+def test_an_unusable_secret_file_is_a_config_error(clean_env: pytest.MonkeyPatch, tmp_path: Path,
+                                                   setup: Any, why: str) -> None:
+    path = tmp_path / "dsn"
+    setup(path)
+    clean_env.setenv("FLEET_SENTRY_DSN_FILE", str(path))
+    with pytest.raises(ConfigError, match=f"FLEET_SENTRY_DSN_FILE: {path} {why}") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_bad_flower_auth_file_is_refused_like_the_variable(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "auth"
+    path.write_text("adminhunter2secret\n")
+    clean_env.setenv("FLEET_FLOWER_AUTH_FILE", str(path))
+    with pytest.raises(ConfigError, match="FLEET_FLOWER_AUTH must be user:password") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_web_allowed_hosts_are_comma_separated(clean_env: pytest.MonkeyPatch) -> None:
+    assert load_settings().web_allowed_hosts == []
+    clean_env.setenv("FLEET_WEB_ALLOWED_HOSTS", " Fleet.Example.org, ops.example.org:8700 ,,")
+    assert load_settings().web_allowed_hosts == ["fleet.example.org", "ops.example.org:8700"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from fleet import db, keys, store
-from fleet.dispatch import DispatchRequest, dispatch
+from fleet.dispatch import DispatchRequest, dispatch, payload_argument
+from fleet.errors import BadInputError
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus, SpendDay
 from tests.harness import SECRET_KEY, SECRET_TOKEN, Fleet, pid_alive, wait_for
 
@@ -248,3 +250,32 @@ def test_nul_in_work_key_is_refused(fleet: Fleet) -> None:
     with pytest.raises(BadInputError):
         send(fleet, "echo", "a\x00b")
     assert counts(fleet) == before
+
+
+# ---------------------------------------------------------------- --payload: JSON, @FILE, - (stdin)
+
+
+def test_payload_argument_reads_json_a_file_or_stdin(tmp_path: Path) -> None:
+    """The file and stdin forms keep a payload out of the command line (`ps`)."""
+    path = tmp_path / "payload.json"
+    path.write_text('{"topic": "news", "n": 2}\n')
+    unused = io.StringIO("never read")
+    assert payload_argument(None, unused) is None
+    assert payload_argument('{"topic": "news"}', unused) == {"topic": "news"}
+    assert payload_argument(f"@{path}", unused) == {"topic": "news", "n": 2}
+    assert payload_argument("-", io.StringIO('["a", 1]')) == ["a", 1]
+    assert unused.read() == "never read"
+
+
+@pytest.mark.parametrize(("value", "stdin", "message"), [
+    ("@{tmp}/absent.json", "", "payload: {tmp}/absent.json does not exist"),
+    ("@{tmp}", "", "payload: {tmp} is a folder"),
+    ("@{tmp}/bad.json", "", "payload is not valid JSON"),
+    ("-", "not json", "payload is not valid JSON"),
+    ("-", "", "payload is not valid JSON"),
+    ("@", "", "payload: . is a folder"),
+])
+def test_an_unusable_payload_argument_is_bad_input(tmp_path: Path, value: str, stdin: str, message: str) -> None:
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(BadInputError, match=message.format(tmp=tmp_path).replace(".", r"\.")):
+        payload_argument(value.format(tmp=tmp_path), io.StringIO(stdin))

@@ -14,8 +14,8 @@ from rich.console import Console
 from sqlalchemy import text
 
 from fleet import db
-from fleet.config import Settings
-from fleet.doctor import mask_url, run_doctor
+from fleet.config import Settings, load_fleet_config
+from fleet.doctor import _check_run_as, mask_url, run_doctor
 from fleet.errors import ExitCode
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -280,7 +280,8 @@ def test_noeviction_passes(good: Settings, private_redis: Callable[..., int]) ->
     code, lines = doctor(good, redis_url=f"redis://127.0.0.1:{port}/0")
     assert code == ExitCode.OK
     line(lines, "ok", "redis", "maxmemory-policy is noeviction")
-    assert not [entry for entry in lines if entry.startswith("warn")]
+    # No warning (on loopback, no password is fine); as root, the one about run_as is expected.
+    assert not [entry for entry in lines if entry.startswith("warn") and not entry.startswith("warn  run_as")]
 
 
 def test_server_that_forbids_config_gets_a_warning(good: Settings, private_redis: Callable[..., int]) -> None:
@@ -316,3 +317,50 @@ def test_right_password_passes_and_is_not_printed(good: Settings, private_redis:
     assert code == ExitCode.OK
     line(lines, "ok", "redis", f"redis://:***@127.0.0.1:{port}/0 answers")
     assert "right-password" not in "\n".join(lines)
+
+
+# ---------------------------------------------------------------- exposure
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.123", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("password", [None, "right-password"], ids=["open", "password"])
+def test_redis_without_a_password_beyond_loopback_warns(good: Settings, private_redis: Callable[..., int],
+                                                        password: str | None) -> None:
+    """Anyone who reaches an open Redis can lift the kill switch: say so (a warning, exit 0)."""
+    address = outward_address()
+    if address is None:
+        pytest.skip("no non-loopback address on this machine")
+    port = private_redis("--bind", "127.0.0.1", address, "--protected-mode", "no",
+                         *(("--requirepass", password) if password else ()))
+    credentials = f":{password}@" if password else ""
+    for host in (address, "127.0.0.1"):
+        code, lines = doctor(good, redis_url=f"redis://{credentials}{host}:{port}/0")
+        assert code == ExitCode.OK
+        line(lines, "ok", "redis", "answers")
+        warned = [entry for entry in lines if "WITHOUT A PASSWORD" in entry]
+        assert bool(warned) == (password is None and host == address), (host, lines)
+        if warned:
+            assert warned[0].startswith("warn  redis") and address in warned[0] and "FLEET_REDIS_URL_FILE" in warned[0]
+
+
+def test_agents_running_as_root_are_a_loud_warning(good: Settings) -> None:
+    """Root with no run_as: every agent could read every key file; a warning naming them, exit 0."""
+    config = load_fleet_config(good.config)
+    assert list(_check_run_as(config, 1000)) == []
+    [finding] = _check_run_as(config, 0)
+    assert finding.status.value == "warn" and "AGENTS RUN AS ROOT" in finding.detail and "echo" in finding.detail
+    assert "run_as" in finding.detail
+    if os.geteuid() == 0:  # through the whole doctor, as the tests usually run
+        code, lines = doctor(good)
+        assert code == ExitCode.OK
+        line(lines, "warn", "run_as", "AGENTS RUN AS ROOT", "echo")

@@ -22,7 +22,13 @@ from celery import Celery
 
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.supervisor import absolute_database_url, mask_redis_url
-from tests.harness import wait_for
+from tests.harness import (
+    CAPLESS,
+    assert_capless_reader_reads_a_dumpable_peer,
+    capless_can_read,
+    processes_holding,
+    wait_for,
+)
 
 READY_WITHIN_S = 20.0
 STOP_WITHIN_S = 30.0  # the worker's warm-shutdown grace is 15 s; an idle one stops in ~1-2 s
@@ -92,7 +98,7 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
     """Start `fleet up` in tmp_path; whatever happens, nothing it started outlives the test."""
     runs: list[UpRun] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> UpRun:
+    def start(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> UpRun:
         (tmp_path / "fleet.toml").write_text("[fleet]\ndaily_cap_usd = 1.0\n")
         run_env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLOWER_"))}
         marker = uuid.uuid4().hex
@@ -108,7 +114,7 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
         })
         out, err = tmp_path / f"up-{len(runs)}.out", tmp_path / f"up-{len(runs)}.err"
         with out.open("wb") as out_file, err.open("wb") as err_file:
-            process = subprocess.Popen([sys.executable, "-m", "fleet", "up", *args], cwd=tmp_path, env=run_env,
+            process = subprocess.Popen([*prefix, sys.executable, "-m", "fleet", "up", *args], cwd=tmp_path, env=run_env,
                                        stdin=subprocess.DEVNULL, stdout=out_file, stderr=err_file,
                                        start_new_session=True)
         run = UpRun(process, out, err, marker, web_port, flower_port, time.monotonic())
@@ -181,6 +187,35 @@ def assert_web_probes(run: UpRun) -> None:
     assert readyz.json()["status"] == "ok"
 
 
+def assert_web_needs_the_token(run: UpRun, token: str) -> None:
+    """The page is behind the token fleet up printed (or was given)."""
+    base = f"http://127.0.0.1:{run.web_port}"
+    assert local_get(f"{base}/api/state", timeout=10).status_code == 401
+    assert local_get(f"{base}/api/state", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+
+
+def child_environ(run: UpRun, name: str) -> str:
+    """A child's start environment, as root reads it."""
+    web = run.line(rf"^fleet up: {name}: .*\[pid (\d+)\]")
+    assert web is not None
+    return Path(f"/proc/{web.group(1)}/environ").read_bytes().decode(errors="replace")
+
+
+def assert_no_secret_in_children(run: UpRun, *secrets: str) -> None:
+    """No child's start environment or argv holds a secret (the supervisor's own does: it was given
+    them), and neither fleet up nor its fleet children can be read by a same-uid process (fleet up
+    must run under CAPLESS for that: see tests/harness.py)."""
+    for secret in secrets:
+        holders = [(pid, part) for pid, part in processes_holding(secret) if pid != run.process.pid]
+        assert not holders, f"{secret!r} is readable in {holders}"
+    assert_capless_reader_reads_a_dumpable_peer()
+    assert not capless_can_read(f"/proc/{run.process.pid}/environ"), "fleet up is dumpable"
+    for name in ("worker", "web", "flower"):
+        match = run.line(rf"^fleet up: {name}: .*\[pid (\d+)\]")
+        if match is not None:
+            assert not capless_can_read(f"/proc/{match.group(1)}/environ"), f"{name} is dumpable"
+
+
 def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig: int = signal.SIGINT) -> float:
     """Signal fleet up (if `sig`), wait for its exit code, and check nothing it started survives."""
     began = time.monotonic()
@@ -206,17 +241,26 @@ def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig:
 @needs_proc
 def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_property: Any) -> None:
     """--embedded: a private server even though one answers on 6379; Flower gets a generated password."""
-    run = start_up("--embedded", "--workers", "1")
+    run = start_up("--embedded", "--workers", "1", prefix=tuple(CAPLESS))
     ready_s, wall_s = wait_ready(run)
     broker = broker_url_of(run)
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", broker) and ":6379/" not in broker
     assert "EMBEDDED" in run.stdout()
     password = run.line(r"flower: .* user fleet, password (\S+) \(generated")
     assert password is not None
+    token = run.line(r"web: .* token (\S+) \(generated")
+    assert token is not None
     assert_web_probes(run)
     assert_worker_consumes_both_queues(broker)
     assert_flower_requires_auth(run, "fleet", password.group(1))
+    assert_web_needs_the_token(run, token.group(1))
+    assert_no_secret_in_children(run, password.group(1), token.group(1))
+    secrets_file = re.search(r"FLEET_WEB_TOKEN_FILE=([^\0]+)", child_environ(run, "web"))
+    assert secrets_file is not None
+    secrets_dir = Path(secrets_file.group(1)).parent
+    assert (secrets_dir.stat().st_mode & 0o777, Path(secrets_file.group(1)).stat().st_mode & 0o777) == (0o700, 0o600)
     stop_s = stop_and_assert_clean(run, tmp_path)
+    assert not secrets_dir.exists(), "the secrets folder outlived fleet up"
     assert not redis_answers(broker, timeout=0.5), "the embedded server outlived fleet up"
     record_property("ready_s", ready_s)
     record_property("stop_s", round(stop_s, 1))
@@ -227,15 +271,21 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
 @needs_proc
 def test_up_real_redis(start_up: Callable[..., UpRun], tmp_path: Path, redis: redis_lib.Redis,
                        redis_url: str, record_property: Any) -> None:
-    """FLEET_REDIS_URL given: no embedded server; Flower uses FLEET_FLOWER_AUTH."""
-    run = start_up("--workers", "1", env={"FLEET_REDIS_URL": redis_url, "FLEET_FLOWER_AUTH": "ops:s3cret-pw"})
+    """FLEET_REDIS_URL given: no embedded server; Flower uses FLEET_FLOWER_AUTH, the web FLEET_WEB_TOKEN."""
+    dsn = f"http://sentrykey{uuid.uuid4().hex}@127.0.0.1:{free_port()}/1"  # nothing listens: events are dropped
+    token = f"web-token-{uuid.uuid4().hex}"
+    run = start_up("--workers", "1", env={"FLEET_REDIS_URL": redis_url, "FLEET_FLOWER_AUTH": "ops:s3cret-pw",
+                                          "FLEET_SENTRY_DSN": dsn, "FLEET_WEB_TOKEN": token}, prefix=tuple(CAPLESS))
     ready_s, wall_s = wait_ready(run)
     assert broker_url_of(run) == redis_url
     assert "EMBEDDED" not in run.stdout()
-    assert "s3cret-pw" not in run.stdout(), "a configured Flower password must not be printed"
+    for secret in ("s3cret-pw", token, dsn):
+        assert secret not in run.stdout(), "a configured secret must not be printed"
     assert_web_probes(run)
     assert_worker_consumes_both_queues(redis_url)
     assert_flower_requires_auth(run, "ops", "s3cret-pw")
+    assert_web_needs_the_token(run, token)
+    assert_no_secret_in_children(run, "s3cret-pw", token, dsn)
     stop_s = stop_and_assert_clean(run, tmp_path, sig=signal.SIGTERM)
     record_property("ready_s", ready_s)
     record_property("stop_s", round(stop_s, 1))
@@ -329,7 +379,7 @@ def test_web_readyz_names_what_is_down_and_stops_on_sigterm(tmp_path: Path) -> N
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_PORT": str(port),
-                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}", "FLEET_WEB_TOKEN": "t" * 32,
                 "FLEET_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})  # nothing listens there
     web = subprocess.Popen([sys.executable, "-m", "fleet", "web"], env=env, stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

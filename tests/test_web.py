@@ -30,11 +30,12 @@ from fleet import db, keys, store
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.metrics import build_families
 from fleet.models import Run, WatchdogVerdict
-from fleet.web import authorized, canary_verdict, is_loopback, render_page
+from fleet.web import allowed_hosts, authorized, canary_verdict, host_allowed, is_loopback, render_page
 from tests.conftest import IN_CI
 from tests.harness import ROOT, Fleet, wait_for
 
 TOKEN = f"web-test-{uuid.uuid4().hex}"
+ALLOWED = "fleet.example.test"  # FLEET_WEB_ALLOWED_HOSTS of the session's web
 ARTIFACTS = ROOT / "test-artifacts"
 NOW = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
 HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)> & \'quoted\''
@@ -115,8 +116,8 @@ def stop_web(web: WebProc) -> None:
 
 @pytest.fixture(scope="session")
 def web(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebProc]:
-    """`fleet web` on the test fleet, behind TOKEN."""
-    env = {**fleet.env, "FLEET_WEB_TOKEN": TOKEN}
+    """`fleet web` on the test fleet, behind TOKEN, also answering to ALLOWED."""
+    env = {**fleet.env, "FLEET_WEB_TOKEN": TOKEN, "FLEET_WEB_ALLOWED_HOSTS": f" other.example.test, {ALLOWED.upper()}"}
     proc = start_web(env, fleet.tmp, tmp_path_factory.mktemp("web") / "web.err")
     yield proc
     stop_web(proc)
@@ -194,7 +195,7 @@ UNIT_TOKEN = "unit-test-token-0123456789"  # parameters must be the same in ever
 ])
 def test_authorized(header: str, query: str | None, ok: bool) -> None:
     assert authorized(UNIT_TOKEN, header, query) is ok
-    assert authorized(None, header, query) is True  # no token configured: open (loopback only)
+    assert authorized(None, header, query) is True  # make_app without a token is open: `fleet web` never is
 
 
 @pytest.mark.parametrize(("host", "loopback"), [
@@ -203,6 +204,25 @@ def test_authorized(header: str, query: str | None, ok: bool) -> None:
 ])
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("header", "ok"), [
+    ("127.0.0.1", True), ("127.0.0.1:8700", True), ("127.1.2.3:80", True), ("[::1]:8700", True), ("[::1]", True),
+    ("::1", True), ("localhost", True), ("LOCALHOST:8700", True), ("localhost.:8700", True), (None, True),
+    ("fleet.example.test", True), ("Fleet.Example.Test:443", True), ("10.0.0.5:8700", True),  # configured, bound
+    ("attacker.example", False), ("attacker.example:8700", False), ("127.0.0.1.attacker.example", False),
+    ("localhost.attacker.example", False), ("fleet.example.test.attacker.example", False), ("10.0.0.6", False),
+    ("[::2]:8700", False), ("", False), ("0.0.0.0:8700", False), ("2130706433", False),
+])
+def test_host_allowed(header: str | None, ok: bool) -> None:
+    """Loopback literals with any port, the bound host and configured names; nothing else (DNS rebinding)."""
+    assert host_allowed(header, allowed_hosts("10.0.0.5", ["fleet.example.test"])) is ok
+
+
+def test_a_wildcard_bind_names_no_host() -> None:
+    assert allowed_hosts("0.0.0.0", []) == allowed_hosts("::", []) == frozenset()
+    assert not host_allowed("0.0.0.0", allowed_hosts("0.0.0.0", []))
+    assert host_allowed("[fd00::5]:8700", allowed_hosts("fd00::5", []))
 
 
 def test_canary_freshness() -> None:
@@ -250,15 +270,18 @@ def test_metric_families_without_redis() -> None:
 # ---------------------------------------------------------------- fleet web as a process
 
 
-def test_refuses_to_serve_beyond_loopback_without_a_token(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_refuses_to_serve_without_a_token(tmp_path: Path, host: str) -> None:
+    """A token is the default: without one `fleet web` does not start, on loopback either (exit 78)."""
     (tmp_path / "fleet.toml").write_text("[fleet]\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_HOST": "0.0.0.0",
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_HOST": host,
                 "FLEET_WEB_PORT": str(free_port()), "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}"})
     proc = subprocess.run([sys.executable, "-m", "fleet", "web"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 78, proc.stderr
-    assert "FLEET_WEB_TOKEN" in proc.stderr and "0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
+    assert "FLEET_WEB_TOKEN" in proc.stderr and "FLEET_WEB_TOKEN_FILE" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_readyz_names_redis_when_it_is_down(tmp_path: Path) -> None:
@@ -280,21 +303,23 @@ def test_readyz_names_redis_when_it_is_down(tmp_path: Path) -> None:
         stop_web(web)
 
 
-def test_open_on_loopback_without_token_and_canary_freshness(tmp_path: Path, redis: redis_lib.Redis,
-                                                            redis_url: str) -> None:
-    """No token on 127.0.0.1: a warning at start and no auth. /readyz follows the canaries."""
+def test_token_from_a_file_and_canary_freshness(tmp_path: Path, redis: redis_lib.Redis, redis_url: str) -> None:
+    """FLEET_WEB_TOKEN_FILE is the token (stripped). /readyz follows the canaries."""
     (tmp_path / "fleet.toml").write_text("[fleet]\ndaily_cap_usd = 2.0\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    token_file = tmp_path / "web.token"
+    token_file.write_text(f"\n {TOKEN}\n")
+    token_file.chmod(0o600)
     env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_REDIS_URL": redis_url,
-                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}", "FLEET_LOG_DIR": str(tmp_path / "logs")})
+                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}", "FLEET_LOG_DIR": str(tmp_path / "logs"),
+                "FLEET_WEB_TOKEN_FILE": str(token_file)})
     subprocess.run([sys.executable, "-m", "fleet", "db", "upgrade"], env=env, cwd=tmp_path, check=True,
                    capture_output=True, timeout=60)
     web = start_web(env, tmp_path, tmp_path / "web.err")
     try:
-        assert "FLEET_WEB_TOKEN is not set" in web.log()
-        assert get(f"{web.base}/").status_code == 200
-        assert get(f"{web.base}/api/state").json()["redis"] == "ok"
-        assert get(f"{web.base}/metrics").status_code == 200
+        assert get(f"{web.base}/").status_code == 401
+        assert get(f"{web.base}/api/state", headers=bearer()).json()["redis"] == "ok"
+        assert get(f"{web.base}/metrics", headers=bearer()).status_code == 200
         # No canary ever: ready within the start-up grace.
         readyz = get(f"{web.base}/readyz")
         assert readyz.status_code == 200 and "grace" in readyz.json()["checks"]["canary"]
@@ -358,6 +383,27 @@ def test_protected_routes_need_the_token(fleet: Fleet, web: WebProc) -> None:
     assert log.headers["Content-Type"].startswith("text/plain") and "fleet_usage" in log.text
     assert log.headers["X-Content-Type-Options"] == "nosniff"
     assert TOKEN not in web.log()  # ?token= never reaches a log line
+
+
+@pytest.mark.slow
+def test_a_foreign_host_header_is_refused_on_every_route_but_the_probes(fleet: Fleet, web: WebProc) -> None:
+    """DNS rebinding: a page at attacker.example resolving to 127.0.0.1 gets 400, token or not."""
+    fleet.wait_consuming()  # fresh canaries: /readyz answers 200
+    run_id = send(fleet, "echo")
+    wait_status(fleet, run_id, {"succeeded"})
+    port = web.base.rsplit(":", 1)[1]
+    routes = ("/", "/api/state", "/metrics", "/health", f"/runs/{run_id}/log", "/no/such/page")
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io", ""):
+        for path in routes:
+            for auth in ({}, bearer()):
+                refused = get(f"{web.base}{path}", headers={**auth, "Host": host})
+                assert refused.status_code == 400, (host, path, refused.status_code)
+                assert "echo" not in refused.text and "Unknown Host" in refused.text.title()
+        for probe in ("/livez", "/readyz"):
+            assert get(f"{web.base}{probe}", headers={"Host": host}).status_code == 200, (host, probe)
+    for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}", ALLOWED, f"{ALLOWED}:{port}"):
+        for path in routes[:-1]:
+            assert get(f"{web.base}{path}", headers={**bearer(), "Host": host}).status_code == 200, (host, path)
 
 
 @pytest.mark.slow

@@ -1,20 +1,30 @@
 """The one place Celery is configured: `celery -A workers.app worker|beat|flower|call ...`.
 
 Settings are read once here; clients are built per worker process after the fork, never at import.
+Every Celery process is made non-dumpable at import (fleet/hardening.py), and a task parameter named
+`payload` is sent to the broker but withheld from every event, log line and `inspect` answer, so
+Flower never shows one (the sender's `task-sent` event and the worker's `task-received` alike).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
 from kombu.entity import Queue
 
-from fleet import alerts, logs
+from fleet import alerts, hardening, logs
 from fleet.config import load_settings
 from fleet.services import Services, build
+
+# First, before any secret is read: a same-uid process (an agent) cannot read this one's memory or environ.
+hardening.make_undumpable()
 
 DISPATCH_QUEUE = "dispatch"
 AGENTS_QUEUE = "agents"
@@ -30,7 +40,74 @@ settings = load_settings()
 alerts.init_sentry(settings, next((a for a in sys.argv[1:] if a in ("worker", "beat", "flower")), "celery"),
                    celery=True)
 
-app = Celery("fleet", broker=settings.broker_url, backend=settings.broker_url, include=["workers.tasks"])
+WITHHELD_PARAMS = frozenset({"payload"})  # task parameters never shown in events, logs, Flower or inspect
+
+
+class _Withheld:
+    def __repr__(self) -> str:
+        return "<payload withheld>"
+
+
+WITHHELD = _Withheld()
+
+
+@functools.lru_cache(maxsize=256)
+def _withheld_positions(task: Task) -> tuple[tuple[int, str], ...]:
+    return tuple((i, name) for i, name in enumerate(inspect.signature(task.run).parameters)
+                 if name in WITHHELD_PARAMS)
+
+
+def withheld_reprs(task: Task | None, args: Any, kwargs: Any) -> tuple[str, str] | None:
+    """(argsrepr, kwargsrepr) of a call with its withheld parameters masked; None when it has none."""
+    positions = _withheld_positions(task) if task is not None else ()
+    if not positions:
+        return None
+    shown_args, shown_kwargs = list(args or ()), dict(kwargs or {})
+    for index, name in positions:
+        if index < len(shown_args) and shown_args[index] is not None:
+            shown_args[index] = WITHHELD
+        if shown_kwargs.get(name) is not None:
+            shown_kwargs[name] = WITHHELD
+    return saferepr(shown_args), saferepr(shown_kwargs)
+
+
+class WithheldRequest(Request):
+    """The worker's view of a message, with withheld parameters masked in whatever the sender put in its
+    headers: the `task-received` event, log lines and `inspect active/reserved` read these."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Decode as Celery does, then replace the reprs."""
+        super().__init__(*args, **kwargs)
+        reprs = withheld_reprs(self._task, self._args, self._kwargs)
+        if reprs is not None:
+            self._argsrepr, self._kwargsrepr = reprs
+            self._request_dict["argsrepr"], self._request_dict["kwargsrepr"] = reprs
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        """Always the reprs, never the raw arguments (`inspect active` asks for those by default)."""
+        return dict(super().info(safe=True))
+
+
+class FleetTask(Task):
+    """Every task's worker-side request masks withheld parameters."""
+
+    Request = WithheldRequest
+
+
+class FleetCelery(Celery):
+    """Celery whose sends (`apply_async`, `send_task`, `celery call`) mask withheld parameters in the
+    message headers and in the `task-sent` event; the arguments themselves travel unchanged."""
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Send as Celery does, with the reprs computed here."""
+        reprs = withheld_reprs(self.tasks.get(name), args, kwargs)
+        if reprs is not None:
+            options["argsrepr"], options["kwargsrepr"] = reprs
+        return super().send_task(name, args, kwargs, **options)
+
+
+app = FleetCelery("fleet", broker=settings.broker_url, backend=settings.broker_url, include=["workers.tasks"],
+                  task_cls=FleetTask)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
