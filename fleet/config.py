@@ -221,9 +221,24 @@ def _validate(path: Path, text: str, raw: dict[str, Any]) -> FleetConfig:
         problems += agent_problems
         if agent is not None:
             agents[name] = agent
+    problems += [problem for agent in agents.values() if (problem := _estimate_problem(path, text, fleet, agent))]
     if problems:
         raise ConfigError("invalid configuration, nothing loaded:\n  " + "\n  ".join(problems))
     return FleetConfig(path=path, fleet=fleet, agents=agents)
+
+
+def _estimate_problem(path: Path, text: str, fleet: FleetSection, agent: AgentSpec) -> str | None:
+    # A run reserves its estimate before it starts: under a cap, $0 would let any number of runs
+    # start at an exactly-full cap. Below one micro-dollar the ledger rounds it to nothing.
+    if agent.daily_cap_usd is None and fleet.daily_cap_usd is None:
+        return None
+    if round(agent.est_cost_usd * 1_000_000) >= 1:
+        return None
+    given = "est_cost_usd" in agent.model_fields_set
+    line = _line_of(text, "est_cost_usd" if given else f"agents.{agent.name}", section=f"agents.{agent.name}")
+    why = "must be > 0 (at least 0.000001)" if given else "required"
+    return (f"{path}:{line}: agent {agent.name!r}, est_cost_usd: {why} under a daily cap (the agent's own or "
+            "[fleet]'s): each run reserves it before it starts; give what one run may cost at most")
 
 
 def _validate_agent(path: Path, text: str, name: str, body: Any) -> tuple[AgentSpec | None, list[str]]:

@@ -46,35 +46,43 @@ timeout_s = 30
 
 [agents.counter]
 command = ["python", "-m", "fleet.examples.echo_agent", "--append", "{tmp}/counter.txt", "--sleep", "0.3"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.fail]
 command = ["python", "-m", "fleet.examples.exit_with", "1", "--message", "boom: the failing agent"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit3]
 command = ["python", "-m", "fleet.examples.exit_with", "3"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit75]
 command = ["python", "-m", "fleet.examples.exit_with", "75"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit77]
 command = ["python", "-m", "fleet.examples.exit_with", "77"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit78]
 command = ["python", "-m", "fleet.examples.exit_with", "78"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.timeout]
 command = ["python", "-m", "fleet.examples.sleeper", "60", "--ignore-term", "--child",
            "--pidfile", "{tmp}/timeout.pids"]
+est_cost_usd = 0.01
 timeout_s = 1.5
 
 [agents.long]
 command = ["python", "-m", "fleet.examples.sleeper", "120", "--pidfile", "{tmp}/long.pids"]
+est_cost_usd = 0.01
 timeout_s = 300
 concurrency = 20
 
@@ -83,6 +91,7 @@ command = ["python", "-c",
            "import os; print('the key is', os.environ['FLEET_AGENT_KEY']); print(os.environ.get('TOKEN'))"]
 key_file = "keys/secret.key"
 secret_env = { TOKEN = "keys/secret.token" }
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.idle-poll]
@@ -109,19 +118,23 @@ command = ["python", "-m", "fleet.examples.exit_with", "1"]
 breaker_threshold = 3
 breaker_cooldown_s = 6  # longer than a 20-dispatch storm takes on a loaded 2-core machine
 concurrency = 20
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.crashy]
 command = ["python", "-m", "fleet.examples.sleeper", "3", "--child", "--pidfile", "{tmp}/crashy.pids"]
+est_cost_usd = 0.01
 timeout_s = 60
 
 [agents.worker-killer]
 command = ["python", "-c", "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"]
+est_cost_usd = 0.01
 timeout_s = 60
 
 [agents.env]
 command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
 env = { MODEL = "sonnet" }
+est_cost_usd = 0.01
 timeout_s = 30
 """
 

@@ -41,6 +41,7 @@ secret_env = { ANTHROPIC_API_KEY = "keys/digest.anthropic" }
 
 [agents.night-job_2]
 command = ["true"]
+est_cost_usd = 0.001
 """
 
 
@@ -87,7 +88,7 @@ def test_good_file_loads(fleet_dir: Path) -> None:
     assert digest.env == {"MODEL": "sonnet"}
     assert isinstance(digest.parsed_schedule, Cron)
     other = config.agent("night-job_2")
-    assert (other.schedule, other.key_file, other.concurrency, other.est_cost_usd) == (None, None, 1, 0.0)
+    assert (other.schedule, other.key_file, other.concurrency, other.est_cost_usd) == (None, None, 1, 0.001)
 
 
 def test_unknown_agent_lookup_is_not_found(fleet_dir: Path) -> None:
@@ -150,6 +151,31 @@ def test_each_bad_kind_is_refused_with_file_line_agent_and_field(fleet_dir: Path
     assert "nothing loaded" in message or "invalid TOML" in message
     for fragment in fragments:
         assert fragment.format(p=path) in message
+
+
+# An agent under a cap must say what a run costs: with no estimate it reserves nothing, and any
+# number of runs would start at an exactly-full cap.
+NO_ESTIMATE = [
+    ("own-cap", AGENT + "daily_cap_usd = 1.0\n", "{p}:1: agent 'a', est_cost_usd: required"),
+    ("fleet-cap", "[fleet]\ndaily_cap_usd = 5.0\n\n" + AGENT, "{p}:4: agent 'a', est_cost_usd: required"),
+    ("explicit-zero", "[fleet]\ndaily_cap_usd = 5.0\n\n" + AGENT + "\nest_cost_usd = 0.0\n",
+     "{p}:7: agent 'a', est_cost_usd: must be > 0"),
+    ("below-a-micro-dollar", AGENT + "daily_cap_usd = 1.0\nest_cost_usd = 0.0000004\n",
+     "{p}:4: agent 'a', est_cost_usd: must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), [case[1:] for case in NO_ESTIMATE],
+                         ids=[case[0] for case in NO_ESTIMATE])
+def test_an_agent_under_a_cap_needs_a_positive_estimate(fleet_dir: Path, text: str, fragment: str) -> None:
+    message = refused(fleet_dir, text)
+    assert fragment.format(p=fleet_dir / "fleet.toml") in message
+    assert "under a daily cap" in message
+
+
+def test_an_agent_under_no_cap_may_have_no_estimate(fleet_dir: Path) -> None:
+    config = load_fleet_config(write(fleet_dir, AGENT))
+    assert config.agent("a").est_cost_usd == 0.0
 
 
 def test_every_problem_is_reported_at_once(fleet_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,8 +16,10 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from fleet import db, keys, store
+from fleet.config import Settings, load_fleet_config
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus, SpendDay
+from fleet.services import build
 from tests.harness import SECRET_KEY, SECRET_TOKEN, Fleet, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow
@@ -248,3 +251,45 @@ def test_nul_in_work_key_is_refused(fleet: Fleet) -> None:
     with pytest.raises(BadInputError):
         send(fleet, "echo", "a\x00b")
     assert counts(fleet) == before
+
+
+PAID_ONLY = """
+[fleet]
+daily_cap_usd = 0.02
+
+[agents.paid]
+command = ["true"]
+est_cost_usd = 0.02
+"""
+ZERO_ESTIMATE = """
+[agents.zero]
+command = ["true"]
+"""
+
+
+def test_no_estimate_under_a_full_cap_starts_nothing(tmp_path: Path, database_url: str, redis_url: str) -> None:
+    """At an exactly-full fleet cap, an agent with no estimate used to reserve $0 and be queued anyway."""
+    config = tmp_path / "fleet.toml"
+    config.write_text(PAID_ONLY)
+    settings = Settings(config=config, redis_url=redis_url, database_url=database_url, log_dir=tmp_path / "logs")
+    services = build(settings, load_fleet_config(config))
+    try:
+        services.redis.flushdb()
+        db.upgrade(services.engine)
+        filled = dispatch(services, DispatchRequest("paid", "fill", None, False, actor="test"), lambda _r, _f: None)
+        assert filled.status == "queued"  # its $0.02 reservation fills the $0.02 cap exactly
+        config.write_text(PAID_ONLY + ZERO_ESTIMATE)  # the operator adds an agent and no estimate
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update(FLEET_CONFIG=str(config), FLEET_REDIS_URL=redis_url, FLEET_DATABASE_URL=database_url,
+                   FLEET_LOG_DIR=str(tmp_path / "logs"))
+        proc = subprocess.run([sys.executable, "-m", "fleet", "dispatch", "zero", "--key", "k"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 78, proc.stdout + proc.stderr
+        assert f"{config}:9: agent 'zero', est_cost_usd: required" in proc.stderr
+        with db.session(services.engine) as session:
+            runs = list(session.exec(select(Run)))
+            assert [r.agent for r in runs] == ["paid"]
+            fleet_row = session.get(SpendDay, (runs[0].budget_day, keys.GLOBAL))
+            assert fleet_row is not None and (fleet_row.reserved_micros, fleet_row.spent_micros) == (20_000, 0)
+    finally:
+        services.close()
