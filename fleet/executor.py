@@ -32,6 +32,7 @@ from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus
 from fleet.process import ProcessResult, run_agent
 from fleet.services import Services
+from fleet.usage import LineParser, make_parser
 
 log = logs.get(__name__)
 
@@ -40,6 +41,7 @@ Requeue = Callable[[str, int, float], None]  # (run_id, fence, countdown_s)
 # Exit codes shared with the CLI (DESIGN.md): what each one means for the run.
 EXIT_OK, EXIT_IDLE, EXIT_TRANSIENT, EXIT_AUTH, EXIT_CONFIG = 0, 3, 75, 77, 78
 POLL_TIMEOUT_S = 60.0
+BAD_USAGE = "bad_usage"  # stop reason: a usage line Fleet cannot price (fleet/usage.py)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     if watcher.lost:
         services.leases.release(lease)  # only if the key still holds our fence
         return ExecuteResult(run.id, "stale", result.exit_code, "lease lost: another owner took the run over")
-    verdict = judge(result, watcher.stop_reason)
+    verdict = judge(result, watcher.stop_reason, watcher.meter.problem if watcher.meter else None)
     return _finish(services, run, spec, lease, result, verdict, requeue, watcher)
 
 
@@ -158,8 +160,9 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: _Watche
         if poll.exit_code != EXIT_OK or watcher.stop_reason:
             return poll
         append = True
+    watcher.meter = make_parser(spec.usage_format, services.config.prices_of(spec))
     return run_agent(list(spec.command), env, timeout_s=spec.timeout_s, on_usage=watcher.usage, append_log=append,
-                     **common)
+                     parse=watcher.meter, **common)
 
 
 def secrets_of(spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
@@ -206,6 +209,7 @@ class _Watcher:
         self.lost = False
         self.charged = 0  # micro-dollars of this attempt already booked in the ledger
         self.reserved = run.reserved_micros  # what this attempt starts with reserved
+        self.meter: LineParser | None = None  # the agent command's usage parser
 
     def started(self, pid: int, pgid: int) -> None:
         """Record where the agent runs, so the reaper can find an orphan."""
@@ -226,6 +230,9 @@ class _Watcher:
         and what the caps still allow would not cover another step like the last one, the agent
         is stopped.
         """
+        if self.meter is not None and self.meter.problem:
+            self.stop_reason = self.stop_reason or BAD_USAGE  # tokens Fleet cannot price are never $0
+            return BAD_USAGE
         step = cost_micros - self.charged
         if step <= 0:
             return None
@@ -300,8 +307,14 @@ class _Watcher:
 # ---------------------------------------------------------------- the verdict
 
 
-def judge(result: ProcessResult, stop_reason: str | None) -> Verdict:
+def judge(result: ProcessResult, stop_reason: str | None, usage_problem: str | None = None) -> Verdict:
     """Map an attempt's end to a status: exit codes mean what the CLI's mean."""
+    if usage_problem is not None:
+        # What it spent is unknown, however it ended, and every later run would be as blind:
+        # dead-letter it and pause the agent until fleet.toml or the agent is fixed.
+        why = f"stopped: its usage cannot be priced ({usage_problem})"
+        return Verdict(RunStatus.FAILED, why, retryable=False, breaker=Outcome.FAILURE, pause=why,
+                       dead_reason="usage")
     if stop_reason in ("killed", "unreachable"):
         reason = "killed" if stop_reason == "killed" else "Redis unreachable past kill_unreachable_grace_s"
         return Verdict(RunStatus.KILLED, reason, retryable=False, breaker=Outcome.NEUTRAL)
@@ -363,14 +376,17 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
             session.rollback()
             return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
         run = session.get(Run, run.id, populate_existing=True) or run
-        ledger.charge(session, run=run, amount=result.cost_micros - watcher.charged, now=now)
+        # The agent's own final figure stands, above or below what was booked as it ran (a negative
+        # amount is a correction). Tokens that could not be priced cost at least the reservation.
+        cost = max(result.cost_micros, watcher.reserved) if verdict.dead_reason == "usage" else result.cost_micros
+        ledger.charge(session, run=run, amount=cost - watcher.charged, now=now)
         if not retry:
             ledger.settle(session, run=run, now=now)
         if dead:
             _dead_letter(session, run, result, verdict, now)
         store.add_event(session=session, at=now, kind=f"run.{'retrying' if retry else status.value}", run_id=run.id,
                         agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
-                        cost_micros=result.cost_micros, retry_in_s=delay)
+                        cost_micros=cost, retry_in_s=delay)
         session.commit()
     if dead:
         alerts.alert("dead_letter", f"run {run.id} of {run.agent} was dead-lettered after {run.attempt} "

@@ -27,6 +27,7 @@ from fleet.services import Services, build
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+DATA = ROOT / "tests" / "data"  # recorded agent transcripts
 
 AGENTS = """
 [fleet]
@@ -38,6 +39,18 @@ kill_grace_s = 1
 retry_backoff_s = 0.2
 breaker_threshold = 1000
 kill_unreachable_grace_s = 3
+
+[prices."claude-sonnet-4-5-20250929"]   # Anthropic's list prices
+input_per_mtok = 3.00
+output_per_mtok = 15.00
+cache_write_per_mtok = 3.75
+cache_read_per_mtok = 0.30
+
+[prices."claude-opus-4-1-20250805"]     # cache writes at the 1-hour rate: dearer than the 5-minute ones it sees
+input_per_mtok = 15.00
+output_per_mtok = 75.00
+cache_write_per_mtok = 30.00
+cache_read_per_mtok = 1.50
 
 [agents.echo]
 command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
@@ -136,6 +149,35 @@ command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))
 env = { MODEL = "sonnet" }
 est_cost_usd = 0.01
 timeout_s = 30
+
+[agents.claude-capped]          # a replayed `claude -p` session ($0.16 in all) under a $0.15 cap
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-fix-test.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-sonnet-4-5-20250929"]
+est_cost_usd = 0.02
+daily_cap_usd = 0.15
+timeout_s = 60
+
+[agents.claude-sonnet]
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-fix-test.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-sonnet-4-5-20250929"]
+est_cost_usd = 0.20
+timeout_s = 60
+
+[agents.claude-opus]
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-retry-fix.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-opus-4-1-20250805"]
+est_cost_usd = 1.00
+timeout_s = 60
+
+[agents.claude-unpriced]        # its session uses Sonnet, which this agent has no price for
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-fix-test.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-opus-4-1-20250805"]
+est_cost_usd = 0.05
+timeout_s = 60
 """
 
 SECRET_KEY = "sk-fleet-test-SECRET-KEY-0123456789abcdef"
@@ -177,7 +219,7 @@ class Fleet:
         self.tmp, self.redis_url, self.database_url = tmp, redis_url, database_url
         self.config_path = tmp / "fleet.toml"
         self.log_dir = tmp / "logs"
-        self.config_path.write_text(agents.replace("{tmp}", str(tmp)))
+        self.config_path.write_text(agents.replace("{tmp}", str(tmp)).replace("{data}", str(DATA)))
         keys_dir = tmp / "keys"
         keys_dir.mkdir(mode=0o700, exist_ok=True)
         for name, secret in (("secret.key", SECRET_KEY), ("secret.token", SECRET_TOKEN)):
