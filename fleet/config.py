@@ -11,7 +11,7 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fleet.errors import ConfigError
 from fleet.schedule import Schedule, parse_schedule
+from fleet.usage import TOKEN_FORMATS, UsageFormat
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -204,6 +205,21 @@ class FleetSection(BaseModel):
         return value
 
 
+class PriceTable(BaseModel):
+    """One `[prices.MODEL]` table: dollars per million tokens. Every kind is required: a missing
+    price would count those tokens as $0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_per_mtok: float = Field(ge=0, le=1_000_000)
+    output_per_mtok: float = Field(ge=0, le=1_000_000)
+    cache_write_per_mtok: float = Field(ge=0, le=1_000_000)
+    cache_read_per_mtok: float = Field(ge=0, le=1_000_000)
+
+    _finite = field_validator("input_per_mtok", "output_per_mtok", "cache_write_per_mtok",
+                              "cache_read_per_mtok")(_finite_non_negative)
+
+
 class AgentSpec(BaseModel):
     """One `[agents.NAME]` table, validated. Paths are resolved against the config file's folder."""
 
@@ -222,8 +238,17 @@ class AgentSpec(BaseModel):
     key_file: Path | None = None
     env: dict[str, str] = Field(default_factory=dict)
     secret_env: dict[str, Path] = Field(default_factory=dict)
+    usage_format: UsageFormat = "fleet"  # how the agent reports what it spends (fleet/usage.py)
+    models: list[str] = Field(default_factory=list)  # the models a token format may name, each priced
 
     _finite = field_validator("daily_cap_usd", "est_cost_usd", "timeout_s")(_finite_non_negative)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("model names must be non-empty strings")
+        return value
 
     @field_validator("command", "poll")
     @classmethod
@@ -267,6 +292,11 @@ class FleetConfig:
     path: Path
     fleet: FleetSection
     agents: dict[str, AgentSpec]
+    prices: dict[str, PriceTable] = field(default_factory=dict)
+
+    def prices_of(self, agent: AgentSpec) -> dict[str, PriceTable]:
+        """The price tables of the models this agent declares: the only models its usage may name."""
+        return {model: self.prices[model] for model in agent.models if model in self.prices}
 
     def agent(self, name: str) -> AgentSpec:
         """The named agent; NotFoundError when there is none."""
@@ -299,7 +329,7 @@ def load_fleet_config(path: Path) -> FleetConfig:
 
 def _validate(path: Path, text: str, raw: dict[str, Any]) -> FleetConfig:
     problems: list[str] = []
-    unknown = set(raw) - {"fleet", "agents"}
+    unknown = set(raw) - {"fleet", "agents", "prices"}
     problems += [f"{path}:{_line_of(text, key)}: unknown top-level table [{key}]" for key in sorted(unknown)]
     try:
         fleet = FleetSection.model_validate(raw.get("fleet", {}))
@@ -316,9 +346,64 @@ def _validate(path: Path, text: str, raw: dict[str, Any]) -> FleetConfig:
         problems += agent_problems
         if agent is not None:
             agents[name] = agent
+    prices_raw = raw.get("prices", {})
+    prices, price_problems = _validate_prices(path, text, prices_raw)
+    problems += price_problems
+    problems += [problem for agent in agents.values() if (problem := _estimate_problem(path, text, fleet, agent))]
+    tables = set(prices_raw) if isinstance(prices_raw, dict) else set()  # an invalid one is reported above
+    problems += [problem for agent in agents.values() for problem in _usage_problems(path, text, agent, tables)]
     if problems:
         raise ConfigError("invalid configuration, nothing loaded:\n  " + "\n  ".join(problems))
-    return FleetConfig(path=path, fleet=fleet, agents=agents)
+    return FleetConfig(path=path, fleet=fleet, agents=agents, prices=prices)
+
+
+def _validate_prices(path: Path, text: str, raw: Any) -> tuple[dict[str, PriceTable], list[str]]:
+    if not isinstance(raw, dict):
+        return {}, [f"{path}:{_line_of(text, 'prices')}: [prices] must be a table of [prices.MODEL] tables"]
+    prices: dict[str, PriceTable] = {}
+    problems: list[str] = []
+    for model, body in raw.items():
+        section = f"prices.{model}"
+        if not isinstance(body, dict):
+            problems.append(f"{path}:{_line_of(text, section)}: [prices.\"{model}\"] must be a table")
+            continue
+        try:
+            prices[model] = PriceTable.model_validate(body)
+        except ValidationError as exc:
+            problems += _describe(path, text, section, None, exc)
+    return prices, problems
+
+
+def _usage_problems(path: Path, text: str, agent: AgentSpec, prices: set[str]) -> list[str]:
+    # Token counts are worth nothing without a price: an agent whose usage cannot be priced is
+    # refused here rather than counted as $0 while it runs.
+    section, who = f"agents.{agent.name}", f"agent {agent.name!r}"
+    if agent.usage_format not in TOKEN_FORMATS:
+        if not agent.models:
+            return []
+        return [f"{path}:{_line_of(text, 'models', section=section)}: {who}, models: only read with "
+                f"usage_format = \"claude-stream-json\" or \"json-tokens\" (this agent's is \"{agent.usage_format}\")"]
+    if not agent.models:
+        return [f"{path}:{_line_of(text, 'usage_format', section=section)}: {who}, models: required with "
+                f"usage_format = \"{agent.usage_format}\": list the models the agent uses, each with a "
+                "[prices.MODEL] table"]
+    return [f"{path}:{_line_of(text, 'models', section=section)}: {who}, models: {model!r} has no "
+            f"[prices.\"{model}\"] table (input_per_mtok, output_per_mtok, cache_write_per_mtok, "
+            "cache_read_per_mtok)" for model in agent.models if model not in prices]
+
+
+def _estimate_problem(path: Path, text: str, fleet: FleetSection, agent: AgentSpec) -> str | None:
+    # A run reserves its estimate before it starts: under a cap, $0 would let any number of runs
+    # start at an exactly-full cap. Below one micro-dollar the ledger rounds it to nothing.
+    if agent.daily_cap_usd is None and fleet.daily_cap_usd is None:
+        return None
+    if round(agent.est_cost_usd * 1_000_000) >= 1:
+        return None
+    given = "est_cost_usd" in agent.model_fields_set
+    line = _line_of(text, "est_cost_usd" if given else f"agents.{agent.name}", section=f"agents.{agent.name}")
+    why = "must be > 0 (at least 0.000001)" if given else "required"
+    return (f"{path}:{line}: agent {agent.name!r}, est_cost_usd: {why} under a daily cap (the agent's own or "
+            "[fleet]'s): each run reserves it before it starts; give what one run may cost at most")
 
 
 def _validate_agent(path: Path, text: str, name: str, body: Any) -> tuple[AgentSpec | None, list[str]]:

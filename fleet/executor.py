@@ -36,6 +36,7 @@ from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus
 from fleet.process import Launch, ProcessResult, run_agent
 from fleet.services import Services
+from fleet.usage import make_parser
 from fleet.watch import Bookkeeper, Ownership, Watcher
 
 log = logs.get(__name__)
@@ -98,8 +99,11 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
         _book_orphaned_spend(services, run, result.cost_micros - charged)
         return ExecuteResult(run.id, "stale", result.exit_code, "lease lost: another owner took the run over")
     stop = watcher.stop_reason or ("lease_lapsed" if ownership.lapsed() and result.exit_code else None)
-    verdict = judge(result, stop)
-    return _finish(services, run, spec, lease, result, verdict, requeue, charged)
+    verdict = judge(result, stop, watcher.meter.problem if watcher.meter else None)
+    # The agent's own final figure stands, above or below what was booked as it ran (a negative
+    # amount is a correction). Tokens that could not be priced cost at least the reservation.
+    cost = max(result.cost_micros, watcher.reserved) if verdict.dead_reason == "usage" else result.cost_micros
+    return _finish(services, run, spec, lease, result, verdict, requeue, cost - charged)
 
 
 def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:
@@ -234,8 +238,10 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher
         if poll.exit_code != EXIT_OK or watcher.stop_reason:
             return poll
         append = True
+    watcher.meter = make_parser(spec.usage_format, services.config.prices_of(spec))
+    watcher.meter = make_parser(spec.usage_format, services.config.prices_of(spec))
     return run_agent(list(spec.command), env, timeout_s=spec.timeout_s, on_usage=watcher.usage, append_log=append,
-                     launch=Launch(tether=ownership.tether(), tag=tag), **common)
+                     launch=Launch(tether=ownership.tether(), tag=tag), parse=watcher.meter, **common)
 
 
 def secrets_of(spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
@@ -271,8 +277,14 @@ def run_log_path(log_dir: Path, run_id: str) -> Path:
 # ---------------------------------------------------------------- the verdict
 
 
-def judge(result: ProcessResult, stop_reason: str | None) -> Verdict:
+def judge(result: ProcessResult, stop_reason: str | None, usage_problem: str | None = None) -> Verdict:
     """Map an attempt's end to a status: exit codes mean what the CLI's mean."""
+    if usage_problem is not None:
+        # What it spent is unknown, however it ended, and every later run would be as blind:
+        # dead-letter it and pause the agent until fleet.toml or the agent is fixed.
+        why = f"stopped: its usage cannot be priced ({usage_problem})"
+        return Verdict(RunStatus.FAILED, why, retryable=False, breaker=Outcome.FAILURE, pause=why,
+                       dead_reason="usage")
     if stop_reason in ("killed", "unreachable"):
         reason = "killed" if stop_reason == "killed" else "Redis unreachable past kill_unreachable_grace_s"
         return Verdict(RunStatus.KILLED, reason, retryable=False, breaker=Outcome.NEUTRAL)
@@ -315,8 +327,9 @@ def backoff_s(base: float, attempt: int) -> float:
 
 
 def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult, verdict: Verdict,
-            requeue: Requeue, charged: int) -> ExecuteResult:
-    """Write the outcome; while the database is away, keep the lease and try again (bounded)."""
+            requeue: Requeue, unbooked: int) -> ExecuteResult:
+    """Write the outcome and book the `unbooked` rest of the attempt's cost (negative: a correction);
+    while the database is away, keep the lease and try again (bounded)."""
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
     delay = backoff_s(fleet.retry_backoff_s, run.attempt) if retry else None
@@ -324,7 +337,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     pause = 0.2
     while True:
         try:
-            written = _write_outcome(services, run, lease, result, verdict, retry, delay, charged)
+            written = _write_outcome(services, run, lease, result, verdict, retry, delay, unbooked)
             break
         except SQLAlchemyError as exc:
             if time.monotonic() + pause > deadline:
@@ -335,7 +348,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
             _wait_keeping(services, lease, pause)
             pause = min(pause * 2, 5.0)
     if written is None:
-        _book_orphaned_spend(services, run, result.cost_micros - charged)
+        _book_orphaned_spend(services, run, unbooked)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
     status, dead = written
     if dead:
@@ -361,7 +374,7 @@ def _wait_keeping(services: Services, lease: Lease, seconds: float) -> None:
 
 
 def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessResult, verdict: Verdict,
-                   retry: bool, delay: float | None, charged: int) -> tuple[RunStatus, bool] | None:
+                   retry: bool, delay: float | None, unbooked: int) -> tuple[RunStatus, bool] | None:
     """One fenced attempt at writing the outcome: (status, dead-lettered), or None when taken over.
 
     An earlier try whose commit reached the database although its answer did not (an ambiguous
@@ -387,7 +400,7 @@ def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessRe
                 return status, False  # our own earlier commit: already written (its alert went then, or is lost)
             return None
         fresh = session.get(Run, run.id, populate_existing=True) or run
-        ledger.charge(session, run=fresh, amount=result.cost_micros - charged, now=now)
+        ledger.charge(session, run=fresh, amount=unbooked, now=now)
         ledger.settle(session, run=fresh, now=now)  # a retry reserves again when it starts
         if dead:
             _dead_letter(session, fresh, result, verdict, now)

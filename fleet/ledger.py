@@ -95,13 +95,21 @@ def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reserv
     """Book money a running agent reported spending, as it is reported: its own reservation is used up
     first, so the ledger always holds spent + what is still reserved. The run's fenced owner calls
     this in its own transaction; an attempt that lost its run books what it spent all the same (the
-    money is gone) but with `own_reservation=False`, leaving the new owner's reservation alone."""
-    if amount <= 0 or run.budget_day is None:
+    money is gone) but with `own_reservation=False`, leaving the new owner's reservation alone.
+
+    A negative amount is a correction (the agent's final total came in below what its steps added
+    up to): it takes back spend, never more than the run has booked, and leaves the reservation alone.
+    """
+    if amount == 0 or run.budget_day is None:
         return
     current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
     owned = own_reservation and current is not None and current.settled_at is None
     reserved = current.reserved_micros if owned and current is not None else 0
-    consumed = min(reserved, amount)
+    if amount < 0:
+        amount = max(amount, -(current.cost_micros if current is not None else 0))
+        if amount == 0:
+            return
+    consumed = min(reserved, max(amount, 0))
     session.execute(text("UPDATE runs SET cost_micros = cost_micros + :amount, "
                          "reserved_micros = reserved_micros - :consumed WHERE id = :id"),
                     params={"amount": amount, "consumed": consumed, "id": run.id})

@@ -2,7 +2,7 @@
 
 The agent gets argv (never a shell), exactly the environment it is given, its own session and
 process group, and stdin from /dev/null. Its stdout and stderr, merged, stream to a capped log
-file; lines carrying usage (`{"fleet_usage": ...}` or Claude Code's `{"type": "result", ...}`) or
+file; lines carrying usage (in the agent's format: `parse`, see fleet/usage.py) or
 `{"fleet_done": ...}` are parsed as they arrive. A timeout, or a reason returned by `watch` or
 `on_usage`, stops the whole group: SIGTERM, `grace_s`, then SIGKILL.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleet import launcher
-from fleet.usage import DEFAULT_MAX_LINE, LineScanner, Usage, parse_line
+from fleet.usage import DEFAULT_MAX_LINE, LineScanner, ParseLine, Usage, parse_line
 
 LAUNCHER_PATH = Path(launcher.__file__)
 # -I: ignore PYTHON* variables meant for the agent; -S: skip site, half the startup time.
@@ -323,9 +323,10 @@ class _Run:
     """One running agent: its output, its clock, and the escalation that stops its group."""
 
     def __init__(self, proc: subprocess.Popen[bytes], output: Output, scanner: LineScanner, limits: _Limits,
-                 watch: Callable[[int], str | None], on_usage: Callable[[int], str | None]) -> None:
+                 watch: Callable[[int], str | None], on_usage: Callable[[int], str | None],
+                 parse: ParseLine) -> None:
         self.proc, self.pgid, self.output, self.scanner = proc, proc.pid, output, scanner
-        self.limits, self.watch, self.on_usage = limits, watch, on_usage
+        self.limits, self.watch, self.on_usage, self.parse = limits, watch, on_usage, parse
         now = time.monotonic()
         self.deadline = now + limits.timeout_s
         self.next_watch = now + limits.watch_interval_s
@@ -441,7 +442,7 @@ class _Run:
 
     def _on_lines(self, lines: list[bytes]) -> None:
         for line in lines:
-            usage, done = parse_line(line)
+            usage, done = self.parse(line)
             if done is not None:
                 self.done_reason = done
             if usage is not None:
@@ -490,7 +491,8 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
               watch_interval_s: float = 0.1, grace_s: float = 5.0,
               max_log_bytes: int = 10 * 2**20, tail_bytes: int = 16 * 1024, cwd: Path | None = None,
               max_line_bytes: int = DEFAULT_MAX_LINE, append_log: bool = False,
-              redact: tuple[str, ...] = (), launch: Launch = Launch()) -> ProcessResult:
+              redact: tuple[str, ...] = (), launch: Launch = Launch(),
+              parse: ParseLine = parse_line) -> ProcessResult:
     """Run one agent to its end (or stop it) and report how it went; blocks the calling thread.
 
     `env` is the agent's whole environment. `watch` gets the running cost every `watch_interval_s`
@@ -501,6 +503,7 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
     `append_log` adds to an existing log instead of replacing it (a poll, then the command).
     Each string in `redact` (the agent's own secrets) is masked in the log and the output tail.
     `launch` gives the launcher its tether, the agent's user and the run tag (see `Launch`).
+    `parse` reads usage from an output line (`fleet.usage.make_parser`; Fleet's own format by default).
     """
     output = Output(log_path, max_log_bytes=max_log_bytes, tail_bytes=tail_bytes, append=append_log,
                     redact=redact)
@@ -511,7 +514,7 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
             return _not_started(exc, argv, output)
         try:
             run = _Run(proc, output, LineScanner(max_line_bytes), _Limits(timeout_s, watch_interval_s, grace_s),
-                       watch, on_usage)
+                       watch, on_usage, parse)
         except BaseException:
             _abandon(proc)
             raise

@@ -26,8 +26,10 @@ from fleet.locks import Lease
 from fleet.models import Run, RunStatus
 from fleet.process import Tether
 from fleet.services import Services
+from fleet.usage import LineParser
 
 log = logs.get(__name__)
+BAD_USAGE = "bad_usage"  # stop reason: a usage line Fleet cannot price (fleet/usage.py)
 
 
 class Ownership:
@@ -204,6 +206,7 @@ class Watcher:
         self.stop_reason: str | None = None
         self.reserved = run.reserved_micros
         self._last_cost = 0
+        self.meter: LineParser | None = None  # the agent command's usage parser (its `problem` stops it)
 
     @property
     def lost(self) -> bool:
@@ -223,6 +226,9 @@ class Watcher:
     def usage(self, cost_micros: int) -> str | None:
         """Each usage line: hand it to the bookkeeper, and stop before one more step like this one could
         pass what the caps allowed when last looked at (the reservation always covers itself)."""
+        if self.meter is not None and self.meter.problem:
+            self.stop_reason = self.stop_reason or BAD_USAGE  # tokens Fleet cannot price are never $0
+            return BAD_USAGE
         step, self._last_cost = cost_micros - self._last_cost, cost_micros
         self.books.report(cost_micros)
         allowance = self.books.allowance

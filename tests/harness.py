@@ -30,6 +30,7 @@ from workers import broker
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+DATA = ROOT / "tests" / "data"  # recorded agent transcripts
 
 AGENTS = """
 [fleet]
@@ -42,6 +43,18 @@ retry_backoff_s = 0.2
 breaker_threshold = 1000
 kill_unreachable_grace_s = 3
 
+[prices."claude-sonnet-4-5-20250929"]   # Anthropic's list prices
+input_per_mtok = 3.00
+output_per_mtok = 15.00
+cache_write_per_mtok = 3.75
+cache_read_per_mtok = 0.30
+
+[prices."claude-opus-4-1-20250805"]     # cache writes at the 1-hour rate: dearer than the 5-minute ones it sees
+input_per_mtok = 15.00
+output_per_mtok = 75.00
+cache_write_per_mtok = 30.00
+cache_read_per_mtok = 1.50
+
 [agents.echo]
 command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
 est_cost_usd = 0.01
@@ -49,35 +62,43 @@ timeout_s = 30
 
 [agents.counter]
 command = ["python", "-m", "fleet.examples.echo_agent", "--append", "{tmp}/counter.txt", "--sleep", "0.3"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.fail]
 command = ["python", "-m", "fleet.examples.exit_with", "1", "--message", "boom: the failing agent"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit3]
 command = ["python", "-m", "fleet.examples.exit_with", "3"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit75]
 command = ["python", "-m", "fleet.examples.exit_with", "75"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit77]
 command = ["python", "-m", "fleet.examples.exit_with", "77"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.exit78]
 command = ["python", "-m", "fleet.examples.exit_with", "78"]
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.timeout]
 command = ["python", "-m", "fleet.examples.sleeper", "60", "--ignore-term", "--child",
            "--pidfile", "{tmp}/timeout.pids"]
+est_cost_usd = 0.01
 timeout_s = 1.5
 
 [agents.long]
 command = ["python", "-m", "fleet.examples.sleeper", "120", "--pidfile", "{tmp}/long.pids"]
+est_cost_usd = 0.01
 timeout_s = 300
 concurrency = 20
 
@@ -86,6 +107,7 @@ command = ["python", "-c",
            "import os; print('the key is', os.environ['FLEET_AGENT_KEY']); print(os.environ.get('TOKEN'))"]
 key_file = "keys/secret.key"
 secret_env = { TOKEN = "keys/secret.token" }
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.idle-poll]
@@ -112,25 +134,59 @@ command = ["python", "-m", "fleet.examples.exit_with", "1"]
 breaker_threshold = 3
 breaker_cooldown_s = 6  # longer than a 20-dispatch storm takes on a loaded 2-core machine
 concurrency = 20
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.crashy]
 command = ["python", "-m", "fleet.examples.sleeper", "3", "--child", "--pidfile", "{tmp}/crashy.pids"]
+est_cost_usd = 0.01
 timeout_s = 60
 
 [agents.worker-killer]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/worker-killer.log", "--kill-worker"]
+est_cost_usd = 0.01
 timeout_s = 60
 
 [agents.env]
 command = ["python", "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
 env = { MODEL = "sonnet" }
+est_cost_usd = 0.01
 timeout_s = 30
 
 [agents.stubborn]
 command = ["python", "-m", "fleet.examples.sleeper", "120", "--ignore-term", "--child",
            "--pidfile", "{tmp}/stubborn.pids"]
 timeout_s = 300
+est_cost_usd = 0.01
+
+[agents.claude-capped]          # a replayed `claude -p` session ($0.16 in all) under a $0.15 cap
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-fix-test.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-sonnet-4-5-20250929"]
+est_cost_usd = 0.02
+daily_cap_usd = 0.15
+timeout_s = 60
+
+[agents.claude-sonnet]
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-fix-test.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-sonnet-4-5-20250929"]
+est_cost_usd = 0.20
+timeout_s = 60
+
+[agents.claude-opus]
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-retry-fix.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-opus-4-1-20250805"]
+est_cost_usd = 1.00
+timeout_s = 60
+
+[agents.claude-unpriced]        # its session uses Sonnet, which this agent has no price for
+command = ["python", "-m", "fleet.examples.replay", "{data}/claude-stream-fix-test.jsonl"]
+usage_format = "claude-stream-json"
+models = ["claude-opus-4-1-20250805"]
+est_cost_usd = 0.05
+timeout_s = 60
 """
 
 SECRET_KEY = "sk-fleet-test-SECRET-KEY-0123456789abcdef"
@@ -233,7 +289,7 @@ class Fleet:
         self.direct_database_url = direct_database_url or database_url
         self.config_path = tmp / "fleet.toml"
         self.log_dir = tmp / "logs"
-        self.config_path.write_text(agents.replace("{tmp}", str(tmp)))
+        self.config_path.write_text(agents.replace("{tmp}", str(tmp)).replace("{data}", str(DATA)))
         keys_dir = tmp / "keys"
         keys_dir.mkdir(mode=0o700, exist_ok=True)
         for name, secret in (("secret.key", SECRET_KEY), ("secret.token", SECRET_TOKEN)):

@@ -25,6 +25,7 @@ TICKER = AGENTS + """
 [agents.ticker]
 command = ["python", "-m", "fleet.examples.echo_agent", "--append", "{tmp}/ticker.txt"]
 schedule = "every 2s"
+est_cost_usd = 0.01
 timeout_s = 30
 """
 

@@ -42,6 +42,7 @@ secret_env = { ANTHROPIC_API_KEY = "keys/digest.anthropic" }
 
 [agents.night-job_2]
 command = ["true"]
+est_cost_usd = 0.001
 """
 
 
@@ -88,7 +89,7 @@ def test_good_file_loads(fleet_dir: Path) -> None:
     assert digest.env == {"MODEL": "sonnet"}
     assert isinstance(digest.parsed_schedule, Cron)
     other = config.agent("night-job_2")
-    assert (other.schedule, other.key_file, other.concurrency, other.est_cost_usd) == (None, None, 1, 0.0)
+    assert (other.schedule, other.key_file, other.concurrency, other.est_cost_usd) == (None, None, 1, 0.001)
 
 
 def test_unknown_agent_lookup_is_not_found(fleet_dir: Path) -> None:
@@ -151,6 +152,96 @@ def test_each_bad_kind_is_refused_with_file_line_agent_and_field(fleet_dir: Path
     assert "nothing loaded" in message or "invalid TOML" in message
     for fragment in fragments:
         assert fragment.format(p=path) in message
+
+
+# An agent under a cap must say what a run costs: with no estimate it reserves nothing, and any
+# number of runs would start at an exactly-full cap.
+NO_ESTIMATE = [
+    ("own-cap", AGENT + "daily_cap_usd = 1.0\n", "{p}:1: agent 'a', est_cost_usd: required"),
+    ("fleet-cap", "[fleet]\ndaily_cap_usd = 5.0\n\n" + AGENT, "{p}:4: agent 'a', est_cost_usd: required"),
+    ("explicit-zero", "[fleet]\ndaily_cap_usd = 5.0\n\n" + AGENT + "\nest_cost_usd = 0.0\n",
+     "{p}:7: agent 'a', est_cost_usd: must be > 0"),
+    ("below-a-micro-dollar", AGENT + "daily_cap_usd = 1.0\nest_cost_usd = 0.0000004\n",
+     "{p}:4: agent 'a', est_cost_usd: must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), [case[1:] for case in NO_ESTIMATE],
+                         ids=[case[0] for case in NO_ESTIMATE])
+def test_an_agent_under_a_cap_needs_a_positive_estimate(fleet_dir: Path, text: str, fragment: str) -> None:
+    message = refused(fleet_dir, text)
+    assert fragment.format(p=fleet_dir / "fleet.toml") in message
+    assert "under a daily cap" in message
+
+
+def test_an_agent_under_no_cap_may_have_no_estimate(fleet_dir: Path) -> None:
+    config = load_fleet_config(write(fleet_dir, AGENT))
+    assert config.agent("a").est_cost_usd == 0.0
+
+
+SONNET_PRICE = """
+[prices."claude-sonnet-4-5-20250929"]
+input_per_mtok = 3.00
+output_per_mtok = 15.00
+cache_write_per_mtok = 3.75
+cache_read_per_mtok = 0.30
+"""
+CLAUDE_AGENT = """
+[agents.coder]
+command = ["claude", "-p", "fix the tests", "--output-format", "stream-json", "--verbose"]
+usage_format = "claude-stream-json"
+models = ["claude-sonnet-4-5-20250929"]
+"""
+
+
+def test_token_format_agent_loads_with_its_prices(fleet_dir: Path) -> None:
+    extra = '\n[prices."gpt-4.1"]\ninput_per_mtok = 2\noutput_per_mtok = 8\ncache_write_per_mtok = 0\n' \
+            'cache_read_per_mtok = 0.5\n'
+    config = load_fleet_config(write(fleet_dir, SONNET_PRICE + extra + CLAUDE_AGENT + AGENT))
+    coder = config.agent("coder")
+    assert (coder.usage_format, coder.models) == ("claude-stream-json", ["claude-sonnet-4-5-20250929"])
+    assert config.agent("a").usage_format == "fleet"
+    assert sorted(config.prices) == ["claude-sonnet-4-5-20250929", "gpt-4.1"]
+    sonnet = config.prices["claude-sonnet-4-5-20250929"]
+    assert (sonnet.input_per_mtok, sonnet.output_per_mtok, sonnet.cache_write_per_mtok,
+            sonnet.cache_read_per_mtok) == (3.0, 15.0, 3.75, 0.3)
+    assert list(config.prices_of(coder)) == ["claude-sonnet-4-5-20250929"]  # only the models it declares
+    assert config.prices_of(config.agent("a")) == {}
+
+
+# (id, text, fragment; "{p}" is the file's path)
+BAD_USAGE = [
+    ("unknown-format", AGENT + 'usage_format = "stream-json"\n',
+     "{p}:3: agent 'a', usage_format: Input should be 'fleet', 'claude-stream-json' or 'json-tokens'"),
+    ("tokens-without-models", AGENT + 'usage_format = "json-tokens"\n',
+     "{p}:3: agent 'a', models: required with usage_format = \"json-tokens\""),
+    ("model-without-price", CLAUDE_AGENT,
+     "{p}:5: agent 'coder', models: 'claude-sonnet-4-5-20250929' has no [prices.\"claude-sonnet-4-5-20250929\"]"),
+    ("models-with-fleet-format", SONNET_PRICE + AGENT + 'models = ["claude-sonnet-4-5-20250929"]\n',
+     "{p}:9: agent 'a', models: only read with usage_format"),
+    ("empty-model-name", AGENT + 'usage_format = "json-tokens"\nmodels = [" "]\n',
+     "{p}:4: agent 'a', models: model names must be non-empty"),
+    ("price-missing-kind", SONNET_PRICE.replace("cache_read_per_mtok = 0.30\n", "") + CLAUDE_AGENT,
+     "{p}:2: [prices.claude-sonnet-4-5-20250929] cache_read_per_mtok: required key is missing"),
+    ("price-negative", SONNET_PRICE.replace("= 15.00", "= -15.00") + CLAUDE_AGENT,
+     "{p}:4: [prices.claude-sonnet-4-5-20250929] output_per_mtok:"),
+    ("price-nan", SONNET_PRICE.replace("= 3.00", "= nan") + CLAUDE_AGENT,
+     "{p}:3: [prices.claude-sonnet-4-5-20250929] input_per_mtok:"),
+    ("price-inf", SONNET_PRICE.replace("= 3.75", "= inf") + CLAUDE_AGENT,
+     "{p}:5: [prices.claude-sonnet-4-5-20250929] cache_write_per_mtok:"),
+    ("price-string", SONNET_PRICE.replace("= 0.30", '= "cheap"') + CLAUDE_AGENT,
+     "{p}:6: [prices.claude-sonnet-4-5-20250929] cache_read_per_mtok:"),
+    ("price-unknown-key", SONNET_PRICE + "batch_per_mtok = 1.0\n" + CLAUDE_AGENT,
+     "{p}:7: [prices.claude-sonnet-4-5-20250929] batch_per_mtok: unknown key"),
+    ("price-not-a-table", '[prices]\nsonnet = 3.0\n', '{p}:1: [prices."sonnet"] must be a table'),
+    ("prices-not-a-table", 'prices = 3\n', "{p}:1: [prices] must be a table of [prices.MODEL] tables"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), [case[1:] for case in BAD_USAGE], ids=[case[0] for case in BAD_USAGE])
+def test_usage_that_cannot_be_priced_is_refused(fleet_dir: Path, text: str, fragment: str) -> None:
+    message = refused(fleet_dir, text)
+    assert fragment.format(p=fleet_dir / "fleet.toml") in message
 
 
 def test_every_problem_is_reported_at_once(fleet_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,9 +17,11 @@ from sqlalchemy import text
 from sqlmodel import select
 
 from fleet import db, keys, store
+from fleet.config import Settings, load_fleet_config
 from fleet.dispatch import DispatchRequest, dispatch, payload_argument
 from fleet.errors import BadInputError
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus, SpendDay
+from fleet.services import build
 from tests.harness import SECRET_KEY, SECRET_TOKEN, Fleet, pid_alive, wait_for
 
 pytestmark = pytest.mark.slow
@@ -279,3 +282,45 @@ def test_an_unusable_payload_argument_is_bad_input(tmp_path: Path, value: str, s
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(BadInputError, match=message.format(tmp=tmp_path).replace(".", r"\.")):
         payload_argument(value.format(tmp=tmp_path), io.StringIO(stdin))
+
+
+PAID_ONLY = """
+[fleet]
+daily_cap_usd = 0.02
+
+[agents.paid]
+command = ["true"]
+est_cost_usd = 0.02
+"""
+ZERO_ESTIMATE = """
+[agents.zero]
+command = ["true"]
+"""
+
+
+def test_no_estimate_under_a_full_cap_starts_nothing(tmp_path: Path, database_url: str, redis_url: str) -> None:
+    """At an exactly-full fleet cap, an agent with no estimate used to reserve $0 and be queued anyway."""
+    config = tmp_path / "fleet.toml"
+    config.write_text(PAID_ONLY)
+    settings = Settings(config=config, redis_url=redis_url, database_url=database_url, log_dir=tmp_path / "logs")
+    services = build(settings, load_fleet_config(config))
+    try:
+        services.redis.flushdb()
+        db.upgrade(services.engine)
+        filled = dispatch(services, DispatchRequest("paid", "fill", None, False, actor="test"), lambda _r, _f: None)
+        assert filled.status == "queued"  # its $0.02 reservation fills the $0.02 cap exactly
+        config.write_text(PAID_ONLY + ZERO_ESTIMATE)  # the operator adds an agent and no estimate
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update(FLEET_CONFIG=str(config), FLEET_REDIS_URL=redis_url, FLEET_DATABASE_URL=database_url,
+                   FLEET_LOG_DIR=str(tmp_path / "logs"))
+        proc = subprocess.run([sys.executable, "-m", "fleet", "dispatch", "zero", "--key", "k"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 78, proc.stdout + proc.stderr
+        assert f"{config}:9: agent 'zero', est_cost_usd: required" in proc.stderr
+        with db.session(services.engine) as session:
+            runs = list(session.exec(select(Run)))
+            assert [r.agent for r in runs] == ["paid"]
+            fleet_row = session.get(SpendDay, (runs[0].budget_day, keys.GLOBAL))
+            assert fleet_row is not None and (fleet_row.reserved_micros, fleet_row.spent_micros) == (20_000, 0)
+    finally:
+        services.close()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from fleet import launcher
+from fleet.config import PriceTable
 from fleet.process import (
     EXIT_CANNOT_EXECUTE,
     EXIT_NOT_FOUND,
@@ -30,6 +31,7 @@ from fleet.process import (
     parse_line,
     run_agent,
 )
+from fleet.usage import make_parser
 
 ENV = {"PATH": os.defpath, "LANG": "C.UTF-8"}
 SLEEPER = ["python", "-m", "fleet.examples.sleeper"]
@@ -287,6 +289,27 @@ def test_on_usage_reason_stops_it(run: Callable[..., ProcessResult]) -> None:
     assert result.stop_reason == "over_cap"
     assert totals[:3] == [10000, 20000, 30000]
     assert 30000 <= result.cost_micros < 200 * 10000
+
+
+def test_usage_is_read_in_the_agents_format(run: Callable[..., ProcessResult]) -> None:
+    """A json-tokens agent: each line priced as it arrives; other output, and Fleet's own lines, ignored."""
+    price = PriceTable(input_per_mtok=3.0, output_per_mtok=15.0, cache_write_per_mtok=3.75, cache_read_per_mtok=0.3)
+    totals: list[int] = []
+
+    def on_usage(cost_micros: int) -> str | None:
+        totals.append(cost_micros)
+        return None
+
+    code = """
+        import json
+        print("thinking...", flush=True)
+        print(json.dumps({"fleet_usage": {"cost_usd": 5}}), flush=True)
+        for out in (100, 200):
+            print(json.dumps({"model": "m", "usage": {"input_tokens": 1000, "output_tokens": out}}), flush=True)
+        """
+    result = run(python_agent(code), on_usage=on_usage, parse=make_parser("json-tokens", {"m": price}))
+    assert totals == [4500, 4500 + 6000]
+    assert (result.cost_micros, result.input_tokens, result.output_tokens) == (10500, 2000, 300)
 
 
 def test_a_raising_callback_still_kills_the_agent(run: Callable[..., ProcessResult], tmp_path: Path) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from fleet import db, keys, killswitch
-from fleet.models import Run, RunStatus, SpendDay
+from fleet import db, keys, killswitch, store
+from fleet.models import DeadLetter, Run, RunStatus, SpendDay
 from fleet.process import group_alive
-from tests.harness import AGENTS, Fleet, pid_alive, private_fleet, wait_for, wait_for_pids
+from tests.harness import AGENTS, DATA, Fleet, pid_alive, private_fleet, wait_for, wait_for_pids
 from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = pytest.mark.slow
@@ -69,16 +69,68 @@ def test_cap_race_exactly_five_reserved(fleet: Fleet, tmp_path: Path) -> None:
     assert proc.returncode == 3 and "over_cap" in proc.stdout
 
 
-def test_running_cost_guard_stops_before_the_cap(fleet: Fleet) -> None:
-    """An agent that keeps reporting spend ($0.10 at a time, $1.00 cap) is stopped at the cap."""
-    fleet.reset_agent("spender")
-    result = send(fleet, "spender", f"spend-{uuid.uuid4().hex}")
+@pytest.mark.parametrize(("agent", "cap", "least"), [
+    ("spender", 1_000_000, 900_000),  # Fleet's own usage lines, $0.10 each
+    ("claude-capped", 150_000, 100_000),  # a replayed `claude -p` session ($0.16 in all): turns priced as they come
+], ids=["fleet-usage-lines", "claude-stream-json"])
+def test_running_cost_guard_stops_before_the_cap(fleet: Fleet, agent: str, cap: int, least: int) -> None:
+    """An agent that keeps spending is stopped mid-way, before its cap (the claude run before its result line)."""
+    fleet.reset_agent(agent)
+    result = send(fleet, agent, f"spend-{uuid.uuid4().hex}")
     run = wait_status(fleet, result.run_id, {"killed", "succeeded", "dead"}, timeout=60)
     assert run.status == RunStatus.KILLED and run.error == "stopped by the spend cap"
-    row = ledger_row(fleet, "spender")
-    assert row is not None and row.spent_micros <= 1_000_000 and row.reserved_micros == 0
-    assert run.cost_micros == row.spent_micros >= 900_000
-    assert send(fleet, "spender", f"spend-{uuid.uuid4().hex}").reason == "over_cap"
+    row = ledger_row(fleet, agent)
+    assert row is not None and row.spent_micros <= cap and row.reserved_micros == 0
+    assert run.cost_micros == row.spent_micros >= least
+    assert '"type":"result"' not in (fleet.log_dir / "runs" / f"{run.id}.log").read_text()
+    assert send(fleet, agent, f"spend-{uuid.uuid4().hex}").reason == "over_cap"
+
+
+def final_total_micros(transcript: str) -> int:
+    """The `total_cost_usd` a recorded stream-json transcript ends with, in micro-dollars."""
+    last = json.loads((DATA / transcript).read_text().splitlines()[-1])
+    return round(last["total_cost_usd"] * 1_000_000)
+
+
+@pytest.mark.parametrize(("agent", "transcript", "running_sum"), [
+    ("claude-sonnet", "claude-stream-fix-test.jsonl", 160_376),  # the total adds Claude Code's own small calls
+    ("claude-opus", "claude-stream-retry-fix.jsonl", 728_487),  # dearer cache prices than the session used
+], ids=["total-above-the-turns", "total-below-the-turns"])
+def test_settlement_books_the_reported_total(fleet: Fleet, agent: str, transcript: str, running_sum: int) -> None:
+    """The result line's total_cost_usd replaces what the turns added up to, above or below it."""
+    fleet.reset_agent(agent)
+    before = ledger_row(fleet, agent)
+    spent_before = before.spent_micros if before is not None else 0
+    result = send(fleet, agent, f"settle-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"succeeded", "killed", "dead"}, timeout=60)
+    total = final_total_micros(transcript)
+    assert total != running_sum
+    assert run.status == RunStatus.SUCCEEDED and run.cost_micros == total and run.reserved_micros == 0
+    row = ledger_row(fleet, agent)
+    assert row is not None and (row.spent_micros - spent_before, row.reserved_micros) == (total, 0)
+    with db.session(fleet.services.engine) as session:
+        ended = [e for e in store.run_events(session=session, run_id=run.id) if e.kind == "run.succeeded"]
+    assert len(ended) == 1
+
+
+def test_usage_naming_an_unpriced_model_stops_the_agent(fleet: Fleet) -> None:
+    """Tokens of a model the agent has no price for are never counted as $0: the agent is stopped at its
+    first turn, the run is dead-lettered, the agent paused, and its whole reservation booked."""
+    fleet.reset_agent("claude-unpriced")
+    result = send(fleet, "claude-unpriced", f"unpriced-{uuid.uuid4().hex}")
+    run = wait_status(fleet, result.run_id, {"succeeded", "killed", "dead"}, timeout=60)
+    assert run.status == RunStatus.DEAD and run.attempt == 1
+    assert run.error is not None and "usage cannot be priced" in run.error and "claude-sonnet-4-5" in run.error
+    assert run.cost_micros == 50_000  # its est_cost_usd: what it spent is unknown, so not less than that
+    # The pause follows the outcome once it is persisted: wait for it.
+    paused = wait_for(lambda: fleet.redis.get(keys.paused("claude-unpriced")), 10, "the agent to be paused")
+    assert "claude-sonnet-4-5" in paused
+    with db.session(fleet.services.engine) as session:
+        letter = session.exec(select(DeadLetter).where(DeadLetter.run_id == run.id)).one()
+    assert letter.reason == "usage"
+    log = (fleet.log_dir / "runs" / f"{run.id}.log").read_text()
+    assert '"type":"result"' not in log
+    fleet.reset_agent("claude-unpriced")
 
 
 def test_kill_stops_every_agent_within_a_second(fleet: Fleet) -> None:

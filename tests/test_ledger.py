@@ -1,0 +1,66 @@
+"""fleet.ledger on SQLite and PostgreSQL: charges, corrections and settlement keep spent + reserved true."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+
+from fleet import db, ledger
+from fleet.keys import GLOBAL
+from fleet.models import Run, RunStatus, SpendDay
+
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
+DAY = "2026-12-01"
+CAPS = ledger.Caps(agent=1_000_000, fleet=5_000_000)
+
+
+def reserved_run(engine: Engine, amount: int) -> Run:
+    """A running run that reserved `amount` today."""
+    with db.session(engine) as session:
+        assert ledger.reserve(session, day=DAY, agent="a", amount=amount, caps=CAPS, now=NOW)
+        run = Run(id="r" * 32, idem_key="a:k", agent="a", work_key="k", status=RunStatus.RUNNING, budget_day=DAY,
+                  reserved_micros=amount, created_at=NOW, updated_at=NOW)
+        session.add(run)
+        session.commit()
+        session.refresh(run)
+        session.expunge(run)
+    return run
+
+
+def books(engine: Engine) -> list[tuple[int, int]]:
+    """(cost, reserved) of the run, then (spent, reserved) of the agent's and the fleet's rows."""
+    with db.session(engine) as session:
+        run = session.get(Run, "r" * 32)
+        rows = [row for scope in ("a", GLOBAL) if (row := session.get(SpendDay, (DAY, scope))) is not None]
+        assert run is not None and len(rows) == 2
+        return [(run.cost_micros, run.reserved_micros), *((row.spent_micros, row.reserved_micros) for row in rows)]
+
+
+def charge(engine: Engine, run: Run, amount: int) -> None:
+    with db.session(engine) as session:
+        ledger.charge(session, run=run, amount=amount, now=NOW)
+        session.commit()
+
+
+def test_a_correction_takes_spend_back_and_leaves_the_reservation(engine: Engine) -> None:
+    """A final total below the running sum: the difference comes off spend, not off what is still reserved."""
+    run = reserved_run(engine, 200_000)
+    charge(engine, run, 300_000)  # past the reservation: all of it consumed
+    assert books(engine) == [(300_000, 0)] * 3
+    charge(engine, run, -100_000)
+    assert books(engine) == [(200_000, 0)] * 3
+
+
+def test_a_correction_never_books_below_zero(engine: Engine) -> None:
+    run = reserved_run(engine, 200_000)
+    charge(engine, run, 50_000)
+    assert books(engine) == [(50_000, 150_000)] * 3
+    charge(engine, run, -80_000)  # more than was booked: only what was booked comes back
+    assert books(engine) == [(0, 150_000)] * 3
+    charge(engine, run, -1)
+    assert books(engine) == [(0, 150_000)] * 3
+    with db.session(engine) as session:
+        assert ledger.settle(session, run=run, now=NOW)
+        session.commit()
+    assert books(engine) == [(0, 0)] * 3
