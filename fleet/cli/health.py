@@ -5,26 +5,26 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet import keys, sweeps, watchdog
-from fleet.cli import JsonOpt, app, emit_json, out, services, table
-from fleet.cli_runs import celery_sender
+from fleet.cli.common import JsonOpt, celery_sender, emit_json, out, services, start_sentry, table
 from fleet.errors import ExitCode, UnavailableError
-from fleet.services import Services, check_redis
-from fleet.state import snapshot
+
+if TYPE_CHECKING:
+    from fleet.services import Services
 
 _COLOUR = {"green": "green", "amber": "yellow", "red": "red"}
 
 
-@app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The whole fleet on one screen: kill switch, spend, runs, breakers, DLQ, queues, beat, watchdog.
 
     Example: fleet status --json
     """
+    from fleet.state import snapshot
+
     svc = services()
     picture = snapshot(svc)
     if as_json:
@@ -67,7 +67,6 @@ def _print_status(p: dict[str, Any]) -> None:
     out.print(f"beat: leader {p['beat']['leader'] or 'none'}, last tick {p['beat']['last_tick'] or 'never'}")
 
 
-@app.command("watchdog")
 def watchdog_command(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the canaries to come back.")] = 20.0,
     as_json: JsonOpt = False,
@@ -76,10 +75,12 @@ def watchdog_command(
 
     Example: */5 * * * * fleet watchdog --json || page-me
     """
-    svc = services()
-    check_redis(svc.redis)
-    from fleet import db
+    from fleet import db, watchdog
+    from fleet.services import check_redis
 
+    svc = services()
+    start_sentry()  # a red verdict is an alert
+    check_redis(svc.redis)
     db.check(svc.engine)
     _push_canaries(svc, wait)
     verdict = watchdog.run_watchdog(svc, None, deadline_s=wait)
@@ -96,6 +97,7 @@ def watchdog_command(
 
 def _push_canaries(svc: Services, wait: float) -> None:
     """Send a canary through each queue now and give the workers `wait` seconds to return it."""
+    from fleet import keys, watchdog
     from workers.tasks import send_canary
 
     stamp = svc.now().isoformat()
@@ -121,13 +123,15 @@ class SweepName(str, Enum):
     retention = "retention"
 
 
-@app.command()
 def sweep(name: SweepName, as_json: JsonOpt = False) -> None:
     """Run one sweep now (beat runs them on schedule).
 
     Example: fleet sweep reaper
     """
+    from fleet import sweeps
+
     svc = services()
+    start_sentry()  # the reaper's dead letters and crash loops are alerts
     try:
         if name is SweepName.reaper:
             report = sweeps.reap(svc, celery_sender())

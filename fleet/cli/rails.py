@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo
 
 import typer
 
-from fleet import db, keys, killswitch, store
-from fleet.cli import JsonOpt, app, emit_json, out, services, table
-from fleet.cli_runs import actor
+from fleet.cli.common import JsonOpt, actor, emit_json, out, services, start_sentry, table
 from fleet.keys import GLOBAL
-from fleet.state import spend_report
 
 
-@app.command()
 def kill(
     agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
     reason: Annotated[str | None, typer.Option(help="Why (shown in status and the audit trail).")] = None,
@@ -26,7 +21,10 @@ def kill(
 
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
+    from fleet import killswitch
+
     svc = services()
+    start_sentry()  # the kill is an alert
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
     killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard, now=svc.now())
     out.print(f"kill switch engaged for {'the whole fleet' if agent is None else 'agent ' + agent}"
@@ -38,7 +36,6 @@ def kill(
         out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
 
 
-@app.command()
 def resume(
     agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
 ) -> None:
@@ -46,7 +43,7 @@ def resume(
 
     Example: fleet resume    |    fleet resume digest
     """
-    from fleet import keys
+    from fleet import keys, killswitch
 
     svc = services()
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
@@ -56,7 +53,6 @@ def resume(
     out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + agent}")
 
 
-@app.command()
 def spend(
     day: Annotated[str | None, typer.Option(help="Budget day YYYY-MM-DD (default: today).")] = None,
     as_json: JsonOpt = False,
@@ -65,6 +61,8 @@ def spend(
 
     Example: fleet spend --json
     """
+    from fleet.state import spend_report
+
     svc = services()
     data = spend_report(svc, day)
     if as_json:
@@ -79,12 +77,15 @@ def spend(
     out.print(grid)
 
 
-@app.command()
 def agents(as_json: JsonOpt = False) -> None:
     """Each agent: schedule and next fire, caps, breaker, concurrency, and its key's fingerprint.
 
     Example: fleet agents --json
     """
+    from zoneinfo import ZoneInfo
+
+    from fleet import db, keys, store
+
     svc = services()
     now = svc.now().astimezone(ZoneInfo(svc.config.fleet.timezone))
     rows: list[dict[str, Any]] = []

@@ -2,49 +2,31 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet import db, dlq, store
-from fleet.cli import JsonOpt, app, emit_json, err, out, services, table
-from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch, parse_payload
-from fleet.errors import ExitCode, NotFoundError
-from fleet.executor import run_log_path
-from fleet.models import TERMINAL, DeadLetter, Run, RunStatus
-from fleet.services import Services
+from fleet.cli.common import JsonOpt, actor, celery_sender, emit_json, err, out, services, start_sentry, table
+from fleet.errors import ExitCode
+
+if TYPE_CHECKING:
+    from fleet.dispatch import DispatchResult
+    from fleet.models import DeadLetter, Run
+    from fleet.services import Services
 
 runs_app = typer.Typer(invoke_without_command=True)  # its help is runs_list's docstring, with the example
 dlq_app = typer.Typer(help="The dead-letter queue: list, show, replay, purge.", no_args_is_help=True)
-app.add_typer(runs_app, name="runs")
-app.add_typer(dlq_app, name="dlq")
 
 REFUSED_EXIT = ExitCode.IDLE  # refused by cap, busy, killed, breaker: nothing done
 
 
-def actor() -> str:
-    """Who is acting, for the audit trail."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"cli:{user}@{socket.gethostname()}"
-
-
-def celery_sender() -> Sender:
-    """The Celery sender, imported only by the commands that send (the core never imports Celery)."""
-    from workers.tasks import send_execute
-
-    return send_execute
-
-
 def run_exit_code(run: Run) -> int:
     """A finished run's exit code for the shell: the agent's own where it failed."""
+    from fleet.models import RunStatus
+
     if run.status == RunStatus.SUCCEEDED:
         return ExitCode.OK
     if run.status in (RunStatus.IDLE, RunStatus.KILLED, RunStatus.ARCHIVED):
@@ -52,7 +34,6 @@ def run_exit_code(run: Run) -> int:
     return run.exit_code if run.exit_code not in (None, 0) else ExitCode.FAILURE
 
 
-@app.command("dispatch")
 def dispatch_command(
     agent: Annotated[str, typer.Argument(help="The agent's name in fleet.toml.")],
     key: Annotated[str | None, typer.Option("--key", "-k", help="Work key: the same key never runs twice.")] = None,
@@ -66,7 +47,10 @@ def dispatch_command(
 
     Example: fleet dispatch digest --key 2026-11-21 --payload '{"topic": "news"}' --wait
     """
+    from fleet.dispatch import DispatchRequest, dispatch, parse_payload
+
     svc = services()
+    start_sentry()  # a refusal over the cap is an alert
     request = DispatchRequest(agent, key, parse_payload(payload), dry_run, actor=actor())
     result = dispatch(svc, request, (lambda *_: None) if dry_run else celery_sender())
     report_dispatch(result, as_json)
@@ -97,6 +81,8 @@ def _print_dispatch(result: dict[str, Any]) -> None:
 
 def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float | None = None) -> Run:
     """Wait for a run to end, showing its status as it changes."""
+    from fleet.models import TERMINAL
+
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     with err.status(f"run {run_id}: waiting", spinner="dots") as spinner:
@@ -119,6 +105,9 @@ def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float |
 
 def load_run(svc: Services, run_id: str) -> Run:
     """A run by id (69 when unknown)."""
+    from fleet import db, store
+    from fleet.errors import NotFoundError
+
     with db.session(svc.engine) as session:
         run = store.get_run(session=session, run_id=run_id)
     if run is None:
@@ -128,6 +117,8 @@ def load_run(svc: Services, run_id: str) -> Run:
 
 def run_json(run: Run) -> dict[str, Any]:
     """A run as stable JSON."""
+    from fleet.models import RunStatus
+
     data = run.model_dump(mode="json")
     data["status"] = str(run.status.value if isinstance(run.status, RunStatus) else run.status)
     data["cost_usd"] = run.cost_micros / 1_000_000
@@ -148,6 +139,9 @@ def runs_list(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from fleet import db, store
+    from fleet.models import RunStatus
+
     if status is not None and status not in {s.value for s in RunStatus}:
         from fleet.errors import BadInputError
 
@@ -171,6 +165,9 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
 
     Example: fleet runs show 3f2a...
     """
+    from fleet import db, store
+    from fleet.executor import run_log_path
+
     svc = services()
     run = load_run(svc, run_id)
     with db.session(svc.engine) as session:
@@ -187,7 +184,6 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
         out.print(f"  {e.at.isoformat(timespec='seconds')} {e.kind} {e.detail or ''}", highlight=False)
 
 
-@app.command()
 def logs(
     run_id: str,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
@@ -196,6 +192,9 @@ def logs(
 
     Example: fleet logs 3f2a... -f
     """
+    from fleet.executor import run_log_path
+    from fleet.models import TERMINAL
+
     svc = services()
     run = load_run(svc, run_id)
     path = run_log_path(svc.settings.log_dir, run_id)
@@ -234,6 +233,8 @@ def dlq_list(as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq list --json
     """
+    from fleet import db, store
+
     svc = services()
     with db.session(svc.engine) as session:
         rows = store.list_dead_letters(session=session)
@@ -253,6 +254,8 @@ def dlq_show(dead_id: int, as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq show 7
     """
+    from fleet import dlq
+
     dead = dlq.get(services(), dead_id)
     if as_json:
         emit_json(dead_json(dead))
@@ -270,7 +273,11 @@ def dlq_replay(dead_id: int, as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq replay 7
     """
-    report_dispatch(dlq.replay(services(), dead_id, celery_sender(), actor()), as_json)
+    from fleet import dlq
+
+    svc = services()
+    start_sentry()  # the replay is a dispatch: a refusal over the cap is an alert
+    report_dispatch(dlq.replay(svc, dead_id, celery_sender(), actor()), as_json)
 
 
 @dlq_app.command("purge")
@@ -286,6 +293,8 @@ def dlq_purge(
         from fleet.errors import BadInputError
 
         raise BadInputError("name dead letter ids, or pass --all")
+    from fleet import dlq
+
     removed = dlq.purge(services(), None if all_ else list(dead_ids or []), actor())
     out.print(f"purged {removed} dead letter(s)")
 
@@ -293,7 +302,6 @@ def dlq_purge(
 # ---------------------------------------------------------------- audit trail
 
 
-@app.command()
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=100000, help="How many recent events.")] = 50,
@@ -303,6 +311,8 @@ def events(
 
     Example: fleet events -f --json
     """
+    from fleet import db, store
+
     svc = services()
     with db.session(svc.engine) as session:
         newest = store.recent_events(session=session, limit=limit)
