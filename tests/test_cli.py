@@ -610,3 +610,25 @@ def test_runs_json_prints_no_warnings(fleet: Fleet) -> None:
     for proc in (listed, shown):
         assert_exit(proc, 0)
         assert "Warning" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- what a command prints, and nothing else
+
+
+def test_kill_prints_one_clean_line_and_its_alert_goes_to_the_log_file(fleet: Fleet) -> None:
+    """The kill's alert (and any log line on the way) is JSON in <log_dir>/cli.jsonl, not in the command's output."""
+    only_once(fleet)
+    agent = "exit3"
+    fleet.reset_agent(agent)
+    reason = f"clean output {uuid.uuid4().hex[:8]}"
+    try:
+        killed = fleet.cli("kill", agent, "--reason", reason)
+    finally:
+        resumed = fleet.cli("resume", agent)
+    assert_exit(killed, 0)
+    assert (killed.stdout, killed.stderr) == (f"kill switch engaged for agent {agent}: {reason}\n", ""), show(killed)
+    assert_exit(resumed, 0)
+    assert (resumed.stdout, resumed.stderr) == (f"resumed agent {agent}\n", ""), show(resumed)
+    logged = [json.loads(line) for line in (fleet.log_dir / "cli.jsonl").read_text().splitlines()]
+    (alert,) = [line for line in logged if line["event"] == "alert" and reason in line["message"]]
+    assert (alert["kind"], alert["process"], alert["level"]) == ("kill_engaged", "cli", "warning")

@@ -16,7 +16,7 @@ import sys
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, TextIO, cast
 
 import typer
 
@@ -98,13 +98,14 @@ def emit_json(data: Any) -> None:
 
 
 def settings() -> Settings:
-    """The process settings, with --config applied (it wins over FLEET_CONFIG)."""
+    """The process settings, with --config applied (it wins over FLEET_CONFIG); logging set up once."""
     if state.settings is None:
         from fleet.config import load_settings
 
         loaded = load_settings()
         if state.config_path is not None:
             loaded = loaded.model_copy(update={"config": state.config_path})
+        _log_to_file(loaded)
         state.settings = loaded
     return state.settings
 
@@ -144,6 +145,44 @@ def celery_sender() -> Sender:
     from workers.tasks import send_execute
 
     return send_execute
+
+
+# ---------------------------------------------------------------- logs
+
+
+class LogFile:
+    """Where a command's log lines go: appended as JSON to a file opened on the first line, so a
+    command that logs nothing creates nothing; the real stderr when the file cannot be opened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def _target(self) -> IO[str]:
+        if self._handle is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._handle = self.path.open("a", encoding="utf-8")
+            except OSError:
+                self._handle = sys.__stderr__ or sys.stderr
+        return self._handle
+
+    def write(self, text: str) -> int:
+        """Append (and open the file first, the first time)."""
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        """Flush what was written, if anything was."""
+        if self._handle is not None:
+            self._handle.flush()
+
+
+def _log_to_file(s: Settings) -> None:
+    # A command prints its one clean answer; what the core logs on the way (an alert, a warning)
+    # goes to <log_dir>/cli.jsonl, never between the command's own lines.
+    from fleet import logs
+
+    logs.configure("cli", stream=cast(TextIO, LogFile(s.log_dir / "cli.jsonl")))  # it has write and flush
 
 
 # ---------------------------------------------------------------- exit codes
