@@ -632,3 +632,15 @@ def test_kill_prints_one_clean_line_and_its_alert_goes_to_the_log_file(fleet: Fl
     logged = [json.loads(line) for line in (fleet.log_dir / "cli.jsonl").read_text().splitlines()]
     (alert,) = [line for line in logged if line["event"] == "alert" and reason in line["message"]]
     assert (alert["kind"], alert["process"], alert["level"]) == ("kill_engaged", "cli", "warning")
+
+
+def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:
+    only_once(fleet)
+    fleet.reset_agent("echo")
+    result = send(fleet, "echo", new_key("exit0"))
+    wait_status(fleet, result.run_id, {"succeeded", "dead"})
+    runs = fleet.cli("runs", "--agent", "echo", "--limit", "5", env=WIDE)
+    assert_exit(runs, 0)
+    (row,) = [line for line in runs.stdout.splitlines() if result.run_id in line]
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[3:6] == ["succeeded", "1", "0"], row  # status, attempt, exit

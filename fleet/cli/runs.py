@@ -115,6 +115,11 @@ def load_run(svc: Services, run_id: str) -> Run:
     return run
 
 
+def _cell(value: int | None) -> str:
+    """A table cell: blank for no value, and 0 shown as 0 (an exit code of 0 is an answer)."""
+    return "" if value is None else str(value)
+
+
 def run_json(run: Run) -> dict[str, Any]:
     """A run as stable JSON."""
     from fleet.models import RunStatus
@@ -154,7 +159,7 @@ def runs_list(
         return
     grid = table("run", "agent", "work key", "status", "attempt", "exit", "cost $", "created")
     for r in rows:
-        grid.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), str(r.exit_code or ""),
+        grid.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), _cell(r.exit_code),
                       f"{r.cost_micros / 1e6:.4f}", r.created_at.isoformat(timespec="seconds"))
     out.print(grid)
 
@@ -243,7 +248,7 @@ def dlq_list(as_json: JsonOpt = False) -> None:
         return
     grid = table("id", "agent", "run", "reason", "attempts", "exit", "error", "replayed as")
     for d in rows:
-        grid.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), str(d.exit_code or ""),
+        grid.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), _cell(d.exit_code),
                       (d.last_error or "")[:60], d.replayed_run_id or "")
     out.print(grid)
 
