@@ -240,14 +240,20 @@ def test_exit_3_busy_and_idle(fleet: Fleet) -> None:
     assert holder is not None
     busy_key = new_key("busy")
     try:
-        busy, idle = cli_all(fleet, ["dispatch", "counter", "--key", busy_key, "--json"],
-                             ["dispatch", "exit3", "--key", new_key("idle"), "--wait"])
+        busy, busy_table, idle = cli_all(fleet, ["dispatch", "counter", "--key", busy_key, "--json"],
+                                         ["dispatch", "counter", "--key", new_key("busy-table")],
+                                         ["dispatch", "exit3", "--key", new_key("idle"), "--wait"])
     finally:
         fleet.services.leases.release(holder)
     refused = parse(busy, 3)
     assert refused["status"] == "refused" and refused["reason"] == "busy", refused
     assert not refused["gates"]["lock"]["ok"] and "0 of 1" in refused["gates"]["lock"]["detail"]
     assert runs_with_key(fleet, f"counter:{busy_key}") == []
+    # Said as why and what to do, naming the run that holds the slot (not "would fire: <id>").
+    assert_exit(busy_table, 3)
+    assert busy_table.stdout.splitlines()[0] == (
+        "refused: busy — 1 of 1 slots taken by run held-by-test-cli; try again when it ends"), show(busy_table)
+    assert "would fire" not in busy_table.stdout
     assert_exit(idle, 3)
     assert "ended idle" in idle.stdout
 
@@ -261,8 +267,9 @@ def test_kill_shows_in_status_refuses_dispatch_with_3_and_resume_lifts_it(fleet:
     depth_before = dlq_depth(fleet)
     assert_exit(fleet.cli("kill", agent, "--reason", reason), 0)
     try:
-        table, as_json, refused = cli_all(fleet, ["status"], ["status", "--json"],
-                                          ["dispatch", agent, "--key", key, "--json"], env=WIDE)
+        table, as_json, refused, refused_table = cli_all(
+            fleet, ["status"], ["status", "--json"], ["dispatch", agent, "--key", key, "--json"],
+            ["dispatch", agent, "--key", new_key("killed-table")], env=WIDE)
     finally:
         resumed = fleet.cli("resume", agent)
     assert_exit(resumed, 0)
@@ -272,6 +279,10 @@ def test_kill_shows_in_status_refuses_dispatch_with_3_and_resume_lifts_it(fleet:
     assert (result["status"], result["reason"]) == ("refused", "killed")
     assert not result["gates"]["kill"]["ok"] and reason in result["gates"]["kill"]["detail"]
     assert runs_with_key(fleet, f"{agent}:{key}") == []
+    assert_exit(refused_table, 3)
+    assert refused_table.stdout.splitlines()[0] == (
+        f"refused: killed — the kill switch is engaged for agent {agent} by {ACTOR}: {reason}; "
+        f"`fleet resume {agent}` lifts it when it is safe"), show(refused_table)
 
     depths = range(depth_before, dlq_depth(fleet) + 1)  # a run of an earlier test may dead-letter meanwhile
     assert_exit(table, 0)

@@ -53,27 +53,38 @@ def dispatch_command(
     start_sentry()  # a refusal over the cap is an alert
     request = DispatchRequest(agent, key, parse_payload(payload), dry_run, actor=actor())
     result = dispatch(svc, request, (lambda *_: None) if dry_run else celery_sender())
-    report_dispatch(result, as_json)
+    report_dispatch(svc, agent, result, as_json)
     if wait and result.run_id and not dry_run:
         final = follow_run(svc, result.run_id, quiet=as_json)
         raise typer.Exit(run_exit_code(final))
 
 
-def report_dispatch(result: DispatchResult, as_json: bool) -> None:
+def report_dispatch(svc: Services, agent: str, result: DispatchResult, as_json: bool) -> None:
     """Print a dispatch's answer; exit 3 when nothing was done (refused or misdispatch)."""
+    nothing_done = result.status in ("refused", "misdispatch")
     if as_json:
         emit_json(result.to_json())
+    elif nothing_done:
+        from fleet.cli.refusals import explain
+
+        # Why and what to do; the run id of a refusal names a row that was rolled back, so it is not shown.
+        out.print(explain(svc, agent, result), highlight=False, markup=False)
+        _print_gates(result.to_json())
     else:
         _print_dispatch(result.to_json())
-    if result.status in ("refused", "misdispatch"):
+    if nothing_done:
         raise typer.Exit(REFUSED_EXIT)
 
 
 def _print_dispatch(result: dict[str, Any]) -> None:
     status, reason = result["status"], result.get("reason")
     out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({reason})" if reason else ""))
-    if result.get("would_fire"):
+    if result.get("would_fire") and status == "dry_run":
         out.print(f"would fire: {', '.join(result['would_fire'])}")
+    _print_gates(result)
+
+
+def _print_gates(result: dict[str, Any]) -> None:
     for name, gate in result.get("gates", {}).items():
         mark = "[green]open[/green]" if gate["ok"] else "[red]closed[/red]"
         out.print(f"  gate {name:<8} {mark}  {gate['detail']}")
@@ -282,7 +293,8 @@ def dlq_replay(dead_id: int, as_json: JsonOpt = False) -> None:
 
     svc = services()
     start_sentry()  # the replay is a dispatch: a refusal over the cap is an alert
-    report_dispatch(dlq.replay(svc, dead_id, celery_sender(), actor()), as_json)
+    agent = dlq.get(svc, dead_id).agent
+    report_dispatch(svc, agent, dlq.replay(svc, dead_id, celery_sender(), actor()), as_json)
 
 
 @dlq_app.command("purge")
