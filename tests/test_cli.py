@@ -20,6 +20,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pytest
 from sqlmodel import select
 
 from fleet import db, keys, killswitch
-from fleet.models import DeadLetter, Run
+from fleet.models import DeadLetter, Run, WatchdogVerdict
 from tests.harness import ROOT, SECRET_KEY, SECRET_TOKEN, Fleet, wait_for
 from tests.test_dispatch import counts, run_of, send, wait_status
 
@@ -655,3 +656,27 @@ def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:
     (row,) = [line for line in runs.stdout.splitlines() if result.run_id in line]
     cells = [cell.strip() for cell in row.split("│")[1:-1]]
     assert cells[3:6] == ["succeeded", "1", "0"], row  # status, attempt, exit
+
+
+@pytest.mark.parametrize(("age", "said"), [(timedelta(seconds=20), None), (timedelta(hours=2, minutes=5), "2 h 5 min")])
+def test_status_shows_a_stale_watchdog_verdict_as_stale(tmp_path: Path, closed_port: int, age: timedelta,
+                                                       said: str | None) -> None:
+    """A verdict nobody renewed (beat or the cron watchdog stopped) must not read as today's health."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=url, FLEET_REDIS_URL=f"redis://127.0.0.1:{closed_port}/0", **WIDE)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    engine = db.make_engine(url)
+    try:
+        with db.session(engine) as session:
+            session.add(WatchdogVerdict(at=datetime.now(UTC) - age, status="green", host="elsewhere", checks="[]"))
+            session.commit()
+    finally:
+        engine.dispose()
+    status = plain_cli(tmp_path, "status", env=env)
+    assert_exit(status, 0)
+    (line,) = [line for line in status.stdout.splitlines() if line.startswith("watchdog:")]
+    if said is None:
+        assert "stale" not in line.lower(), line
+    else:
+        assert "green" in line and f"STALE: {said} old" in line, line

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from fleet.services import Services
 
 _COLOUR = {"green": "green", "amber": "yellow", "red": "red"}
+# Beat runs the watchdog every minute and cron every few: a verdict older than this was not renewed,
+# so it says how the fleet was, not how it is.
+STALE_VERDICT_S = 600.0
 
 
 def status(as_json: JsonOpt = False) -> None:
@@ -41,7 +44,8 @@ def _print_status(p: dict[str, Any]) -> None:
         out.print("[green]kill switch released[/]")
     verdict = p.get("watchdog")
     if verdict:
-        out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}")
+        out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}"
+                  + _staleness(p["at"], verdict["at"]))
         for check in verdict["checks"]:
             if check["status"] != "green":
                 out.print(f"  {check['name']}: [{_COLOUR[check['status']]}]{check['status']}[/] {check['reason']}")
@@ -65,6 +69,22 @@ def _print_status(p: dict[str, Any]) -> None:
     for queue, canary in p["canaries"].items():
         out.print(f"worker canary {queue}: last back {canary['seen'] or 'never'}")
     out.print(f"beat: leader {p['beat']['leader'] or 'none'}, last tick {p['beat']['last_tick'] or 'never'}")
+
+
+def _staleness(now: str, at: str) -> str:
+    """Nothing for a fresh verdict; for an old one, that it is stale, how old, and what to check."""
+    age = (datetime.fromisoformat(now) - datetime.fromisoformat(at)).total_seconds()
+    if age < STALE_VERDICT_S:
+        return ""
+    return (f" [bold red]STALE: {_duration(age)} old[/] (nothing renewed it: is beat running? "
+            "`fleet watchdog` checks now)")
+
+
+def _duration(seconds: float) -> str:
+    """`2 h 5 min`, `3 d 4 h`: the two largest units that are not zero."""
+    minutes = int(seconds // 60)
+    units = [(minutes // 1440, "d"), (minutes // 60 % 24, "h"), (minutes % 60, "min")]
+    return " ".join([f"{n} {unit}" for n, unit in units if n][:2]) or "0 min"
 
 
 def watchdog_command(
