@@ -680,3 +680,48 @@ def test_status_shows_a_stale_watchdog_verdict_as_stale(tmp_path: Path, closed_p
         assert "stale" not in line.lower(), line
     else:
         assert "green" in line and f"STALE: {said} old" in line, line
+
+
+# ---------------------------------------------------------------- how the command is put together
+
+
+def test_cli_modules_import_no_one_above_them() -> None:
+    """fleet/cli/__init__.py assembles the commands; the command modules import only what is below them."""
+    package = ROOT / "fleet" / "cli"
+    below = {"fleet.cli.common", "fleet.cli.refusals"}
+    for path in sorted(package.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        upward = {name for name in imported if name == "fleet.cli" or name.startswith("fleet.cli.")} - below
+        assert not upward, f"{path.name} imports {upward}"
+    app_module = (ROOT / "workers" / "app.py").read_text()
+    assert "import workers.tasks" not in app_module and "from workers.tasks" not in app_module
+
+
+def test_help_loads_no_heavy_library_and_every_task_is_registered_by_name(tmp_path: Path) -> None:
+    """`fleet --help` imports none of the libraries that made it slow; `workers.app` names its tasks by
+    import path and still lists all of them for anyone who reads `app.tasks` (the contract, scripts)."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['fleet', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('fleet', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('sqlalchemy', 'sqlmodel', 'redis', 'sentry_sdk', 'alembic', 'pydantic', 'celery', 'structlog')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)), file=sys.stderr)\n")
+    proc = subprocess.run([PY, "-c", probe], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+    tasks = ("from workers.app import app; import sys; loaded = 'workers.tasks' in sys.modules; "
+             "print(loaded, sorted(t for t in app.tasks if t.startswith('fleet.')))")
+    listed = subprocess.run([PY, "-c", tasks], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert listed.startswith("False "), listed  # not imported by workers.app itself...
+    for name in ("fleet.dispatch", "fleet.execute", "fleet.tick", "fleet.sweep.reaper", "fleet.sweep.idempotency",
+                 "fleet.sweep.retention", "fleet.watchdog", "fleet.kill", "fleet.resume"):
+        assert f"'{name}'" in listed, listed  # ...yet registered once the app is finalized
