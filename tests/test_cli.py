@@ -646,6 +646,24 @@ def test_kill_prints_one_clean_line_and_its_alert_goes_to_the_log_file(fleet: Fl
     assert (alert["kind"], alert["process"], alert["level"]) == ("kill_engaged", "cli", "warning")
 
 
+def test_a_bad_sentry_dsn_or_fleet_toml_does_not_stop_a_fleet_wide_kill(fleet: Fleet, bad_config: Path) -> None:
+    """The kill needs only Redis (and the mirror): a typo elsewhere is reported, and the kill goes on."""
+    only_once(fleet)
+    try:
+        killed = fleet.cli("--config", str(bad_config), "kill", "--reason", "config broken",
+                           env={"FLEET_SENTRY_DSN": "not-a-dsn"})
+        in_force = bool(fleet.redis.exists(keys.kill()))
+    finally:
+        resumed = fleet.cli("resume")
+    assert_exit(killed, 0)
+    assert killed.stdout == "kill switch engaged for the whole fleet: config broken\n", show(killed)
+    assert in_force
+    assert "FLEET_SENTRY_DSN" in killed.stderr and f"{bad_config}:2" in killed.stderr, show(killed)
+    assert_exit(resumed, 0)
+    # One agent's kill still needs a valid fleet.toml: it cannot tell an agent from a typo without one.
+    assert_exit(fleet.cli("--config", str(bad_config), "kill", "echo"), 78)
+
+
 def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:
     only_once(fleet)
     fleet.reset_agent("echo")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet.cli.common import JsonOpt, actor, emit_json, out, services, start_sentry, table
+from fleet.cli.common import JsonOpt, actor, emit_json, err, fleet_config, out, services, settings, start_sentry, table
 from fleet.keys import GLOBAL
+
+if TYPE_CHECKING:
+    from fleet.services import Services
 
 
 def kill(
@@ -23,8 +26,7 @@ def kill(
     """
     from fleet import killswitch
 
-    svc = services()
-    start_sentry()  # the kill is an alert
+    svc = _kill_services(agent)
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
     killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard, now=svc.now())
     out.print(f"kill switch engaged for {'the whole fleet' if agent is None else 'agent ' + agent}"
@@ -34,6 +36,29 @@ def kill(
 
         revoked = hard_stop(svc, None if agent is None else scope)
         out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
+
+
+def _kill_services(agent: str | None) -> Services:
+    """What the kill needs; the kill needs only Redis and the mirror, so a bad FLEET_SENTRY_DSN, or a
+    bad fleet.toml for a fleet-wide kill, is said on stderr and the kill goes on."""
+    from fleet.config import FleetConfig, FleetSection
+    from fleet.errors import ConfigError
+    from fleet.services import build
+
+    s = settings()
+    try:
+        config = fleet_config(s)
+    except ConfigError as exc:
+        if agent is not None:
+            raise  # without the file, one agent's name cannot be told from a typo
+        err.print(f"fleet: {exc}\nfleet: killing the whole fleet anyway", highlight=False, markup=False)
+        config = FleetConfig(path=s.config, fleet=FleetSection(), agents={})
+    try:
+        start_sentry()  # the kill is an alert
+    except ConfigError as exc:
+        err.print(f"fleet: {exc}; killing without Sentry (the alert goes to the log only)", highlight=False,
+                  markup=False)
+    return build(s, config)
 
 
 def resume(
