@@ -23,7 +23,8 @@ def explain(svc: Services, agent: str, result: DispatchResult) -> str:
         return f"misdispatch — {result.reason}; nothing was reserved or sent"
     reason = result.reason or "refused"
     why = _WHY.get(reason)
-    return f"refused: {reason.replace('_', ' ')} — " + (why(svc, agent, result) if why else "no details")
+    # The reason as the JSON says it (over_cap, breaker_open): the same word in the table and in scripts.
+    return f"refused: {reason} — " + (why(svc, agent, result) if why else "no details")
 
 
 def _gate(result: DispatchResult, name: str) -> str:
