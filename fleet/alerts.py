@@ -21,7 +21,6 @@ from collections.abc import Callable, Hashable
 from enum import Enum
 from typing import Any
 
-import sentry_sdk
 import structlog
 
 from fleet import __version__, logs
@@ -178,6 +177,9 @@ def init_sentry(settings: Settings, process: str, *, celery: bool = False) -> bo
     with _init_lock:
         if _initialised or not settings.sentry_dsn:
             return _initialised
+        # Imported only with a DSN: sentry_sdk costs ~0.1 s at start that a CLI command without one
+        # (`fleet kill` above all) should not pay.
+        import sentry_sdk
         from sentry_sdk.integrations.argv import ArgvIntegration
         from sentry_sdk.integrations.logging import LoggingIntegration
         from sentry_sdk.integrations.stdlib import StdlibIntegration
@@ -232,6 +234,8 @@ def flush(timeout_s: float = 2.0) -> None:
     """Send what is queued before a short-lived process (the CLI) exits; a no-op when Sentry is off."""
     if not _initialised:
         return
+    import sentry_sdk
+
     try:
         sentry_sdk.flush(timeout=timeout_s)
     except Exception:  # noqa: BLE001 - losing an alert must never fail the command
@@ -307,6 +311,8 @@ def alert(kind: str, message: str, *, agent: str | None = None, run_id: str | No
                       context="(could not be rendered)")
     if not _initialised:
         return
+    import sentry_sdk
+
     try:
         tags = {"alert": kind} | ({"agent": agent} if agent else {}) | ({"run_id": run_id} if run_id else {})
         sentry_sdk.capture_message(message, level=level, tags=tags,  # type: ignore[arg-type]

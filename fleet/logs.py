@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -28,8 +28,9 @@ def _redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]
     return event
 
 
-def configure(process: str, level: str = "INFO") -> None:
-    """Send every log line of this process, ours and the libraries', as JSON to stderr."""
+def configure(process: str, level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send every log line of this process, ours and the libraries', as JSON to stderr (or `stream`)."""
+    target = stream or _real_stderr()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -38,10 +39,10 @@ def configure(process: str, level: str = "INFO") -> None:
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(_real_stderr()),
+        logger_factory=structlog.PrintLoggerFactory(target),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(_real_stderr())
+    handler = logging.StreamHandler(target)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=structlog.processors.JSONRenderer(),
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.processors.format_exc_info],

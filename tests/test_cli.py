@@ -20,6 +20,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import pytest
 from sqlmodel import select
 
 from fleet import db, keys, killswitch
-from fleet.models import DeadLetter, Run
+from fleet.models import DeadLetter, Run, WatchdogVerdict
 from tests.harness import ROOT, SECRET_KEY, SECRET_TOKEN, Fleet, wait_for
 from tests.test_dispatch import counts, run_of, send, wait_status
 
@@ -240,14 +241,20 @@ def test_exit_3_busy_and_idle(fleet: Fleet) -> None:
     assert holder is not None
     busy_key = new_key("busy")
     try:
-        busy, idle = cli_all(fleet, ["dispatch", "counter", "--key", busy_key, "--json"],
-                             ["dispatch", "exit3", "--key", new_key("idle"), "--wait"])
+        busy, busy_table, idle = cli_all(fleet, ["dispatch", "counter", "--key", busy_key, "--json"],
+                                         ["dispatch", "counter", "--key", new_key("busy-table")],
+                                         ["dispatch", "exit3", "--key", new_key("idle"), "--wait"])
     finally:
         fleet.services.leases.release(holder)
     refused = parse(busy, 3)
     assert refused["status"] == "refused" and refused["reason"] == "busy", refused
     assert not refused["gates"]["lock"]["ok"] and "0 of 1" in refused["gates"]["lock"]["detail"]
     assert runs_with_key(fleet, f"counter:{busy_key}") == []
+    # Said as why and what to do, naming the run that holds the slot (not "would fire: <id>").
+    assert_exit(busy_table, 3)
+    assert busy_table.stdout.splitlines()[0] == (
+        "refused: busy — 1 of 1 slots taken by run held-by-test-cli; try again when it ends"), show(busy_table)
+    assert "would fire" not in busy_table.stdout
     assert_exit(idle, 3)
     assert "ended idle" in idle.stdout
 
@@ -261,8 +268,9 @@ def test_kill_shows_in_status_refuses_dispatch_with_3_and_resume_lifts_it(fleet:
     depth_before = dlq_depth(fleet)
     assert_exit(fleet.cli("kill", agent, "--reason", reason), 0)
     try:
-        table, as_json, refused = cli_all(fleet, ["status"], ["status", "--json"],
-                                          ["dispatch", agent, "--key", key, "--json"], env=WIDE)
+        table, as_json, refused, refused_table = cli_all(
+            fleet, ["status"], ["status", "--json"], ["dispatch", agent, "--key", key, "--json"],
+            ["dispatch", agent, "--key", new_key("killed-table")], env=WIDE)
     finally:
         resumed = fleet.cli("resume", agent)
     assert_exit(resumed, 0)
@@ -272,6 +280,10 @@ def test_kill_shows_in_status_refuses_dispatch_with_3_and_resume_lifts_it(fleet:
     assert (result["status"], result["reason"]) == ("refused", "killed")
     assert not result["gates"]["kill"]["ok"] and reason in result["gates"]["kill"]["detail"]
     assert runs_with_key(fleet, f"{agent}:{key}") == []
+    assert_exit(refused_table, 3)
+    assert refused_table.stdout.splitlines()[0] == (
+        f"refused: killed — the kill switch is engaged for agent {agent} by {ACTOR}: {reason}; "
+        f"`fleet resume {agent}` lifts it when it is safe"), show(refused_table)
 
     depths = range(depth_before, dlq_depth(fleet) + 1)  # a run of an earlier test may dead-letter meanwhile
     assert_exit(table, 0)
@@ -620,3 +632,124 @@ def test_runs_json_prints_no_warnings(fleet: Fleet) -> None:
     for proc in (listed, shown):
         assert_exit(proc, 0)
         assert "Warning" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- what a command prints, and nothing else
+
+
+def test_kill_prints_one_clean_line_and_its_alert_goes_to_the_log_file(fleet: Fleet) -> None:
+    """The kill's alert (and any log line on the way) is JSON in <log_dir>/cli.jsonl, not in the command's output."""
+    only_once(fleet)
+    agent = "exit3"
+    fleet.reset_agent(agent)
+    reason = f"clean output {uuid.uuid4().hex[:8]}"
+    try:
+        killed = fleet.cli("kill", agent, "--reason", reason)
+    finally:
+        resumed = fleet.cli("resume", agent)
+    assert_exit(killed, 0)
+    assert (killed.stdout, killed.stderr) == (f"kill switch engaged for agent {agent}: {reason}\n", ""), show(killed)
+    assert_exit(resumed, 0)
+    assert (resumed.stdout, resumed.stderr) == (f"resumed agent {agent}\n", ""), show(resumed)
+    logged = [json.loads(line) for line in (fleet.log_dir / "cli.jsonl").read_text().splitlines()]
+    (alert,) = [line for line in logged if line["event"] == "alert" and reason in line["message"]]
+    assert (alert["kind"], alert["process"], alert["level"]) == ("kill_engaged", "cli", "warning")
+
+
+def test_a_bad_sentry_dsn_or_fleet_toml_does_not_stop_a_fleet_wide_kill(fleet: Fleet, bad_config: Path) -> None:
+    """The kill needs only Redis (and the mirror): a typo elsewhere is reported, and the kill goes on."""
+    only_once(fleet)
+    try:
+        killed = fleet.cli("--config", str(bad_config), "kill", "--reason", "config broken",
+                           env={"FLEET_SENTRY_DSN": "not-a-dsn"})
+        in_force = bool(fleet.redis.exists(keys.kill()))
+    finally:
+        resumed = fleet.cli("resume")
+    assert_exit(killed, 0)
+    assert killed.stdout == "kill switch engaged for the whole fleet: config broken\n", show(killed)
+    assert in_force
+    assert "FLEET_SENTRY_DSN" in killed.stderr and f"{bad_config}:2" in killed.stderr, show(killed)
+    assert_exit(resumed, 0)
+    # One agent's kill still needs a valid fleet.toml: it cannot tell an agent from a typo without one.
+    assert_exit(fleet.cli("--config", str(bad_config), "kill", "echo"), 78)
+
+
+def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:
+    only_once(fleet)
+    fleet.reset_agent("echo")
+    result = send(fleet, "echo", new_key("exit0"))
+    wait_status(fleet, result.run_id, {"succeeded", "dead"})
+    runs = fleet.cli("runs", "--agent", "echo", "--limit", "5", env=WIDE)
+    assert_exit(runs, 0)
+    (row,) = [line for line in runs.stdout.splitlines() if result.run_id in line]
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[3:6] == ["succeeded", "1", "0"], row  # status, attempt, exit
+
+
+@pytest.mark.parametrize(("age", "said"), [(timedelta(seconds=20), None), (timedelta(hours=2, minutes=5), "2 h 5 min")])
+def test_status_shows_a_stale_watchdog_verdict_as_stale(tmp_path: Path, closed_port: int, age: timedelta,
+                                                       said: str | None) -> None:
+    """A verdict nobody renewed (beat or the cron watchdog stopped) must not read as today's health."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=url, FLEET_REDIS_URL=f"redis://127.0.0.1:{closed_port}/0", **WIDE)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    engine = db.make_engine(url)
+    try:
+        with db.session(engine) as session:
+            session.add(WatchdogVerdict(at=datetime.now(UTC) - age, status="green", host="elsewhere", checks="[]"))
+            session.commit()
+    finally:
+        engine.dispose()
+    status = plain_cli(tmp_path, "status", env=env)
+    assert_exit(status, 0)
+    (line,) = [line for line in status.stdout.splitlines() if line.startswith("watchdog:")]
+    if said is None:
+        assert "stale" not in line.lower(), line
+    else:
+        assert "green" in line and f"STALE: {said} old" in line, line
+
+
+# ---------------------------------------------------------------- how the command is put together
+
+
+def test_cli_modules_import_no_one_above_them() -> None:
+    """fleet/cli/__init__.py assembles the commands; the command modules import only what is below them."""
+    package = ROOT / "fleet" / "cli"
+    below = {"fleet.cli.common", "fleet.cli.refusals"}
+    for path in sorted(package.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        upward = {name for name in imported if name == "fleet.cli" or name.startswith("fleet.cli.")} - below
+        assert not upward, f"{path.name} imports {upward}"
+    app_module = (ROOT / "workers" / "app.py").read_text()
+    assert "import workers.tasks" not in app_module and "from workers.tasks" not in app_module
+
+
+def test_help_loads_no_heavy_library_and_every_task_is_registered_by_name(tmp_path: Path) -> None:
+    """`fleet --help` imports none of the libraries that made it slow; `workers.app` names its tasks by
+    import path and still lists all of them for anyone who reads `app.tasks` (the contract, scripts)."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['fleet', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('fleet', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('sqlalchemy', 'sqlmodel', 'redis', 'sentry_sdk', 'alembic', 'pydantic', 'celery', 'structlog')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)), file=sys.stderr)\n")
+    proc = subprocess.run([PY, "-c", probe], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+    tasks = ("from workers.app import app; import sys; loaded = 'workers.tasks' in sys.modules; "
+             "print(loaded, sorted(t for t in app.tasks if t.startswith('fleet.')))")
+    listed = subprocess.run([PY, "-c", tasks], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+    assert listed.startswith("False "), listed  # not imported by workers.app itself...
+    for name in ("fleet.dispatch", "fleet.execute", "fleet.tick", "fleet.sweep.reaper", "fleet.sweep.idempotency",
+                 "fleet.sweep.retention", "fleet.watchdog", "fleet.kill", "fleet.resume"):
+        assert f"'{name}'" in listed, listed  # ...yet registered once the app is finalized

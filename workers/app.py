@@ -172,6 +172,10 @@ def _close_process(**_: Any) -> None:
         _services.close()
 
 
-# Register the tasks on import, so `app.tasks` is complete for `celery call`, Flower and beat
-# without waiting for a worker to load its `include` list.
-import workers.tasks  # noqa: E402, F401
+@app.on_after_finalize.connect
+def _import_tasks(sender: Celery, **_: Any) -> None:
+    # The tasks are named by import path (`include`), never imported here: workers.tasks imports this
+    # module, not the reverse. The worker, beat and Flower import `include` as they start; anything
+    # else that reads `app.tasks` (a script, `celery result --task`) finalizes the app first, and this
+    # loads the same list then, so every process sees every task.
+    sender.loader.import_default_modules()

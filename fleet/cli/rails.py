@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any
-from zoneinfo import ZoneInfo
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet import db, keys, killswitch, store
-from fleet.cli import JsonOpt, app, emit_json, out, services, table
-from fleet.cli_runs import actor
+from fleet.cli.common import JsonOpt, actor, emit_json, err, fleet_config, out, services, settings, start_sentry, table
 from fleet.keys import GLOBAL
-from fleet.state import spend_report
+
+if TYPE_CHECKING:
+    from fleet.services import Services
 
 
-@app.command()
 def kill(
     agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
     reason: Annotated[str | None, typer.Option(help="Why (shown in status and the audit trail).")] = None,
@@ -26,7 +24,9 @@ def kill(
 
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
-    svc = services()
+    from fleet import killswitch
+
+    svc = _kill_services(agent)
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
     engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard,
                                 now=svc.now())
@@ -39,7 +39,29 @@ def kill(
     engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
 
 
-@app.command()
+def _kill_services(agent: str | None) -> Services:
+    """What the kill needs; the kill needs only Redis and the mirror, so a bad FLEET_SENTRY_DSN, or a
+    bad fleet.toml for a fleet-wide kill, is said on stderr and the kill goes on."""
+    from fleet.config import FleetConfig, FleetSection
+    from fleet.errors import ConfigError
+    from fleet.services import build
+
+    s = settings()
+    try:
+        config = fleet_config(s)
+    except ConfigError as exc:
+        if agent is not None:
+            raise  # without the file, one agent's name cannot be told from a typo
+        err.print(f"fleet: {exc}\nfleet: killing the whole fleet anyway", highlight=False, markup=False)
+        config = FleetConfig(path=s.config, fleet=FleetSection(), agents={})
+    try:
+        start_sentry()  # the kill is an alert
+    except ConfigError as exc:
+        err.print(f"fleet: {exc}; killing without Sentry (the alert goes to the log only)", highlight=False,
+                  markup=False)
+    return build(s, config)
+
+
 def resume(
     agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
 ) -> None:
@@ -47,7 +69,7 @@ def resume(
 
     Example: fleet resume    |    fleet resume digest
     """
-    from fleet import keys
+    from fleet import keys, killswitch
 
     svc = services()
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
@@ -57,7 +79,6 @@ def resume(
     out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + agent}")
 
 
-@app.command()
 def spend(
     day: Annotated[str | None, typer.Option(help="Budget day YYYY-MM-DD (default: today).")] = None,
     as_json: JsonOpt = False,
@@ -66,6 +87,8 @@ def spend(
 
     Example: fleet spend --json
     """
+    from fleet.state import spend_report
+
     svc = services()
     data = spend_report(svc, day)
     if as_json:
@@ -80,12 +103,15 @@ def spend(
     out.print(grid)
 
 
-@app.command()
 def agents(as_json: JsonOpt = False) -> None:
     """Each agent: schedule and next fire, caps, breaker, concurrency, and its key's fingerprint.
 
     Example: fleet agents --json
     """
+    from zoneinfo import ZoneInfo
+
+    from fleet import db, keys, store
+
     svc = services()
     now = svc.now().astimezone(ZoneInfo(svc.config.fleet.timezone))
     rows: list[dict[str, Any]] = []

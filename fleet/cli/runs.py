@@ -2,50 +2,32 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet import db, dlq, store
-from fleet.cli import JsonOpt, app, emit_json, err, out, services, table
-from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch, payload_argument
-from fleet.errors import ExitCode, NotFoundError
-from fleet.executor import run_log_path
-from fleet.models import TERMINAL, DeadLetter, Run, RunStatus
-from fleet.services import Services
+from fleet.cli.common import JsonOpt, actor, celery_sender, emit_json, err, out, services, start_sentry, table
+from fleet.errors import ExitCode
+
+if TYPE_CHECKING:
+    from fleet.dispatch import DispatchResult
+    from fleet.models import DeadLetter, Run
+    from fleet.services import Services
 
 runs_app = typer.Typer(invoke_without_command=True)  # its help is runs_list's docstring, with the example
 dlq_app = typer.Typer(help="The dead-letter queue: list, show, replay, purge.", no_args_is_help=True)
-app.add_typer(runs_app, name="runs")
-app.add_typer(dlq_app, name="dlq")
 
 REFUSED_EXIT = ExitCode.IDLE  # refused by cap, busy, killed, breaker: nothing done
 
 
-def actor() -> str:
-    """Who is acting, for the audit trail."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"cli:{user}@{socket.gethostname()}"
-
-
-def celery_sender() -> Sender:
-    """The Celery sender, imported only by the commands that send (the core never imports Celery)."""
-    from workers.tasks import send_execute
-
-    return send_execute
-
-
 def run_exit_code(run: Run) -> int:
     """A finished run's exit code for the shell: the agent's own where it failed."""
+    from fleet.models import RunStatus
+
     if run.status == RunStatus.SUCCEEDED:
         return ExitCode.OK
     if run.status in (RunStatus.IDLE, RunStatus.KILLED, RunStatus.ARCHIVED):
@@ -53,7 +35,6 @@ def run_exit_code(run: Run) -> int:
     return run.exit_code if run.exit_code not in (None, 0) else ExitCode.FAILURE
 
 
-@app.command("dispatch")
 def dispatch_command(
     agent: Annotated[str, typer.Argument(help="The agent's name in fleet.toml.")],
     key: Annotated[str | None, typer.Option("--key", "-k", help="Work key: the same key never runs twice.")] = None,
@@ -68,30 +49,44 @@ def dispatch_command(
 
     Example: fleet dispatch digest --key 2026-11-21 --payload '{"topic": "news"}' --wait
     """
+    from fleet.dispatch import DispatchRequest, dispatch, payload_argument
+
     svc = services()
+    start_sentry()  # a refusal over the cap is an alert
     request = DispatchRequest(agent, key, payload_argument(payload, sys.stdin), dry_run, actor=actor())
     result = dispatch(svc, request, (lambda *_: None) if dry_run else celery_sender())
-    report_dispatch(result, as_json)
+    report_dispatch(svc, agent, result, as_json)
     if wait and result.run_id and not dry_run:
         final = follow_run(svc, result.run_id, quiet=as_json)
         raise typer.Exit(run_exit_code(final))
 
 
-def report_dispatch(result: DispatchResult, as_json: bool) -> None:
+def report_dispatch(svc: Services, agent: str, result: DispatchResult, as_json: bool) -> None:
     """Print a dispatch's answer; exit 3 when nothing was done (refused or misdispatch)."""
+    nothing_done = result.status in ("refused", "misdispatch")
     if as_json:
         emit_json(result.to_json())
+    elif nothing_done:
+        from fleet.cli.refusals import explain
+
+        # Why and what to do; the run id of a refusal names a row that was rolled back, so it is not shown.
+        out.print(explain(svc, agent, result), highlight=False, markup=False)
+        _print_gates(result.to_json())
     else:
         _print_dispatch(result.to_json())
-    if result.status in ("refused", "misdispatch"):
+    if nothing_done:
         raise typer.Exit(REFUSED_EXIT)
 
 
 def _print_dispatch(result: dict[str, Any]) -> None:
     status, reason = result["status"], result.get("reason")
     out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({reason})" if reason else ""))
-    if result.get("would_fire"):
+    if result.get("would_fire") and status == "dry_run":
         out.print(f"would fire: {', '.join(result['would_fire'])}")
+    _print_gates(result)
+
+
+def _print_gates(result: dict[str, Any]) -> None:
     for name, gate in result.get("gates", {}).items():
         mark = "[green]open[/green]" if gate["ok"] else "[red]closed[/red]"
         out.print(f"  gate {name:<8} {mark}  {gate['detail']}")
@@ -99,6 +94,8 @@ def _print_dispatch(result: dict[str, Any]) -> None:
 
 def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float | None = None) -> Run:
     """Wait for a run to end, showing its status as it changes."""
+    from fleet.models import TERMINAL
+
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     with err.status(f"run {run_id}: waiting", spinner="dots") as spinner:
@@ -121,6 +118,9 @@ def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float |
 
 def load_run(svc: Services, run_id: str) -> Run:
     """A run by id (69 when unknown)."""
+    from fleet import db, store
+    from fleet.errors import NotFoundError
+
     with db.session(svc.engine) as session:
         run = store.get_run(session=session, run_id=run_id)
     if run is None:
@@ -128,8 +128,15 @@ def load_run(svc: Services, run_id: str) -> Run:
     return run
 
 
+def _cell(value: int | None) -> str:
+    """A table cell: blank for no value, and 0 shown as 0 (an exit code of 0 is an answer)."""
+    return "" if value is None else str(value)
+
+
 def run_json(run: Run) -> dict[str, Any]:
     """A run as stable JSON."""
+    from fleet.models import RunStatus
+
     data = run.model_dump(mode="json")
     data["status"] = str(run.status.value if isinstance(run.status, RunStatus) else run.status)
     data["cost_usd"] = run.cost_micros / 1_000_000
@@ -150,6 +157,9 @@ def runs_list(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from fleet import db, store
+    from fleet.models import RunStatus
+
     if status is not None and status not in {s.value for s in RunStatus}:
         from fleet.errors import BadInputError
 
@@ -162,7 +172,7 @@ def runs_list(
         return
     grid = table("run", "agent", "work key", "status", "attempt", "exit", "cost $", "created")
     for r in rows:
-        grid.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), str(r.exit_code or ""),
+        grid.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), _cell(r.exit_code),
                       f"{r.cost_micros / 1e6:.4f}", r.created_at.isoformat(timespec="seconds"))
     out.print(grid)
 
@@ -173,6 +183,9 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
 
     Example: fleet runs show 3f2a...
     """
+    from fleet import db, store
+    from fleet.executor import run_log_path
+
     svc = services()
     run = load_run(svc, run_id)
     with db.session(svc.engine) as session:
@@ -189,7 +202,6 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
         out.print(f"  {e.at.isoformat(timespec='seconds')} {e.kind} {e.detail or ''}", highlight=False)
 
 
-@app.command()
 def logs(
     run_id: str,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
@@ -198,6 +210,9 @@ def logs(
 
     Example: fleet logs 3f2a... -f
     """
+    from fleet.executor import run_log_path
+    from fleet.models import TERMINAL
+
     svc = services()
     run = load_run(svc, run_id)
     path = run_log_path(svc.settings.log_dir, run_id)
@@ -236,6 +251,8 @@ def dlq_list(as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq list --json
     """
+    from fleet import db, store
+
     svc = services()
     with db.session(svc.engine) as session:
         rows = store.list_dead_letters(session=session)
@@ -244,7 +261,7 @@ def dlq_list(as_json: JsonOpt = False) -> None:
         return
     grid = table("id", "agent", "run", "reason", "attempts", "exit", "error", "replayed as")
     for d in rows:
-        grid.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), str(d.exit_code or ""),
+        grid.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), _cell(d.exit_code),
                       (d.last_error or "")[:60], d.replayed_run_id or "")
     out.print(grid)
 
@@ -255,6 +272,8 @@ def dlq_show(dead_id: int, as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq show 7
     """
+    from fleet import dlq
+
     dead = dlq.get(services(), dead_id)
     if as_json:
         emit_json(dead_json(dead))
@@ -272,7 +291,12 @@ def dlq_replay(dead_id: int, as_json: JsonOpt = False) -> None:
 
     Example: fleet dlq replay 7
     """
-    report_dispatch(dlq.replay(services(), dead_id, celery_sender(), actor()), as_json)
+    from fleet import dlq
+
+    svc = services()
+    start_sentry()  # the replay is a dispatch: a refusal over the cap is an alert
+    agent = dlq.get(svc, dead_id).agent
+    report_dispatch(svc, agent, dlq.replay(svc, dead_id, celery_sender(), actor()), as_json)
 
 
 @dlq_app.command("purge")
@@ -288,6 +312,8 @@ def dlq_purge(
         from fleet.errors import BadInputError
 
         raise BadInputError("name dead letter ids, or pass --all")
+    from fleet import dlq
+
     removed = dlq.purge(services(), None if all_ else list(dead_ids or []), actor())
     out.print(f"purged {removed} dead letter(s)")
 
@@ -295,7 +321,6 @@ def dlq_purge(
 # ---------------------------------------------------------------- audit trail
 
 
-@app.command()
 def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=100000, help="How many recent events.")] = 50,
@@ -305,6 +330,8 @@ def events(
 
     Example: fleet events -f --json
     """
+    from fleet import db, store
+
     svc = services()
     with db.session(svc.engine) as session:
         newest = store.recent_events(session=session, limit=limit)

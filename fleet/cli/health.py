@@ -5,26 +5,29 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet import keys, sweeps, watchdog
-from fleet.cli import JsonOpt, app, emit_json, out, services, table
-from fleet.cli_runs import celery_sender
+from fleet.cli.common import JsonOpt, celery_sender, emit_json, out, services, start_sentry, table
 from fleet.errors import ExitCode, UnavailableError
-from fleet.services import Services, check_redis
-from fleet.state import snapshot
+
+if TYPE_CHECKING:
+    from fleet.services import Services
 
 _COLOUR = {"green": "green", "amber": "yellow", "red": "red"}
+# Beat runs the watchdog every minute and cron every few: a verdict older than this was not renewed,
+# so it says how the fleet was, not how it is.
+STALE_VERDICT_S = 600.0
 
 
-@app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The whole fleet on one screen: kill switch, spend, runs, breakers, DLQ, queues, beat, watchdog.
 
     Example: fleet status --json
     """
+    from fleet.state import snapshot
+
     svc = services()
     picture = snapshot(svc)
     if as_json:
@@ -41,7 +44,8 @@ def _print_status(p: dict[str, Any]) -> None:
         out.print("[green]kill switch released[/]")
     verdict = p.get("watchdog")
     if verdict:
-        out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}")
+        out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}"
+                  + _staleness(p["at"], verdict["at"]))
         for check in verdict["checks"]:
             if check["status"] != "green":
                 out.print(f"  {check['name']}: [{_COLOUR[check['status']]}]{check['status']}[/] {check['reason']}")
@@ -67,7 +71,22 @@ def _print_status(p: dict[str, Any]) -> None:
     out.print(f"beat: leader {p['beat']['leader'] or 'none'}, last tick {p['beat']['last_tick'] or 'never'}")
 
 
-@app.command("watchdog")
+def _staleness(now: str, at: str) -> str:
+    """Nothing for a fresh verdict; for an old one, that it is stale, how old, and what to check."""
+    age = (datetime.fromisoformat(now) - datetime.fromisoformat(at)).total_seconds()
+    if age < STALE_VERDICT_S:
+        return ""
+    return (f" [bold red]STALE: {_duration(age)} old[/] (nothing renewed it: is beat running? "
+            "`fleet watchdog` checks now)")
+
+
+def _duration(seconds: float) -> str:
+    """`2 h 5 min`, `3 d 4 h`: the two largest units that are not zero."""
+    minutes = int(seconds // 60)
+    units = [(minutes // 1440, "d"), (minutes // 60 % 24, "h"), (minutes % 60, "min")]
+    return " ".join([f"{n} {unit}" for n, unit in units if n][:2]) or "0 min"
+
+
 def watchdog_command(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the canaries to come back.")] = 20.0,
     as_json: JsonOpt = False,
@@ -76,10 +95,12 @@ def watchdog_command(
 
     Example: */5 * * * * fleet watchdog --json || page-me
     """
-    svc = services()
-    check_redis(svc.redis)
-    from fleet import db
+    from fleet import db, watchdog
+    from fleet.services import check_redis
 
+    svc = services()
+    start_sentry()  # a red verdict is an alert
+    check_redis(svc.redis)
     db.check(svc.engine)
     _push_canaries(svc, wait)
     verdict = watchdog.run_watchdog(svc, None, deadline_s=wait)
@@ -96,6 +117,7 @@ def watchdog_command(
 
 def _push_canaries(svc: Services, wait: float) -> None:
     """Send a canary through each queue now and give the workers `wait` seconds to return it."""
+    from fleet import keys, watchdog
     from workers.tasks import send_canary
 
     stamp = svc.now().isoformat()
@@ -121,13 +143,15 @@ class SweepName(str, Enum):
     retention = "retention"
 
 
-@app.command()
 def sweep(name: SweepName, as_json: JsonOpt = False) -> None:
     """Run one sweep now (beat runs them on schedule).
 
     Example: fleet sweep reaper
     """
+    from fleet import sweeps
+
     svc = services()
+    start_sentry()  # the reaper's dead letters and crash loops are alerts
     try:
         if name is SweepName.reaper:
             from workers.tasks import waiting_in_agents_queue

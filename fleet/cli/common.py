@@ -1,0 +1,229 @@
+"""What every `fleet` command shares, below them all: the consoles, the global options, settings and
+services, JSON output, and the mapping of failures to exit codes.
+
+Nothing heavy is imported here. SQLAlchemy, redis, Sentry and rich cost most of a second to import,
+so each is imported by the command that needs it, when it runs: `fleet --help` renders without
+them, and `fleet kill` loads only what the kill needs before the flag reaches Redis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import socket
+import sys
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, TextIO, cast
+
+import typer
+
+from fleet.errors import ExitCode, FleetError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
+    from rich.table import Table
+
+    from fleet.config import FleetConfig, Settings
+    from fleet.dispatch import Sender
+    from fleet.services import Services
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) instead of a table.")]
+
+
+class _State:
+    config_path: Path | None = None
+    soft_fail: bool = False
+    settings: Settings | None = None
+    command: str = "cli"
+
+
+state = _State()
+
+
+# ---------------------------------------------------------------- output
+
+
+class LazyConsole:
+    """A rich Console built on first use: importing rich is a cost `fleet kill` should not pay up front."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+
+    @cached_property
+    def console(self) -> Console:
+        """The real Console. Piped output is for scripts and pagers: never cut it at 80 columns."""
+        from rich.console import Console
+
+        if self._stderr:
+            return Console(stderr=True, soft_wrap=True)
+        return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        """Console.print."""
+        self.console.print(*objects, **options)
+
+    def print_json(self, text: str, **options: Any) -> None:
+        """Console.print_json."""
+        self.console.print_json(text, **options)
+
+    def status(self, message: str, **options: Any) -> Status:
+        """Console.status: a spinner while something is awaited."""
+        return self.console.status(message, **options)
+
+
+out = LazyConsole(stderr=False)
+err = LazyConsole(stderr=True)
+
+
+def table(*headers: str, title: str | None = None) -> Table:
+    """A table that folds long cells instead of cutting them: run ids must stay whole to be copied."""
+    from rich.table import Table
+
+    grid = Table(title=title)
+    for header in headers:
+        grid.add_column(header, overflow="fold")
+    return grid
+
+
+def emit_json(data: Any) -> None:
+    """Print machine-readable output."""
+    out.print_json(json.dumps(data, default=str), highlight=False)
+
+
+# ---------------------------------------------------------------- settings, services, who acts
+
+
+def settings() -> Settings:
+    """The process settings, with --config applied (it wins over FLEET_CONFIG); logging set up once."""
+    if state.settings is None:
+        from fleet.config import load_settings
+
+        loaded = load_settings()
+        if state.config_path is not None:
+            loaded = loaded.model_copy(update={"config": state.config_path})
+        _log_to_file(loaded)
+        state.settings = loaded
+    return state.settings
+
+
+def fleet_config(s: Settings | None = None) -> FleetConfig:
+    """The validated fleet.toml."""
+    from fleet.config import load_fleet_config
+
+    return load_fleet_config((s or settings()).config)
+
+
+def services() -> Services:
+    """Settings, config, database and Redis for one command."""
+    from fleet.services import build
+
+    return build(settings())
+
+
+def start_sentry() -> None:
+    """Sentry for a command that raises alerts (or crashed), tagged with its name; nothing without a DSN."""
+    from fleet import alerts
+
+    alerts.init_sentry(settings(), state.command)
+
+
+def actor() -> str:
+    """Who is acting, for the audit trail."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def celery_sender() -> Sender:
+    """The Celery sender, imported only by the commands that send (the core never imports Celery)."""
+    from workers.tasks import send_execute
+
+    return send_execute
+
+
+# ---------------------------------------------------------------- logs
+
+
+class LogFile:
+    """Where a command's log lines go: appended as JSON to a file opened on the first line, so a
+    command that logs nothing creates nothing; the real stderr when the file cannot be opened."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def _target(self) -> IO[str]:
+        if self._handle is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._handle = self.path.open("a", encoding="utf-8")
+            except OSError:
+                self._handle = sys.__stderr__ or sys.stderr
+        return self._handle
+
+    def write(self, text: str) -> int:
+        """Append (and open the file first, the first time)."""
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        """Flush what was written, if anything was."""
+        if self._handle is not None:
+            self._handle.flush()
+
+
+def _log_to_file(s: Settings) -> None:
+    # A command prints its one clean answer; what the core logs on the way (an alert, a warning)
+    # goes to <log_dir>/cli.jsonl, never between the command's own lines.
+    from fleet import logs
+
+    logs.configure("cli", stream=cast(TextIO, LogFile(s.log_dir / "cli.jsonl")))  # it has write and flush
+
+
+# ---------------------------------------------------------------- exit codes
+
+
+def service_error(exc: Exception) -> FleetError | None:
+    """A Redis or database exception as the FleetError it means (75 down, 77 refused), else None.
+
+    A library that was never imported cannot have raised: its module is looked up, not imported.
+    """
+    redis = sys.modules.get("redis")
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if (redis is not None and isinstance(exc, redis.RedisError)) or (
+            sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError)):
+        from fleet.services import as_fleet_error
+
+        return as_fleet_error(exc)
+    return None
+
+
+def fail(exc: FleetError) -> NoReturn:
+    """Say what went wrong on stderr and exit with the error's code."""
+    err.print(f"fleet: {exc}", highlight=False, markup=False)
+    leave(exc.exit_code, str(exc))
+
+
+def leave(code: int, reason: str = "") -> NoReturn:
+    """Exit with `code`; under --soft-fail a retryable failure (75) is recorded and exits 0 (for cron).
+    Auth (77) and configuration (78) stay loud."""
+    if state.soft_fail and code == ExitCode.TRANSIENT:
+        with contextlib.suppress(FleetError, OSError):
+            _soft_fail_record(reason or "exit 75")
+        sys.exit(ExitCode.OK)
+    sys.exit(code)
+
+
+def _soft_fail_record(reason: str) -> None:
+    from fleet.config import load_settings
+
+    path = load_settings().log_dir / "soft-fail.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"at": datetime.now(UTC).isoformat(), "argv": sys.argv[1:],
+                                 "exit_code": int(ExitCode.TRANSIENT), "error": reason}) + "\n")
