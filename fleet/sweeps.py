@@ -159,6 +159,11 @@ def _reap_running(services: Services, run: Run, send: Sender, report: SweepRepor
                                           error="worker died mid-run (heartbeat stopped)"))
         if db.rowcount(claimed) != 1:
             return
+        # Its last usage lines may never have been read (the reader died with the worker): the attempt
+        # is booked at its whole reservation, so a cap errs on the safe side, never the other.
+        fresh = session.get(Run, run.id, populate_existing=True)
+        if fresh is not None and fresh.settled_at is None and fresh.reserved_micros > 0:
+            ledger.charge(session, run=fresh, amount=fresh.reserved_micros, now=now)
         store.add_event(session=session, at=now, kind="run.abandoned", run_id=run.id, agent=run.agent,
                         attempt=run.attempt, host=run.host)
         session.commit()

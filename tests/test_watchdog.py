@@ -42,10 +42,12 @@ def services_agents() -> str:
 [agents.minutely]
 command = ["true"]
 schedule = "every 60s"
+est_cost_usd = 0.01
 
 [agents.quarterly]
 command = ["true"]
 schedule = "*/15 * * * *"
+est_cost_usd = 0.01
 """
 
 

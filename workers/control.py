@@ -8,6 +8,7 @@ ends the run as killed.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -29,6 +30,12 @@ def _still_running(services: Services, agent: str | None) -> set[str]:
         return set(session.exec(query))
 
 
+def _run_of(task: dict[str, Any]) -> str | None:
+    """The run an active fleet.execute works on: its task id names it; `inspect` shows args only as a repr."""
+    found = re.search(r"[0-9a-f]{32}", f"{task.get('id', '')} {task.get('args', '')}")
+    return found.group(0) if found else None
+
+
 def hard_stop(services: Services, agent: str | None, grace_s: float = GRACE_S) -> int:
     """After `grace_s`, revoke with terminate the in-flight executes of runs still running; how many."""
     deadline = time.monotonic() + grace_s
@@ -40,7 +47,7 @@ def hard_stop(services: Services, agent: str | None, grace_s: float = GRACE_S) -
         return 0
     active: dict[str, list[dict[str, Any]]] = app.control.inspect(timeout=2.0).active() or {}
     ids = [task["id"] for tasks in active.values() for task in tasks
-           if task.get("name") == "fleet.execute" and (task.get("args") or [None])[0] in running]
+           if task.get("name") == "fleet.execute" and _run_of(task) in running]
     if ids:
         app.control.revoke(ids, terminate=True, signal="SIGKILL")
     return len(ids)

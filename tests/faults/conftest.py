@@ -61,11 +61,13 @@ concurrency = 5
 [agents.poison]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "1",
            "--steps", "2", "--child", "--kill-worker"]
+est_cost_usd = 0.01
 timeout_s = 60
 
 [agents.oom-once]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "3",
            "--steps", "2", "--child", "--ignore-term", "--kill-worker"]
+est_cost_usd = 0.01
 timeout_s = 60
 """
 
