@@ -56,6 +56,7 @@ class FleetSchedule(BaseSchedule):
 SWEEPS: dict[str, dict[str, Any]] = {
     "fleet.sweep.reaper": {"task": "fleet.sweep.reaper", "schedule": crontab(minute="*")},
     "fleet.watchdog": {"task": "fleet.watchdog", "schedule": crontab(minute="*")},
+    "fleet.sweep.orphans": {"task": "fleet.sweep.orphans", "schedule": crontab(minute="*")},
     "fleet.sweep.idempotency": {"task": "fleet.sweep.idempotency", "schedule": crontab(minute="7")},
     "fleet.sweep.retention": {"task": "fleet.sweep.retention", "schedule": crontab(minute="17", hour="3")},
 }

@@ -62,6 +62,11 @@ def suspect(run_id: str) -> str:
     return f"{PREFIX}suspect:{run_id}"
 
 
+def orphans(host: str) -> str:
+    """One worker host's latest orphan scan (JSON, expires): agent processes alive whose run is over."""
+    return f"{PREFIX}orphans:{host}"
+
+
 def redis_epoch() -> str:
     """A marker set once per Redis lifetime: when it is missing, Redis restarted and lost its data."""
     return f"{PREFIX}epoch"

@@ -184,7 +184,11 @@ def _redis_families(picture: dict[str, Any], agents: list[str], now: datetime) -
     for queue, seen in sorted(picture["canaries"].items()):
         if seen.get("seen"):
             canary.add_metric([queue], age_seconds(now, seen["seen"]))
-    out: list[Metric] = [queues, breaker, failures, paused, canary,
+    orphaned = GaugeMetricFamily("fleet_orphan_agents", "Agent groups found alive on a host without a live run "
+                                 "(and killed there), at that host's last scan", labels=["host"])
+    for host, n in sorted(picture.get("orphans", {}).items()):
+        orphaned.add_metric([host], n)
+    out: list[Metric] = [queues, breaker, failures, paused, canary, orphaned,
                          GaugeMetricFamily("fleet_beat_leader", "1 when a beat holds the leader lease",
                                            value=int(bool(picture["beat"]["leader"])))]
     if picture["beat"]["last_tick"]:

@@ -11,7 +11,7 @@ import redis
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from fleet import db, keys, killswitch, ledger, store, watchdog
+from fleet import db, keys, killswitch, ledger, orphans, store, watchdog
 from fleet.errors import BadInputError
 from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunStatus
@@ -87,6 +87,7 @@ def _redis_part(services: Services) -> dict[str, Any]:
             "canaries": {q: {"sent": r.get(keys.canary_sent(q)), "back": r.get(keys.canary(q)),
                              "seen": r.get(keys.canary_seen(q))} for q in watchdog.QUEUES},
             "beat": {"leader": r.get(keys.beat_leader()), "last_tick": r.get(keys.last_tick())},
+            "orphans": {report.host: len(report.orphans) for report in orphans.reports(r)},
         }
     except redis.RedisError as exc:
         return {"redis": f"unreachable: {exc.__class__.__name__}"}

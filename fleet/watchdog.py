@@ -22,7 +22,7 @@ from sqlalchemy import func
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, col, select
 
-from fleet import alerts, db, keys, killswitch, ledger
+from fleet import alerts, db, keys, killswitch, ledger, orphans
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus, WatchdogVerdict
 from fleet.services import Services
@@ -79,6 +79,7 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
         beat_check(services, now),
         backlog_check(services.redis),
         breaker_check(services),
+        orphan_check(services.redis),
         *disk_checks(services),
     ]
     with db.session(services.engine) as session:
@@ -231,6 +232,16 @@ def breaker_check(services: Services) -> Check:
     if open_:
         return Check("breakers", AMBER, f"open: {', '.join(open_)}")
     return Check("breakers", GREEN, "all closed")
+
+
+def orphan_check(client: redis.Redis) -> Check:
+    """Agent processes alive on a host whose run is over or owned by another attempt (the live form of the
+    fault suite's I4): each host's last scan, which killed what it found."""
+    found = {report.host: report.orphans for report in orphans.reports(client) if report.orphans}
+    if found:
+        listed = "; ".join(f"{host}: {', '.join(runs[:5])}" for host, runs in sorted(found.items()))
+        return Check("orphans", RED, f"agents alive without a live run (killed by their host): {listed}")
+    return Check("orphans", GREEN, "no orphaned agent on any reporting host")
 
 
 def disk_checks(services: Services) -> list[Check]:

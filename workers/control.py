@@ -1,9 +1,12 @@
-"""Celery remote control for `fleet kill --hard`: revoke and terminate what the kill flag did not stop.
+"""Celery remote control: `fleet kill --hard`, and each host's own orphan sweep.
 
 The kill flag stops healthy executors within a second. A wedged one (stuck in a system call, say)
 never reads it, so after a short grace every fleet.execute still running in the killed scope is
-revoked with terminate; the agent dies with its pool process (parent-death signal) and the reaper
-ends the run as killed.
+revoked with terminate; the launcher stops the agent's group once its executor is gone, and the
+reaper ends the run as killed.
+
+`fleet_orphans` runs in every worker's main process when broadcast: the host that owns a process
+group is the one that may kill it (fleet/orphans.py).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import re
 import time
 from typing import Any
 
+from celery.worker.control import control_command
 from sqlmodel import col, select
 
-from fleet import db
+from fleet import db, orphans
 from fleet.models import Run, RunStatus
-from fleet.services import Services
-from workers.app import app
+from fleet.services import Services, build, utcnow
+from workers.app import app, settings
 
 GRACE_S = 2.0
 
@@ -28,6 +32,17 @@ def _still_running(services: Services, agent: str | None) -> set[str]:
         if agent is not None:
             query = query.where(Run.agent == agent)
         return set(session.exec(query))
+
+
+@control_command()
+def fleet_orphans(state: Any) -> dict[str, Any]:
+    """Kill this host's orphaned agents and report them (broadcast by the fleet.sweep.orphans task)."""
+    # Clients of its own, closed at once: the main process must keep none to fork into pool children.
+    services = build(settings)
+    try:
+        return {"ok": orphans.sweep_host(services, utcnow()).to_json()}
+    finally:
+        services.close()
 
 
 def _run_of(task: dict[str, Any]) -> str | None:

@@ -82,6 +82,14 @@ def sweep_reaper() -> dict[str, Any]:
     return sweeps.reap(services(), send_execute, waiting_in_agents_queue).to_json()
 
 
+@app.task(name="fleet.sweep.orphans")
+def sweep_orphans() -> dict[str, Any]:
+    """Every worker host kills and reports its own orphaned agents (a remote-control broadcast)."""
+    replies = app.control.broadcast("fleet_orphans", reply=True, timeout=3.0)
+    found = [r.get("ok") for reply in replies or [] for r in reply.values() if isinstance(r, dict)]
+    return {"sweep": "orphans", "hosts": [f for f in found if f]}
+
+
 @app.task(name="fleet.sweep.idempotency")
 def sweep_idempotency() -> dict[str, Any]:
     """Release idempotency keys past their TTL."""

@@ -30,7 +30,7 @@ from tests.harness import Fleet, PrivateRedis, wait_for
 FAULT_AGENTS = """
 [fleet]
 daily_cap_usd = 100.0
-lease_ttl_s = 3
+lease_ttl_s = 5
 heartbeat_s = 0.5
 kill_poll_s = 0.1
 kill_grace_s = 1
