@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     flower_port: int = Field(default=5555, ge=0, le=65535)
     flower_auth: str | None = Field(default=None, repr=False)
     web_token: str | None = Field(default=None, repr=False)
+    # How long a database call may wait (SQLite's lock, PostgreSQL's connect and unacknowledged
+    # writes) before it fails with 75: a stalled database must not hold a command or a sweep.
+    db_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # When the broker redelivers an unacknowledged message; unset, longer than the longest agent may
+    # run (workers/app.py). A run's fenced claim makes a redelivery start nothing either way.
+    visibility_timeout_s: float | None = Field(default=None, gt=0)
     redis_url_file: Path | None = None
     database_url_file: Path | None = None
     sentry_dsn_file: Path | None = None

@@ -23,33 +23,34 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x466C656574_01
 
 
-def make_engine(url: str) -> Engine:
-    """Build an engine; call it after any fork (worker_process_init), never at import."""
+def make_engine(url: str, timeout_s: float = 10.0) -> Engine:
+    """Build an engine; call it after any fork (worker_process_init), never at import. `timeout_s` bounds
+    a wait on SQLite's write lock, a PostgreSQL connect and an unacknowledged write to PostgreSQL."""
     try:
         parsed = make_url(url)
     except Exception:  # noqa: BLE001 - sqlalchemy raises several types for a bad URL
         raise ConfigError("FLEET_DATABASE_URL is not a valid database URL") from None
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, timeout_s)
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         # A client frozen or cut off inside a transaction must not hold row locks for ever: the server
         # ends such a session after 20 s. TCP keepalives and a user timeout notice a silent server.
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                             connect_args={"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5,
-                                           "keepalives_interval": 2, "keepalives_count": 3,
-                                           "tcp_user_timeout": 10_000,
+                             connect_args={"connect_timeout": max(1, round(min(timeout_s, 5))), "keepalives": 1,
+                                           "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                                           "tcp_user_timeout": round(timeout_s * 1000),
                                            "options": "-c idle_in_transaction_session_timeout=20000"})
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, timeout_s: float) -> Engine:
     # isolation_level=None hands transaction control to us, so every transaction can start with
     # BEGIN IMMEDIATE: the write lock is taken before the first read, which makes read-then-write
     # (a reservation against a cap) race-free across processes and makes a busy writer wait
     # out busy_timeout instead of failing at once with SQLITE_BUSY.
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30,
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout_s,
                                               "isolation_level": None})
 
     @event.listens_for(engine, "do_connect")
@@ -64,7 +65,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")  # money lives here: survive power loss too
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={round(timeout_s * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

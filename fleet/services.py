@@ -119,6 +119,6 @@ def build(settings: Settings, config: FleetConfig | None = None) -> Services:
     return Services(
         settings=settings,
         config=config if config is not None else load_fleet_config(settings.config),
-        engine=db.make_engine(settings.database_url),
+        engine=db.make_engine(settings.database_url, settings.db_timeout_s),
         redis=redis_client(settings.broker_url),
     )

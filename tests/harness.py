@@ -313,8 +313,12 @@ class Fleet:
             self.env.update(secrets)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.celery = Celery("fleet-test", broker=self.direct_redis_url, backend=self.direct_redis_url)
+        # As workers/app.py does: a publish to a frozen Redis times out instead of hanging.
         self.celery.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
-                                broker_connection_retry_on_startup=True)
+                                broker_connection_retry_on_startup=True,
+                                broker_transport_options={"socket_timeout": 5.0, "socket_connect_timeout": 3.0},
+                                task_publish_retry_policy={"max_retries": 1, "interval_start": 0.2,
+                                                           "interval_step": 0.5, "interval_max": 1.0})
         self.redis = redis_lib.Redis.from_url(self.direct_redis_url, decode_responses=True)
         self._services: Services | None = None
 

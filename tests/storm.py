@@ -1,6 +1,8 @@
 """One process of a dispatch storm: N dispatches from 8 threads, results to a JSON file.
 
-Run by tests as `python -m tests.storm CONFIG REDIS_URL DATABASE_URL AGENT WORK_KEY N OUT START_AT`.
+Run by tests as `python -m tests.storm CONFIG REDIS_URL DATABASE_URL AGENT WORK_KEY N OUT START_AT
+[--tolerate-outages]`; with the flag, a dispatch that answers 75 (a service down) is recorded as
+`unavailable` instead of failing the storm.
 """
 
 from __future__ import annotations
@@ -16,23 +18,32 @@ from celery import Celery
 
 from fleet.config import Settings, load_fleet_config
 from fleet.dispatch import DispatchRequest, dispatch
+from fleet.errors import UnavailableError
 from fleet.services import build
+from workers import broker
 
 
 def main() -> None:
     config, redis_url, database_url, agent, work_key, n, out, start_at = sys.argv[1:9]
+    tolerate = "--tolerate-outages" in sys.argv[9:]
     settings = Settings(config=Path(config), redis_url=redis_url, database_url=database_url)
     services = build(settings, load_fleet_config(Path(config)))
     celery = Celery("storm", broker=redis_url)
     celery.conf.update(task_serializer="json", accept_content=["json"])
 
     def send(run_id: str, fence: int) -> None:
-        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents")
+        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents",
+                         task_id=broker.execute_task_id(run_id, fence))
 
     def one(_: int) -> dict[str, object]:
         # "@distinct" gives every dispatch a key of its own (a cap race), anything else one key for all.
         key = f"race-{uuid.uuid4().hex}" if work_key == "@distinct" else work_key
-        result = dispatch(services, DispatchRequest(agent, key, actor="storm"), send)
+        try:
+            result = dispatch(services, DispatchRequest(agent, key, actor="storm"), send)
+        except UnavailableError as exc:
+            if not tolerate:
+                raise
+            return {"run_id": None, "status": "unavailable", "reason": str(exc)}
         return {"run_id": result.run_id, "status": result.status, "reason": result.reason}
 
     # A start barrier: every process of the storm fires at the same moment, after its imports.

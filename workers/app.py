@@ -35,6 +35,22 @@ EXECUTE_TIME_LIMIT = MAX_AGENT_SECONDS + 1800
 VISIBILITY_TIMEOUT = EXECUTE_TIME_LIMIT + 3600
 
 settings = load_settings()
+
+
+# Without socket timeouts a publish to a frozen or silently gone Redis waits for ever (kombu's
+# default): a dispatch would hang instead of answering 75. One retry, so a call stays near 10 s.
+SOCKET_OPTIONS = {"socket_timeout": 5.0, "socket_connect_timeout": 3.0}
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
+
+
+def _transport_options() -> dict[str, float]:
+    """The broker's redelivery timeout; a short one set by hand is also looked at often (kombu scans for
+    messages past it every interval x throttle seconds: 100 s by default)."""
+    if settings.visibility_timeout_s is None:
+        return {"visibility_timeout": VISIBILITY_TIMEOUT, **SOCKET_OPTIONS}
+    return {"visibility_timeout": settings.visibility_timeout_s, **SOCKET_OPTIONS,
+            "unacked_restore_interval": max(1.0, settings.visibility_timeout_s / 2), "unacked_restore_throttle": 1}
+
 # The one Sentry initialisation of every Celery process, at import: before the prefork pool forks
 # (children inherit it) and before beat's scheduler starts (its check-ins are patched in).
 alerts.init_sentry(settings, next((a for a in sys.argv[1:] if a in ("worker", "beat", "flower")), "celery"),
@@ -128,8 +144,11 @@ app.conf.update(
     task_send_sent_event=True,
     task_track_started=True,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
-    result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    broker_transport_options=_transport_options(),
+    result_backend_transport_options=_transport_options(),
+    redis_socket_timeout=SOCKET_OPTIONS["socket_timeout"],
+    redis_socket_connect_timeout=SOCKET_OPTIONS["socket_connect_timeout"],
+    task_publish_retry_policy=PUBLISH_RETRY_POLICY,
     task_default_queue=DISPATCH_QUEUE,
     task_queues=(Queue(DISPATCH_QUEUE, routing_key=DISPATCH_QUEUE), Queue(AGENTS_QUEUE, routing_key=AGENTS_QUEUE)),
     task_routes={"fleet.execute": {"queue": AGENTS_QUEUE}, "fleet.canary.agents": {"queue": AGENTS_QUEUE}},

@@ -37,6 +37,7 @@ kill_grace_s = 1
 retry_backoff_s = 0.2
 breaker_threshold = 1000
 kill_unreachable_grace_s = 2
+resend_after_s = 3
 
 [agents.work]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "4",

@@ -5,9 +5,10 @@ Modes, switched by the test at any time (they apply to open connections too):
   latency    forward, each chunk delayed by `delay_s`
   blackhole  accept, never answer: bytes in either direction are held back, nothing is closed
   reset      close every connection with a RST and reset new ones at once
-A one-shot `cut_on(pattern)` forwards the client's chunk that contains `pattern` (say b"COMMIT")
-and resets the connection before the server's answer comes back: the statement was applied,
-the client sees an error (an ambiguous commit).
+A one-shot `cut_on(*patterns)` waits for the client to send each pattern in turn (say the
+reservation's UPDATE, then b"COMMIT"), forwards the chunk with the last one and resets the
+connection before the server's answer comes back: the statement was applied, the client sees an
+error (an ambiguous commit).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class FaultProxy:
         self.target = (target_host, target_port)
         self.mode = PASS
         self.delay_s = 0.0
-        self._cut_pattern: bytes | None = None
+        self._cut_patterns: list[bytes] = []
         self.cuts = 0  # how many connections a cut_on reset
         self._pairs: set[_Pair] = set()
         self._loop = asyncio.new_event_loop()
@@ -58,9 +59,9 @@ class FaultProxy:
         if mode == RESET:
             asyncio.run_coroutine_threadsafe(self._reset_all(), self._loop).result(5)
 
-    def cut_on(self, pattern: bytes) -> None:
-        """Reset the next connection whose client sends `pattern`, after forwarding it (ambiguous outcome)."""
-        self._cut_pattern = pattern
+    def cut_on(self, *patterns: bytes) -> None:
+        """Once the client has sent each pattern in turn, forward the last and reset (an ambiguous outcome)."""
+        self._cut_patterns = list(patterns)
 
     def stop(self) -> None:
         """Close everything and stop the thread."""
@@ -111,10 +112,11 @@ class FaultProxy:
                     await asyncio.sleep(self.delay_s)
                 writer.write(data)
                 await writer.drain()
-                if upstream and self._cut_pattern is not None and self._cut_pattern in data:
-                    self._cut_pattern = None
-                    self.cuts += 1
-                    break  # the statement went through; its answer never comes back
+                if upstream and self._cut_patterns and self._cut_patterns[0] in data:
+                    self._cut_patterns.pop(0)
+                    if not self._cut_patterns:
+                        self.cuts += 1
+                        break  # the statement went through; its answer never comes back
         except (ConnectionError, OSError):
             pass
         finally:

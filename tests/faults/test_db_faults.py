@@ -3,14 +3,24 @@ commit, a database that stops answering."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fleet import db
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.errors import UnavailableError
 from fleet.models import RunStatus
 from tests.faults.conftest import FaultFleet, fault_fleet
+from tests.faults.effects import EffectsLog
 from tests.faults.proxy import PASS, RESET
 from tests.faults.servers import PrivateCluster
 from tests.harness import wait_for
@@ -47,3 +57,109 @@ def test_a_failed_outcome_write_does_not_run_a_finished_agent_again(pg_faults: F
     assert len(faults.effects.starts(result.run_id)) == 1, "the finished agent was run again"
     assert run.status == RunStatus.SUCCEEDED and run.attempt == 1
     assert faults.violations() == []
+
+
+def test_postgresql_restarted_during_racing_admissions(pg_faults: FaultFleet, tmp_path: Path) -> None:
+    """100 dispatches of one key from 8 processes while PostgreSQL crashes and comes back: each answers queued,
+    duplicate or 75, and there is one run, reserved once, run once."""
+    faults = pg_faults
+    assert faults.cluster is not None
+    work_key = f"race-{uuid.uuid4().hex}"
+    start_at = time.time() + 4
+    out = tmp_path / "storm"
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.storm", str(faults.fleet.config_path),
+                               faults.fleet.redis_url, faults.fleet.database_url, "quick", work_key, "13",
+                               str(out / f"{i}.json"), str(start_at), "--tolerate-outages"], env=faults.fleet.env)
+             for i in range(8)]
+    wait_for(lambda: time.time() > start_at + 0.05, 30, "the storm to begin")
+    faults.cluster.restart_immediately()
+    for proc in procs:
+        assert proc.wait(180) == 0
+    results = [r for f in out.iterdir() for r in json.loads(f.read_text())]
+    assert len(results) == 104 and {r["status"] for r in results} <= {"queued", "duplicate", "unavailable"}
+    run_ids = {r["run_id"] for r in results if r["run_id"]}
+    assert len(run_ids) == 1, run_ids
+    faults.accepted |= run_ids
+    (run_id,) = run_ids
+    faults.reap_until(lambda: run_of(faults.fleet, run_id).status in {"succeeded", "dead"}, 90, "the run to finish")
+    assert run_of(faults.fleet, run_id).status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(run_id)) == 1
+    assert faults.violations() == []
+
+
+def test_an_ambiguous_commit_of_the_reservation_is_counted_once(pg_faults: FaultFleet) -> None:
+    """The reservation's COMMIT reaches PostgreSQL but its answer never comes back: the caller hears 75, its retry
+    is a duplicate, the reaper sends the queued run, and the money is reserved and spent once."""
+    faults = pg_faults
+    assert faults.db_proxy is not None
+    request = DispatchRequest("quick", f"ambiguous-{uuid.uuid4().hex}", actor="test")
+    services = dataclasses.replace(faults.fleet.services, engine=db.make_engine(faults.fleet.database_url))
+    try:
+        faults.db_proxy.cut_on(b"UPDATE spend_days SET reserved_micros", b"COMMIT")
+        with pytest.raises(UnavailableError):
+            dispatch(services, request, faults.fleet.send_execute)
+        assert faults.db_proxy.cuts == 1
+        again = dispatch(services, request, faults.fleet.send_execute)
+    finally:
+        services.engine.dispose()
+    assert again.status == "duplicate" and again.run_id
+    faults.accepted.add(again.run_id)
+    faults.reap_until(lambda: run_of(faults.fleet, again.run_id or "").status in {"succeeded", "dead"}, 90,
+                      "the reaper to send the queued run, and the run to finish")
+    assert run_of(faults.fleet, again.run_id).status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(again.run_id)) == 1
+    assert faults.violations() == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own (root here), unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_sqlite_on_a_full_disk_refuses_before_any_agent_starts(tmp_path: Path, small_disk: Path) -> None:
+    """The disk under SQLite fills up: a dispatch is refused with 75 and nothing starts; the file stays intact;
+    once space is freed, dispatches work again."""
+    from tests.faults.conftest import FAULT_AGENTS
+    from tests.harness import Fleet, PrivateRedis
+
+    server = PrivateRedis(tmp_path)
+    server.start()
+    home = tmp_path / "fleet"
+    home.mkdir()
+    database = small_disk / "fleet.db"
+    fleet = Fleet(home, server.url, f"sqlite:///{database}", agents=FAULT_AGENTS)
+    try:
+        fleet.start(workers=1, concurrency=2)
+        first = dispatch(fleet.services, DispatchRequest("quick", uuid.uuid4().hex, actor="test"), fleet.send_execute)
+        assert first.status == "queued"
+        filler = small_disk / "filler"
+        with open(filler, "wb") as handle, contextlib.suppress(OSError):  # fill the disk to the last byte
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        started_before = len(EffectsLog.read(home / "effects.log").of("START"))
+        refused = 0
+        for _ in range(5):
+            try:
+                dispatch(fleet.services, DispatchRequest("quick", uuid.uuid4().hex, actor="test"), fleet.send_execute)
+            except UnavailableError:
+                refused += 1
+        assert refused == 5
+        assert len(EffectsLog.read(home / "effects.log").of("START")) <= started_before + 1  # only the first run
+        with fleet.services.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        filler.unlink()
+        after = dispatch(fleet.services, DispatchRequest("quick", uuid.uuid4().hex, actor="test"), fleet.send_execute)
+        assert after.status == "queued"
+        wait_for(lambda: run_of(fleet, after.run_id or "").status == RunStatus.SUCCEEDED, 60, "the run after")
+    finally:
+        fleet.stop()
+        server.stop()
