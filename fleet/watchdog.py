@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, killswitch, ledger, orphans
 from fleet.locks import Lease
-from fleet.models import DeadLetter, Run, RunStatus, WatchdogVerdict
+from fleet.models import TERMINAL, DeadLetter, Run, RunStatus, WatchdogVerdict
 from fleet.services import Services
 
 GREEN, AMBER, RED = "green", "amber", "red"
@@ -78,13 +78,13 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
         *[canary_check(services.redis, q, now, deadline_s) for q in QUEUES],
         beat_check(services, now),
         backlog_check(services.redis),
-        breaker_check(services),
         orphan_check(services.redis),
         *disk_checks(services),
     ]
+    breakers = breaker_states(services)
     with db.session(services.engine) as session:
         checks[3:3] = [stuck_check(services, session, now), dlq_check(session, now), spend_check(services, session),
-                       kill_check(session)]
+                       kill_check(session), breaker_check(services, session, breakers, now)]
         previous = latest(session)
     verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
     # Once per transition: the previous verdict is in the database, shared by beat's and cron's watchdogs.
@@ -226,12 +226,39 @@ def kill_check(session: Session) -> Check:
     return Check("kill_switch", GREEN, "released")
 
 
-def breaker_check(services: Services) -> Check:
-    """Open breakers."""
-    open_ = [n for n in services.config.agents if services.breakers.state(n).get("state") == "open"]
-    if open_:
-        return Check("breakers", AMBER, f"open: {', '.join(open_)}")
-    return Check("breakers", GREEN, "all closed")
+def breaker_states(services: Services) -> dict[str, dict[str, str]]:
+    """Every agent's breaker hash (Redis only: read before any database session opens)."""
+    return {name: services.breakers.state(name) for name in services.config.agents}
+
+
+def breaker_check(services: Services, session: Session, states: dict[str, dict[str, str]],
+                  now: datetime) -> Check:
+    """Open and half-open breakers. A half-open trial whose run has ended (or is gone) can never report, and
+    would keep the breaker refusing every dispatch: it is freed here. One running past its timeout is red."""
+    open_ = [name for name, state in states.items() if state.get("state") == "open"]
+    half = {name: state.get("trial") or "" for name, state in states.items() if state.get("state") == "half_open"}
+    freed, stuck = [], []
+    for name, trial in half.items():
+        run = session.get(Run, trial) if trial else None
+        if trial and (run is None or run.status in TERMINAL):
+            services.breakers.forfeit(name, trial)
+            freed.append(f"{name} (trial {trial} {'gone' if run is None else 'ended ' + run.status})")
+        elif run is not None and _past_its_timeout(services, run, now):
+            stuck.append(f"{name} (trial {trial} running past its timeout)")
+    if stuck:
+        return Check("breakers", RED, f"half-open with a trial that does not end: {'; '.join(stuck)}")
+    shown = [f"open: {', '.join(open_)}"] if open_ else []
+    shown += [f"half-open: {', '.join(half)}"] if half else []
+    shown += [f"freed the trial of {', '.join(freed)}"] if freed else []
+    return Check("breakers", AMBER, "; ".join(shown)) if shown else Check("breakers", GREEN, "all closed")
+
+
+def _past_its_timeout(services: Services, run: Run, now: datetime) -> bool:
+    spec = services.config.agents.get(run.agent)
+    fleet = services.config.fleet
+    limit = (spec.timeout_s if spec else 3600) + fleet.kill_grace_s + fleet.lease_ttl_s
+    return run.status == RunStatus.RUNNING and run.started_at is not None and (
+        now - run.started_at).total_seconds() > limit
 
 
 def orphan_check(client: redis.Redis) -> Check:

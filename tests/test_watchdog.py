@@ -151,3 +151,29 @@ def test_beat_is_silent_only_once_a_due_slot_is_late(services: Services) -> None
     assert watchdog.beat_check(svc, at + timedelta(minutes=17, seconds=30)).status == watchdog.GREEN  # 150 s late
     late = watchdog.beat_check(svc, at + timedelta(minutes=18, seconds=30))
     assert late.status == watchdog.RED and "12:15:00" in late.reason, late
+
+
+def _run_row(svc: Services, agent: str, status: str, started_ago_s: float) -> str:
+    from fleet.models import Run
+
+    now = datetime.now(UTC)
+    run = Run(id=uuid.uuid4().hex, idem_key=f"{agent}:{uuid.uuid4().hex}", agent=agent, work_key="w", status=status,
+              created_at=now, updated_at=now, started_at=now - timedelta(seconds=started_ago_s))
+    with db.session(svc.engine) as session:
+        session.add(run)
+        session.commit()
+    return run.id
+
+
+def test_a_half_open_trial_that_ended_is_freed_and_one_past_its_timeout_is_red(services: Services) -> None:
+    """Issue 10 item 8: a trial whose run ended can never report; the watchdog frees it. A trial running far
+    past its agent's timeout is red: it would hold the breaker half-open for good."""
+    ended = _run_row(services, "echo", "killed", 5)
+    services.redis.hset(keys.breaker("echo"), mapping={"state": "half_open", "trial": ended})
+    check = next(c for c in watchdog.run_watchdog(services, None, store_verdict=False).checks if c.name == "breakers")
+    assert check.status == watchdog.AMBER and f"freed the trial of echo (trial {ended} ended killed)" in check.reason
+    assert "trial" not in services.breakers.state("echo")
+    overdue = _run_row(services, "echo", "running", 3600)
+    services.redis.hset(keys.breaker("echo"), mapping={"state": "half_open", "trial": overdue})
+    check = next(c for c in watchdog.run_watchdog(services, None, store_verdict=False).checks if c.name == "breakers")
+    assert check.status == watchdog.RED and overdue in check.reason

@@ -97,3 +97,27 @@ def test_a_losing_duplicate_delivery_leaves_the_running_run_alone(idle: FaultFle
     with db.session(services.engine) as session:
         kinds = [e.kind for e in store.run_events(session=session, run_id=run.id)]
     assert "run.killed" not in kinds
+
+
+def test_a_retry_after_midnight_reserves_on_the_new_day(idle: FaultFleet) -> None:
+    """Issue 10 item 1: the first attempt reserved yesterday; its retry, claimed today, gives yesterday's leftover
+    back and reserves on today's budget day."""
+    services = idle.fleet.services
+    run = _queued(idle)
+    yesterday = "2000-01-01"
+    with db.session(services.engine) as session:
+        today = run.budget_day
+        session.execute(update(Run).where(col(Run.id) == run.id).values(budget_day=yesterday, attempt=1))
+        session.execute(update(SpendDay).where(col(SpendDay.day) == today).values(reserved_micros=0))
+        for scope in ("quick", "*"):
+            session.add(SpendDay(day=yesterday, scope=scope, reserved_micros=run.reserved_micros, spent_micros=0,
+                                 updated_at=services.now()))
+        session.commit()
+    claimed = executor._claim(services, run.id, run.fence or 0)
+    assert not isinstance(claimed, executor.ExecuteResult), claimed
+    after = run_of(idle.fleet, run.id)
+    assert after.budget_day == today and after.attempt == 2 and after.reserved_micros == 10_000
+    with db.session(services.engine) as session:
+        rows = {(r.day, r.scope): r.reserved_micros for r in session.exec(select(SpendDay))}
+    assert rows[(yesterday, "quick")] == rows[(yesterday, "*")] == 0
+    assert rows[(today, "quick")] == rows[(today, "*")] == 10_000
