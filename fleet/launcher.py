@@ -36,7 +36,7 @@ import sys
 import time
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
-SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGTERM = 1, 2, 3, 9, 15
+SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ = 1, 2, 3, 9, 13, 15, 25
 SIG_DFL, SIG_IGN = 0, 1
 EXIT_USAGE = 2
 EXIT_CANNOT_EXECUTE = 126
@@ -92,7 +92,8 @@ def _become_agent(argv: list[str], options: dict[str, str], tether: int | None) 
     """In the forked child: die with the launcher, drop to the agent's user, exec. Never returns."""
     code = EXIT_CANNOT_EXECUTE
     try:
-        _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM), SIG_DFL)  # ignored ones survive exec otherwise
+        # Ignored signals survive exec: ours, and the two Python's start-up ignores (as subprocess restores them).
+        _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGPIPE, SIGXFSZ), SIG_DFL)
         set_parent_death_signal(SIGKILL)
         if tether is not None:
             os.close(tether)
@@ -158,8 +159,21 @@ def _wait(pid: int) -> int:
         return _statuses.pop(pid, 0)
 
 
+def _no_children() -> bool:
+    # Every member of our group is a descendant, and as a subreaper every orphaned one becomes our child:
+    # with no child left there is nothing to stop (and no /proc scan to pay for).
+    _reap()  # reaps (and records) every exited child; then ECHILD means none is left
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return False
+
+
 def stop_group(grace_s: float) -> None:
     """SIGTERM the group, wait up to `grace_s` for it to empty, then SIGKILL whatever is left, until none is."""
+    if _no_children():
+        return
     members = _members()
     if not members:
         return
@@ -236,6 +250,8 @@ def main(args: list[str]) -> int:
         return EXIT_USAGE
     if os.getppid() != parent:
         return EXIT_CANNOT_EXECUTE  # the executor died before we started: nobody would own the agent
+    if os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)  # the group we stop must be the attempt's own, however we were started
     _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM), SIG_IGN)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     agent = os.fork()

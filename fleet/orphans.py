@@ -68,7 +68,8 @@ def _tag(pid: int) -> tuple[str, int] | None:
             argv = handle.read().split(b"\0")
     except OSError:
         return None
-    if not any(arg.endswith(b"launcher.py") for arg in argv[:4]):
+    # The Python launcher (`python -I -S .../launcher.py`) or the compiled one (`.../launcher-<hash>`).
+    if not any(arg.endswith(b"/launcher.py") or b"/launcher-" in arg for arg in argv[:4]):
         return None
     for arg in argv:
         if arg == b"--":

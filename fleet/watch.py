@@ -92,9 +92,8 @@ class Bookkeeper:
         self._wake.set()
 
     def record_start(self, pid: int, pgid: int) -> None:
-        """Where the agent runs: record it soon."""
+        """Where the agent runs: recorded with the next heartbeat."""
         self._started = (pid, pgid)
-        self._wake.set()
 
     def start(self) -> None:
         """Start the thread."""
@@ -110,31 +109,19 @@ class Bookkeeper:
     # ------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
-        next_beat = time.monotonic()
+        # The claim stamped the first heartbeat: the next is due a heartbeat later, and the pid rides on
+        # it, so a run shorter than `heartbeat_s` costs no commit here at all.
+        next_beat = time.monotonic() + self.heartbeat_s
         while not self._done.is_set():
             self._wake.wait(max(0.0, next_beat - time.monotonic()))
             self._wake.clear()
             if self._done.is_set():
                 return
-            self._record_start()
             self._book()
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.heartbeat_s
                 self._heartbeat()
                 self._mirror()
-
-    def _record_start(self) -> None:
-        if self._started is None:
-            return
-        pid, pgid = self._started
-        try:
-            with db.session(self.services.engine) as session:
-                session.execute(update(Run).where(col(Run.id) == self.run.id, col(Run.fence) == self.lease.fence)
-                                .values(pid=pid, pgid=pgid))
-                session.commit()
-            self._started = None
-        except SQLAlchemyError as exc:
-            log.warning("run.record_pid_failed", run_id=self.run.id, error=_first_line(exc))
 
     def _book(self) -> None:
         with self._lock:
@@ -166,14 +153,18 @@ class Bookkeeper:
 
     def _heartbeat(self) -> None:
         since = time.monotonic()
+        started = self._started
+        where = {"pid": started[0], "pgid": started[1]} if started else {}
         try:
             with db.session(self.services.engine) as session:
                 owned = session.execute(update(Run).where(
                     col(Run.id) == self.run.id, col(Run.fence) == self.lease.fence,
-                    col(Run.status) == RunStatus.RUNNING).values(heartbeat_at=ledger.database_now(session)))
+                    col(Run.status) == RunStatus.RUNNING).values(heartbeat_at=ledger.database_now(session), **where))
                 session.commit()
         except SQLAlchemyError:
             return  # the Redis lease may still prove ownership; the tether decides
+        if started is self._started:
+            self._started = None
         if db.rowcount(owned) == 1:
             self.ownership.proven(since)
         else:

@@ -132,7 +132,7 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         db.upgrade(engine)
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
-            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 30000
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 10000  # FLEET_DB_TIMEOUT_S
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
     finally:
         engine.dispose()

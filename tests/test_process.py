@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fleet import launcher
+from fleet import launcher, process
 from fleet.config import PriceTable
 from fleet.process import (
     EXIT_CANNOT_EXECUTE,
@@ -34,6 +34,16 @@ from fleet.process import (
 from fleet.usage import make_parser
 
 ENV = {"PATH": os.defpath, "LANG": "C.UTF-8"}
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def launcher_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs under both launchers: the compiled one, and the Python one it falls back to."""
+    if request.param == "python":
+        monkeypatch.setattr(process, "compiled_launcher", lambda: None)
+    else:
+        assert process.compiled_launcher() is not None, "no C compiler here: the compiled launcher cannot be tested"
+    return str(request.param)
 SLEEPER = ["python", "-m", "fleet.examples.sleeper"]
 
 
@@ -418,7 +428,11 @@ PARENT = """
 import sys
 from pathlib import Path
 from typing import Any
+from fleet import process
 from fleet.process import Launch, Tether, run_agent
+if sys.argv[2] == "python":
+    process.compiled_launcher = lambda: None
+sys.argv.pop(2)
 tether = Tether(float(sys.argv[2])) if sys.argv[2] != "-" else None
 run_agent(sys.argv[3:], {"PATH": "/usr/bin:/bin"}, log_path=Path(sys.argv[1]), timeout_s=120, grace_s=0.3,
           launch=Launch(tether=tether))
@@ -439,11 +453,12 @@ def _silent_group(pidfile: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
-def test_the_whole_group_dies_with_its_runner_or_when_the_tether_lapses(tmp_path: Path, how: int) -> None:
+def test_the_whole_group_dies_with_its_runner_or_when_the_tether_lapses(tmp_path: Path, how: int,
+                                                                       launcher_kind: str) -> None:
     """The runner (a worker's pool process) is SIGKILLed (the tether's end-of-file) or SIGSTOPped (it cannot
     extend the tether): the launcher stops the agent and its child, though both ignore SIGTERM."""
     pidfile = tmp_path / "pids"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "p.log"), "1.0",
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path / "p.log"), launcher_kind, "1.0",
                                *_silent_group(pidfile)], start_new_session=True)
     try:
         assert wait_for(lambda: len(read_pids(pidfile)) == 2, 15.0)
@@ -482,3 +497,11 @@ def test_launcher_does_not_exec_when_its_parent_is_already_gone(tmp_path: Path) 
                           capture_output=True, timeout=30)
     assert proc.returncode == launcher.EXIT_CANNOT_EXECUTE
     assert not marker.exists()
+
+
+def test_the_agent_starts_with_no_signal_ignored(run: Callable[..., ProcessResult]) -> None:
+    """The launcher ignores SIGTERM, SIGPIPE and more for itself; none of that may reach the agent (an
+    ignored SIGPIPE would make `producer | head` spin instead of stop)."""
+    result = run(["grep", "SigIgn", "/proc/self/status"], env={"PATH": "/usr/bin:/bin"})
+    assert result.exit_code == 0, result.output_tail
+    assert int(result.output_tail.split()[-1], 16) == 0, result.output_tail

@@ -1,0 +1,225 @@
+/* Fleet's launcher, compiled: the same program as fleet/launcher.py (read its docstring), in C, so that
+ * starting an agent costs a fork and two execs instead of a Python interpreter (~1 ms, not ~15-60 ms).
+ *
+ *   launcher parent=PID lc=VALUE tether=FD|- ttl=SECONDS grace=SECONDS creds=U:G:GS|- run=ID:FENCE|- -- PROGRAM ARGS...
+ *
+ * It forks the agent (PR_SET_PDEATHSIG, so it cannot outlive the launcher), becomes a child subreaper,
+ * and waits for the agent's exit, the tether's end-of-file (the executor died) or its deadline (the
+ * executor could not prove it still owns the run); then it stops the whole group: SIGTERM, the grace,
+ * SIGKILL until none is left. It exits with the agent's code (128+N for a death by signal N).
+ * fleet/process.py builds it on first use with the system's C compiler and falls back to the Python
+ * launcher where there is none; tests/test_process.py runs every launcher test against both.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <grp.h>
+
+#define EXIT_USAGE 2
+#define EXIT_CANNOT_EXECUTE 126
+#define EXIT_NOT_FOUND 127
+#define POLL_MS 20
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void say(const char *text) {
+    ssize_t ignored = write(2, text, strlen(text));
+    (void)ignored;
+}
+
+static const char *option(char **argv, int cut, const char *key) {
+    size_t len = strlen(key);
+    for (int i = 1; i < cut; i++)
+        if (strncmp(argv[i], key, len) == 0 && argv[i][len] == '=') return argv[i] + len + 1;
+    return NULL;
+}
+
+static int statuses_agent = -1, agent_status = 0, agent_reaped = 0;
+
+static void reap_all(void) {
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0)
+        if (pid == statuses_agent) { agent_status = status; agent_reaped = 1; }
+}
+
+/* Other live members of our group, or children of ours (a subreaper's orphans): how many, signalled. */
+static int signal_members(int sig) {
+    pid_t me = getpid(), group = getpgid(0);
+    int found = 0;
+    DIR *proc = opendir("/proc");
+    if (proc == NULL) return 0;
+    struct dirent *entry;
+    char path[64], stat[1024];
+    while ((entry = readdir(proc)) != NULL) {
+        char *end;
+        long pid = strtol(entry->d_name, &end, 10);
+        if (*end != '\0' || pid <= 0 || pid == me) continue;
+        snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+        FILE *f = fopen(path, "r");
+        if (f == NULL) continue;
+        size_t n = fread(stat, 1, sizeof stat - 1, f);
+        fclose(f);
+        stat[n] = '\0';
+        char *close = strrchr(stat, ')');
+        if (close == NULL) continue;
+        char state;
+        long ppid, pgrp;
+        if (sscanf(close + 2, "%c %ld %ld", &state, &ppid, &pgrp) != 3) continue;
+        if (state == 'Z' || state == 'X') continue;
+        if (pgrp == group || ppid == me) {
+            found++;
+            if (sig) kill((pid_t)pid, sig);
+        }
+    }
+    closedir(proc);
+    return found;
+}
+
+/* Every member of our group is a descendant of ours, and as a subreaper every orphaned descendant
+ * becomes our child: with no child left there is nothing to stop (and no /proc scan to pay for). */
+static int no_children(void) {
+    reap_all(); /* reaps (and records) every exited child; then -1/ECHILD means none is left */
+    siginfo_t info;
+    return waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD;
+}
+
+static void stop_group(double grace_s) {
+    if (no_children() || signal_members(0) == 0) return;
+    kill(0, SIGTERM); /* the group; we ignore it ourselves */
+    double deadline = now_s() + grace_s;
+    while (now_s() < deadline) {
+        usleep(POLL_MS * 1000);
+        reap_all();
+        if (signal_members(0) == 0) return;
+    }
+    while (signal_members(SIGKILL) > 0) {
+        usleep(POLL_MS * 1000);
+        reap_all();
+    }
+}
+
+static void become_agent(char **argv, const char *creds, int tether) {
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGQUIT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (tether >= 0) close(tether);
+    if (creds != NULL && strcmp(creds, "-") != 0) {
+        unsigned uid, gid;
+        char groups_text[4096];
+        gid_t groups[256];
+        int count = 0;
+        groups_text[0] = '\0';
+        if (sscanf(creds, "%u:%u:%4095s", &uid, &gid, groups_text) < 2) _exit(EXIT_CANNOT_EXECUTE);
+        for (char *g = strtok(groups_text, ","); g != NULL && count < 256; g = strtok(NULL, ","))
+            groups[count++] = (gid_t)strtoul(g, NULL, 10);
+        if (setgroups((size_t)count, groups) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
+            say("fleet launcher: cannot switch to the agent's user\n");
+            _exit(EXIT_CANNOT_EXECUTE);
+        }
+    }
+    execv(argv[0], argv);
+    int err = errno;
+    char line[512];
+    snprintf(line, sizeof line, "fleet launcher: cannot run %s: %s\n", argv[0], strerror(err));
+    say(line);
+    _exit(err == ENOENT ? EXIT_NOT_FOUND : EXIT_CANNOT_EXECUTE);
+}
+
+/* The newest validity in the pipe, in seconds; -1 at end-of-file. */
+static double read_tether(int tether) {
+    char buf[4096];
+    ssize_t n = read(tether, buf, sizeof buf - 1);
+    if (n <= 0) return n == 0 ? -1.0 : 0.0;
+    buf[n] = '\0';
+    while (n > 0 && buf[n - 1] == '\n') buf[--n] = '\0';
+    char *last = strrchr(buf, '\n');
+    return strtod(last ? last + 1 : buf, NULL) / 1000.0;
+}
+
+int main(int argc, char **argv) {
+    int cut = -1;
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--") == 0) { cut = i; break; }
+    const char *parent = cut > 0 ? option(argv, cut, "parent") : NULL;
+    if (cut < 0 || cut + 1 >= argc || parent == NULL) {
+        say("usage: launcher parent=PID [key=value ...] -- PROGRAM [ARGS...]\n");
+        return EXIT_USAGE;
+    }
+    if (getppid() != (pid_t)strtol(parent, NULL, 10)) return EXIT_CANNOT_EXECUTE;
+    /* The group we stop must be the attempt's own: lead one, whoever started us and however. */
+    if (getpgid(0) != getpid() && setpgid(0, 0) != 0) return EXIT_CANNOT_EXECUTE;
+    const char *tether_text = option(argv, cut, "tether");
+    int tether = (tether_text == NULL || strcmp(tether_text, "-") == 0) ? -1 : atoi(tether_text);
+    const char *ttl_text = option(argv, cut, "ttl");
+    const char *grace_text = option(argv, cut, "grace");
+    double grace_s = grace_text ? strtod(grace_text, NULL) : 5.0;
+    /* lc= is for the Python launcher, whose start-up changes LC_CTYPE; this one leaves the environment alone. */
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGQUIT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN); /* our notes go to the executor's pipe, whose reader may be dead */
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    pid_t agent = fork();
+    if (agent < 0) return EXIT_CANNOT_EXECUTE;
+    if (agent == 0) become_agent(argv + cut + 1, option(argv, cut, "creds"), tether);
+    statuses_agent = agent;
+    int pidfd = (int)syscall(SYS_pidfd_open, agent, 0);
+    double deadline = (tether >= 0 && ttl_text) ? now_s() + strtod(ttl_text, NULL) : -1.0;
+    const char *reason = NULL;
+    while (!agent_reaped) {
+        struct pollfd fds[2] = {{pidfd, POLLIN, 0}, {tether, POLLIN, 0}};
+        int timeout = -1;
+        if (deadline >= 0) {
+            double left = (deadline - now_s()) * 1000;
+            timeout = left > 0 ? (int)left + 1 : 0;
+        }
+        if (pidfd < 0 && (timeout < 0 || timeout > POLL_MS)) timeout = POLL_MS; /* no pidfd: poll for the exit */
+        int ready = poll(fds, tether >= 0 ? 2 : 1, timeout);
+        if (ready < 0 && errno != EINTR) break;
+        reap_all();
+        if (agent_reaped) break;
+        if (tether >= 0 && (fds[1].revents & (POLLIN | POLLHUP))) {
+            double valid = read_tether(tether);
+            if (valid < 0) { reason = "its executor is gone"; }
+            else { deadline = now_s() + valid; continue; }
+        } else if (deadline >= 0 && now_s() >= deadline) {
+            reason = "its executor could not prove it still owns the run";
+        } else {
+            continue;
+        }
+        char line[160];
+        snprintf(line, sizeof line, "\nfleet launcher: stopping the agent: %s\n", reason);
+        say(line);
+        stop_group(grace_s);
+        while (!agent_reaped) {
+            int status;
+            if (waitpid(agent, &status, 0) == agent) { agent_status = status; agent_reaped = 1; }
+            else if (errno != EINTR) break;
+        }
+    }
+    stop_group(grace_s);
+    reap_all();
+    if (WIFEXITED(agent_status)) return WEXITSTATUS(agent_status);
+    if (WIFSIGNALED(agent_status)) return 128 + WTERMSIG(agent_status);
+    return EXIT_CANNOT_EXECUTE;
+}
