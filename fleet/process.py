@@ -256,11 +256,12 @@ class Tether:
 
 @dataclass(frozen=True)
 class Launch:
-    """How the launcher starts an agent: its tether, its user, and which run attempt it is."""
+    """How the launcher starts an agent: its tether, its user and folder, and which run attempt it is."""
 
     tether: Tether | None = None
     creds: str | None = None  # "uid:gid:groups" to switch to, or None to stay this user
     tag: str | None = None  # "run_id:fence", shown in `ps` and read by the orphan sweep
+    workdir: Path | None = None  # entered by the agent after the switch (this user may not enter it)
 
 
 def launcher_argv(argv: list[str], env: dict[str, str], launch: Launch, grace_s: float) -> list[str]:
@@ -270,7 +271,8 @@ def launcher_argv(argv: list[str], env: dict[str, str], launch: Launch, grace_s:
     options = [f"parent={os.getpid()}", f"lc={lc_ctype}", f"grace={grace_s:g}",
                f"tether={tether.read_fd if tether is not None else launcher.UNSET}",
                *([f"ttl={tether.ttl_s:.3f}"] if tether is not None else []),
-               f"creds={launch.creds or launcher.UNSET}", f"run={launch.tag or launcher.UNSET}"]
+               f"creds={launch.creds or launcher.UNSET}", f"cwd={launch.workdir or launcher.UNSET}",
+               f"run={launch.tag or launcher.UNSET}"]
     return [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER_PATH), *options, "--", *argv]
 
 
