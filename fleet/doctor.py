@@ -7,7 +7,6 @@ Secrets never reach the output: URLs are shown with their passwords masked.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import re
@@ -24,9 +23,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from rich.console import Console
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
-from fleet import db
+from fleet import db, redaction
 from fleet.config import FleetConfig, Settings, load_fleet_config
 from fleet.errors import ConfigError, ExitCode, UnavailableError
 from fleet.services import redis_client
@@ -320,21 +318,12 @@ def mask_url(url: str) -> str:
     return re.sub(r"(?i)([?&]password=)[^&#]*", rf"\g<1>{_MASK}", masked)
 
 
-def _secrets(settings: Settings) -> list[str]:
+def _secrets(settings: Settings) -> tuple[str, ...]:
     """Every secret the settings hold: scrubbed from each line in case an error message echoes one."""
-    found: list[str | None] = [settings.web_token, settings.sentry_dsn]
-    # An unparsable URL is reported by its own check; here it just has no password to hide.
-    with contextlib.suppress(ValueError):
-        found.append(urlsplit(settings.broker_url).password)
-    with contextlib.suppress(Exception):
-        found.append(make_url(settings.database_url).password)
-    if settings.flower_auth:
-        found.append(settings.flower_auth.partition(":")[2])
-    # Longest first, so a secret containing another is masked whole; very short ones would mangle text.
-    return sorted({str(s) for s in found if s and len(str(s)) >= 4}, key=len, reverse=True)
+    return redaction.ordered(redaction.settings_secrets(settings))
 
 
-def _scrub(line: str, secrets: list[str]) -> str:
+def _scrub(line: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         line = line.replace(secret, _MASK)
     return line

@@ -27,7 +27,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, keys, killswitch, ledger, logs, store
+from fleet import alerts, db, keys, killswitch, ledger, logs, redaction, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
@@ -228,7 +228,7 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher
     common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
                               "grace_s": services.config.fleet.kill_grace_s,
                               "watch_interval_s": services.config.fleet.kill_poll_s,
-                              "redact": secrets_of(spec, env)}
+                              "redact": secrets_of(services, spec, env)}
     tag = f"{run.id}:{run.fence}"
     # A retry appends to the first attempt's log: the whole story of a run stays in one file.
     append = run.attempt > 1
@@ -244,10 +244,11 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher
                      launch=Launch(tether=ownership.tether(), tag=tag), parse=watcher.meter, **common)
 
 
-def secrets_of(spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
-    """The values Fleet masks in the agent's output: its key and its secret_env values."""
+def secrets_of(services: Services, spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
+    """The values Fleet masks in the agent's output: every secret it knows (the fleet's own, every
+    agent's key and secret_env values), this agent's as it was just handed them included."""
     names = [*spec.secret_env, *(["FLEET_AGENT_KEY"] if spec.key_file else [])]
-    return tuple(env[name] for name in names if len(env.get(name, "")) >= 4)
+    return redaction.known_secrets(services.settings, services.config, *(env[name] for name in names if name in env))
 
 
 def agent_environment(run: Run, spec: AgentSpec) -> dict[str, str]:
