@@ -181,6 +181,24 @@ def test_the_agent_starts_in_its_working_directory(open_dir: Path) -> None:
     assert code == 78 and "cannot enter its working directory" in out, out
 
 
+MISSING = "from fleet import identity; print(identity.missing_capabilities(identity.lookup('nobody')))"
+
+
+@needs_root
+def test_what_a_worker_lacks_to_switch_is_read_from_its_capabilities() -> None:
+    """fleet.identity, run as each kind of worker: root (nothing missing), a non-root one with the ambient
+    capabilities (nothing), the same without them and a capability-less root (all three)."""
+    if not world_readable(ROOT / "fleet" / "identity.py"):
+        pytest.skip("fleet/ must be readable by a non-root uid")
+    bare = ["setpriv", f"--reuid={WORKER_UID}", f"--regid={WORKER_UID}", "--clear-groups", "--"]
+    expected = {(): "[]", tuple(NON_ROOT_WITH_CAPS): "[]", tuple(bare): "['CAP_SETUID', 'CAP_SETGID', 'CAP_KILL']",
+                tuple(CAPLESS): "['CAP_SETUID', 'CAP_SETGID', 'CAP_KILL']"}
+    for prefix, missing in expected.items():
+        proc = subprocess.run([*prefix, SYSTEM_PY, "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                               + MISSING], capture_output=True, text=True, timeout=60)
+        assert proc.stdout.strip() == missing, (prefix, proc.stdout, proc.stderr)
+
+
 # ---------------------------------------------------------------- a real worker, agents as nobody
 
 # Short leases and quick retries, so that every path ends within seconds.
