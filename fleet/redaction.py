@@ -4,8 +4,9 @@ An agent's output is masked with all of them (fleet/process.py `Output`), not on
 agent's own: an agent under the worker's uid that found another agent's key file, or the fleet's
 Redis URL in a FLEET_*_FILE, and printed it, must not put it into a log the web page serves.
 - The fleet's own, from the settings: the Redis URL's and the database URL's passwords (as written,
-  percent-encoded, and decoded; a lone user part too, `redis://SECRET@host`), the Sentry DSN whole and
-  its keys, the web token, Flower's password (and its whole `user:password`).
+  percent-encoded, and decoded; for Redis a lone user part too, `redis://SECRET@host`, the old way to
+  give a password), the Sentry DSN whole and its keys, the web token, Flower's password (and its whole
+  `user:password`). A database URL's lone user part is a user name (`postgresql://postgres@db/fleet`).
 - Every agent's, from fleet.toml: the content of each key_file and secret_env file, read now (a file
   that cannot be read is skipped: nothing can be handed out from it either).
 Values shorter than MIN_LENGTH are left alone: masking "ab" would mangle every log.
@@ -23,8 +24,9 @@ from fleet.config import FleetConfig, Settings
 MIN_LENGTH = 4
 
 
-def url_secrets(url: str | None) -> set[str]:
-    """A URL's password (or lone user part) as written and decoded; nothing for an unparsable URL."""
+def url_secrets(url: str | None, *, lone_user: bool = False) -> set[str]:
+    """A URL's password (or, with `lone_user`, a user part without one) as written and decoded; nothing
+    for an unparsable URL."""
     if not url:
         return set()
     try:
@@ -35,7 +37,7 @@ def url_secrets(url: str | None) -> set[str]:
     if not userinfo:
         return set()
     user, colon, password = userinfo.partition(":")
-    secret = password if colon else user
+    secret = password if colon else (user if lone_user else "")
     return {secret, unquote(secret)} if secret else set()
 
 
@@ -52,7 +54,8 @@ def dsn_secrets(dsn: str | None) -> set[str]:
 
 def settings_secrets(settings: Settings) -> set[str]:
     """The fleet's own secrets, from its settings."""
-    found = url_secrets(settings.broker_url) | url_secrets(settings.database_url) | dsn_secrets(settings.sentry_dsn)
+    found = (url_secrets(settings.broker_url, lone_user=True) | url_secrets(settings.database_url)
+             | dsn_secrets(settings.sentry_dsn))
     if settings.web_token:
         found.add(settings.web_token)
     if settings.flower_auth:

@@ -600,7 +600,8 @@ def test_known_secrets_cover_the_fleets_own_and_every_agents(tmp_path: Path) -> 
     assert found >= {"p%40ss-redis", "p@ss-redis", "pg-secret", "https://dsnkey1@o1.ingest/5", "dsnkey1",
                      "web-token-1", "ops:flower-pw", "flower-pw", "key-of-a-0001", "key-of-b-0002", "tok-of-b-0003"}
     assert "fleet" not in found and "ops" not in found  # user names are not secrets
-    assert redaction.url_secrets("redis://lonesecret@h:6379/0") == {"lonesecret"}
+    assert redaction.url_secrets("redis://lonesecret@h:6379/0", lone_user=True) == {"lonesecret"}
+    assert redaction.url_secrets("postgresql://postgres@db/fleet") == set()  # a user name, not a secret
     assert redaction.url_secrets("sqlite:///./fleet.db") == set() and redaction.ordered(["abc", None, ""]) == ()
 
 
