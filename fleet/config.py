@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from fleet import identity
 from fleet.errors import ConfigError
 from fleet.schedule import Schedule, parse_schedule
 from fleet.usage import TOKEN_FORMATS, UsageFormat
@@ -26,6 +27,7 @@ from fleet.usage import TOKEN_FORMATS, UsageFormat
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,62}\$?$")
 # Variables the fleet sets itself; an agent's env may not override them.
 RESERVED_ENV = frozenset({"FLEET_RUN_ID", "FLEET_AGENT", "FLEET_WORK_KEY", "FLEET_PAYLOAD", "FLEET_ATTEMPT",
                           "FLEET_PREV_RUN_ID", "FLEET_AGENT_KEY", "PATH", "HOME", "LANG"})
@@ -46,6 +48,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, repr=False)  # None: the default URL, or the embedded server
     database_url: str = Field(default="sqlite:///./fleet.db", repr=False)
     log_dir: Path = Path("logs")
+    # run_as agents' HOME and working directories, <agent_homes>/<agent>, created by the worker (fleet/identity.py)
+    agent_homes: Path = Path("agent-homes")
     sentry_dsn: str | None = Field(default=None, repr=False)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8700, ge=0, le=65535)
@@ -144,6 +148,12 @@ def describe_settings_error(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def _user_name(value: str | None) -> str | None:
+    if value is not None and not USER_NAME.match(value):
+        raise ValueError("must be a user name (letters, digits, '_', '.', '-'; the user must exist on every host)")
+    return value
+
+
 def _finite_non_negative(value: float | None) -> float | None:
     if value is not None and (not math.isfinite(value) or value < 0):
         raise ValueError("must be a finite number >= 0")
@@ -174,7 +184,10 @@ class FleetSection(BaseModel):
     resend_after_s: float = Field(default=300.0, gt=0, le=86400)
     # How long a worker keeps trying to write an outcome while the database is away (keeping its lease).
     outcome_retry_s: float = Field(default=3600.0, gt=0)
+    run_as: str | None = None  # the user agents run as unless their own run_as says otherwise
+    require_run_as: bool = False  # refuse the file when an agent would run as the worker's own user
 
+    _user = field_validator("run_as")(_user_name)
     _finite = field_validator("daily_cap_usd", "lease_ttl_s", "heartbeat_s", "kill_poll_s",
                               "kill_unreachable_grace_s", "stale_after_s", "idempotency_ttl_s",
                               "retention_days", "breaker_cooldown_s", "retry_backoff_s",
@@ -246,8 +259,10 @@ class AgentSpec(BaseModel):
     secret_env: dict[str, Path] = Field(default_factory=dict)
     usage_format: UsageFormat = "fleet"  # how the agent reports what it spends (fleet/usage.py)
     models: list[str] = Field(default_factory=list)  # the models a token format may name, each priced
+    run_as: str | None = None  # the user this agent runs as (else [fleet]'s run_as, else the worker's own)
 
     _finite = field_validator("daily_cap_usd", "est_cost_usd", "timeout_s")(_finite_non_negative)
+    _user = field_validator("run_as")(_user_name)
 
     @field_validator("models")
     @classmethod
@@ -279,6 +294,10 @@ class AgentSpec(BaseModel):
             if name in RESERVED_ENV:
                 raise ValueError(f"{name} is set by Fleet itself")
         return value
+
+    def user_name(self, fleet: FleetSection) -> str | None:
+        """The user this agent runs as: its own run_as, else the fleet's; None: the worker's own user."""
+        return self.run_as or fleet.run_as
 
     def breaker_settings(self, fleet: FleetSection) -> tuple[int, float]:
         """(threshold, cool-down) of this agent's breaker: its own values, else the fleet's."""
@@ -358,9 +377,33 @@ def _validate(path: Path, text: str, raw: dict[str, Any]) -> FleetConfig:
     problems += [problem for agent in agents.values() if (problem := _estimate_problem(path, text, fleet, agent))]
     tables = set(prices_raw) if isinstance(prices_raw, dict) else set()  # an invalid one is reported above
     problems += [problem for agent in agents.values() for problem in _usage_problems(path, text, agent, tables)]
+    problems += _run_as_problems(path, text, fleet, agents)
     if problems:
         raise ConfigError("invalid configuration, nothing loaded:\n  " + "\n  ".join(problems))
     return FleetConfig(path=path, fleet=fleet, agents=agents, prices=prices)
+
+
+def _run_as_problems(path: Path, text: str, fleet: FleetSection, agents: dict[str, AgentSpec]) -> list[str]:
+    # Like a key file, a user must exist on every host that loads the file (compose: one image).
+    problems = []
+    if fleet.run_as is not None and (unknown := _unknown_user(fleet.run_as)):
+        problems.append(f"{path}:{_line_of(text, 'run_as', section='fleet')}: [fleet] run_as: {unknown}")
+    for agent in agents.values():
+        section, who = f"agents.{agent.name}", f"agent {agent.name!r}, run_as"
+        if agent.run_as is not None and (unknown := _unknown_user(agent.run_as)):
+            problems.append(f"{path}:{_line_of(text, 'run_as', section=section)}: {who}: {unknown}")
+        elif agent.user_name(fleet) is None and fleet.require_run_as:
+            problems.append(f"{path}:{_line_of(text, section)}: {who}: required ([fleet] require_run_as = true, "
+                            "and [fleet] sets no run_as): name the user it runs as")
+    return problems
+
+
+def _unknown_user(name: str) -> str | None:
+    try:
+        identity.lookup(name)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _validate_prices(path: Path, text: str, raw: Any) -> tuple[dict[str, PriceTable], list[str]]:

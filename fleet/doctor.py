@@ -7,7 +7,6 @@ Secrets never reach the output: URLs are shown with their passwords masked.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import re
@@ -24,11 +23,11 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from rich.console import Console
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
-from fleet import db
-from fleet.config import FleetConfig, Settings, load_fleet_config
+from fleet import db, identity, redaction
+from fleet.config import AgentSpec, FleetConfig, Settings, load_fleet_config
 from fleet.errors import ConfigError, ExitCode, UnavailableError
+from fleet.process import resolve_argv
 from fleet.services import redis_client
 
 # Worst first: configuration and permissions need a person; a service that is down may come back.
@@ -103,18 +102,64 @@ def _check_config(settings: Settings) -> Iterator[Finding]:
     else:
         yield _warn("config", f"{settings.config} is valid but defines no agents: add an [agents.NAME] table")
     yield from _check_run_as(config, os.geteuid() if hasattr(os, "geteuid") else None)
+    yield from _check_agent_users(config, settings.agent_homes)
 
 
 def _check_run_as(config: FleetConfig, euid: int | None) -> Iterator[Finding]:
     """Agents that would run as root: each could read every key file and the fleet's own secrets."""
     if euid != 0:
         return
-    default = getattr(config.fleet, "run_as", None)  # the run_as keys are read only where they exist
-    as_root = sorted(name for name, agent in config.agents.items() if not (getattr(agent, "run_as", None) or default))
+    as_root = sorted(name for name, agent in config.agents.items() if _runs_as_root(agent, config))
     if as_root:
-        yield _warn("run_as", f"AGENTS RUN AS ROOT: this user is root and {', '.join(as_root)} set no run_as, so "
-                    "they would run as root, able to read every agent's key file and the fleet's own secrets; "
-                    'set run_as = "USER" in [fleet] (or per agent) to run them as an unprivileged user')
+        yield _warn("run_as", f"AGENTS RUN AS ROOT: this user is root and {', '.join(as_root)} would run as root "
+                    "(no run_as, or run_as = \"root\"), able to read every agent's key file and the fleet's own "
+                    'secrets; set run_as = "USER" in [fleet] (or per agent) to run them as an unprivileged user '
+                    "(require_run_as = true in [fleet] refuses a file that forgets one)")
+
+
+def _runs_as_root(agent: AgentSpec, config: FleetConfig) -> bool:
+    name = agent.user_name(config.fleet)
+    if name is None:
+        return True
+    try:
+        return identity.lookup(name).uid == 0
+    except ConfigError:
+        return False  # the configuration check reports it
+
+
+def _check_agent_users(config: FleetConfig, homes: Path) -> Iterator[Finding]:
+    """Can this process start each run_as agent as its user, in a folder that user owns, running a
+    program that user may execute? Run doctor as the worker runs: same user, same capabilities."""
+    users = {name: agent.user_name(config.fleet) for name, agent in config.agents.items()}
+    checked = 0
+    for name, user_name in sorted(users.items()):
+        if user_name is None:
+            continue
+        try:
+            user = identity.lookup(user_name)
+        except ConfigError:
+            continue  # the configuration check already failed on it
+        problem = identity.switch_problem(name, user) or identity.home_problem(homes, name, user)
+        if problem is not None:
+            yield _fail("run_as", problem, ExitCode.CONFIG)
+            continue
+        checked += 1
+        yield from _check_program(config.agents[name], user)
+    if checked:
+        yield _ok("run_as", f"{checked} agent(s) can start as their own user, in {homes.absolute()}/AGENT")
+
+
+def _check_program(agent: AgentSpec, user: identity.AgentUser) -> Iterator[Finding]:
+    """A program its user cannot execute (the worker's own venv under /root, say) fails every run."""
+    for argv in (agent.command, *([agent.poll] if agent.poll else [])):
+        try:
+            program = Path(resolve_argv(list(argv), {"PATH": os.environ.get("PATH", os.defpath)})[0])
+        except OSError:
+            continue  # not found here: the run says so
+        if not identity.can_execute(program, user):
+            yield _warn("run_as", f"agent {agent.name!r} runs as {user.name!r}, who cannot execute {program} "
+                        "(by its mode bits and its folders'): give a program that user can run, e.g. "
+                        "/usr/bin/python3 instead of a bare python, which means the worker's own interpreter")
 
 
 def _check_redis(settings: Settings) -> Iterator[Finding]:
@@ -320,21 +365,12 @@ def mask_url(url: str) -> str:
     return re.sub(r"(?i)([?&]password=)[^&#]*", rf"\g<1>{_MASK}", masked)
 
 
-def _secrets(settings: Settings) -> list[str]:
+def _secrets(settings: Settings) -> tuple[str, ...]:
     """Every secret the settings hold: scrubbed from each line in case an error message echoes one."""
-    found: list[str | None] = [settings.web_token, settings.sentry_dsn]
-    # An unparsable URL is reported by its own check; here it just has no password to hide.
-    with contextlib.suppress(ValueError):
-        found.append(urlsplit(settings.broker_url).password)
-    with contextlib.suppress(Exception):
-        found.append(make_url(settings.database_url).password)
-    if settings.flower_auth:
-        found.append(settings.flower_auth.partition(":")[2])
-    # Longest first, so a secret containing another is masked whole; very short ones would mangle text.
-    return sorted({str(s) for s in found if s and len(str(s)) >= 4}, key=len, reverse=True)
+    return redaction.ordered(redaction.settings_secrets(settings))
 
 
-def _scrub(line: str, secrets: list[str]) -> str:
+def _scrub(line: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         line = line.replace(secret, _MASK)
     return line

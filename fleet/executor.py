@@ -2,9 +2,10 @@
 
 It refuses to start unless the run's status and fence still match (a redelivered or stale message
 is a `duplicate` and starts nothing), reserves again for a retry (every attempt reserves before it
-starts), runs the agent under the launcher in its own process group with a clean environment, and
-watches it (fleet/watch.py: the kill flag, the proof of ownership that keeps the launcher's tether
-taut, the running cost). The outcome is written fenced, and retried while the database is away
+starts), runs the agent under the launcher in its own process group with a clean environment (as
+its run_as user, in a folder of its own, when it has one: fleet/identity.py), and watches it
+(fleet/watch.py: the kill flag, the proof of ownership that keeps the launcher's tether taut, the
+running cost). The outcome is written fenced, and retried while the database is away
 (the lease stays renewed meanwhile, so the reaper can tell "could not write" from "died"), before
 anything optional happens. A retryable failure goes back to the queue once, on the same row; the
 second failure is dead-lettered.
@@ -27,14 +28,14 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, keys, killswitch, ledger, logs, store
+from fleet import alerts, db, identity, keys, killswitch, ledger, logs, redaction, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
-from fleet.errors import NotFoundError, UnavailableError
+from fleet.errors import ConfigError, NotFoundError, UnavailableError
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus
-from fleet.process import Launch, ProcessResult, run_agent
+from fleet.process import Launch, Output, ProcessResult, run_agent
 from fleet.services import Services
 from fleet.usage import make_parser
 from fleet.watch import Bookkeeper, Ownership, Watcher
@@ -223,37 +224,67 @@ def _end_unstarted(services: Services, session: Session, run: Run, status: RunSt
 
 def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher,
                  ownership: Ownership) -> ProcessResult:
-    env = agent_environment(run, spec)
     log_path = run_log_path(services.settings.log_dir, run.id)
-    common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
-                              "grace_s": services.config.fleet.kill_grace_s,
-                              "watch_interval_s": services.config.fleet.kill_poll_s,
-                              "redact": secrets_of(spec, env)}
-    tag = f"{run.id}:{run.fence}"
     # A retry appends to the first attempt's log: the whole story of a run stays in one file.
     append = run.attempt > 1
+    try:
+        account = agent_account(services, spec)
+    except ConfigError as exc:
+        log.error("run.refused", run_id=run.id, agent=run.agent, error=str(exc))
+        return _refused(log_path, append, redaction.known_secrets(services.settings, services.config), str(exc))
+    env = agent_environment(run, spec, account)
+    redact = secrets_of(services, spec, env)
+    common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
+                              "grace_s": services.config.fleet.kill_grace_s,
+                              "watch_interval_s": services.config.fleet.kill_poll_s, "redact": redact}
+    tag = f"{run.id}:{run.fence}"
+    creds, workdir = (account.creds, account.home) if account is not None else (None, None)
     if spec.poll:
         poll = run_agent(list(spec.poll), env, timeout_s=min(POLL_TIMEOUT_S, spec.timeout_s), append_log=append,
-                         launch=Launch(tether=ownership.tether(), tag=tag), **common)
+                         launch=Launch(tether=ownership.tether(), creds=creds, tag=tag, workdir=workdir), **common)
         if poll.exit_code != EXIT_OK or watcher.stop_reason:
             return poll
         append = True
     watcher.meter = make_parser(spec.usage_format, services.config.prices_of(spec))
-    watcher.meter = make_parser(spec.usage_format, services.config.prices_of(spec))
     return run_agent(list(spec.command), env, timeout_s=spec.timeout_s, on_usage=watcher.usage, append_log=append,
-                     launch=Launch(tether=ownership.tether(), tag=tag), parse=watcher.meter, **common)
+                     launch=Launch(tether=ownership.tether(), creds=creds, tag=tag, workdir=workdir),
+                     parse=watcher.meter, **common)
 
 
-def secrets_of(spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
-    """The values Fleet masks in the agent's output: its key and its secret_env values."""
+def agent_account(services: Services, spec: AgentSpec) -> identity.Account | None:
+    """The user and folder the agent runs as and in (None: the worker's own user, as before run_as);
+    ConfigError when it cannot run as its run_as here: never as the worker's user instead."""
+    name = spec.user_name(services.config.fleet)
+    return None if name is None else identity.account(spec.name, name, services.settings.agent_homes)
+
+
+def _refused(log_path: Path, append: bool, redact: tuple[str, ...], why: str) -> ProcessResult:
+    """An attempt that must not start for a configuration reason: it ends as an agent exiting 78 would
+    (dead letter `config`, the agent paused), with the reason in its log."""
+    output = Output(log_path, max_log_bytes=2**16, tail_bytes=2**14, append=append, redact=redact)
+    try:
+        output.write(f"fleet: not started: {why}\n".encode())
+    finally:
+        output.close()
+    return ProcessResult(exit_code=EXIT_CONFIG, stop_reason=None, cost_micros=0, input_tokens=0, output_tokens=0,
+                         done_reason=None, output_tail=output.tail(), pid=None, pgid=None,
+                         log_bytes=output.log_bytes, started=True)
+
+
+def secrets_of(services: Services, spec: AgentSpec, env: dict[str, str]) -> tuple[str, ...]:
+    """The values Fleet masks in the agent's output: every secret it knows (the fleet's own, every
+    agent's key and secret_env values), this agent's as it was just handed them included."""
     names = [*spec.secret_env, *(["FLEET_AGENT_KEY"] if spec.key_file else [])]
-    return tuple(env[name] for name in names if len(env.get(name, "")) >= 4)
+    return redaction.known_secrets(services.settings, services.config, *(env[name] for name in names if name in env))
 
 
-def agent_environment(run: Run, spec: AgentSpec) -> dict[str, str]:
-    """A clean environment: the agent's own key and variables, never the fleet's URLs or DSN."""
+def agent_environment(run: Run, spec: AgentSpec, account: identity.Account | None = None) -> dict[str, str]:
+    """A clean environment: the agent's own key and variables, never the fleet's URLs or DSN. The key
+    and secret_env files are read here, by the worker: the agent's own user needs no access to them."""
     env = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
     env["LANG"] = os.environ.get("LANG", "C.UTF-8")
+    if account is not None:
+        env.update(account.environment())
     env.update(spec.env)
     for name, path in spec.secret_env.items():
         env[name] = _read_secret(path)

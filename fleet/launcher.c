@@ -1,7 +1,8 @@
 /* Fleet's launcher, compiled: the same program as fleet/launcher.py (read its docstring), in C, so that
  * starting an agent costs a fork and two execs instead of a Python interpreter (~1 ms, not ~15-60 ms).
  *
- *   launcher parent=PID lc=VALUE tether=FD|- ttl=SECONDS grace=SECONDS creds=U:G:GS|- run=ID:FENCE|- -- PROGRAM ARGS...
+ *   launcher parent=PID lc=VALUE tether=FD|- ttl=SECONDS grace=SECONDS creds=U:G:GS|- cwd=DIR|- run=ID:FENCE|-
+ *            -- PROGRAM ARGS...
  *
  * It forks the agent (PR_SET_PDEATHSIG, so it cannot outlive the launcher), becomes a child subreaper,
  * and waits for the agent's exit, the tether's end-of-file (the executor died) or its deadline (the
@@ -25,10 +26,12 @@
 #include <time.h>
 #include <unistd.h>
 #include <grp.h>
+#include <linux/capability.h>
 
 #define EXIT_USAGE 2
 #define EXIT_CANNOT_EXECUTE 126
 #define EXIT_NOT_FOUND 127
+#define EXIT_CONFIG 78
 #define POLL_MS 20
 
 static double now_s(void) {
@@ -114,31 +117,49 @@ static void stop_group(double grace_s) {
     }
 }
 
-static void become_agent(char **argv, const char *creds, int tether) {
+/* Become uid:gid:groups for good, holding no capability (ambient first: a non-root worker may carry
+ * CAP_SETUID and friends as ambient ones, and they would otherwise survive the switch and the exec). */
+static int switch_user(const char *creds) {
+    unsigned uid, gid;
+    char groups_text[4096];
+    gid_t groups[256];
+    int count = 0;
+    groups_text[0] = '\0';
+    if (sscanf(creds, "%u:%u:%4095s", &uid, &gid, groups_text) < 2) return -1;
+    for (char *g = strtok(groups_text, ","); g != NULL && count < 256; g = strtok(NULL, ","))
+        groups[count++] = (gid_t)strtoul(g, NULL, 10);
+    if (setgroups((size_t)count, groups) != 0 || setgid(gid) != 0 || setuid(uid) != 0) return -1;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL) return -1;
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    return (int)syscall(SYS_capset, &header, data);
+}
+
+static void become_agent(char **argv, const char *creds, const char *cwd, int tether) {
+    pid_t launcher = getppid();
     signal(SIGPIPE, SIG_DFL);
     signal(SIGHUP, SIG_DFL);
     signal(SIGINT, SIG_DFL);
     signal(SIGQUIT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (tether >= 0) close(tether);
-    if (creds != NULL && strcmp(creds, "-") != 0) {
-        unsigned uid, gid;
-        char groups_text[4096];
-        gid_t groups[256];
-        int count = 0;
-        groups_text[0] = '\0';
-        if (sscanf(creds, "%u:%u:%4095s", &uid, &gid, groups_text) < 2) _exit(EXIT_CANNOT_EXECUTE);
-        for (char *g = strtok(groups_text, ","); g != NULL && count < 256; g = strtok(NULL, ","))
-            groups[count++] = (gid_t)strtoul(g, NULL, 10);
-        if (setgroups((size_t)count, groups) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
-            say("fleet launcher: cannot switch to the agent's user\n");
-            _exit(EXIT_CANNOT_EXECUTE);
-        }
+    char line[512];
+    /* Until the exec, a failure is the configuration's (a user or a folder this agent cannot have): 78. */
+    if (creds != NULL && strcmp(creds, "-") != 0 && switch_user(creds) != 0) {
+        snprintf(line, sizeof line, "fleet launcher: cannot switch to uid:gid:groups %s: %s\n", creds, strerror(errno));
+        say(line);
+        _exit(EXIT_CONFIG);
+    }
+    prctl(PR_SET_PDEATHSIG, SIGKILL); /* after the switch, which would clear it */
+    if (getppid() != launcher) _exit(EXIT_CANNOT_EXECUTE); /* died before the signal was armed */
+    if (cwd != NULL && strcmp(cwd, "-") != 0 && chdir(cwd) != 0) {
+        snprintf(line, sizeof line, "fleet launcher: cannot enter its working directory %s: %s\n", cwd, strerror(errno));
+        say(line);
+        _exit(EXIT_CONFIG);
     }
     execv(argv[0], argv);
     int err = errno;
-    char line[512];
     snprintf(line, sizeof line, "fleet launcher: cannot run %s: %s\n", argv[0], strerror(err));
     say(line);
     _exit(err == ENOENT ? EXIT_NOT_FOUND : EXIT_CANNOT_EXECUTE);
@@ -181,7 +202,7 @@ int main(int argc, char **argv) {
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     pid_t agent = fork();
     if (agent < 0) return EXIT_CANNOT_EXECUTE;
-    if (agent == 0) become_agent(argv + cut + 1, option(argv, cut, "creds"), tether);
+    if (agent == 0) become_agent(argv + cut + 1, option(argv, cut, "creds"), option(argv, cut, "cwd"), tether);
     statuses_agent = agent;
     int pidfd = (int)syscall(SYS_pidfd_open, agent, 0);
     double deadline = (tether >= 0 && ttl_text) ? now_s() + strtod(ttl_text, NULL) : -1.0;

@@ -10,7 +10,13 @@ of a new process group; the keys are
     ttl=SECONDS    how long the executor's first proof of ownership is good for
     grace=SECONDS  between SIGTERM and SIGKILL when the launcher itself stops the group
     creds=U:G:GS   switch the agent to uid U, gid G and groups GS (comma-separated), or '-'
+    cwd=PATH       the folder the agent starts in, entered after the switch (it may be the agent's only), or '-'
     run=ID:FENCE   which run attempt this is (for `ps` and the orphan sweep; not a secret)
+
+With creds, the forked child switches user, then drops every capability it still holds (a non-root
+worker's ambient CAP_SETUID would otherwise survive setuid and exec: the agent could switch back),
+then sets its parent-death signal (the kernel clears it on any credential change), then enters cwd and
+execs. A switch or a cwd that fails is a configuration error: exit 78, and nothing runs.
 
 The launcher forks the agent (which gets PR_SET_PDEATHSIG, so it cannot outlive the launcher),
 becomes a child subreaper (orphaned descendants come back to it) and then waits for one of:
@@ -35,12 +41,15 @@ import select
 import sys
 import time
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 36, 47, 4
+_CAPABILITY_VERSION_3 = 0x20080522
+EINVAL = 22
 SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ = 1, 2, 3, 9, 13, 15, 25
 SIG_DFL, SIG_IGN = 0, 1
 EXIT_USAGE = 2
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
+EXIT_CONFIG = 78
 UNSET = "-"
 POLL_S = 0.02  # how often to look for the group's survivors while stopping it
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -57,6 +66,29 @@ def prctl(option: int, value: int) -> None:
 def set_parent_death_signal(signum: int) -> None:
     """Ask the kernel to send `signum` to this process when the thread that spawned it exits."""
     prctl(PR_SET_PDEATHSIG, signum)
+
+
+def drop_capabilities() -> None:
+    """Empty every capability set of this process, the ambient one first; raises OSError."""
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError as exc:
+        if exc.errno != EINVAL:  # EINVAL: a kernel without ambient capabilities (before 4.3) has none to clear
+            raise
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; twice (64 bits): all zero
+    if _libc.capset(header, data) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def switch_user(creds: str) -> None:
+    """Become uid:gid:groups for good, holding no capability; raises OSError."""
+    uid, gid, groups = creds.split(":")
+    os.setgroups([int(g) for g in groups.split(",") if g])
+    os.setgid(int(gid))
+    os.setuid(int(uid))
+    drop_capabilities()
 
 
 def _disposition(signums: tuple[int, ...], handler: int) -> None:
@@ -89,24 +121,30 @@ def original_environment(lc_ctype: str) -> dict[bytes, bytes]:
 
 
 def _become_agent(argv: list[str], options: dict[str, str], tether: int | None) -> None:
-    """In the forked child: die with the launcher, drop to the agent's user, exec. Never returns."""
-    code = EXIT_CANNOT_EXECUTE
+    """In the forked child: drop to the agent's user, die with the launcher, enter its folder, exec. Never returns."""
+    launcher = os.getppid()
+    creds, cwd = options.get("creds", UNSET), options.get("cwd", UNSET)
+    # Until the exec, a failure is the configuration's (a user or a folder this agent cannot have): 78.
+    code, step = EXIT_CONFIG, f"cannot switch to uid:gid:groups {creds}"
     try:
         # Ignored signals survive exec: ours, and the two Python's start-up ignores (as subprocess restores them).
         _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGPIPE, SIGXFSZ), SIG_DFL)
-        set_parent_death_signal(SIGKILL)
         if tether is not None:
             os.close(tether)
-        creds = options.get("creds", UNSET)
         if creds != UNSET:
-            uid, gid, groups = creds.split(":")
-            os.setgroups([int(g) for g in groups.split(",") if g])
-            os.setgid(int(gid))
-            os.setuid(int(uid))
+            switch_user(creds)
+        set_parent_death_signal(SIGKILL)  # after the switch, which would clear it
+        if os.getppid() != launcher:
+            return  # the launcher died before the signal was armed: nobody would stop the agent
+        step = f"cannot enter its working directory {cwd}"
+        if cwd != UNSET:
+            os.chdir(cwd)
+        code, step = EXIT_CANNOT_EXECUTE, f"cannot run {argv[0]}"
         os.execve(argv[0], argv, original_environment(options.get("lc", UNSET)))
     except OSError as exc:
-        code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
-        _say(f"fleet launcher: cannot run {argv[0]}: {exc.strerror}\n")
+        if code == EXIT_CANNOT_EXECUTE and isinstance(exc, FileNotFoundError):
+            code = EXIT_NOT_FOUND
+        _say(f"fleet launcher: {step}: {exc.strerror}\n")
     finally:
         os._exit(code)
 

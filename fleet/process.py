@@ -99,10 +99,11 @@ class Output:
         self._tail = bytearray()
         self.log_bytes = 0
         self.truncated = False
-        # Secrets the agent was given never reach the log or the tail, even if it prints them. A
-        # secret may straddle two reads, so the last (longest secret - 1) bytes wait for the next.
+        # Secrets never reach the log or the tail, even if the agent prints them. A secret may
+        # straddle two reads, so an end that could be the start of one waits for the next read.
         self._secrets = sorted({r.encode() for r in redact if r}, key=len, reverse=True)
         self._hold = max((len(r) for r in self._secrets), default=1) - 1
+        self._starts = {secret[:1] for secret in self._secrets}
         self._pending = b""
 
     def write(self, data: bytes) -> None:
@@ -113,9 +114,17 @@ class Output:
         data = self._pending + data
         for secret in self._secrets:
             data = data.replace(secret, REDACTED)
-        cut = max(0, len(data) - self._hold)
+        cut = len(data) - self._held(data)
         self._pending = data[cut:]
         self._keep(data[:cut])
+
+    def _held(self, data: bytes) -> int:
+        """The length of the longest end of `data` that some secret begins with (0: none)."""
+        for size in range(min(self._hold, len(data)), 0, -1):
+            end = data[-size:]
+            if end[:1] in self._starts and any(secret.startswith(end) for secret in self._secrets):
+                return size
+        return 0
 
     def flush(self) -> None:
         """Write out what was held back for redaction (the output has ended)."""
@@ -258,11 +267,12 @@ class Tether:
 
 @dataclass(frozen=True)
 class Launch:
-    """How the launcher starts an agent: its tether, its user, and which run attempt it is."""
+    """How the launcher starts an agent: its tether, its user and folder, and which run attempt it is."""
 
     tether: Tether | None = None
     creds: str | None = None  # "uid:gid:groups" to switch to, or None to stay this user
     tag: str | None = None  # "run_id:fence", shown in `ps` and read by the orphan sweep
+    workdir: Path | None = None  # entered by the agent after the switch (this user may not enter it)
 
 
 LAUNCHER_SOURCE = LAUNCHER_PATH.with_suffix(".c")
@@ -311,7 +321,8 @@ def launcher_argv(argv: list[str], env: dict[str, str], launch: Launch, grace_s:
     options = [f"parent={os.getpid()}", f"lc={lc_ctype}", f"grace={grace_s:g}",
                f"tether={tether.read_fd if tether is not None else launcher.UNSET}",
                *([f"ttl={tether.ttl_s:.3f}"] if tether is not None else []),
-               f"creds={launch.creds or launcher.UNSET}", f"run={launch.tag or launcher.UNSET}"]
+               f"creds={launch.creds or launcher.UNSET}", f"cwd={launch.workdir or launcher.UNSET}",
+               f"run={launch.tag or launcher.UNSET}"]
     compiled = compiled_launcher()
     program = [str(compiled)] if compiled is not None else [sys.executable, *LAUNCHER_FLAGS, str(LAUNCHER_PATH)]
     return [*program, *options, "--", *argv]
@@ -544,7 +555,7 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
     Every process of the agent's group is gone when this returns, or raises. The agent dies with
     the calling thread (see the module docstring): do not call this from a short-lived thread.
     `append_log` adds to an existing log instead of replacing it (a poll, then the command).
-    Each string in `redact` (the agent's own secrets) is masked in the log and the output tail.
+    Each string in `redact` (every secret Fleet knows: fleet/redaction.py) is masked in the log and the tail.
     `launch` gives the launcher its tether, the agent's user and the run tag (see `Launch`).
     `parse` reads usage from an output line (`fleet.usage.make_parser`; Fleet's own format by default).
     """

@@ -6,9 +6,11 @@ accepts, resolves to what the design asks for, and holds no secret.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 from importlib import metadata
@@ -249,3 +251,74 @@ def _pings(client: redis_lib.Redis) -> bool:
         return bool(client.ping())
     except redis_lib.RedisError:
         return False
+
+
+# ---------------------------------------------------------------- agents as their own users
+
+AGENT_CAPS = {"SETUID", "SETGID", "KILL", "CHOWN"}  # switch users; signal another uid; give an agent its folder
+
+
+def test_agents_run_as_their_own_users_and_only_the_agents_worker_may_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker-agents starts as root with four capabilities only and setpriv hands them to the user fleet as
+    ambient ones (no-new-privileges on); every other Fleet service runs as fleet with none added. The
+    image creates the agents' users and their folders' home; compose/fleet.toml runs every agent as one."""
+    services = resolved()["services"]
+    worker = services["worker-agents"]
+    assert worker["user"] == "root" and worker["cap_drop"] == ["ALL"] and set(worker["cap_add"]) == AGENT_CAPS
+    assert "no-new-privileges:true" in worker["security_opt"]
+    entry = worker["entrypoint"]
+    assert entry[:4] == ["setpriv", "--reuid=fleet", "--regid=fleet", "--init-groups"] and entry[-1] == "--"
+    for option in ("--inh-caps", "--ambient-caps"):
+        [value] = [arg.split("=", 1)[1] for arg in entry if arg.startswith(option + "=")]
+        assert value.split(",")[0] == "-all" and {c.lstrip("+").upper() for c in value.split(",")[1:]} == AGENT_CAPS
+    assert worker["command"][:3] == ["celery", "-A", "workers.app"]
+    homes = [v for v in worker["volumes"] if v["target"] == "/srv/agent-homes"]
+    assert homes and homes[0]["source"] == "agent-homes"
+    assert {v["target"] for v in worker["volumes"]} >= {"/srv/fleet/fleet.toml", "/srv/fleet/keys", "/srv/fleet/logs"}
+    for name in ("migrate", "worker-dispatch", "beat", "flower", "web"):
+        assert "user" not in services[name] and not services[name].get("cap_add"), name
+    dockerfile = DOCKERFILE.read_text()
+    assert 'ARG AGENT_USERS="agent"' in dockerfile and "FLEET_AGENT_HOMES=/srv/agent-homes" in dockerfile
+    assert "chmod 0711 /srv/agent-homes" in dockerfile
+    assert resolved()["services"]["worker-agents"]["build"]["args"]["AGENT_USERS"] == example_env()["AGENT_USERS"]
+    # The example fleet.toml: valid, and every agent as `agent` (a user this host lacks, so it is stood in for).
+    from fleet import config, identity
+
+    monkeypatch.setattr(identity, "lookup", lambda name: identity.AgentUser(name, 10100, 10100, (10100,)))
+    example = config.load_fleet_config(COMPOSE_DIR / "fleet.toml")
+    assert example.fleet.require_run_as and {a.user_name(example.fleet) for a in example.agents.values()} == {"agent"}
+    assert example_env()["HOST_FLEET_TOML"] == "./fleet.toml"
+
+
+def readable_by_anyone(path: Path) -> bool:
+    """Whether every user may read `path` (mode bits of the file and every folder above it)."""
+    return bool(path.stat().st_mode & 0o004) and all(folder.stat().st_mode & 0o001 for folder in path.parents)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not Path("/usr/bin/python3").exists()
+                    or not readable_by_anyone(ROOT / "fleet" / "launcher.py"),
+                    reason="needs root, setpriv, /usr/bin/python3 and a checkout any user may read")
+def test_the_agents_worker_chain_gives_the_launcher_the_switch_and_the_agent_nothing() -> None:
+    """The worker-agents entrypoint, run here in a root that holds only the cap_add capabilities (as Docker
+    starts it) under no-new-privileges: the worker it execs is not root and holds them, effective and
+    ambient; Fleet's launcher, exec'd from it, switches an agent to nobody, which holds none at all."""
+    worker = resolved()["services"]["worker-agents"]
+    caps = ",".join("+" + cap.lower() for cap in worker["cap_add"])
+    docker = ["setpriv", f"--bounding-set=-all,{caps}", "--inh-caps=-all", "--ambient-caps=-all", "--nnp", "--"]
+    # This host has no user fleet: the same switch to a bare uid.
+    entry = [{"--reuid=fleet": "--reuid=1234", "--regid=fleet": "--regid=1234", "--init-groups": "--clear-groups"}
+             .get(arg, arg) for arg in worker["entrypoint"]]
+    status = subprocess.run([*docker, *entry, "cat", "/proc/self/status"], capture_output=True, text=True, timeout=30)
+    fields = dict(line.split(":\t", 1) for line in status.stdout.splitlines() if ":\t" in line)
+    wanted = sum(1 << bit for bit in (0, 5, 6, 7))  # CAP_CHOWN, CAP_KILL, CAP_SETGID, CAP_SETUID
+    assert fields["Uid"].split() == ["1234"] * 4 and fields["NoNewPrivs"] == "1", status.stdout + status.stderr
+    assert int(fields["CapEff"], 16) == int(fields["CapAmb"], 16) == wanted
+    launcher = ROOT / "fleet" / "launcher.py"
+    probe = "print([line for line in open('/proc/self/status') if line.startswith(('Uid', 'Cap'))])"
+    agent = subprocess.run([*docker, *entry, "/usr/bin/python3", "-I", "-S", str(launcher), f"parent={os.getpid()}",
+                            "creds=65534:65534:65534", "--", "/usr/bin/python3", "-I", "-c", probe],
+                           capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert agent.returncode == 0, agent.stdout + agent.stderr
+    seen = dict(line.split(":\t", 1) for line in ast.literal_eval(agent.stdout.strip()))
+    assert seen["Uid"].split() == ["65534"] * 4
+    assert all(int(seen[name], 16) == 0 for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")), seen
