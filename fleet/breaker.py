@@ -117,6 +117,13 @@ class Breakers:
         """The raw breaker hash (for status pages)."""
         return dict(self._redis.hgetall(keys.breaker(agent)) or {"state": "closed"})  # type: ignore[arg-type]
 
+    def states(self, agents: list[str]) -> dict[str, dict[str, str]]:
+        """Many agents' breaker hashes in one round trip (status pages, the watchdog)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for agent in agents:
+            pipe.hgetall(keys.breaker(agent))
+        return {agent: dict(raw or {"state": "closed"}) for agent, raw in zip(agents, pipe.execute(), strict=True)}
+
     def reset(self, agent: str) -> None:
         """Close the breaker by hand."""
         self._redis.delete(keys.breaker(agent))

@@ -126,6 +126,12 @@ class Leases:
         values = self._redis.mget(slot_keys) if slot_keys else []
         return [parse(agent, i, cast(str, v)) for i, v in enumerate(values) if v]
 
+    def holders_of(self, concurrency: dict[str, int]) -> list[Lease]:
+        """Every held slot of many agents, in one round trip (the watchdog looks at all of them)."""
+        slots = [(agent, i) for agent, n in concurrency.items() for i in range(n)]
+        values = self._redis.mget([keys.slot_lease(agent, i) for agent, i in slots]) if slots else []
+        return [parse(agent, i, cast(str, v)) for (agent, i), v in zip(slots, values, strict=True) if v]
+
     def free_slots(self, agent: str, concurrency: int) -> int:
         """How many slots are free now (a read-only look, for dry runs)."""
         return concurrency - len(self.holders(agent, concurrency))

@@ -78,12 +78,14 @@ def _unmirrored_kills(services: Services, mirrored: set[str], now: dt.datetime) 
 
 def _redis_part(services: Services) -> dict[str, Any]:
     r = services.redis
+    agents = list(services.config.agents)
     try:
         return {
             "redis": "ok",
             "queues": {q: int(r.llen(q)) for q in watchdog.QUEUES},
-            "breakers": {name: services.breakers.state(name) for name in services.config.agents},
-            "paused": {name: r.get(keys.paused(name)) for name in services.config.agents if r.get(keys.paused(name))},
+            "breakers": services.breakers.states(agents),
+            "paused": {name: why for name, why in zip(agents, r.mget([keys.paused(a) for a in agents]) if agents
+                                                      else [], strict=True) if why},
             "canaries": {q: {"sent": r.get(keys.canary_sent(q)), "back": r.get(keys.canary(q)),
                              "seen": r.get(keys.canary_seen(q))} for q in watchdog.QUEUES},
             "beat": {"leader": r.get(keys.beat_leader()), "last_tick": r.get(keys.last_tick())},

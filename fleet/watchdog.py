@@ -228,7 +228,7 @@ def kill_check(session: Session) -> Check:
 
 def breaker_states(services: Services) -> dict[str, dict[str, str]]:
     """Every agent's breaker hash (Redis only: read before any database session opens)."""
-    return {name: services.breakers.state(name) for name in services.config.agents}
+    return services.breakers.states(list(services.config.agents))
 
 
 def breaker_check(services: Services, session: Session, states: dict[str, dict[str, str]],
@@ -307,8 +307,7 @@ def heal(services: Services) -> list[str]:
         alerts.alert("redis_restart", f"Redis lost its data; {restored} kill flag(s) restored from the database",
                      level="warning", restored=restored)
     # The leases are read from Redis before the database session opens (see run_watchdog).
-    held = [lease for name, spec in services.config.agents.items()
-            for lease in services.leases.holders(name, spec.concurrency)]
+    held = services.leases.holders_of({name: spec.concurrency for name, spec in services.config.agents.items()})
     if held:
         with db.session(services.engine) as session:
             orphaned = [lease for lease in held if _lease_orphaned(session, lease)]
