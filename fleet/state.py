@@ -11,7 +11,7 @@ import redis
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from fleet import db, keys, killswitch, ledger, store, watchdog
+from fleet import db, keys, killswitch, ledger, pause, store, watchdog
 from fleet.errors import BadInputError
 from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunStatus
@@ -51,6 +51,7 @@ def snapshot(services: Services) -> dict[str, Any]:
             "kill": [_kill_json(k) for k in killswitch.engaged(session)],
             "runs_24h": store.count_by_status(session=session, since=now - timedelta(hours=24)),
             "running": [_running_json(r) for r in session.exec(select(Run).where(Run.status == RunStatus.RUNNING))],
+            "queued": session.exec(select(func.count()).select_from(Run).where(Run.status == RunStatus.QUEUED)).one(),
             "recent": [_recent_json(r) for r in store.list_runs(session=session, limit=20)],
             "dlq_depth": session.exec(select(func.count()).select_from(DeadLetter)).one(),
             "dead_letters": [_dead_json(d) for d in store.list_dead_letters(session=session, limit=10)],
@@ -60,7 +61,21 @@ def snapshot(services: Services) -> dict[str, Any]:
     picture |= _redis_part(services)
     if picture["redis"] == "ok":
         picture["kill"] += _unmirrored_kills(services, {k["scope"] for k in picture["kill"]}, now)
+    picture["pauses"] = _pauses(services, picture["redis"] == "ok")
+    picture["paused"] = {p["scope"]: p["reason"] or "paused" for p in picture["pauses"]}
     return picture
+
+
+def _pauses(services: Services, redis_ok: bool) -> list[dict[str, Any]]:
+    """Every pause in force (a pause stops intake; a kill also stops what runs: they are shown apart)."""
+    scopes = [GLOBAL, *services.config.agents]
+    with db.session(services.engine) as session:
+        try:
+            found = pause.paused(session, services.redis if redis_ok else None, scopes)
+        except (redis.RedisError, UnicodeDecodeError):
+            found = pause.paused(session, None, scopes)
+    return [{"scope": p.scope, "reason": p.reason, "actor": p.actor, "since": p.at.isoformat() if p.at else None}
+            for p in found]
 
 
 def _unmirrored_kills(services: Services, mirrored: set[str], now: dt.datetime) -> list[dict[str, Any]]:
@@ -83,7 +98,6 @@ def _redis_part(services: Services) -> dict[str, Any]:
             "redis": "ok",
             "queues": {q: int(r.llen(q)) for q in watchdog.QUEUES},
             "breakers": {name: services.breakers.state(name) for name in services.config.agents},
-            "paused": {name: r.get(keys.paused(name)) for name in services.config.agents if r.get(keys.paused(name))},
             "canaries": {q: {"sent": r.get(keys.canary_sent(q)), "back": r.get(keys.canary(q)),
                              "seen": r.get(keys.canary_seen(q))} for q in watchdog.QUEUES},
             "beat": {"leader": r.get(keys.beat_leader()), "last_tick": r.get(keys.last_tick())},

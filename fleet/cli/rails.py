@@ -62,21 +62,61 @@ def _kill_services(agent: str | None) -> Services:
     return build(s, config)
 
 
-def resume(
+def pause(
     agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (shown in status and the audit trail).")] = None,
 ) -> None:
-    """Release the kill switch (and an agent's paused schedule).
+    """Stop intake, let running runs finish: ticks and dispatches are refused `paused` (exit 3).
 
-    Example: fleet resume    |    fleet resume digest
+    For maintenance; `fleet kill` is "stop now". `fleet resume [AGENT]` lifts it.
+    Example: fleet pause --reason "db upgrade at 02:00"    |    fleet pause digest
     """
-    from fleet import keys, killswitch
+    from fleet import db, store
+    from fleet import pause as pausing
 
     svc = services()
     scope = GLOBAL if agent is None else svc.config.agent(agent).name
+    pausing.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), now=svc.now())
+    with db.session(svc.engine) as session:
+        running = store.count_running(session=session, agent=None if agent is None else scope)
+    where = "the whole fleet" if agent is None else f"agent {scope}"
+    out.print(f"paused {where}" + (f": {reason}" if reason else "")
+              + f"; {running} running run(s) left to finish (`fleet kill` stops them now)", highlight=False)
+
+
+def resume(
+    agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
+) -> None:
+    """Lift the kill switch and the pause (the operator's, or the one an agent put on itself).
+
+    Example: fleet resume    |    fleet resume digest
+    """
+    from fleet import killswitch
+    from fleet import pause as pausing
+
+    svc = services()
+    scope = GLOBAL if agent is None else svc.config.agent(agent).name
+    with_kill = _engaged_kill(svc, scope)
     killswitch.release(svc.engine, svc.redis, scope=scope, actor=actor(), now=svc.now())
-    if agent is not None:
-        svc.redis.delete(keys.paused(agent))
-    out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + agent}")
+    with_pause = pausing.release(svc.engine, svc.redis, scope=scope, actor=actor(), now=svc.now())
+    lifted = [name for name, was in (("kill switch released", with_kill), ("pause lifted", with_pause)) if was]
+    out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + scope}"
+              + (f" ({', '.join(lifted)})" if lifted else " (it was neither killed nor paused)"), highlight=False)
+
+
+def _engaged_kill(svc: Services, scope: str) -> bool:
+    """Whether `scope` itself is killed (its mirror row or its Redis flag), for what resume says."""
+    import redis
+
+    from fleet import db, keys, killswitch
+
+    with db.session(svc.engine) as session:
+        if any(k.scope == scope for k in killswitch.engaged(session)):
+            return True
+    try:
+        return bool(svc.redis.exists(keys.kill(scope)))
+    except redis.RedisError:
+        return False
 
 
 def spend(
@@ -110,25 +150,27 @@ def agents(as_json: JsonOpt = False) -> None:
     """
     from zoneinfo import ZoneInfo
 
-    from fleet import db, keys, store
+    from fleet import db, pause, store
 
     svc = services()
     now = svc.now().astimezone(ZoneInfo(svc.config.fleet.timezone))
     rows: list[dict[str, Any]] = []
     with db.session(svc.engine) as session:
         last = {name: store.last_run(session=session, agent=name) for name in svc.config.agents}
+        paused = {p.scope: p.reason or "paused" for p in pause.paused(session, svc.redis, [GLOBAL, *svc.config.agents])}
     for name, spec in svc.config.agents.items():
         schedule = spec.parsed_schedule
         previous = last[name]
         rows.append({
             "agent": name, "schedule": spec.schedule,
             "next_fire": schedule.next_after(now).isoformat() if schedule else None,
-            "paused": svc.redis.get(keys.paused(name)),
+            "paused": paused.get(name) or paused.get(GLOBAL),
             "last_run": None if previous is None else {
                 "run_id": previous.id, "status": str(getattr(previous.status, "value", previous.status)),
                 "created_at": previous.created_at.isoformat()},
             "daily_cap_usd": spec.daily_cap_usd, "est_cost_usd": spec.est_cost_usd, "timeout_s": spec.timeout_s,
-            "concurrency": spec.concurrency, "breaker": svc.breakers.state(name).get("state", "closed"),
+            "concurrency": spec.concurrency, "max_runs_per_day": spec.max_runs_per_day,
+            "breaker": svc.breakers.state(name).get("state", "closed"),
             "key_fingerprint": fingerprint(spec.key_file.read_bytes()) if spec.key_file else None,
         })
     if as_json:
