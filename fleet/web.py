@@ -37,10 +37,12 @@ import binascii
 import contextlib
 import errno
 import functools
+import hashlib
 import hmac
 import ipaddress
 import json
 import re
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -58,11 +60,12 @@ import tornado.template
 import tornado.web
 from prometheus_client.exposition import choose_encoder
 
-from fleet import __version__, alerts, db, hardening, keys, logs, metrics, watchdog
-from fleet.errors import ConfigError, FleetError, UnavailableError
+from fleet import __version__, actions, alerts, charts, db, hardening, keys, logs, metrics, watchdog
+from fleet.dispatch import Sender
+from fleet.errors import BadInputError, ConfigError, ExitCode, FleetError, UnavailableError
 from fleet.executor import run_log_path
 from fleet.services import Services, check_redis
-from fleet.state import snapshot
+from fleet.state import history, snapshot
 
 log = logs.get("fleet.web")
 _SHUTDOWN_GRACE_S = 5.0
@@ -77,21 +80,24 @@ _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # ?token= must never travel to Flower or anywhere else in a Referer
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-                               "base-uri 'none'; form-action 'none'",
+    # No script at all; forms may post to this web only (the actions), nowhere else.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "Cache-Control": "no-store",
 }
 
 
 @dataclass(frozen=True)
 class Web:
-    """What every handler needs: the process's Services, the token (None: open), when it started and
-    the Host names it answers to."""
+    """What every handler needs: the process's Services, the token (None: open), when it started, the
+    Host names it answers to, the key of its forms' CSRF tokens and how to send a fleet.execute."""
 
     services: Services
     token: str | None
     started: float  # time.monotonic() at start
     allowed_hosts: frozenset[str] = frozenset()
+    csrf_key: bytes = b""
+    send: Sender | None = None  # None: replays are refused (a web started without a broker sender)
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -330,26 +336,67 @@ class PageHandler(AuthHandler):
         """Render the snapshot; a database that cannot be read still gets a page that says so."""
         flower = f"http://{self.request.host_name}:{self.services.settings.flower_port}/"
         picture: dict[str, Any] | None = None
+        past: dict[str, Any] | None = None
         error: str | None = None
         try:
-            picture = await self.blocking(lambda: snapshot(self.services))
+            picture, past = await self.blocking(lambda: (snapshot(self.services), history(self.services)))
         except Exception as exc:  # noqa: BLE001 - shown on the page instead
             error = describe(exc)
             log.warning("web: cannot read the fleet's state", error=error)
         self.set_status(200 if picture is not None else 503)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(render_page(picture, error=error, flower_url=flower, token_query=self.token_query(),
-                                host=self.services.host))
+                                host=self.services.host, past=past, csrf=csrf_token(self.web.csrf_key, time.time()),
+                                agents=agent_rows(picture, self.services.config.agents)))
 
 
 def render_page(picture: dict[str, Any] | None, *, error: str | None, flower_url: str, token_query: str,
-                host: str) -> bytes:
-    """The page's HTML (every value escaped by the template)."""
+                host: str, past: dict[str, Any] | None = None, csrf: str = "",
+                agents: list[dict[str, Any]] | None = None) -> bytes:
+    """The page's HTML (every value escaped by the template; the pictures are SVG drawn by fleet.charts,
+    whose labels it escapes itself)."""
     now = datetime.fromisoformat(picture["at"]) if picture else datetime.now(UTC)
     return TEMPLATES.load("index.html").generate(
         p=picture, flower_url=flower_url, tq=token_query, host=host, refresh_s=REFRESH_S, version=__version__,
         now=now, banners=banners(picture, error, now), spend=spend_rows(picture), ago=lambda iso: _ago(now, iso),
-        money=_money, tone=_tone, overall=_overall)
+        money=_money, tone=_tone, overall=_overall, pictures=pictures(past), csrf=csrf, agents=agents or [],
+        fleet_state=fleet_state(picture))
+
+
+def pictures(past: dict[str, Any] | None) -> dict[str, Any]:
+    """The page's SVG pictures: spend per scope (by the scope's name), runs per hour, durations."""
+    if past is None:
+        return {"spend": {}, "hours": "", "durations": ""}
+    return {"spend": {s.name: charts.spend_chart(s, past["start"], past["end"], past["now"]) for s in past["spend"]},
+            "hours": charts.runs_per_hour(past["hours"]), "durations": charts.durations(past["durations"])}
+
+
+def fleet_state(p: dict[str, Any] | None) -> str:
+    """`killed`, `paused` or `running`: what the fleet-wide switches say."""
+    if p is None:
+        return "unknown"
+    if any(k["scope"] == keys.GLOBAL for k in p["kill"]):
+        return "killed"
+    return "paused" if any(x["scope"] == keys.GLOBAL for x in p.get("pauses", [])) else "running"
+
+
+def agent_rows(p: dict[str, Any] | None, specs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per agent for the page's actions: its state (killed, paused, breaker, ok) and today's runs."""
+    if p is None:
+        return []
+    killed = {k["scope"]: k for k in p["kill"]}
+    paused = {x["scope"]: x for x in p.get("pauses", [])}
+    runs = {s["scope"]: s.get("runs", 0) for s in p["spend"]["scopes"]}
+    rows = []
+    for name, spec in sorted(specs.items()):
+        breaker = p.get("breakers", {}).get(name, {}).get("state", "closed")
+        state, tone = ("killed", "red") if name in killed else ("paused", "amber") if name in paused else (
+            (f"breaker {breaker}", "red" if breaker == "open" else "amber") if breaker != "closed" else ("ok", "green"))
+        bound = spec.max_runs_per_day
+        rows.append({"name": name, "state": state, "tone": tone, "schedule": spec.schedule or "by hand",
+                     "runs": f"{runs.get(name, 0)} of {bound}" if bound else str(runs.get(name, 0)),
+                     "killed": name in killed, "paused": name in paused})
+    return rows
 
 
 # ---------------------------------------------------------------- the page's view of the snapshot
@@ -367,6 +414,12 @@ def banners(p: dict[str, Any] | None, error: str | None, now: datetime) -> list[
         out.append(("red", who, f"{k['reason'] or 'no reason given'} (by {k['actor'] or '?'}, "
                                 f"{_ago(now, k['since'])}). Lift with: fleet resume"
                                 + ("" if k["scope"] == keys.GLOBAL else f" {k['scope']}")))
+    for x in sorted(p.get("pauses", []), key=lambda x: x["scope"] != keys.GLOBAL):
+        what = "FLEET PAUSED: nothing new starts, running runs finish" if x["scope"] == keys.GLOBAL \
+            else f"Agent {x['scope']} paused: nothing new starts"
+        out.append(("amber", what, f"{x['reason'] or 'no reason given'} (by {x['actor'] or '?'}, "
+                                   f"{_ago(now, x['since'])}). Lift with: fleet resume"
+                                   + ("" if x["scope"] == keys.GLOBAL else f" {x['scope']}")))
     if p["redis"] != "ok":
         out.append(("red", "Redis unreachable", f"{p['redis']}: every dispatch is refused, and running agents "
                                                 "stop once it has been down longer than the grace"))
@@ -421,6 +474,8 @@ def _overall(items: list[tuple[str, str, str]]) -> tuple[str, str]:
     tones = {tone for tone, _, _ in items}
     if any(title.startswith("FLEET KILLED") for _, title, _ in items):
         return "red", "KILLED"
+    if any(title.startswith("FLEET PAUSED") for _, title, _ in items) and "red" not in tones:
+        return "amber", "PAUSED"
     return ("red", "ATTENTION") if "red" in tones else ("amber", "WARNING") if "amber" in tones else ("green", "OK")
 
 
@@ -466,6 +521,191 @@ class RunLogHandler(AuthHandler):
         self.finish()
 
 
+# ---------------------------------------------------------------- actions (POST, behind the token and a CSRF token)
+
+CSRF_MAX_AGE_S = 12 * 3600.0  # a page left open overnight still acts; it refreshes itself every REFRESH_S anyway
+_WHO = re.compile(r"[^A-Za-z0-9._@+-]")
+_HTTP_STATUS = {ExitCode.USAGE: 400, ExitCode.NOT_FOUND: 404, ExitCode.TRANSIENT: 503, ExitCode.AUTH: 403,
+                ExitCode.CONFIG: 500}
+
+
+def csrf_key(token: str | None) -> bytes:
+    """The key of the forms' CSRF tokens: derived from the web token (every replica agrees, a new token
+    voids old forms), or random for an open test app."""
+    secret = token.encode() if token else secrets.token_bytes(32)
+    return hmac.new(secret, b"fleet-web-csrf-v1", hashlib.sha256).digest()
+
+
+def csrf_token(key: bytes, now: float) -> str:
+    """`STAMP.MAC`: when the form was made, and a MAC over it that only this web can make."""
+    stamp = str(int(now))
+    return f"{stamp}.{hmac.new(key, stamp.encode(), hashlib.sha256).hexdigest()[:32]}"
+
+
+def csrf_ok(key: bytes, value: str, now: float) -> bool:
+    """Whether a form's token was made by this web within CSRF_MAX_AGE_S."""
+    stamp, _, mac = value.partition(".")
+    if not stamp.isdigit() or not hmac.compare_digest(csrf_token(key, float(stamp)), value):
+        return False
+    return -60 <= now - int(stamp) <= CSRF_MAX_AGE_S and bool(mac)
+
+
+def actor_of(authorization: str, remote_ip: str) -> str:
+    """`web:USER@ADDRESS` for the audit trail: the basic-auth user name when one was given (the token
+    is the password; any name works, so it names who acted), else `token`."""
+    user = "token"
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            user = _WHO.sub("", base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[0])[:64] \
+                or "token"
+    return f"web:{user}@{remote_ip}"
+
+
+class ActionHandler(AuthHandler):
+    """An action: POST only (405 to anything else), the token, a fresh CSRF token from this web's own
+    page, never a request another site made; the outcome is a page of its own."""
+
+    def prepare(self) -> None:
+        """Refuse before anything is done: a foreign Host or no token (super), a cross-site request, a stale
+        or forged form."""
+        super().prepare()
+        if self._finished:
+            return
+        if self.request.method != "POST":
+            self.set_header("Allow", "POST")
+            self.write_text(405, "405: an action is a POST from the page's own form\n")
+        elif self.request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            self.write_text(403, "403: a request from another site cannot act on the fleet\n")
+        elif not csrf_ok(self.web.csrf_key, self.get_body_argument("csrf", ""), time.time()):
+            self.write_text(403, "403: this form is stale or was not made by this page: reload the page and try "
+                                 "again\n")
+
+    @property
+    def actor(self) -> str:
+        """Who acts, for the audit trail."""
+        return actor_of(self.request.headers.get("Authorization", ""), self.request.remote_ip or "?")
+
+    def field(self, name: str) -> str | None:
+        """A form field, stripped; None when empty."""
+        value = (self.get_body_argument(name, "") or "").strip()
+        return value or None
+
+    def question(self) -> str | None:
+        """What the confirmation page asks before this action is done; None: no confirmation."""
+        return None
+
+    def target(self) -> str:
+        """The agent field as words: `the whole fleet` or `agent NAME`."""
+        agent = self.field("agent")
+        return "the whole fleet" if agent in (None, keys.GLOBAL) else f"agent {agent}"
+
+    async def act(self, fn: Callable[[], actions.Outcome], title: str) -> None:
+        """Ask first when this action needs a confirmation; else do it in a thread and show the outcome."""
+        question = self.question()
+        if question is not None and self.field("confirm") != "yes":
+            fields = {name: self.field(name) or "" for name in ("agent", "reason", "dead", "all")}
+            self._page(200, title, "amber", question, confirm=fields)
+            return
+        try:
+            outcome = await self.blocking(fn)
+        except FleetError as exc:
+            log.warning("web: action failed", action=title, error=describe(exc))
+            self._page(_HTTP_STATUS.get(exc.exit_code, 500), title, "red", describe(exc))
+            return
+        log.info("web: action", action=title, actor=self.actor, outcome=outcome.said)
+        self._page(200, title, outcome.tone, outcome.said, lines=outcome.lines, gates=outcome.gates,
+                   run_id=outcome.run_id)
+
+    def _page(self, status: int, title: str, tone: str, said: str, **extra: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(TEMPLATES.load("act.html").generate(
+            title=title, tone=tone, said=said, lines=extra.get("lines", []), gates=extra.get("gates", {}),
+            run_id=extra.get("run_id"), confirm=extra.get("confirm"), action=self.request.path, tq=self.token_query(),
+            csrf=csrf_token(self.web.csrf_key, time.time()), host=self.services.host, version=__version__))
+
+
+class KillAction(ActionHandler):
+    """Kill the fleet or one agent, with a reason; asks first."""
+
+    def question(self) -> str:
+        """Kill, really?"""
+        return (f"Kill {self.target()}? Intake stops at once and running agents get SIGTERM within a second, "
+                "SIGKILL a few seconds later. Nothing starts again until someone resumes.")
+
+    async def post(self) -> None:
+        """Kill, once confirmed."""
+        agent = self.field("agent")
+        await self.act(lambda: actions.kill(self.services, agent=agent, reason=self.field("reason"), actor=self.actor),
+                       "Kill")
+
+
+class PauseAction(ActionHandler):
+    """Pause intake of the fleet or one agent (running runs finish)."""
+
+    async def post(self) -> None:
+        """Pause."""
+        agent = self.field("agent")
+        await self.act(lambda: actions.pause_intake(self.services, agent=agent, reason=self.field("reason"),
+                                                    actor=self.actor), "Pause")
+
+
+class ResumeAction(ActionHandler):
+    """Lift the kill and the pause of the fleet or one agent."""
+
+    async def post(self) -> None:
+        """Resume."""
+        agent = self.field("agent")
+        await self.act(lambda: actions.resume(self.services, agent=agent, actor=self.actor), "Resume")
+
+
+class ReplayAction(ActionHandler):
+    """Replay a dead letter (once)."""
+
+    async def post(self) -> None:
+        """Replay through this web's sender of fleet.execute."""
+        dead = _dead_id(self.field("dead"))
+        send = self.web.send
+
+        def replay() -> actions.Outcome:
+            if send is None:
+                raise UnavailableError("this web was started without a broker sender: replay with `fleet dlq replay`")
+            return actions.replay(self.services, dead_id=dead, actor=self.actor, send=send)
+
+        await self.act(replay, "Replay")
+
+
+class PurgeAction(ActionHandler):
+    """Purge one dead letter, or all of them; asks first."""
+
+    def question(self) -> str:
+        """Purge, really?"""
+        which = "every dead letter" if self.field("all") == "all" else f"dead letter {self.field('dead')}"
+        return f"Purge {which} for good? The record and the output tail are deleted (runs and events stay)."
+
+    async def post(self) -> None:
+        """Purge, once confirmed."""
+        every = self.field("all") == "all"
+        dead = None if every else [_dead_id(self.field("dead"))]
+        await self.act(lambda: actions.purge(self.services, dead_ids=dead, actor=self.actor), "Purge")
+
+
+class DryRunAction(ActionHandler):
+    """What a dispatch of an agent would do now, gate by gate; writes nothing."""
+
+    async def post(self) -> None:
+        """Plan."""
+        agent = self.field("agent") or ""
+        await self.act(lambda: actions.dry_run(self.services, agent=agent, actor=self.actor), "Dry run")
+
+
+def _dead_id(value: str | None) -> int:
+    if value is None or not value.isdigit():
+        raise BadInputError("a dead letter id is a whole number")
+    return int(value)
+
+
 class NotFoundHandler(BaseHandler):
     """Any other path: a plain 404 with the same safe headers."""
 
@@ -483,6 +723,12 @@ ROUTES: list[tuple[str, type[BaseHandler]]] = [
     (r"/metrics", MetricsHandler),
     (r"/api/state", StateHandler),
     (r"/runs/([^/]+)/log", RunLogHandler),
+    (r"/act/kill", KillAction),
+    (r"/act/pause", PauseAction),
+    (r"/act/resume", ResumeAction),
+    (r"/act/replay", ReplayAction),
+    (r"/act/purge", PurgeAction),
+    (r"/act/dry-run", DryRunAction),
     (r"/", PageHandler),
 ]
 
@@ -496,11 +742,13 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
                         status=status, ms=round(1000 * handler.request.request_time(), 1))
 
 
-def make_app(services: Services, *, token: str | None = None, started: float | None = None) -> tornado.web.Application:
-    """The tornado application with every route bound to `services` (and `token`: None leaves it open)."""
+def make_app(services: Services, *, token: str | None = None, started: float | None = None,
+             send: Sender | None = None) -> tornado.web.Application:
+    """The tornado application with every route bound to `services` (and `token`: None leaves it open;
+    `send` enqueues a replay's fleet.execute: None refuses replays)."""
     settings = services.settings
     web = Web(services, token, time.monotonic() if started is None else started,
-              allowed_hosts(settings.web_host, settings.web_allowed_hosts))
+              allowed_hosts(settings.web_host, settings.web_allowed_hosts), csrf_key(token), send)
     return tornado.web.Application(
         [(pattern, handler, {"web": web}) for pattern, handler in ROUTES],
         log_function=_log_request,
@@ -565,20 +813,21 @@ def web_token(services: Services) -> str:
     return token
 
 
-def serve(services: Services) -> None:
-    """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly."""
+def serve(services: Services, send: Sender | None = None) -> None:
+    """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly. `send` enqueues
+    a replay's fleet.execute (the entry point passes the Celery one: the core never imports Celery)."""
     hardening.make_undumpable()  # the token and URLs in this process stay out of same-uid agents' reach
     alerts.init_sentry(services.settings, "web")
     try:
         token = web_token(services)
-        asyncio.run(_serve(services, token))
+        asyncio.run(_serve(services, token, send))
     finally:
         services.close()
 
 
-async def _serve(services: Services, token: str) -> None:
+async def _serve(services: Services, token: str, send: Sender | None) -> None:
     host, port = services.settings.web_host, services.settings.web_port
-    server = _listen(make_app(services, token=token), host, port)
+    server = _listen(make_app(services, token=token, send=send), host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -71,17 +71,9 @@ def pause(
     For maintenance; `fleet kill` is "stop now". `fleet resume [AGENT]` lifts it.
     Example: fleet pause --reason "db upgrade at 02:00"    |    fleet pause digest
     """
-    from fleet import db, store
-    from fleet import pause as pausing
+    from fleet import actions
 
-    svc = services()
-    scope = GLOBAL if agent is None else svc.config.agent(agent).name
-    pausing.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), now=svc.now())
-    with db.session(svc.engine) as session:
-        running = store.count_running(session=session, agent=None if agent is None else scope)
-    where = "the whole fleet" if agent is None else f"agent {scope}"
-    out.print(f"paused {where}" + (f": {reason}" if reason else "")
-              + f"; {running} running run(s) left to finish (`fleet kill` stops them now)", highlight=False)
+    out.print(actions.pause_intake(services(), agent=agent, reason=reason, actor=actor()).said, highlight=False)
 
 
 def resume(
@@ -91,32 +83,9 @@ def resume(
 
     Example: fleet resume    |    fleet resume digest
     """
-    from fleet import killswitch
-    from fleet import pause as pausing
+    from fleet import actions
 
-    svc = services()
-    scope = GLOBAL if agent is None else svc.config.agent(agent).name
-    with_kill = _engaged_kill(svc, scope)
-    killswitch.release(svc.engine, svc.redis, scope=scope, actor=actor(), now=svc.now())
-    with_pause = pausing.release(svc.engine, svc.redis, scope=scope, actor=actor(), now=svc.now())
-    lifted = [name for name, was in (("kill switch released", with_kill), ("pause lifted", with_pause)) if was]
-    out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + scope}"
-              + (f" ({', '.join(lifted)})" if lifted else " (it was neither killed nor paused)"), highlight=False)
-
-
-def _engaged_kill(svc: Services, scope: str) -> bool:
-    """Whether `scope` itself is killed (its mirror row or its Redis flag), for what resume says."""
-    import redis
-
-    from fleet import db, keys, killswitch
-
-    with db.session(svc.engine) as session:
-        if any(k.scope == scope for k in killswitch.engaged(session)):
-            return True
-    try:
-        return bool(svc.redis.exists(keys.kill(scope)))
-    except redis.RedisError:
-        return False
+    out.print(actions.resume(services(), agent=agent, actor=actor()).said, highlight=False)
 
 
 def spend(

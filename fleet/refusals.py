@@ -1,7 +1,7 @@
 """A refused dispatch in one line an operator can act on: why nothing was done, and what to do.
 
-`fleet dispatch` and `fleet dlq replay` print it instead of the run id of a row that no longer
-exists. The dispatch result says which gate refused; the details (who holds the slots, who threw
+`fleet dispatch`, `fleet dlq replay` and the web page's actions say it instead of the run id of a
+row that no longer exists. The dispatch result says which gate refused; the details (who holds the slots, who threw
 the kill switch) are read here, after the refusal, since they are for a person, not a decision.
 """
 
