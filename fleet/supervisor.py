@@ -227,9 +227,11 @@ def _migrate(database_url: str) -> str:
 def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.ExitStack, up: _Up) -> str:
     """The broker URL: the configured or default server, or an embedded one started here."""
     if options.embedded:
-        return _start_embedded(stack, "--embedded was given", up)
+        return _start_embedded(stack, "--embedded was given", up, None)
     if settings.redis_url is None and not redis_answers(DEFAULT_REDIS_URL, timeout=1.0):
-        return _start_embedded(stack, f"nothing answers at {DEFAULT_REDIS_URL} and FLEET_REDIS_URL is unset", up)
+        # On the default port when it is free: then `fleet status` in another terminal finds it unconfigured.
+        return _start_embedded(stack, f"nothing answers at {DEFAULT_REDIS_URL} and FLEET_REDIS_URL is unset", up,
+                               urlsplit(DEFAULT_REDIS_URL).port)
     url = settings.broker_url
     if not redis_answers(url, timeout=2.0):
         raise UnavailableError(f"Redis at {mask_redis_url(url)} does not answer PING; start it, fix "
@@ -238,13 +240,16 @@ def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.Exit
     return url
 
 
-def _start_embedded(stack: contextlib.ExitStack, why: str, up: _Up) -> str:
-    server = EmbeddedRedis()
+def _start_embedded(stack: contextlib.ExitStack, why: str, up: _Up, port: int | None) -> str:
+    server = EmbeddedRedis(preferred_port=port)
     server.start()
     stack.callback(_stop_embedded, server, up)  # registered first, so it runs after every child has stopped
     up.embedded = True
     up.rows.append(Row("redis", Text(server.url) + Text(f"  EMBEDDED Valkey: {why}; it keeps nothing after exit",
                                                         style="yellow"), server.pid))
+    if server.url != DEFAULT_REDIS_URL:  # other terminals' `fleet` commands would look at the default
+        up.rows.append(Row("elsewhere", Text(f"export FLEET_REDIS_URL={server.url}", style="bold")
+                           + Text("  (in another terminal, before fleet status, kill, dispatch...)", style="dim")))
     return server.url
 
 
@@ -419,8 +424,8 @@ def _banner(settings: Settings, config: FleetConfig, children: list[Child], up: 
 def _footer(settings: Settings, options: UpOptions) -> Text:
     text = Text("Ctrl-C stops everything", style="bold")
     if options.web:
-        text += Text(f" · the page: {web_url(settings)}/ (token above)", style="dim")
-    return text + Text(" · fleet status, fleet kill, fleet pause in another terminal", style="dim")
+        text += Text(f" · the page {web_url(settings)}/", style="dim")
+    return text + Text(" · fleet status / kill / pause elsewhere", style="dim")
 
 
 def _snapshot_reader(settings: Settings, config: FleetConfig, redis_url: str) -> _SnapshotReader:

@@ -174,9 +174,13 @@ class Browser:
         history = self.send("Page.getNavigationHistory")
         return str(history["entries"][history["currentIndex"]]["url"])
 
+    def content_width(self) -> float:
+        """How wide the page's content is, in CSS pixels (wider than the viewport: it scrolls sideways)."""
+        return float(self.send("Page.getLayoutMetrics")["cssContentSize"]["width"])
+
     def screenshot(self, path: Path, whole: bool = True) -> Path:
         """The whole page as a PNG (`whole` False: what the first screen shows)."""
-        size = self.send("Page.getLayoutMetrics")["cssContentSize" if whole else "cssLayoutViewport"]
+        size = self.send("Page.getLayoutMetrics")["cssContentSize" if whole else "cssVisualViewport"]
         width, height = size.get("width", size.get("clientWidth")), size.get("height", size.get("clientHeight"))
         shot = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=whole,
                          clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})

@@ -388,6 +388,16 @@ def test_embedded_server_starts_answers_and_stops() -> None:
     assert not data_dir.exists()
 
 
+def test_embedded_server_takes_the_preferred_port_only_when_it_is_free() -> None:
+    """`fleet up` asks for 6379 when nothing answers there, so other terminals find it unconfigured; a
+    port something else holds is never fought over."""
+    wanted = free_port()
+    with EmbeddedRedis(preferred_port=wanted) as server:
+        assert server.url == f"redis://127.0.0.1:{wanted}/0"
+        with EmbeddedRedis(preferred_port=wanted) as second:
+            assert second.port != wanted and redis_answers(second.url, timeout=1)
+
+
 def test_redis_answers_is_false_for_nothing_listening() -> None:
     """No server on the port: False, quickly."""
     began = time.monotonic()

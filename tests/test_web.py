@@ -710,6 +710,7 @@ def test_kill_and_replay_from_the_page_in_chromium(fleet: Fleet, web: WebProc, t
             browser.resize(PHONE, mobile=True)
             browser.goto(url)
             browser.screenshot(ARTIFACTS / f"web-phone-{kind}.png")
+            assert browser.content_width() <= PHONE[0], "the page is wider than the phone: it scrolls sideways"
             browser.click("#kill-fleet")
             assert "Kill the whole fleet?" in browser.html()
             browser.type("#reason", "2am: runaway agent")
