@@ -96,6 +96,13 @@ def run(folder: Path, env: dict[str, str], *args: str, code: int = 0) -> str:
     return proc.stdout
 
 
+def readme_tour() -> list[str]:
+    """The commands of the README's tour, comments stripped."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## A short tour"):].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip().startswith("fleet ")]
+
+
 def test_a_newcomers_first_ten_minutes(terminal: Terminal, tmp_path: Path) -> None:
     """init, up in a terminal, the tour, the page on a phone, a kill from the page, Ctrl-C."""
     folder = terminal.folder
@@ -127,29 +134,25 @@ def test_a_newcomers_first_ten_minutes(terminal: Terminal, tmp_path: Path) -> No
         assert f"● {part} up" in shown, shown
     assert "! no FLEET_WEB_TOKEN" in shown and '"level"' not in shown  # warnings stand out; no JSON log lines
 
-    # The README's tour, in "another terminal" (with the export the banner printed).
+    # The README's tour, every command as it is written there, in "another terminal" (with the export the
+    # banner printed); then a few more looks at what the tour did.
     tour = newcomer_env(folder, FLEET_REDIS_URL=redis_url.group(1), **ports)
-    plan = run(folder, tour, "dispatch", "echo", "--key", "hello", "--dry-run")
-    assert "dry_run" in plan and "would fire" in plan and "gate pause" in plan and "gate bounded" in plan
-    ran = run(folder, tour, "dispatch", "echo", "--key", "hello", "--wait")
-    run_id = re.search(r"run ([0-9a-f]{32}) ended succeeded", ran)
-    assert run_id, ran
-    again = run(folder, tour, "dispatch", "echo", "--key", "hello")
-    assert f"duplicate run {run_id.group(1)}" in again
-    assert run_id.group(1) in run(folder, tour, "runs")
-    assert "fleet_usage" in run(folder, tour, "logs", run_id.group(1))
-    run(folder, tour, "dlq", "list")
-    assert "echo" in run(folder, tour, "spend")
-    paused = run(folder, tour, "pause", "echo", "--reason", "trying the pause")
-    assert paused.startswith("paused agent echo: trying the pause")
-    refused = run(folder, tour, "dispatch", "echo", code=3)
-    assert refused.startswith("refused: paused")
-    assert "PAUSED echo" in run(folder, tour, "status")
-    assert "pause lifted" in run(folder, tour, "resume", "echo")
-    assert "kill switch engaged for agent sleeper" in run(folder, tour, "kill", "sleeper", "--reason", "tour")
-    assert "kill switch released" in run(folder, tour, "resume", "sleeper")
-    doctor = subprocess.run([FLEET, "doctor"], cwd=folder, env=tour, capture_output=True, text=True, timeout=120)
-    assert doctor.returncode == 0 and "FAIL" not in doctor.stdout, doctor.stdout
+    said_by: dict[str, str] = {}
+    run_id = ""
+    for command in readme_tour():
+        argv = [arg.replace("RUN_ID", run_id) for arg in shlex.split(command)][1:]
+        said_by[command] = run(folder, tour, *argv)
+        found = re.search(r"run ([0-9a-f]{32}) ended succeeded", said_by[command])
+        run_id = found.group(1) if found else run_id
+    assert run_id, said_by
+    assert "would fire" in said_by["fleet dispatch echo --key hello --dry-run"]
+    assert f"duplicate run {run_id}" in said_by["fleet dispatch echo --key hello"]
+    assert "fleet_usage" in said_by["fleet logs RUN_ID -f"]
+    assert "PAUSED echo" in said_by["fleet status"] and "KILLED" not in said_by["fleet status"]
+    assert "pause lifted" in said_by["fleet resume echo"]
+    assert "kill switch engaged for the whole fleet: going to bed" in said_by['fleet kill --reason "going to bed"']
+    assert "kill switch released" in run(folder, tour, "resume")
+    assert run(folder, tour, "dispatch", "echo").startswith("queued run")
 
     # The page on a phone, and a kill from it.
     url = f"http://127.0.0.1:{web_port}/?token={token.group(1)}"
