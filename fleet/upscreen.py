@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -155,11 +155,11 @@ class Screen:
                 grid.add_row(name, value)
             if self.feed is not None and self.feed.problem:
                 grid.add_row("", Text(f"(this is {STATUS_EVERY_S:.0f} s+ old: {self.feed.problem})", style="red"))
+        grid.add_row("", self.footer)  # a cell wraps on a narrow terminal where a bare line would be cut
         up_for = time.monotonic() - self.started
         state = f"ready in {self.ready_after:.1f} s" if self.ready_after is not None else "starting"
         title = f"fleet up · {state} · up {_duration(up_for)}"
-        return Panel(Group(grid, self.footer), title=title, title_align="left", border_style=_border(picture),
-                     expand=False)
+        return Panel(grid, title=title, title_align="left", border_style=_border(picture), expand=False)
 
     def _parts(self) -> Text:
         text = Text()
