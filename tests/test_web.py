@@ -33,6 +33,7 @@ from fleet.charts import SpendSeries, spend_chart
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.metrics import build_families
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus, WatchdogVerdict
+from fleet.page import render_page
 from fleet.web import (
     actor_of,
     allowed_hosts,
@@ -43,7 +44,6 @@ from fleet.web import (
     csrf_token,
     host_allowed,
     is_loopback,
-    render_page,
 )
 from tests.browser import PHONE, Browser
 from tests.conftest import IN_CI
