@@ -10,6 +10,7 @@ logs then stream to the terminal), there is no block: plain lines only.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,7 @@ class Screen:
     def __init__(self, console: Console, *, live: bool) -> None:
         """`live`: redraw a status block in place (a terminal, not -v)."""
         self.console = console
+        self.gone = False  # the terminal went away (closed window, lost ssh): nothing more is said
         self.live_wanted = live
         self.live: Live | None = None
         self.parts: dict[str, str] = {}  # name -> up, starting, down
@@ -104,21 +106,31 @@ class Screen:
 
     # ------------------------------------------------------------ plain lines
 
+    def _print(self, text: Text) -> None:
+        """Print, unless the terminal is gone: a closed window must never keep fleet up from stopping
+        its parts (the hang-up asks for exactly that, and every write after it fails)."""
+        if self.gone:
+            return
+        try:
+            self.console.print(text, soft_wrap=True)
+        except OSError:
+            self.gone = True
+
     def banner(self, title: str, rows: list[Row], warnings: list[str]) -> None:
         """The banner: a title, one line per part, then the warnings in colour."""
-        self.console.print(Text(title, style="bold"))
+        self._print(Text(title, style="bold"))
         width = max((len(r.name) for r in rows), default=6)
         for row in rows:
             line = Text("  ") + Text(row.name.ljust(width), style="bold cyan") + Text("  ") + row.text
             if row.pid is not None:
                 line += Text(f"  [pid {row.pid}]", style="dim")
-            self.console.print(line, soft_wrap=True)
+            self._print(line)
         for warning in warnings:
-            self.console.print(Text("  ! ", style="bold yellow") + Text(warning, style="yellow"), soft_wrap=True)
+            self._print(Text("  ! ", style="bold yellow") + Text(warning, style="yellow"))
 
     def event(self, message: str, style: str = "") -> None:
         """A line above the status block (or a plain line)."""
-        self.console.print(Text(message, style=style), soft_wrap=True)
+        self._print(Text(message, style=style))
 
     # ------------------------------------------------------------ the live block
 
@@ -133,12 +145,19 @@ class Screen:
 
     def stop_live(self) -> None:
         """Leave the last block on screen and stop redrawing it."""
-        if self.live is not None:
-            self.live.refresh()
-            self.live.stop()
-            self.live = None
         if self.feed is not None:
             self.feed.stop()
+        live, self.live = self.live, None
+        if live is None:
+            return
+        try:
+            if not self.gone:
+                live.refresh()
+        except OSError:
+            self.gone = True
+        finally:
+            with contextlib.suppress(OSError):
+                live.stop()  # stops its refresh thread; its last write may fail on a closed terminal
 
     def render(self) -> RenderableType:
         """The status block as it is now."""

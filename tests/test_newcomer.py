@@ -70,16 +70,32 @@ def terminal(tmp_path: Path) -> Iterator[Terminal]:
     folder.mkdir()
     term = Terminal(f"fleet-newcomer-{uuid.uuid4().hex[:8]}", folder, newcomer_env(folder))
     yield term
+    embedded = re.search(r"^\s+redis\s+redis://\S+\s+EMBEDDED.*\[pid (\d+)\]", _history(term), re.MULTILINE)
+    # Closing the terminal hangs up on fleet up, which then stops its parts itself (the embedded server
+    # last); only what is still there well after that is killed. Valkey rewrites its own environment
+    # (its process title), so it is found by the pid the banner gave, not by the marker.
     subprocess.run(["tmux", "-L", term.socket, "kill-server"], capture_output=True, timeout=30)
-    marker = term.socket
-    wait_for(lambda: _leftovers(marker) is None, 20, "fleet up's children to be gone after the test")
+    try:
+        wait_for(lambda: not marked_processes(term.socket), 40, "fleet up to stop its parts on the hang-up")
+    finally:
+        for pid, _ in marked_processes(term.socket):
+            os.kill(pid, signal.SIGKILL)
+        if embedded is not None and _is_valkey(int(embedded.group(1))):
+            os.kill(int(embedded.group(1)), signal.SIGKILL)
 
 
-def _leftovers(marker: str) -> list[tuple[int, str]] | None:
-    found = marked_processes(marker)
-    for pid, _ in found:
-        os.kill(pid, signal.SIGKILL)
-    return found or None
+def _history(term: Terminal) -> str:
+    try:
+        return term.history()
+    except subprocess.CalledProcessError:
+        return ""
+
+
+def _is_valkey(pid: int) -> bool:
+    try:
+        return b"valkey-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def newcomer_env(folder: Path, **extra: str) -> dict[str, str]:
@@ -188,3 +204,20 @@ def test_a_newcomers_first_ten_minutes(terminal: Terminal, tmp_path: Path) -> No
     for shot in ("newcomer-phone.png", "newcomer-phone-killed.png"):
         assert (ARTIFACTS / shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         print(f"screenshot: {ARTIFACTS / shot}")
+
+
+def test_closing_the_terminal_stops_everything(terminal: Terminal) -> None:
+    """The terminal window closes under fleet up (SIGHUP, then a terminal that cannot be written to):
+    every part is stopped all the same, the embedded server last, and nothing is left running."""
+    folder = terminal.folder
+    ports = {"FLEET_WEB_PORT": str(free_port()), "FLEET_FLOWER_PORT": str(free_port())}
+    run(folder, newcomer_env(folder, **ports), "init")
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in {**ports, MARKER_VAR: terminal.socket}.items())
+    terminal.tmux("new-session", "-d", "-s", "fleet", "-x", str(COLUMNS), "-y", str(ROWS), "-c", str(folder),
+                  f"env {exports} {FLEET} up --embedded --workers 1; sleep 600")
+    terminal.wait_for(r"● worker up .*● web up", 60, "every part up")
+    embedded = terminal.wait_for(r"^\s+redis\s+redis://\S+\s+EMBEDDED.*\[pid (\d+)\]", 5, "the embedded server")
+    valkey = int(embedded.group(1))
+    terminal.tmux("kill-server")
+    wait_for(lambda: not marked_processes(terminal.socket), 40, "fleet up and its parts to stop on the hang-up")
+    wait_for(lambda: not _is_valkey(valkey), 10, "the embedded server to stop")
