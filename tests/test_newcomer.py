@@ -82,6 +82,8 @@ def terminal(tmp_path: Path) -> Iterator[Terminal]:
             os.kill(pid, signal.SIGKILL)
         if embedded is not None and _is_valkey(int(embedded.group(1))):
             os.kill(int(embedded.group(1)), signal.SIGKILL)
+        # tmux leaves its socket file behind after kill-server here.
+        Path(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}", term.socket).unlink(missing_ok=True)
 
 
 def _history(term: Terminal) -> str:
