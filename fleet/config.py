@@ -252,6 +252,9 @@ class AgentSpec(BaseModel):
     est_cost_usd: float = 0.0
     timeout_s: float = Field(default=1800.0, gt=0, le=86400)  # workers.app sizes the broker timeout on this
     concurrency: int = Field(default=1, ge=1, le=1000)
+    # A bounded agent (a batch meant to fire N times and stop): dispatches past N runs in a budget day
+    # are refused `bounded`. A retry is the same run; a refused dispatch or an unsent one does not count.
+    max_runs_per_day: int | None = Field(default=None, ge=1, le=1_000_000)
     breaker_threshold: int | None = Field(default=None, ge=1)  # overrides [fleet] for this agent
     breaker_cooldown_s: float | None = Field(default=None, gt=0, le=86400)
     key_file: Path | None = None

@@ -2,8 +2,10 @@
 
 1. archive_stale  - a unit's runs that never started and are superseded or stale become `archived`
 2. create         - one Run row per idempotency key; a repeat gets the existing run (`duplicate`)
-3. plan           - what would fire now and every gate's verdict; `dry_run` stops here, writing nothing
-4. dispatch_one   - a fenced slot lease, the spend reservation, status `queued`, one execute message
+3. plan           - what would fire now and every gate's verdict (kill, pause, breaker, bounded, caps,
+                    lock); `dry_run` stops here, writing nothing
+4. dispatch_one   - a fenced slot lease, the spend reservation and the day's run count, status
+                    `queued`, one execute message
 5. watch          - the executor (fleet/executor.py) owns the run from there
 Clients, the clock and the message sender are injected, so a test can run every step against a
 fixed clock and count what each did. Expected outcomes (duplicate, busy, over cap) are results.
@@ -28,7 +30,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, killswitch, ledger, store
+from fleet import alerts, db, killswitch, ledger, pause, store
 from fleet.config import AgentSpec, read_text
 from fleet.errors import BadInputError, UnavailableError
 from fleet.ledger import Caps
@@ -248,22 +250,30 @@ def plan(services: Services, spec: AgentSpec, run_id: str | None, work_key: str,
     return result
 
 
-_REFUSAL = {"kill": "killed", "breaker": "breaker_open", "caps": "over_cap", "lock": "busy"}
+_REFUSAL = {"kill": "killed", "pause": "paused", "breaker": "breaker_open", "bounded": "bounded",
+            "caps": "over_cap", "lock": "busy"}
 
 
 def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, Gate]:
     # Either store saying "killed" wins. Redis unreachable raises: the dispatch refuses with 75.
     kill = killswitch.check(session, services.redis, spec.name)
+    paused = pause.check(session, services.redis, spec.name)
     fleet = services.config.fleet
     verdict = services.breakers.peek(spec.name, now=services.now().timestamp(),
                                      cooldown_s=spec.breaker_settings(fleet)[1])
     caps = caps_of(services, spec)
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
-    room = ledger.headroom(session, day=ledger.budget_day(session, fleet.timezone), agent=spec.name, caps=caps)
+    day = ledger.budget_day(session, fleet.timezone)
+    room = ledger.headroom(session, day=day, agent=spec.name, caps=caps)
     free = services.leases.free_slots(spec.name, spec.concurrency)
+    counted = ledger.runs_counted(session, day=day, agent=spec.name)
+    bound = spec.max_runs_per_day
     return {
         "kill": Gate(not kill.killed, kill.describe()),
+        "pause": Gate(not paused.paused, paused.describe()),
         "breaker": Gate(verdict.allowed, verdict.state),
+        "bounded": Gate(bound is None or counted < bound,
+                        f"{counted} run(s) today, no bound" if bound is None else f"{counted} of {bound} run(s) today"),
         "caps": Gate(room is None or estimate <= room,
                      "no cap" if room is None else f"needs ${ledger.to_usd(estimate):.2f}, "
                                                    f"${ledger.to_usd(max(room, 0)):.2f} left today"),
@@ -309,15 +319,16 @@ def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: Dispatch
         services.breakers.forfeit(spec.name, run.id)
         return _refuse(services, run, result, "busy")
     queued = _reserve_and_queue(services, spec, run, lease, now)
-    if queued is not True:
+    if queued != "queued":
         services.leases.release(lease)
         services.breakers.forfeit(spec.name, run.id)
-        if queued is None:  # another dispatcher ended the row in between: it is not ours to queue
+        if queued == "ended":  # another dispatcher ended the row in between: it is not ours to queue
             result.status, result.reason = "misdispatch", "the run was ended by another dispatcher before it queued"
             return result
-        alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
-                     agent=spec.name, level="warning")
-        return _refuse(services, run, result, "over_cap")
+        if queued == "over_cap":
+            alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
+                         agent=spec.name, level="warning")
+        return _refuse(services, run, result, queued)
     try:
         send(run.id, lease.fence)
     except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
@@ -329,28 +340,32 @@ def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: Dispatch
     return result
 
 
-def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lease, now: datetime) -> bool | None:
-    """Reserve the estimate and mark the run queued, in one transaction: True when done, False when a cap
-    refused, None when the row is no longer `created` (another dispatcher archived it)."""
+def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lease, now: datetime) -> str:
+    """Reserve the estimate, count the run and mark it queued, in one transaction: `queued` when done,
+    `over_cap` or `bounded` when refused, `ended` when the row is no longer `created` (another
+    dispatcher archived it)."""
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     with db.session(services.engine) as session:
         day = ledger.budget_day(session, services.config.fleet.timezone)
         if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps_of(services, spec),
                               now=now):
             session.rollback()
-            return False
+            return "over_cap"
+        if not ledger.count_run(session, day=day, agent=spec.name, limit=spec.max_runs_per_day, now=now):
+            session.rollback()  # the reservation goes with it
+            return "bounded"
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED)
                                 .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day,
                                         reserved_micros=estimate, queued_at=now, updated_at=now, sends=1))
         if db.rowcount(moved) != 1:
-            session.rollback()  # the reservation goes with it
-            return None
+            session.rollback()  # the reservation and the count go with it
+            return "ended"
         store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name,
                         fence=lease.fence, slot=lease.slot, reserved_micros=estimate)
         session.commit()
     run.status, run.fence, run.slot, run.budget_day, run.reserved_micros = (
         RunStatus.QUEUED, lease.fence, lease.slot, day, estimate)
-    return True
+    return "queued"
 
 
 def _unsend(services: Services, run: Run, lease: Lease) -> None:
@@ -361,6 +376,8 @@ def _unsend(services: Services, run: Run, lease: Lease) -> None:
         fresh = store.get_run(session=session, run_id=run.id)
         if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == lease.fence:
             ledger.settle(session, run=fresh, now=now)
+            if fresh.budget_day is not None:
+                ledger.uncount_run(session, day=fresh.budget_day, agent=fresh.agent)
             session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
                                               col(Run.fence) == lease.fence))
             store.add_event(session=session, at=now, kind="dispatch.enqueue_failed", run_id=run.id, agent=run.agent)

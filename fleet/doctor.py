@@ -87,6 +87,13 @@ def run_doctor(settings: Settings, console: Console) -> int:
     return int(code)
 
 
+def security_warnings(config: FleetConfig, redis_url: str) -> list[str]:
+    """What `fleet up` warns about before it runs anything: agents that would run as root, and a Redis
+    answering without a password on an address others can reach (the same words as these checks)."""
+    euid = os.geteuid() if hasattr(os, "geteuid") else None
+    return [finding.detail for finding in (*_check_run_as(config, euid), *_open_redis(redis_url))]
+
+
 # ---------------------------------------------------------------- checks
 
 

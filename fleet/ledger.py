@@ -83,10 +83,35 @@ def _add_reserved(session: Session, day: str, scope: str, amount: int, cap: int 
     return db.rowcount(result) == 1
 
 
+def count_run(session: Session, *, day: str, agent: str, limit: int | None, now: datetime) -> bool:
+    """Count one more run of `agent` on `day`, unless `limit` runs are counted already (a bounded
+    agent): one conditional UPDATE, in the caller's reservation transaction, after `reserve` (which
+    made the row). Two dispatchers at `limit - 1` cannot both pass: the second waits on the row lock
+    the first took and its WHERE is evaluated again on the committed count (PostgreSQL, READ
+    COMMITTED), or it never started before the first committed (SQLite's BEGIN IMMEDIATE)."""
+    guard = "" if limit is None else " AND runs < :limit"
+    result = session.execute(
+        text(f"UPDATE spend_days SET runs = runs + 1, updated_at = :now WHERE day = :day AND scope = :scope{guard}"),
+        params={"limit": limit, "day": day, "scope": agent, "now": now})
+    return db.rowcount(result) == 1
+
+
+def uncount_run(session: Session, *, day: str, agent: str) -> None:
+    """Give back a run counted by `count_run` whose row is deleted (its message could not be sent)."""
+    session.execute(text("UPDATE spend_days SET runs = runs - 1 WHERE day = :day AND scope = :scope AND runs > 0"),
+                    params={"day": day, "scope": agent})
+
+
+def runs_counted(session: Session, *, day: str, agent: str) -> int:
+    """How many runs of `agent` were counted on `day`."""
+    row = session.get(SpendDay, (day, agent))
+    return 0 if row is None else row.runs
+
+
 def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "updated_at": now}
+    rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "runs": 0, "updated_at": now}
             for scope in (agent, GLOBAL)]
     session.execute(insert(SpendDay).values(rows).on_conflict_do_nothing())
 

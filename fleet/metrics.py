@@ -175,10 +175,10 @@ def _redis_families(picture: dict[str, Any], agents: list[str], now: datetime) -
         for state in BREAKER_STATES:
             breaker.add_metric([agent, state], int(raw.get("state", "closed") == state))
         failures.add_metric([agent], float(raw.get("failures") or 0))
-    paused = GaugeMetricFamily("fleet_agent_paused", "1 when an agent's schedule is paused (fleet_done or exit 78)",
-                               labels=["agent"])
+    paused = GaugeMetricFamily("fleet_agent_paused", "1 when an agent's intake is paused (its own pause or the "
+                               "fleet's: fleet pause, fleet_done, exit 78)", labels=["agent"])
     for agent in sorted(agents):
-        paused.add_metric([agent], int(agent in picture["paused"]))
+        paused.add_metric([agent], int(agent in picture["paused"] or "*" in picture["paused"]))
     canary = GaugeMetricFamily("fleet_canary_age_seconds", "Seconds since a canary last came back through a queue",
                                labels=["queue"])
     for queue, seen in sorted(picture["canaries"].items()):

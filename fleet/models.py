@@ -1,5 +1,5 @@
-"""The tables: runs, their append-only events, dead letters, the spend ledger, the kill mirror,
-watchdog verdicts. Models only: no I/O here (queries live in fleet/store.py).
+"""The tables: runs, their append-only events, dead letters, the spend ledger, the kill and pause
+mirrors, watchdog verdicts. Models only: no I/O here (queries live in fleet/store.py).
 
 Money is integer micro-dollars everywhere; timestamps are timezone-aware, stored as UTC.
 """
@@ -142,6 +142,9 @@ class SpendDay(SQLModel, table=True):
     scope: str = Field(primary_key=True, max_length=64)
     reserved_micros: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     spent_micros: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # Runs queued that day (on an agent's row; the fleet's row keeps 0): a bounded agent's
+    # max_runs_per_day is checked by the conditional UPDATE that adds one, never by a count read first.
+    runs: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
     updated_at: datetime
 
 
@@ -155,6 +158,19 @@ class KillSwitch(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=1000)
     actor: str | None = Field(default=None, max_length=255)
     hard: bool = False
+    changed_at: datetime
+
+
+class Pause(SQLModel, table=True):
+    """The database mirror of the pause flags (intake stopped, running runs left to finish), so a
+    Redis restart cannot silently lift a pause; the same shape as the kill mirror."""
+
+    __tablename__ = "pauses"
+
+    scope: str = Field(primary_key=True, max_length=64)  # '*' for the whole fleet
+    engaged: bool = False
+    reason: str | None = Field(default=None, max_length=1000)
+    actor: str | None = Field(default=None, max_length=255)
     changed_at: datetime
 
 

@@ -1,4 +1,5 @@
-"""`fleet init`: a starter fleet.toml with one echo agent, and a private keys/ folder holding its key.
+"""`fleet init`: a starter fleet.toml whose example agents run at once (one with a key of its own in a
+private keys/ folder), and a commented example of a real `claude -p` agent beside them.
 
 An existing fleet.toml is refused (BadInputError, exit 65: the arguments lack --force), so a second
 `fleet init` never clobbers a working configuration. Even with --force an existing key file is kept:
@@ -15,21 +16,71 @@ from fleet.errors import BadInputError
 
 CONFIG_NAME = "fleet.toml"
 KEY_FILE = Path("keys/echo.key")  # as named by key_file in STARTER_TOML
+EXAMPLE_AGENTS = ("echo", "sleeper", "flaky", "batch", "exit-with")
 
 STARTER_TOML = """\
-# Fleet: the agents this fleet runs, their schedules and their spend caps. Check it with `fleet doctor`.
+# Fleet: the agents this fleet runs, their schedules and their spend caps. `fleet doctor` checks this
+# file; `fleet up` runs it (worker, beat, Flower, the web page). The example agents below run at once
+# and spend nothing real; replace them with your own.
 [fleet]
-daily_cap_usd = 1.00            # hard cap for the whole fleet per day
+daily_cap_usd = 5.00            # hard cap for the whole fleet per day (timezone below)
 timezone = "UTC"
 
-[agents.echo]                   # a cheap agent that prints a usage line; replace it with your own
+[agents.echo]                   # a cheap agent that reports a usage line each run
 command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
-schedule = "*/15 * * * *"       # cron, or "every 30s"
-daily_cap_usd = 0.50
-est_cost_usd = 0.01             # reserved before each run, settled after
+schedule = "every 30s"          # cron ("*/15 * * * *"), or "every 30s"
+daily_cap_usd = 1.00            # its own cap: refused `over_cap` once today's runs reach it
+est_cost_usd = 0.01             # reserved before each run, settled with what it reported after
 timeout_s = 60
-concurrency = 1
 key_file = "keys/echo.key"      # given to this agent only, as FLEET_AGENT_KEY
+
+[agents.sleeper]                # a slow one: watch it in `fleet status` and on the page, or kill it
+command = ["python", "-m", "fleet.examples.sleeper", "20"]
+schedule = "*/2 * * * *"
+est_cost_usd = 0.001            # it spends nothing, but every agent under a cap reserves something
+timeout_s = 120
+
+[agents.flaky]                  # fails every other run: shows the one retry
+command = ["python", "-m", "fleet.examples.flaky"]
+schedule = "*/5 * * * *"
+est_cost_usd = 0.001
+timeout_s = 60
+
+[agents.batch]                  # a bounded batch: fires 3 times a day, then is refused `bounded`
+command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.001"]
+schedule = "every 60s"
+max_runs_per_day = 3
+est_cost_usd = 0.001
+timeout_s = 60
+
+[agents.exit-with]              # no schedule: `fleet dispatch exit-with` to see a retry and the dead-letter queue
+command = ["python", "-m", "fleet.examples.exit_with", "75"]
+est_cost_usd = 0.001
+timeout_s = 60
+
+# ---------------------------------------------------------------- a real `claude -p` agent
+# To use it: install Claude Code (`claude` on the PATH of the user that runs the worker), put an
+# Anthropic API key in keys/fixer.anthropic (`install -m 600 /dev/null keys/fixer.anthropic`, then
+# paste the key into it), check the prices against Anthropic's price list, and remove the first "# "
+# of each line below. `fleet doctor` then checks it; `fleet dispatch fixer --dry-run` shows its gates.
+#
+# [prices."claude-sonnet-4-5-20250929"]   # dollars per million tokens; all four are required
+# input_per_mtok = 3.00
+# output_per_mtok = 15.00
+# cache_write_per_mtok = 3.75              # one rate for every cache write (the 1-hour one, to be safe)
+# cache_read_per_mtok = 0.30
+#
+# [agents.fixer]
+# command = ["claude", "-p", "Run the test suite and fix what fails; stop when it passes.",
+#            "--output-format", "stream-json", "--verbose", "--max-turns", "30"]
+# usage_format = "claude-stream-json"      # each turn's tokens are priced as they arrive: the cap can stop it
+# models = ["claude-sonnet-4-5-20250929"]  # every model its lines name (subagents' too), each priced above
+# secret_env = { ANTHROPIC_API_KEY = "keys/fixer.anthropic" }  # its key, from a 0600 file, for it alone
+# # run_as = "fleet-agent"                 # its own unprivileged user: uncomment once that user exists
+# schedule = "0 3 * * *"                   # 03:00 every day
+# daily_cap_usd = 2.00                     # a hard cap for this agent per day
+# est_cost_usd = 0.50                      # what one run may cost at most: reserved before it starts
+# timeout_s = 1800
 """
 
 
@@ -46,14 +97,15 @@ def write_starter(directory: Path, force: bool) -> list[str]:
     key.parent.chmod(0o700)  # mkdir's mode passes through the umask, and an existing folder is tightened too
     key_written = _write_key(key)
     _write_atomically(config, STARTER_TOML)
+    where = "" if directory.resolve() == Path.cwd().resolve() else f"cd {directory} && "
     return [
-        f"wrote {config} (one agent, 'echo')",
+        f"wrote {config} (example agents {', '.join(EXAMPLE_AGENTS)}; a commented `claude -p` agent at the end)",
         f"made {key.parent} private (mode 700); keep it out of version control",
         f"{'wrote a new random' if key_written else 'kept the existing'} key {key} (mode 600)",
         "next steps:",
-        f"  fleet --config {config} doctor       check the config, Redis and the database",
-        f"  fleet --config {config} db upgrade   create the database schema",
-        f"  fleet --config {config} up           run worker, beat, Flower and the web page",
+        f"  {where}fleet up        run it: worker, beat, Flower and the web page (the database is migrated first)",
+        f"  {where}fleet doctor    check the config, Redis and the database first, if you like",
+        "  (fleet db upgrade creates the database schema without starting anything)",
     ]
 
 

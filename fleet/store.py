@@ -76,6 +76,12 @@ def count_by_status(*, session: Session, since: datetime) -> dict[str, int]:
     return {str(status): int(n) for status, n in session.exec(query)}
 
 
+def count_running(*, session: Session, agent: str | None = None) -> int:
+    """How many runs are running now (of one agent, or of all)."""
+    query = select(func.count()).select_from(Run).where(Run.status == RunStatus.RUNNING)
+    return int(session.exec(query if agent is None else query.where(Run.agent == agent)).one())
+
+
 def get_dead_letter(*, session: Session, dead_id: int) -> DeadLetter | None:
     """A dead letter by id."""
     return session.get(DeadLetter, dead_id)

@@ -4,6 +4,10 @@ Every child runs in its own session and process group: a Ctrl-C at the terminal 
 supervisor, which then stops the children in order (worker drains first, embedded broker last) and
 sweeps each process group, so nothing is left behind.
 
+The children's JSON logs go to one file per part under the log folder (`worker.log`, `beat.log`,
+`flower.log`, `web.log`); `fleet up -v` lets them stream to the terminal instead. What the operator
+sees (the banner, the live status block, what a stop stopped) is fleet/upscreen.py.
+
 No secret is in a child's start environment or argv (both outlive any later change: /proc/PID/environ
 and `ps`): the Redis URL, database URL, Sentry DSN and web token are handed over as FLEET_*_FILE
 paths to 0600 files in a 0700 folder of this run (in memory where /dev/shm exists, removed on exit),
@@ -30,14 +34,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from rich.console import Console
+from rich.text import Text
 from sqlalchemy.engine import make_url
 
-from fleet import db, hardening
-from fleet.config import DEFAULT_REDIS_URL, FILE_SETTINGS, Settings, load_fleet_config
+from fleet import __version__, db, hardening
+from fleet.config import DEFAULT_REDIS_URL, FILE_SETTINGS, FleetConfig, Settings, load_fleet_config
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.errors import ConfigError, UnavailableError
+from fleet.upscreen import Row, Screen, StatusFeed, Stopped
 
 QUEUES = ("dispatch", "agents")
 FLOWER_HOST = "127.0.0.1"  # Flower's /metrics and /healthcheck skip auth: never expose it beyond loopback
@@ -64,13 +72,14 @@ sys.exit(1)
 
 @dataclass
 class UpOptions:
-    """What `fleet up` starts."""
+    """What `fleet up` starts, and whether the children's logs stream to the terminal (`verbose`)."""
 
     workers: int
     embedded: bool
     beat: bool
     flower: bool
     web: bool
+    verbose: bool = False
 
 
 @dataclass
@@ -80,9 +89,21 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    where: str = ""  # what the operator is told about it
+    where: Text = field(default_factory=Text)  # what the operator is told about it
     grace_s: float = OTHER_GRACE_S
     process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None  # where its output goes (None: the terminal, -v)
+
+
+@dataclass
+class _Up:
+    """What one run of `fleet up` knows as it goes: the screen, the banner's rows and warnings, the stop."""
+
+    screen: Screen
+    rows: list[Row] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stopped: Stopped = field(default_factory=Stopped)
+    embedded: bool = False
 
 
 @dataclass
@@ -106,28 +127,59 @@ class _Signals:
         return len(self.received) > 1
 
 
-def say(message: str) -> None:
-    """One line for the operator on stdout (children log JSON on stderr)."""
-    print(f"fleet up: {message}", flush=True)
+def default_console() -> Console:
+    """A console that never cuts a line (tokens and URLs must stay whole to be copied)."""
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1000)
 
 
-def run_up(settings: Settings, options: UpOptions) -> int:
+def run_up(settings: Settings, options: UpOptions, console: Console | None = None) -> int:
     """Run a whole single-host fleet in the foreground; the exit code (0 after a clean stop)."""
     started = time.monotonic()
     # The operator's FLEET_* secrets are in our own start environment: keep same-uid agents out of it.
     hardening.make_undumpable()
     _check_ports(settings, options)
-    load_fleet_config(settings.config)  # a bad fleet.toml is refused (78) before anything starts
+    config = load_fleet_config(settings.config)  # a bad fleet.toml is refused (78) before anything starts
+    console = console or default_console()
+    up = _Up(Screen(console, live=console.is_terminal and not options.verbose))
     signals = _Signals()
-    with _signals_handled(signals), contextlib.ExitStack() as stack:
-        _migrate(settings.database_url)
-        redis_url = _choose_redis(settings, options, stack)
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-up-")))
-        secrets_dir = stack.enter_context(hardening.private_folder("fleet-up-secrets-"))
-        children = _plan(settings, options, redis_url, workdir, secrets_dir)
-        if signals.stop:
-            return 0
-        return _supervise(settings, options, children, signals, started)
+    code = 0
+    try:
+        with _signals_handled(signals), contextlib.ExitStack() as stack:
+            with console.status("migrating the database, finding Redis…", spinner="dots"):
+                up.rows.append(Row("database", Text(_migrate(settings.database_url))))
+                redis_url = _choose_redis(settings, options, stack, up)
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-up-")))
+            secrets_dir = stack.enter_context(hardening.private_folder("fleet-up-secrets-"))
+            children = _plan(settings, options, redis_url, workdir, secrets_dir, up)
+            up.warnings += _warnings(config, redis_url, up)
+            if signals.stop:
+                return 0
+            code = _supervise(settings, config, options, children, signals, started, up, redis_url)
+    finally:
+        if up.stopped.began:
+            _say_stopped(up)
+    return code
+
+
+def _say_stopped(up: _Up) -> None:
+    """What the stop stopped, one line per part, and how long it took."""
+    for part, how, clean in up.stopped.lines:
+        up.screen.event(f"  {part:<8} {how}", "" if clean else "bold red")
+    up.screen.event(f"stopped everything in {time.monotonic() - up.stopped.began:.1f} s", "bold")
+
+
+def _warnings(config: FleetConfig, redis_url: str, up: _Up) -> list[str]:
+    """What stands out in the banner: running as root with agents that would too, a Redis anyone here can
+    reach without a password (an agent could lift a kill through it)."""
+    from fleet.doctor import security_warnings
+
+    found = security_warnings(config, redis_url)
+    if urlsplit(redis_url).password is None and not any("WITHOUT A PASSWORD" in w for w in found):
+        found.append("Redis has no password: any process on this host, an agent too, could lift a kill "
+                     "through it; on a shared host give it one (FLEET_REDIS_URL_FILE)")
+    if os.geteuid() == 0 and not any("ROOT" in w for w in found):
+        found.append("running as root: the worker and every agent without run_as run as root")
+    return found
 
 
 # ---------------------------------------------------------------- before anything starts
@@ -163,47 +215,54 @@ def _check_port(name: str, host: str, port: int, variable: str) -> None:
             raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def _migrate(database_url: str) -> None:
+def _migrate(database_url: str) -> str:
     engine = db.make_engine(database_url)
     try:
         db.upgrade(engine)
     finally:
         engine.dispose()
-    say(f"database: {mask_database_url(database_url)} (migrated)")
+    return f"{mask_database_url(absolute_database_url(database_url))} (migrated)"
 
 
-def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.ExitStack) -> str:
+def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.ExitStack, up: _Up) -> str:
     """The broker URL: the configured or default server, or an embedded one started here."""
     if options.embedded:
-        return _start_embedded(stack, "--embedded was given")
+        return _start_embedded(stack, "--embedded was given", up, None)
     if settings.redis_url is None and not redis_answers(DEFAULT_REDIS_URL, timeout=1.0):
-        return _start_embedded(stack, f"FLEET_REDIS_URL is unset and nothing answers at {DEFAULT_REDIS_URL}")
+        # On the default port when it is free: then `fleet status` in another terminal finds it unconfigured.
+        return _start_embedded(stack, f"nothing answers at {DEFAULT_REDIS_URL} and FLEET_REDIS_URL is unset", up,
+                               urlsplit(DEFAULT_REDIS_URL).port)
     url = settings.broker_url
     if not redis_answers(url, timeout=2.0):
         raise UnavailableError(f"Redis at {mask_redis_url(url)} does not answer PING; start it, fix "
                                "FLEET_REDIS_URL, or run `fleet up --embedded`")
-    say(f"redis: {mask_redis_url(url)}")
+    up.rows.append(Row("redis", Text(mask_redis_url(url))))
     return url
 
 
-def _start_embedded(stack: contextlib.ExitStack, why: str) -> str:
-    server = EmbeddedRedis()
+def _start_embedded(stack: contextlib.ExitStack, why: str, up: _Up, port: int | None) -> str:
+    server = EmbeddedRedis(preferred_port=port)
     server.start()
-    stack.callback(_stop_embedded, server)  # registered first, so it runs after every child has stopped
-    say(f"redis: {server.url} is an EMBEDDED Valkey server started by fleet up (pid {server.pid}), "
-        f"because {why}; it keeps nothing after exit")
+    stack.callback(_stop_embedded, server, up)  # registered first, so it runs after every child has stopped
+    up.embedded = True
+    up.rows.append(Row("redis", Text(server.url) + Text(f"  EMBEDDED Valkey: {why}; it keeps nothing after exit",
+                                                        style="yellow"), server.pid))
+    if server.url != DEFAULT_REDIS_URL:  # other terminals' `fleet` commands would look at the default
+        up.rows.append(Row("elsewhere", Text(f"export FLEET_REDIS_URL={server.url}", style="bold")
+                           + Text("  (in another terminal, before fleet status, kill, dispatch...)", style="dim")))
     return server.url
 
 
-def _stop_embedded(server: EmbeddedRedis) -> None:
+def _stop_embedded(server: EmbeddedRedis, up: _Up) -> None:
     server.stop()
-    say("embedded Redis stopped")
+    up.stopped.add("redis", "embedded server stopped (its data is gone, as promised)")
 
 
 # ---------------------------------------------------------------- what to start
 
 
-def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path, secrets_dir: Path) -> list[Child]:
+def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path, secrets_dir: Path,
+          up: _Up) -> list[Child]:
     """The children to start, in start order."""
     env = child_env(settings, redis_url, secrets_dir)
     python = sys.executable
@@ -211,31 +270,37 @@ def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path,
     node = worker_node()
     children = [Child("worker", [*celery, "worker", "-Q", ",".join(QUEUES), "-c", str(options.workers),
                                  "-O", "fair", "-E", "--hostname", "fleet@%h", "-l", "INFO"], env,
-                      f"{node}, {options.workers} process(es) consuming queues {', '.join(QUEUES)}",
+                      Text(f"{node}, {options.workers} process(es) consuming queues {', '.join(QUEUES)}"),
                       grace_s=WORKER_GRACE_S)]
     if options.beat:
         # The schedule state lives in this run's temporary folder, and no pid file is written: a
         # killed run can leave nothing stale behind that would block the next start.
         children.append(Child("beat", [*celery, "beat", "-l", "INFO", "--schedule",
                                        str(workdir / "celerybeat-schedule"), "--pidfile="], env,
-                              "schedule state in a temporary folder"))
+                              Text("ticks from fleet.toml, sweeps, watchdog; schedule state in a temporary folder")))
     if options.flower:
         children.append(_flower_child(settings, celery, env, secrets_dir))
     if options.web:
-        children.append(_web_child(settings, python, env, secrets_dir))
+        children.append(_web_child(settings, python, env, secrets_dir, up))
+    log_dir = settings.log_dir.resolve()
+    for child in children:
+        child.log = None if options.verbose else log_dir / f"{child.name}.log"
     return children
 
 
 def _flower_child(settings: Settings, celery: list[str], env: dict[str, str], secrets_dir: Path) -> Child:
     """Flower, always behind basic auth (PITFALLS #12), generated when FLEET_FLOWER_AUTH is unset."""
+    user = FLOWER_USER
+    where = Text(f"http://{FLOWER_HOST}:{settings.flower_port}  ")
     if settings.flower_auth:
         auth = settings.flower_auth
-        note = "password from FLEET_FLOWER_AUTH(_FILE)"
+        user = auth.split(":", 1)[0]
+        where += Text(f"user {user}, password from FLEET_FLOWER_AUTH(_FILE)")
     else:
         password = secrets.token_urlsafe(18)
         auth = f"{FLOWER_USER}:{password}"
-        note = f"password {password} (generated for this run; set FLEET_FLOWER_AUTH=user:password to choose)"
-    where = f"http://{FLOWER_HOST}:{settings.flower_port} user {auth.split(':', 1)[0]}, {note}"
+        where += Text(f"user {user}, password ") + Text(password, style="bold") + Text(
+            " (generated; FLEET_FLOWER_AUTH=user:password to choose)", style="dim")
     # A conf file (Python, read by Flower at start): neither argv (`ps`) nor Flower's start environment
     # holds the password. A list, so a comma in the password is not taken for a second user.
     conf = hardening.write_private(secrets_dir, "flowerconfig.py", f"basic_auth = [{auth!r}]\n")
@@ -243,16 +308,21 @@ def _flower_child(settings: Settings, celery: list[str], env: dict[str, str], se
                             f"--conf={conf}"], env, where)
 
 
-def _web_child(settings: Settings, python: str, env: dict[str, str], secrets_dir: Path) -> Child:
+def _web_child(settings: Settings, python: str, env: dict[str, str], secrets_dir: Path, up: _Up) -> Child:
     """The web page, always behind a token: FLEET_WEB_TOKEN, or one generated here and printed."""
+    base = web_url(settings)
     if settings.web_token:
-        token, note = settings.web_token, "token from FLEET_WEB_TOKEN(_FILE)"
+        token = settings.web_token
+        where = Text(f"{base}/  token from FLEET_WEB_TOKEN(_FILE): open /?token=TOKEN, or basic auth with it "
+                     "as the password")
     else:
         token = secrets.token_urlsafe(24)
-        note = (f"token {token} (generated for this run; set FLEET_WEB_TOKEN_FILE or FLEET_WEB_TOKEN to choose; "
-                "open /?token=TOKEN, or send it as a bearer token or basic-auth password)")
+        where = Text(f"{base}/?token=") + Text(token, style="bold") + Text(
+            " (generated; or basic auth: any user, the token as password)", style="dim")
+        up.warnings.append("no FLEET_WEB_TOKEN: the page's token is new on every start "
+                           "(FLEET_WEB_TOKEN_FILE, a 0600 file, keeps one)")
     web_env = {**env, "FLEET_WEB_TOKEN_FILE": str(hardening.write_private(secrets_dir, "web_token", token))}
-    return Child("web", [python, "-m", "fleet", "web"], web_env, f"{web_url(settings)} (/livez, /readyz), {note}")
+    return Child("web", [python, "-m", "fleet", "web"], web_env, where)
 
 
 def child_env(settings: Settings, redis_url: str, secrets_dir: Path) -> dict[str, str]:
@@ -316,40 +386,116 @@ def mask_database_url(url: str) -> str:
 # ---------------------------------------------------------------- running
 
 
-def _supervise(settings: Settings, options: UpOptions, children: list[Child], signals: _Signals,
-               started: float) -> int:
+def _supervise(settings: Settings, config: FleetConfig, options: UpOptions, children: list[Child],
+               signals: _Signals, started: float, up: _Up, redis_url: str) -> int:
     probe = _Readiness(web_url(settings) if options.web else None, children[0].env)
+    reader = _snapshot_reader(settings, config, redis_url)
+    feed = StatusFeed(reader)
     try:
         for child in children:
             _start(child)
-        return _watch(children, probe, signals, started)
+        _banner(settings, config, children, up)
+        up.screen.parts = {child.name: "starting" for child in children}
+        feed.start()
+        up.screen.start_live(feed, _footer(settings, options))
+        return _watch(children, probe, signals, started, up)
     finally:
+        up.screen.stop_live()
+        if signals.stop:
+            up.screen.event(f"stopping on {signal.Signals(signals.received[0]).name}: the worker lets running runs "
+                            f"finish (up to {WORKER_GRACE_S:.0f} s); Ctrl-C again stops them now", "bold")
         probe.close()
-        _stop_all(children, signals)
+        _stop_all(children, signals, up)
+        feed.close(reader.close)
+
+
+def _banner(settings: Settings, config: FleetConfig, children: list[Child], up: _Up) -> None:
+    rows = [*up.rows, *(Row(c.name, c.where, _pid(c)) for c in children)]
+    logs = [c.log for c in children if c.log is not None]
+    if logs:
+        folder = logs[0].parent
+        rows.append(Row("logs", Text(f"{folder}/{{{','.join(p.stem for p in logs)}}}.log (JSON lines; "
+                                     "`fleet up -v` streams them here instead)")))
+    title = (f"Fleet {__version__} on {socket.gethostname()} · {settings.config} · {len(config.agents)} agent(s): "
+             f"{', '.join(sorted(config.agents)) or 'none (add one to fleet.toml)'}")
+    up.screen.banner(title, rows, up.warnings)
+
+
+def _footer(settings: Settings, options: UpOptions) -> Text:
+    text = Text("Ctrl-C stops everything", style="bold")
+    if options.web:
+        text += Text(f" · the page {web_url(settings)}/", style="dim")
+    return text + Text(" · fleet status / kill / pause elsewhere", style="dim")
+
+
+def _snapshot_reader(settings: Settings, config: FleetConfig, redis_url: str) -> _SnapshotReader:
+    return _SnapshotReader(settings.model_copy(update={"redis_url": redis_url,
+                                                        "database_url": absolute_database_url(settings.database_url)}),
+                           config)
+
+
+class _SnapshotReader:
+    """The status block's source: `fleet.state.snapshot` on clients of its own (built on first use)."""
+
+    def __init__(self, settings: Settings, config: FleetConfig) -> None:
+        """Remember how to connect; nothing is opened yet."""
+        self.settings, self.config = settings, config
+        self.services: Any = None
+
+    def __call__(self) -> dict[str, Any]:
+        """One snapshot."""
+        from fleet.services import build
+        from fleet.state import snapshot
+
+        if self.services is None:
+            self.services = build(self.settings, self.config)
+        return snapshot(self.services)
+
+    def close(self) -> None:
+        """Close its clients, if it opened any."""
+        if self.services is not None:
+            self.services.close()
 
 
 def _start(child: Child) -> None:
     # Own session: terminal signals skip it (we stop it in order) and killpg reaches its pool children.
-    child.process = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-    say(f"{child.name}: {child.where} [pid {child.process.pid}]")
+    output: Any = None
+    if child.log is not None:
+        child.log.parent.mkdir(parents=True, exist_ok=True)
+        output = child.log.open("ab")
+    try:
+        child.process = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=output,
+                                         stderr=subprocess.STDOUT if output is not None else None,
+                                         start_new_session=True)
+    finally:
+        if output is not None:
+            output.close()  # the child holds its own copy
 
 
-def _watch(children: list[Child], probe: _Readiness, signals: _Signals, started: float) -> int:
+def _watch(children: list[Child], probe: _Readiness, signals: _Signals, started: float, up: _Up) -> int:
     """Wait for a stop signal (0) or a child's death (1), announcing readiness on the way."""
     ready = False
     while not signals.stop:
         for child in children:
             code = exit_status(child)
             if code is not None:
-                say(f"{child.name} (pid {_pid(child)}) exited unexpectedly ({_describe_exit(code)}); "
-                    "stopping the rest")
+                up.screen.parts[child.name] = "down"
+                up.screen.event(f"{child.name} (pid {_pid(child)}) exited unexpectedly ({_describe_exit(code)}); "
+                                f"stopping the rest" + (f"; its log: {child.log}" if child.log else ""), "bold red")
                 return 1
         if not ready and probe.ready():
             ready = True
-            say(f"ready in {time.monotonic() - started:.1f}s (Ctrl-C stops everything)")
+            up.screen.ready_after = time.monotonic() - started
+            up.screen.parts = dict.fromkeys(up.screen.parts, "up")
+            up.screen.event(f"ready in {up.screen.ready_after:.1f}s: the worker answers and the page is up "
+                            "(Ctrl-C stops everything)", "bold green")
+        elif not ready:
+            up.screen.parts.update({name: "up" for name, ok in probe.parts().items() if ok})
+            if probe.late:
+                probe.late = False
+                up.screen.event(f"the worker has not answered a ping for {PROBE_DEADLINE_S:.0f}s; still waiting "
+                                f"(its log: {children[0].log or 'above'})", "yellow")
         time.sleep(POLL_S)
-    say(f"stopping on {signal.Signals(signals.received[0]).name}")
     return 0
 
 
@@ -364,6 +510,11 @@ class _Readiness:
         self.worker_ok = False
         self.process: subprocess.Popen[bytes] | None = None
         self.warned = False
+        self.late = False  # the worker did not answer within PROBE_DEADLINE_S (the screen says so)
+
+    def parts(self) -> dict[str, bool]:
+        """Which probed parts answered so far."""
+        return {"web": self.web_ok, "worker": self.worker_ok}
 
     def ready(self) -> bool:
         """Check what is not yet known to be up; never blocks for long."""
@@ -384,7 +535,7 @@ class _Readiness:
         self.process = None
         if code != 0 and not self.warned:
             self.warned = True
-            say(f"the worker has not answered a ping for {PROBE_DEADLINE_S:.0f}s; still waiting")
+            self.late = True
         return code == 0
 
     def close(self) -> None:
@@ -409,9 +560,9 @@ def _http_ok(url: str) -> bool:
 # ---------------------------------------------------------------- stopping
 
 
-def _stop_all(children: list[Child], signals: _Signals) -> None:
+def _stop_all(children: list[Child], signals: _Signals, up: _Up) -> None:
     """SIGTERM each child, wait out its grace period, then SIGKILL its whole process group."""
-    started = time.monotonic()
+    started = up.stopped.began = time.monotonic()
     running = [c for c in children if c.process is not None]
     for child in running:
         # The leader only: Celery's pool children die at once on SIGTERM, while the worker's own
@@ -419,11 +570,13 @@ def _stop_all(children: list[Child], signals: _Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(_pid(child), signal.SIGTERM)
     deadlines = {c.name: started + c.grace_s for c in running}
+    ended: dict[str, float] = {}
     while not signals.hurry and any(exit_status(c) is None and time.monotonic() < deadlines[c.name]
                                     for c in running):
+        ended.update({c.name: time.monotonic() for c in running if c.name not in ended and exit_status(c) is not None})
         time.sleep(0.05)
     if signals.hurry:
-        say("second signal: killing what is left now")
+        up.screen.event("second signal: killing what is left now", "bold red")
     for child in running:
         late = exit_status(child) is None
         # Sweep the group even when the leader exited: a stray grandchild must not outlive us.
@@ -431,9 +584,11 @@ def _stop_all(children: list[Child], signals: _Signals) -> None:
         _killpg(_pid(child), signal.SIGKILL)
         assert child.process is not None
         code = child.process.wait()
-        say(f"{child.name} stopped ({'SIGKILL: it did not stop in time' if late else _describe_exit(code)})")
-    if running:
-        say(f"all children stopped in {time.monotonic() - started:.1f}s")
+        took = ended.get(child.name, time.monotonic()) - started
+        if late:
+            up.stopped.add(child.name, f"SIGKILL after {took:.1f} s: it did not stop in time", clean=False)
+        else:
+            up.stopped.add(child.name, f"stopped ({_describe_exit(code)}) in {took:.1f} s")
 
 
 def exit_status(child: Child) -> int | None:

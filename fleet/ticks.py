@@ -9,11 +9,10 @@ and archive-stale retires an older slot that never started.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import cast
 from zoneinfo import ZoneInfo
 
-from fleet import keys
-from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch
+from fleet import db, keys, pause
+from fleet.dispatch import DispatchRequest, DispatchResult, Gate, Sender, dispatch
 from fleet.services import Services
 
 
@@ -28,14 +27,17 @@ def slot_key(services: Services, agent: str, now: datetime) -> str | None:
 
 
 def tick(services: Services, agent: str, send: Sender, actor: str = "beat") -> DispatchResult:
-    """Dispatch the agent's current slot, unless the agent is paused."""
+    """Dispatch the agent's current slot, unless the agent (or the fleet) is paused: refused `paused`."""
     now = services.now()
     work_key = slot_key(services, agent, now)
     if work_key is None:
         return DispatchResult(None, "skipped", reason="agent has no schedule")
     # Before the pause check: a paused agent's tick still shows beat alive (the watchdog's beat check).
     services.redis.set(keys.last_tick(), now.isoformat())
-    paused = cast(str | None, services.redis.get(keys.paused(agent)))  # decode_responses: str, never bytes
-    if paused:
-        return DispatchResult(None, "skipped", reason=f"paused: {paused} (fleet resume {agent})")
+    with db.session(services.engine) as session:
+        paused = pause.check(session, services.redis, agent)
+    if paused.paused:
+        # Refused before a run row is made: a paused agent's every tick would otherwise write and delete one.
+        gates = {"pause": Gate(False, paused.describe())}
+        return DispatchResult(None, "refused", gates=gates, reason="paused")
     return dispatch(services, DispatchRequest(agent, work_key, actor=actor), send)

@@ -1,4 +1,5 @@
-"""The web process (`fleet web`): probes, /health, /metrics, /api/state, the operator page and run logs.
+"""The web process (`fleet web`): probes, /health, /metrics, /api/state, the operator page (rendered by
+fleet/page.py), its actions and run logs.
 
 One tornado Application, built by `make_app(services)`; handlers get a `Web` (the Services, the token,
 the start time) through `initialize`. Blocking work (Redis, the database, files) runs in a thread so
@@ -27,6 +28,12 @@ Decisions:
   for the first CANARY_FRESH_S of this web process's life, the time a running beat needs to send and
   get back its first canaries (the watchdog runs every minute); after that, 503 naming the queue.
 - /health: always 200 while the process runs, with `status` "ok" or "degraded" and each component.
+- Actions (/act/*: kill, pause, resume, replay, purge, dry run): POST only, behind the token, with a
+  CSRF token the page made (an HMAC of its time under a key derived from the token: every replica
+  agrees, a new token voids old forms), refused when Sec-Fetch-Site says another site sent it. Kill
+  and purge answer with a confirmation page first. No cookie: a page reached with ?token= posts to
+  ?token=, a browser re-sends basic auth itself. What each does is fleet/actions.py; the actor is
+  `web:USER@ADDRESS` (the basic-auth user name, else `token`).
 """
 
 from __future__ import annotations
@@ -37,16 +44,17 @@ import binascii
 import contextlib
 import errno
 import functools
+import hashlib
 import hmac
 import ipaddress
 import json
 import re
+import secrets
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -54,44 +62,45 @@ from urllib.parse import quote
 import redis
 import tornado.httpserver
 import tornado.iostream
-import tornado.template
 import tornado.web
 from prometheus_client.exposition import choose_encoder
 
-from fleet import __version__, alerts, db, hardening, keys, logs, metrics, watchdog
-from fleet.errors import ConfigError, FleetError, UnavailableError
+from fleet import __version__, actions, alerts, db, hardening, keys, logs, metrics, watchdog
+from fleet.dispatch import Sender
+from fleet.errors import BadInputError, ConfigError, ExitCode, FleetError, UnavailableError
 from fleet.executor import run_log_path
+from fleet.page import TEMPLATES, agent_rows, render_page
 from fleet.services import Services, check_redis
-from fleet.state import snapshot
+from fleet.state import history, snapshot
 
 log = logs.get("fleet.web")
 _SHUTDOWN_GRACE_S = 5.0
 _QUIET_PATHS = frozenset({"/livez", "/readyz", "/health"})  # polled often: successes are not worth a log line
 CANARY_FRESH_S = watchdog.CANARY_FRESH_S  # one freshness limit for the probes and the watchdog
-WATCHDOG_STALE_S = 300.0  # the watchdog runs every minute; a verdict older than this means it stopped
-REFRESH_S = 10
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _LOG_CHUNK = 64 * 1024
-TEMPLATES = tornado.template.Loader(str(Path(__file__).parent / "templates"), autoescape="xhtml_escape")
 _SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # ?token= must never travel to Flower or anywhere else in a Referer
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-                               "base-uri 'none'; form-action 'none'",
+    # No script at all; forms may post to this web only (the actions), nowhere else.
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "Cache-Control": "no-store",
 }
 
 
 @dataclass(frozen=True)
 class Web:
-    """What every handler needs: the process's Services, the token (None: open), when it started and
-    the Host names it answers to."""
+    """What every handler needs: the process's Services, the token (None: open), when it started, the
+    Host names it answers to, the key of its forms' CSRF tokens and how to send a fleet.execute."""
 
     services: Services
     token: str | None
     started: float  # time.monotonic() at start
     allowed_hosts: frozenset[str] = frozenset()
+    csrf_key: bytes = b""
+    send: Sender | None = None  # None: replays are refused (a web started without a broker sender)
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -330,114 +339,18 @@ class PageHandler(AuthHandler):
         """Render the snapshot; a database that cannot be read still gets a page that says so."""
         flower = f"http://{self.request.host_name}:{self.services.settings.flower_port}/"
         picture: dict[str, Any] | None = None
+        past: dict[str, Any] | None = None
         error: str | None = None
         try:
-            picture = await self.blocking(lambda: snapshot(self.services))
+            picture, past = await self.blocking(lambda: (snapshot(self.services), history(self.services)))
         except Exception as exc:  # noqa: BLE001 - shown on the page instead
             error = describe(exc)
             log.warning("web: cannot read the fleet's state", error=error)
         self.set_status(200 if picture is not None else 503)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(render_page(picture, error=error, flower_url=flower, token_query=self.token_query(),
-                                host=self.services.host))
-
-
-def render_page(picture: dict[str, Any] | None, *, error: str | None, flower_url: str, token_query: str,
-                host: str) -> bytes:
-    """The page's HTML (every value escaped by the template)."""
-    now = datetime.fromisoformat(picture["at"]) if picture else datetime.now(UTC)
-    return TEMPLATES.load("index.html").generate(
-        p=picture, flower_url=flower_url, tq=token_query, host=host, refresh_s=REFRESH_S, version=__version__,
-        now=now, banners=banners(picture, error, now), spend=spend_rows(picture), ago=lambda iso: _ago(now, iso),
-        money=_money, tone=_tone, overall=_overall)
-
-
-# ---------------------------------------------------------------- the page's view of the snapshot
-
-
-def banners(p: dict[str, Any] | None, error: str | None, now: datetime) -> list[tuple[str, str, str]]:
-    """(tone, title, detail) lines for the top of the page, most severe first."""
-    if p is None:
-        return [("red", "Cannot read the fleet's state", error or "unknown error")]
-    out = []
-    for k in sorted(p["kill"], key=lambda k: k["scope"] != keys.GLOBAL):
-        who = "FLEET KILLED: nothing starts, running agents were stopped" if k["scope"] == keys.GLOBAL \
-            else f"Agent {k['scope']} killed"
-        who += " (hard)" if k.get("hard") else ""
-        out.append(("red", who, f"{k['reason'] or 'no reason given'} (by {k['actor'] or '?'}, "
-                                f"{_ago(now, k['since'])}). Lift with: fleet resume"
-                                + ("" if k["scope"] == keys.GLOBAL else f" {k['scope']}")))
-    if p["redis"] != "ok":
-        out.append(("red", "Redis unreachable", f"{p['redis']}: every dispatch is refused, and running agents "
-                                                "stop once it has been down longer than the grace"))
-    verdict = p.get("watchdog")
-    if verdict is None:
-        out.append(("amber", "No watchdog verdict yet", "is beat running? `fleet watchdog` checks by hand"))
-    else:
-        bad = [c for c in verdict["checks"] if c["status"] != "green" and c["name"] != "kill_switch"]
-        if verdict["status"] != "green" and bad:
-            worst = watchdog.worst([c["status"] for c in bad])
-            out.append((worst, f"Watchdog {verdict['status'].upper()}",
-                        "; ".join(f"{c['name']}: {c['reason']}" for c in bad)))
-        age = metrics.age_seconds(now, verdict["at"])
-        if age > WATCHDOG_STALE_S:
-            out.append(("amber", "Watchdog verdict is stale", f"last one {_ago(now, verdict['at'])}: is beat running?"))
-    opened = [a for a, b in p.get("breakers", {}).items() if b.get("state", "closed") != "closed"]
-    if opened:
-        out.append(("amber", "Circuit breaker not closed", ", ".join(f"{a} ({p['breakers'][a]['state']})"
-                                                                      for a in sorted(opened))))
-    return sorted(out, key=lambda b: b[0] != "red")
-
-
-def spend_rows(p: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Each scope's spend as bar widths (percent of its cap) and a tone."""
-    rows = []
-    for s in (p or {}).get("spend", {}).get("scopes", []):
-        cap, spent, reserved = s["cap_usd"], s["spent_usd"], s["reserved_usd"]
-        row = {"name": "whole fleet" if s["scope"] == keys.GLOBAL else s["scope"], "spent": spent,
-               "reserved": reserved, "cap": cap, "spent_pct": 0.0, "reserved_pct": 0.0, "used_pct": None,
-               "tone": "muted"}
-        if cap is not None:
-            used = 100.0 if cap <= 0 else 100 * (spent + reserved) / cap
-            row["spent_pct"] = 100.0 if cap <= 0 else min(100.0, 100 * spent / cap)
-            row["reserved_pct"] = 0.0 if cap <= 0 else min(100.0 - row["spent_pct"], 100 * reserved / cap)
-            row["used_pct"] = used
-            row["tone"] = "red" if used >= 90 else "amber" if used >= 75 else "green"
-        rows.append(row)
-    return rows
-
-
-_TONES = {"succeeded": "green", "green": "green", "closed": "green", "ok": "green",
-          "running": "blue", "queued": "blue", "created": "blue", "half_open": "amber", "amber": "amber",
-          "killed": "amber", "abandoned": "amber", "idle": "muted", "archived": "muted",
-          "failed": "red", "dead": "red", "open": "red", "red": "red"}
-
-
-def _tone(word: str | None) -> str:
-    return _TONES.get(word or "", "muted")
-
-
-def _overall(items: list[tuple[str, str, str]]) -> tuple[str, str]:
-    tones = {tone for tone, _, _ in items}
-    if any(title.startswith("FLEET KILLED") for _, title, _ in items):
-        return "red", "KILLED"
-    return ("red", "ATTENTION") if "red" in tones else ("amber", "WARNING") if "amber" in tones else ("green", "OK")
-
-
-def _money(value: float | None) -> str:
-    if value is None:
-        return "no cap"
-    return f"${value:,.2f}" if round(value, 2) == value or value >= 100 else f"${value:,.4f}"
-
-
-def _ago(now: datetime, iso: str | None) -> str:
-    if not iso:
-        return "never"
-    seconds = metrics.age_seconds(now, iso)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
+                                host=self.services.host, past=past, csrf=csrf_token(self.web.csrf_key, time.time()),
+                                agents=agent_rows(picture, self.services.config.agents)))
 
 
 class RunLogHandler(AuthHandler):
@@ -466,6 +379,191 @@ class RunLogHandler(AuthHandler):
         self.finish()
 
 
+# ---------------------------------------------------------------- actions (POST, behind the token and a CSRF token)
+
+CSRF_MAX_AGE_S = 12 * 3600.0  # a page left open overnight still acts; it refreshes itself every REFRESH_S anyway
+_WHO = re.compile(r"[^A-Za-z0-9._@+-]")
+_HTTP_STATUS = {ExitCode.USAGE: 400, ExitCode.NOT_FOUND: 404, ExitCode.TRANSIENT: 503, ExitCode.AUTH: 403,
+                ExitCode.CONFIG: 500}
+
+
+def csrf_key(token: str | None) -> bytes:
+    """The key of the forms' CSRF tokens: derived from the web token (every replica agrees, a new token
+    voids old forms), or random for an open test app."""
+    secret = token.encode() if token else secrets.token_bytes(32)
+    return hmac.new(secret, b"fleet-web-csrf-v1", hashlib.sha256).digest()
+
+
+def csrf_token(key: bytes, now: float) -> str:
+    """`STAMP.MAC`: when the form was made, and a MAC over it that only this web can make."""
+    stamp = str(int(now))
+    return f"{stamp}.{hmac.new(key, stamp.encode(), hashlib.sha256).hexdigest()[:32]}"
+
+
+def csrf_ok(key: bytes, value: str, now: float) -> bool:
+    """Whether a form's token was made by this web within CSRF_MAX_AGE_S."""
+    stamp, _, mac = value.partition(".")
+    if not stamp.isdigit() or not hmac.compare_digest(csrf_token(key, float(stamp)), value):
+        return False
+    return -60 <= now - int(stamp) <= CSRF_MAX_AGE_S and bool(mac)
+
+
+def actor_of(authorization: str, remote_ip: str) -> str:
+    """`web:USER@ADDRESS` for the audit trail: the basic-auth user name when one was given (the token
+    is the password; any name works, so it names who acted), else `token`."""
+    user = "token"
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "basic":
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            user = _WHO.sub("", base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[0])[:64] \
+                or "token"
+    return f"web:{user}@{remote_ip}"
+
+
+class ActionHandler(AuthHandler):
+    """An action: POST only (405 to anything else), the token, a fresh CSRF token from this web's own
+    page, never a request another site made; the outcome is a page of its own."""
+
+    def prepare(self) -> None:
+        """Refuse before anything is done: a foreign Host or no token (super), a cross-site request, a stale
+        or forged form."""
+        super().prepare()
+        if self._finished:
+            return
+        if self.request.method != "POST":
+            self.set_header("Allow", "POST")
+            self.write_text(405, "405: an action is a POST from the page's own form\n")
+        elif self.request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            self.write_text(403, "403: a request from another site cannot act on the fleet\n")
+        elif not csrf_ok(self.web.csrf_key, self.get_body_argument("csrf", ""), time.time()):
+            self.write_text(403, "403: this form is stale or was not made by this page: reload the page and try "
+                                 "again\n")
+
+    @property
+    def actor(self) -> str:
+        """Who acts, for the audit trail."""
+        return actor_of(self.request.headers.get("Authorization", ""), self.request.remote_ip or "?")
+
+    def field(self, name: str) -> str | None:
+        """A form field, stripped; None when empty."""
+        value = (self.get_body_argument(name, "") or "").strip()
+        return value or None
+
+    def question(self) -> str | None:
+        """What the confirmation page asks before this action is done; None: no confirmation."""
+        return None
+
+    def target(self) -> str:
+        """The agent field as words: `the whole fleet` or `agent NAME`."""
+        agent = self.field("agent")
+        return "the whole fleet" if agent in (None, keys.GLOBAL) else f"agent {agent}"
+
+    async def act(self, fn: Callable[[], actions.Outcome], title: str) -> None:
+        """Ask first when this action needs a confirmation; else do it in a thread and show the outcome."""
+        question = self.question()
+        if question is not None and self.field("confirm") != "yes":
+            fields = {name: self.field(name) or "" for name in ("agent", "reason", "dead", "all")}
+            self._page(200, title, "amber", question, confirm=fields)
+            return
+        try:
+            outcome = await self.blocking(fn)
+        except FleetError as exc:
+            log.warning("web: action failed", action=title, error=describe(exc))
+            self._page(_HTTP_STATUS.get(exc.exit_code, 500), title, "red", describe(exc))
+            return
+        log.info("web: action", action=title, actor=self.actor, outcome=outcome.said)
+        self._page(200, title, outcome.tone, outcome.said, lines=outcome.lines, gates=outcome.gates,
+                   run_id=outcome.run_id)
+
+    def _page(self, status: int, title: str, tone: str, said: str, **extra: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(TEMPLATES.load("act.html").generate(
+            title=title, tone=tone, said=said, lines=extra.get("lines", []), gates=extra.get("gates", {}),
+            run_id=extra.get("run_id"), confirm=extra.get("confirm"), action=self.request.path, tq=self.token_query(),
+            csrf=csrf_token(self.web.csrf_key, time.time()), host=self.services.host, version=__version__))
+
+
+class KillAction(ActionHandler):
+    """Kill the fleet or one agent, with a reason; asks first."""
+
+    def question(self) -> str:
+        """Kill, really?"""
+        return (f"Kill {self.target()}? Intake stops at once and running agents get SIGTERM within a second, "
+                "SIGKILL a few seconds later. Nothing starts again until someone resumes.")
+
+    async def post(self) -> None:
+        """Kill, once confirmed."""
+        agent = self.field("agent")
+        await self.act(lambda: actions.kill(self.services, agent=agent, reason=self.field("reason"), actor=self.actor),
+                       "Kill")
+
+
+class PauseAction(ActionHandler):
+    """Pause intake of the fleet or one agent (running runs finish)."""
+
+    async def post(self) -> None:
+        """Pause."""
+        agent = self.field("agent")
+        await self.act(lambda: actions.pause_intake(self.services, agent=agent, reason=self.field("reason"),
+                                                    actor=self.actor), "Pause")
+
+
+class ResumeAction(ActionHandler):
+    """Lift the kill and the pause of the fleet or one agent."""
+
+    async def post(self) -> None:
+        """Resume."""
+        agent = self.field("agent")
+        await self.act(lambda: actions.resume(self.services, agent=agent, actor=self.actor), "Resume")
+
+
+class ReplayAction(ActionHandler):
+    """Replay a dead letter (once)."""
+
+    async def post(self) -> None:
+        """Replay through this web's sender of fleet.execute."""
+        dead = _dead_id(self.field("dead"))
+        send = self.web.send
+
+        def replay() -> actions.Outcome:
+            if send is None:
+                raise UnavailableError("this web was started without a broker sender: replay with `fleet dlq replay`")
+            return actions.replay(self.services, dead_id=dead, actor=self.actor, send=send)
+
+        await self.act(replay, "Replay")
+
+
+class PurgeAction(ActionHandler):
+    """Purge one dead letter, or all of them; asks first."""
+
+    def question(self) -> str:
+        """Purge, really?"""
+        which = "every dead letter" if self.field("all") == "all" else f"dead letter {self.field('dead')}"
+        return f"Purge {which} for good? The record and the output tail are deleted (runs and events stay)."
+
+    async def post(self) -> None:
+        """Purge, once confirmed."""
+        every = self.field("all") == "all"
+        dead = None if every else [_dead_id(self.field("dead"))]
+        await self.act(lambda: actions.purge(self.services, dead_ids=dead, actor=self.actor), "Purge")
+
+
+class DryRunAction(ActionHandler):
+    """What a dispatch of an agent would do now, gate by gate; writes nothing."""
+
+    async def post(self) -> None:
+        """Plan."""
+        agent = self.field("agent") or ""
+        await self.act(lambda: actions.dry_run(self.services, agent=agent, actor=self.actor), "Dry run")
+
+
+def _dead_id(value: str | None) -> int:
+    if value is None or not value.isdigit():
+        raise BadInputError("a dead letter id is a whole number")
+    return int(value)
+
+
 class NotFoundHandler(BaseHandler):
     """Any other path: a plain 404 with the same safe headers."""
 
@@ -483,6 +581,12 @@ ROUTES: list[tuple[str, type[BaseHandler]]] = [
     (r"/metrics", MetricsHandler),
     (r"/api/state", StateHandler),
     (r"/runs/([^/]+)/log", RunLogHandler),
+    (r"/act/kill", KillAction),
+    (r"/act/pause", PauseAction),
+    (r"/act/resume", ResumeAction),
+    (r"/act/replay", ReplayAction),
+    (r"/act/purge", PurgeAction),
+    (r"/act/dry-run", DryRunAction),
     (r"/", PageHandler),
 ]
 
@@ -496,11 +600,13 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
                         status=status, ms=round(1000 * handler.request.request_time(), 1))
 
 
-def make_app(services: Services, *, token: str | None = None, started: float | None = None) -> tornado.web.Application:
-    """The tornado application with every route bound to `services` (and `token`: None leaves it open)."""
+def make_app(services: Services, *, token: str | None = None, started: float | None = None,
+             send: Sender | None = None) -> tornado.web.Application:
+    """The tornado application with every route bound to `services` (and `token`: None leaves it open;
+    `send` enqueues a replay's fleet.execute: None refuses replays)."""
     settings = services.settings
     web = Web(services, token, time.monotonic() if started is None else started,
-              allowed_hosts(settings.web_host, settings.web_allowed_hosts))
+              allowed_hosts(settings.web_host, settings.web_allowed_hosts), csrf_key(token), send)
     return tornado.web.Application(
         [(pattern, handler, {"web": web}) for pattern, handler in ROUTES],
         log_function=_log_request,
@@ -565,20 +671,21 @@ def web_token(services: Services) -> str:
     return token
 
 
-def serve(services: Services) -> None:
-    """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly."""
+def serve(services: Services, send: Sender | None = None) -> None:
+    """Serve on settings.web_host:web_port until SIGTERM or SIGINT, then stop cleanly. `send` enqueues
+    a replay's fleet.execute (the entry point passes the Celery one: the core never imports Celery)."""
     hardening.make_undumpable()  # the token and URLs in this process stay out of same-uid agents' reach
     alerts.init_sentry(services.settings, "web")
     try:
         token = web_token(services)
-        asyncio.run(_serve(services, token))
+        asyncio.run(_serve(services, token, send))
     finally:
         services.close()
 
 
-async def _serve(services: Services, token: str) -> None:
+async def _serve(services: Services, token: str, send: Sender | None) -> None:
     host, port = services.settings.web_host, services.settings.web_port
-    server = _listen(make_app(services, token=token), host, port)
+    server = _listen(make_app(services, token=token, send=send), host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -422,7 +422,16 @@ class Fleet:
         return json.loads(proc.stdout)
 
     def reset_agent(self, agent: str) -> None:
-        """Forget an agent's Redis state (breaker, leases, pause, kill) from earlier tests."""
+        """Forget an agent's Redis state (breaker, leases, pause, kill) from earlier tests, and its pause's
+        mirror (a check would put the pause back in Redis from it)."""
+        from sqlalchemy import delete
+
+        from fleet import db
+        from fleet.models import Pause
+
+        with db.session(self.services.engine) as session:
+            session.execute(delete(Pause).where(Pause.scope == agent))
+            session.commit()
         names = [keys.breaker(agent), keys.paused(agent), keys.kill(agent), keys.fence_counter(agent)]
         names += list(self.redis.scan_iter(f"{keys.PREFIX}lease:{agent}:*"))
         self.redis.delete(*names)

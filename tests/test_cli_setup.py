@@ -66,9 +66,31 @@ def test_init_then_db_upgrade_then_doctor_passes(tmp_path: Path, redis_url: str)
     result = fleet("--config", str(config), "doctor", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
-    assert f"ok    config    {config}: 1 agent(s): echo" in result.stdout
+    assert f"ok    config    {config}: 5 agent(s): batch, echo, exit-with, flaky, sleeper" in result.stdout
     assert "ok    schema" in result.stdout
     assert secret not in result.stdout + result.stderr
+
+
+def test_the_commented_claude_agent_is_a_valid_agent_once_uncommented(tmp_path: Path) -> None:
+    """The starter's `claude -p` example never rots: uncommented (one "# " off each line) with its key file in
+    place, it loads as a token-priced agent under a cap, with an estimate and its key for itself alone."""
+    start = STARTER_TOML.index("# [prices.")
+    lines = [line[2:] if line.startswith("# ") else "" if line == "#" else line
+             for line in STARTER_TOML[start:].splitlines()]
+    (tmp_path / "keys").mkdir(mode=0o700)
+    key = tmp_path / "keys" / "fixer.anthropic"
+    key.write_text("sk-ant-not-a-real-key\n")
+    key.chmod(0o600)
+    config = tmp_path / "fleet.toml"
+    (tmp_path / "keys" / "echo.key").write_text("x" * 32)
+    (tmp_path / "keys" / "echo.key").chmod(0o600)
+    config.write_text(STARTER_TOML[:start] + "\n".join(lines) + "\n")
+    fixer = load_fleet_config(config).agent("fixer")
+    assert fixer.command[:2] == ["claude", "-p"] and "stream-json" in fixer.command and "--verbose" in fixer.command
+    assert (fixer.usage_format, fixer.models) == ("claude-stream-json", ["claude-sonnet-4-5-20250929"])
+    assert fixer.daily_cap_usd == 2.0 and fixer.est_cost_usd == 0.5
+    assert fixer.secret_env == {"ANTHROPIC_API_KEY": key}
+    assert "# run_as = " in "\n".join(lines)  # still a comment: the user must exist first
 
 
 def test_doctor_before_db_upgrade_warns_but_passes(tmp_path: Path, redis_url: str) -> None:

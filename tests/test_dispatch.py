@@ -66,7 +66,7 @@ def test_dry_run_writes_nothing(fleet: Fleet) -> None:
     result = send(fleet, "echo", f"dry-{uuid.uuid4().hex}", dry_run=True)
     assert result.status == "dry_run"
     assert result.would_fire and result.would_fire[0].startswith("new:echo:dry-")
-    assert set(result.gates) == {"kill", "breaker", "caps", "lock"}
+    assert set(result.gates) == {"kill", "pause", "breaker", "bounded", "caps", "lock"}
     assert all(g.ok for g in result.gates.values())
     assert counts(fleet) == before_rows
     assert redis_snapshot(fleet) == before_redis

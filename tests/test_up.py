@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -132,13 +133,13 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., UpRun]]:
 
 def wait_ready(run: UpRun) -> tuple[float, float]:
     """(seconds fleet up reported, seconds since spawn) until ready; fails past READY_WITHIN_S."""
-    match = wait_for(lambda: run.line(r"^fleet up: ready in ([\d.]+)s"), READY_WITHIN_S, "the 'ready' line")
+    match = wait_for(lambda: run.line(r"^ready in ([\d.]+)s"), READY_WITHIN_S, "the 'ready' line")
     return float(match.group(1)), time.monotonic() - run.started
 
 
 def broker_url_of(run: UpRun) -> str:
     """The Redis URL fleet up chose, as it printed it."""
-    match = run.line(r"^fleet up: redis: (redis://\S+)")
+    match = run.line(r"^\s+redis\s+(redis://\S+)")
     assert match is not None
     return match.group(1)
 
@@ -196,7 +197,7 @@ def assert_web_needs_the_token(run: UpRun, token: str) -> None:
 
 def child_environ(run: UpRun, name: str) -> str:
     """A child's start environment, as root reads it."""
-    web = run.line(rf"^fleet up: {name}: .*\[pid (\d+)\]")
+    web = run.line(rf"^\s+{name}\s+.*\[pid (\d+)\]")
     assert web is not None
     return Path(f"/proc/{web.group(1)}/environ").read_bytes().decode(errors="replace")
 
@@ -211,7 +212,7 @@ def assert_no_secret_in_children(run: UpRun, *secrets: str) -> None:
     assert_capless_reader_reads_a_dumpable_peer()
     assert not capless_can_read(f"/proc/{run.process.pid}/environ"), "fleet up is dumpable"
     for name in ("worker", "web", "flower"):
-        match = run.line(rf"^fleet up: {name}: .*\[pid (\d+)\]")
+        match = run.line(rf"^\s+{name}\s+.*\[pid (\d+)\]")
         if match is not None:
             assert not capless_can_read(f"/proc/{match.group(1)}/environ"), f"{name} is dumpable"
 
@@ -230,8 +231,21 @@ def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig:
     # Its children were SIGKILLed by process group at the latest: give the kernel a moment to finish them.
     wait_for(lambda: not marked_processes(run.marker), 5, "no process left behind")
     assert not list(tmp_path.rglob("*.pid")), "a stale pid file was left behind"
-    assert "all children stopped" in run.stdout()
+    assert re.search(r"^stopped everything in [\d.]+ s$", run.stdout(), re.MULTILINE), run.stdout()
     return took
+
+
+def assert_logs_in_files(run: UpRun, tmp_path: Path, parts: tuple[str, ...]) -> None:
+    """Each part's JSON log lines are in LOG_DIR/PART.log, and none reached the terminal."""
+    logs = tmp_path / "logs"
+    wait_for(lambda: (logs / "worker.log").exists() and (logs / "worker.log").stat().st_size > 0, 10,
+             "the worker's log file")
+    for part in parts:
+        assert (logs / f"{part}.log").exists(), f"no {part}.log"
+    web_lines = [line for line in (logs / "web.log").read_text().splitlines() if line.startswith("{")]
+    assert any(json.loads(line).get("event") == "web listening" for line in web_lines), web_lines[:5]
+    printed = run.stdout() + run.err.read_text(errors="replace")
+    assert '"level"' not in printed and '"event"' not in printed, "a JSON log line reached the terminal"
 
 
 # ---------------------------------------------------------------- the whole fleet
@@ -246,9 +260,9 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
     broker = broker_url_of(run)
     assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", broker) and ":6379/" not in broker
     assert "EMBEDDED" in run.stdout()
-    password = run.line(r"flower: .* user fleet, password (\S+) \(generated")
+    password = run.line(r"^\s+flower\s+.* user fleet, password (\S+) \(generated")
     assert password is not None
-    token = run.line(r"web: .* token (\S+) \(generated")
+    token = run.line(r"^\s+web\s+http://\S+/\?token=(\S+) \(generated")
     assert token is not None
     assert_web_probes(run)
     assert_worker_consumes_both_queues(broker)
@@ -259,9 +273,17 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
     assert secrets_file is not None
     secrets_dir = Path(secrets_file.group(1)).parent
     assert (secrets_dir.stat().st_mode & 0o777, Path(secrets_file.group(1)).stat().st_mode & 0o777) == (0o700, 0o600)
+    assert_logs_in_files(run, tmp_path, ("worker", "beat", "flower", "web"))
+    out = run.stdout()
+    for warning in ("! no FLEET_WEB_TOKEN", "! Redis has no password"):
+        assert warning in out, out
     stop_s = stop_and_assert_clean(run, tmp_path)
     assert not secrets_dir.exists(), "the secrets folder outlived fleet up"
     assert not redis_answers(broker, timeout=0.5), "the embedded server outlived fleet up"
+    said = run.stdout()
+    for part in ("worker", "beat", "flower", "web"):
+        assert re.search(rf"^  {part}\s+stopped \(exit code 0\) in [\d.]+ s$", said, re.MULTILINE), said
+    assert "  redis    embedded server stopped" in said
     record_property("ready_s", ready_s)
     record_property("stop_s", round(stop_s, 1))
     print(f"\nfleet up --embedded: ready in {ready_s:.1f}s ({wall_s:.1f}s from spawn), stopped in {stop_s:.1f}s")
@@ -298,11 +320,24 @@ def test_up_stops_everything_when_a_child_dies(start_up: Callable[..., UpRun], t
     """A child that dies is named, the rest are stopped, and fleet up exits 1."""
     run = start_up("--embedded", "--workers", "1", "--no-beat", "--no-flower")
     wait_ready(run)
-    web = run.line(r"^fleet up: web: .*\[pid (\d+)\]")
+    web = run.line(r"^\s+web\s+.*\[pid (\d+)\]")
     assert web is not None
     os.kill(int(web.group(1)), signal.SIGKILL)
     stop_and_assert_clean(run, tmp_path, expect_code=1, sig=0)
     assert re.search(rf"web \(pid {web.group(1)}\) exited unexpectedly \(signal SIGKILL\)", run.stdout())
+
+
+@pytest.mark.slow
+@needs_proc
+def test_up_verbose_streams_the_parts_logs(start_up: Callable[..., UpRun], tmp_path: Path) -> None:
+    """-v: the children's JSON log lines come to the terminal as before, and no log file is written."""
+    run = start_up("--embedded", "--workers", "1", "--no-beat", "--no-flower", "-v")
+    wait_ready(run)
+    streamed = wait_for(lambda: [line for line in run.err.read_text(errors="replace").splitlines()
+                                 if line.startswith("{") and '"web listening"' in line], 10, "the web's log line")
+    assert json.loads(streamed[0])["process"] == "web"
+    assert not (tmp_path / "logs" / "web.log").exists() and not (tmp_path / "logs" / "worker.log").exists()
+    stop_and_assert_clean(run, tmp_path)
 
 
 # ---------------------------------------------------------------- quick ones
@@ -353,6 +388,16 @@ def test_embedded_server_starts_answers_and_stops() -> None:
     assert not data_dir.exists()
 
 
+def test_embedded_server_takes_the_preferred_port_only_when_it_is_free() -> None:
+    """`fleet up` asks for 6379 when nothing answers there, so other terminals find it unconfigured; a
+    port something else holds is never fought over."""
+    wanted = free_port()
+    with EmbeddedRedis(preferred_port=wanted) as server:
+        assert server.url == f"redis://127.0.0.1:{wanted}/0"
+        with EmbeddedRedis(preferred_port=wanted) as second:
+            assert second.port != wanted and redis_answers(second.url, timeout=1)
+
+
 def test_redis_answers_is_false_for_nothing_listening() -> None:
     """No server on the port: False, quickly."""
     began = time.monotonic()
@@ -396,3 +441,32 @@ def test_web_readyz_names_what_is_down_and_stops_on_sigterm(tmp_path: Path) -> N
         if web.poll() is None:
             web.kill()
             web.wait()
+
+
+def test_the_status_block_tells_a_kill_from_a_pause_and_a_stale_watchdog() -> None:
+    """What the live block says for a snapshot: runs, spend against the cap, the switches, beat, the watchdog."""
+    from rich.console import Console
+
+    from fleet.upscreen import Screen, StatusFeed
+    from tests.test_web import NOW, picture
+
+    at = NOW.isoformat()
+    stale = {"status": "green", "at": "2026-11-22T01:00:00+00:00", "host": "h", "checks": []}
+    p = picture(kill=[{"scope": "digest", "reason": "runaway", "actor": "web:ops@127.0.0.1", "hard": False,
+                       "since": at}],
+                pauses=[{"scope": "*", "reason": "db upgrade", "actor": "cli:root@h", "since": at}],
+                queued=4, watchdog=stale)
+    console = Console(record=True, width=160, force_terminal=False)
+    screen = Screen(console, live=False)
+    screen.parts = {"worker": "up", "web": "starting", "beat": "down"}
+    feed = StatusFeed(lambda: p)
+    feed.picture = p
+    screen.feed = feed
+    console.print(screen.render())
+    shown = console.export_text()
+    assert "● worker up" in shown and "◐ web starting" in shown and "✖ beat down" in shown
+    assert "1 running · 4 queued · 1 dead letter(s) · 4 run(s) in 24 h" in shown
+    assert "$4.50 of $5.00 today (95%)" in shown
+    assert "KILLED digest by web:ops@127.0.0.1: runaway" in shown
+    assert "PAUSED the whole fleet by cli:root@h: db upgrade" in shown
+    assert "green 1 h 0 min ago STALE: is beat running?" in shown

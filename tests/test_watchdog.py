@@ -138,7 +138,7 @@ def test_a_fleet_whose_scheduled_agents_are_all_paused_is_not_beat_silent(servic
     for minute in range(1, 10):  # beat goes on ticking it every minute
         tick_at = start + timedelta(minutes=minute)
         result = ticks.tick(dataclasses.replace(svc, now=lambda at=tick_at: at), "minutely", lambda *_: None)
-        assert result.status == "skipped"
+        assert (result.status, result.reason) == ("refused", "paused")
     check = watchdog.beat_check(svc, start + timedelta(minutes=9, seconds=30))
     assert check.status == watchdog.GREEN, check
 

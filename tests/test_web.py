@@ -19,20 +19,35 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
 import pytest
 import redis as redis_lib
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from sqlmodel import select
 
 from fleet import db, keys, store
+from fleet.charts import SpendSeries, spend_chart
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.metrics import build_families
-from fleet.models import Run, WatchdogVerdict
-from fleet.web import allowed_hosts, authorized, canary_verdict, host_allowed, is_loopback, render_page
+from fleet.models import DeadLetter, Run, RunEvent, RunStatus, WatchdogVerdict
+from fleet.page import render_page
+from fleet.web import (
+    actor_of,
+    allowed_hosts,
+    authorized,
+    canary_verdict,
+    csrf_key,
+    csrf_ok,
+    csrf_token,
+    host_allowed,
+    is_loopback,
+)
+from tests.browser import PHONE, Browser
 from tests.conftest import IN_CI
-from tests.harness import ROOT, Fleet, wait_for
+from tests.harness import ROOT, Fleet, pid_alive, wait_for, wait_for_pids
 
 TOKEN = f"web-test-{uuid.uuid4().hex}"
 ALLOWED = "fleet.example.test"  # FLEET_WEB_ALLOWED_HOSTS of the session's web
@@ -170,7 +185,7 @@ def picture(**changes: Any) -> dict[str, Any]:
 def section(dom: str, section_id: str) -> str:
     """The HTML of `<section id=section_id>` (or the banners div) in a page."""
     match = re.search(rf'<(section|div) id="{section_id}"[^>]*>(.*?)</\1>\s*(?=<section|<div class="grid"|<div '
-                      rf'class="stats"|</main>|<footer|\Z)', dom, re.S)
+                      rf'class="stats"|<div class="act"|<div class="row"|<table|<form|</main>|<footer|\Z)', dom, re.S)
     assert match, f"no #{section_id} in the page"
     return match.group(2)
 
@@ -250,6 +265,40 @@ def test_page_escapes_untrusted_text_and_shows_what_matters() -> None:
     assert 'href="/runs/' + "b" * 32 + '/log?token=t%26"' in section(html, "dlq")
     assert "90%" in section(html, "spend") or "95%" in section(html, "spend")  # 4.75 of 5.00
     assert 'href="http://h:5555/"' in html
+
+
+def history_of(**changes: Any) -> dict[str, Any]:
+    """What `fleet.state.history` gathers, for the pure tests: a day of spend, 24 hours, some durations."""
+    start = NOW.replace(hour=0)
+    steps = [(start + timedelta(minutes=10 * i), 0.2 * (i + 1)) for i in range(12)]
+    hours = [(NOW - timedelta(hours=23 - i), {"succeeded": i % 5, "dead": int(i == 20)}) for i in range(24)]
+    base = {"start": start, "end": start + timedelta(days=1), "now": NOW,
+            "spend": [SpendSeries("whole fleet", steps, 5.0, 2.4), SpendSeries("digest", steps[:2], None, 0.4)],
+            "hours": hours, "durations": {"digest": [(12.5, "succeeded"), (300.0, "dead")], HOSTILE: [(0.2, "idle")]}}
+    return base | changes
+
+
+def test_pictures_are_svg_drawn_here_with_every_label_escaped() -> None:
+    """Spend against the cap, runs per hour, durations: well-formed inline SVG, no script, no external
+    reference, untrusted labels escaped, the figures in their titles."""
+    html = render_page(picture(), error=None, flower_url="http://h:5555/", token_query="", host="h1",
+                       past=history_of()).decode()
+    svgs = re.findall(r"<svg .*?</svg>", html, re.S)
+    assert len(svgs) == 4  # the fleet's spend, digest's, runs per hour, durations
+    for svg in svgs:
+        tree = ElementTree.fromstring(svg)  # well-formed XML
+        assert tree.tag.endswith("svg") and "<script" not in svg and "href" not in svg and "<img" not in svg
+    assert "cap $5.00" in svgs[0] and "$2.40 of $5.00" in svgs[0]
+    assert "(no cap)" in svgs[1] and "cap $" not in svgs[1]
+    assert "&lt;script&gt;" in svgs[3] and "<script" not in svgs[3]
+    hostile = spend_chart(SpendSeries(HOSTILE, [], 1.0, 0.5), NOW, NOW + timedelta(days=1), NOW)
+    assert "&lt;script&gt;" in hostile and "<script" not in hostile
+    assert "succeeded 46" in svgs[2] and "dead 1" in svgs[2]  # the legend counts 24 hours' runs
+    assert "digest: median 2.6 min of 2 run(s)" in svgs[3]
+    assert "http://" not in "".join(svgs).replace("http://www.w3.org/2000/svg", "")  # nothing fetched: works offline
+    empty = render_page(picture(), error=None, flower_url="", token_query="", host="h1",
+                        past=history_of(spend=[], durations={}, hours=[(NOW, {})])).decode()
+    assert "no finished runs in the last 24 h" in empty
 
 
 def test_page_when_the_database_cannot_be_read() -> None:
@@ -528,3 +577,195 @@ def test_artifacts_are_ignored_by_git() -> None:
     if ignored.returncode == 128:
         pytest.skip("not a git checkout")
     assert ignored.returncode == 0
+
+
+# ---------------------------------------------------------------- the page acts
+
+
+def page_csrf(web: WebProc, **kwargs: Any) -> str:
+    """The CSRF token of the page's forms, as a browser would find it."""
+    page = get(f"{web.base}/", **({"headers": bearer()} | kwargs))
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found, page.text[:500]
+    return found.group(1)
+
+
+def post(web: WebProc, path: str, data: dict[str, str], **kwargs: Any) -> httpx.Response:
+    """POST a form on loopback, never through a proxy."""
+    return httpx.post(f"{web.base}{path}", data=data, trust_env=False, **{"timeout": 30, "headers": bearer(), **kwargs})
+
+
+def make_dead_letter(fleet: Fleet, agent: str) -> int:
+    """A dead letter of `agent` as the executor leaves one (its run dead after two attempts); its id."""
+    now = datetime.now(UTC)
+    run_id, key = uuid.uuid4().hex, f"web-dead-{uuid.uuid4().hex}"
+    with db.session(fleet.services.engine) as session:
+        session.add(Run(id=run_id, idem_key=f"{agent}:{key}", agent=agent, work_key=key, status=RunStatus.DEAD,
+                        attempt=2, exit_code=1, error="exit code 1", created_at=now, updated_at=now, finished_at=now))
+        dead = DeadLetter(run_id=run_id, agent=agent, reason="failed", attempts=2, exit_code=1,
+                          last_error="exit code 1 (left by the test)", created_at=now)
+        session.add(dead)
+        session.commit()
+        assert dead.id is not None
+        return dead.id
+
+
+def events_of(fleet: Fleet, kind: str) -> list[RunEvent]:
+    with db.session(fleet.services.engine) as session:
+        return list(session.exec(select(RunEvent).where(RunEvent.kind == kind)))
+
+
+def test_csrf_tokens_expire_and_cannot_be_forged() -> None:
+    key, other = csrf_key("a-token"), csrf_key("another-token")
+    token = csrf_token(key, 1_000_000.0)
+    assert csrf_ok(key, token, 1_000_000.0 + 3600)
+    assert not csrf_ok(key, token, 1_000_000.0 + 13 * 3600)  # too old
+    assert not csrf_ok(other, token, 1_000_000.0)  # another web's token (another FLEET_WEB_TOKEN)
+    stamp, mac = token.split(".")
+    assert not csrf_ok(key, f"{int(stamp) + 100}.{mac}", 1_000_000.0)  # a fresher stamp, same MAC
+    assert not csrf_ok(key, "", 1_000_000.0) and not csrf_ok(key, "x.y", 1_000_000.0)
+    assert actor_of("Basic " + base64.b64encode(b"ops <b>:pw").decode(), "10.0.0.1") == "web:opsb@10.0.0.1"
+    assert actor_of(f"Bearer {UNIT_TOKEN}", "127.0.0.1") == "web:token@127.0.0.1"
+
+
+@pytest.mark.slow
+def test_actions_are_post_only_behind_the_token_and_a_csrf_token(fleet: Fleet, web: WebProc) -> None:
+    """No GET acts; a POST needs the token, this page's CSRF token and a same-site request; kill and purge
+    only ask until confirmed; the actor is `web:<who>`."""
+    agent = "exit3"
+    fleet.reset_agent(agent)
+    csrf = page_csrf(web)
+    form = {"csrf": csrf, "agent": agent, "reason": "web test", "confirm": "yes"}
+    assert get(f"{web.base}/act/kill", headers=bearer()).status_code == 405
+    assert post(web, "/act/kill", form, headers={}).status_code == 401
+    assert post(web, "/act/kill", form | {"csrf": "1.forged"}).status_code == 403
+    assert post(web, "/act/kill", {k: v for k, v in form.items() if k != "csrf"}).status_code == 403
+    assert post(web, "/act/kill", form, headers={**bearer(), "Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert post(web, "/act/kill", form, headers={**bearer(), "Host": "attacker.example"}).status_code == 400
+    assert not fleet.redis.exists(keys.kill(agent)), "a refused POST engaged the kill"
+    asked = post(web, "/act/kill", form | {"confirm": ""})
+    assert asked.status_code == 200 and "Kill agent exit3?" in asked.text and 'name="confirm" value="yes"' in asked.text
+    assert not fleet.redis.exists(keys.kill(agent)), "the kill was engaged before it was confirmed"
+    basic = {"Authorization": "Basic " + base64.b64encode(f"night-ops:{TOKEN}".encode()).decode()}
+    try:
+        done = post(web, "/act/kill", form, headers=basic)
+        assert done.status_code == 200 and "kill switch engaged for agent exit3: web test" in done.text
+        assert fleet.redis.exists(keys.kill(agent))
+        (engaged,) = [e for e in events_of(fleet, "kill.engaged")
+                      if e.agent == agent and "web test" in (e.detail or "")]
+        assert engaged.actor == "web:night-ops@127.0.0.1"
+        refused = fleet.cli("dispatch", agent)
+        assert refused.returncode == 3 and "web:night-ops@127.0.0.1" in refused.stdout
+    finally:
+        resumed = post(web, "/act/resume", {"csrf": csrf, "agent": agent})
+    assert resumed.status_code == 200 and f"resumed agent {agent} (kill switch released)" in resumed.text
+    assert not fleet.redis.exists(keys.kill(agent))
+    paused = post(web, "/act/pause", {"csrf": csrf, "agent": agent, "reason": "key rotation"})
+    assert "paused agent exit3: key rotation" in paused.text
+    assert "Agent exit3 paused" in section(get(f"{web.base}/", headers=bearer()).text, "banners")
+    assert "pause lifted" in post(web, "/act/resume", {"csrf": csrf, "agent": agent}).text
+    plan = post(web, "/act/dry-run", {"csrf": csrf, "agent": "echo"})
+    assert plan.status_code == 200 and "a dispatch of echo would fire now" in plan.text and 'id="gates"' in plan.text
+    assert post(web, "/act/dry-run", {"csrf": csrf, "agent": "no-such-agent"}).status_code == 404
+    dead = make_dead_letter(fleet, "fail")
+    asked = post(web, "/act/purge", {"csrf": csrf, "dead": str(dead)})
+    assert f"Purge dead letter {dead} for good?" in asked.text
+    with db.session(fleet.services.engine) as session:
+        assert session.get(DeadLetter, dead) is not None
+    purged = post(web, "/act/purge", {"csrf": csrf, "dead": str(dead), "confirm": "yes"})
+    assert purged.status_code == 200 and "purged 1 dead letter(s)" in purged.text
+    with db.session(fleet.services.engine) as session:
+        assert session.get(DeadLetter, dead) is None
+    assert post(web, "/act/purge", {"csrf": csrf, "dead": str(dead), "confirm": "yes"}).status_code == 404
+
+
+@pytest.mark.slow
+def test_kill_and_replay_from_the_page_in_chromium(fleet: Fleet, web: WebProc, tmp_path: Path) -> None:
+    """In a real browser: replay a dead letter (its work runs once), then kill the fleet from the page (every
+    running agent's process is gone, the header and banner turn red), at desktop and phone width."""
+    kind = "sqlite" if fleet.database_url.startswith("sqlite") else "postgresql"
+    pidfile = fleet.tmp / "long.pids"
+    pidfile.unlink(missing_ok=True)
+    fleet.reset_agent("long")
+    fleet.reset_agent("counter")
+    long_runs = [send(fleet, "long") for _ in range(3)]
+    pids = [pid for line in wait_for_pids(pidfile, 60, lines=3) for pid in line]
+    counter = fleet.tmp / "counter.txt"
+    before = counter.read_text().splitlines() if counter.exists() else []
+    dead = make_dead_letter(fleet, "counter")
+    url = f"{web.base}/?token={TOKEN}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with Browser(tmp_path / "profile") as browser:
+        try:
+            browser.goto(url)
+            browser.screenshot(ARTIFACTS / f"web-desktop-{kind}.png")
+            browser.click(f"#replay-{dead}")
+            said = section(browser.html(), "said")
+            found = re.search(rf"replayed dead letter {dead} of counter as run ([0-9a-f]{{32}})", said)
+            assert found, said
+            replayed = wait_status(fleet, found.group(1), {"succeeded", "dead", "failed"})
+            assert replayed.status == "succeeded" and replayed.replay_of == dead
+            browser.click("#back")
+            assert f'id="replay-{dead}"' not in browser.html()  # replayed: its button is gone
+            browser.resize(PHONE, mobile=True)
+            browser.goto(url)
+            browser.screenshot(ARTIFACTS / f"web-phone-{kind}.png")
+            assert browser.content_width() <= PHONE[0], "the page is wider than the phone: it scrolls sideways"
+            browser.click("#kill-fleet")
+            assert "Kill the whole fleet?" in browser.html()
+            browser.type("#reason", "2am: runaway agent")
+            browser.click("#confirm")
+            assert "kill switch engaged for the whole fleet: 2am: runaway agent" in section(browser.html(), "said")
+            wait_for(lambda: not any(pid_alive(pid) for pid in pids), 15, "every agent process to be gone")
+            for run_id in long_runs:
+                assert wait_status(fleet, run_id, {"killed", "succeeded", "dead", "failed"}).status == "killed"
+            browser.click("#back")
+            dom = browser.html()
+            browser.screenshot(ARTIFACTS / f"web-phone-killed-{kind}.png", whole=False)  # the first screen
+            assert '<header class="killed">' in dom and 'id="overall">KILLED<' in dom
+            banner = section(dom, "banners")
+            assert 'class="banner red"' in banner and "FLEET KILLED" in banner and "2am: runaway agent" in banner
+            assert 'id="resume-fleet"' in dom and 'id="kill-fleet"' not in dom
+            (engaged,) = [e for e in events_of(fleet, "kill.engaged") if "2am: runaway agent" in (e.detail or "")]
+            assert engaged.actor == "web:token@127.0.0.1"
+            browser.click("#resume-fleet")
+            assert "resumed the whole fleet (kill switch released)" in section(browser.html(), "said")
+        finally:
+            fleet.cli("resume", check=True)
+    after = counter.read_text().splitlines()
+    assert [line.split()[0] for line in after[len(before):]] == [found.group(1)]  # the replay ran once
+    twice = post(web, "/act/replay", {"csrf": page_csrf(web), "dead": str(dead)})
+    assert f"was replayed already, as run {found.group(1)}" in twice.text
+    for shot in ("desktop", "phone", "phone-killed"):
+        path = ARTIFACTS / f"web-{shot}-{kind}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+        print(f"screenshot ({shot}, {kind}): {path}")
+
+
+def test_history_reads_today_s_spend_the_last_day_s_outcomes_and_durations(services: Any) -> None:
+    """fleet.state.history on a real database: a run's cost is a step at its finish, today's only; runs
+    per hour by outcome over 24 hours; durations of finished runs."""
+    from fleet import ledger
+    from fleet.state import history
+
+    now = datetime.now(UTC)
+    with db.session(services.engine) as session:
+        day = ledger.budget_day(session, services.config.fleet.timezone)
+        rows = [("echo", RunStatus.SUCCEEDED, 30, 20_000, day), ("echo", RunStatus.DEAD, 5, 0, day),
+                ("fail", RunStatus.FAILED, 90, 5_000, "2000-01-01"), ("echo", RunStatus.RUNNING, None, 7_000, day)]
+        for agent, status, seconds, cost, budget_day in rows:
+            key = uuid.uuid4().hex
+            finished = None if seconds is None else now - timedelta(minutes=1)
+            started = (finished or now) - timedelta(seconds=seconds or 10)
+            session.add(Run(id=uuid.uuid4().hex, idem_key=f"{agent}:{key}", agent=agent, work_key=key, status=status,
+                            cost_micros=cost, budget_day=budget_day, created_at=started, updated_at=now,
+                            started_at=started, finished_at=finished))
+        session.commit()
+    past = history(services)
+    fleet_series = next(s for s in past["spend"] if s.name == "whole fleet")
+    assert [round(usd, 3) for _, usd in fleet_series.points] == [0.02, 0.027]  # yesterday's run is not today's
+    assert past["start"] <= now < past["end"]
+    assert sum(c.get("succeeded", 0) for _, c in past["hours"]) == 1
+    assert sum(c.get("dead", 0) for _, c in past["hours"]) == 1 and len(past["hours"]) == 24
+    assert sorted(round(s) for s, _ in past["durations"]["echo"]) == [5, 30]
+    assert [round(s) for s, _ in past["durations"]["fail"]] == [90]

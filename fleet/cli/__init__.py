@@ -47,7 +47,7 @@ app.command()(runs.events)
 app.command()(health.status)
 app.command("watchdog")(health.watchdog_command)
 app.command()(health.sweep)
-for command in (rails.kill, rails.resume, rails.spend, rails.agents):
+for command in (rails.kill, rails.pause, rails.resume, rails.spend, rails.agents):
     app.command()(command)
 app.add_typer(host.db_app, name="db")
 app.add_typer(runs.runs_app, name="runs")

@@ -39,9 +39,13 @@ def status(as_json: JsonOpt = False) -> None:
 def _print_status(p: dict[str, Any]) -> None:
     if p["kill"]:
         for k in p["kill"]:
-            out.print(f"[bold red]KILLED[/] {k['scope']} since {k['since'][:19]} by {k['actor']}: {k['reason'] or '-'}")
+            out.print(f"[bold red]KILLED[/] {k['scope']} since {k['since'][:19]} by {k['actor']}: {k['reason'] or '-'}"
+                      " (nothing starts; running agents were stopped)")
     else:
         out.print("[green]kill switch released[/]")
+    for pause in p["pauses"]:
+        out.print(f"[bold yellow]PAUSED[/] {pause['scope']} since {(pause['since'] or '?')[:19]} by "
+                  f"{pause['actor'] or '?'}: {pause['reason'] or '-'} (nothing new starts; running runs finish)")
     verdict = p.get("watchdog")
     if verdict:
         out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}"
@@ -55,6 +59,7 @@ def _print_status(p: dict[str, Any]) -> None:
                       "-" if s["cap_usd"] is None else f"{s['cap_usd']:.2f}")
     out.print(spend)
     out.print("runs (24 h): " + (", ".join(f"{k} {v}" for k, v in sorted(p["runs_24h"].items())) or "none"))
+    out.print(f"running: {len(p['running'])}, queued: {p['queued']}")
     for r in p["running"]:
         out.print(f"  running {r['run_id']} {r['agent']} attempt {r['attempt']} on {r['host']} pid {r['pid']}")
     out.print(f"dead letters: {p['dlq_depth']}")
@@ -64,8 +69,6 @@ def _print_status(p: dict[str, Any]) -> None:
     out.print(f"queues: {p['queues']}")
     open_ = {a: b.get("state") for a, b in p["breakers"].items() if b.get("state", "closed") != "closed"}
     out.print(f"breakers: {open_ or 'all closed'}")
-    if p["paused"]:
-        out.print(f"paused: {p['paused']}")
     for queue, canary in p["canaries"].items():
         out.print(f"worker canary {queue}: last back {canary['seen'] or 'never'}")
     out.print(f"beat: leader {p['beat']['leader'] or 'none'}, last tick {p['beat']['last_tick'] or 'never'}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fleet.cli.common import out, settings
+from fleet.cli.common import celery_sender, out, settings
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
@@ -34,15 +34,19 @@ def up(
     no_beat: Annotated[bool, typer.Option("--no-beat", help="Do not start beat.")] = False,
     no_flower: Annotated[bool, typer.Option("--no-flower", help="Do not start Flower.")] = False,
     no_web: Annotated[bool, typer.Option("--no-web", help="Do not start the web page.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every part's JSON log lines here "
+                                          "instead of the status block (they go to LOG_DIR/PART.log otherwise).")
+                       ] = False,
 ) -> None:
     """Run a whole single-host fleet in the foreground: migrations, worker, beat, Flower, web.
 
-    Example: fleet up --workers 2
+    Prints where each part listens and its credentials once, then a live status block; Ctrl-C stops it all.
+    Example: fleet up --workers 2    |    fleet up -v
     """
     from fleet.supervisor import UpOptions, run_up
 
     code = run_up(settings(), UpOptions(workers=workers, embedded=embedded, beat=not no_beat,
-                                        flower=not no_flower, web=not no_web))
+                                        flower=not no_flower, web=not no_web, verbose=verbose), out.console)
     raise typer.Exit(code)
 
 
@@ -85,4 +89,4 @@ def web() -> None:
 
     s = settings()
     logs.configure("web")
-    serve(build(s))
+    serve(build(s), celery_sender())  # the page's replays enqueue fleet.execute as `fleet dlq replay` does

@@ -62,21 +62,30 @@ def _kill_services(agent: str | None) -> Services:
     return build(s, config)
 
 
+def pause(
+    agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why (shown in status and the audit trail).")] = None,
+) -> None:
+    """Stop intake, let running runs finish: ticks and dispatches are refused `paused` (exit 3).
+
+    For maintenance; `fleet kill` is "stop now". `fleet resume [AGENT]` lifts it.
+    Example: fleet pause --reason "db upgrade at 02:00"    |    fleet pause digest
+    """
+    from fleet import actions
+
+    out.print(actions.pause_intake(services(), agent=agent, reason=reason, actor=actor()).said, highlight=False)
+
+
 def resume(
     agent: Annotated[str | None, typer.Argument(help="One agent; the whole fleet when omitted.")] = None,
 ) -> None:
-    """Release the kill switch (and an agent's paused schedule).
+    """Lift the kill switch and the pause (the operator's, or the one an agent put on itself).
 
     Example: fleet resume    |    fleet resume digest
     """
-    from fleet import keys, killswitch
+    from fleet import actions
 
-    svc = services()
-    scope = GLOBAL if agent is None else svc.config.agent(agent).name
-    killswitch.release(svc.engine, svc.redis, scope=scope, actor=actor(), now=svc.now())
-    if agent is not None:
-        svc.redis.delete(keys.paused(agent))
-    out.print(f"resumed {'the whole fleet' if agent is None else 'agent ' + agent}")
+    out.print(actions.resume(services(), agent=agent, actor=actor()).said, highlight=False)
 
 
 def spend(
@@ -110,25 +119,27 @@ def agents(as_json: JsonOpt = False) -> None:
     """
     from zoneinfo import ZoneInfo
 
-    from fleet import db, keys, store
+    from fleet import db, pause, store
 
     svc = services()
     now = svc.now().astimezone(ZoneInfo(svc.config.fleet.timezone))
     rows: list[dict[str, Any]] = []
     with db.session(svc.engine) as session:
         last = {name: store.last_run(session=session, agent=name) for name in svc.config.agents}
+        paused = {p.scope: p.reason or "paused" for p in pause.paused(session, svc.redis, [GLOBAL, *svc.config.agents])}
     for name, spec in svc.config.agents.items():
         schedule = spec.parsed_schedule
         previous = last[name]
         rows.append({
             "agent": name, "schedule": spec.schedule,
             "next_fire": schedule.next_after(now).isoformat() if schedule else None,
-            "paused": svc.redis.get(keys.paused(name)),
+            "paused": paused.get(name) or paused.get(GLOBAL),
             "last_run": None if previous is None else {
                 "run_id": previous.id, "status": str(getattr(previous.status, "value", previous.status)),
                 "created_at": previous.created_at.isoformat()},
             "daily_cap_usd": spec.daily_cap_usd, "est_cost_usd": spec.est_cost_usd, "timeout_s": spec.timeout_s,
-            "concurrency": spec.concurrency, "breaker": svc.breakers.state(name).get("state", "closed"),
+            "concurrency": spec.concurrency, "max_runs_per_day": spec.max_runs_per_day,
+            "breaker": svc.breakers.state(name).get("state", "closed"),
             "key_fingerprint": fingerprint(spec.key_file.read_bytes()) if spec.key_file else None,
         })
     if as_json:

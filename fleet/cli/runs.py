@@ -67,7 +67,7 @@ def report_dispatch(svc: Services, agent: str, result: DispatchResult, as_json: 
     if as_json:
         emit_json(result.to_json())
     elif nothing_done:
-        from fleet.cli.refusals import explain
+        from fleet.refusals import explain
 
         # Why and what to do; the run id of a refusal names a row that was rolled back, so it is not shown.
         out.print(explain(svc, agent, result), highlight=False, markup=False)

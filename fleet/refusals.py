@@ -1,16 +1,18 @@
 """A refused dispatch in one line an operator can act on: why nothing was done, and what to do.
 
-`fleet dispatch` and `fleet dlq replay` print it instead of the run id of a row that no longer
-exists. The dispatch result says which gate refused; the details (who holds the slots, who threw
+`fleet dispatch`, `fleet dlq replay` and the web page's actions say it instead of the run id of a
+row that no longer exists. The dispatch result says which gate refused; the details (who holds the slots, who threw
 the kill switch) are read here, after the refusal, since they are for a person, not a decision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sqlmodel import Session
+
     from fleet.dispatch import DispatchResult
     from fleet.services import Services
 
@@ -45,21 +47,53 @@ def _busy(svc: Services, agent: str, _result: DispatchResult) -> str:
 
 
 def _killed(svc: Services, agent: str, result: DispatchResult) -> str:
-    from fleet import db, killswitch
+    from fleet import killswitch
+
+    def said(killed: bool, scope: str | None, actor: str | None, reason: str | None) -> str:
+        if not killed:
+            return "the kill switch was engaged and has been lifted since; try again"
+        where, command = _scope_words(scope)
+        return (f"the kill switch is engaged for {where} by {actor or 'someone'}: {reason or 'no reason given'}; "
+                f"`{command}` lifts it when it is safe")
+
+    return _switch(svc, result, "kill", lambda session: said(
+        *_fields(killswitch.check(session, svc.redis, agent), "killed")))
+
+
+def _paused(svc: Services, agent: str, result: DispatchResult) -> str:
+    from fleet import pause
+
+    def said(paused: bool, scope: str | None, actor: str | None, reason: str | None) -> str:
+        if not paused:
+            return "intake was paused and has been resumed since; try again"
+        where, command = _scope_words(scope)
+        return (f"intake is paused for {where} by {actor or 'someone'}: {reason or 'no reason given'} "
+                f"(running runs finish); `{command}` lifts it")
+
+    return _switch(svc, result, "pause", lambda session: said(
+        *_fields(pause.check(session, svc.redis, agent), "paused")))
+
+
+def _switch(svc: Services, result: DispatchResult, gate: str, read: Callable[[Session], str]) -> str:
+    """Who threw a switch and why, read now; the gate's own words when the stores cannot be read."""
+    from fleet import db
     from fleet.errors import FleetError
-    from fleet.keys import GLOBAL
 
     try:
         with db.session(svc.engine) as session:
-            state = killswitch.check(session, svc.redis, agent)
+            return read(session)
     except FleetError:
-        return f"{_gate(result, 'kill')}; `fleet status` says who and why"
-    if not state.killed:
-        return "the kill switch was engaged and has been lifted since; try again"
-    where, command = ("the whole fleet", "fleet resume") if state.scope == GLOBAL else (
-        f"agent {state.scope}", f"fleet resume {state.scope}")
-    return (f"the kill switch is engaged for {where} by {state.actor or 'someone'}: "
-            f"{state.reason or 'no reason given'}; `{command}` lifts it when it is safe")
+        return f"{_gate(result, gate)}; `fleet status` says who and why"
+
+
+def _fields(state: Any, engaged: str) -> tuple[bool, str | None, str | None, str | None]:
+    return getattr(state, engaged), state.scope, state.actor, state.reason
+
+
+def _scope_words(scope: str | None) -> tuple[str, str]:
+    from fleet.keys import GLOBAL
+
+    return ("the whole fleet", "fleet resume") if scope == GLOBAL else (f"agent {scope}", f"fleet resume {scope}")
 
 
 def _breaker(svc: Services, agent: str, result: DispatchResult) -> str:
@@ -70,10 +104,17 @@ def _breaker(svc: Services, agent: str, result: DispatchResult) -> str:
             f"Why they failed: `fleet runs --agent {agent} --status dead`")
 
 
+def _bounded(svc: Services, agent: str, result: DispatchResult) -> str:
+    spec = svc.config.agent(agent)
+    return (f"{_gate(result, 'bounded')}: max_runs_per_day = {spec.max_runs_per_day} is reached; "
+            "the count starts again tomorrow (budget day), or raise it in fleet.toml")
+
+
 def _over_cap(_svc: Services, _agent: str, result: DispatchResult) -> str:
     return (f"{_gate(result, 'caps')}; `fleet spend` shows the day's spend against the caps "
             "(raise daily_cap_usd in fleet.toml only if that is intended)")
 
 
 _WHY: dict[str, Callable[[Services, str, DispatchResult], str]] = {
-    "busy": _busy, "killed": _killed, "breaker_open": _breaker, "over_cap": _over_cap}
+    "busy": _busy, "killed": _killed, "paused": _paused, "breaker_open": _breaker, "bounded": _bounded,
+    "over_cap": _over_cap}
