@@ -181,17 +181,39 @@ def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: 
             _fleet_burst(fleet, drain, "drain")
             fleet.start_worker(concurrency=2)
             drained = _finished_rows(reader, "drain", drain)
+            # The beat / `celery call` path: N fleet.dispatch tasks, dispatched and run by the one worker.
+            tasks_first = time.time()
+            for i in range(n):
+                fleet.celery.send_task("fleet.dispatch", kwargs={"agent": "noop", "work_key": f"task-{i}"},
+                                       queue="dispatch")
+            task_rows = _finished_task_rows(reader, n)
         finally:
             fleet.stop()
             reader.dispose()
     latency = [_as_epoch(r.started_at) - sent_at[r.id] for r in rows]
     elapsed = max(_as_epoch(r.finished_at) for r in rows) - first
+    tasks_s = max(_as_epoch(r.finished_at) for r in task_rows) - tasks_first
     drain_s = max(_as_epoch(r.finished_at) for r in drained) - min(_as_epoch(r.started_at) for r in drained)
     return {"throughput": n / elapsed, "dispatch_rate": n / sum(called), "call_p50": 1000 * pct(called, 50),
-            "drain_rate": drain / drain_s,
+            "drain_rate": drain / drain_s, "task_rate": n / tasks_s,
             "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
             "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
             "commits": commits, "events": events}
+
+
+def _finished_task_rows(reader: Engine, n: int) -> list[Any]:
+    """The runs the fleet.dispatch tasks made (the task's actor is `celery:HOST:TASK_ID`), once all finished."""
+    def done() -> bool:
+        with reader.connect() as conn:
+            return int(conn.execute(text(f"SELECT count(*) FROM runs WHERE work_key LIKE 'task-%' AND status IN "
+                                         f"{_TERMINAL_SQL}")).scalar_one()) == n
+    wait_until(done, 600, f"{n} task-dispatched runs to finish", 0.05)
+    with reader.connect() as conn:
+        rows = list(conn.execute(text("SELECT id, status, started_at, finished_at FROM runs "
+                                      "WHERE work_key LIKE 'task-%'")))
+    if {r.status for r in rows} != {"succeeded"}:
+        raise RuntimeError(f"not every task-dispatched run succeeded: {sorted({r.status for r in rows})}")
+    return rows
 
 
 # ---------------------------------------------------------------- bare Celery
@@ -251,7 +273,7 @@ def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[st
     elapsed = max(out["end"] for out, _ in outs) - first
     drain_s = max(out["end"] for out in drained) - min(out["start"] for out in drained)
     return {"throughput": n / elapsed, "dispatch_rate": n / sum(called), "call_p50": 1000 * pct(called, 50),
-            "drain_rate": drain / drain_s,
+            "drain_rate": drain / drain_s, "task_rate": n / elapsed,
             "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
             "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
             "commits": None, "events": None}
@@ -338,24 +360,27 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
     rows = []
     bare = results["bare"]
     for name, reps in results.items():
-        rows.append(["bare Celery" if name == "bare" else f"Fleet, {name}", spread(reps, "throughput"),
+        rows.append(["bare Celery" if name == "bare" else f"Fleet, {name}", spread(reps, "task_rate"),
+                     spread(reps, "throughput"),
                      spread(reps, "dispatch_rate"), spread(reps, "drain_rate"), spread(reps, "call_p50", "{:.2f}"),
                      f"{med_of(reps, 'lat_p50'):.1f} / {med_of(reps, 'lat_p95'):.1f}",
                      f"{med_of(reps, 'iso_p50'):.1f} / {med_of(reps, 'iso_p95'):.1f}",
                      spread(reps, "commits") if name == "postgresql" else "-",
                      spread(reps, "events") if name != "bare" else "-"])
     table("no-op agent: throughput and latency",
-          ["system", "throughput runs/s", "producer: dispatch calls/s", "consumer: drain runs/s", "call p50 ms",
+          ["system", "through fleet.dispatch tasks runs/s", "in-process dispatch runs/s",
+           "producer: dispatch calls/s", "consumer: drain runs/s", "call p50 ms",
            "burst latency p50 / p95 ms", "isolated latency p50 / p95 ms", "DB commits/run (pg_stat)",
            "events/run"], rows)
     ratios = []
     for kind in kinds:
         fleet = results[kind]
         ratios.append([f"Fleet {kind} / bare Celery"] + [
-            f"{med_of(fleet, key) / med_of(bare, key):.3f}" for key in ("throughput", "drain_rate", "lat_p50",
-                                                                        "iso_p50")])
+            f"{med_of(fleet, key) / med_of(bare, key):.3f}" for key in ("task_rate", "throughput", "drain_rate",
+                                                                        "lat_p50", "iso_p50")])
     table("ratios (Fleet / bare Celery, medians)",
-          ["", "throughput", "consumer drain rate", "burst latency p50", "isolated latency p50"], ratios)
+          ["", "throughput via fleet.dispatch tasks", "in-process dispatch throughput", "consumer drain rate",
+           "burst latency p50", "isolated latency p50"], ratios)
 
 
 def _print_trace(traces: dict[str, dict[str, Any]]) -> None:

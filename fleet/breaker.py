@@ -24,57 +24,67 @@ class Outcome(str, Enum):
     NEUTRAL = "neutral"  # idle, transient, killed: says nothing about the agent's health
 
 
-# KEYS: breaker hash. ARGV: now, cooldown_s, run_id (empty for a read-only look).
-# Returns {allowed (0/1), state}.
-_ALLOW = """
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local now = tonumber(ARGV[1])
-if state == 'open' then
-  local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0')
-  if now - opened < tonumber(ARGV[2]) then return {0, 'open'} end
-  if ARGV[3] == '' then return {1, 'half_open'} end
-  redis.call('HSET', KEYS[1], 'state', 'half_open', 'trial', ARGV[3])
-  return {1, 'half_open'}
+# The transitions as Lua functions, so that fleet/admission.py can run them inside a dispatch's or an
+# outcome's single round trip; each script below is one of them applied to KEYS and ARGV.
+
+# allow(hash, now, cooldown_s, run_id or '' for a read-only look): {allowed (0/1), state}.
+ALLOW_FN = """
+local function allow(key, now, cooldown, run_id)
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  if state == 'open' then
+    local opened = tonumber(redis.call('HGET', key, 'opened_at') or '0')
+    if tonumber(now) - opened < tonumber(cooldown) then return {0, 'open'} end
+    if run_id == '' then return {1, 'half_open'} end
+    redis.call('HSET', key, 'state', 'half_open', 'trial', run_id)
+    return {1, 'half_open'}
+  end
+  if state == 'half_open' then
+    local trial = redis.call('HGET', key, 'trial')
+    if trial and trial ~= '' and trial ~= run_id then return {0, 'half_open'} end
+    if run_id ~= '' then redis.call('HSET', key, 'trial', run_id) end
+    return {1, 'half_open'}
+  end
+  return {1, 'closed'}
 end
-if state == 'half_open' then
-  local trial = redis.call('HGET', KEYS[1], 'trial')
-  if trial and trial ~= '' and trial ~= ARGV[3] then return {0, 'half_open'} end
-  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'trial', ARGV[3]) end
-  return {1, 'half_open'}
-end
-return {1, 'closed'}
 """
 
-# KEYS: breaker hash. ARGV: outcome, now, threshold, run_id. Returns {old state, new state}.
-_RECORD = """
-local old = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local outcome = ARGV[1]
-local trial = redis.call('HGET', KEYS[1], 'trial')
-if outcome == 'neutral' then
-  if old == 'half_open' and trial == ARGV[4] then redis.call('HDEL', KEYS[1], 'trial') end
+# record(hash, outcome, now, threshold, run_id): {old state, new state}.
+RECORD_FN = """
+local function record(key, outcome, now, threshold, run_id)
+  local old = redis.call('HGET', key, 'state') or 'closed'
+  local trial = redis.call('HGET', key, 'trial')
+  if outcome == 'neutral' then
+    if old == 'half_open' and trial == run_id then redis.call('HDEL', key, 'trial') end
+    return {old, old}
+  end
+  if outcome == 'success' then
+    if old == 'open' then return {old, old} end
+    redis.call('HSET', key, 'state', 'closed', 'failures', 0)
+    redis.call('HDEL', key, 'trial', 'opened_at')
+    return {old, 'closed'}
+  end
+  local failures = redis.call('HINCRBY', key, 'failures', 1)
+  if old == 'open' then return {old, old} end  -- a late failure does not stretch the cool-down
+  if outcome == 'auth' or old == 'half_open' or failures >= tonumber(threshold) then
+    redis.call('HSET', key, 'state', 'open', 'opened_at', now)
+    redis.call('HDEL', key, 'trial')
+    return {old, 'open'}
+  end
   return {old, old}
 end
-if outcome == 'success' then
-  if old == 'open' then return {old, old} end
-  redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0)
-  redis.call('HDEL', KEYS[1], 'trial', 'opened_at')
-  return {old, 'closed'}
-end
-local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if old == 'open' then return {old, old} end  -- a late failure does not stretch the cool-down
-if outcome == 'auth' or old == 'half_open' or failures >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', ARGV[2])
-  redis.call('HDEL', KEYS[1], 'trial')
-  return {old, 'open'}
-end
-return {old, old}
 """
 
-# KEYS: breaker hash. ARGV: run_id. Frees a half-open trial that a refused dispatch had taken.
-_FORFEIT = """
-if redis.call('HGET', KEYS[1], 'trial') == ARGV[1] then return redis.call('HDEL', KEYS[1], 'trial') end
-return 0
+# forfeit(hash, run_id): frees a half-open trial that a refused or ended-unstarted run had taken.
+FORFEIT_FN = """
+local function forfeit(key, run_id)
+  if redis.call('HGET', key, 'trial') == run_id then return redis.call('HDEL', key, 'trial') end
+  return 0
+end
 """
+
+_ALLOW = ALLOW_FN + "return allow(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+_RECORD = RECORD_FN + "return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+_FORFEIT = FORFEIT_FN + "return forfeit(KEYS[1], ARGV[1])"
 
 
 @dataclass(frozen=True)

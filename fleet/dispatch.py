@@ -7,6 +7,11 @@
 4. dispatch_one   - a fenced slot lease, the spend reservation and the day's run count, status
                     `queued`, one execute message
 5. watch          - the executor (fleet/executor.py) owns the run from there
+
+Steps 1 to 4 share one database transaction and one Redis round trip (fleet/admission.py: the kill
+flags, the breaker and the lease, judged atomically), then the message is sent: a run costs one
+durable commit to accept. A duplicate is answered from the unique key alone, before any Redis work;
+a refusal rolls the row back and keeps only an event, so the same key may be dispatched later.
 Clients, the clock and the message sender are injected, so a test can run every step against a
 fixed clock and count what each did. Expected outcomes (duplicate, busy, over cap) are results.
 """
@@ -144,43 +149,53 @@ def dispatch(services: Services, request: DispatchRequest, send: Sender) -> Disp
     spec, work_key, payload = validate(services, request)
     idem_key = f"{spec.name}:{work_key}"
     try:
-        services.redis.ping()  # fail before anything is written when Redis is away
         if request.dry_run:
+            services.redis.ping()  # a plan from a fleet whose Redis is away would be a guess
             return dry_run(services, spec, work_key, idem_key)
-        archived = archive_stale(services, spec, work_key, idem_key)
-        run, created = create(services, spec, work_key, idem_key, payload, request)
+        return _accept(services, spec, work_key, idem_key, payload, request, send)
     except (redis.RedisError, SQLAlchemyError) as exc:
         raise as_fleet_error(exc) from None
-    if not created:
-        return DispatchResult(run.id, "duplicate", reason=f"already {run.status}", archived=archived, fence=run.fence)
+
+
+def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, payload: str | None,
+            request: DispatchRequest, send: Sender) -> DispatchResult:
+    now = services.now()
+    with db.session(services.engine) as session:
+        archived = archive_stale(session, services, spec, work_key, idem_key, now)
+        run = create(session, spec, work_key, idem_key, payload, request, now)
+        if isinstance(run, DispatchResult):  # a duplicate: the key's own run, whatever the gates say now
+            session.commit() if archived else session.rollback()
+            run.archived = archived
+            return run
+        result = dispatch_one(session, services, spec, run, now)
+        if result.status != "queued":
+            session.rollback()  # the row, its reservation and its count go; an event stays
+            result.archived = archived
+            return _refused(services, spec, run, result)
+        session.commit()
+    result.archived = archived
     try:
-        result = plan(services, spec, run.id, work_key, idem_key)
-        result.archived = archived
-        if result.status != "ok":
-            return _abort(services, run, result)
-        return dispatch_one(services, spec, run, result, send)
-    except (redis.RedisError, SQLAlchemyError, UnavailableError) as exc:
-        # Undo the row, so the retry that 75 invites is not answered "duplicate" for work never done.
-        with contextlib.suppress(SQLAlchemyError):
-            _abort(services, run, DispatchResult(run.id, "failed", reason=exc.__class__.__name__))
-        raise (exc if isinstance(exc, UnavailableError) else as_fleet_error(exc)) from None
+        send(run.id, run.fence or 0)
+    except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
+        _unsend(services, run)
+        raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
+                               "its slot and reservation were returned, and the same key may be dispatched "
+                               "again") from None
+    return result
 
 
 # ---------------------------------------------------------------- step 1: archive-stale
 
 
-def archive_stale(services: Services, spec: AgentSpec, work_key: str, idem_key: str) -> list[str]:
-    """Archive the unit's never-started runs that another key superseded or that are older than stale_after."""
-    now = services.now()
+def archive_stale(session: Session, services: Services, spec: AgentSpec, work_key: str, idem_key: str,
+                  now: datetime) -> list[str]:
+    """Archive the unit's never-started first attempts that another key superseded or that are older than
+    stale_after (a retry waiting its turn is never archived: it already ran once)."""
     cutoff = now - timedelta(seconds=services.config.fleet.stale_after_s)
-    with db.session(services.engine) as session:
-        stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
-                 if r.idem_key != idem_key or r.created_at < cutoff]
-        for run in stale:
-            archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")
-        if stale:
-            session.commit()  # nothing to archive (the usual case) commits nothing
-    return [run.id for run in stale]
+    stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
+             if r.attempt == 0 and (r.idem_key != idem_key or r.created_at < cutoff)]
+    return [run.id for run in stale
+            if archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")]
 
 
 def archive(session: Session, services: Services, run: Run, *, reason: str) -> bool:
@@ -202,31 +217,28 @@ def archive(session: Session, services: Services, run: Run, *, reason: str) -> b
 # ---------------------------------------------------------------- step 2: create
 
 
-def create(services: Services, spec: AgentSpec, work_key: str, idem_key: str, payload: str | None,
-           request: DispatchRequest) -> tuple[Run, bool]:
-    """Insert the run unless its key exists; returns (run, created). Never a second row for a key."""
-    now = services.now()
-    run_id = uuid.uuid4().hex
-    with db.session(services.engine) as session:
-        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        row = {"id": run_id, "idem_key": idem_key, "agent": spec.name, "work_key": work_key,
-               "status": RunStatus.CREATED.value, "attempt": 0, "max_attempts": 2, "payload": payload,
-               "reserved_micros": 0, "cost_micros": 0, "dispatched_by": request.actor[:255],
-               "prev_run_id": request.prev_run_id, "replay_of": request.replay_of,
-               "created_at": now, "updated_at": now}
-        inserted = session.execute(insert(Run).values(row).on_conflict_do_nothing().returning(col(Run.id))).first()
-        if inserted is not None:
-            store.add_event(session=session, at=now, kind="run.created", run_id=run_id, agent=spec.name,
-                            actor=request.actor, work_key=work_key, replay_of=request.replay_of)
-            session.commit()
-            run = store.get_run(session=session, run_id=run_id)
-            assert run is not None
-            return run, True
-        session.rollback()
-        existing = store.get_run_by_key(session=session, idem_key=idem_key)
-        if existing is None:  # created and refused (deleted) in between: the caller may try again
-            raise UnavailableError(f"run for {idem_key!r} vanished while deduplicating; retry")
-        return existing, False
+def create(session: Session, spec: AgentSpec, work_key: str, idem_key: str, payload: str | None,
+           request: DispatchRequest, now: datetime) -> Run | DispatchResult:
+    """Insert the run unless its key exists: the new row, or the existing run's `duplicate` answer.
+    Never a second row for a key (a concurrent insert of the same key waits on the unique index)."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    run = Run(id=uuid.uuid4().hex, idem_key=idem_key, agent=spec.name, work_key=work_key, status=RunStatus.CREATED,
+              attempt=0, max_attempts=2, payload=payload, reserved_micros=0, cost_micros=0,
+              dispatched_by=request.actor[:255], prev_run_id=request.prev_run_id, replay_of=request.replay_of,
+              created_at=now, updated_at=now)
+    row = run.model_dump(include={"id", "idem_key", "agent", "work_key", "attempt", "max_attempts", "payload",
+                                  "reserved_micros", "cost_micros", "dispatched_by", "prev_run_id", "replay_of",
+                                  "created_at", "updated_at"})
+    inserted = session.execute(insert(Run).values(status=RunStatus.CREATED.value, **row)
+                               .on_conflict_do_nothing().returning(col(Run.id))).first()
+    if inserted is not None:
+        store.add_event(session=session, at=now, kind="run.created", run_id=run.id, agent=spec.name,
+                        actor=request.actor, work_key=work_key, replay_of=request.replay_of)
+        return run
+    existing = store.get_run_by_key(session=session, idem_key=idem_key)
+    if existing is None:  # created and refused (rolled back) in between: the caller may try again
+        raise UnavailableError(f"run for {idem_key!r} vanished while deduplicating; retry")
+    return DispatchResult(existing.id, "duplicate", reason=f"already {existing.status}", fence=existing.fence)
 
 
 # ---------------------------------------------------------------- step 3: dry-run (the plan)
@@ -301,102 +313,105 @@ def dry_run(services: Services, spec: AgentSpec, work_key: str, idem_key: str) -
 # ---------------------------------------------------------------- step 4: dispatch-one
 
 
-def dispatch_one(services: Services, spec: AgentSpec, run: Run, result: DispatchResult,
-                 send: Sender) -> DispatchResult:
-    """Take a slot, reserve the estimate, mark queued, send exactly one execute message."""
-    now = services.now()
+def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime) -> DispatchResult:
+    """In the dispatch's transaction: the gates and the lease in one Redis round trip, the kill mirror, the
+    spend reservation, status `queued`. The caller commits, then sends the one execute message."""
     fleet = services.config.fleet
-    kill = killswitch.check_redis(services.redis, spec.name)  # intake stops at once, at every step
-    if kill.killed:
-        return _refuse(services, run, result, "killed")
-    cooldown = spec.breaker_settings(fleet)[1]
-    if not services.breakers.admit(spec.name, run.id, now=now.timestamp(), cooldown_s=cooldown).allowed:
-        return _refuse(services, run, result, "breaker_open")
     # Queued runs wait in the broker, so the lease must outlive the wait: the reaper renews the
     # leases of runs still waiting, and the executor shortens it to the lease TTL once the run starts.
-    lease = services.leases.acquire(spec.name, spec.concurrency, run.id, ttl_s=fleet.queued_lease_ttl_s)
-    if lease is None:
-        services.breakers.forfeit(spec.name, run.id)
-        return _refuse(services, run, result, "busy")
-    queued = _reserve_and_queue(services, spec, run, lease, now)
-    if queued != "queued":
-        services.leases.release(lease)
-        services.breakers.forfeit(spec.name, run.id)
-        if queued == "ended":  # another dispatcher ended the row in between: it is not ours to queue
-            result.status, result.reason = "misdispatch", "the run was ended by another dispatcher before it queued"
-            return result
-        if queued == "over_cap":
-            alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
-                         agent=spec.name, level="warning")
-        return _refuse(services, run, result, queued)
-    try:
-        send(run.id, lease.fence)
-    except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
-        _unsend(services, run, lease)
-        raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
-                               "its slot and reservation were returned, and the same key may be dispatched "
-                               "again") from None
-    result.status, result.fence, result.reason = "queued", lease.fence, None
+    admitted = services.admissions.admit(spec.name, spec.concurrency, run.id, now=now.timestamp(),
+                                         cooldown_s=spec.breaker_settings(fleet)[1], ttl_s=fleet.queued_lease_ttl_s)
+    result = DispatchResult(run.id, "refused", would_fire=[run.id])
+    if admitted.verdict == "killed":
+        state = killswitch.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
+        return _refuse(result, "kill", Gate(False, state.describe()))
+    if admitted.verdict == "paused":
+        held = pause.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
+        return _refuse(result, "pause", Gate(False, held.describe()))
+    if admitted.verdict == "breaker_open":
+        return _refuse(result, "breaker", Gate(False, admitted.breaker))
+    if admitted.lease is None:
+        return _refuse(result, "lock", Gate(False, f"0 of {spec.concurrency} slot(s) free"))
+    lease = admitted.lease
+    mirror = killswitch.check_mirror(session, spec.name)  # a flag Redis lost still stops intake
+    if mirror.killed:
+        killswitch.restore(session, services.redis)
+        return _give_back(services, lease, _refuse(result, "kill", Gate(False, mirror.describe())))
+    if pause.mirrored(session, spec.name):  # likewise a pause; check() puts the lost flag back
+        paused = pause.check(session, services.redis, spec.name)
+        return _give_back(services, lease, _refuse(result, "pause", Gate(False, paused.describe())))
+    estimate = ledger.to_micros(spec.est_cost_usd) or 0
+    day = ledger.budget_day(session, fleet.timezone)
+    queued = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED).values(
+        status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day, reserved_micros=estimate,
+        queued_at=now, updated_at=now, sends=1))
+    if db.rowcount(queued) != 1:  # the row is this transaction's own: nobody else can have ended it
+        _give_back(services, lease, result)
+        raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")
+    caps = caps_of(services, spec)
+    if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps, now=now):
+        alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
+                     agent=spec.name, level="warning")
+        room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
+        gate = Gate(False, f"needs ${ledger.to_usd(estimate):.2f}, ${ledger.to_usd(max(room, 0)):.2f} left today")
+        return _give_back(services, lease, _refuse(result, "caps", gate))  # the caller rolls the queueing back
+    if not ledger.count_run(session, day=day, agent=spec.name, limit=spec.max_runs_per_day, now=now):
+        full = f"{spec.max_runs_per_day} of {spec.max_runs_per_day} run(s) today"
+        return _give_back(services, lease, _refuse(result, "bounded", Gate(False, full)))
+    store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name, fence=lease.fence,
+                    slot=lease.slot, reserved_micros=estimate)
+    run.status, run.fence, run.slot, run.budget_day, run.reserved_micros = (
+        RunStatus.QUEUED, lease.fence, lease.slot, day, estimate)
+    result.status, result.fence = "queued", lease.fence
+    # What each gate said, as the plan would show it (no extra reads: the verdicts are in hand).
+    bound = spec.max_runs_per_day
+    result.gates = {"kill": Gate(True, "not killed"), "pause": Gate(True, "not paused"),
+                    "breaker": Gate(True, admitted.breaker),
+                    "bounded": Gate(True, "no bound" if bound is None else f"within {bound} run(s) today"),
+                    "caps": Gate(True, f"reserved ${ledger.to_usd(estimate):.2f}"),
+                    "lock": Gate(True, f"slot {lease.slot} of {spec.concurrency}, fence {lease.fence}")}
     return result
 
 
-def _reserve_and_queue(services: Services, spec: AgentSpec, run: Run, lease: Lease, now: datetime) -> str:
-    """Reserve the estimate, count the run and mark it queued, in one transaction: `queued` when done,
-    `over_cap` or `bounded` when refused, `ended` when the row is no longer `created` (another
-    dispatcher archived it)."""
-    estimate = ledger.to_micros(spec.est_cost_usd) or 0
-    with db.session(services.engine) as session:
-        day = ledger.budget_day(session, services.config.fleet.timezone)
-        if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps_of(services, spec),
-                              now=now):
-            session.rollback()
-            return "over_cap"
-        if not ledger.count_run(session, day=day, agent=spec.name, limit=spec.max_runs_per_day, now=now):
-            session.rollback()  # the reservation goes with it
-            return "bounded"
-        moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED)
-                                .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day,
-                                        reserved_micros=estimate, queued_at=now, updated_at=now, sends=1))
-        if db.rowcount(moved) != 1:
-            session.rollback()  # the reservation and the count go with it
-            return "ended"
-        store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name,
-                        fence=lease.fence, slot=lease.slot, reserved_micros=estimate)
-        session.commit()
-    run.status, run.fence, run.slot, run.budget_day, run.reserved_micros = (
-        RunStatus.QUEUED, lease.fence, lease.slot, day, estimate)
-    return "queued"
+def _refuse(result: DispatchResult, gate: str, verdict: Gate) -> DispatchResult:
+    result.gates[gate] = verdict
+    result.reason = _REFUSAL[gate]
+    return result
 
 
-def _unsend(services: Services, run: Run, lease: Lease) -> None:
+def _give_back(services: Services, lease: Lease, result: DispatchResult) -> DispatchResult:
+    """A refusal after the lease was taken: the slot and the breaker's trial go back at once."""
+    services.leases.release(lease)
+    services.breakers.forfeit(lease.agent, lease.run_id)
+    return result
+
+
+def _unsend(services: Services, run: Run) -> None:
     """The message could not be sent: return the reservation and the slot and delete the row, so the
     retry that 75 invites dispatches the key afresh (a message that did get through finds no run)."""
     now = services.now()
     with db.session(services.engine) as session:
         fresh = store.get_run(session=session, run_id=run.id)
-        if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == lease.fence:
+        if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == run.fence:
             ledger.settle(session, run=fresh, now=now)
             if fresh.budget_day is not None:
                 ledger.uncount_run(session, day=fresh.budget_day, agent=fresh.agent)
             session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
-                                              col(Run.fence) == lease.fence))
+                                              col(Run.fence) == run.fence))
             store.add_event(session=session, at=now, kind="dispatch.enqueue_failed", run_id=run.id, agent=run.agent)
         session.commit()
-    services.leases.release(lease)
+    if run.slot is not None and run.fence is not None:
+        services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
     services.breakers.forfeit(run.agent, run.id)
 
 
-def _refuse(services: Services, run: Run, result: DispatchResult, reason: str) -> DispatchResult:
-    result.status, result.reason = "refused", reason
-    return _abort(services, run, result)
-
-
-def _abort(services: Services, run: Run, result: DispatchResult) -> DispatchResult:
-    """Undo the created row (it never happened, so the same key may be dispatched later); keep the event."""
-    now = services.now()
+def _refused(services: Services, spec: AgentSpec, run: Run, result: DispatchResult) -> DispatchResult:
+    """The refusal's event, in a transaction of its own (the row it was about never happened), and every
+    gate's verdict as the plan shows it, for the person reading it (a refusal is not the hot path)."""
     with db.session(services.engine) as session:
-        session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED))
-        store.add_event(session=session, at=now, kind=f"dispatch.{result.status}", run_id=run.id, agent=run.agent,
-                        reason=result.reason)
+        store.add_event(session=session, at=services.now(), kind=f"dispatch.{result.status}", run_id=run.id,
+                        agent=run.agent, reason=result.reason)
         session.commit()
+        with contextlib.suppress(redis.RedisError, UnavailableError):
+            result.gates = {**_gates(services, session, spec), **result.gates}
     return result

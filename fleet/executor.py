@@ -136,18 +136,18 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         except NotFoundError:
             _end_unstarted(services, session, run, RunStatus.DEAD, "agent no longer in fleet.toml", "agent_removed")
             return ExecuteResult(run_id, "dead", reason="agent no longer configured")
-        try:
-            kill = killswitch.check(session, services.redis, run.agent)
-        except UnavailableError as exc:
-            return ExecuteResult(run_id, "deferred", reason=str(exc))  # the task sends it again later
-        if kill.killed:
-            _end_unstarted(services, session, run, RunStatus.KILLED, kill.describe())
-            return ExecuteResult(run_id, "killed", reason=kill.describe())
         lease = Lease(run.agent, run.slot, run.id, fence)
-        try:
-            renewed = services.leases.renew(lease, services.config.fleet.lease_ttl_s)
+        try:  # the kill flags and the lease renewal in one round trip; the mirror in this transaction
+            killed_scope, flag, renewed = services.admissions.claim(lease, ttl_s=services.config.fleet.lease_ttl_s)
         except redis.RedisError as exc:
             return ExecuteResult(run_id, "deferred", reason=f"Redis unreachable ({exc.__class__.__name__})")
+        kill = (killswitch.parse_flag(killed_scope, flag) if killed_scope is not None
+                else killswitch.check_mirror(session, run.agent))
+        if kill.killed:
+            if killed_scope is None:
+                killswitch.restore(session, services.redis)  # Redis lost a flag the mirror still holds
+            _end_unstarted(services, session, run, RunStatus.KILLED, kill.describe())
+            return ExecuteResult(run_id, "killed", reason=kill.describe())
         if not renewed:
             # Its slot lapsed and another run holds it now: it stays queued, and the reaper sends it
             # again once a slot is free. Nothing is archived in silence.
@@ -454,14 +454,16 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
                    delay: float | None, requeue: Requeue) -> None:
     """What follows once the outcome is safe in the database; none of it may undo that."""
     fleet = services.config.fleet
+    threshold = spec.breaker_settings(fleet)[0]
     try:
         if retry:
             services.leases.renew(lease, (delay or 0) + fleet.queued_lease_ttl_s)
             requeue(run.id, lease.fence, delay or 0)
-        else:
-            services.leases.release(lease)
-        old, new = services.breakers.record(run.agent, run.id, verdict.breaker, now=services.now().timestamp(),
-                                            threshold=spec.breaker_settings(fleet)[0])
+            old, new = services.breakers.record(run.agent, run.id, verdict.breaker, now=services.now().timestamp(),
+                                                threshold=threshold)
+        else:  # the lease freed and the outcome counted in one round trip
+            _, old, new = services.admissions.finish(lease, verdict.breaker, now=services.now().timestamp(),
+                                                     threshold=threshold)
         if new != old:
             _breaker_changed(services, run, old, new)
         if verdict.pause:  # the operator's pause, by the agent's own hand: `fleet resume AGENT` lifts it

@@ -14,60 +14,76 @@ import redis
 
 from fleet import keys
 
-# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms.
-# Returns {slot, fence}; the same run asking again gets its own lease back (idempotent);
-# nil when every slot is held.
-_ACQUIRE = """
-local n = #KEYS - 1
-local prefix = ARGV[1] .. ':'
-for i = 1, n do
-  local v = redis.call('GET', KEYS[i])
-  if v and string.sub(v, 1, #prefix) == prefix then
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
-    return {i - 1, tonumber(string.sub(v, #prefix + 1))}
-  end
-end
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    -- The counter never goes below the server's clock in microseconds, so fences keep growing
-    -- even after a Redis restart without persistence wiped the counter.
-    local now = redis.call('TIME')
-    local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
-    local fence = redis.call('INCR', KEYS[n + 1])
-    if fence < floor then
-      fence = floor
-      redis.call('SET', KEYS[n + 1], string.format('%d', fence))
+# The lease logic as Lua functions, so that fleet/admission.py can run it inside a dispatch's single
+# round trip; each script below is one of them applied to KEYS and ARGV.
+
+# acquire(slot keys, fence counter key, run_id, ttl_ms): {slot, fence}; the same run asking again gets
+# its own lease back (idempotent); nil when every slot is held.
+ACQUIRE_FN = """
+local function acquire(slots, counter, run_id, ttl_ms)
+  local prefix = run_id .. ':'
+  for i = 1, #slots do
+    local v = redis.call('GET', slots[i])
+    if v and string.sub(v, 1, #prefix) == prefix then
+      redis.call('PEXPIRE', slots[i], ttl_ms)
+      return {i - 1, tonumber(string.sub(v, #prefix + 1))}
     end
-    -- %d, not tostring: Lua would print a number this large as 1.76e+15
-    redis.call('SET', KEYS[i], prefix .. string.format('%d', fence), 'PX', ARGV[2])
-    return {i - 1, fence}
   end
+  for i = 1, #slots do
+    if redis.call('EXISTS', slots[i]) == 0 then
+      -- The counter never goes below the server's clock in microseconds, so fences keep growing
+      -- even after a Redis restart without persistence wiped the counter.
+      local now = redis.call('TIME')
+      local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+      local fence = redis.call('INCR', counter)
+      if fence < floor then
+        fence = floor
+        redis.call('SET', counter, string.format('%d', fence))
+      end
+      -- %d, not tostring: Lua would print a number this large as 1.76e+15
+      redis.call('SET', slots[i], prefix .. string.format('%d', fence), 'PX', ttl_ms)
+      return {i - 1, fence}
+    end
+  end
+  return nil
 end
-return nil
 """
 
-# KEYS: a slot key. ARGV: expected value, ttl_ms. 1 when renewed, 0 when another holder has it.
-# A key that vanished (Redis restarted, or the lease lapsed and nobody took it) is re-asserted
-# with the same fence: the database row, fenced too, says whether the run is still ours.
-_RENEW = """
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# renew(slot key, expected value, ttl_ms): 1 when renewed, 0 when another holder has it. A key that
+# vanished (Redis restarted, or the lease lapsed and nobody took it) is re-asserted with the same
+# fence: the database row, fenced too, says whether the run is still ours.
+RENEW_FN = """
+local function renew(key, value, ttl_ms)
+  local v = redis.call('GET', key)
+  if v == value then
+    return redis.call('PEXPIRE', key, ttl_ms)
+  end
+  if not v then
+    redis.call('SET', key, value, 'PX', ttl_ms)
+    return 1
+  end
+  return 0
 end
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
 """
 
-# KEYS: a slot key. ARGV: expected value. 1 when released, 0 when the lease is not ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+# release(slot key, expected value): 1 when released, 0 when the lease is not ours.
+RELEASE_FN = """
+local function release(key, value)
+  if redis.call('GET', key) == value then
+    return redis.call('DEL', key)
+  end
+  return 0
 end
-return 0
 """
+
+# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms.
+_ACQUIRE = ACQUIRE_FN + """
+local slots = {}
+for i = 1, #KEYS - 1 do slots[i] = KEYS[i] end
+return acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[2])
+"""
+_RENEW = RENEW_FN + "return renew(KEYS[1], ARGV[1], ARGV[2])"  # KEYS: a slot key. ARGV: value, ttl_ms.
+_RELEASE = RELEASE_FN + "return release(KEYS[1], ARGV[1])"  # KEYS: a slot key. ARGV: value.
 
 
 @dataclass(frozen=True)

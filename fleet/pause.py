@@ -153,6 +153,13 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> PauseStat
     return RUNNING
 
 
+def mirrored(session: Session, agent: str) -> bool:
+    """Whether the database mirror holds a pause for the fleet or for `agent` (no Redis: the dispatch read
+    the flags already, in its admission)."""
+    query = select(Pause.scope).where(col(Pause.scope).in_([GLOBAL, agent]), col(Pause.engaged)).limit(1)
+    return session.exec(query).first() is not None
+
+
 def _from_row(row: Pause) -> PauseState:
     return PauseState(True, row.scope, row.reason, row.actor, row.changed_at)
 

@@ -13,6 +13,7 @@ from redis import Redis
 from sqlalchemy import Engine
 
 from fleet import db, logs
+from fleet.admission import Admissions
 from fleet.breaker import Breakers
 from fleet.config import FleetConfig, Settings, load_fleet_config
 from fleet.errors import ConfigError, FleetError, PermissionDeniedError, UnavailableError
@@ -80,6 +81,11 @@ class Services:
     def leases_fast(self) -> Leases:
         """Slot leases through the fast client (the watch loop's renewals)."""
         return Leases(self.fast_redis)
+
+    @cached_property
+    def admissions(self) -> Admissions:
+        """A run's Redis work in one round trip at admission, claim and finish."""
+        return Admissions(self.redis)
 
     @cached_property
     def breakers(self) -> Breakers:

@@ -219,7 +219,9 @@ def test_fleet_pause_lets_the_running_run_finish_and_refuses_new_work(fleet: Fle
         assert f"PAUSED {agent}" in status.stdout and "running runs finish" in status.stdout
         assert "KILLED" not in status.stdout
         picture = fleet.cli_json("status")
-        assert [p["scope"] for p in picture["pauses"]] == [agent] and picture["kill"] == []
+        # Other agents of the shared fleet may be paused by other tests (exit78 pauses itself): not this one's.
+        assert [p["scope"] for p in picture["pauses"] if p["scope"] in (agent, "*")] == [agent]
+        assert picture["kill"] == []
         wait_for(lambda: _status(fleet, started.run_id) in {RunStatus.SUCCEEDED, RunStatus.KILLED}, 30, "the run's end")
         assert _status(fleet, started.run_id) == RunStatus.SUCCEEDED
     finally:

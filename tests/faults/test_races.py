@@ -14,6 +14,7 @@ from sqlmodel import col, select
 from fleet import db, executor, store, sweeps
 from fleet import dispatch as dispatching
 from fleet.dispatch import DispatchRequest
+from fleet.errors import UnavailableError
 from fleet.models import Run, RunStatus, SpendDay
 from tests.faults.conftest import FaultFleet, fault_fleet
 from tests.faults.servers import PrivateCluster
@@ -60,20 +61,20 @@ def test_two_reapers_requeueing_one_run_keep_its_slot(idle: FaultFleet) -> None:
 
 
 def test_an_archived_run_cannot_be_queued_back_to_life(idle: FaultFleet) -> None:
-    """The row is archived between the plan and dispatch-one: the queue step changes nothing, keeps no money."""
+    """The row is ended between its creation and the queue step (in one transaction now, so only a bug could
+    do it): the queue step's conditional update changes nothing, and the lease and the money go back."""
     services = idle.fleet.services
     spec = services.config.agent("quick")
     work_key = uuid.uuid4().hex
-    run, created = dispatching.create(services, spec, work_key, f"quick:{work_key}", None,
-                                      DispatchRequest("quick", work_key, actor="test"))
-    assert created
-    plan = dispatching.plan(services, spec, run.id, work_key, f"quick:{work_key}")
+    request = DispatchRequest("quick", work_key, actor="test")
     with db.session(services.engine) as session:
-        assert dispatching.archive(session, services, run_of(idle.fleet, run.id), reason="superseded")
+        now = services.now()
+        run = dispatching.create(session, spec, work_key, f"quick:{work_key}", None, request, now)
+        assert isinstance(run, Run)
+        assert dispatching.archive(session, services, run, reason="superseded")
+        with pytest.raises(UnavailableError):
+            dispatching.dispatch_one(session, services, spec, run, now)
         session.commit()
-    sent: list[tuple[str, int]] = []
-    result = dispatching.dispatch_one(services, spec, run, plan, lambda r, f: sent.append((r, f)))
-    assert result.status != "queued" and sent == []
     assert run_of(idle.fleet, run.id).status == RunStatus.ARCHIVED
     assert _reserved(idle, "quick") == 0, "the archived run kept a reservation nobody will return"
     assert services.leases.holders("quick", 100) == []

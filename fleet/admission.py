@@ -1,0 +1,112 @@
+"""A run's Redis work in one round trip at each end: its admission, its claim, and its finish.
+
+Each is one Lua script composed of the lease and breaker functions of fleet/locks.py and
+fleet/breaker.py (one logic, two callers), so the gates a dispatch passes are judged atomically
+against each other and cost one round trip instead of five:
+
+admit   the kill flags (the fleet's and the agent's: any value kills), the pause flags, the breaker (taking the
+        half-open trial when it is the one), a free slot's fenced lease (the trial is given back
+        when none is free)
+claim   the kill flags again and the lease renewed to the running TTL, as the executor starts
+finish  the lease released if still ours, and the outcome counted by the breaker
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from fleet import keys
+from fleet.breaker import ALLOW_FN, FORFEIT_FN, RECORD_FN, Outcome
+from fleet.keys import GLOBAL
+from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease
+
+# KEYS: kill:*, kill:AGENT, paused:*, paused:AGENT, breaker:AGENT, the slot keys..., fence:AGENT.
+# ARGV: run_id, now, cooldown_s, ttl_ms. Returns {'killed', scope index, value} | {'paused', scope index,
+# value} | {'breaker_open', state} | {'busy', state} | {'ok', slot, fence, state}.
+_ADMIT = ALLOW_FN + FORFEIT_FN + ACQUIRE_FN + """
+for i = 1, 4 do
+  local flag = redis.call('GET', KEYS[i])
+  if flag then return {i <= 2 and 'killed' or 'paused', 2 - i % 2, flag} end
+end
+local verdict = allow(KEYS[5], ARGV[2], ARGV[3], ARGV[1])
+if verdict[1] == 0 then return {'breaker_open', verdict[2]} end
+local slots = {}
+for i = 6, #KEYS - 1 do slots[#slots + 1] = KEYS[i] end
+local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[4])
+if not lease then
+  forfeit(KEYS[5], ARGV[1])
+  return {'busy', verdict[2]}
+end
+return {'ok', lease[1], lease[2], verdict[2]}
+"""
+
+# KEYS: kill:*, kill:AGENT, the slot key. ARGV: lease value, ttl_ms.
+# Returns {'killed', scope index, value} | {'renewed', 0/1}.
+_CLAIM = RENEW_FN + """
+for i = 1, 2 do
+  local flag = redis.call('GET', KEYS[i])
+  if flag then return {'killed', i, flag} end
+end
+return {'renewed', renew(KEYS[3], ARGV[1], ARGV[2])}
+"""
+
+# KEYS: the slot key, breaker:AGENT. ARGV: lease value, outcome, now, threshold, run_id.
+# Returns {released 0/1, old state, new state}.
+_FINISH = RELEASE_FN + RECORD_FN + """
+local released = release(KEYS[1], ARGV[1])
+local states = record(KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return {released, states[1], states[2]}
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What Redis said about a dispatch: `ok` (with its lease), or why not."""
+
+    verdict: str  # ok, killed, paused, breaker_open, busy
+    lease: Lease | None = None
+    breaker: str = "closed"
+    kill_scope: str | None = None
+    kill_value: str | None = None
+
+
+class Admissions:
+    """The three scripts, registered on one client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._admit = client.register_script(_ADMIT)
+        self._claim = client.register_script(_CLAIM)
+        self._finish = client.register_script(_FINISH)
+
+    def admit(self, agent: str, concurrency: int, run_id: str, *, now: float, cooldown_s: float,
+              ttl_s: float) -> Admission:
+        """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass."""
+        slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
+        got = self._admit(keys=[keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
+                                keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
+                          args=[run_id, now, cooldown_s, _ms(ttl_s)])
+        verdict = str(got[0])
+        if verdict in ("killed", "paused"):  # the scope whose flag stops intake, and the flag as Redis holds it
+            return Admission(verdict, kill_scope=GLOBAL if int(got[1]) == 1 else agent, kill_value=str(got[2]))
+        if verdict == "ok":
+            return Admission("ok", Lease(agent, int(got[1]), run_id, int(got[2])), breaker=str(got[3]))
+        return Admission(verdict, breaker=str(got[1]))
+
+    def claim(self, lease: Lease, *, ttl_s: float) -> tuple[str | None, str | None, bool]:
+        """(killed scope, its raw flag, lease renewed): the executor's Redis side, as it starts a run."""
+        got = self._claim(keys=[keys.kill(GLOBAL), keys.kill(lease.agent), lease.key], args=[lease.value, _ms(ttl_s)])
+        if str(got[0]) == "killed":
+            return (GLOBAL if int(got[1]) == 1 else lease.agent), str(got[2]), False
+        return None, None, bool(int(got[1]))
+
+    def finish(self, lease: Lease, outcome: Outcome, *, now: float, threshold: int) -> tuple[bool, str, str]:
+        """(released, breaker's old state, new state): the lease freed and the outcome counted, at once."""
+        got = self._finish(keys=[lease.key, keys.breaker(lease.agent)],
+                           args=[lease.value, outcome.value, now, threshold, lease.run_id])
+        return bool(int(got[0])), str(got[1]), str(got[2])
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
