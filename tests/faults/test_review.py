@@ -3,8 +3,11 @@ marked a strict expected failure, so the suite stays green until the fix removes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +16,14 @@ from typing import TypeVar
 import pytest
 import redis
 
+from fleet import keys
+from fleet.locks import Lease, Leases
 from fleet.models import Run, RunStatus
 from tests.faults.conftest import FAULT_AGENTS, FaultFleet, fault_fleet
 from tests.faults.effects import EffectsLog
+from tests.faults.proxy import PASS, RESET
 from tests.faults.servers import PrivateCluster
-from tests.harness import wait_for
+from tests.harness import executor_of, wait_for
 from tests.test_dispatch import run_of, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -112,6 +118,15 @@ def test_a_redis_restart_leaves_the_workers_consuming(faults: FaultFleet) -> Non
     assert faults.violations() == []
 
 
+STICKY_AGENT = """
+[agents.sticky]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "5",
+           "--steps", "5", "--cost", "0.01", "--child", "--ignore-term", "--exit", "1"]
+est_cost_usd = 0.05
+timeout_s = 60
+concurrency = 1
+"""
+
 DENIED_AGENT = """
 [agents.denied]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--cost", "0.01",
@@ -124,7 +139,7 @@ timeout_s = 60
 @pytest.fixture
 def pg_faults(tmp_path: Path, pg_cluster: PrivateCluster | None) -> Iterator[FaultFleet]:
     """A fault fleet on a private PostgreSQL behind the proxy, with an agent whose key is refused (exit 77)."""
-    with fault_fleet("postgresql", tmp_path, pg_cluster, agents=FAULT_AGENTS + DENIED_AGENT) as faults:
+    with fault_fleet("postgresql", tmp_path, pg_cluster, agents=FAULT_AGENTS + DENIED_AGENT + STICKY_AGENT) as faults:
         yield faults
 
 
@@ -217,3 +232,68 @@ def test_a_usage_line_over_a_mebibyte_is_not_counted_as_nothing(kind: str, tmp_p
                           60, "the run to end")
         assert faults.effects.spent(result.run_id) == 1_503_000
         assert faults.violations() == []
+
+
+class _SlowBeforeAcquire:
+    """The reaper's leases, with `before` run once just before it takes a slot for `run_id` (a reaper slow between
+    its abandon and its requeue: a GC pause, a slow kill-mirror read)."""
+
+    def __init__(self, leases: Leases, run_id: str, before: Callable[[], None]) -> None:
+        self._leases, self._run_id, self._before = leases, run_id, before
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._leases, name)
+
+    def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float) -> Lease | None:
+        """Take a slot, as Leases does, after the pause."""
+        if run_id == self._run_id:
+            before, self._before = self._before, lambda: None
+            before()
+        return self._leases.acquire(agent, concurrency, run_id, ttl_s)
+
+
+def _worker_logged(faults: FaultFleet, event: str, run_id: str) -> bool:
+    return any(f'"{event}"' in line and run_id in line for path in faults.fleet.tmp.glob("worker-*.log")
+               for line in path.read_text(errors="replace").splitlines())
+
+
+@pytest.mark.xfail(strict=True, reason="the reaper's requeue reuses the old fence when the old executor re-asserted "
+                   "its vanished lease (locks._RENEW sets a missing key; _ACQUIRE hands a run its own lease back): "
+                   "the stale executor's fenced outcome write lands on the retry, which runs a third attempt")
+def test_a_takeover_never_hands_the_old_fence_to_the_retry(pg_faults: FaultFleet) -> None:
+    """An executor that cannot write its outcome (the database cut off) is frozen past its lease; the reaper takes
+    the run over, and while it is between its abandon and its requeue the executor wakes and renews: its renewal
+    re-creates the lease key the reaper just freed. The retry must still get a fence of its own, so that the old
+    executor's outcome, once the database is back, cannot land on the retry that is running."""
+    faults = pg_faults
+    assert faults.db_proxy is not None
+    result = send(faults.fleet, "sticky", f"sticky-{uuid.uuid4().hex}")
+    faults.accepted.add(result.run_id)
+    run_id, fence = result.run_id, result.fence
+    start = wait_for(lambda: faults.effects.starts(run_id), 60, "the first attempt to start")[0]
+    pool = executor_of(start.value)
+    wait_for(lambda: len([e for e in faults.effects.of("SPEND") if e.run == run_id]) >= 3, 60, "the third step")
+    faults.db_proxy.set(RESET)  # the worker loses the database; the agent ends (exit 1) and its outcome waits
+    wait_for(lambda: _worker_logged(faults, "run.outcome_write_failed", run_id), 30, "the outcome write to fail")
+    faults.freeze(pool)
+    lease_key = keys.slot_lease("sticky", 0)
+
+    def wake_the_old_executor() -> None:
+        os.kill(pool, signal.SIGCONT)
+        wait_for(lambda: faults.fleet.redis.get(lease_key) == f"{run_id}:{fence}", 10, "the old executor to renew")
+        faults.freeze(pool)
+        faults.db_proxy.set(PASS)  # type: ignore[union-attr]
+
+    reaper = dataclasses.replace(faults.fleet.services)
+    reaper.__dict__["leases"] = _SlowBeforeAcquire(faults.fleet.services.leases, run_id, wake_the_old_executor)
+    try:
+        wait_for(lambda: faults.fleet.reap(reaper) and run_of(faults.fleet, run_id).status == "queued", 60,
+                 "the reaper to take the run over", interval=0.5)
+        wait_for(lambda: len(faults.effects.starts(run_id)) >= 2, 60, "the retry to start")
+    finally:
+        os.kill(pool, signal.SIGCONT)
+        faults.db_proxy.set(PASS)
+    run = faults.reap_until(lambda: run_of(faults.fleet, run_id).status in {"dead", "succeeded", "killed"}
+                            and run_of(faults.fleet, run_id), 90, "the run to end")
+    assert [s.attempt for s in faults.effects.starts(run_id)] == ["1", "2"], f"attempt {run.attempt} started"
+    assert faults.violations() == []
