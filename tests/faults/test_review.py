@@ -8,19 +8,25 @@ import functools
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import redis
+from sqlalchemy import update
+from sqlmodel import col, select
 
-from fleet import keys
+from fleet import db, executor, keys
+from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
 from fleet.locks import Lease, Leases
-from fleet.models import Run, RunStatus
+from fleet.models import Run, RunStatus, SpendDay
+from fleet.services import Services, utcnow
 from tests.faults.conftest import FAULT_AGENTS, FaultFleet, fault_fleet
-from tests.faults.effects import EffectsLog
+from tests.faults.effects import EffectsLog, check_ledger
 from tests.faults.proxy import PASS, RESET
 from tests.faults.servers import PrivateCluster
 from tests.harness import executor_of, wait_for
@@ -297,3 +303,86 @@ def test_a_takeover_never_hands_the_old_fence_to_the_retry(pg_faults: FaultFleet
                             and run_of(faults.fleet, run_id), 90, "the run to end")
     assert [s.attempt for s in faults.effects.starts(run_id)] == ["1", "2"], f"attempt {run.attempt} started"
     assert faults.violations() == []
+
+
+# Run in this process, one attempt at a time (the executor as a worker runs it, with a real agent): a trusted
+# agent whose key is refused (its breaker opens at once) and one that fails after spending (retried once).
+IN_PROCESS_AGENTS = FAULT_AGENTS + """
+[agents.refused]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--exit", "77"]
+est_cost_usd = 0.01
+timeout_s = 60
+breaker_cooldown_s = 1
+
+[agents.spends-then-fails]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--steps", "2",
+           "--cost", "0.01", "--exit", "1"]
+est_cost_usd = 0.02
+timeout_s = 60
+"""
+
+
+@pytest.fixture
+def idle(kind: str, tmp_path: Path, pg_cluster: PrivateCluster | None) -> Iterator[FaultFleet]:
+    """A fault fleet's database and Redis with no worker: the test runs each attempt itself."""
+    with fault_fleet(kind, tmp_path, pg_cluster, agents=IN_PROCESS_AGENTS, start=False) as faults:
+        yield faults
+
+
+def send_with(services: Services, agent: str) -> DispatchResult:
+    """A dispatch from a host whose clients (and clock) are `services`; its message is not sent anywhere."""
+    return dispatch(services, DispatchRequest(agent, f"{agent}-{uuid.uuid4().hex}", actor="test"),
+                    lambda _run_id, _fence: None)
+
+
+def _queue(services: Services, agent: str) -> DispatchResult:
+    result = send_with(services, agent)
+    assert result.status == "queued", result
+    return result
+
+
+def _no_requeue(_run_id: str, _fence: int, _countdown: float) -> None:
+    return None
+
+
+@pytest.mark.xfail(strict=True, reason="the breaker's cool-down is timed by each host's own wall clock (opened_at is "
+                   "the recording worker's services.now()): a worker whose clock is ahead keeps it open that long")
+def test_a_worker_with_its_clock_a_day_ahead_cannot_hold_a_breaker_open_for_a_day(idle: FaultFleet) -> None:
+    """A worker whose clock runs a day ahead (a VM resumed with a stale offset, NTP broken) records an auth failure:
+    the breaker opens, and must half-open after its 1 s cool-down for the other hosts, not a day later."""
+    services = idle.fleet.services
+    ahead = dataclasses.replace(services, now=lambda: utcnow() + timedelta(days=1))
+    first = _queue(services, "refused")
+    ended = executor.execute(ahead, first.run_id or "", first.fence or 0, _no_requeue)
+    assert ended.status == "dead"
+    assert services.breakers.state("refused").get("state") == "open"
+    time.sleep(1.5)  # the agent's cool-down (1 s), and a margin
+    trial = send_with(services, "refused")
+    assert trial.status == "queued", f"the breaker is still {trial.gates['breaker'].detail} after its cool-down"
+
+
+@pytest.mark.xfail(strict=True, reason="a retry claimed after midnight moves the run's budget_day to the new day, "
+                   "while the first attempt's spend stays booked on the old one: the ledger no longer equals the runs")
+def test_a_retry_after_midnight_keeps_the_ledger_equal_to_the_runs(idle: FaultFleet) -> None:
+    """The first attempt spends and fails before midnight; its retry is claimed after. Each day's ledger must still
+    equal what the runs say they cost that day (I5), the first attempt's $0.02 included."""
+    services = idle.fleet.services
+    result = _queue(services, "spends-then-fails")
+    run_id = result.run_id or ""
+    first = executor.execute(services, run_id, result.fence or 0, _no_requeue)
+    assert first.status == "queued", first  # the retry waits
+    # The first attempt ran yesterday: its reservation, its spend and its budget day are yesterday's.
+    yesterday = "2000-01-01"
+    today = run_of(idle.fleet, run_id).budget_day
+    with db.session(services.engine) as session:
+        for row in session.exec(select(SpendDay).where(SpendDay.day == today)).all():
+            session.add(SpendDay(day=yesterday, scope=row.scope, spent_micros=row.spent_micros,
+                                 reserved_micros=row.reserved_micros, updated_at=row.updated_at))
+            session.delete(row)
+        session.execute(update(Run).where(col(Run.id) == run_id).values(budget_day=yesterday))
+        session.commit()
+    assert check_ledger(idle.effects, services.engine) == []  # a consistent yesterday
+    second = executor.execute(services, run_id, result.fence or 0, _no_requeue)
+    assert second.status == "dead", second
+    assert idle.effects.spent(run_id) == 40_000
+    assert check_ledger(idle.effects, services.engine) == []
