@@ -144,6 +144,7 @@ app.conf.update(
     task_send_sent_event=True,
     task_track_started=True,
     broker_connection_retry_on_startup=True,
+    broker_transport="workers.transport:Transport",  # kombu's Redis transport, surviving a lost connection
     broker_transport_options=_transport_options(),
     result_backend_transport_options=_transport_options(),
     redis_socket_timeout=SOCKET_OPTIONS["socket_timeout"],

@@ -101,9 +101,6 @@ def test_redis_restarted_under_a_running_agent_does_not_give_its_slot_away(
         assert faults.violations() == []
 
 
-@pytest.mark.xfail(strict=True, reason="a Redis restart under a running acks_late task kills the Celery worker "
-                   "(kombu: AttributeError in restore_unacked_once on reconnect, 'Unrecoverable error'): it stops "
-                   "consuming at once and exits once its running agents end")
 def test_a_redis_restart_leaves_the_workers_consuming(faults: FaultFleet) -> None:
     """Redis restarts (down for a moment, back empty) while an agent runs: the agent runs on, and the worker
     goes on consuming afterwards; a restart is a blip, not the end of every worker on every host."""
