@@ -20,11 +20,12 @@ import redis
 from fleet import keys
 from fleet.breaker import ALLOW_FN, FORFEIT_FN, RECORD_FN, Outcome
 from fleet.keys import GLOBAL
-from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease
+from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease, slot_list, to_ms
 
 # KEYS: kill:*, kill:AGENT, paused:*, paused:AGENT, breaker:AGENT, the slot keys..., fence:AGENT.
-# ARGV: run_id, now, cooldown_s, ttl_ms. Returns {'killed', scope index, value} | {'paused', scope index,
-# value} | {'breaker_open', state} | {'busy', state} | {'ok', slot, fence, state}.
+# ARGV: run_id, now, cooldown_s, ttl_ms, taken (the slots live runs hold by the database).
+# Returns {'killed', scope index, value} | {'paused', scope index, value} | {'breaker_open', state}
+# | {'busy', state} | {'ok', slot, fence, state}.
 _ADMIT = ALLOW_FN + FORFEIT_FN + ACQUIRE_FN + """
 for i = 1, 4 do
   local flag = redis.call('GET', KEYS[i])
@@ -34,7 +35,7 @@ local verdict = allow(KEYS[5], ARGV[2], ARGV[3], ARGV[1])
 if verdict[1] == 0 then return {'breaker_open', verdict[2]} end
 local slots = {}
 for i = 6, #KEYS - 1 do slots[#slots + 1] = KEYS[i] end
-local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[4])
+local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[4], ARGV[5], '0')
 if not lease then
   forfeit(KEYS[5], ARGV[1])
   return {'busy', verdict[2]}
@@ -81,12 +82,13 @@ class Admissions:
         self._finish = client.register_script(_FINISH)
 
     def admit(self, agent: str, concurrency: int, run_id: str, *, now: float, cooldown_s: float,
-              ttl_s: float) -> Admission:
-        """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass."""
+              ttl_s: float, taken: set[int]) -> Admission:
+        """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass.
+        `taken`: the slots the database says live runs hold (Redis may have lost their keys)."""
         slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
         got = self._admit(keys=[keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
                                 keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
-                          args=[run_id, now, cooldown_s, _ms(ttl_s)])
+                          args=[run_id, now, cooldown_s, to_ms(ttl_s), slot_list(taken)])
         verdict = str(got[0])
         if verdict in ("killed", "paused"):  # the scope whose flag stops intake, and the flag as Redis holds it
             return Admission(verdict, kill_scope=GLOBAL if int(got[1]) == 1 else agent, kill_value=str(got[2]))
@@ -96,7 +98,7 @@ class Admissions:
 
     def claim(self, lease: Lease, *, ttl_s: float) -> tuple[str | None, str | None, bool]:
         """(killed scope, its raw flag, lease renewed): the executor's Redis side, as it starts a run."""
-        got = self._claim(keys=[keys.kill(GLOBAL), keys.kill(lease.agent), lease.key], args=[lease.value, _ms(ttl_s)])
+        got = self._claim(keys=[keys.kill(GLOBAL), keys.kill(lease.agent), lease.key], args=[lease.value, to_ms(ttl_s)])
         if str(got[0]) == "killed":
             return (GLOBAL if int(got[1]) == 1 else lease.agent), str(got[2]), False
         return None, None, bool(int(got[1]))
@@ -107,6 +109,3 @@ class Admissions:
                            args=[lease.value, outcome.value, now, threshold, lease.run_id])
         return bool(int(got[0])), str(got[1]), str(got[2])
 
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))

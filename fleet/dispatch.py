@@ -319,8 +319,10 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     fleet = services.config.fleet
     # Queued runs wait in the broker, so the lease must outlive the wait: the reaper renews the
     # leases of runs still waiting, and the executor shortens it to the lease TTL once the run starts.
+    taken = store.live_slots(session=session, agent=spec.name)
     admitted = services.admissions.admit(spec.name, spec.concurrency, run.id, now=now.timestamp(),
-                                         cooldown_s=spec.breaker_settings(fleet)[1], ttl_s=fleet.queued_lease_ttl_s)
+                                         cooldown_s=spec.breaker_settings(fleet)[1], ttl_s=fleet.queued_lease_ttl_s,
+                                         taken=taken)
     result = DispatchResult(run.id, "refused", would_fire=[run.id])
     if admitted.verdict == "killed":
         state = killswitch.parse_flag(admitted.kill_scope or "*", admitted.kill_value)

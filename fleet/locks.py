@@ -17,33 +17,44 @@ from fleet import keys
 # The lease logic as Lua functions, so that fleet/admission.py can run it inside a dispatch's single
 # round trip; each script below is one of them applied to KEYS and ARGV.
 
-# acquire(slot keys, fence counter key, run_id, ttl_ms): {slot, fence}; the same run asking again gets
-# its own lease back (idempotent); nil when every slot is held.
+# acquire(slot keys, fence counter key, run_id, ttl_ms, taken, fresh): {slot, fence}, or nil when every
+# slot is held. `taken` is a comma-separated list of slot numbers the database says belong to live
+# runs (after a Redis restart their keys are gone, but their agents are not). The same run asking
+# again gets its own lease back, unless `fresh` is '1': then the same slot gets a new fence (a retry
+# must never share a fence with the attempt it replaces, even if that one re-asserted its key).
 ACQUIRE_FN = """
-local function acquire(slots, counter, run_id, ttl_ms)
+local function acquire(slots, counter, run_id, ttl_ms, taken, fresh)
   local prefix = run_id .. ':'
+  local busy = {}
+  for n in string.gmatch(taken or '', '%d+') do busy[tonumber(n) + 1] = true end
+  local function new_fence()
+    -- The counter never goes below the server's clock in microseconds, so fences keep growing
+    -- even after a Redis restart without persistence wiped the counter.
+    local now = redis.call('TIME')
+    local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    local fence = redis.call('INCR', counter)
+    if fence < floor then
+      fence = floor
+      redis.call('SET', counter, string.format('%d', fence))
+    end
+    return fence
+  end
+  local function take(i)
+    local fence = new_fence()
+    -- %d, not tostring: Lua would print a number this large as 1.76e+15
+    redis.call('SET', slots[i], prefix .. string.format('%d', fence), 'PX', ttl_ms)
+    return {i - 1, fence}
+  end
   for i = 1, #slots do
     local v = redis.call('GET', slots[i])
     if v and string.sub(v, 1, #prefix) == prefix then
+      if fresh == '1' then return take(i) end
       redis.call('PEXPIRE', slots[i], ttl_ms)
       return {i - 1, tonumber(string.sub(v, #prefix + 1))}
     end
   end
   for i = 1, #slots do
-    if redis.call('EXISTS', slots[i]) == 0 then
-      -- The counter never goes below the server's clock in microseconds, so fences keep growing
-      -- even after a Redis restart without persistence wiped the counter.
-      local now = redis.call('TIME')
-      local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
-      local fence = redis.call('INCR', counter)
-      if fence < floor then
-        fence = floor
-        redis.call('SET', counter, string.format('%d', fence))
-      end
-      -- %d, not tostring: Lua would print a number this large as 1.76e+15
-      redis.call('SET', slots[i], prefix .. string.format('%d', fence), 'PX', ttl_ms)
-      return {i - 1, fence}
-    end
+    if not busy[i] and redis.call('EXISTS', slots[i]) == 0 then return take(i) end
   end
   return nil
 end
@@ -76,11 +87,11 @@ local function release(key, value)
 end
 """
 
-# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms.
+# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms, taken, fresh.
 _ACQUIRE = ACQUIRE_FN + """
 local slots = {}
 for i = 1, #KEYS - 1 do slots[i] = KEYS[i] end
-return acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[2])
+return acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """
 _RENEW = RENEW_FN + "return renew(KEYS[1], ARGV[1], ARGV[2])"  # KEYS: a slot key. ARGV: value, ttl_ms.
 _RELEASE = RELEASE_FN + "return release(KEYS[1], ARGV[1])"  # KEYS: a slot key. ARGV: value.
@@ -115,17 +126,20 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
-    def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float) -> Lease | None:
-        """Take a free slot for `run_id` (or return the one it holds); None when all are taken."""
+    def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float, *, taken: set[int] | None = None,
+                fresh: bool = False) -> Lease | None:
+        """Take a free slot for `run_id` (or return the one it holds; with `fresh`, the same slot with a new
+        fence); None when all are taken. `taken`: slots the database says live runs hold."""
         slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
-        got = self._acquire(keys=[*slot_keys, keys.fence_counter(agent)], args=[run_id, _ms(ttl_s)])
+        got = self._acquire(keys=[*slot_keys, keys.fence_counter(agent)],
+                            args=[run_id, to_ms(ttl_s), slot_list(taken), "1" if fresh else "0"])
         if got is None:
             return None
         return Lease(agent, int(got[0]), run_id, int(got[1]))
 
     def renew(self, lease: Lease, ttl_s: float) -> bool:
         """Extend the lease, or re-assert it if its key vanished; False means another holder has it."""
-        return bool(self._renew(keys=[lease.key], args=[lease.value, _ms(ttl_s)]))
+        return bool(self._renew(keys=[lease.key], args=[lease.value, to_ms(ttl_s)]))
 
     def release(self, lease: Lease) -> bool:
         """Free the slot if the lease is still ours (a stale holder never frees a newer lease)."""
@@ -159,5 +173,11 @@ def parse(agent: str, slot: int, value: str) -> Lease:
     return Lease(agent, slot, run_id, int(fence))
 
 
-def _ms(seconds: float) -> int:
+def to_ms(seconds: float) -> int:
+    """Seconds as the whole milliseconds Redis takes (at least 1)."""
     return max(1, int(seconds * 1000))
+
+
+def slot_list(slots: set[int] | None) -> str:
+    """Slot numbers as the scripts read them ('0,3')."""
+    return ",".join(str(i) for i in sorted(slots or ()))

@@ -52,6 +52,16 @@ def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
     return list(session.exec(query))
 
 
+def live_slots(*, session: Session, agent: str, besides: str | None = None) -> set[int]:
+    """The slots the agent's queued and running runs hold by the database (other than run `besides`): after
+    a Redis restart their lease keys are gone, but their agents are not, so no new lease may take them."""
+    query = select(Run.slot).where(Run.agent == agent, col(Run.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+                                   col(Run.slot).is_not(None))
+    if besides is not None:
+        query = query.where(Run.id != besides)
+    return {int(slot) for slot in session.exec(query) if slot is not None}
+
+
 def run_events(*, session: Session, run_id: str) -> list[RunEvent]:
     """A run's audit trail, oldest first."""
     query = select(RunEvent).where(RunEvent.run_id == run_id).order_by(col(RunEvent.id))

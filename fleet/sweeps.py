@@ -188,7 +188,12 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
     if spec is None:
         _bury(services, run, "agent_removed", "agent no longer configured", report)
         return
-    lease = services.leases.acquire(run.agent, spec.concurrency, run.id, ttl_s=services.config.fleet.queued_lease_ttl_s)
+    with db.session(services.engine) as session:
+        taken = store.live_slots(session=session, agent=run.agent, besides=run.id)
+    # A new fence, always: the attempt it replaces may have re-asserted its vanished lease meanwhile, and
+    # must never pass for the retry.
+    lease = services.leases.acquire(run.agent, spec.concurrency, run.id, ttl_s=services.config.fleet.queued_lease_ttl_s,
+                                    taken=taken, fresh=True)
     if lease is None:
         report.add("waiting_for_slot", run.id)  # the next pass tries again
         return

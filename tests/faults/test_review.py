@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -65,8 +65,6 @@ def _retrying(call: Callable[[], T], attempts: int = 20) -> T:
     return call()
 
 
-@pytest.mark.xfail(strict=True, reason="after a Redis restart, a dispatch takes the slot of a run still running: "
-                   "the agent's concurrency is passed and the running agent is killed (lease_lost), its retry used up")
 def test_redis_restarted_under_a_running_agent_does_not_give_its_slot_away(
         kind: str, tmp_path: Path, pg_cluster: PrivateCluster | None) -> None:
     """Redis restarts empty while a concurrency-1 agent runs, and a dispatch of the same agent comes in before
@@ -247,12 +245,12 @@ class _SlowBeforeAcquire:
     def __getattr__(self, name: str) -> object:
         return getattr(self._leases, name)
 
-    def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float) -> Lease | None:
+    def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float, **options: Any) -> Lease | None:
         """Take a slot, as Leases does, after the pause."""
         if run_id == self._run_id:
             before, self._before = self._before, lambda: None
             before()
-        return self._leases.acquire(agent, concurrency, run_id, ttl_s)
+        return self._leases.acquire(agent, concurrency, run_id, ttl_s, **options)
 
 
 def _worker_logged(faults: FaultFleet, event: str, run_id: str) -> bool:
@@ -260,9 +258,6 @@ def _worker_logged(faults: FaultFleet, event: str, run_id: str) -> bool:
                for line in path.read_text(errors="replace").splitlines())
 
 
-@pytest.mark.xfail(strict=True, reason="the reaper's requeue reuses the old fence when the old executor re-asserted "
-                   "its vanished lease (locks._RENEW sets a missing key; _ACQUIRE hands a run its own lease back): "
-                   "the stale executor's fenced outcome write lands on the retry, which runs a third attempt")
 def test_a_takeover_never_hands_the_old_fence_to_the_retry(pg_faults: FaultFleet) -> None:
     """An executor that cannot write its outcome (the database cut off) is frozen past its lease; the reaper takes
     the run over, and while it is between its abandon and its requeue the executor wakes and renews: its renewal
