@@ -428,7 +428,9 @@ def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessRe
             session.rollback()
             if current is not None and (current.fence, current.attempt, current.status) == (
                     lease.fence, run.attempt, status):
-                return status, False  # our own earlier commit: already written (its alert went then, or is lost)
+                # Our own earlier commit, whose answer was lost: written, and its alert never went (it goes
+                # after the commit), so a dead letter still raises one.
+                return status, dead
             return None
         fresh = session.get(Run, run.id, populate_existing=True) or run
         ledger.charge(session, run=fresh, amount=unbooked, now=now)

@@ -501,6 +501,10 @@ class _Run:
                 self.done_reason = done
             if usage is not None:
                 self._add_usage(usage)
+        if self.scanner.overlong and hasattr(self.parse, "problem") and not self.parse.problem:
+            # Money on a line too long to read is not $0: a problem, which stops the agent (see fleet/usage.py).
+            self.parse.problem = f"a usage line longer than {self.scanner.max_line_bytes} bytes could not be read"
+            self._add_usage(Usage(0, 0, 0))
 
     def _add_usage(self, usage: Usage) -> None:
         self.cost_micros += usage.cost_micros

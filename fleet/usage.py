@@ -36,6 +36,7 @@ DEFAULT_MAX_LINE = 2**20  # Claude Code's result line carries the final answer: 
 _OBJECT_LINE = re.compile(rb"^[ \t]*\{[^\n]*", re.MULTILINE)
 # Every format's usage line holds one of these (the token formats' lines a `"usage"` key).
 _MARKERS = (b"fleet_", b"total_cost_usd", b'"usage"')
+_MARKER_TAIL = max(len(marker) for marker in _MARKERS) - 1
 _MAX_MESSAGES = 256  # message ids remembered to count a message split over several lines once
 _MAX_SESSIONS = 1024  # sessions whose turns are summed apart until their result line
 _MAX_NAME = 100  # of a model name quoted in a problem: the agent wrote it
@@ -340,13 +341,20 @@ def _worth_parsing(line: bytes) -> bool:
 class LineScanner:
     """Cuts a byte stream into lines and keeps those that may carry an object for Fleet.
 
-    Memory stays under `max_line_bytes` whatever the input: a longer line is dropped unparsed.
+    Memory stays under `max_line_bytes` whatever the input: a longer line is dropped unparsed, and
+    counted in `overlong` when it looked like one Fleet should have read (an object line with a usage
+    marker anywhere in it: its money would otherwise be counted as nothing; the runner turns the
+    count into a usage problem).
     """
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE) -> None:
-        self._max = max_line_bytes
+        self._max = self.max_line_bytes = max_line_bytes
         self._partial = bytearray()
         self._skipping = False  # inside a line already over the cap: drop up to its newline
+        self._skip_object = False  # ... which began as an object
+        self._skip_marked = False  # ... in which a marker was seen
+        self._skip_tail = b""  # the last bytes seen of it, for a marker cut across two chunks
+        self.overlong = 0  # dropped lines that may have carried usage
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The complete candidate lines this chunk finishes."""
@@ -356,25 +364,47 @@ class LineScanner:
             return []
         self._hold(chunk[:first])
         lines = [] if self._skipping else [bytes(self._partial)]
+        self._end_skip()
         self._partial.clear()
-        self._skipping = False
         last = chunk.rfind(b"\n")
         # A regex scan stays in C: `yes` must not cost a Python loop per line.
         lines.extend(_OBJECT_LINE.findall(chunk, first + 1, last))
         self._hold(chunk[last + 1:])
-        return [line for line in lines if len(line) <= self._max and _worth_parsing(line)]
+        wanted = [line for line in lines if _worth_parsing(line)]
+        self.overlong += sum(len(line) > self._max for line in wanted)
+        return [line for line in wanted if len(line) <= self._max]
 
     def finish(self) -> list[bytes]:
         """The last line, when the output ended without a newline."""
         line = b"" if self._skipping else bytes(self._partial)
+        self._end_skip()
         self._partial.clear()
         return [line] if line and _worth_parsing(line) else []
 
     def _hold(self, data: bytes) -> None:
-        if self._skipping or not data:
+        if not data:
             return
-        if len(self._partial) + len(data) > self._max:
-            self._partial.clear()
+        if self._skipping:
+            self._watch_skipped(data)
+        elif len(self._partial) + len(data) > self._max:
             self._skipping = True
+            self._skip_object = self._partial.lstrip(b" \t").startswith(b"{") or (
+                not self._partial and data.lstrip(b" \t").startswith(b"{"))
+            head, self._partial = bytes(self._partial), bytearray()
+            self._skip_marked, self._skip_tail = False, b""
+            self._watch_skipped(head)
+            self._watch_skipped(data)
         else:
             self._partial += data
+
+    def _watch_skipped(self, data: bytes) -> None:
+        if self._skip_object and not self._skip_marked:
+            window = self._skip_tail + data
+            self._skip_marked = any(marker in window for marker in _MARKERS)
+            self._skip_tail = window[-_MARKER_TAIL:]
+
+    def _end_skip(self) -> None:
+        if self._skipping and self._skip_object and self._skip_marked:
+            self.overlong += 1
+        self._skipping = self._skip_object = self._skip_marked = False
+        self._skip_tail = b""

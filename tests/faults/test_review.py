@@ -170,8 +170,6 @@ def _run_with_a_cut_commit(faults: FaultFleet, agent: str, statement: bytes) -> 
     return run
 
 
-@pytest.mark.xfail(strict=True, reason="an ambiguous COMMIT of the dead-letter outcome is recognised as the "
-                   "executor's own earlier write and returns dead=False: the dead letter exists, its alert never goes")
 def test_an_ambiguous_commit_of_a_dead_letter_still_raises_its_alert(pg_faults: FaultFleet) -> None:
     """The COMMIT that dead-letters a run (its key was refused: exit 77, terminal) reaches PostgreSQL but its answer
     never comes back: the executor's retry finds its own write, and the operator must still hear of it."""
@@ -220,8 +218,6 @@ timeout_s = 60
 """
 
 
-@pytest.mark.xfail(strict=True, reason="fleet/usage.py LineScanner drops a line over max_line_bytes (1 MiB) unparsed, "
-                   "usage and all: its tokens are counted as $0, with no problem raised")
 def test_a_usage_line_over_a_mebibyte_is_not_counted_as_nothing(kind: str, tmp_path: Path,
                                                                 pg_cluster: PrivateCluster | None) -> None:
     """A json-tokens step reported on a line longer than 1 MiB: its $1.50 must be booked (or the agent stopped as
