@@ -23,7 +23,7 @@ from fleet.keys import GLOBAL
 from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease, slot_list, to_ms
 
 # KEYS: kill:*, kill:AGENT, paused:*, paused:AGENT, breaker:AGENT, the slot keys..., fence:AGENT.
-# ARGV: run_id, now, cooldown_s, ttl_ms, taken (the slots live runs hold by the database).
+# ARGV: run_id, cooldown_s, ttl_ms, taken (the slots live runs hold by the database).
 # Returns {'killed', scope index, value} | {'paused', scope index, value} | {'breaker_open', state}
 # | {'busy', state} | {'ok', slot, fence, state}.
 _ADMIT = ALLOW_FN + FORFEIT_FN + ACQUIRE_FN + """
@@ -31,11 +31,11 @@ for i = 1, 4 do
   local flag = redis.call('GET', KEYS[i])
   if flag then return {i <= 2 and 'killed' or 'paused', 2 - i % 2, flag} end
 end
-local verdict = allow(KEYS[5], ARGV[2], ARGV[3], ARGV[1])
+local verdict = allow(KEYS[5], ARGV[2], ARGV[1])
 if verdict[1] == 0 then return {'breaker_open', verdict[2]} end
 local slots = {}
 for i = 6, #KEYS - 1 do slots[#slots + 1] = KEYS[i] end
-local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[4], ARGV[5], '0')
+local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[3], ARGV[4], '0')
 if not lease then
   forfeit(KEYS[5], ARGV[1])
   return {'busy', verdict[2]}
@@ -53,11 +53,11 @@ end
 return {'renewed', renew(KEYS[3], ARGV[1], ARGV[2])}
 """
 
-# KEYS: the slot key, breaker:AGENT. ARGV: lease value, outcome, now, threshold, run_id.
+# KEYS: the slot key, breaker:AGENT. ARGV: lease value, outcome, threshold, run_id.
 # Returns {released 0/1, old state, new state}.
 _FINISH = RELEASE_FN + RECORD_FN + """
 local released = release(KEYS[1], ARGV[1])
-local states = record(KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+local states = record(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
 return {released, states[1], states[2]}
 """
 
@@ -81,14 +81,14 @@ class Admissions:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
 
-    def admit(self, agent: str, concurrency: int, run_id: str, *, now: float, cooldown_s: float,
-              ttl_s: float, taken: set[int]) -> Admission:
+    def admit(self, agent: str, concurrency: int, run_id: str, *, cooldown_s: float, ttl_s: float,
+              taken: set[int]) -> Admission:
         """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass.
         `taken`: the slots the database says live runs hold (Redis may have lost their keys)."""
         slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
         got = self._admit(keys=[keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
                                 keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
-                          args=[run_id, now, cooldown_s, to_ms(ttl_s), slot_list(taken)])
+                          args=[run_id, cooldown_s, to_ms(ttl_s), slot_list(taken)])
         verdict = str(got[0])
         if verdict in ("killed", "paused"):  # the scope whose flag stops intake, and the flag as Redis holds it
             return Admission(verdict, kill_scope=GLOBAL if int(got[1]) == 1 else agent, kill_value=str(got[2]))
@@ -103,9 +103,9 @@ class Admissions:
             return (GLOBAL if int(got[1]) == 1 else lease.agent), str(got[2]), False
         return None, None, bool(int(got[1]))
 
-    def finish(self, lease: Lease, outcome: Outcome, *, now: float, threshold: int) -> tuple[bool, str, str]:
+    def finish(self, lease: Lease, outcome: Outcome, *, threshold: int) -> tuple[bool, str, str]:
         """(released, breaker's old state, new state): the lease freed and the outcome counted, at once."""
         got = self._finish(keys=[lease.key, keys.breaker(lease.agent)],
-                           args=[lease.value, outcome.value, now, threshold, lease.run_id])
+                           args=[lease.value, outcome.value, threshold, lease.run_id])
         return bool(int(got[0])), str(got[1]), str(got[2])
 

@@ -25,15 +25,23 @@ class Outcome(str, Enum):
 
 
 # The transitions as Lua functions, so that fleet/admission.py can run them inside a dispatch's or an
-# outcome's single round trip; each script below is one of them applied to KEYS and ARGV.
+# outcome's single round trip; each script below is one of them applied to KEYS and ARGV. Time is the
+# Redis server's own (TIME): every host judges the cool-down by one clock, so a worker whose clock is
+# a day ahead cannot hold a breaker open for a day.
+SERVER_NOW_FN = """
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
 
-# allow(hash, now, cooldown_s, run_id or '' for a read-only look): {allowed (0/1), state}.
-ALLOW_FN = """
-local function allow(key, now, cooldown, run_id)
+# allow(hash, cooldown_s, run_id or '' for a read-only look): {allowed (0/1), state}.
+ALLOW_FN = SERVER_NOW_FN + """
+local function allow(key, cooldown, run_id)
   local state = redis.call('HGET', key, 'state') or 'closed'
   if state == 'open' then
     local opened = tonumber(redis.call('HGET', key, 'opened_at') or '0')
-    if tonumber(now) - opened < tonumber(cooldown) then return {0, 'open'} end
+    if server_now() - opened < tonumber(cooldown) then return {0, 'open'} end
     if run_id == '' then return {1, 'half_open'} end
     redis.call('HSET', key, 'state', 'half_open', 'trial', run_id)
     return {1, 'half_open'}
@@ -48,9 +56,9 @@ local function allow(key, now, cooldown, run_id)
 end
 """
 
-# record(hash, outcome, now, threshold, run_id): {old state, new state}.
-RECORD_FN = """
-local function record(key, outcome, now, threshold, run_id)
+# record(hash, outcome, threshold, run_id): {old state, new state}.
+RECORD_FN = SERVER_NOW_FN + """
+local function record(key, outcome, threshold, run_id)
   local old = redis.call('HGET', key, 'state') or 'closed'
   local trial = redis.call('HGET', key, 'trial')
   if outcome == 'neutral' then
@@ -66,7 +74,7 @@ local function record(key, outcome, now, threshold, run_id)
   local failures = redis.call('HINCRBY', key, 'failures', 1)
   if old == 'open' then return {old, old} end  -- a late failure does not stretch the cool-down
   if outcome == 'auth' or old == 'half_open' or failures >= tonumber(threshold) then
-    redis.call('HSET', key, 'state', 'open', 'opened_at', now)
+    redis.call('HSET', key, 'state', 'open', 'opened_at', string.format('%.6f', server_now()))
     redis.call('HDEL', key, 'trial')
     return {old, 'open'}
   end
@@ -82,8 +90,8 @@ local function forfeit(key, run_id)
 end
 """
 
-_ALLOW = ALLOW_FN + "return allow(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
-_RECORD = RECORD_FN + "return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+_ALLOW = ALLOW_FN + "return allow(KEYS[1], ARGV[1], ARGV[2])"
+_RECORD = RECORD_FN + "return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
 _FORFEIT = FORFEIT_FN + "return forfeit(KEYS[1], ARGV[1])"
 
 
@@ -104,23 +112,23 @@ class Breakers:
         self._record = client.register_script(_RECORD)
         self._forfeit = client.register_script(_FORFEIT)
 
-    def peek(self, agent: str, *, now: float, cooldown_s: float) -> Verdict:
+    def peek(self, agent: str, *, cooldown_s: float) -> Verdict:
         """Would a run be let through now? Writes nothing (for dry runs)."""
-        allowed, state = self._allow(keys=[keys.breaker(agent)], args=[now, cooldown_s, ""])
+        allowed, state = self._allow(keys=[keys.breaker(agent)], args=[cooldown_s, ""])
         return Verdict(bool(allowed), str(state))
 
-    def admit(self, agent: str, run_id: str, *, now: float, cooldown_s: float) -> Verdict:
+    def admit(self, agent: str, run_id: str, *, cooldown_s: float) -> Verdict:
         """Let a run through, taking the single half-open trial if it is the one."""
-        allowed, state = self._allow(keys=[keys.breaker(agent)], args=[now, cooldown_s, run_id])
+        allowed, state = self._allow(keys=[keys.breaker(agent)], args=[cooldown_s, run_id])
         return Verdict(bool(allowed), str(state))
 
     def forfeit(self, agent: str, run_id: str) -> None:
         """Give back a trial taken by a run that was then refused for another reason."""
         self._forfeit(keys=[keys.breaker(agent)], args=[run_id])
 
-    def record(self, agent: str, run_id: str, outcome: Outcome, *, now: float, threshold: int) -> tuple[str, str]:
+    def record(self, agent: str, run_id: str, outcome: Outcome, *, threshold: int) -> tuple[str, str]:
         """Count a finished run; returns (old state, new state)."""
-        old, new = self._record(keys=[keys.breaker(agent)], args=[outcome.value, now, threshold, run_id])
+        old, new = self._record(keys=[keys.breaker(agent)], args=[outcome.value, threshold, run_id])
         return str(old), str(new)
 
     def state(self, agent: str) -> dict[str, str]:

@@ -271,8 +271,7 @@ def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, G
     kill = killswitch.check(session, services.redis, spec.name)
     paused = pause.check(session, services.redis, spec.name)
     fleet = services.config.fleet
-    verdict = services.breakers.peek(spec.name, now=services.now().timestamp(),
-                                     cooldown_s=spec.breaker_settings(fleet)[1])
+    verdict = services.breakers.peek(spec.name, cooldown_s=spec.breaker_settings(fleet)[1])
     caps = caps_of(services, spec)
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     day = ledger.budget_day(session, fleet.timezone)
@@ -320,7 +319,7 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     # Queued runs wait in the broker, so the lease must outlive the wait: the reaper renews the
     # leases of runs still waiting, and the executor shortens it to the lease TTL once the run starts.
     taken = store.live_slots(session=session, agent=spec.name)
-    admitted = services.admissions.admit(spec.name, spec.concurrency, run.id, now=now.timestamp(),
+    admitted = services.admissions.admit(spec.name, spec.concurrency, run.id,
                                          cooldown_s=spec.breaker_settings(fleet)[1], ttl_s=fleet.queued_lease_ttl_s,
                                          taken=taken)
     result = DispatchResult(run.id, "refused", would_fire=[run.id])

@@ -461,11 +461,9 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
         if retry:
             services.leases.renew(lease, (delay or 0) + fleet.queued_lease_ttl_s)
             requeue(run.id, lease.fence, delay or 0)
-            old, new = services.breakers.record(run.agent, run.id, verdict.breaker, now=services.now().timestamp(),
-                                                threshold=threshold)
+            old, new = services.breakers.record(run.agent, run.id, verdict.breaker, threshold=threshold)
         else:  # the lease freed and the outcome counted in one round trip
-            _, old, new = services.admissions.finish(lease, verdict.breaker, now=services.now().timestamp(),
-                                                     threshold=threshold)
+            _, old, new = services.admissions.finish(lease, verdict.breaker, threshold=threshold)
         if new != old:
             _breaker_changed(services, run, old, new)
         if verdict.pause:  # the operator's pause, by the agent's own hand: `fleet resume AGENT` lifts it

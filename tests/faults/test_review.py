@@ -333,8 +333,6 @@ def _no_requeue(_run_id: str, _fence: int, _countdown: float) -> None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="the breaker's cool-down is timed by each host's own wall clock (opened_at is "
-                   "the recording worker's services.now()): a worker whose clock is ahead keeps it open that long")
 def test_a_worker_with_its_clock_a_day_ahead_cannot_hold_a_breaker_open_for_a_day(idle: FaultFleet) -> None:
     """A worker whose clock runs a day ahead (a VM resumed with a stale offset, NTP broken) records an auth failure:
     the breaker opens, and must half-open after its 1 s cool-down for the other hosts, not a day later."""
