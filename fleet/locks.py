@@ -17,13 +17,14 @@ from fleet import keys
 # The lease logic as Lua functions, so that fleet/admission.py can run it inside a dispatch's single
 # round trip; each script below is one of them applied to KEYS and ARGV.
 
-# acquire(slot keys, fence counter key, run_id, ttl_ms, taken, fresh): {slot, fence}, or nil when every
+# acquire(slot keys, fence counter key, run_id, ttl_ms, taken, replace): {slot, fence}, or nil when every
 # slot is held. `taken` is a comma-separated list of slot numbers the database says belong to live
 # runs (after a Redis restart their keys are gone, but their agents are not). The same run asking
-# again gets its own lease back, unless `fresh` is '1': then the same slot gets a new fence (a retry
-# must never share a fence with the attempt it replaces, even if that one re-asserted its key).
+# again gets its own lease back, unless it holds it with fence `replace`: then the same slot gets a new
+# fence (a retry must never share a fence with the attempt it replaces, even if that one re-asserted its
+# key; a fence another taker issued since is kept).
 ACQUIRE_FN = """
-local function acquire(slots, counter, run_id, ttl_ms, taken, fresh)
+local function acquire(slots, counter, run_id, ttl_ms, taken, replace)
   local prefix = run_id .. ':'
   local busy = {}
   for n in string.gmatch(taken or '', '%d+') do busy[tonumber(n) + 1] = true end
@@ -48,9 +49,11 @@ local function acquire(slots, counter, run_id, ttl_ms, taken, fresh)
   for i = 1, #slots do
     local v = redis.call('GET', slots[i])
     if v and string.sub(v, 1, #prefix) == prefix then
-      if fresh == '1' then return take(i) end
+      local held = string.sub(v, #prefix + 1)
+      -- Only the fence the caller saw is replaced: a newer one was issued by another taker, and is kept.
+      if held == replace then return take(i) end
       redis.call('PEXPIRE', slots[i], ttl_ms)
-      return {i - 1, tonumber(string.sub(v, #prefix + 1))}
+      return {i - 1, tonumber(held)}
     end
   end
   for i = 1, #slots do
@@ -87,7 +90,7 @@ local function release(key, value)
 end
 """
 
-# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms, taken, fresh.
+# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms, taken, replace.
 _ACQUIRE = ACQUIRE_FN + """
 local slots = {}
 for i = 1, #KEYS - 1 do slots[i] = KEYS[i] end
@@ -127,12 +130,13 @@ class Leases:
         self._release = client.register_script(_RELEASE)
 
     def acquire(self, agent: str, concurrency: int, run_id: str, ttl_s: float, *, taken: set[int] | None = None,
-                fresh: bool = False) -> Lease | None:
-        """Take a free slot for `run_id` (or return the one it holds; with `fresh`, the same slot with a new
-        fence); None when all are taken. `taken`: slots the database says live runs hold."""
+                replacing: int | None = None) -> Lease | None:
+        """Take a free slot for `run_id` (or return the one it holds; when it holds it with fence `replacing`,
+        the same slot with a new fence); None when all are taken. `taken`: slots the database says live runs
+        hold."""
         slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
         got = self._acquire(keys=[*slot_keys, keys.fence_counter(agent)],
-                            args=[run_id, to_ms(ttl_s), slot_list(taken), "1" if fresh else "0"])
+                            args=[run_id, to_ms(ttl_s), slot_list(taken), "" if replacing is None else str(replacing)])
         if got is None:
             return None
         return Lease(agent, int(got[0]), run_id, int(got[1]))

@@ -190,10 +190,10 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
         return
     with db.session(services.engine) as session:
         taken = store.live_slots(session=session, agent=run.agent, besides=run.id)
-    # A new fence, always: the attempt it replaces may have re-asserted its vanished lease meanwhile, and
-    # must never pass for the retry.
+    # A new fence in place of the abandoned attempt's: that attempt may have re-asserted its vanished lease
+    # meanwhile, and must never pass for the retry. A fence another reaper issued first is kept.
     lease = services.leases.acquire(run.agent, spec.concurrency, run.id, ttl_s=services.config.fleet.queued_lease_ttl_s,
-                                    taken=taken, fresh=True)
+                                    taken=taken, replacing=run.fence)
     if lease is None:
         report.add("waiting_for_slot", run.id)  # the next pass tries again
         return
