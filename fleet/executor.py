@@ -104,7 +104,7 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     # The agent's own final figure stands, above or below what was booked as it ran (a negative
     # amount is a correction). Tokens that could not be priced cost at least the reservation.
     cost = max(result.cost_micros, watcher.reserved) if verdict.dead_reason == "usage" else result.cost_micros
-    return _finish(services, run, spec, lease, result, verdict, requeue, cost - charged)
+    return _finish(services, run, spec, lease, result, verdict, requeue, cost, charged)
 
 
 def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:
@@ -157,7 +157,7 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
             return _end_over_cap(services, session, run, spec)
         claimed = session.execute(update(Run).where(
             col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED, col(Run.fence) == fence).values(
-            status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now,
+            status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now, attempt_cost_micros=0,
             heartbeat_at=ledger.database_now(session), updated_at=now, host=services.host, retry_at=None))
         if db.rowcount(claimed) != 1:
             session.rollback()
@@ -179,8 +179,11 @@ def _reserve_retry(session: Session, services: Services, spec: AgentSpec, run: R
     day = ledger.budget_day(session, services.config.fleet.timezone)
     if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps_of(services, spec), now=now):
         return False
+    moved: dict[str, Any] = {}
+    if run.budget_day is not None and day != run.budget_day:  # after midnight: what it spent stays on its day
+        moved = {"prior_day": run.budget_day, "prior_cost_micros": run.cost_micros}
     session.execute(update(Run).where(col(Run.id) == run.id).values(
-        budget_day=day, reserved_micros=estimate, settled_at=None))
+        budget_day=day, reserved_micros=estimate, settled_at=None, **moved))
     return True
 
 
@@ -358,9 +361,9 @@ def backoff_s(base: float, attempt: int) -> float:
 
 
 def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult, verdict: Verdict,
-            requeue: Requeue, unbooked: int) -> ExecuteResult:
-    """Write the outcome and book the `unbooked` rest of the attempt's cost (negative: a correction);
-    while the database is away, keep the lease and try again (bounded)."""
+            requeue: Requeue, cost: int, charged: int) -> ExecuteResult:
+    """Write the outcome and book the attempt's `cost` (the agent's final figure; `charged` is what the
+    bookkeeper booked as it ran); while the database is away, keep the lease and try again (bounded)."""
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
     delay = backoff_s(fleet.retry_backoff_s, run.attempt) if retry else None
@@ -368,7 +371,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     pause = 0.2
     while True:
         try:
-            written = _write_outcome(services, run, lease, result, verdict, retry, delay, unbooked)
+            written = _write_outcome(services, run, lease, result, verdict, retry, delay, cost)
             break
         except SQLAlchemyError as exc:
             if time.monotonic() + pause > deadline:
@@ -379,7 +382,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
             _wait_keeping(services, lease, pause)
             pause = min(pause * 2, 5.0)
     if written is None:
-        _book_orphaned_spend(services, run, unbooked)
+        _book_orphaned_spend(services, run, cost - charged)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
     status, dead = written
     if dead:
@@ -405,7 +408,7 @@ def _wait_keeping(services: Services, lease: Lease, seconds: float) -> None:
 
 
 def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessResult, verdict: Verdict,
-                   retry: bool, delay: float | None, unbooked: int) -> tuple[RunStatus, bool] | None:
+                   retry: bool, delay: float | None, cost: int) -> tuple[RunStatus, bool] | None:
     """One fenced attempt at writing the outcome: (status, dead-lettered), or None when taken over.
 
     An earlier try whose commit reached the database although its answer did not (an ambiguous
@@ -433,7 +436,7 @@ def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessRe
                 return status, dead
             return None
         fresh = session.get(Run, run.id, populate_existing=True) or run
-        ledger.charge(session, run=fresh, amount=unbooked, now=now)
+        ledger.book_attempt(session, run=fresh, total=cost, now=now, final=True)
         ledger.settle(session, run=fresh, now=now)  # a retry reserves again when it starts
         if dead:
             _dead_letter(session, fresh, result, verdict, now)

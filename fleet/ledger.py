@@ -117,34 +117,58 @@ def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
 
 
 def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True) -> None:
-    """Book money a running agent reported spending, as it is reported: its own reservation is used up
-    first, so the ledger always holds spent + what is still reserved. The run's fenced owner calls
-    this in its own transaction; an attempt that lost its run books what it spent all the same (the
-    money is gone) but with `own_reservation=False`, leaving the new owner's reservation alone.
-
-    A negative amount is a correction (the agent's final total came in below what its steps added
-    up to): it takes back spend, never more than the run has booked, and leaves the reservation alone.
-    """
-    if amount == 0 or run.budget_day is None:
-        return
+    """Add `amount` to what a run spent: for money no owner is tracking any more (an attempt that lost its
+    run books what it spent all the same, the money is gone, with `own_reservation=False`, leaving the new
+    owner's reservation alone; an abandoned attempt is booked its whole reservation). The owner of a
+    running attempt books through `book_attempt` instead, which cannot count a step twice."""
     current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
-    owned = own_reservation and current is not None and current.settled_at is None
-    reserved = current.reserved_micros if owned and current is not None else 0
+    if current is not None:
+        _book(session, current, amount, run.budget_day, now, own_reservation=own_reservation)
+
+
+def book_attempt(session: Session, *, run: Run, total: int, now: datetime, final: bool = False) -> int | None:
+    """Book the current attempt's cost so far as `total` (the agent's cumulative figure): only the part not
+    booked yet is added, so a retry of a commit whose answer was lost books nothing twice. `final`: the
+    agent's own last figure, which may also come in below what its steps added up to (a correction,
+    never taking back more than the run has booked). Returns what was added (or taken back); None when
+    the row is no longer this attempt's (another fence owns it: the caller books what it knows it spent
+    with `charge`, as a lost attempt's).
+
+    Its own reservation is used up first, so the ledger always holds spent + what is still reserved.
+    Only the run's fenced owner calls this, in its own transaction.
+    """
+    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    if current is None or current.fence != run.fence:
+        return None
+    amount = total - current.attempt_cost_micros
+    if amount == 0 or (amount < 0 and not final):
+        return 0
+    session.execute(text("UPDATE runs SET attempt_cost_micros = :total WHERE id = :id"),
+                    params={"total": total, "id": run.id})
+    return _book(session, current, amount, current.budget_day, now, own_reservation=True)
+
+
+def _book(session: Session, current: Run, amount: int, day: str | None, now: datetime, *,
+          own_reservation: bool) -> int:
+    if amount == 0 or day is None:
+        return 0
+    owned = own_reservation and current.settled_at is None
+    reserved = current.reserved_micros if owned else 0
     if amount < 0:
-        amount = max(amount, -(current.cost_micros if current is not None else 0))
+        amount = max(amount, -current.cost_micros)
         if amount == 0:
-            return
+            return 0
     consumed = min(reserved, max(amount, 0))
     session.execute(text("UPDATE runs SET cost_micros = cost_micros + :amount, "
                          "reserved_micros = reserved_micros - :consumed WHERE id = :id"),
-                    params={"amount": amount, "consumed": consumed, "id": run.id})
-    _ensure_rows(session, run.budget_day, run.agent, now)
-    for scope in (run.agent, GLOBAL):
+                    params={"amount": amount, "consumed": consumed, "id": current.id})
+    _ensure_rows(session, day, current.agent, now)
+    for scope in (current.agent, GLOBAL):
         session.execute(text("UPDATE spend_days SET spent_micros = spent_micros + :amount, "
                              "reserved_micros = reserved_micros - :consumed, updated_at = :now "
                              "WHERE day = :day AND scope = :scope"),
-                        params={"amount": amount, "consumed": consumed, "now": now, "day": run.budget_day,
-                                "scope": scope})
+                        params={"amount": amount, "consumed": consumed, "now": now, "day": day, "scope": scope})
+    return amount
 
 
 def settle(session: Session, *, run: Run, now: datetime) -> bool:

@@ -94,6 +94,12 @@ class Run(SQLModel, table=True):
     finished_at: datetime | None = None
     retry_at: datetime | None = None
     settled_at: datetime | None = None  # set once the reservation was replaced by the actual cost
+    # What the current attempt has booked so far: an owner books its cumulative figure, never a step twice.
+    attempt_cost_micros: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    # A retry that started on a later budget day than its first attempt: the day before, and what the run
+    # had booked on it (the ledger of that day holds it; budget_day holds the rest).
+    prior_day: str | None = Field(default=None, max_length=10)
+    prior_cost_micros: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
     # How many execute messages this attempt has been sent (the reaper re-sends a lost one once).
     sends: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
 

@@ -132,7 +132,11 @@ class Bookkeeper:
         services = self.services
         try:
             with db.session(services.engine) as session:
-                ledger.charge(session, run=self.run, amount=step, now=services.now(), own_reservation=not self.lost)
+                # The cumulative figure, not the step: a commit whose answer was lost is not booked twice.
+                booked = None if self.lost else ledger.book_attempt(session, run=self.run, total=reported,
+                                                                    now=services.now())
+                if booked is None:  # the run is another attempt's now: what we spent is booked as a lost one's
+                    ledger.charge(session, run=self.run, amount=step, now=services.now(), own_reservation=False)
                 current = session.get(Run, self.run.id, populate_existing=True)
                 own = current.reserved_micros if current is not None else 0
                 room = None if self.run.budget_day is None else ledger.headroom(

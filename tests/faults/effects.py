@@ -169,9 +169,12 @@ def check_ledger(log: EffectsLog, engine: Engine) -> list[str]:
         if run.budget_day is None:
             continue
         open_reservation = run.reserved_micros if run.settled_at is None else 0
+        prior = run.prior_cost_micros if run.prior_day else 0  # a retry after midnight: spent before it, then
         for scope in (run.agent, GLOBAL):
-            expected[(run.budget_day, scope)][0] += run.cost_micros
+            expected[(run.budget_day, scope)][0] += run.cost_micros - prior
             expected[(run.budget_day, scope)][1] += open_reservation
+            if run.prior_day:
+                expected[(run.prior_day, scope)][0] += prior
         if run.cost_micros < log.spent(run.id):
             problems.append(f"I5: run {run.id} booked {run.cost_micros} but its agents spent {log.spent(run.id)}")
     for row in days:

@@ -179,8 +179,6 @@ def test_an_ambiguous_commit_of_a_dead_letter_still_raises_its_alert(pg_faults: 
     assert _alerts(pg_faults, "dead_letter", run.id), "a run was dead-lettered in silence"
 
 
-@pytest.mark.xfail(strict=True, reason="the bookkeeper's charge is not idempotent: when its COMMIT is ambiguous it "
-                   "keeps `charged` unchanged and books the same step again with the next usage line")
 def test_an_ambiguous_commit_of_a_running_charge_is_counted_once(pg_faults: FaultFleet) -> None:
     """The COMMIT that books an agent's first reported step reaches PostgreSQL but its answer is lost: the step
     must be booked once, not once more with the next usage line (counted once: the run's cost is what it spent)."""
@@ -347,8 +345,6 @@ def test_a_worker_with_its_clock_a_day_ahead_cannot_hold_a_breaker_open_for_a_da
     assert trial.status == "queued", f"the breaker is still {trial.gates['breaker'].detail} after its cool-down"
 
 
-@pytest.mark.xfail(strict=True, reason="a retry claimed after midnight moves the run's budget_day to the new day, "
-                   "while the first attempt's spend stays booked on the old one: the ledger no longer equals the runs")
 def test_a_retry_after_midnight_keeps_the_ledger_equal_to_the_runs(idle: FaultFleet) -> None:
     """The first attempt spends and fails before midnight; its retry is claimed after. Each day's ledger must still
     equal what the runs say they cost that day (I5), the first attempt's $0.02 included."""
