@@ -65,13 +65,18 @@ SWEEPS: dict[str, dict[str, Any]] = {
 def build(config: FleetConfig) -> dict[str, dict[str, Any]]:
     """Every beat entry for this fleet.toml."""
     entries = {name: {**entry, "options": {"queue": DISPATCH_QUEUE, "expires": 300}} for name, entry in SWEEPS.items()}
+    # Agents on the same schedule are due at the same instants: one message ticks them all, in one batch
+    # (a thousand agents every minute is one dispatch transaction, not a thousand).
+    groups: dict[str, list[str]] = {}
     for name, spec in config.agents.items():
-        schedule = spec.parsed_schedule
-        if schedule is None or spec.schedule is None:
-            continue
-        entries[f"fleet.tick:{name}"] = {
-            "task": "fleet.tick", "args": (name,),
-            "schedule": FleetSchedule(schedule, config.fleet.timezone, spec.schedule),
+        if spec.parsed_schedule is not None and spec.schedule is not None:
+            groups.setdefault(spec.schedule, []).append(name)
+    for text, names in groups.items():
+        schedule = config.agent(names[0]).parsed_schedule
+        assert schedule is not None
+        entries[f"fleet.ticks:{text}"] = {
+            "task": "fleet.ticks", "args": (names,),
+            "schedule": FleetSchedule(schedule, config.fleet.timezone, text),
             # A tick that waited past its slot is worthless; the next slot will come.
             "options": {"queue": DISPATCH_QUEUE, "expires": 300},
         }

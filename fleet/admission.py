@@ -14,6 +14,7 @@ finish  the lease released if still ours, and the outcome counted by the breaker
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -73,10 +74,32 @@ class Admission:
     kill_value: str | None = None
 
 
+# (agent, concurrency, run_id, cooldown_s, ttl_s, taken): one run's `admit`, as `admit_many` takes it.
+AdmitRequest = tuple[str, int, str, float, float, set[int]]
+
+
+def _admit_call(agent: str, concurrency: int, run_id: str, cooldown_s: float, ttl_s: float,
+                taken: set[int]) -> dict[str, Any]:
+    slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
+    return {"keys": [keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
+                     keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
+            "args": [run_id, cooldown_s, to_ms(ttl_s), slot_list(taken)]}
+
+
+def _admission(agent: str, run_id: str, got: Any) -> Admission:
+    verdict = str(got[0])
+    if verdict in ("killed", "paused"):  # the scope whose flag stops intake, and the flag as Redis holds it
+        return Admission(verdict, kill_scope=GLOBAL if int(got[1]) == 1 else agent, kill_value=str(got[2]))
+    if verdict == "ok":
+        return Admission("ok", Lease(agent, int(got[1]), run_id, int(got[2])), breaker=str(got[3]))
+    return Admission(verdict, breaker=str(got[1]))
+
+
 class Admissions:
     """The three scripts, registered on one client."""
 
     def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
         self._admit = client.register_script(_ADMIT)
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
@@ -85,16 +108,15 @@ class Admissions:
               taken: set[int]) -> Admission:
         """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass.
         `taken`: the slots the database says live runs hold (Redis may have lost their keys)."""
-        slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
-        got = self._admit(keys=[keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
-                                keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
-                          args=[run_id, cooldown_s, to_ms(ttl_s), slot_list(taken)])
-        verdict = str(got[0])
-        if verdict in ("killed", "paused"):  # the scope whose flag stops intake, and the flag as Redis holds it
-            return Admission(verdict, kill_scope=GLOBAL if int(got[1]) == 1 else agent, kill_value=str(got[2]))
-        if verdict == "ok":
-            return Admission("ok", Lease(agent, int(got[1]), run_id, int(got[2])), breaker=str(got[3]))
-        return Admission(verdict, breaker=str(got[1]))
+        return _admission(agent, run_id, self._admit(**_admit_call(agent, concurrency, run_id, cooldown_s, ttl_s,
+                                                                   taken)))
+
+    def admit_many(self, wanted: list[AdmitRequest]) -> list[Admission]:
+        """`admit` for many runs in one round trip (a pipeline; each script is still atomic on its own)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for want in wanted:
+            self._admit(**_admit_call(*want), client=pipe)
+        return [_admission(want[0], want[2], got) for want, got in zip(wanted, pipe.execute(), strict=True)]
 
     def claim(self, lease: Lease, *, ttl_s: float) -> tuple[str | None, str | None, bool]:
         """(killed scope, its raw flag, lease renewed): the executor's Redis side, as it starts a run."""

@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
 from fleet import alerts, db, killswitch, ledger, pause, store
+from fleet.admission import Admission
 from fleet.config import AgentSpec, read_text
 from fleet.errors import BadInputError, UnavailableError
 from fleet.ledger import Caps
@@ -177,7 +178,7 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     try:
         send(run.id, run.fence or 0)
     except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
-        _unsend(services, run)
+        unsend(services, run)
         raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
                                "its slot and reservation were returned, and the same key may be dispatched "
                                "again") from None
@@ -323,31 +324,24 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
                                          cooldown_s=spec.breaker_settings(fleet)[1], ttl_s=fleet.queued_lease_ttl_s,
                                          taken=taken)
     result = DispatchResult(run.id, "refused", would_fire=[run.id])
-    if admitted.verdict == "killed":
-        state = killswitch.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
-        return _refuse(result, "kill", Gate(False, state.describe()))
-    if admitted.verdict == "paused":
-        held = pause.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
-        return _refuse(result, "pause", Gate(False, held.describe()))
-    if admitted.verdict == "breaker_open":
-        return _refuse(result, "breaker", Gate(False, admitted.breaker))
-    if admitted.lease is None:
-        return _refuse(result, "lock", Gate(False, f"0 of {spec.concurrency} slot(s) free"))
+    refused = admission_refusal(result, admitted, spec)
+    if refused is not None or admitted.lease is None:
+        return refused or result
     lease = admitted.lease
     mirror = killswitch.check_mirror(session, spec.name)  # a flag Redis lost still stops intake
     if mirror.killed:
         killswitch.restore(session, services.redis)
-        return _give_back(services, lease, _refuse(result, "kill", Gate(False, mirror.describe())))
+        return give_back(services, lease, _refuse(result, "kill", Gate(False, mirror.describe())))
     if pause.mirrored(session, spec.name):  # likewise a pause; check() puts the lost flag back
         paused = pause.check(session, services.redis, spec.name)
-        return _give_back(services, lease, _refuse(result, "pause", Gate(False, paused.describe())))
+        return give_back(services, lease, _refuse(result, "pause", Gate(False, paused.describe())))
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     day = ledger.budget_day(session, fleet.timezone)
     queued = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED).values(
         status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day, reserved_micros=estimate,
         queued_at=now, updated_at=now, sends=1))
     if db.rowcount(queued) != 1:  # the row is this transaction's own: nobody else can have ended it
-        _give_back(services, lease, result)
+        give_back(services, lease, result)
         raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")
     caps = caps_of(services, spec)
     if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps, now=now):
@@ -355,10 +349,10 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
                      agent=spec.name, level="warning")
         room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
         gate = Gate(False, f"needs ${ledger.to_usd(estimate):.2f}, ${ledger.to_usd(max(room, 0)):.2f} left today")
-        return _give_back(services, lease, _refuse(result, "caps", gate))  # the caller rolls the queueing back
+        return give_back(services, lease, _refuse(result, "caps", gate))  # the caller rolls the queueing back
     if not ledger.count_run(session, day=day, agent=spec.name, limit=spec.max_runs_per_day, now=now):
         full = f"{spec.max_runs_per_day} of {spec.max_runs_per_day} run(s) today"
-        return _give_back(services, lease, _refuse(result, "bounded", Gate(False, full)))
+        return give_back(services, lease, _refuse(result, "bounded", Gate(False, full)))
     store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name, fence=lease.fence,
                     slot=lease.slot, reserved_micros=estimate)
     run.status, run.fence, run.slot, run.budget_day, run.reserved_micros = (
@@ -374,20 +368,35 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     return result
 
 
+def admission_refusal(result: DispatchResult, admitted: Admission, spec: AgentSpec) -> DispatchResult | None:
+    """The refusal that an admission's verdict means, or None when it was admitted (its lease taken)."""
+    if admitted.verdict == "killed":
+        state = killswitch.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
+        return _refuse(result, "kill", Gate(False, state.describe()))
+    if admitted.verdict == "paused":
+        held = pause.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
+        return _refuse(result, "pause", Gate(False, held.describe()))
+    if admitted.verdict == "breaker_open":
+        return _refuse(result, "breaker", Gate(False, admitted.breaker))
+    if admitted.lease is None:
+        return _refuse(result, "lock", Gate(False, f"0 of {spec.concurrency} slot(s) free"))
+    return None
+
+
 def _refuse(result: DispatchResult, gate: str, verdict: Gate) -> DispatchResult:
     result.gates[gate] = verdict
     result.reason = _REFUSAL[gate]
     return result
 
 
-def _give_back(services: Services, lease: Lease, result: DispatchResult) -> DispatchResult:
+def give_back(services: Services, lease: Lease, result: DispatchResult) -> DispatchResult:
     """A refusal after the lease was taken: the slot and the breaker's trial go back at once."""
     services.leases.release(lease)
     services.breakers.forfeit(lease.agent, lease.run_id)
     return result
 
 
-def _unsend(services: Services, run: Run) -> None:
+def unsend(services: Services, run: Run) -> None:
     """The message could not be sent: return the reservation and the slot and delete the row, so the
     retry that 75 invites dispatches the key afresh (a message that did get through finds no run)."""
     now = services.now()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
@@ -83,6 +83,46 @@ def _add_reserved(session: Session, day: str, scope: str, amount: int, cap: int 
     return db.rowcount(result) == 1
 
 
+@dataclass(frozen=True)
+class Want:
+    """One run of a batch to reserve and count: its agent (one run per agent), estimate, cap and daily bound."""
+
+    agent: str
+    amount: int
+    cap: int | None
+    bound: int | None
+
+
+def reserve_many(session: Session, *, day: str, wants: list[Want], fleet_cap: int | None,
+                 now: datetime) -> dict[str, str] | None:
+    """`reserve` and `count_run` for a batch of runs of different agents, in the caller's transaction and a
+    few statements: the agents refused and why (`caps`, `bounded`). None when the fleet's cap cannot take
+    the whole batch at once: the caller must roll back and reserve one run at a time, in order, so that
+    which runs fit is decided exactly as one-by-one dispatches would decide it."""
+    agents = sorted(want.agent for want in wants)
+    _ensure_many(session, day, agents, now)
+    # The agents' rows locked in name order first: two batches over the same agents wait, never deadlock.
+    session.exec(select(SpendDay.scope).where(col(SpendDay.day) == day, col(SpendDay.scope).in_(agents))
+                 .order_by(col(SpendDay.scope)).with_for_update()).all()
+    refused: dict[str, str] = {}
+    plain: dict[int, list[str]] = {}
+    for want in wants:  # a capped or bounded agent alone, with its conditional updates
+        if want.cap is None and want.bound is None:
+            plain.setdefault(want.amount, []).append(want.agent)
+        elif not _add_reserved(session, day, want.agent, want.amount, want.cap, now):
+            refused[want.agent] = "caps"
+        elif not count_run(session, day=day, agent=want.agent, limit=want.bound, now=now):
+            _add_reserved(session, day, want.agent, -want.amount, None, now)  # this run does not happen
+            refused[want.agent] = "bounded"
+    for amount, group in plain.items():  # the rest: nothing can refuse them, one statement per estimate
+        session.execute(update(SpendDay).where(col(SpendDay.day) == day, col(SpendDay.scope).in_(group)).values(
+            reserved_micros=SpendDay.reserved_micros + amount, runs=SpendDay.runs + 1, updated_at=now))
+    total = sum(want.amount for want in wants if want.agent not in refused)
+    if not _add_reserved(session, day, GLOBAL, total, fleet_cap, now):
+        return None
+    return refused
+
+
 def count_run(session: Session, *, day: str, agent: str, limit: int | None, now: datetime) -> bool:
     """Count one more run of `agent` on `day`, unless `limit` runs are counted already (a bounded
     agent): one conditional UPDATE, in the caller's reservation transaction, after `reserve` (which
@@ -109,11 +149,16 @@ def runs_counted(session: Session, *, day: str, agent: str) -> int:
 
 
 def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
+    _ensure_many(session, day, [agent], now)
+
+
+def _ensure_many(session: Session, day: str, agents: list[str], now: datetime) -> None:
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "runs": 0, "updated_at": now}
-            for scope in (agent, GLOBAL)]
-    session.execute(insert(SpendDay).values(rows).on_conflict_do_nothing())
+            for scope in (*agents, GLOBAL)]
+    for start in range(0, len(rows), 500):  # SQLite limits the bound values of one statement
+        session.execute(insert(SpendDay).values(rows[start:start + 500]).on_conflict_do_nothing())
 
 
 def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True) -> None:

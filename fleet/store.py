@@ -15,8 +15,12 @@ from fleet.models import DeadLetter, Run, RunEvent, RunStatus
 def add_event(*, session: Session, at: datetime, kind: str, run_id: str | None = None,
               agent: str | None = None, actor: str | None = None, **detail: Any) -> None:
     """Append one entry to the audit trail (written in the caller's transaction)."""
-    session.add(RunEvent(at=at, kind=kind, run_id=run_id, agent=agent, actor=actor,
-                         detail=json.dumps(detail, default=str, sort_keys=True) if detail else None))
+    session.add(RunEvent(at=at, kind=kind, run_id=run_id, agent=agent, actor=actor, detail=event_detail(**detail)))
+
+
+def event_detail(**detail: Any) -> str | None:
+    """An event's detail as it is stored: JSON with sorted keys, or nothing."""
+    return json.dumps(detail, default=str, sort_keys=True) if detail else None
 
 
 def get_run(*, session: Session, run_id: str) -> Run | None:

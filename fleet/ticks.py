@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from fleet import db, keys, pause
+from fleet import bulk, db, keys, pause
 from fleet.dispatch import DispatchRequest, DispatchResult, Gate, Sender, dispatch
 from fleet.services import Services
 
@@ -41,3 +41,17 @@ def tick(services: Services, agent: str, send: Sender, actor: str = "beat") -> D
         gates = {"pause": Gate(False, paused.describe())}
         return DispatchResult(None, "refused", gates=gates, reason="paused")
     return dispatch(services, DispatchRequest(agent, work_key, actor=actor), send)
+
+
+def tick_many(services: Services, agents: list[str], send: Sender, actor: str = "beat") -> dict[str, DispatchResult]:
+    """`tick` for every agent that shares a schedule, in one batch (fleet/bulk.py): the agents' answers.
+    Agents no longer configured or without a schedule are skipped (a beat entry older than fleet.toml)."""
+    now = services.now()
+    wanted = []
+    for agent in dict.fromkeys(agents):
+        work_key = slot_key(services, agent, now) if agent in services.config.agents else None
+        if work_key is not None:
+            wanted.append((services.config.agent(agent), work_key))
+    services.redis.set(keys.last_tick(), now.isoformat())  # before any gate: a paused fleet's beat is alive
+    results = bulk.dispatch_many(services, wanted, send, actor)
+    return {spec.name: result for (spec, _), result in zip(wanted, results, strict=True)}

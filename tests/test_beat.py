@@ -72,7 +72,7 @@ def test_two_beats_fire_each_slot_once_and_survive_the_leader(beat_fleet: Any) -
     assert new_leader and new_leader != leader
     fired = slots()
     assert len(fired) == len(set(fired))  # the unique key: one run per slot, whatever was sent
-    sends = sum(len(re.findall(r"Sending due task fleet.tick:ticker", (fleet.tmp / f"beat-{n}.log").read_text()))
+    sends = sum(len(re.findall(r"Sending due task fleet.ticks:", (fleet.tmp / f"beat-{n}.log").read_text()))
                 for n in ("a", "b"))
     with db.session(fleet.services.engine) as session:
         refused = session.exec(select(RunEvent).where(RunEvent.agent == "ticker",

@@ -76,6 +76,16 @@ def tick(self: Task, agent: str) -> dict[str, Any]:
     return ticks.tick(services(), agent, send_execute, actor=f"beat:{self.request.id}").to_json()
 
 
+@app.task(name="fleet.ticks", bind=True, ignore_result=True)
+def tick_many(self: Task, agents: list[str]) -> dict[str, Any]:
+    """Beat's tick for every agent sharing a schedule: their current slots, dispatched in one batch."""
+    results = ticks.tick_many(services(), agents, send_execute, actor=f"beat:{self.request.id}")
+    counts: dict[str, int] = {}
+    for result in results.values():
+        counts[result.status] = counts.get(result.status, 0) + 1
+    return {"agents": len(results), **counts}
+
+
 @app.task(name="fleet.sweep.reaper")
 def sweep_reaper() -> dict[str, Any]:
     """Recover runs whose worker died and queued runs whose message was lost."""

@@ -1,0 +1,176 @@
+"""A beat pass in one batch (fleet/bulk.py) answers what one tick per agent would, gate by gate, and keeps
+the ledger, the leases and the keys exact, also when a second pass races it or the fleet cap is reached."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlmodel import col, select
+
+import beat_schedule
+from fleet import db, killswitch, pause, ticks
+from fleet.breaker import Outcome
+from fleet.models import Run, RunEvent, RunStatus, SpendDay
+from fleet.services import Services
+from tests.harness import AGENTS
+
+EVERY = 'schedule = "every 60s"\nest_cost_usd = 0.01\ncommand = ["true"]\ntimeout_s = 30\n'
+GATED = ("b-plain-a", "b-plain-b", "b-capped", "b-bounded", "b-busy", "b-tripped", "b-killed", "b-paused")
+
+
+@pytest.fixture
+def services_agents() -> str:
+    toml = AGENTS + "".join(f"\n[agents.{name}]\n{EVERY}" for name in ("b-plain-a", "b-plain-b", "b-busy", "b-tripped",
+                                                                       "b-killed", "b-paused"))
+    toml += f"\n[agents.b-capped]\n{EVERY}daily_cap_usd = 0.015\nconcurrency = 2\n"
+    toml += f"\n[agents.b-bounded]\n{EVERY}max_runs_per_day = 1\nconcurrency = 2\n"
+    return toml
+
+
+class Sent(list[tuple[str, int]]):
+    """The execute messages a pass sent."""
+
+    def __call__(self, run_id: str, fence: int) -> None:
+        self.append((run_id, fence))
+
+
+def _frozen(services: Services, at: datetime) -> None:
+    services.now = lambda: at  # type: ignore[method-assign]
+
+
+def _runs(services: Services) -> list[Run]:
+    with db.session(services.engine) as session:
+        return list(session.exec(select(Run)))
+
+
+def _ledger_matches_runs(services: Services) -> None:
+    """Every micro-dollar reserved in the ledger is a queued run's, and every run is counted once."""
+    runs = _runs(services)
+    with db.session(services.engine) as session:
+        rows = {row.scope: row for row in session.exec(select(SpendDay))}
+    queued = [r for r in runs if r.status == RunStatus.QUEUED]
+    assert rows["*"].reserved_micros == sum(r.reserved_micros for r in queued)
+    for agent in {r.agent for r in runs}:
+        mine = [r for r in runs if r.agent == agent]
+        assert rows[agent].reserved_micros == sum(r.reserved_micros for r in mine if r.status == RunStatus.QUEUED)
+        assert rows[agent].runs == len(mine)
+
+
+def test_a_batch_answers_each_gate_as_a_single_tick_would(services: Services) -> None:
+    now = datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC)
+    _frozen(services, now)
+    sent = Sent()
+    # Before the pass: busy's one slot taken by a run of another key; tripped's breaker open; a kill and a
+    # pause on one agent each; bounded and capped each have room for one run today.
+    assert services.leases.acquire("b-busy", 1, "someone-else", ttl_s=60) is not None
+    services.breakers.record("b-tripped", "r0", Outcome.AUTH, threshold=3)
+    killswitch.engage(services.engine, services.redis, scope="b-killed", reason="test", actor="test", hard=False,
+                      now=now)
+    pause.engage(services.engine, services.redis, scope="b-paused", reason="test", actor="test", now=now)
+    first = ticks.tick_many(services, list(GATED), sent)
+    assert {name: (r.status, r.reason) for name, r in first.items()} == {
+        "b-plain-a": ("queued", None), "b-plain-b": ("queued", None), "b-capped": ("queued", None),
+        "b-bounded": ("queued", None), "b-busy": ("refused", "busy"), "b-tripped": ("refused", "breaker_open"),
+        "b-killed": ("refused", "killed"), "b-paused": ("refused", "paused")}
+    queued = {r.run_id for r in first.values() if r.status == "queued"}
+    assert {run_id for run_id, _ in sent} == queued and len(sent) == 4
+    runs = {r.id: r for r in _runs(services)}
+    assert set(runs) == queued  # a refusal leaves no row
+    for name in ("b-plain-a", "b-capped"):
+        run = runs[first[name].run_id or ""]
+        assert run.work_key == "schedule:2026-12-01T10:00:00+00:00" and run.fence == first[name].fence
+        assert [(h.run_id, h.fence) for h in services.leases.holders(name, 1)] == [(run.id, run.fence)]
+    _ledger_matches_runs(services)
+    # The same slot again: duplicates, answered from the key alone; nothing new is sent.
+    again = ticks.tick_many(services, list(GATED), sent)
+    assert {name for name, r in again.items() if r.status == "duplicate"} == {
+        "b-plain-a", "b-plain-b", "b-capped", "b-bounded"}
+    assert len(sent) == 4
+    # The next slot, with the first runs still queued: capped is over its cap, bounded past its bound, and
+    # plain agents (concurrency 1) busy behind their own first runs.
+    _frozen(services, now + timedelta(seconds=60))
+    later = ticks.tick_many(services, ["b-plain-a", "b-capped", "b-bounded"], sent)
+    assert {name: r.reason for name, r in later.items()} == {"b-plain-a": "busy", "b-capped": "over_cap",
+                                                             "b-bounded": "bounded"}
+    _ledger_matches_runs(services)
+    with db.session(services.engine) as session:
+        kinds = [e.kind for e in session.exec(select(RunEvent).where(col(RunEvent.agent) == "b-plain-a"))]
+    assert kinds.count("run.created") == kinds.count("run.queued") == 1 and "dispatch.refused" in kinds
+
+
+def test_a_fleet_cap_that_cannot_take_the_batch_decides_one_run_at_a_time(services: Services) -> None:
+    """$0.025 left for the fleet and five $0.01 runs: exactly two go, as five single ticks would decide."""
+    now = datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC)
+    _frozen(services, now)
+    services.config = dataclasses.replace(services.config,
+                                          fleet=services.config.fleet.model_copy(update={"daily_cap_usd": 0.025}))
+    sent = Sent()
+    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-busy", "b-tripped", "b-killed"], sent)
+    statuses = [results[name].status for name in ("b-plain-a", "b-plain-b", "b-busy", "b-tripped", "b-killed")]
+    assert statuses == ["queued", "queued", "refused", "refused", "refused"]
+    assert {r.reason for r in results.values() if r.status == "refused"} == {"over_cap"}
+    assert len(sent) == 2
+    _ledger_matches_runs(services)
+
+
+def test_two_passes_racing_over_one_slot_make_one_run_per_agent(services: Services) -> None:
+    """Two beats (a leader handover) tick the same slot at once: one run per agent, reserved once."""
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    agents = ["b-plain-a", "b-plain-b", "b-busy", "b-tripped", "b-killed", "b-paused", "b-capped", "b-bounded"]
+    sent = Sent()
+    answers: list[dict[str, Any]] = []
+    barrier = threading.Barrier(2)
+
+    def one_pass() -> None:
+        barrier.wait()
+        answers.append(ticks.tick_many(services, agents, sent))
+
+    threads = [threading.Thread(target=one_pass) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 2
+    runs = _runs(services)
+    assert sorted(r.agent for r in runs) == sorted(agents) and len(sent) == len(agents)
+    for agent in agents:
+        (run,) = [r for r in runs if r.agent == agent]
+        won, lost = sorted((answers[0][agent], answers[1][agent]), key=lambda r: r.status != "queued")
+        assert won.status == "queued" and won.run_id == run.id
+        # The loser waited on the key (a duplicate), or found the slot or the money taken by the winner's
+        # uncommitted run, as two single dispatches racing can (refused, and nothing of it kept).
+        assert (lost.status, lost.run_id) == ("duplicate", run.id) or (
+            lost.status == "refused" and lost.reason in {"busy", "over_cap"}), (won, lost)
+    _ledger_matches_runs(services)
+
+
+def test_a_message_that_cannot_be_sent_undoes_its_run_only(services: Services) -> None:
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    sent = Sent()
+    calls: list[str] = []
+
+    def flaky(run_id: str, fence: int) -> None:
+        calls.append(run_id)
+        if len(calls) == 2:
+            raise ConnectionError("broker went away")
+        sent(run_id, fence)
+
+    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-capped"], flaky)
+    assert sorted(r.status for r in results.values()) == ["queued", "queued", "unavailable"]
+    (lost,) = [name for name, r in results.items() if r.status == "unavailable"]
+    assert lost not in {r.agent for r in _runs(services)} and services.leases.holders(lost, 1) == []
+    _ledger_matches_runs(services)
+    again = ticks.tick_many(services, [lost], sent)  # its key may be dispatched again
+    assert again[lost].status == "queued"
+
+
+def test_beat_ticks_agents_that_share_a_schedule_in_one_message(services: Services) -> None:
+    entries = beat_schedule.build(services.config)
+    ticks_entries = {name: entry for name, entry in entries.items() if entry["task"] == "fleet.ticks"}
+    assert list(ticks_entries) == ["fleet.ticks:every 60s"]
+    (names,) = ticks_entries["fleet.ticks:every 60s"]["args"]
+    assert sorted(names) == sorted(GATED)
