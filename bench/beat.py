@@ -59,7 +59,7 @@ from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunEvent, SpendDay
 from fleet.services import build
 from fleet.sweeps import reap
-from fleet.ticks import tick
+from fleet.ticks import tick, tick_many
 from fleet.watchdog import run_watchdog
 
 SIZES = (1_000, 10_000, 100_000)
@@ -127,6 +127,25 @@ def tick_rep(kind: str, home: Path, redis_url: str, agents: int) -> dict[str, An
                     raise RuntimeError(f"{label} tick pass: {statuses}, expected {want}")
                 out[f"{label}_counts"] = counts.per(agents)
             out["queue"] = int(services.redis.llen("agents"))
+            # The same pass as beat now sends it: one fleet.ticks batch for every agent of the schedule,
+            # at the next slot (every key new again), then that slot once more (all duplicates).
+            # The first pass's runs end (nobody consumes them here) so every agent's slot is free again.
+            later = frozen + timedelta(seconds=60)
+            services.now = lambda: later
+            with services.engine.begin() as conn:
+                conn.execute(text("UPDATE runs SET status = 'succeeded', slot = NULL"))
+            services.redis.flushdb()
+            for label, expected in (("batch", "queued"), ("batch_again", "duplicate")):
+                with tracer.counting() as counts:
+                    started = time.perf_counter()
+                    answers = tick_many(services, names, send)
+                    out[label] = time.perf_counter() - started
+                got: dict[str, int] = {}
+                for answer in answers.values():
+                    got[answer.status] = got.get(answer.status, 0) + 1
+                if got != {expected: agents}:
+                    raise RuntimeError(f"{label} tick pass: {got}, expected {expected} for all {agents}")
+                out[f"{label}_counts"] = counts.per(agents)
         finally:
             tracer.close()
             services.close()
@@ -258,11 +277,12 @@ def _timed_passes(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
 def _watchdog_parts(services: Any) -> dict[str, float]:
     """Each part of a watchdog pass on its own, ms."""
     parts: dict[str, Callable[[Any], Any]] = {
-        "heal (a lease look-up per agent)": lambda _s: wd.heal(services),
+        "heal (every lease in one look-up)": lambda _s: wd.heal(services),
         "stuck_check": lambda s: wd.stuck_check(services, s, services.now()),
         "dlq_check": lambda s: wd.dlq_check(s, services.now()),
         "spend_check": lambda s: wd.spend_check(services, s),
-        "breaker_check (a Redis read per agent)": lambda _s: wd.breaker_check(services),
+        "breaker_check (every breaker in one pipeline)":
+            lambda s: wd.breaker_check(services, s, wd.breaker_states(services), services.now()),
         "kill_check": lambda s: wd.kill_check(s),
     }
     out = {}
@@ -463,6 +483,13 @@ def _print_ticks(ticks: dict[str, list[dict[str, Any]]], floors: list[float], ag
                      f"{1e6 * median([r['again'] for r in reps]) / agents:.0f}",
                      f"{median([r['again'] for r in reps]) / median(floors):.0f}x",
                      f"{counts['write_commits']:.1f}", f"{counts['checkouts']:.1f}"])
+        for label, outcome in (("batch", "dispatched"), ("batch_again", "all duplicates")):
+            counts = reps[0][f"{label}_counts"]
+            times = [r[label] for r in reps]
+            rows.append([f"Fleet batch pass (fleet.ticks), {kind}", outcome, spread([{"t": t} for t in times], "t",
+                                                                                   "{:.2f}"),
+                         f"{1e6 * median(times) / agents:.0f}", f"{median(times) / median(floors):.1f}x",
+                         f"{counts['write_commits']:.3f}", f"{counts['checkouts']:.3f}"])
     table(f"(a) one tick pass over {agents} due agents (real send to Redis, no consumer)",
           ["what", "outcome", "pass s", "µs per agent", "vs floor", "commits that wrote / tick",
            "connection checkouts / tick"], rows)

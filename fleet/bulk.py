@@ -232,15 +232,12 @@ def _insert(session: Session, items: list[_Item], actor: str, now: datetime) -> 
     if not queued:
         return
     upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    runs, events = Run.__table__, RunEvent.__table__  # type: ignore[attr-defined]  # Core: one statement, compiled once
     rows = [_row(item, actor, now) for item in queued]
-    inserted = 0
-    for start in range(0, len(rows), CHUNK):
-        statement = upsert(Run).values(rows[start:start + CHUNK]).on_conflict_do_nothing().returning(col(Run.id))
-        inserted += len(session.execute(statement).all())
-    if inserted != len(rows):
+    inserted = session.execute(upsert(runs).on_conflict_do_nothing().returning(runs.c.id), rows).all()
+    if len(inserted) != len(rows):
         raise _OneAtATime()
-    events = [event for item in queued for event in _events(item, actor, now)]
-    session.execute(insert(RunEvent), events)
+    session.execute(insert(events), [event for item in queued for event in _events(item, actor, now)])
 
 
 def _row(item: _Item, actor: str, now: datetime) -> dict[str, object]:

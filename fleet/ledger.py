@@ -157,8 +157,8 @@ def _ensure_many(session: Session, day: str, agents: list[str], now: datetime) -
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
     rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "runs": 0, "updated_at": now}
             for scope in (*agents, GLOBAL)]
-    for start in range(0, len(rows), 500):  # SQLite limits the bound values of one statement
-        session.execute(insert(SpendDay).values(rows[start:start + 500]).on_conflict_do_nothing())
+    table = SpendDay.__table__  # type: ignore[attr-defined]  # Core executemany: one statement, compiled once
+    session.execute(insert(table).on_conflict_do_nothing(), rows)
 
 
 def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True) -> None:
