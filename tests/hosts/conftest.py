@@ -46,16 +46,16 @@ resend_after_s = 3
 outcome_retry_s = 60
 
 [agents.work]
-command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "8",
-           "--steps", "8", "--cost", "0.01", "--child"]
-est_cost_usd = 0.08
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "6",
+           "--steps", "6", "--cost", "0.01", "--child"]
+est_cost_usd = 0.06
 timeout_s = 60
 concurrency = 50
 
 [agents.stubborn]
-command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "30",
-           "--steps", "30", "--cost", "0.01", "--child", "--ignore-term"]
-est_cost_usd = 0.30
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "8",
+           "--steps", "8", "--cost", "0.01", "--child", "--ignore-term"]
+est_cost_usd = 0.08
 timeout_s = 60
 concurrency = 50
 

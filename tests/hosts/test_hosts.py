@@ -12,7 +12,7 @@ import pytest
 
 from fleet.models import TERMINAL, RunStatus
 from tests.harness import wait_for
-from tests.hosts.conftest import MultiFleet
+from tests.hosts.conftest import MultiFleet, wait_consuming
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 
@@ -54,4 +54,64 @@ def test_dispatches_spread_over_both_hosts_and_a_kill_from_infra_stops_both(flee
         assert last <= promised, (f"run {run} on {where[run]} wrote at {last - before:.2f}s after the kill began "
                                   f"(the command took {after - before:.2f}s)")
         assert fleet2.run(run).status == RunStatus.KILLED
+    assert fleet2.violations() == []
+
+
+def _on(multi: MultiFleet, where: dict[str, str], host: str) -> list[str]:
+    runs = [run for run, h in where.items() if h == host]
+    assert runs, f"no run started on {host}: {where}"
+    return runs
+
+
+def test_a_lost_host_s_runs_are_retried_once_on_the_other_never_overlapping(fleet2: MultiFleet) -> None:
+    ids = [r for r in (fleet2.dispatch("work", f"w{i}").run_id for i in range(4)) if r is not None]
+    where = _started(fleet2, ids)
+    on_b = _on(fleet2, where, "hostB")
+    wait_for(lambda: fleet2.effects().spent() >= 4 * 10_000, 20, "every agent to spend once")
+
+    fleet2.b.host.lose()  # every process of hostB SIGKILLed at once: worker, launchers, agents
+
+    fleet2.reap_until(lambda: all(fleet2.run(r).status in TERMINAL for r in ids), 60, "every run to end")
+    for run in on_b:
+        starts = fleet2.starts(run)
+        assert [(host, e.attempt) for host, e in starts] == [("hostB", "1"), ("hostA", "2")], starts
+        row = fleet2.run(run)
+        assert (row.status, row.attempt, row.host) == (RunStatus.SUCCEEDED, 2, "hostA")
+    for run in set(ids) - set(on_b):
+        assert [(host, e.attempt) for host, e in fleet2.starts(run)] == [("hostA", "1")]
+    assert fleet2.violations() == []
+
+
+def test_a_cut_off_host_fences_itself_before_the_other_retries_and_rejoins(fleet2: MultiFleet) -> None:
+    ids = [r for r in (fleet2.dispatch("work", f"w{i}").run_id for i in range(2))]
+    ids += [r for r in (fleet2.dispatch("stubborn", f"s{i}").run_id for i in range(2))]
+    run_ids = [r for r in ids if r is not None]
+    where = _started(fleet2, run_ids)
+    on_b = _on(fleet2, where, "hostB")
+    wait_for(lambda: fleet2.effects().spent() >= 4 * 10_000, 20, "every agent to spend once")
+
+    cut = time.time()
+    fleet2.b.host.cut()  # hostB runs on, but reaches neither Redis nor PostgreSQL
+    # It fences itself: no proof of ownership for the ownership window (1.5 s here), then SIGTERM, the
+    # grace (1 s), SIGKILL. Its agents' own log says when they stopped.
+    wait_for(lambda: fleet2.reap() and all(len(fleet2.starts(r)) == 2 for r in on_b), 60,
+             "hostA to retry hostB's runs", interval=0.3)
+    log = fleet2.effects()
+    for run in on_b:
+        last_b = max(e.t for e in log.effects if e.run == run and e.attempt == "1")
+        assert last_b <= cut + 1.5 + 1.0 + 1.0, f"run {run} wrote on hostB {last_b - cut:.2f}s after the cut"
+        retry = [e for host, e in fleet2.starts(run) if host == "hostA"]
+        assert retry and retry[0].t > last_b
+
+    fleet2.b.host.reconnect()
+    wait_consuming(fleet2, ("hostB",))
+    fleet2.reap_until(lambda: all(fleet2.run(r).status in TERMINAL for r in run_ids), 90, "every run to end")
+    for run in on_b:
+        row = fleet2.run(run)
+        assert (row.host, row.attempt) == ("hostA", 2), "a stale write of hostB's landed"
+    # hostB takes work again.
+    more = [r for r in (fleet2.dispatch("work", f"again{i}").run_id for i in range(4)) if r is not None]
+    again = _started(fleet2, more)
+    assert "hostB" in again.values(), again
+    fleet2.reap_until(lambda: all(fleet2.run(r).status in TERMINAL for r in more), 60, "the new runs to end")
     assert fleet2.violations() == []
