@@ -117,7 +117,6 @@ def test_a_cut_off_host_fences_itself_before_the_other_retries_and_rejoins(fleet
     assert fleet2.violations() == []
 
 
-@pytest.mark.xfail(strict=True, reason="defect: Redis unreachable past the grace ends the run killed, never retried")
 def test_a_host_cut_off_briefly_has_its_runs_retried_not_ended_as_killed(fleet2: MultiFleet) -> None:
     """Cut off past kill_unreachable_grace_s, back before the reaper took over: nobody killed anything,
     so the fenced agents' runs are retried like those of any host that could not prove its lease."""
