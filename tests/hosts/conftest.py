@@ -65,6 +65,12 @@ command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effec
 est_cost_usd = 0.01
 timeout_s = 60
 concurrency = 50
+
+[agents.talk]
+command = ["python", "-c", "import socket; print('hello from', socket.gethostname(), flush=True); print('x' * 70000)"]
+est_cost_usd = 0.001
+timeout_s = 60
+concurrency = 50
 """
 
 HOST_ENV = {"FLEET_DB_TIMEOUT_S": "3"}

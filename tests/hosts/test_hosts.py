@@ -11,10 +11,11 @@ import time
 import pytest
 
 from fleet.models import TERMINAL, RunStatus
-from tests.harness import wait_for
+from tests.harness import PY, wait_for
 from tests.hosts.conftest import MultiFleet, wait_consuming
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
+PY_FLEET = [PY, "-m", "fleet"]
 
 
 def _started(multi: MultiFleet, run_ids: list[str], timeout: float = 30) -> dict[str, str]:
@@ -136,3 +137,45 @@ def test_a_host_cut_off_briefly_has_its_runs_retried_not_ended_as_killed(fleet2:
         row = fleet2.run(run)
         assert (row.status, row.attempt) == (RunStatus.SUCCEEDED, 2), (row.status, row.attempt, row.error)
     assert fleet2.violations() == []
+
+
+def _a_run_on(multi: MultiFleet, agent: str, host: str, tries: int = 12) -> str:
+    """Dispatch `agent` until one of its runs ends on `host`; that run's id."""
+    for i in range(tries):
+        batch = [r for r in (multi.dispatch(agent, f"{host}-{i}-{j}").run_id for j in range(4)) if r is not None]
+        wait_for(lambda b=batch: all(multi.run(r).status in TERMINAL for r in b), 60, "the runs to end")  # type: ignore[misc]
+        there = [r for r in batch if multi.run(r).host == host]
+        if there:
+            return there[0]
+    raise AssertionError(f"no run of {agent} landed on {host} in {tries} batches")
+
+
+@pytest.mark.xfail(strict=True, reason="defect: run logs live only on the disk of the host that ran them")
+def test_a_run_on_hostb_is_readable_from_infra_with_hostb_gone(fleet2: MultiFleet) -> None:
+    run = _a_run_on(fleet2, "talk", "hostB")
+    fleet2.b.host.lose()  # its disk's copy is out of reach now: the page never needs a shared disk
+    shown = fleet2.infra.cli("logs", run)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("hello from hostB\n"), shown.stdout[:200]
+    assert shown.stdout.count("x") == 70000  # more than one chunk, in order, none twice
+
+    import urllib.request
+
+    token = "bed-web-token-" + fleet2.bed.tag
+    address = fleet2.bed.infra.address
+    fleet2.infra.fleet.env.update({"FLEET_WEB_TOKEN": token, "FLEET_WEB_HOST": address, "FLEET_WEB_PORT": "8700"})
+    fleet2.bed.infra.spawn([*PY_FLEET, "web"], fleet2.infra.fleet.tmp / "web.log", env=fleet2.infra.fleet.env)
+    try:
+        def page() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://{address}:8700/runs/{run}/log?token={token}", timeout=5) as r:
+                    return str(r.read().decode())
+            except OSError:
+                return None
+
+        text = wait_for(page, 30, "the page on infra to serve the run's log", interval=0.3)
+        assert text == shown.stdout
+    finally:
+        proc = fleet2.bed.infra.procs.pop()
+        proc.terminate()
+        proc.wait(10)
