@@ -28,7 +28,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, identity, killswitch, ledger, logs, pause, redaction, store
+from fleet import alerts, db, identity, killswitch, ledger, logs, pause, redaction, runlog, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
@@ -88,13 +88,17 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     log.info("run.started", run_id=run.id, agent=run.agent, attempt=run.attempt, fence=fence)
     fleet = services.config.fleet
     ownership = Ownership(fleet.ownership_window_s)
-    books = Bookkeeper(services, run, lease, caps_of(services, spec), ownership, room)
+    # Before the attempt opens its log: a retry on this host appends to what its file holds already.
+    shipper = runlog.Shipper.for_attempt(services.engine, run.id, run.attempt,
+                                         run_log_path(services.settings.log_dir, run.id))
+    books = Bookkeeper(services, run, lease, caps_of(services, spec), ownership, room, shipper)
     watcher = Watcher(services, run, lease, ownership, books)
     books.start()
     try:
         result = _run_attempt(services, run, spec, watcher, ownership)
     finally:
         charged = books.finish()
+        shipper.ship(services.now(), everything=True)  # the rest of it, before the outcome is written
     if watcher.lost:
         services.leases.release(lease)  # only if the key still holds our fence
         _book_orphaned_spend(services, run, result.cost_micros - charged)

@@ -150,7 +150,6 @@ def _a_run_on(multi: MultiFleet, agent: str, host: str, tries: int = 12) -> str:
     raise AssertionError(f"no run of {agent} landed on {host} in {tries} batches")
 
 
-@pytest.mark.xfail(strict=True, reason="defect: run logs live only on the disk of the host that ran them")
 def test_a_run_on_hostb_is_readable_from_infra_with_hostb_gone(fleet2: MultiFleet) -> None:
     run = _a_run_on(fleet2, "talk", "hostB")
     fleet2.b.host.lose()  # its disk's copy is out of reach now: the page never needs a shared disk
