@@ -66,6 +66,14 @@ est_cost_usd = 0.01
 timeout_s = 60
 concurrency = 50
 
+[agents.ticker]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "0.2",
+           "--cost", "0.001"]
+schedule = "every 3s"
+est_cost_usd = 0.001
+timeout_s = 60
+concurrency = 5
+
 [agents.talk]
 command = ["python", "-c", "import socket; print('hello from', socket.gethostname(), flush=True); print('x' * 70000)"]
 est_cost_usd = 0.001

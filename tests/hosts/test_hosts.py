@@ -6,11 +6,18 @@ agents' clocks are the machine's, whatever the worker's) and the database: I1-I5
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from sqlmodel import select
 
-from fleet.models import TERMINAL, RunStatus
+from fleet import db
+from fleet.models import TERMINAL, Run, RunStatus
 from tests.harness import PY, wait_for
 from tests.hosts.conftest import MultiFleet, wait_consuming
 
@@ -178,3 +185,61 @@ def test_a_run_on_hostb_is_readable_from_infra_with_hostb_gone(fleet2: MultiFlee
         proc = fleet2.bed.infra.procs.pop()
         proc.terminate()
         proc.wait(10)
+
+
+SLOT_S = 3  # the ticker's schedule
+LEADER_TTL_S = 10  # workers/beat.py
+
+
+def _slots(multi: MultiFleet) -> list[datetime]:
+    """The ticker's slots that got a run, in order (its work key names the slot)."""
+    with db.session(multi.services.engine) as session:
+        keys = [r.work_key for r in session.exec(select(Run).where(Run.agent == "ticker"))]
+    assert all(k.startswith("schedule:") for k in keys)
+    return sorted(datetime.fromisoformat(k.removeprefix("schedule:")) for k in keys)
+
+
+def _leader(multi: MultiFleet) -> str:
+    return str(multi.a.fleet.redis.get("fleet:beat:leader") or "")
+
+
+def _sends(beat_log: Path) -> int:
+    return beat_log.read_text().count("Sending due task fleet.tick:ticker") if beat_log.exists() else 0
+
+
+def test_beat_on_both_hosts_fires_once_per_slot_as_leadership_moves_and_comes_back(fleet2: MultiFleet) -> None:
+    fleet2.a.start_beat()
+    wait_for(lambda: _leader(fleet2).startswith("hostA:"), 30, "hostA's beat to lead")
+    fleet2.b.start_beat()
+    wait_for(lambda: len(_slots(fleet2)) >= 2, 30, "two ticks")
+
+    cut = datetime.now(UTC)
+    fleet2.a.host.cut()
+    wait_for(lambda: _leader(fleet2).startswith("hostB:"), LEADER_TTL_S + 10, "hostB's beat to take over")
+    took_over = datetime.now(UTC)
+    wait_for(lambda: len([s for s in _slots(fleet2) if s > took_over]) >= 2, 30, "two ticks led by hostB")
+
+    fleet2.a.host.reconnect()
+    a_log = fleet2.a.fleet.tmp / "beat.log"
+    back = datetime.now(UTC)
+    wait_for(lambda: len([s for s in _slots(fleet2) if s > back]) >= 2, 30, "two ticks after hostA is back")
+    assert _leader(fleet2).startswith("hostB:"), "leadership moved back without a hand-over"
+    sent_by_a = _sends(a_log)
+    wait_for(lambda: len([s for s in _slots(fleet2) if s > back]) >= 3, 30, "another tick")
+    assert _sends(a_log) == sent_by_a, "hostA's beat sent ticks while hostB led"
+
+    assert fleet2.b.beat is not None
+    os.killpg(fleet2.b.beat.pid, signal.SIGTERM)  # a clean stop gives the lease up at once
+    fleet2.b.beat.wait(30)
+    wait_for(lambda: _leader(fleet2).startswith("hostA:"), 15, "hostA's beat to lead again")
+    again = datetime.now(UTC)
+    wait_for(lambda: len([s for s in _slots(fleet2) if s > again]) >= 2, 30, "two ticks led by hostA again")
+
+    slots = _slots(fleet2)
+    assert len(slots) == len(set(slots))  # one run per slot: the unique key, whatever fired
+    handover = (cut, took_over + timedelta(seconds=SLOT_S))
+    for earlier, later in itertools.pairwise(slots):
+        if (later - earlier).total_seconds() > SLOT_S:
+            assert handover[0] - timedelta(seconds=SLOT_S) <= earlier and later <= handover[1], (
+                f"slots missed between {earlier} and {later}, outside the hand-over {handover}")
+    fleet2.reap_until(lambda: not fleet2.violations(), 30, "every tick's run to end cleanly")
