@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from fleet import db
+from fleet import db, ledger
 from fleet.models import TERMINAL, Run, RunStatus
 from tests.harness import PY, wait_for
-from tests.hosts.conftest import MultiFleet, wait_consuming
+from tests.hosts.bed import Bed, faketime_lib
+from tests.hosts.conftest import MultiFleet, multi_fleet, wait_consuming
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 PY_FLEET = [PY, "-m", "fleet"]
@@ -243,3 +244,41 @@ def test_beat_on_both_hosts_fires_once_per_slot_as_leadership_moves_and_comes_ba
             assert handover[0] - timedelta(seconds=SLOT_S) <= earlier and later <= handover[1], (
                 f"slots missed between {earlier} and {later}, outside the hand-over {handover}")
     fleet2.reap_until(lambda: not fleet2.violations(), 30, "every tick's run to end cleanly")
+
+
+@pytest.mark.xfail(strict=True, reason="defect: a tick names its slot by the clock of the host that runs it")
+def test_a_host_two_minutes_ahead_starts_nothing_twice_and_names_the_database_s_slots(
+        bed: Bed, tmp_path: Path) -> None:
+    lib = faketime_lib()
+    if lib is None:
+        pytest.skip("libfaketime (Debian's faketime package) is not installed and cannot be")
+    ahead = {"LD_PRELOAD": lib, "FAKETIME": "+120s"}
+    with multi_fleet(bed, tmp_path, env_b=ahead) as multi:
+        skew = multi.b.host.enter(["env", *(f"{k}={v}" for k, v in ahead.items()), "date", "+%s"])
+        assert abs(int(skew.stdout) - time.time() - 120) < 5, "hostB's clock is not two minutes ahead"
+        multi.b.start_beat()  # the leader beat on the host that is ahead; ticks run on both hosts' workers
+        ids = [r for r in (multi.dispatch("work", f"w{i}").run_id for i in range(4)) if r is not None]
+        where = _started(multi, ids)
+        assert "hostB" in where.values()
+        wait_for(lambda: len({h for h in _tick_hosts(multi).values()}) == 2 and len(_tick_hosts(multi)) >= 6, 60,
+                 "ticks run by both hosts' workers")
+        multi.reap_until(lambda: all(multi.run(r).status in TERMINAL for r in ids), 60, "the runs to end")
+        log = multi.effects()
+        with db.session(multi.services.engine) as session:
+            today = ledger.budget_day(session, "UTC")
+            ticks = list(session.exec(select(Run).where(Run.agent == "ticker")))
+        for run in ticks:
+            slot = datetime.fromisoformat(run.work_key.removeprefix("schedule:")).timestamp()
+            starts = log.starts(run.id)
+            assert starts, f"tick {run.work_key} never started"
+            late = starts[0].t - slot  # the agents write the machine's own time, on either host
+            assert 0 <= late < SLOT_S + 2.0, (f"the tick run on {run.host} named slot {run.work_key}, "
+                                              f"{late:+.1f}s from when it started")
+        assert {r.budget_day for r in [*ticks, *(multi.run(i) for i in ids)]} == {today}
+        assert all(len(log.starts(r)) == 1 for r in ids)
+        multi.reap_until(lambda: not multi.violations(), 30, "every run to end cleanly")
+
+
+def _tick_hosts(multi: MultiFleet) -> dict[str, str]:
+    with db.session(multi.services.engine) as session:
+        return {r.id: str(r.host) for r in session.exec(select(Run).where(Run.agent == "ticker")) if r.host}
