@@ -1,9 +1,9 @@
 """Scheduled ticks: beat names a slot, the dispatch makes it happen at most once.
 
-A tick's work key is `schedule:<slot>`, the scheduled time floored to the agent's schedule, so
-two beats, a restarted beat or a retried message all name the same slot and the run row's unique
-key keeps it to one run. Missed slots are not replayed: a tick dispatches the current slot only,
-and archive-stale retires an older slot that never started.
+A tick's work key is `schedule:<slot>`, the database's time floored to the agent's schedule, so
+two beats, a restarted beat, a retried message or workers whose clocks disagree all name the same
+slot, and the run row's unique key keeps it to one run. Missed slots are not replayed: a tick
+dispatches the current slot only, and archive-stale retires an older slot that never started.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from fleet import db, keys, pause
+from fleet import db, keys, ledger, pause
 from fleet.dispatch import DispatchRequest, DispatchResult, Gate, Sender, dispatch
 from fleet.services import Services
 
@@ -28,16 +28,18 @@ def slot_key(services: Services, agent: str, now: datetime) -> str | None:
 
 def tick(services: Services, agent: str, send: Sender, actor: str = "beat") -> DispatchResult:
     """Dispatch the agent's current slot, unless the agent (or the fleet) is paused: refused `paused`."""
-    now = services.now()
-    work_key = slot_key(services, agent, now)
-    if work_key is None:
+    if services.config.agent(agent).parsed_schedule is None:
         return DispatchResult(None, "skipped", reason="agent has no schedule")
     # Before the pause check: a paused agent's tick still shows beat alive (the watchdog's beat check).
-    services.redis.set(keys.last_tick(), now.isoformat())
+    services.redis.set(keys.last_tick(), services.now().isoformat())
     with db.session(services.engine) as session:
+        # The slot by the database's clock, the one every host shares: a worker whose own clock is
+        # ahead or behind would name another slot (one that ran already, or one not due yet).
+        work_key = slot_key(services, agent, ledger.database_now(session))
         paused = pause.check(session, services.redis, agent)
     if paused.paused:
         # Refused before a run row is made: a paused agent's every tick would otherwise write and delete one.
         gates = {"pause": Gate(False, paused.describe())}
         return DispatchResult(None, "refused", gates=gates, reason="paused")
+    assert work_key is not None  # the agent has a schedule
     return dispatch(services, DispatchRequest(agent, work_key, actor=actor), send)

@@ -246,7 +246,6 @@ def test_beat_on_both_hosts_fires_once_per_slot_as_leadership_moves_and_comes_ba
     fleet2.reap_until(lambda: not fleet2.violations(), 30, "every tick's run to end cleanly")
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a tick names its slot by the clock of the host that runs it")
 def test_a_host_two_minutes_ahead_starts_nothing_twice_and_names_the_database_s_slots(
         bed: Bed, tmp_path: Path) -> None:
     lib = faketime_lib()
