@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,12 +20,13 @@ from sqlmodel import select
 
 from fleet import db, ledger
 from fleet.models import TERMINAL, Run, RunStatus
-from tests.harness import PY, wait_for
+from tests.harness import PY, ROOT, wait_for
 from tests.hosts.bed import Bed, faketime_lib
 from tests.hosts.conftest import MultiFleet, multi_fleet, wait_consuming
 
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 PY_FLEET = [PY, "-m", "fleet"]
+HEAD = sorted(p.name for p in (ROOT / "fleet" / "migrations" / "versions").glob("0*.py"))[-1][:4]
 
 
 def _started(multi: MultiFleet, run_ids: list[str], timeout: float = 30) -> dict[str, str]:
@@ -281,3 +284,70 @@ def test_a_host_two_minutes_ahead_starts_nothing_twice_and_names_the_database_s_
 def _tick_hosts(multi: MultiFleet) -> dict[str, str]:
     with db.session(multi.services.engine) as session:
         return {r.id: str(r.host) for r in session.exec(select(Run).where(Run.agent == "ticker")) if r.host}
+
+
+def test_db_upgrade_from_both_hosts_at_once(bed: Bed, tmp_path: Path) -> None:
+    with multi_fleet(bed, tmp_path, workers=False) as multi:
+        # hostB's statements arrive later, so the two upgrades interleave differently (where the kernel has
+        # netem: this one may not, and the lock is what is tested either way).
+        multi.b.host.delay(40)
+        procs = [subprocess.Popen([*h.host.prefix(h.fleet.tmp), PY, "-m", "fleet", "db", "upgrade"], env=h.fleet.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in multi.hosts]
+        outcomes = [(p.wait(120), *p.communicate()) for p in procs]
+        assert [code for code, _, _ in outcomes] == [0, 0], outcomes
+        assert db.current_revision(multi.services.engine) == HEAD
+        ids = [r for r in (multi.dispatch("quick", f"q{i}").run_id for i in range(2)) if r is not None]
+        multi.a.start_worker()
+        multi.reap_until(lambda: all(multi.run(r).status == RunStatus.SUCCEEDED for r in ids), 60, "runs on the schema")
+
+
+def _code_before_newest_migration(tmp: Path) -> Path | None:
+    """The repository as it was before the newest migration was added (the "old code"), or None."""
+    if shutil.which("git") is None:
+        return None
+    newest = sorted(p.name for p in (ROOT / "fleet" / "migrations" / "versions").glob("0*.py"))[-1]
+    found = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%H", "--diff-filter=A", "--",
+                            f"fleet/migrations/versions/{newest}"], capture_output=True, text=True)
+    if found.returncode != 0 or not found.stdout.strip():
+        return None
+    old = tmp / "old-code"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", f"{found.stdout.strip()}^"], capture_output=True)
+    if archive.returncode != 0:
+        return None
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    return old
+
+
+def test_a_rolling_upgrade_one_host_on_the_new_code_while_the_other_finishes_its_runs(
+        bed: Bed, tmp_path: Path) -> None:
+    old = _code_before_newest_migration(tmp_path)
+    if old is None:
+        pytest.skip("not a git checkout: the code before the newest migration cannot be had")
+    with multi_fleet(bed, tmp_path, workers=False) as multi:
+        for h in multi.hosts:  # both hosts on the old code, the schema at its head
+            h.fleet.env["PYTHONPATH"] = str(old)
+        assert multi.b.cli("db", "upgrade").returncode == 0
+        previous = db.current_revision(multi.services.engine)
+        assert previous is not None and previous != HEAD
+        old_b = multi.b.start_worker()
+        wait_consuming(multi, ("hostB",))
+        on_old = [r for r in (multi.dispatch("work", f"old{i}").run_id for i in range(2)) if r is not None]
+        _started(multi, on_old)
+
+        multi.a.fleet.env["PYTHONPATH"] = str(ROOT)  # hostA gets the new code, migrates, starts
+        upgraded = multi.a.cli("db", "upgrade")
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert db.current_revision(multi.services.engine) == HEAD
+        multi.a.start_worker()
+        wait_consuming(multi, ("hostA",))
+        on_new = [r for r in (multi.dispatch("work", f"new{i}").run_id for i in range(4)) if r is not None]
+        multi.reap_until(lambda: all(multi.run(r).status in TERMINAL for r in on_old), 60, "the old host's runs")
+        assert all(multi.run(r).status == RunStatus.SUCCEEDED for r in on_old)
+
+        multi.b.fleet.stop_worker(old_b)  # warm: hostB finishes what it runs, then comes back on the new code
+        multi.b.fleet.env["PYTHONPATH"] = str(ROOT)
+        multi.b.start_worker()
+        multi.reap_until(lambda: all(multi.run(r).status in TERMINAL for r in on_new), 90, "the new runs")
+        assert all(multi.run(r).status == RunStatus.SUCCEEDED for r in on_new)
+        assert multi.violations() == []
