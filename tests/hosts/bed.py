@@ -226,7 +226,7 @@ class Bed:
 
     # ------------------------------------------------------------ building
 
-    def build(self) -> Bed:
+    def build(self, servers: bool = True) -> Bed:
         """Bridge, namespaces and links; infra booted with Redis and PostgreSQL on its address."""
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", f"{self.gateway}/{self.prefixlen}", "dev", self.bridge)
@@ -240,8 +240,9 @@ class Bed:
             sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
             sh("ip", "-n", host.netns, "link", "set", "lo", "up")
         self.infra.boot()
-        self._start_redis()
-        self._start_postgres()
+        if servers:
+            self._start_redis()
+            self._start_postgres()
         return self
 
     def _start_redis(self) -> None:
