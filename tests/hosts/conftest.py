@@ -66,6 +66,20 @@ est_cost_usd = 0.01
 timeout_s = 60
 concurrency = 50
 
+[agents.long]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "40",
+           "--steps", "40", "--cost", "0.01", "--child"]
+est_cost_usd = 0.40
+timeout_s = 60
+concurrency = 50
+
+[agents.stubborn-long]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "40",
+           "--steps", "40", "--cost", "0.01", "--child", "--ignore-term"]
+est_cost_usd = 0.40
+timeout_s = 60
+concurrency = 50
+
 [agents.ticker]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "0.2",
            "--cost", "0.001"]

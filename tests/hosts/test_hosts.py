@@ -44,8 +44,8 @@ def _terminal(multi: MultiFleet, run_ids: list[str], timeout: float) -> None:
 
 
 def test_dispatches_spread_over_both_hosts_and_a_kill_from_infra_stops_both(fleet2: MultiFleet) -> None:
-    runs = [fleet2.dispatch("work", f"w{i}").run_id for i in range(2)]
-    runs += [fleet2.dispatch("stubborn", f"s{i}").run_id for i in range(2)]
+    runs = [fleet2.dispatch("long", f"w{i}").run_id for i in range(2)]
+    runs += [fleet2.dispatch("stubborn-long", f"s{i}").run_id for i in range(2)]
     ids = [r for r in runs if r is not None]
     where = _started(fleet2, ids)
     assert set(where.values()) == {"hostA", "hostB"}, f"every run on one host: {where}"
@@ -62,7 +62,7 @@ def test_dispatches_spread_over_both_hosts_and_a_kill_from_infra_stops_both(flee
         last = max(e.t for e in log.effects if e.run == run)
         stubborn = run in runs[2:]
         # SIGTERM within a second of the flag; what ignores it is SIGKILLed kill_grace_s later.
-        promised = after + 1.0 + (grace + 0.5 if stubborn else 0.0)
+        promised = after + 1.0 + (grace if stubborn else 0.0) + 0.5  # a margin for a loaded machine
         assert last <= promised, (f"run {run} on {where[run]} wrote at {last - before:.2f}s after the kill began "
                                   f"(the command took {after - before:.2f}s)")
         assert fleet2.run(run).status == RunStatus.KILLED
@@ -274,8 +274,9 @@ def test_a_host_two_minutes_ahead_starts_nothing_twice_and_names_the_database_s_
             starts = log.starts(run.id)
             assert starts, f"tick {run.work_key} never started"
             late = starts[0].t - slot  # the agents write the machine's own time, on either host
-            assert 0 <= late < SLOT_S + 2.0, (f"the tick run on {run.host} named slot {run.work_key}, "
-                                              f"{late:+.1f}s from when it started")
+            # Within the slot's length plus what a loaded machine takes to start it; never the skew away.
+            assert 0 <= late < SLOT_S + 30, (f"the tick run on {run.host} named slot {run.work_key}, "
+                                             f"{late:+.1f}s from when it started")
         assert {r.budget_day for r in [*ticks, *(multi.run(i) for i in ids)]} == {today}
         assert all(len(log.starts(r)) == 1 for r in ids)
         multi.reap_until(lambda: not multi.violations(), 30, "every run to end cleanly")
