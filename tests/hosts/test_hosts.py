@@ -66,6 +66,8 @@ def test_dispatches_spread_over_both_hosts_and_a_kill_from_infra_stops_both(flee
         assert last <= promised, (f"run {run} on {where[run]} wrote at {last - before:.2f}s after the kill began "
                                   f"(the command took {after - before:.2f}s)")
         assert fleet2.run(run).status == RunStatus.KILLED
+        print(f"figures: kill from infra; run {run[:8]} on {where[run]} (ignores SIGTERM: {stubborn}) last wrote "
+              f"{last - after:+.2f}s after the command returned ({after - before:.2f}s to run it)")
     assert fleet2.violations() == []
 
 
@@ -81,6 +83,7 @@ def test_a_lost_host_s_runs_are_retried_once_on_the_other_never_overlapping(flee
     on_b = _on(fleet2, where, "hostB")
     wait_for(lambda: fleet2.effects().spent() >= 4 * 10_000, 20, "every agent to spend once")
 
+    lost = time.time()
     fleet2.b.host.lose()  # every process of hostB SIGKILLed at once: worker, launchers, agents
 
     fleet2.reap_until(lambda: all(fleet2.run(r).status in TERMINAL for r in ids), 60, "every run to end")
@@ -89,6 +92,7 @@ def test_a_lost_host_s_runs_are_retried_once_on_the_other_never_overlapping(flee
         assert [(host, e.attempt) for host, e in starts] == [("hostB", "1"), ("hostA", "2")], starts
         row = fleet2.run(run)
         assert (row.status, row.attempt, row.host) == (RunStatus.SUCCEEDED, 2, "hostA")
+        print(f"figures: hostB lost; run {run[:8]} retried on hostA {starts[1][1].t - lost:.1f}s later")
     for run in set(ids) - set(on_b):
         assert [(host, e.attempt) for host, e in fleet2.starts(run)] == [("hostA", "1")]
     assert fleet2.violations() == []
@@ -114,6 +118,8 @@ def test_a_cut_off_host_fences_itself_before_the_other_retries_and_rejoins(fleet
         assert last_b <= cut + 1.5 + 1.0 + 1.0, f"run {run} wrote on hostB {last_b - cut:.2f}s after the cut"
         retry = [e for host, e in fleet2.starts(run) if host == "hostA"]
         assert retry and retry[0].t > last_b
+        print(f"figures: hostB cut off; run {run[:8]}: its last write {last_b - cut:.2f}s after the cut, "
+              f"the retry on hostA {retry[0].t - cut:.2f}s after")
 
     fleet2.b.host.reconnect()
     wait_consuming(fleet2, ("hostB",))
@@ -221,6 +227,7 @@ def test_beat_on_both_hosts_fires_once_per_slot_as_leadership_moves_and_comes_ba
     fleet2.a.host.cut()
     wait_for(lambda: _leader(fleet2).startswith("hostB:"), LEADER_TTL_S + 10, "hostB's beat to take over")
     took_over = datetime.now(UTC)
+    print(f"figures: beat on hostA cut off; hostB's beat led {(took_over - cut).total_seconds():.1f}s later")
     wait_for(lambda: len([s for s in _slots(fleet2) if s > took_over]) >= 2, 30, "two ticks led by hostB")
 
     fleet2.a.host.reconnect()
