@@ -112,14 +112,14 @@ def tick_rep(kind: str, home: Path, redis_url: str, agents: int) -> dict[str, An
         try:
             frozen = datetime.now(UTC)
             services.now = lambda: frozen
-            tick(services, names[0], send)  # connections and caches warm; this agent is then a duplicate
+            tick(services, names[0], send, at=frozen)  # connections and caches warm; this agent is then a duplicate
             out: dict[str, Any] = {}
             for label, expected in (("first", "queued"), ("again", "duplicate")):
                 statuses: dict[str, int] = {}
                 with tracer.counting() as counts:
                     started = time.perf_counter()
                     for name in names:
-                        status = tick(services, name, send).status
+                        status = tick(services, name, send, at=frozen).status
                         statuses[status] = statuses.get(status, 0) + 1
                     out[label] = time.perf_counter() - started
                 want = {expected: agents} if label == "again" else {"queued": agents - 1, "duplicate": 1}
@@ -138,7 +138,7 @@ def tick_rep(kind: str, home: Path, redis_url: str, agents: int) -> dict[str, An
             for label, expected in (("batch", "queued"), ("batch_again", "duplicate")):
                 with tracer.counting() as counts:
                     started = time.perf_counter()
-                    answers = tick_many(services, names, send)
+                    answers = tick_many(services, names, send, at=later)
                     out[label] = time.perf_counter() - started
                 got: dict[str, int] = {}
                 for answer in answers.values():

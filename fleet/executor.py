@@ -28,7 +28,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, identity, killswitch, ledger, logs, pause, redaction, store
+from fleet import alerts, db, identity, killswitch, ledger, logs, pause, redaction, runlog, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
@@ -88,13 +88,17 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     log.info("run.started", run_id=run.id, agent=run.agent, attempt=run.attempt, fence=fence)
     fleet = services.config.fleet
     ownership = Ownership(fleet.ownership_window_s)
-    books = Bookkeeper(services, run, lease, caps_of(services, spec), ownership, room)
+    # Before the attempt opens its log: a retry on this host appends to what its file holds already.
+    shipper = runlog.Shipper.for_attempt(services.engine, run.id, run.attempt,
+                                         run_log_path(services.settings.log_dir, run.id))
+    books = Bookkeeper(services, run, lease, caps_of(services, spec), ownership, room, shipper)
     watcher = Watcher(services, run, lease, ownership, books)
     books.start()
     try:
         result = _run_attempt(services, run, spec, watcher, ownership)
     finally:
         charged = books.finish()
+        shipper.ship(services.now(), everything=True)  # the rest of it, before the outcome is written
     if watcher.lost:
         services.leases.release(lease)  # only if the key still holds our fence
         _book_orphaned_spend(services, run, result.cost_micros - charged)
@@ -311,6 +315,22 @@ def run_log_path(log_dir: Path, run_id: str) -> Path:
 # ---------------------------------------------------------------- the verdict
 
 
+# How an attempt that Fleet stopped ends, by the stop's reason.
+STOP_VERDICTS = {
+    "killed": Verdict(RunStatus.KILLED, "killed", retryable=False, breaker=Outcome.NEUTRAL),
+    # Stopped because no kill could have reached it, not because one did (a host cut off, Redis down):
+    # retried like a lapsed lease. The retry's claim reads the kill flags first, and cannot start while
+    # Redis is away, so a kill thrown meanwhile still ends the run killed.
+    "unreachable": Verdict(RunStatus.FAILED, "stopped: Redis unreachable past kill_unreachable_grace_s (a kill "
+                           "could not have reached it)", retryable=True, breaker=Outcome.NEUTRAL,
+                           dead_reason="unreachable"),
+    "over_cap": Verdict(RunStatus.KILLED, "stopped by the spend cap", retryable=False, breaker=Outcome.NEUTRAL),
+    "lease_lapsed": Verdict(RunStatus.FAILED, "stopped: its worker could not prove it still owned the run (stopped, "
+                            "wedged or cut off) before the lease could lapse", retryable=True,
+                            breaker=Outcome.NEUTRAL, dead_reason="lease_lapsed"),
+}
+
+
 def judge(result: ProcessResult, stop_reason: str | None, usage_problem: str | None = None) -> Verdict:
     """Map an attempt's end to a status: exit codes mean what the CLI's mean."""
     if usage_problem is not None:
@@ -319,15 +339,9 @@ def judge(result: ProcessResult, stop_reason: str | None, usage_problem: str | N
         why = f"stopped: its usage cannot be priced ({usage_problem})"
         return Verdict(RunStatus.FAILED, why, retryable=False, breaker=Outcome.FAILURE, pause=why,
                        dead_reason="usage")
-    if stop_reason in ("killed", "unreachable"):
-        reason = "killed" if stop_reason == "killed" else "Redis unreachable past kill_unreachable_grace_s"
-        return Verdict(RunStatus.KILLED, reason, retryable=False, breaker=Outcome.NEUTRAL)
-    if stop_reason == "over_cap":
-        return Verdict(RunStatus.KILLED, "stopped by the spend cap", retryable=False, breaker=Outcome.NEUTRAL)
-    if stop_reason == "lease_lapsed":
-        return Verdict(RunStatus.FAILED, "stopped: its worker could not prove it still owned the run (stopped, "
-                       "wedged or cut off) before the lease could lapse", retryable=True, breaker=Outcome.NEUTRAL,
-                       dead_reason="lease_lapsed")
+    stopped = STOP_VERDICTS.get(stop_reason or "")
+    if stopped is not None:
+        return stopped
     if result.stop_reason == "timeout":
         return Verdict(RunStatus.FAILED, "timeout", retryable=True, breaker=Outcome.FAILURE, dead_reason="timeout")
     code = result.exit_code

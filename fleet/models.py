@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 MICROS_PER_USD = 1_000_000
@@ -191,3 +191,19 @@ class WatchdogVerdict(SQLModel, table=True):
     status: str = Field(max_length=8)
     checks: str = Field(sa_column=Column(Text, nullable=False))
     host: str | None = Field(default=None, max_length=255)
+
+
+class RunLogChunk(SQLModel, table=True):
+    """A piece of a run's merged output, shipped by the worker that ran it (already masked and capped
+    like the file on its disk), so any host can show it: read in `id` order, a run's log is the file."""
+
+    __tablename__ = "run_log_chunks"
+    __table_args__ = (UniqueConstraint("run_id", "attempt", "offset", name="uq_run_log_chunks_piece"),
+                      Index("ix_run_log_chunks_run_id", "run_id", "id"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(max_length=32)
+    attempt: int
+    offset: int = Field(sa_column=Column(BigInteger, nullable=False))  # where it starts in that host's file
+    at: datetime
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

@@ -15,15 +15,17 @@ retention    - old finished runs, events and run logs are pruned in batches; dea
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, or_, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
-from fleet import alerts, db, keys, killswitch, ledger, store
+from fleet import alerts, db, keys, killswitch, ledger, runlog, store
 from fleet.dispatch import Sender
 from fleet.executor import run_log_path
 from fleet.locks import Lease
@@ -262,6 +264,11 @@ def _bury(services: Services, run: Run, reason: str, error: str, report: SweepRe
 
 
 def _tail(services: Services, run_id: str, size: int = 8192) -> str | None:
+    # The shipped log first: the reaper rarely runs on the host that ran the attempt.
+    with contextlib.suppress(SQLAlchemyError), db.session(services.engine) as session:
+        shipped = runlog.tail(session, run_id, size)
+        if shipped is not None:
+            return shipped
     path = run_log_path(services.settings.log_dir, run_id)
     try:
         with path.open("rb") as handle:
@@ -346,6 +353,7 @@ def prune(services: Services) -> SweepReport:
                                                      col(Run.id).not_in(kept)).limit(BATCH)))
         if old:
             session.execute(delete(Run).where(col(Run.id).in_(old)))
+            runlog.delete_runs(session, old)
         events = db.rowcount(session.execute(delete(RunEvent).where(col(RunEvent.at) < cutoff)))
         session.commit()
     for run_id in old:
@@ -357,7 +365,10 @@ def prune(services: Services) -> SweepReport:
 
 
 def _trim_logs(services: Services) -> int:
-    """Keep only the newest `log_retention_runs` run logs."""
+    """Keep only the newest `log_retention_runs` run logs, in the database and in this host's folder."""
+    with db.session(services.engine) as session:
+        runlog.keep_newest(session, services.config.fleet.log_retention_runs)
+        session.commit()
     folder = services.settings.log_dir / "runs"
     if not folder.is_dir():
         return 0

@@ -4,7 +4,8 @@ Two threads share the work, so that the kill never waits on the database:
 - the process runner's thread calls `Watcher.watch` every `kill_poll_s` and `Watcher.usage` on each
   usage line. It touches Redis only (the kill flags, the lease renewal) and the Bookkeeper's flags.
 - the `Bookkeeper` thread does everything that needs the database: booking spend as it is reported
-  (and the headroom that comes back), the fenced heartbeat, the kill mirror, recording the pid.
+  (and the headroom that comes back), the fenced heartbeat, the kill mirror, recording the pid,
+  shipping the run's log (fleet/runlog.py).
 Either proof of ownership (a renewed Redis lease, or a fenced database heartbeat) extends the
 launcher's tether; when neither has succeeded for long enough, the launcher stops the agent on
 its own, before the lease can lapse and a retry start elsewhere (fleet/launcher.py).
@@ -25,6 +26,7 @@ from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import Run, RunStatus
 from fleet.process import Tether
+from fleet.runlog import Shipper
 from fleet.services import Services
 from fleet.usage import LineParser
 
@@ -65,10 +67,10 @@ class Bookkeeper:
     """The attempt's database work, on a thread of its own, off the watch loop's thread."""
 
     def __init__(self, services: Services, run: Run, lease: Lease, caps: Caps, ownership: Ownership,
-                 room: int | None) -> None:
+                 room: int | None, shipper: Shipper | None = None) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"bookkeeper-{run.id}", daemon=True)
         self.services, self.run, self.lease, self.caps = services, run, lease, caps
-        self.ownership = ownership
+        self.ownership, self.shipper = ownership, shipper
         fleet = services.config.fleet
         self.heartbeat_s = fleet.heartbeat_s
         self._wake = threading.Event()
@@ -122,6 +124,8 @@ class Bookkeeper:
                 next_beat = time.monotonic() + self.heartbeat_s
                 self._heartbeat()
                 self._mirror()
+                if self.shipper is not None:  # the log so far, for any host's `fleet logs` and page
+                    self.shipper.ship(self.services.now())
 
     def _book(self) -> None:
         with self._lock:

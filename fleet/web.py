@@ -65,7 +65,7 @@ import tornado.iostream
 import tornado.web
 from prometheus_client.exposition import choose_encoder
 
-from fleet import __version__, actions, alerts, db, hardening, keys, logs, metrics, watchdog
+from fleet import __version__, actions, alerts, db, hardening, keys, logs, metrics, runlog, watchdog
 from fleet.dispatch import Sender
 from fleet.errors import BadInputError, ConfigError, ExitCode, FleetError, UnavailableError
 from fleet.executor import run_log_path
@@ -354,13 +354,37 @@ class PageHandler(AuthHandler):
 
 
 class RunLogHandler(AuthHandler):
-    """A run's merged output as text/plain, streamed from `<log_dir>/runs/<run_id>.log`."""
+    """A run's merged output as text/plain, from the chunks its worker shipped to the database
+    (fleet/runlog.py: any host's page shows a run of any host), else from this host's own file."""
 
     async def get(self, run_id: str) -> None:
         """400 for anything but 32 lowercase hex characters, 404 when there is no log."""
         if not RUN_ID.match(run_id):
             self.write_text(400, "400: a run id is 32 lowercase hex characters\n")
             return
+        engine = self.services.engine
+
+        def page(after: int) -> list[tuple[int, bytes]]:
+            with db.session(engine) as session:
+                return runlog.chunks(session, run_id, after)
+
+        try:
+            rows = await self.blocking(lambda: page(0))
+            if not rows:
+                await self._from_file(run_id)
+                return
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            while rows:
+                for _, data in rows:
+                    self.write(data)
+                await self.flush()
+                last = rows[-1][0]
+                rows = await self.blocking(functools.partial(page, last))
+        except tornado.iostream.StreamClosedError:
+            return  # the reader went away
+        self.finish()
+
+    async def _from_file(self, run_id: str) -> None:
         path = run_log_path(self.services.settings.log_dir, run_id)
         try:
             handle = await self.blocking(lambda: path.open("rb"))
@@ -372,8 +396,6 @@ class RunLogHandler(AuthHandler):
             while chunk := await self.blocking(lambda: handle.read(_LOG_CHUNK)):
                 self.write(chunk)
                 await self.flush()
-        except tornado.iostream.StreamClosedError:
-            return  # the reader went away
         finally:
             handle.close()
         self.finish()

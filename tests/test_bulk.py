@@ -71,7 +71,7 @@ def test_a_batch_answers_each_gate_as_a_single_tick_would(services: Services) ->
     killswitch.engage(services.engine, services.redis, scope="b-killed", reason="test", actor="test", hard=False,
                       now=now)
     pause.engage(services.engine, services.redis, scope="b-paused", reason="test", actor="test", now=now)
-    first = ticks.tick_many(services, list(GATED), sent)
+    first = ticks.tick_many(services, list(GATED), sent, at=services.now())
     assert {name: (r.status, r.reason) for name, r in first.items()} == {
         "b-plain-a": ("queued", None), "b-plain-b": ("queued", None), "b-capped": ("queued", None),
         "b-bounded": ("queued", None), "b-busy": ("refused", "busy"), "b-tripped": ("refused", "breaker_open"),
@@ -86,14 +86,14 @@ def test_a_batch_answers_each_gate_as_a_single_tick_would(services: Services) ->
         assert [(h.run_id, h.fence) for h in services.leases.holders(name, 1)] == [(run.id, run.fence)]
     _ledger_matches_runs(services)
     # The same slot again: duplicates, answered from the key alone; nothing new is sent.
-    again = ticks.tick_many(services, list(GATED), sent)
+    again = ticks.tick_many(services, list(GATED), sent, at=services.now())
     assert {name for name, r in again.items() if r.status == "duplicate"} == {
         "b-plain-a", "b-plain-b", "b-capped", "b-bounded"}
     assert len(sent) == 4
     # The next slot, with the first runs still queued: capped is over its cap, bounded past its bound, and
     # plain agents (concurrency 1) busy behind their own first runs.
     _frozen(services, now + timedelta(seconds=60))
-    later = ticks.tick_many(services, ["b-plain-a", "b-capped", "b-bounded"], sent)
+    later = ticks.tick_many(services, ["b-plain-a", "b-capped", "b-bounded"], sent, at=services.now())
     assert {name: r.reason for name, r in later.items()} == {"b-plain-a": "busy", "b-capped": "over_cap",
                                                              "b-bounded": "bounded"}
     _ledger_matches_runs(services)
@@ -109,7 +109,8 @@ def test_a_fleet_cap_that_cannot_take_the_batch_decides_one_run_at_a_time(servic
     services.config = dataclasses.replace(services.config,
                                           fleet=services.config.fleet.model_copy(update={"daily_cap_usd": 0.025}))
     sent = Sent()
-    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-busy", "b-tripped", "b-killed"], sent)
+    agents = ["b-plain-a", "b-plain-b", "b-busy", "b-tripped", "b-killed"]
+    results = ticks.tick_many(services, agents, sent, at=services.now())
     statuses = [results[name].status for name in ("b-plain-a", "b-plain-b", "b-busy", "b-tripped", "b-killed")]
     assert statuses == ["queued", "queued", "refused", "refused", "refused"]
     assert {r.reason for r in results.values() if r.status == "refused"} == {"over_cap"}
@@ -127,7 +128,7 @@ def test_two_passes_racing_over_one_slot_make_one_run_per_agent(services: Servic
 
     def one_pass() -> None:
         barrier.wait()
-        answers.append(ticks.tick_many(services, agents, sent))
+        answers.append(ticks.tick_many(services, agents, sent, at=services.now()))
 
     threads = [threading.Thread(target=one_pass) for _ in range(2)]
     for thread in threads:
@@ -159,12 +160,12 @@ def test_a_message_that_cannot_be_sent_undoes_its_run_only(services: Services) -
             raise ConnectionError("broker went away")
         sent(run_id, fence)
 
-    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-capped"], flaky)
+    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-capped"], flaky, at=services.now())
     assert sorted(r.status for r in results.values()) == ["queued", "queued", "unavailable"]
     (lost,) = [name for name, r in results.items() if r.status == "unavailable"]
     assert lost not in {r.agent for r in _runs(services)} and services.leases.holders(lost, 1) == []
     _ledger_matches_runs(services)
-    again = ticks.tick_many(services, [lost], sent)  # its key may be dispatched again
+    again = ticks.tick_many(services, [lost], sent, at=services.now())  # its key may be dispatched again
     assert again[lost].status == "queued"
 
 

@@ -322,3 +322,19 @@ def test_the_agents_worker_chain_gives_the_launcher_the_switch_and_the_agent_not
     seen = dict(line.split(":\t", 1) for line in ast.literal_eval(agent.stdout.strip()))
     assert seen["Uid"].split() == ["65534"] * 4
     assert all(int(seen[name], 16) == 0 for name in ("CapInh", "CapPrm", "CapEff", "CapAmb")), seen
+
+
+def test_the_multi_host_instructions_name_only_worker_services_and_match_the_bed() -> None:
+    """The header's command for another host starts workers only (the data services and the page stay on
+    the main host), with the queues the bed's workers consume between them (tests/hosts/)."""
+    text = COMPOSE_FILE.read_text()
+    line = next(raw for raw in text.splitlines() if "--no-deps" in raw)
+    named = line.split("--no-deps", 1)[1].split()
+    services = resolved()["services"]
+    assert named and all(name in services for name in named), named
+    assert set(named) <= {"worker-dispatch", "worker-agents", "beat"}
+    queues = set()
+    for name in named:
+        command = services[name]["command"]
+        queues |= set(command[command.index("-Q") + 1].split(","))
+    assert queues == {"dispatch", "agents"}

@@ -226,8 +226,10 @@ def test_redis_down_refuses_dispatch_and_stops_agents(private_fleet: Any) -> Non
     assert proc.returncode == 75, proc.stdout + proc.stderr
     wait_for(lambda: not pid_alive(pid), 15, "the agent to stop once Redis stayed away past the grace")
     assert time.monotonic() - started >= 1.5  # not before the 2 s grace (the CLI start eats into it)
-    run = wait_status(fleet, result.run_id, {"killed"}, timeout=10)
-    assert run.error and "unreachable" in run.error
+    # Nobody killed it (no kill could have reached it): the run waits for its one retry, which cannot
+    # start before Redis is back, and whose claim reads the kill flags first.
+    run = wait_status(fleet, result.run_id, {"queued"}, timeout=10)
+    assert run.error and "unreachable" in run.error and run.attempt == 1
 
 
 def test_breaker_opens_and_lets_one_trial_through(fleet: Fleet, tmp_path: Path) -> None:

@@ -206,24 +206,45 @@ def logs(
     run_id: str,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
 ) -> None:
-    """Print a run's output (merged stdout and stderr).
+    """Print a run's output (merged stdout and stderr), wherever it ran.
 
     Example: fleet logs 3f2a... -f
     """
+    from fleet import db, runlog
     from fleet.executor import run_log_path
     from fleet.models import TERMINAL
 
     svc = services()
     run = load_run(svc, run_id)
+    with db.session(svc.engine) as session:
+        shipped = runlog.has_log(session, run_id)
     path = run_log_path(svc.settings.log_dir, run_id)
-    position = _print_from(path, 0)
+    if not shipped and path.exists() and run.status in TERMINAL:
+        _print_from(path, 0)  # a run from before logs were shipped: this host's file
+        return
+    last = _print_chunks(svc, run_id, 0)
     while follow and run.status not in TERMINAL:
         time.sleep(0.2)
-        position = _print_from(path, position)
+        last = _print_chunks(svc, run_id, last)
         run = load_run(svc, run_id)
-    position = _print_from(path, position)
-    if position == 0 and not path.exists():
-        err.print(f"(no output recorded for run {run_id} at {path})")
+    last = _print_chunks(svc, run_id, last)
+    if last == 0:
+        err.print(f"(no output recorded for run {run_id})")
+
+
+def _print_chunks(svc: Any, run_id: str, after: int) -> int:
+    """Print the run's shipped chunks after id `after`; the last id printed."""
+    from fleet import db, runlog
+
+    while True:
+        with db.session(svc.engine) as session:
+            rows = runlog.chunks(session, run_id, after)
+        for _, data in rows:
+            typer.echo(data, nl=False)  # bytes as they are: a character may straddle two chunks
+        if rows:
+            after = rows[-1][0]
+        if len(rows) < 64:
+            return after
 
 
 def _print_from(path: Path, position: int) -> int:
