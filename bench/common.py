@@ -7,7 +7,9 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,12 +29,16 @@ KINDS = ("sqlite", "postgresql")
 # ---------------------------------------------------------------- arguments
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """`--quick` for a smoke run; `--db` to pick the databases; `--reps` to override repetitions."""
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """`--quick` for a smoke run; `--db` to pick the databases; `--reps` to override repetitions;
+    `extra` adds a benchmark's own options."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a short run (under ~60 s) for smoke-checking")
     parser.add_argument("--db", default=",".join(KINDS), help="comma-separated: sqlite,postgresql")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement (default 3)")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     quiet_logs()
     revision()  # the code measured is the code at start: other people edit the tree meanwhile
@@ -110,8 +116,6 @@ def machine_note() -> str:
 @functools.cache
 def revision() -> str:
     """The git commit measured, and whether the tree had changes on top of it (taken once, at start)."""
-    import subprocess
-
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -231,3 +235,25 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
     from tests.harness import wait_for
 
     return wait_for(condition, timeout, what, interval=interval)
+
+
+def start_bare_worker(home: Path, broker: str) -> subprocess.Popen[bytes]:
+    """The bare Celery baseline's worker (bench/bare_app.py), prefork -c 2 -O fair, in a session of its own."""
+    env = {**os.environ, "BENCH_BROKER_URL": broker, "PYTHONPATH": str(ROOT)}
+    logfile = open(home / "bare-worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.bare_app", "worker", "-Q", "bare", "-P", "prefork", "-c", "2",
+         "-O", "fair", "-n", f"bare-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"],
+        env=env, cwd=home, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a worker started in its own session: SIGTERM to its group (a warm shutdown), SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)

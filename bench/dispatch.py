@@ -30,9 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -42,7 +39,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 
 from bench.common import (
-    ROOT,
     database,
     epoch,
     log,
@@ -54,6 +50,8 @@ from bench.common import (
     pg_commits,
     private_redis,
     spread,
+    start_bare_worker,
+    stop_group,
     table,
     wait_until,
     workdir,
@@ -219,26 +217,6 @@ def _finished_task_rows(reader: Engine, n: int) -> list[Any]:
 # ---------------------------------------------------------------- bare Celery
 
 
-def _start_bare_worker(home: Path, broker: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "BENCH_BROKER_URL": broker, "PYTHONPATH": str(ROOT)}
-    logfile = open(home / "bare-worker.log", "ab")  # noqa: SIM115 - lives as long as the worker
-    return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench.bare_app", "worker", "-Q", "bare", "-P", "prefork", "-c", "2",
-         "-O", "fair", "-n", f"bare-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"],
-        env=env, cwd=home, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[str, Any]:
     """One repetition: a fresh worker, isolated tasks (warm-up), N fire-and-forget sends, then the drain."""
     os.environ["BENCH_BROKER_URL"] = broker
@@ -246,7 +224,7 @@ def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[st
 
     bare_app.app.conf.update(broker_url=broker, result_backend=broker)
     home.mkdir(parents=True)
-    worker = _start_bare_worker(home, broker)
+    worker = start_bare_worker(home, broker)
     try:
         bare_app.run.apply_async().get(timeout=60)  # the worker consumes
         isolated = []
@@ -262,13 +240,13 @@ def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[st
             sent.append((bare_app.run.apply_async(), at))
             called.append(time.time() - at)
         outs = [(result.get(timeout=600), at) for result, at in sent]
-        _stop(worker)
+        stop_group(worker)
         # The consumer alone: tasks queued while no worker runs, then drained by a fresh one.
         queued = [bare_app.run.apply_async() for _ in range(drain)]
-        worker = _start_bare_worker(home, broker)
+        worker = start_bare_worker(home, broker)
         drained = [result.get(timeout=600) for result in queued]
     finally:
-        _stop(worker)
+        stop_group(worker)
     latency = [out["start"] - at for out, at in outs]
     elapsed = max(out["end"] for out, _ in outs) - first
     drain_s = max(out["end"] for out in drained) - min(out["start"] for out in drained)

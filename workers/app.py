@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown, worker_ready
 from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 from kombu.entity import Queue
@@ -22,6 +22,7 @@ from kombu.entity import Queue
 from fleet import alerts, hardening, logs
 from fleet.config import load_settings
 from fleet.services import Services, build
+from workers import timers
 
 # First, before any secret is read: a same-uid process (an agent) cannot read this one's memory or environ.
 hardening.make_undumpable()
@@ -184,6 +185,12 @@ def _init_process(**_: Any) -> None:
     global _services
     _services = None
     services()
+
+
+@worker_ready.connect
+def _compact_timers(sender: Any, **_: Any) -> None:
+    # The main process would keep every finished task's cancelled time-limit entry for 24.5 h.
+    timers.schedule_compaction(getattr(sender, "timer", None))
 
 
 @worker_process_shutdown.connect
