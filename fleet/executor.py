@@ -98,7 +98,7 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
         result = _run_attempt(services, run, spec, watcher, ownership)
     finally:
         charged = books.finish()
-        shipper.ship(services.now(), everything=True)  # the rest of it, before the outcome is written
+        _ship_rest(services, None if watcher.lost else lease, shipper)
     if watcher.lost:
         services.leases.release(lease)  # only if the key still holds our fence
         _book_orphaned_spend(services, run, result.cost_micros - charged)
@@ -109,6 +109,16 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     # amount is a correction). Tokens that could not be priced cost at least the reservation.
     cost = max(result.cost_micros, watcher.reserved) if verdict.dead_reason == "usage" else result.cost_micros
     return _finish(services, run, spec, lease, result, verdict, requeue, cost, charged)
+
+
+def _ship_rest(services: Services, lease: Lease | None, shipper: runlog.Shipper) -> None:
+    """The rest of the log, before the outcome is written (so a follower sees it all by the end). Our lease
+    (None: it is another owner's now) is renewed first: a database slow to answer must not let the reaper
+    mistake this owner for a dead one."""
+    if lease is not None:
+        with contextlib.suppress(redis.RedisError):
+            services.leases_fast.renew(lease, services.config.fleet.lease_ttl_s)
+    shipper.ship(services.now(), everything=True)
 
 
 def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:

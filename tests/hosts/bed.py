@@ -27,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,13 +379,3 @@ def hosts_up(bed: Bed, names: tuple[str, ...]) -> Iterator[None]:
                 host.reconnect()
                 host.undelay()
             host.lose()
-
-
-def wait_gone(pids: Callable[[], set[int]], timeout: float, what: str) -> None:
-    """Wait until a set of processes is empty."""
-    wait_for(lambda: not pids(), timeout, what)
-
-
-def monotonic_ms() -> int:
-    """Now, in milliseconds (for log lines)."""
-    return int(time.monotonic() * 1000)

@@ -7,7 +7,6 @@ Every test gets its own database on infra's PostgreSQL, an empty Redis, and host
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,8 +259,3 @@ def fleet2(bed: Bed, tmp_path: Path) -> Iterator[MultiFleet]:
     """The fleet on hostA and hostB, a worker each (concurrency 2), sharing infra's Redis and PostgreSQL."""
     with multi_fleet(bed, tmp_path) as multi:
         yield multi
-
-
-def elapsed_since(start: float) -> float:
-    """Seconds since a time.time() stamp."""
-    return time.time() - start
