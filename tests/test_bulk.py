@@ -174,3 +174,36 @@ def test_beat_ticks_agents_that_share_a_schedule_in_one_message(services: Servic
     assert list(ticks_entries) == ["fleet.ticks:every 60s"]
     (names,) = ticks_entries["fleet.ticks:every 60s"]["args"]
     assert sorted(names) == sorted(GATED)
+
+
+def _no_lease_or_trial_left(services: Services, agents: list[str]) -> None:
+    """Nothing of a pass that kept nothing stays in Redis: no slot held, no breaker trial taken."""
+    for agent in agents:
+        assert services.leases.holders(agent, 2) == [], agent
+        assert not services.breakers.state(agent).get("trial"), agent
+
+
+@pytest.mark.xfail(strict=True, reason="a failure while judging one agent leaks the leases of the agents after it")
+def test_a_failure_while_judging_one_agent_gives_back_every_lease_and_trial(services: Services,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database goes away as the batch reads b-paused's pause (its Redis flag lost, the mirror holds it):
+    the pass keeps nothing, so the agents judged after it must not keep their slots or the breaker's trial."""
+    from sqlalchemy.exc import OperationalError
+
+    from fleet import bulk, keys
+
+    now = datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC)
+    _frozen(services, now)
+    pause.engage(services.engine, services.redis, scope="b-paused", reason="test", actor="test", now=now)
+    services.redis.delete(keys.paused("b-paused"))  # Redis restarted: only the mirror pauses it
+    services.redis.hset(keys.breaker("b-tripped"), mapping={"state": "open", "opened_at": "0"})  # cooled down
+
+    def lost(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("SELECT pauses", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(bulk.pause, "check", lost)
+    agents = ["b-paused", "b-plain-a", "b-plain-b", "b-tripped"]
+    with pytest.raises(Exception, match="unreachable"):
+        ticks.tick_many(services, agents, Sent())
+    assert _runs(services) == []
+    _no_lease_or_trial_left(services, agents)
