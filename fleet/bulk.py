@@ -140,9 +140,10 @@ def _admit(session: Session, services: Services, items: list[_Item]) -> list[_It
     judged = services.admissions.admit_many([
         (item.spec.name, item.spec.concurrency, item.run_id, item.spec.breaker_settings(fleet)[1],
          fleet.queued_lease_ttl_s, taken.get(item.spec.name, set())) for item in items])
+    for item, verdict in zip(items, judged, strict=True):  # every lease in hand before any judging can fail:
+        item.lease = verdict.lease  # a failure below gives all of them back (see _accept)
     admitted = []
     for item, verdict in zip(items, judged, strict=True):
-        item.lease = verdict.lease
         refused = _refusal(session, services, item, verdict, killed, paused)
         if refused is None:
             admitted.append(item)

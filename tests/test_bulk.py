@@ -183,7 +183,6 @@ def _no_lease_or_trial_left(services: Services, agents: list[str]) -> None:
         assert not services.breakers.state(agent).get("trial"), agent
 
 
-@pytest.mark.xfail(strict=True, reason="a failure while judging one agent leaks the leases of the agents after it")
 def test_a_failure_while_judging_one_agent_gives_back_every_lease_and_trial(services: Services,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The database goes away as the batch reads b-paused's pause (its Redis flag lost, the mirror holds it):
