@@ -206,3 +206,32 @@ def test_a_failure_while_judging_one_agent_gives_back_every_lease_and_trial(serv
         ticks.tick_many(services, agents, Sent())
     assert _runs(services) == []
     _no_lease_or_trial_left(services, agents)
+
+
+@pytest.mark.xfail(strict=True, reason="a database error after the commit leaves the batch's runs queued unsent")
+def test_a_database_error_after_the_commit_still_sends_every_accepted_run(services: Services,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch committed; then the database is locked (or gone) when the refused keys are looked at again.
+    The runs it accepted are kept, so their messages must go now, not after a lost pass and the reaper."""
+    from sqlalchemy.exc import OperationalError
+
+    from fleet import bulk
+
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    assert services.leases.acquire("b-busy", 1, "someone-else", ttl_s=60) is not None  # one refusal to re-answer
+    opened = []
+    real = bulk.db.session
+
+    def session_then_locked(engine: Any) -> Any:
+        opened.append(engine)
+        if len(opened) == 2:  # the first is the batch's own transaction
+            raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+        return real(engine)
+
+    monkeypatch.setattr(bulk.db, "session", session_then_locked)
+    sent = Sent()
+    results = ticks.tick_many(services, ["b-busy", "b-plain-a", "b-plain-b"], sent)
+    assert {name: r.status for name, r in results.items()} == {"b-busy": "refused", "b-plain-a": "queued",
+                                                               "b-plain-b": "queued"}
+    assert sorted(run_id for run_id, _ in sent) == sorted(r.id for r in _runs(services))
+    _ledger_matches_runs(services)
