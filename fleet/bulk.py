@@ -276,7 +276,9 @@ def _answer_raced_keys(services: Services, items: list[_Item]) -> None:
     refused = {item.idem_key: item for item in items if item.result is not None and item.result.status == "refused"}
     if not refused:
         return
-    with db.session(services.engine) as session:
+    # After the commit: the runs accepted are kept and must be sent, so a database that fails now leaves the
+    # refusals as they are (what a single dispatch racing that key could also have answered).
+    with contextlib.suppress(SQLAlchemyError), db.session(services.engine) as session:
         for run in session.exec(select(Run).where(col(Run.idem_key).in_(list(refused)))):
             refused[run.idem_key].result = DispatchResult(run.id, "duplicate", reason=f"already {run.status}",
                                                           fence=run.fence)

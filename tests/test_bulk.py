@@ -208,7 +208,6 @@ def test_a_failure_while_judging_one_agent_gives_back_every_lease_and_trial(serv
     _no_lease_or_trial_left(services, agents)
 
 
-@pytest.mark.xfail(strict=True, reason="a database error after the commit leaves the batch's runs queued unsent")
 def test_a_database_error_after_the_commit_still_sends_every_accepted_run(services: Services,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch committed; then the database is locked (or gone) when the refused keys are looked at again.
