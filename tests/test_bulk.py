@@ -234,3 +234,27 @@ def test_a_database_error_after_the_commit_still_sends_every_accepted_run(servic
                                                                "b-plain-b": "queued"}
     assert sorted(run_id for run_id, _ in sent) == sorted(r.id for r in _runs(services))
     _ledger_matches_runs(services)
+
+
+@pytest.mark.xfail(strict=True, reason="on the one-at-a-time path one unsent message drops the rest of the pass")
+def test_a_message_that_cannot_be_sent_on_the_slow_path_undoes_its_run_only(services: Services) -> None:
+    """$0.035 left for the fleet and four $0.01 runs sends the pass one at a time; the broker refuses the first
+    message. As four single ticks would, that run is undone and the three others still go (they fit)."""
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    services.config = dataclasses.replace(services.config,
+                                          fleet=services.config.fleet.model_copy(update={"daily_cap_usd": 0.035}))
+    sent = Sent()
+    calls: list[str] = []
+
+    def flaky(run_id: str, fence: int) -> None:
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise ConnectionError("broker went away")
+        sent(run_id, fence)
+
+    agents = ["b-plain-a", "b-plain-b", "b-busy", "b-tripped"]
+    results = ticks.tick_many(services, agents, flaky)
+    assert [results[name].status for name in agents] == ["unavailable", "queued", "queued", "queued"]
+    assert sorted(r.id for r in _runs(services)) == sorted(run_id for run_id, _ in sent)
+    assert services.leases.holders("b-plain-a", 1) == []
+    _ledger_matches_runs(services)
