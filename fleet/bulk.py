@@ -41,6 +41,7 @@ from fleet.dispatch import (
     give_back,
     unsend,
 )
+from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.locks import Lease
 from fleet.models import NOT_STARTED, KillSwitch, Pause, Run, RunEvent, RunStatus
@@ -83,12 +84,28 @@ def dispatch_many(services: Services, wanted: Iterable[tuple[AgentSpec, str]], s
     try:
         _accept(services, items, actor)
     except _OneAtATime:
-        return [dispatch(services, DispatchRequest(item.spec.name, item.work_key, actor=actor), send)
-                for item in answers]
+        return [_one(services, item, send, actor) for item in answers]
     except (redis.RedisError, SQLAlchemyError) as exc:
         raise as_fleet_error(exc) from None
     _send_all(services, items, send)
     return [item.result for item in answers if item.result is not None]
+
+
+def _one(services: Services, item: _Item, send: Sender, actor: str) -> DispatchResult:
+    """One key on the slow path. A message that cannot be sent undoes that run only (dispatch.unsend) and is
+    answered `unavailable`, as on the batch's path: the keys after it are still dispatched."""
+    tried: list[str] = []
+
+    def sending(run_id: str, fence: int) -> None:
+        tried.append(run_id)
+        send(run_id, fence)
+
+    try:
+        return dispatch(services, DispatchRequest(item.spec.name, item.work_key, actor=actor), sending)
+    except UnavailableError as exc:
+        if not tried:  # Redis or the database is down: the pass stops, as the batch's own path would
+            raise
+        return DispatchResult(tried[0], "unavailable", reason=str(exc))
 
 
 def _accept(services: Services, items: list[_Item], actor: str) -> None:

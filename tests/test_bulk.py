@@ -236,7 +236,6 @@ def test_a_database_error_after_the_commit_still_sends_every_accepted_run(servic
     _ledger_matches_runs(services)
 
 
-@pytest.mark.xfail(strict=True, reason="on the one-at-a-time path one unsent message drops the rest of the pass")
 def test_a_message_that_cannot_be_sent_on_the_slow_path_undoes_its_run_only(services: Services) -> None:
     """$0.035 left for the fleet and four $0.01 runs sends the pass one at a time; the broker refuses the first
     message. As four single ticks would, that run is undone and the three others still go (they fit)."""
