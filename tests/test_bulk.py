@@ -257,3 +257,21 @@ def test_a_message_that_cannot_be_sent_on_the_slow_path_undoes_its_run_only(serv
     assert sorted(r.id for r in _runs(services)) == sorted(run_id for run_id, _ in sent)
     assert services.leases.holders("b-plain-a", 1) == []
     _ledger_matches_runs(services)
+
+
+@pytest.mark.xfail(strict=True, reason="one agent's failing admission script leaks every other agent's lease")
+def test_one_agents_failing_admission_keeps_nothing_of_the_others(services: Services) -> None:
+    """b-tripped's breaker key holds a string (written by hand, or by an older version): its admission script
+    fails. The leases the other scripts of the pipeline took must not be lost with that error; like single
+    ticks, the others are dispatched and b-tripped alone is answered unavailable."""
+    from fleet import keys
+
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    services.redis.set(keys.breaker("b-tripped"), "corrupt")
+    sent = Sent()
+    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-tripped"], sent)
+    assert {name: r.status for name, r in results.items()} == {"b-plain-a": "queued", "b-plain-b": "queued",
+                                                               "b-tripped": "unavailable"}
+    assert sorted(r.agent for r in _runs(services)) == ["b-plain-a", "b-plain-b"] and len(sent) == 2
+    _no_lease_or_trial_left(services, ["b-tripped"])
+    _ledger_matches_runs(services)
