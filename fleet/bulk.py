@@ -174,6 +174,8 @@ def _admit(session: Session, services: Services, items: list[_Item]) -> list[_It
 
 def _refusal(session: Session, services: Services, item: _Item, verdict: Admission, killed: set[str],
              paused: set[str]) -> DispatchResult | None:
+    if verdict.verdict == "error":  # a single dispatch of this key would fail with 75; the others go on
+        return DispatchResult(item.run_id, "unavailable", reason=f"Redis refused its admission: {verdict.error}")
     result = DispatchResult(item.run_id, "refused", would_fire=[item.run_id])
     refused = admission_refusal(result, verdict, item.spec)
     if refused is not None:
