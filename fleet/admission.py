@@ -67,11 +67,12 @@ return {released, states[1], states[2]}
 class Admission:
     """What Redis said about a dispatch: `ok` (with its lease), or why not."""
 
-    verdict: str  # ok, killed, paused, breaker_open, busy
+    verdict: str  # ok, killed, paused, breaker_open, busy; error (admit_many: this run's script failed)
     lease: Lease | None = None
     breaker: str = "closed"
     kill_scope: str | None = None
     kill_value: str | None = None
+    error: str | None = None
 
 
 # (agent, concurrency, run_id, cooldown_s, ttl_s, taken): one run's `admit`, as `admit_many` takes it.
@@ -112,11 +113,14 @@ class Admissions:
                                                                    taken)))
 
     def admit_many(self, wanted: list[AdmitRequest]) -> list[Admission]:
-        """`admit` for many runs in one round trip (a pipeline; each script is still atomic on its own)."""
+        """`admit` for many runs in one round trip (a pipeline; each script is still atomic on its own). A script
+        that fails for one run (a key of the wrong type) is that run's `error`: the others' leases are kept."""
         pipe = self._redis.pipeline(transaction=False)
         for want in wanted:
             self._admit(**_admit_call(*want), client=pipe)
-        return [_admission(want[0], want[2], got) for want, got in zip(wanted, pipe.execute(), strict=True)]
+        return [Admission("error", error=str(got)) if isinstance(got, redis.ResponseError)
+                else _admission(want[0], want[2], got)
+                for want, got in zip(wanted, pipe.execute(raise_on_error=False), strict=True)]
 
     def claim(self, lease: Lease, *, ttl_s: float) -> tuple[str | None, str | None, bool]:
         """(killed scope, its raw flag, lease renewed): the executor's Redis side, as it starts a run."""

@@ -41,6 +41,7 @@ from fleet.dispatch import (
     give_back,
     unsend,
 )
+from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.locks import Lease
 from fleet.models import NOT_STARTED, KillSwitch, Pause, Run, RunEvent, RunStatus
@@ -83,12 +84,28 @@ def dispatch_many(services: Services, wanted: Iterable[tuple[AgentSpec, str]], s
     try:
         _accept(services, items, actor)
     except _OneAtATime:
-        return [dispatch(services, DispatchRequest(item.spec.name, item.work_key, actor=actor), send)
-                for item in answers]
+        return [_one(services, item, send, actor) for item in answers]
     except (redis.RedisError, SQLAlchemyError) as exc:
         raise as_fleet_error(exc) from None
     _send_all(services, items, send)
     return [item.result for item in answers if item.result is not None]
+
+
+def _one(services: Services, item: _Item, send: Sender, actor: str) -> DispatchResult:
+    """One key on the slow path. A message that cannot be sent undoes that run only (dispatch.unsend) and is
+    answered `unavailable`, as on the batch's path: the keys after it are still dispatched."""
+    tried: list[str] = []
+
+    def sending(run_id: str, fence: int) -> None:
+        tried.append(run_id)
+        send(run_id, fence)
+
+    try:
+        return dispatch(services, DispatchRequest(item.spec.name, item.work_key, actor=actor), sending)
+    except UnavailableError as exc:
+        if not tried:  # Redis or the database is down: the pass stops, as the batch's own path would
+            raise
+        return DispatchResult(tried[0], "unavailable", reason=str(exc))
 
 
 def _accept(services: Services, items: list[_Item], actor: str) -> None:
@@ -140,9 +157,10 @@ def _admit(session: Session, services: Services, items: list[_Item]) -> list[_It
     judged = services.admissions.admit_many([
         (item.spec.name, item.spec.concurrency, item.run_id, item.spec.breaker_settings(fleet)[1],
          fleet.queued_lease_ttl_s, taken.get(item.spec.name, set())) for item in items])
+    for item, verdict in zip(items, judged, strict=True):  # every lease in hand before any judging can fail:
+        item.lease = verdict.lease  # a failure below gives all of them back (see _accept)
     admitted = []
     for item, verdict in zip(items, judged, strict=True):
-        item.lease = verdict.lease
         refused = _refusal(session, services, item, verdict, killed, paused)
         if refused is None:
             admitted.append(item)
@@ -156,6 +174,8 @@ def _admit(session: Session, services: Services, items: list[_Item]) -> list[_It
 
 def _refusal(session: Session, services: Services, item: _Item, verdict: Admission, killed: set[str],
              paused: set[str]) -> DispatchResult | None:
+    if verdict.verdict == "error":  # a single dispatch of this key would fail with 75; the others go on
+        return DispatchResult(item.run_id, "unavailable", reason=f"Redis refused its admission: {verdict.error}")
     result = DispatchResult(item.run_id, "refused", would_fire=[item.run_id])
     refused = admission_refusal(result, verdict, item.spec)
     if refused is not None:
@@ -275,7 +295,9 @@ def _answer_raced_keys(services: Services, items: list[_Item]) -> None:
     refused = {item.idem_key: item for item in items if item.result is not None and item.result.status == "refused"}
     if not refused:
         return
-    with db.session(services.engine) as session:
+    # After the commit: the runs accepted are kept and must be sent, so a database that fails now leaves the
+    # refusals as they are (what a single dispatch racing that key could also have answered).
+    with contextlib.suppress(SQLAlchemyError), db.session(services.engine) as session:
         for run in session.exec(select(Run).where(col(Run.idem_key).in_(list(refused)))):
             refused[run.idem_key].result = DispatchResult(run.id, "duplicate", reason=f"already {run.status}",
                                                           fence=run.fence)

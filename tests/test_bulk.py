@@ -175,3 +175,103 @@ def test_beat_ticks_agents_that_share_a_schedule_in_one_message(services: Servic
     assert list(ticks_entries) == ["fleet.ticks:every 60s"]
     (names,) = ticks_entries["fleet.ticks:every 60s"]["args"]
     assert sorted(names) == sorted(GATED)
+
+
+def _no_lease_or_trial_left(services: Services, agents: list[str]) -> None:
+    """Nothing of a pass that kept nothing stays in Redis: no slot held, no breaker trial taken."""
+    for agent in agents:
+        assert services.leases.holders(agent, 2) == [], agent
+        assert not services.breakers.state(agent).get("trial"), agent
+
+
+def test_a_failure_while_judging_one_agent_gives_back_every_lease_and_trial(services: Services,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database goes away as the batch reads b-paused's pause (its Redis flag lost, the mirror holds it):
+    the pass keeps nothing, so the agents judged after it must not keep their slots or the breaker's trial."""
+    from sqlalchemy.exc import OperationalError
+
+    from fleet import bulk, keys
+
+    now = datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC)
+    _frozen(services, now)
+    pause.engage(services.engine, services.redis, scope="b-paused", reason="test", actor="test", now=now)
+    services.redis.delete(keys.paused("b-paused"))  # Redis restarted: only the mirror pauses it
+    services.redis.hset(keys.breaker("b-tripped"), mapping={"state": "open", "opened_at": "0"})  # cooled down
+
+    def lost(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("SELECT pauses", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(bulk.pause, "check", lost)
+    agents = ["b-paused", "b-plain-a", "b-plain-b", "b-tripped"]
+    with pytest.raises(Exception, match="unreachable"):
+        ticks.tick_many(services, agents, Sent())
+    assert _runs(services) == []
+    _no_lease_or_trial_left(services, agents)
+
+
+def test_a_database_error_after_the_commit_still_sends_every_accepted_run(services: Services,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch committed; then the database is locked (or gone) when the refused keys are looked at again.
+    The runs it accepted are kept, so their messages must go now, not after a lost pass and the reaper."""
+    from sqlalchemy.exc import OperationalError
+
+    from fleet import bulk
+
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    assert services.leases.acquire("b-busy", 1, "someone-else", ttl_s=60) is not None  # one refusal to re-answer
+    opened = []
+    real = bulk.db.session
+
+    def session_then_locked(engine: Any) -> Any:
+        opened.append(engine)
+        if len(opened) == 2:  # the first is the batch's own transaction
+            raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+        return real(engine)
+
+    monkeypatch.setattr(bulk.db, "session", session_then_locked)
+    sent = Sent()
+    results = ticks.tick_many(services, ["b-busy", "b-plain-a", "b-plain-b"], sent)
+    assert {name: r.status for name, r in results.items()} == {"b-busy": "refused", "b-plain-a": "queued",
+                                                               "b-plain-b": "queued"}
+    assert sorted(run_id for run_id, _ in sent) == sorted(r.id for r in _runs(services))
+    _ledger_matches_runs(services)
+
+
+def test_a_message_that_cannot_be_sent_on_the_slow_path_undoes_its_run_only(services: Services) -> None:
+    """$0.035 left for the fleet and four $0.01 runs sends the pass one at a time; the broker refuses the first
+    message. As four single ticks would, that run is undone and the three others still go (they fit)."""
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    services.config = dataclasses.replace(services.config,
+                                          fleet=services.config.fleet.model_copy(update={"daily_cap_usd": 0.035}))
+    sent = Sent()
+    calls: list[str] = []
+
+    def flaky(run_id: str, fence: int) -> None:
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise ConnectionError("broker went away")
+        sent(run_id, fence)
+
+    agents = ["b-plain-a", "b-plain-b", "b-busy", "b-tripped"]
+    results = ticks.tick_many(services, agents, flaky)
+    assert [results[name].status for name in agents] == ["unavailable", "queued", "queued", "queued"]
+    assert sorted(r.id for r in _runs(services)) == sorted(run_id for run_id, _ in sent)
+    assert services.leases.holders("b-plain-a", 1) == []
+    _ledger_matches_runs(services)
+
+
+def test_one_agents_failing_admission_keeps_nothing_of_the_others(services: Services) -> None:
+    """b-tripped's breaker key holds a string (written by hand, or by an older version): its admission script
+    fails. The leases the other scripts of the pipeline took must not be lost with that error; like single
+    ticks, the others are dispatched and b-tripped alone is answered unavailable."""
+    from fleet import keys
+
+    _frozen(services, datetime(2026, 12, 1, 10, 0, 30, tzinfo=UTC))
+    services.redis.set(keys.breaker("b-tripped"), "corrupt")
+    sent = Sent()
+    results = ticks.tick_many(services, ["b-plain-a", "b-plain-b", "b-tripped"], sent)
+    assert {name: r.status for name, r in results.items()} == {"b-plain-a": "queued", "b-plain-b": "queued",
+                                                               "b-tripped": "unavailable"}
+    assert sorted(r.agent for r in _runs(services)) == ["b-plain-a", "b-plain-b"] and len(sent) == 2
+    assert services.leases.holders("b-tripped", 1) == []
+    _ledger_matches_runs(services)
