@@ -1,0 +1,112 @@
+"""What the soak (bench/soak.py) found, each as a scenario of its own.
+
+Alerts are raised "once per transition" (fleet/alerts.py): an operator asleep gets one message when
+something changes, not one per tick for as long as it stays changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet import db, store
+from fleet.models import TERMINAL
+from tests.faults.fleet import FaultFleet, fault_fleet
+from tests.faults.servers import PrivateCluster
+from tests.harness import wait_for
+from tests.sentry_server import SentryServer
+
+CAPPED = """
+[fleet]
+daily_cap_usd = 100.0
+lease_ttl_s = 5
+heartbeat_s = 0.5
+kill_grace_s = 1
+
+[agents.capped]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--cost", "0.01"]
+est_cost_usd = 0.01
+daily_cap_usd = 0.01
+concurrency = 10
+timeout_s = 60
+"""
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryServer]:
+    """A Sentry stand-in the fleet's processes report to."""
+    with SentryServer() as server:
+        yield server
+
+
+def tagged_alerts(server: SentryServer, kind: str) -> list[dict[str, object]]:
+    """The alert events of one kind that arrived."""
+    return [e for e in server.events() if (e.get("tags") or {}).get("alert") == kind]
+
+
+@pytest.mark.slow
+def test_a_capped_agent_alerts_once_not_once_per_refused_dispatch(kind: str, tmp_path: Path, sentry: SentryServer,
+                                                                   pg_cluster: PrivateCluster | None) -> None:
+    """Found by the soak: a capped agent on a 2 s schedule sent a cap_refusal from every worker process
+    every minute (each process dedupes only its own alerts): 32 events in 3 minutes, a storm all night.
+    Here each refused dispatch is a process of its own, as ticks on many pool processes are."""
+    with fault_fleet(kind, tmp_path, pg_cluster, agents=CAPPED, start=False, sentry_dsn=sentry.dsn()) as faults:
+        _dispatch_expecting(faults, "queued")  # the one run today's cap has room for
+        for _ in range(3):
+            _dispatch_expecting(faults, "refused")
+        # Each CLI process flushed its events before it exited: all of them have arrived.
+        refusals = tagged_alerts(sentry, "cap_refusal")
+        assert len(refusals) == 1, f"{len(refusals)} cap_refusal alerts for one cap reached once"
+
+
+def _dispatch_expecting(faults: FaultFleet, status: str, agent: str = "capped") -> str:
+    proc = faults.fleet.cli("dispatch", agent, "--json")
+    assert proc.stdout.strip(), f"exit {proc.returncode}: {proc.stderr}"
+    answer = json.loads(proc.stdout)
+    assert answer["status"] == status, proc.stdout + proc.stderr
+    return str(answer.get("run_id"))
+
+
+def _run_to_end(faults: FaultFleet) -> None:
+    run_id = _dispatch_expecting(faults, "queued", agent="overspender")
+
+    def ended() -> bool:
+        with db.session(faults.fleet.services.engine) as session:
+            run = store.get_run(session=session, run_id=run_id)
+            return run is not None and run.status in TERMINAL
+
+    wait_for(ended, 60, f"run {run_id} to end")
+
+
+OVERSPENDER = """
+[fleet]
+daily_cap_usd = 100.0
+lease_ttl_s = 5
+heartbeat_s = 0.5
+kill_grace_s = 1
+
+[agents.overspender]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "1",
+           "--steps", "5", "--cost", "0.01"]
+est_cost_usd = 0.001
+daily_cap_usd = 0.025
+timeout_s = 60
+"""
+
+
+@pytest.mark.slow
+def test_an_agent_that_reports_past_its_cap_is_stopped_and_told(kind: str, tmp_path: Path, sentry: SentryServer,
+                                                                pg_cluster: PrivateCluster | None) -> None:
+    """Found by the soak: an agent that reserved $0.001 and reported $0.01 with $0.005 left under its cap was
+    stopped and booked, $0.005 over the cap, and no overspend alert came: the running-cost guard stopped it
+    before the bookkeeper's next pass, and only that pass looked for an overspend."""
+    with fault_fleet(kind, tmp_path, pg_cluster, agents=OVERSPENDER, sentry_dsn=sentry.dsn()) as faults:
+        _run_to_end(faults)  # books $0.02, stopped below the cap
+        _run_to_end(faults)  # $0.005 left: its first report passes the cap
+        assert faults.violations() == []
+        spent = faults.effects.spent()
+        assert spent > 25_000, f"the agent spent {spent} micro-dollars: the scenario did not pass the cap"
+        sentry.wait_for(lambda: tagged_alerts(sentry, "overspend"), 20, "an overspend alert")
