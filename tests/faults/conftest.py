@@ -49,8 +49,6 @@ def faults(kind: str, tmp_path: Path, pg_cluster: PrivateCluster | None) -> Iter
 # Scenarios that show a defect still open: each fails today, strictly (an unexpected pass fails the
 # run too), and leaves this list in the commit that fixes it.
 KNOWN_DEFECTS: dict[str, str] = {
-    "test_a_capped_agent_alerts_once_not_once_per_refused_dispatch":
-        "every refused dispatch of a capped agent raises cap_refusal; each process dedupes only its own",
 }
 
 
