@@ -7,6 +7,7 @@ something changes, not one per tick for as long as it stays changed.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,8 +71,8 @@ def _dispatch_expecting(faults: FaultFleet, status: str, agent: str = "capped") 
     return str(answer.get("run_id"))
 
 
-def _run_to_end(faults: FaultFleet) -> None:
-    run_id = _dispatch_expecting(faults, "queued", agent="overspender")
+def _run_to_end(faults: FaultFleet, agent: str = "overspender") -> None:
+    run_id = _dispatch_expecting(faults, "queued", agent=agent)
 
     def ended() -> bool:
         with db.session(faults.fleet.services.engine) as session:
@@ -110,3 +111,34 @@ def test_an_agent_that_reports_past_its_cap_is_stopped_and_told(kind: str, tmp_p
         spent = faults.effects.spent()
         assert spent > 25_000, f"the agent spent {spent} micro-dollars: the scenario did not pass the cap"
         sentry.wait_for(lambda: tagged_alerts(sentry, "overspend"), 20, "an overspend alert")
+
+
+REVOKED = """
+[fleet]
+daily_cap_usd = 100.0
+lease_ttl_s = 5
+heartbeat_s = 0.5
+kill_grace_s = 1
+
+[agents.revoked]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--exit", "77"]
+est_cost_usd = 0.001
+breaker_cooldown_s = 2
+timeout_s = 60
+"""
+
+
+@pytest.mark.slow
+def test_a_breaker_alerts_when_it_opens_not_again_at_each_failed_trial(kind: str, tmp_path: Path,
+                                                                        sentry: SentryServer,
+                                                                        pg_cluster: PrivateCluster | None) -> None:
+    """Found by the soak: an agent whose key is revoked (or that always crashes) sent breaker_opened each time
+    its half-open trial failed, every cooldown all night (7 times in 3 minutes at a 20 s cooldown), though
+    the alert means "failed breaker_threshold times in a row": once, until the breaker closes again."""
+    with fault_fleet(kind, tmp_path, pg_cluster, agents=REVOKED, sentry_dsn=sentry.dsn()) as faults:
+        _run_to_end(faults, "revoked")  # auth: the breaker opens at once
+        time.sleep(2.5)  # the cool-down (on Redis's clock) passes: the next dispatch is the half-open trial
+        _run_to_end(faults, "revoked")  # the trial fails: open again
+        sentry.wait_for(lambda: len(tagged_alerts(sentry, "dead_letter")) == 2, 20, "both dead letters")
+        opened = tagged_alerts(sentry, "breaker_opened")
+        assert len(opened) == 1, f"{len(opened)} breaker_opened alerts: {[e.get('message') for e in opened]}"
