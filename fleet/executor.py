@@ -483,7 +483,9 @@ def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
                         previous=old)
         session.commit()
     log.warning("breaker.changed", agent=run.agent, previous=old, state=new, run_id=run.id)
-    if new == "open":
+    # Alerted when it opens from closed: a failed half-open trial only says it is still failing (the
+    # event above records it), and at every cool-down all night that would be a storm.
+    if new == "open" and old == "closed":
         alerts.alert("breaker_opened", f"breaker of {run.agent} opened ({old} -> open) after run {run.id}",
                      agent=run.agent, run_id=run.id, previous=old)
 

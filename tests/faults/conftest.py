@@ -49,8 +49,6 @@ def faults(kind: str, tmp_path: Path, pg_cluster: PrivateCluster | None) -> Iter
 # Scenarios that show a defect still open: each fails today, strictly (an unexpected pass fails the
 # run too), and leaves this list in the commit that fixes it.
 KNOWN_DEFECTS: dict[str, str] = {
-    "test_a_breaker_alerts_when_it_opens_not_again_at_each_failed_trial":
-        "every failed half-open trial re-opens the breaker with a new breaker_opened alert",
 }
 
 
