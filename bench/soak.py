@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="seconds of faults (default 1800; quick 180)")
     parser.add_argument("--fault-every", type=float, default=None, help="seconds (default 120; quick 20)")
     parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--pace", type=float, default=3.0, help="stretch every schedule by this factor (1: the "
+                        "issue's 1-10 s; 3 fits two shared cores)")
     parser.add_argument("--report", type=Path, default=None, help="where the Markdown goes (PNG beside it)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here (default: a temporary "
                         "folder, kept only when a check fails)")
@@ -182,16 +184,16 @@ def check(soak: Soak, drained: list[str], stopped: list[str], leases: list[str])
     violations += checks.check_dead_letter_alerts(engine, alerts)
     violations += checks.check_storms(alerts, sum(f.kind == "redis_restart" for f in soak.injector.done))
     violations += _check_overspenders(alerts, inexact_agents(agents))
-    flat, figures = checks.check_flat(soak.samples)
+    flat, figures = checks.check_flat(soak.samples, soak.started + soak.args.fault_every)
     violations += flat
     checks.alerts_per_fault(soak.injector.done, alerts, ended)
     checks.recoveries(soak.injector.done, EffectsLog.read(faults.effects_path))
     note = (f"{len(agents)} agents, {WORKERS} workers x {CONCURRENCY}, {BEATS} beats, a fault every "
-            f"{soak.args.fault_every:.0f} s, seed {soak.args.seed}; {soak.backlog} ticks queued when the beats "
-            f"stopped; {machine_note()}")
+            f"{soak.args.fault_every:.0f} s, seed {soak.args.seed}, pace {soak.args.pace:g}; {soak.backlog} ticks "
+            f"queued when the beats stopped; {machine_note()}")
     return Results(faults.kind, soak.started, ended, note, soak.injector.done, soak.injector.skipped,
                    checks.outcomes(engine), violations, figures, Counter(a.kind for a in alerts), soak.samples,
-                   checks.timeline(engine))
+                   checks.timeline(engine), [(e.t, e.value) for e in EffectsLog.read(faults.effects_path).of("SPEND")])
 
 
 def _check_overspenders(alerts: list[checks.Alert], agents: set[str]) -> list[str]:
@@ -210,7 +212,8 @@ def soak_fleet(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[FaultFleet
             raise SystemExit("PostgreSQL server binaries (and a postgres user) are needed for --db postgresql")
         cluster = PrivateCluster().init()
     try:
-        with SentryServer() as sentry, fault_fleet(args.db, tmp, cluster, agents=fleet_toml(args.seed), start=False,
+        agents = fleet_toml(args.seed, args.pace)
+        with SentryServer() as sentry, fault_fleet(args.db, tmp, cluster, agents=agents, start=False,
                                                     sentry_dsn=sentry.dsn()) as faults:
             yield faults, sentry, build_clockshift(tmp)
     finally:

@@ -136,8 +136,10 @@ def recoveries(faults: list[Any], log: EffectsLog) -> None:
         fault.recovered_s = (min(done) - fault.end) if done else None
 
 
-def check_flat(samples: list[Sample]) -> tuple[list[str], dict[str, float]]:
-    """M1: the workers' RSS and open files in the last 10 % of samples against the first 10 %."""
+def check_flat(samples: list[Sample], warm: float) -> tuple[list[str], dict[str, float]]:
+    """M1: the workers' RSS and open files in the last 10 % of samples against the first 10 % taken after
+    `warm` (the first fault: by then every pool process has opened its connections)."""
+    samples = [s for s in samples if s.t >= warm]
     if len(samples) < 10:
         return [f"M1: only {len(samples)} resource samples, too few to judge"], {}
     tenth = max(1, len(samples) // 10)

@@ -27,7 +27,8 @@ class Results:
     figures: dict[str, float]
     alert_counts: Counter[str]
     samples: list[Sample] = field(default_factory=list)
-    timeline: list[tuple[float, str, int]] = field(default_factory=list)
+    timeline: list[tuple[float, str, int]] = field(default_factory=list)  # the database's, by the workers' clocks
+    spends: list[tuple[float, int]] = field(default_factory=list)  # the agents' own (t, micros), by the real clock
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
@@ -93,26 +94,28 @@ def draw(r: Results, path: Path) -> Path | None:
                 counts[int((t - r.started) // 10)] += 1
         if any(counts):
             runs_ax.plot([i * 10 for i in range(buckets)], counts, label=status)
+    runs_ax.set_xlim(0, span)
     runs_ax.set_ylabel("runs finished / 10 s")
     runs_ax.legend(loc="upper right", fontsize="small", ncol=3)
     spent, xs, ys = 0, [], []
-    for t, _, cost in r.timeline:
+    for t, cost in sorted(r.spends):
         spent += cost
         xs.append(t - r.started)
         ys.append(spent / 1e6)
     spend_ax.plot(xs, ys)
-    spend_ax.set_ylabel("spend $ (cumulative)")
+    spend_ax.set_ylabel("agents' spend $ (cumulative)")
     rss_ax.plot([s.t - r.started for s in r.samples], [s.rss_kib / 1024 for s in r.samples], label="RSS MiB")
     rss_ax.plot([s.t - r.started for s in r.samples], [s.fds for s in r.samples], label="open files")
     rss_ax.set_ylabel("worker processes")
     rss_ax.set_xlabel("seconds since start")
     rss_ax.legend(loc="upper right", fontsize="small")
-    for fault in r.faults:
+    for i, fault in enumerate(r.faults):
         for ax in (runs_ax, spend_ax, rss_ax):
             ax.axvspan(fault.start - r.started, max(fault.end - r.started, fault.start - r.started + 1),
                        color="red", alpha=0.15)
-        runs_ax.annotate(fault.kind, (fault.start - r.started, runs_ax.get_ylim()[1]), rotation=90,
-                         fontsize="x-small", va="top", ha="right")
+        low, high = runs_ax.get_ylim()
+        runs_ax.annotate(fault.kind, (fault.start - r.started, high - (high - low) * (0.05 + 0.3 * (i % 3))),
+                         rotation=90, fontsize="x-small", va="top", ha="right")
     fig.suptitle(f"Soak on {r.kind}: {len(r.faults)} faults, {len(r.violations)} violations")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
