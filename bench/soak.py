@@ -32,13 +32,13 @@ from sqlmodel import func, select
 from bench import soak_checks as checks
 from bench.common import log, machine_note, quiet_logs, revision
 from bench.soak_agents import caps_micros, fleet_toml, inexact_agents
-from bench.soak_faults import Holds, Injector, Workers, build_clockshift
+from bench.soak_faults import Holds, Injector, Workers
 from bench.soak_report import Results, draw, markdown
 from fleet import db
 from fleet.models import NOT_STARTED, Run, RunStatus
 from tests.faults.effects import EffectsLog, check_all, check_no_overlap
 from tests.faults.fleet import FaultFleet, fault_fleet
-from tests.faults.servers import PrivateCluster, pg_available
+from tests.faults.servers import PrivateCluster, build_clockshift, pg_available
 from tests.harness import processes_holding
 from tests.sentry_server import SentryServer
 

@@ -242,15 +242,3 @@ def _children(pid: int) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
     return []
-
-
-def build_clockshift(folder: Path) -> Path | None:
-    """Compile bench/clockshift.c into `folder`; None when there is no C compiler."""
-    source = Path(__file__).with_name("clockshift.c")
-    target = folder / "clockshift.so"
-    try:
-        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(target), str(source), "-ldl"], check=True,
-                       capture_output=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return target

@@ -16,7 +16,7 @@ import pytest
 from fleet import db, store
 from fleet.models import TERMINAL
 from tests.faults.fleet import FaultFleet, fault_fleet
-from tests.faults.servers import PrivateCluster
+from tests.faults.servers import PrivateCluster, build_clockshift
 from tests.harness import wait_for
 from tests.sentry_server import SentryServer
 
@@ -142,3 +142,49 @@ def test_a_breaker_alerts_when_it_opens_not_again_at_each_failed_trial(kind: str
         sentry.wait_for(lambda: len(tagged_alerts(sentry, "dead_letter")) == 2, 20, "both dead letters")
         opened = tagged_alerts(sentry, "breaker_opened")
         assert len(opened) == 1, f"{len(opened)} breaker_opened alerts: {[e.get('message') for e in opened]}"
+
+
+FLAKY = """
+[fleet]
+daily_cap_usd = 100.0
+lease_ttl_s = 5
+heartbeat_s = 0.5
+kill_grace_s = 1
+retry_backoff_s = 4
+resend_after_s = 3
+
+[agents.flaky]
+command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--first-exit", "75"]
+est_cost_usd = 0.001
+timeout_s = 60
+"""
+
+
+@pytest.mark.slow
+def test_a_retry_sent_by_a_worker_an_hour_ahead_is_not_held_back_an_hour(kind: str, tmp_path: Path,
+                                                                          pg_cluster: PrivateCluster | None) -> None:
+    """Found by the soak: a worker whose wall clock jumped an hour ahead sent a transient failure's retry with
+    Celery's countdown (an ETA by its own clock) and stamped the run queued_at/retry_at by that clock. The
+    worker that took the message held it for an hour, and the reaper, comparing those stamps with its own
+    clock, saw nothing quiet to send again: the run sat queued until the drain gave up on it."""
+    shift = build_clockshift(tmp_path)
+    if shift is None:
+        pytest.skip("no C compiler to build clockshift.so")
+    clock = tmp_path / "clock"
+    clock.write_text("3600\n")
+    with fault_fleet(kind, tmp_path, pg_cluster, agents=FLAKY, start=False) as faults:
+        ahead = faults.fleet.start_worker(concurrency=1, env={"LD_PRELOAD": str(shift), "CLOCKSHIFT_FILE": str(clock)})
+        faults.fleet.wait_consuming(timeout=60)
+        run_id = _dispatch_expecting(faults, "queued", agent="flaky")
+        wait_for(lambda: any(e.run == run_id for e in faults.effects.of("END")), 60, "the first attempt to end")
+        # It sends the retry and stops: whatever it held goes back to the queue, for a worker on the right time.
+        faults.fleet.stop_worker(ahead)
+        faults.fleet.start_worker(concurrency=1)
+
+        def ended() -> bool:
+            with db.session(faults.fleet.services.engine) as session:
+                run = store.get_run(session=session, run_id=run_id)
+                return run is not None and run.status in TERMINAL
+
+        faults.reap_until(ended, 45, f"run {run_id}'s retry to run (resend_after_s is 3)")
+        assert faults.violations() == []

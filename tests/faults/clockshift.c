@@ -1,6 +1,6 @@
 /* clockshift: an LD_PRELOAD library that moves one process's wall clock, and nothing else.
 
-   The soak's "clock of one worker jumped" fault. libfaketime (Debian 0.9.10) also moves the waits
+   A worker whose clock jumped (the soak's fault, and tests/faults/). libfaketime (Debian 0.9.10) also moves the waits
    Python makes on the monotonic clock: time.sleep fails with EINVAL and Event.wait hangs once the
    offset changes, which is a broken libc, not a jumped clock. A real NTP step or a resumed VM moves
    CLOCK_REALTIME only, so only that is shifted here: clock_gettime(CLOCK_REALTIME*), gettimeofday
