@@ -342,10 +342,12 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
         paused = pause.check(session, services.redis, spec.name)
         return _give_back(services, lease, _refuse(result, "pause", Gate(False, paused.describe())))
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
-    day = ledger.budget_day(session, fleet.timezone)
+    # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.
+    database_now = ledger.database_now(session)
+    day = ledger.budget_day(session, fleet.timezone, at=database_now)
     queued = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED).values(
         status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day, reserved_micros=estimate,
-        queued_at=now, updated_at=now, sends=1))
+        queued_at=database_now, updated_at=now, sends=1))
     if db.rowcount(queued) != 1:  # the row is this transaction's own: nobody else can have ended it
         _give_back(services, lease, result)
         raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")

@@ -428,7 +428,10 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
         values: dict[str, Any] = {"status": status, "exit_code": result.exit_code, "error": verdict.error,
                                   "updated_at": now, "pid": None, "pgid": None}
         if retry:
-            values.update(retry_at=now + timedelta(seconds=delay or 0), queued_at=now, sends=1)
+            # By the database's clock, as the reaper reads them: a host whose clock runs ahead must not
+            # hide its retry from the resend (its Celery countdown is by its own clock, and may be held).
+            database_now = ledger.database_now(session)
+            values.update(retry_at=database_now + timedelta(seconds=delay or 0), queued_at=database_now, sends=1)
         else:
             values["finished_at"] = now
         owned = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.fence) == lease.fence,

@@ -49,8 +49,6 @@ def faults(kind: str, tmp_path: Path, pg_cluster: PrivateCluster | None) -> Iter
 # Scenarios that show a defect still open: each fails today, strictly (an unexpected pass fails the
 # run too), and leaves this list in the commit that fixes it.
 KNOWN_DEFECTS: dict[str, str] = {
-    "test_a_retry_sent_by_a_worker_an_hour_ahead_is_not_held_back_an_hour":
-        "a retry's ETA and its queued_at/retry_at are by the sending worker's clock",
 }
 
 
