@@ -38,6 +38,7 @@ from fleet.dispatch import (
     archive,
     caps_of,
     dispatch,
+    first_refusal_today,
     give_back,
     unsend,
 )
@@ -116,7 +117,7 @@ def _accept(services: Services, items: list[_Item], actor: str) -> None:
             fresh = _answer_duplicates(session, services, items, now)
             admitted = _admit(session, services, fresh)
             _reserve(session, services, admitted)
-            _insert(session, admitted, actor, now)
+            _insert(session, admitted, actor, now, queued_at=ledger.database_now(session))
             session.commit()
     except BaseException:
         _give_back_all(services, items)
@@ -229,6 +230,7 @@ def _reserve(session: Session, services: Services, items: list[_Item]) -> None:
         raise _OneAtATime()
     for item in items:
         why = refused.get(item.spec.name)
+        item.day = day
         if why is not None:
             item.result = _refuse(DispatchResult(item.run_id, "refused", would_fire=[item.run_id]), why,
                                   "over_cap" if why == "caps" else "bounded", f"refused by the ledger ({why})")
@@ -236,7 +238,6 @@ def _reserve(session: Session, services: Services, items: list[_Item]) -> None:
                 give_back(services, item.lease, item.result)
                 item.lease = None
         else:
-            item.day = day
             item.result = DispatchResult(item.run_id, "queued", would_fire=[item.run_id],
                                          fence=item.lease.fence if item.lease else None)
 
@@ -245,7 +246,7 @@ def _estimate(spec: AgentSpec) -> int:
     return ledger.to_micros(spec.est_cost_usd) or 0
 
 
-def _insert(session: Session, items: list[_Item], actor: str, now: datetime) -> None:
+def _insert(session: Session, items: list[_Item], actor: str, now: datetime, *, queued_at: datetime) -> None:
     """The queued rows and their events, a few multi-row statements; a key someone else created since we
     looked (a second beat) defers the batch to the one-at-a-time path."""
     queued = [item for item in items if item.result is not None and item.result.status == "queued"]
@@ -253,20 +254,21 @@ def _insert(session: Session, items: list[_Item], actor: str, now: datetime) -> 
         return
     upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     runs, events = Run.__table__, RunEvent.__table__  # type: ignore[attr-defined]  # Core: one statement, compiled once
-    rows = [_row(item, actor, now) for item in queued]
+    rows = [_row(item, actor, now, queued_at) for item in queued]
     inserted = session.execute(upsert(runs).on_conflict_do_nothing().returning(runs.c.id), rows).all()
     if len(inserted) != len(rows):
         raise _OneAtATime()
     session.execute(insert(events), [event for item in queued for event in _events(item, actor, now)])
 
 
-def _row(item: _Item, actor: str, now: datetime) -> dict[str, object]:
+def _row(item: _Item, actor: str, now: datetime, queued_at: datetime) -> dict[str, object]:
+    # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.
     assert item.lease is not None and item.result is not None
     return {"id": item.run_id, "idem_key": item.idem_key, "agent": item.spec.name, "work_key": item.work_key,
             "status": RunStatus.QUEUED.value, "attempt": 0, "max_attempts": 2, "payload": None,
             "reserved_micros": _estimate(item.spec), "cost_micros": 0, "dispatched_by": actor[:255],
             "fence": item.lease.fence, "slot": item.lease.slot, "budget_day": item.day,
-            "queued_at": now, "sends": 1, "created_at": now, "updated_at": now}
+            "queued_at": queued_at, "sends": 1, "created_at": now, "updated_at": now}
 
 
 def _events(item: _Item, actor: str, now: datetime) -> list[dict[str, object]]:
@@ -308,7 +310,8 @@ def _record_refusals(services: Services, items: list[_Item]) -> None:
     refused = [item for item in items if item.result is not None and item.result.status == "refused"
                and item.result.reason != "paused"]
     for item in refused:
-        if item.result is not None and item.result.reason == "over_cap":
+        if item.result is not None and item.result.reason == "over_cap" and item.day is not None \
+                and first_refusal_today(services, item.spec.name, item.day):
             alerts.alert("cap_refusal", f"dispatch of {item.spec.name} refused: its daily cap is reached",
                          agent=item.spec.name, level="warning")
     if not refused:

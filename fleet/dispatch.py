@@ -35,7 +35,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, killswitch, ledger, pause, store
+from fleet import alerts, db, keys, killswitch, ledger, pause, store
 from fleet.admission import Admission
 from fleet.config import AgentSpec, read_text
 from fleet.errors import BadInputError, UnavailableError
@@ -336,17 +336,20 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
         paused = pause.check(session, services.redis, spec.name)
         return give_back(services, lease, _refuse(result, "pause", Gate(False, paused.describe())))
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
-    day = ledger.budget_day(session, fleet.timezone)
+    # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.
+    database_now = ledger.database_now(session)
+    day = ledger.budget_day(session, fleet.timezone, at=database_now)
     queued = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED).values(
         status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day, reserved_micros=estimate,
-        queued_at=now, updated_at=now, sends=1))
+        queued_at=database_now, updated_at=now, sends=1))
     if db.rowcount(queued) != 1:  # the row is this transaction's own: nobody else can have ended it
         give_back(services, lease, result)
         raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")
     caps = caps_of(services, spec)
     if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps, now=now):
-        alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
-                     agent=spec.name, level="warning")
+        if first_refusal_today(services, spec.name, day):
+            alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
+                         agent=spec.name, level="warning")
         room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
         gate = Gate(False, f"needs ${ledger.to_usd(estimate):.2f}, ${ledger.to_usd(max(room, 0)):.2f} left today")
         return give_back(services, lease, _refuse(result, "caps", gate))  # the caller rolls the queueing back
@@ -387,6 +390,15 @@ def _refuse(result: DispatchResult, gate: str, verdict: Gate) -> DispatchResult:
     result.gates[gate] = verdict
     result.reason = _REFUSAL[gate]
     return result
+
+
+def first_refusal_today(services: Services, agent: str, day: str) -> bool:
+    """Whether this is the fleet's first cap refusal of the agent on this budget day: the alert is raised
+    once per cap reached, not by every refused tick of every worker process. Without Redis, alert anyway."""
+    try:
+        return bool(services.redis.set(keys.alerted("cap_refusal", agent, day), "1", nx=True, ex=2 * 86400))
+    except redis.RedisError:
+        return True
 
 
 def give_back(services: Services, lease: Lease, result: DispatchResult) -> DispatchResult:

@@ -324,6 +324,8 @@ def run_log_path(log_dir: Path, run_id: str) -> Path:
 
 # ---------------------------------------------------------------- the verdict
 
+STOPPED_BY_CAP = "stopped by the spend cap"
+
 
 # How an attempt that Fleet stopped ends, by the stop's reason.
 STOP_VERDICTS = {
@@ -334,7 +336,7 @@ STOP_VERDICTS = {
     "unreachable": Verdict(RunStatus.FAILED, "stopped: Redis unreachable past kill_unreachable_grace_s (a kill "
                            "could not have reached it)", retryable=True, breaker=Outcome.NEUTRAL,
                            dead_reason="unreachable"),
-    "over_cap": Verdict(RunStatus.KILLED, "stopped by the spend cap", retryable=False, breaker=Outcome.NEUTRAL),
+    "over_cap": Verdict(RunStatus.KILLED, STOPPED_BY_CAP, retryable=False, breaker=Outcome.NEUTRAL),
     "lease_lapsed": Verdict(RunStatus.FAILED, "stopped: its worker could not prove it still owned the run (stopped, "
                             "wedged or cut off) before the lease could lapse", retryable=True,
                             breaker=Outcome.NEUTRAL, dead_reason="lease_lapsed"),
@@ -395,7 +397,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     pause = 0.2
     while True:
         try:
-            written = _write_outcome(services, run, lease, result, verdict, retry, delay, cost)
+            written = _write_outcome(services, run, spec, lease, result, verdict, retry, delay, cost)
             break
         except SQLAlchemyError as exc:
             if time.monotonic() + pause > deadline:
@@ -408,7 +410,10 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     if written is None:
         _book_orphaned_spend(services, run, cost - charged)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
-    status, dead = written
+    status, dead, over = written
+    if over > 0:  # the guard stopped it, but one report had already passed a cap: say so (the bookkeeper may not have)
+        alerts.alert("overspend", f"run {run.id} of {run.agent} took today's spend past a cap by "
+                     f"${ledger.to_usd(over):.2f}", agent=run.agent, run_id=run.id, over_micros=over)
     if dead:
         alerts.alert("dead_letter", f"run {run.id} of {run.agent} was dead-lettered after {run.attempt} "
                      f"attempt(s): {verdict.error}", agent=run.agent, run_id=run.id, reason=verdict.dead_reason,
@@ -431,9 +436,11 @@ def _wait_keeping(services: Services, lease: Lease, seconds: float) -> None:
         time.sleep(min(left, fleet.heartbeat_s))
 
 
-def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessResult, verdict: Verdict,
-                   retry: bool, delay: float | None, cost: int) -> tuple[RunStatus, bool] | None:
-    """One fenced attempt at writing the outcome: (status, dead-lettered), or None when taken over.
+def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult,
+                   verdict: Verdict, retry: bool, delay: float | None,
+                   cost: int) -> tuple[RunStatus, bool, int] | None:
+    """One fenced attempt at writing the outcome: (status, dead-lettered, micro-dollars over a cap once
+    booked), or None when taken over.
 
     An earlier try whose commit reached the database although its answer did not (an ambiguous
     commit) is recognised by the row it left: our fence, our attempt, the status we meant to write.
@@ -445,7 +452,10 @@ def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessRe
         values: dict[str, Any] = {"status": status, "exit_code": result.exit_code, "error": verdict.error,
                                   "updated_at": now, "pid": None, "pgid": None}
         if retry:
-            values.update(retry_at=now + timedelta(seconds=delay or 0), queued_at=now, sends=1)
+            # By the database's clock, as the reaper reads them: a host whose clock runs ahead must not
+            # hide its retry from the resend (its Celery countdown is by its own clock, and may be held).
+            database_now = ledger.database_now(session)
+            values.update(retry_at=database_now + timedelta(seconds=delay or 0), queued_at=database_now, sends=1)
         else:
             values["finished_at"] = now
         owned = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.fence) == lease.fence,
@@ -457,18 +467,21 @@ def _write_outcome(services: Services, run: Run, lease: Lease, result: ProcessRe
                     lease.fence, run.attempt, status):
                 # Our own earlier commit, whose answer was lost: written, and its alert never went (it goes
                 # after the commit), so a dead letter still raises one.
-                return status, dead
+                return status, dead, 0
             return None
         fresh = session.get(Run, run.id, populate_existing=True) or run
         ledger.book_attempt(session, run=fresh, total=cost, now=now, final=True)
         ledger.settle(session, run=fresh, now=now)  # a retry reserves again when it starts
+        # A run the guard stopped may have passed a cap with its last report: what it booked tells.
+        room = None if fresh.budget_day is None or verdict.error != STOPPED_BY_CAP else ledger.headroom(
+            session, day=fresh.budget_day, agent=run.agent, caps=caps_of(services, spec))
         if dead:
             _dead_letter(session, fresh, result, verdict, now)
         store.add_event(session=session, at=now, kind=f"run.{'retrying' if retry else status.value}", run_id=run.id,
                         agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
                         cost_micros=result.cost_micros, retry_in_s=delay)
         session.commit()
-    return status, dead
+    return status, dead, 0 if room is None else max(0, -room)
 
 
 def _dead_letter(session: Any, run: Run, result: ProcessResult, verdict: Verdict, now: datetime) -> None:
@@ -507,7 +520,9 @@ def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
                         previous=old)
         session.commit()
     log.warning("breaker.changed", agent=run.agent, previous=old, state=new, run_id=run.id)
-    if new == "open":
+    # Alerted when it opens from closed: a failed half-open trial only says it is still failing (the
+    # event above records it), and at every cool-down all night that would be a storm.
+    if new == "open" and old == "closed":
         alerts.alert("breaker_opened", f"breaker of {run.agent} opened ({old} -> open) after run {run.id}",
                      agent=run.agent, run_id=run.id, previous=old)
 

@@ -26,6 +26,12 @@ def breaker(agent: str) -> str:
     return f"{PREFIX}breaker:{agent}"
 
 
+def alerted(kind: str, scope: str, day: str) -> str:
+    """Set by the first process that raised an alert of this kind for a scope on a budget day: one alert per
+    transition fleet-wide, where each process's own dedupe would repeat it from every worker."""
+    return f"{PREFIX}alerted:{kind}:{scope}:{day}"
+
+
 def beat_leader() -> str:
     """The beat leader lease."""
     return f"{PREFIX}beat:leader"

@@ -48,9 +48,9 @@ def database_now(session: Session) -> datetime:
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
-def budget_day(session: Session, timezone: str) -> str:
-    """Today's budget day (YYYY-MM-DD) by the database clock in the fleet's timezone."""
-    return database_now(session).astimezone(ZoneInfo(timezone)).date().isoformat()
+def budget_day(session: Session, timezone: str, at: datetime | None = None) -> str:
+    """Today's budget day (YYYY-MM-DD) by the database clock (or `at`, read from it) in the fleet's timezone."""
+    return (at or database_now(session)).astimezone(ZoneInfo(timezone)).date().isoformat()
 
 
 @dataclass(frozen=True)

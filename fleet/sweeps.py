@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import and_, delete, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
@@ -112,10 +112,19 @@ def _abandoned_runs(services: Services) -> list[Run]:
 
 def _quiet_queued_runs(services: Services) -> list[Run]:
     # Only runs sent a while ago (and retries past their due time): a fresh message may simply wait.
-    cutoff = services.now() - timedelta(seconds=services.config.fleet.resend_after_s)
+    # They are stamped by the database's clock, so on PostgreSQL a sender whose clock runs ahead hides
+    # nothing; a reaper whose own clock runs ahead only re-sends early, which is harmless.
+    fleet = services.config.fleet
+    now = services.now()
+    cutoff = now - timedelta(seconds=fleet.resend_after_s)
+    # A stamp later than any right clock could have made it says a clock moved: SQLite's clock is its
+    # host's, stepped back after a jump ahead (and a Celery countdown sent then waits as long). Such a
+    # run counts as quiet: sending it again is harmless, waiting for that clock is not.
+    future = now + timedelta(seconds=fleet.resend_after_s + 2 * fleet.retry_backoff_s)
     with db.session(services.engine) as session:
-        query = select(Run).where(Run.status == RunStatus.QUEUED, col(Run.queued_at) < cutoff,
-                                  or_(col(Run.retry_at).is_(None), col(Run.retry_at) < cutoff)).limit(BATCH)
+        quiet = and_(col(Run.queued_at) < cutoff, or_(col(Run.retry_at).is_(None), col(Run.retry_at) < cutoff))
+        query = select(Run).where(Run.status == RunStatus.QUEUED,
+                                  or_(quiet, col(Run.queued_at) > future, col(Run.retry_at) > future)).limit(BATCH)
         return list(session.exec(query))
 
 
@@ -202,8 +211,9 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
     now = services.now()
     with db.session(services.engine) as session:
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.ABANDONED)
-                                .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, queued_at=now,
-                                        updated_at=now, retry_at=None, sends=1))
+                                .values(status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot,
+                                        queued_at=ledger.database_now(session), updated_at=now, retry_at=None,
+                                        sends=1))
         if db.rowcount(moved) != 1:
             current = session.get(Run, run.id)
             session.rollback()
@@ -310,7 +320,8 @@ def _resend(services: Services, run: Run, send: Sender, report: SweepReport) -> 
     with db.session(services.engine) as session:
         moved = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
                                                   col(Run.fence) == run.fence)
-                                .values(queued_at=now, updated_at=now, sends=Run.sends + 1))
+                                .values(queued_at=ledger.database_now(session), updated_at=now,
+                                        sends=Run.sends + 1))
         if db.rowcount(moved) != 1:
             session.rollback()
             return

@@ -332,15 +332,16 @@ class Fleet:
             self.start_worker(concurrency=concurrency)
         self.wait_consuming()
 
-    def start_worker(self, concurrency: int = 4, queues: str = "dispatch,agents") -> subprocess.Popen[bytes]:
-        """Start one more real Celery worker node."""
+    def start_worker(self, concurrency: int = 4, queues: str = "dispatch,agents",
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more real Celery worker node (`env`: variables added to the fleet's for this one)."""
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}@%h"
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115 - lives with the worker
         proc = subprocess.Popen(
             [*self.worker_prefix, PY, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
              "-c", str(concurrency), "-O", "fair", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"],
-            env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            env={**self.env, **(env or {})}, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
         self.workers.append(proc)
         return proc
 

@@ -48,6 +48,7 @@ class Envelope:
     headers: dict[str, Any]
     items: list[Item] = field(default_factory=list)
     encoding: str = ""  # the Content-Encoding it came with
+    received: float = field(default_factory=time.time)  # when it arrived, by this host's clock
 
 
 def parse_envelope(body: bytes) -> tuple[dict[str, Any], list[Item]]:

@@ -12,6 +12,9 @@ processes never interleave), stamped with the wall clock:
 `--ignore-term`), so a test sees whether a whole group died. `--kill-worker` SIGKILLs the Fleet
 pool process that runs it (the agent's grandparent: it runs under Fleet's launcher) mid-run,
 like an out-of-memory kill; `--kill-worker-main` kills the worker's main process instead.
+`--first-exit` exits with another code on the first attempt only (a transient failure its retry
+gets past), `--done` prints `{"fleet_done": ...}` (the agent is finished for good) and `--crash`
+ends in SIGSEGV instead of an exit, as a native crash does.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def main() -> int:
     parser.add_argument("--cost", type=float, default=0.0, help="dollars per step")
     parser.add_argument("--tick", type=float, default=0.1, help="seconds between TICK lines")
     parser.add_argument("--exit", type=int, default=0, help="exit code")
+    parser.add_argument("--first-exit", type=int, default=None, help="exit code of the first attempt only")
+    parser.add_argument("--done", default=None, help="print {\"fleet_done\": DONE} before exiting")
+    parser.add_argument("--crash", action="store_true", help="die of SIGSEGV instead of exiting")
     parser.add_argument("--child", action="store_true", help="start a ticking child in the group")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (agent and child)")
     parser.add_argument("--kill-worker", action="store_true", help="SIGKILL the pool process mid-run")
@@ -89,9 +95,15 @@ def main() -> int:
             print(json.dumps({"fleet_usage": {"cost_usd": args.cost}}), flush=True)
         _tick_until(args.log, run, attempt, min(deadline, time.monotonic() + step_every), args.tick)
     _tick_until(args.log, run, attempt, deadline, args.tick)
-    record(args.log, "END", run, attempt, args.exit)
+    code = args.first_exit if args.first_exit is not None and attempt == "1" else args.exit
+    if args.done is not None:
+        print(json.dumps({"fleet_done": args.done}), flush=True)
+    record(args.log, "END", run, attempt, -int(signal.SIGSEGV) if args.crash else code)
     sys.stdout.flush()
-    return int(args.exit)
+    if args.crash:
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return int(code)
 
 
 def _tick_until(log: str, run: str, attempt: str, until: float, tick: float) -> None:

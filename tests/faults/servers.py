@@ -1,6 +1,7 @@
 """Private servers a fault test may hurt: a PostgreSQL cluster of its own (initdb as `postgres`, its
 own port and socket folder) that can be restarted with `-m immediate` or frozen with SIGSTOP.
-The shared services on 5432 and 6379 are never touched.
+The shared services on 5432 and 6379 are never touched. And a clock a worker may be given instead of
+the host's (clockshift.c, preloaded).
 """
 
 from __future__ import annotations
@@ -126,3 +127,17 @@ def wait_port_closed(port: int, timeout: float = 10) -> None:
             if sock.connect_ex(("127.0.0.1", port)) != 0:
                 return
         time.sleep(0.05)
+
+
+def build_clockshift(folder: Path) -> Path | None:
+    """Compile clockshift.c (a wall clock moved by the seconds in $CLOCKSHIFT_FILE) into `folder`; None
+    without a C compiler. A process started with LD_PRELOAD=<it> and CLOCKSHIFT_FILE=<a file> runs ahead
+    (or behind) by what the file says, re-read every second."""
+    source = Path(__file__).with_name("clockshift.c")
+    target = folder / "clockshift.so"
+    try:
+        subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(target), str(source), "-ldl"], check=True,
+                       capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return target
