@@ -230,7 +230,7 @@ def test_a_database_error_after_the_commit_still_sends_every_accepted_run(servic
 
     monkeypatch.setattr(bulk.db, "session", session_then_locked)
     sent = Sent()
-    results = ticks.tick_many(services, ["b-busy", "b-plain-a", "b-plain-b"], sent)
+    results = ticks.tick_many(services, ["b-busy", "b-plain-a", "b-plain-b"], sent, at=services.now())
     assert {name: r.status for name, r in results.items()} == {"b-busy": "refused", "b-plain-a": "queued",
                                                                "b-plain-b": "queued"}
     assert sorted(run_id for run_id, _ in sent) == sorted(r.id for r in _runs(services))
