@@ -20,13 +20,14 @@ from tests.faults.servers import PrivateCluster, build_clockshift
 from tests.harness import wait_for
 from tests.sentry_server import SentryServer
 
-CAPPED = """
+FLEET = """
 [fleet]
 daily_cap_usd = 100.0
 lease_ttl_s = 5
 heartbeat_s = 0.5
 kill_grace_s = 1
-
+"""
+CAPPED = FLEET + """
 [agents.capped]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--cost", "0.01"]
 est_cost_usd = 0.01
@@ -82,13 +83,7 @@ def _run_to_end(faults: FaultFleet, agent: str = "overspender") -> None:
     wait_for(ended, 60, f"run {run_id} to end")
 
 
-OVERSPENDER = """
-[fleet]
-daily_cap_usd = 100.0
-lease_ttl_s = 5
-heartbeat_s = 0.5
-kill_grace_s = 1
-
+OVERSPENDER = FLEET + """
 [agents.overspender]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--seconds", "1",
            "--steps", "5", "--cost", "0.01"]
@@ -113,13 +108,7 @@ def test_an_agent_that_reports_past_its_cap_is_stopped_and_told(kind: str, tmp_p
         sentry.wait_for(lambda: tagged_alerts(sentry, "overspend"), 20, "an overspend alert")
 
 
-REVOKED = """
-[fleet]
-daily_cap_usd = 100.0
-lease_ttl_s = 5
-heartbeat_s = 0.5
-kill_grace_s = 1
-
+REVOKED = FLEET + """
 [agents.revoked]
 command = ["python", "-m", "fleet.examples.effects_agent", "--log", "{tmp}/effects.log", "--exit", "77"]
 est_cost_usd = 0.001
@@ -144,13 +133,7 @@ def test_a_breaker_alerts_when_it_opens_not_again_at_each_failed_trial(kind: str
         assert len(opened) == 1, f"{len(opened)} breaker_opened alerts: {[e.get('message') for e in opened]}"
 
 
-FLAKY = """
-[fleet]
-daily_cap_usd = 100.0
-lease_ttl_s = 5
-heartbeat_s = 0.5
-kill_grace_s = 1
-retry_backoff_s = 4
+FLAKY = FLEET + """retry_backoff_s = 4
 resend_after_s = 3
 
 [agents.flaky]
