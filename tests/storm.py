@@ -26,7 +26,10 @@ from workers import broker
 def main() -> None:
     config, redis_url, database_url, agent, work_key, n, out, start_at = sys.argv[1:9]
     tolerate = "--tolerate-outages" in sys.argv[9:]
-    settings = Settings(config=Path(config), redis_url=redis_url, database_url=database_url)
+    # 64 writers at once queue on SQLite's one write lock: on a loaded 2-core machine the last one can wait
+    # past the default 10 s. The storm is about races, not about that wait (unless it tolerates outages).
+    settings = Settings(config=Path(config), redis_url=redis_url, database_url=database_url,
+                        db_timeout_s=10.0 if tolerate else 60.0)
     services = build(settings, load_fleet_config(Path(config)))
     celery = Celery("storm", broker=redis_url)
     celery.conf.update(task_serializer="json", accept_content=["json"])

@@ -208,8 +208,11 @@ def test_fleet_pause_lets_the_running_run_finish_and_refuses_new_work(fleet: Fle
     try:
         paused = fleet.cli("pause", agent, "--reason", "swapping its key")
         assert_exit(paused, 0)
-        assert paused.stdout == f"paused agent {agent}: swapping its key; 1 running run(s) left to finish " \
-                                "(`fleet kill` stops them now)\n", paused.stdout
+        said = {n: f"paused agent {agent}: swapping its key; {n} running run(s) left to finish " \
+                   "(`fleet kill` stops them now)\n" for n in (0, 1)}
+        assert paused.stdout in said.values(), paused.stdout
+        if paused.stdout == said[0]:  # a slow CLI on a loaded machine: the 3 s run may have ended before it counted
+            assert _status(fleet, started.run_id) != RunStatus.RUNNING
         refused = fleet.cli("dispatch", agent)
         assert_exit(refused, 3)
         assert refused.stdout.startswith(f"refused: paused — intake is paused for agent {agent} by cli:"), \
