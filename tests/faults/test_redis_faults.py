@@ -82,6 +82,9 @@ def test_redis_restarted_empty_with_runs_queued(kind: str, tmp_path: Path, pg_cl
         faults.redis_server.stop()
         faults.redis_server.start()
         faults.fleet.start_worker()
+        # Reaping starts once the worker consumes: with resend_after_s = 3, a cold worker on a loaded machine
+        # could otherwise hold the resent message past the second window and see its run buried as lost.
+        faults.fleet.wait_consuming(60)
         wanted = {"killed"} if killed else {"succeeded"}
         faults.reap_until(lambda: all(run_of(faults.fleet, r.run_id or "").status in wanted for r in runs), 90,
                           f"every queued run to end {wanted}")
