@@ -38,8 +38,10 @@ from fleet.dispatch import (
     archive,
     caps_of,
     dispatch,
+    duplicate_of,
     first_refusal_today,
     give_back,
+    refuse,
     unsend,
 )
 from fleet.errors import UnavailableError
@@ -138,8 +140,8 @@ def _answer_duplicates(session: Session, services: Services, items: list[_Item],
             if run.status in NOT_STARTED and run.attempt == 0 and run.created_at < cutoff \
                     and archive(session, services, run, reason="stale"):
                 item.archived.append(run.id)
-            item.result = DispatchResult(run.id, "duplicate", reason=f"already {run.status}", fence=run.fence,
-                                         archived=item.archived)
+            item.result = duplicate_of(run)
+            item.result.archived = item.archived
     return [item for item in items if item.result is None]
 
 
@@ -184,16 +186,12 @@ def _refusal(session: Session, services: Services, item: _Item, verdict: Admissi
     name = item.spec.name
     if killed & {GLOBAL, name}:
         state = killswitch.check_mirror(session, name)
-        return _refuse(result, "kill", "killed", state.describe())
+        return refuse(result, "kill", Gate(False, state.describe()))
     if paused & {GLOBAL, name}:
         held = pause.check(session, services.redis, name)  # puts the flag Redis lost back
-        return _refuse(result, "pause", "paused", held.describe())
+        return refuse(result, "pause", Gate(False, held.describe()))
     return None
 
-
-def _refuse(result: DispatchResult, gate: str, reason: str, detail: str) -> DispatchResult:
-    result.gates[gate], result.reason = Gate(False, detail), reason
-    return result
 
 
 def _mirrored(session: Session, table: type[KillSwitch] | type[Pause], names: list[str]) -> set[str]:
@@ -232,8 +230,8 @@ def _reserve(session: Session, services: Services, items: list[_Item]) -> None:
         why = refused.get(item.spec.name)
         item.day = day
         if why is not None:
-            item.result = _refuse(DispatchResult(item.run_id, "refused", would_fire=[item.run_id]), why,
-                                  "over_cap" if why == "caps" else "bounded", f"refused by the ledger ({why})")
+            item.result = refuse(DispatchResult(item.run_id, "refused", would_fire=[item.run_id]), why,
+                                 Gate(False, f"refused by the ledger ({why})"))
             if item.lease is not None:
                 give_back(services, item.lease, item.result)
                 item.lease = None
@@ -301,8 +299,7 @@ def _answer_raced_keys(services: Services, items: list[_Item]) -> None:
     # refusals as they are (what a single dispatch racing that key could also have answered).
     with contextlib.suppress(SQLAlchemyError), db.session(services.engine) as session:
         for run in session.exec(select(Run).where(col(Run.idem_key).in_(list(refused)))):
-            refused[run.idem_key].result = DispatchResult(run.id, "duplicate", reason=f"already {run.status}",
-                                                          fence=run.fence)
+            refused[run.idem_key].result = duplicate_of(run)
 
 
 def _record_refusals(services: Services, items: list[_Item]) -> None:

@@ -239,7 +239,12 @@ def create(session: Session, spec: AgentSpec, work_key: str, idem_key: str, payl
     existing = store.get_run_by_key(session=session, idem_key=idem_key)
     if existing is None:  # created and refused (rolled back) in between: the caller may try again
         raise UnavailableError(f"run for {idem_key!r} vanished while deduplicating; retry")
-    return DispatchResult(existing.id, "duplicate", reason=f"already {existing.status}", fence=existing.fence)
+    return duplicate_of(existing)
+
+
+def duplicate_of(run: Run) -> DispatchResult:
+    """The answer to a key that already has its run: that run, whatever the gates say now."""
+    return DispatchResult(run.id, "duplicate", reason=f"already {run.status}", fence=run.fence)
 
 
 # ---------------------------------------------------------------- step 3: dry-run (the plan)
@@ -331,10 +336,10 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     mirror = killswitch.check_mirror(session, spec.name)  # a flag Redis lost still stops intake
     if mirror.killed:
         killswitch.restore(session, services.redis)
-        return give_back(services, lease, _refuse(result, "kill", Gate(False, mirror.describe())))
+        return give_back(services, lease, refuse(result, "kill", Gate(False, mirror.describe())))
     if pause.mirrored(session, spec.name):  # likewise a pause; check() puts the lost flag back
         paused = pause.check(session, services.redis, spec.name)
-        return give_back(services, lease, _refuse(result, "pause", Gate(False, paused.describe())))
+        return give_back(services, lease, refuse(result, "pause", Gate(False, paused.describe())))
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.
     database_now = ledger.database_now(session)
@@ -352,10 +357,10 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
                          agent=spec.name, level="warning")
         room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
         gate = Gate(False, f"needs ${ledger.to_usd(estimate):.2f}, ${ledger.to_usd(max(room, 0)):.2f} left today")
-        return give_back(services, lease, _refuse(result, "caps", gate))  # the caller rolls the queueing back
+        return give_back(services, lease, refuse(result, "caps", gate))  # the caller rolls the queueing back
     if not ledger.count_run(session, day=day, agent=spec.name, limit=spec.max_runs_per_day, now=now):
         full = f"{spec.max_runs_per_day} of {spec.max_runs_per_day} run(s) today"
-        return give_back(services, lease, _refuse(result, "bounded", Gate(False, full)))
+        return give_back(services, lease, refuse(result, "bounded", Gate(False, full)))
     store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name, fence=lease.fence,
                     slot=lease.slot, reserved_micros=estimate)
     run.status, run.fence, run.slot, run.budget_day, run.reserved_micros = (
@@ -375,18 +380,19 @@ def admission_refusal(result: DispatchResult, admitted: Admission, spec: AgentSp
     """The refusal that an admission's verdict means, or None when it was admitted (its lease taken)."""
     if admitted.verdict == "killed":
         state = killswitch.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
-        return _refuse(result, "kill", Gate(False, state.describe()))
+        return refuse(result, "kill", Gate(False, state.describe()))
     if admitted.verdict == "paused":
         held = pause.parse_flag(admitted.kill_scope or "*", admitted.kill_value)
-        return _refuse(result, "pause", Gate(False, held.describe()))
+        return refuse(result, "pause", Gate(False, held.describe()))
     if admitted.verdict == "breaker_open":
-        return _refuse(result, "breaker", Gate(False, admitted.breaker))
+        return refuse(result, "breaker", Gate(False, admitted.breaker))
     if admitted.lease is None:
-        return _refuse(result, "lock", Gate(False, f"0 of {spec.concurrency} slot(s) free"))
+        return refuse(result, "lock", Gate(False, f"0 of {spec.concurrency} slot(s) free"))
     return None
 
 
-def _refuse(result: DispatchResult, gate: str, verdict: Gate) -> DispatchResult:
+def refuse(result: DispatchResult, gate: str, verdict: Gate) -> DispatchResult:
+    """Mark `result` refused by `gate` (its reason is that gate's, as the plan names it)."""
     result.gates[gate] = verdict
     result.reason = _REFUSAL[gate]
     return result
