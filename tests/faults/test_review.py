@@ -176,7 +176,9 @@ def test_an_ambiguous_commit_of_a_dead_letter_still_raises_its_alert(pg_faults: 
     run = _run_with_a_cut_commit(pg_faults, "denied", b"INSERT INTO dead_letters")
     assert run.status == RunStatus.DEAD
     assert pg_faults.violations() == []
-    assert _alerts(pg_faults, "dead_letter", run.id), "a run was dead-lettered in silence"
+    # The cut COMMIT made the run DEAD before the executor heard a thing: its retry, which finds its own write
+    # and alerts, comes a backoff later (seconds on a loaded machine). Wait for the alert, with a deadline.
+    wait_for(lambda: _alerts(pg_faults, "dead_letter", run.id), 30, "the dead letter's alert (none: silence)")
 
 
 def test_an_ambiguous_commit_of_a_running_charge_is_counted_once(pg_faults: FaultFleet) -> None:
