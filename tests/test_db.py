@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -186,3 +187,57 @@ def test_unreachable_postgresql_is_unavailable_and_hides_the_password() -> None:
     for exc in (caught.value, caught_upgrade.value):
         assert "hunter2" not in str(exc)
     assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+def _statements_sent(engine: Engine) -> list[str]:
+    """Every statement the engine's connections send from now on, the pool's own ping included."""
+    sent: list[str] = []
+
+    def record(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    from sqlalchemy import event  # noqa: PLC0415 - only these tests listen
+    event.listen(engine, "before_cursor_execute", record)
+    original = engine.dialect.do_ping
+
+    def counted_ping(dbapi_connection: Any) -> bool:
+        sent.append("<ping>")
+        return original(dbapi_connection)
+
+    engine.dialect.do_ping = counted_ping  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_connection_in_steady_use_is_not_pinged_at_each_checkout(pg_server: str) -> None:
+    """pool_pre_ping cost a round trip per checkout (3 per run); a connection used a moment ago goes out as it is."""
+    engine = db.make_engine(f"{pg_server}/postgres")
+    try:
+        sent = _statements_sent(engine)
+        for _ in range(5):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 2"))
+        assert sent.count("<ping>") == 0, sent
+        assert sent.count("SELECT 2") == 5
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_unseen(pg_server: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server ends an idle pooled connection (a restart, a failover, an idle timeout): the next checkout
+    pings it, finds it dead and hands out a fresh one; the caller's statement succeeds."""
+    monkeypatch.setattr(db, "IDLE_PING_S", 0.0)  # every checked-in connection counts as idle
+    engine = db.make_engine(f"{pg_server}/postgres")
+    admin = db.make_engine(f"{pg_server}/postgres")
+    try:
+        with engine.connect() as conn:
+            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with admin.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
+        sent = _statements_sent(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+        assert sent.count("<ping>") >= 1, "the idle connection went out without a ping"
+    finally:
+        engine.dispose()
+        admin.dispose()
