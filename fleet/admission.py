@@ -36,7 +36,7 @@ local verdict = allow(KEYS[5], ARGV[2], ARGV[1])
 if verdict[1] == 0 then return {'breaker_open', verdict[2]} end
 local slots = {}
 for i = 6, #KEYS - 1 do slots[#slots + 1] = KEYS[i] end
-local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[3], ARGV[4], '')
+local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[3], ARGV[4], '', true)  -- a dispatch's run is new
 if not lease then
   forfeit(KEYS[5], ARGV[1])
   return {'busy', verdict[2]}

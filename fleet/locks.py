@@ -17,14 +17,15 @@ from fleet import keys
 # The lease logic as Lua functions, so that fleet/admission.py can run it inside a dispatch's single
 # round trip; each script below is one of them applied to KEYS and ARGV.
 
-# acquire(slot keys, fence counter key, run_id, ttl_ms, taken, replace): {slot, fence}, or nil when every
-# slot is held. `taken` is a comma-separated list of slot numbers the database says belong to live
+# acquire(slot keys, fence counter key, run_id, ttl_ms, taken, replace, fresh): {slot, fence}, or nil when
+# every slot is held. `taken` is a comma-separated list of slot numbers the database says belong to live
 # runs (after a Redis restart their keys are gone, but their agents are not). The same run asking
 # again gets its own lease back, unless it holds it with fence `replace`: then the same slot gets a new
 # fence (a retry must never share a fence with the attempt it replaces, even if that one re-asserted its
-# key; a fence another taker issued since is kept).
+# key; a fence another taker issued since is kept). `fresh`: the run's id was minted in the caller's own
+# open transaction, so no lease can hold it yet, and the scan for one (a GET per slot) is skipped.
 ACQUIRE_FN = """
-local function acquire(slots, counter, run_id, ttl_ms, taken, replace)
+local function acquire(slots, counter, run_id, ttl_ms, taken, replace, fresh)
   local prefix = run_id .. ':'
   local busy = {}
   for n in string.gmatch(taken or '', '%d+') do busy[tonumber(n) + 1] = true end
@@ -46,7 +47,7 @@ local function acquire(slots, counter, run_id, ttl_ms, taken, replace)
     redis.call('SET', slots[i], prefix .. string.format('%d', fence), 'PX', ttl_ms)
     return {i - 1, fence}
   end
-  for i = 1, #slots do
+  for i = 1, fresh and 0 or #slots do
     local v = redis.call('GET', slots[i])
     if v and string.sub(v, 1, #prefix) == prefix then
       local held = string.sub(v, #prefix + 1)
@@ -94,7 +95,7 @@ end
 _ACQUIRE = ACQUIRE_FN + """
 local slots = {}
 for i = 1, #KEYS - 1 do slots[i] = KEYS[i] end
-return acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4], false)
 """
 _RENEW = RENEW_FN + "return renew(KEYS[1], ARGV[1], ARGV[2])"  # KEYS: a slot key. ARGV: value, ttl_ms.
 _RELEASE = RELEASE_FN + "return release(KEYS[1], ARGV[1])"  # KEYS: a slot key. ARGV: value.
