@@ -10,15 +10,15 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, event, inspect, text
 from sqlmodel import SQLModel
 
 import fleet.models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -196,7 +196,6 @@ def _statements_sent(engine: Engine) -> list[str]:
     def record(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
         sent.append(statement)
 
-    from sqlalchemy import event  # noqa: PLC0415 - only these tests listen
     event.listen(engine, "before_cursor_execute", record)
     original = engine.dialect.do_ping
 
