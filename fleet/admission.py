@@ -78,10 +78,17 @@ class Admission:
 # (agent, concurrency, run_id, cooldown_s, ttl_s, taken): one run's `admit`, as `admit_many` takes it.
 AdmitRequest = tuple[str, int, str, float, float, set[int]]
 
+# A dispatch offers the script the lowest slots only: as many as the database says are taken, plus this
+# many, which is more than the dispatches that can be between their admission and their commit at once.
+# Only when every one offered is held does it offer all of them (a second round trip). An agent of
+# concurrency 1,000 otherwise packed and sent 1,000 keys with every dispatch.
+SLOT_WINDOW = 16
 
-def _admit_call(agent: str, concurrency: int, run_id: str, cooldown_s: float, ttl_s: float,
+
+def _admit_call(agent: str, slots: int, run_id: str, cooldown_s: float, ttl_s: float,
                 taken: set[int]) -> dict[str, Any]:
-    slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
+    """The script's keys and arguments, offering slots 0 to `slots` - 1."""
+    slot_keys = [keys.slot_lease(agent, i) for i in range(slots)]
     return {"keys": [keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
                      keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
             "args": [run_id, cooldown_s, to_ms(ttl_s), slot_list(taken)]}
@@ -109,8 +116,13 @@ class Admissions:
               taken: set[int]) -> Admission:
         """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass.
         `taken`: the slots the database says live runs hold (Redis may have lost their keys)."""
-        return _admission(agent, run_id, self._admit(**_admit_call(agent, concurrency, run_id, cooldown_s, ttl_s,
-                                                                   taken)))
+        offered = min(concurrency, len(taken) + SLOT_WINDOW)
+        admission = _admission(agent, run_id, self._admit(**_admit_call(agent, offered, run_id, cooldown_s, ttl_s,
+                                                                        taken)))
+        if admission.verdict == "busy" and offered < concurrency:  # (its breaker trial was given back)
+            admission = _admission(agent, run_id, self._admit(**_admit_call(agent, concurrency, run_id, cooldown_s,
+                                                                            ttl_s, taken)))
+        return admission
 
     def admit_many(self, wanted: list[AdmitRequest]) -> list[Admission]:
         """`admit` for many runs in one round trip (a pipeline; each script is still atomic on its own). A script
