@@ -52,9 +52,10 @@ from bench.sqltrace import Counts, Tracer, explain
 
 # Imported up front: other people edit the code while benchmarks run, and a module imported late
 # could come from a newer tree than the ones imported at start.
-from fleet import db, ledger
+from fleet import db
 from fleet import watchdog as wd
 from fleet.config import Settings, load_fleet_config
+from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunEvent, SpendDay
 from fleet.services import build
 from fleet.sweeps import reap
@@ -217,7 +218,7 @@ def load(services: Any, count: int, agents: int, rng: random.Random) -> None:
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
     for start in range(0, count, 10_000):
         runs, events, dead, days = _finished_rows(min(10_000, count - start), agents, now, rng)
-        days += [{"day": d["day"], "scope": ledger.FLEET_STRIPES[0]} for d in days]  # the fleet's share
+        days += [{"day": d["day"], "scope": GLOBAL} for d in days]
         spend = [{**d, "reserved_micros": 0, "spent_micros": rng.randrange(0, 10**6), "updated_at": now}
                  for d in days]
         with engine.begin() as conn:
@@ -257,7 +258,7 @@ def add_live_runs(services: Any, agents: int) -> None:
     # whatever the size of its history (so the spend check reads the same rows at every size).
     insert = pg_insert if services.engine.dialect.name == "postgresql" else sqlite_insert
     today = [{"day": now.date().isoformat(), "scope": scope, "reserved_micros": 0, "spent_micros": 1000,
-              "updated_at": now} for scope in [*ledger.FLEET_STRIPES, *services.config.agents]]
+              "updated_at": now} for scope in [GLOBAL, *services.config.agents]]
     with services.engine.begin() as conn:
         conn.execute(Run.__table__.insert(), rows)  # type: ignore[attr-defined]
         conn.execute(insert(SpendDay).on_conflict_do_nothing(), today)

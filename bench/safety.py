@@ -12,18 +12,16 @@
     process and leaves the agent subprocess running (FACTS.md: 6 of 6 orphaned), so the bare
     Celery latency is "never".
 (b) Reservation throughput. P processes (1, then 8) each call `ledger.reserve` (1 micro-dollar,
-    caps high enough never to refuse, a fresh run id each time) in its own transaction, commit, and
-    repeat for a fixed time: all for one agent (its row is hot: one agent's dispatches are serialised
-    on it, and its concurrency bounds them anyway), or each process for its own agent (the fleet-wide
-    figure: only the fleet's budget is shared). Total reservations/s and per-reservation latency;
-    afterwards the ledger rows must equal the number of reservations made, to the micro-dollar.
+    caps high enough never to refuse) in its own transaction, commit, and repeat for a fixed time:
+    all for one agent (two hot rows, the agent's and the fleet's), or each process for its own agent
+    (the fleet-wide figure: only the fleet's row is shared). Total reservations/s and per-reservation
+    latency; afterwards the ledger rows must equal the number of reservations made, to the micro-dollar.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,8 +164,7 @@ def _reserver(url: str, day: str, agent: str, duration: float, go: Any, start_at
         if time.time() >= end:
             break
         with db.session(engine) as session:
-            if not ledger.reserve(session, day=day, agent=agent, run_id=uuid.uuid4().hex, amount=1, caps=caps,
-                                  now=datetime.now(UTC)):
+            if not ledger.reserve(session, day=day, agent=agent, amount=1, caps=caps, now=datetime.now(UTC)):
                 raise RuntimeError("a reservation was refused under a cap that cannot be reached")
             session.commit()
         latencies.append(time.perf_counter() - began)

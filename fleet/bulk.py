@@ -220,7 +220,7 @@ def _reserve(session: Session, services: Services, items: list[_Item]) -> None:
         return
     fleet = services.config.fleet
     day = ledger.budget_day(session, fleet.timezone)
-    wants = [ledger.Want(item.spec.name, item.run_id, _estimate(item.spec), caps_of(services, item.spec).agent,
+    wants = [ledger.Want(item.spec.name, _estimate(item.spec), caps_of(services, item.spec).agent,
                          item.spec.max_runs_per_day) for item in items]
     refused = ledger.reserve_many(session, day=day, wants=wants, fleet_cap=ledger.to_micros(fleet.daily_cap_usd),
                                   now=services.now())

@@ -351,7 +351,7 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
         give_back(services, lease, result)
         raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")
     caps = caps_of(services, spec)
-    if not ledger.reserve(session, day=day, agent=spec.name, run_id=run.id, amount=estimate, caps=caps, now=now):
+    if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps, now=now):
         if first_refusal_today(services, spec.name, day):
             alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
                          agent=spec.name, level="warning")

@@ -191,8 +191,7 @@ def _reserve_retry(session: Session, services: Services, spec: AgentSpec, run: R
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     ledger.settle(session, run=run, now=now)
     day = ledger.budget_day(session, services.config.fleet.timezone)
-    caps = caps_of(services, spec)
-    if not ledger.reserve(session, day=day, agent=spec.name, run_id=run.id, amount=estimate, caps=caps, now=now):
+    if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps_of(services, spec), now=now):
         return False
     moved: dict[str, Any] = {}
     if run.budget_day is not None and day != run.budget_day:  # after midnight: what it spent stays on its day

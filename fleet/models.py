@@ -140,7 +140,7 @@ class DeadLetter(SQLModel, table=True):
 
 
 class SpendDay(SQLModel, table=True):
-    """The ledger: one row per budget day and scope (an agent's name, or one of the fleet's stripes '*0'...)."""
+    """The ledger: one row per budget day and scope ('*' fleet-wide, or an agent's name)."""
 
     __tablename__ = "spend_days"
 
@@ -151,10 +151,6 @@ class SpendDay(SQLModel, table=True):
     # Runs queued that day (on an agent's row; the fleet's row keeps 0): a bounded agent's
     # max_runs_per_day is checked by the conditional UPDATE that adds one, never by a count read first.
     runs: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
-    # On the fleet's stripes only ('*0'...): the part of the fleet's cap this stripe may reserve within, and
-    # the cap it was shared out for (fleet/ledger.py). The allotments of a day add up to that cap.
-    allot_micros: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-    cap_micros: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     updated_at: datetime
 
 

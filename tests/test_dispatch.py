@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import select
 
-from fleet import db, keys, ledger, store
+from fleet import db, keys, store
 from fleet.config import Settings, load_fleet_config
 from fleet.dispatch import DispatchRequest, dispatch, payload_argument
 from fleet.errors import BadInputError
@@ -320,8 +320,7 @@ def test_no_estimate_under_a_full_cap_starts_nothing(tmp_path: Path, database_ur
         with db.session(services.engine) as session:
             runs = list(session.exec(select(Run)))
             assert [r.agent for r in runs] == ["paid"]
-            fleet_row = {row.scope: row for row in ledger.day_rows(session, day=runs[0].budget_day or "")}.get(
-                keys.GLOBAL)
+            fleet_row = session.get(SpendDay, (runs[0].budget_day, keys.GLOBAL))
             assert fleet_row is not None and (fleet_row.reserved_micros, fleet_row.spent_micros) == (20_000, 0)
     finally:
         services.close()

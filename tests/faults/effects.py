@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlmodel import select
 
-from fleet import db, ledger
+from fleet import db
 from fleet.keys import GLOBAL
 from fleet.models import TERMINAL, Run, RunEvent, SpendDay
 
@@ -170,7 +170,7 @@ def check_ledger(log: EffectsLog, engine: Engine) -> list[str]:
             continue
         open_reservation = run.reserved_micros if run.settled_at is None else 0
         prior = run.prior_cost_micros if run.prior_day else 0  # a retry after midnight: spent before it, then
-        for scope in (run.agent, ledger.stripe_of(run.id)):  # the fleet's share of a run: on its own stripe
+        for scope in (run.agent, GLOBAL):
             expected[(run.budget_day, scope)][0] += run.cost_micros - prior
             expected[(run.budget_day, scope)][1] += open_reservation
             if run.prior_day:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from fleet import db, executor, ledger, store, sweeps
+from fleet import db, executor, store, sweeps
 from fleet import dispatch as dispatching
 from fleet.dispatch import DispatchRequest
 from fleet.errors import UnavailableError
@@ -39,10 +39,8 @@ def _queued(faults: FaultFleet, agent: str = "quick") -> Run:
 
 
 def _reserved(faults: FaultFleet, scope: str) -> int:
-    """What a scope holds reserved over every day ('*': the fleet's stripes together)."""
-    scopes = ledger.FLEET_STRIPES if scope == "*" else (scope,)
     with db.session(faults.fleet.services.engine) as session:
-        return sum(row.reserved_micros for row in session.exec(select(SpendDay).where(col(SpendDay.scope).in_(scopes))))
+        return sum(row.reserved_micros for row in session.exec(select(SpendDay).where(SpendDay.scope == scope)))
 
 
 def test_two_reapers_requeueing_one_run_keep_its_slot(idle: FaultFleet) -> None:
@@ -108,12 +106,11 @@ def test_a_retry_after_midnight_reserves_on_the_new_day(idle: FaultFleet) -> Non
     services = idle.fleet.services
     run = _queued(idle)
     yesterday = "2000-01-01"
-    stripe = ledger.stripe_of(run.id)  # the fleet's stripe that holds this run's share
     with db.session(services.engine) as session:
         today = run.budget_day
         session.execute(update(Run).where(col(Run.id) == run.id).values(budget_day=yesterday, attempt=1))
         session.execute(update(SpendDay).where(col(SpendDay.day) == today).values(reserved_micros=0))
-        for scope in ("quick", stripe):
+        for scope in ("quick", "*"):
             session.add(SpendDay(day=yesterday, scope=scope, reserved_micros=run.reserved_micros, spent_micros=0,
                                  updated_at=services.now()))
         session.commit()
@@ -123,5 +120,5 @@ def test_a_retry_after_midnight_reserves_on_the_new_day(idle: FaultFleet) -> Non
     assert after.budget_day == today and after.attempt == 2 and after.reserved_micros == 10_000
     with db.session(services.engine) as session:
         rows = {(r.day, r.scope): r.reserved_micros for r in session.exec(select(SpendDay))}
-    assert rows[(yesterday, "quick")] == rows[(yesterday, stripe)] == 0
-    assert rows[(today, "quick")] == rows[(today, stripe)] == 10_000
+    assert rows[(yesterday, "quick")] == rows[(yesterday, "*")] == 0
+    assert rows[(today, "quick")] == rows[(today, "*")] == 10_000
