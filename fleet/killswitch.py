@@ -24,11 +24,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, logs, store
-from fleet.errors import BadInputError, KillNotMirroredError, UnavailableError
+from fleet.errors import KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
+from fleet.killflag import MAX_REASON, check_reason, raise_flag, record
 from fleet.models import KillSwitch
 
-MAX_REASON = 1000  # characters: the mirror's column (KillSwitch.reason), so a reason is kept whole or refused
+__all__ = ["MAX_REASON", "check_reason"]  # re-exported: the reason's rules are the kill's as well as the pause's
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
 _FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
 
@@ -83,16 +84,6 @@ class Engagement:
                 "would lift this kill")
 
 
-def check_reason(reason: str | None) -> None:
-    """Refuse a reason the mirror could not store whole (BadInputError, exit 65), before anything is set."""
-    if reason is None:
-        return
-    if len(reason) > MAX_REASON:
-        raise BadInputError(f"--reason is {len(reason)} characters long; at most {MAX_REASON} are kept")
-    if "\x00" in reason:
-        raise BadInputError("--reason must not contain a NUL character")
-
-
 def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
            hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S) -> Engagement:
     """Throw the switch: Redis first (in force at once), then the database mirror (durable).
@@ -101,10 +92,9 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
     written. A kill that reached only one of them is in force and is returned as such.
     """
     check_reason(reason)
-    record = _record(reason=reason, actor=actor, at=now, hard=hard)
     redis_problem = None
     try:
-        client.set(keys.kill(scope), record)
+        raise_flag(client, scope=scope, reason=reason, actor=actor, at=now, hard=hard)
     except redis.RedisError as exc:
         # The mirror alone still holds it: dispatches refuse, executors read the mirror while Redis is
         # away, and the next check copies it back into Redis.
@@ -146,10 +136,6 @@ def _write_mirror(engine: Engine, *, scope: str, reason: str | None, actor: str,
             return problem
         time.sleep(pause)
         pause = min(2 * pause, 1.0)
-
-
-def _record(*, reason: str | None, actor: str | None, at: datetime, hard: bool) -> str:
-    return json.dumps({"reason": reason, "actor": actor, "at": at.isoformat(), "hard": hard})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -254,8 +240,8 @@ def restore(session: Session, client: redis.Redis) -> int:
     """Copy every engaged flag from the mirror into Redis; returns how many were missing there."""
     restored = 0
     for row in session.exec(select(KillSwitch).where(col(KillSwitch.engaged))):
-        record = _record(reason=row.reason, actor=row.actor, at=row.changed_at, hard=row.hard)
-        if client.set(keys.kill(row.scope), record, nx=True):
+        flag = record(reason=row.reason, actor=row.actor, at=row.changed_at, hard=row.hard)
+        if client.set(keys.kill(row.scope), flag, nx=True):
             restored += 1
     return restored
 

@@ -7,17 +7,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import redis
 from redis import Redis
-from sqlalchemy import Engine
 
-from fleet import db, logs
+from fleet import logs
 from fleet.admission import Admissions
 from fleet.breaker import Breakers
 from fleet.config import FleetConfig, Settings, load_fleet_config
 from fleet.errors import ConfigError, FleetError, PermissionDeniedError, UnavailableError
 from fleet.locks import Leases
+
+if TYPE_CHECKING:  # the database layer is imported when an engine is built: `fleet kill` needs Redis first
+    from sqlalchemy import Engine
 
 
 def utcnow() -> datetime:
@@ -122,6 +125,8 @@ class Services:
 
 def build(settings: Settings, config: FleetConfig | None = None) -> Services:
     """Connect lazily (no I/O here): engines and pools open their first connection on first use."""
+    from fleet import db
+
     return Services(
         settings=settings,
         config=config if config is not None else load_fleet_config(settings.config),

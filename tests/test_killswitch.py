@@ -145,6 +145,40 @@ def test_fleet_kill_with_the_database_down_exits_75_saying_the_kill_is_in_force(
     assert killswitch.check_redis(redis, None).reason == "database down"
 
 
+_IMPORT_WATCH = """
+import importlib.abc, runpy, sys
+import redis
+client, flag = redis.Redis.from_url(sys.argv[1]), sys.argv[2]
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sqlalchemy" and not seen:
+            seen.append(client.exists(flag))
+        return None
+sys.meta_path.insert(0, Watch())
+sys.argv = ["fleet", "kill", "--reason", "at 2am"]
+try:
+    runpy.run_module("fleet", run_name="__main__")
+except SystemExit:
+    pass
+print("flag set when the database layer was first imported:", seen, file=sys.stderr)
+"""
+
+
+def test_fleet_kill_raises_the_flag_before_it_imports_the_database_layer(
+        redis: redis_lib.Redis, redis_url: str, tmp_path: Path) -> None:
+    """The quarter of a second SQLAlchemy and SQLModel take to import is spent after agents start stopping,
+    not before: the first import of sqlalchemy by `fleet kill` already finds the flag in Redis."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\nest_cost_usd = 0.01\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(PYTHONPATH=str(ROOT), FLEET_CONFIG=str(tmp_path / "fleet.toml"), FLEET_LOG_DIR=str(tmp_path / "logs"),
+               FLEET_REDIS_URL=redis_url, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}")
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_WATCH, redis_url, keys.kill()], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert "imported: [1]" in proc.stderr, proc.stdout + proc.stderr
+    assert killswitch.check_redis(redis, None).reason == "at 2am"
+
+
 # ---------------------------------------------------------------- bad input: refused before anything is set
 
 

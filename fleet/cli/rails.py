@@ -11,6 +11,9 @@ from fleet.cli.common import JsonOpt, actor, emit_json, err, fleet_config, out, 
 from fleet.keys import GLOBAL
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from fleet.config import FleetConfig
     from fleet.services import Services
 
 
@@ -24,12 +27,13 @@ def kill(
 
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
-    from fleet import killswitch
+    config = _kill_config(agent)
+    scope = GLOBAL if agent is None else config.agent(agent).name
+    now, who = _raise_flag_first(scope, reason, hard)
+    from fleet import killswitch  # the database layer, for the mirror: after the flag is in force
 
-    svc = _kill_services(agent)
-    scope = GLOBAL if agent is None else svc.config.agent(agent).name
-    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=actor(), hard=hard,
-                                now=svc.now())
+    svc = _kill_services(config)
+    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now)
     out.print(engaged.describe() + (f": {reason}" if reason else ""))
     if hard:
         from workers.control import hard_stop
@@ -39,21 +43,48 @@ def kill(
     engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
 
 
-def _kill_services(agent: str | None) -> Services:
-    """What the kill needs; the kill needs only Redis and the mirror, so a bad FLEET_SENTRY_DSN, or a
-    bad fleet.toml for a fleet-wide kill, is said on stderr and the kill goes on."""
+def _kill_config(agent: str | None) -> FleetConfig:
+    """The kill needs only Redis and the mirror, so a bad fleet.toml for a fleet-wide kill is said on stderr
+    and the kill goes on."""
     from fleet.config import FleetConfig, FleetSection
     from fleet.errors import ConfigError
-    from fleet.services import build
 
     s = settings()
     try:
-        config = fleet_config(s)
+        return fleet_config(s)
     except ConfigError as exc:
         if agent is not None:
             raise  # without the file, one agent's name cannot be told from a typo
         err.print(f"fleet: {exc}\nfleet: killing the whole fleet anyway", highlight=False, markup=False)
-        config = FleetConfig(path=s.config, fleet=FleetSection(), agents={})
+        return FleetConfig(path=s.config, fleet=FleetSection(), agents={})
+
+
+def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datetime, str]:
+    """The flag in Redis before anything else is imported or connected, so agents start stopping at once;
+    (when, who) for the engagement that follows. A Redis that cannot take it is left to `engage`, which
+    tries again and reports where the kill landed."""
+    import redis
+
+    from fleet.killflag import raise_flag
+    from fleet.services import redis_client, utcnow
+
+    now, who = utcnow(), actor()
+    client = redis_client(settings().broker_url, timeout_s=1.0)  # a Redis that is away: engage() waits it out
+    try:
+        raise_flag(client, scope=scope, reason=reason, actor=who, at=now, hard=hard)
+    except redis.RedisError:
+        pass  # engage() says so
+    finally:
+        client.close()
+    return now, who
+
+
+def _kill_services(config: FleetConfig) -> Services:
+    """The rest of what the kill needs: a bad FLEET_SENTRY_DSN is said on stderr and the kill goes on."""
+    from fleet.errors import ConfigError
+    from fleet.services import build
+
+    s = settings()
     try:
         start_sentry()  # the kill is an alert
     except ConfigError as exc:
