@@ -150,11 +150,27 @@ def check_terminal(engine: Engine, run_ids: set[str] | None = None) -> list[str]
     return problems
 
 
+def runs_process_alive(pid: int, run: str) -> bool:
+    """Whether `pid` is alive and still one of `run`'s processes: the agent and its children inherit
+    FLEET_RUN_ID. A pid alone is not enough: where pid_max is 32,768, a half-hour soak wraps the pids
+    around, and a process of the check's own time may hold a pid an agent wrote long ago."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environ = handle.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # cannot tell: count it (a false alarm is better than a missed survivor)
+    return f"FLEET_RUN_ID={run}".encode() in environ
+
+
 def check_no_survivors(log: EffectsLog, engine: Engine) -> list[str]:
     """I4: no process of a terminal run is alive."""
     with db.session(engine) as session:
         terminal = {r.id for r in session.exec(select(Run)) if r.status in TERMINAL}
-    alive = {run: sorted(p for p in log.pids(run) if pid_alive(p)) for run in terminal}
+    alive = {run: sorted(p for p in log.pids(run) if runs_process_alive(p, run)) for run in terminal}
     return [f"I4: run {run} is terminal but its processes {pids} still live" for run, pids in alive.items() if pids]
 
 

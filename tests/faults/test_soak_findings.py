@@ -7,14 +7,19 @@ something changes, not one per tick for as long as it stays changed.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from fleet import db, store
-from fleet.models import TERMINAL
+from fleet.models import TERMINAL, Run, RunStatus
+from fleet.services import utcnow
+from tests.faults.effects import EffectsLog, check_no_survivors
 from tests.faults.fleet import FaultFleet, fault_fleet
 from tests.faults.servers import PrivateCluster, build_clockshift
 from tests.harness import wait_for
@@ -171,3 +176,30 @@ def test_a_retry_sent_by_a_worker_an_hour_ahead_is_not_held_back_an_hour(kind: s
 
         faults.reap_until(ended, 45, f"run {run_id}'s retry to run (resend_after_s is 3)")
         assert faults.violations() == []
+
+
+def test_a_pid_reused_after_the_run_ended_is_not_its_survivor(engine: Engine, tmp_path: Path) -> None:
+    """Found by the 30-minute soak on PostgreSQL: with pid_max at 32,768 the pids wrapped, and the checker
+    called a run's processes alive because two new processes of its own time held their old pids. A
+    survivor is a live process that is still the run's (its FLEET_RUN_ID), not any process with the pid."""
+    now = utcnow()
+    run = Run(id="e" * 32, idem_key="a:k", agent="a", work_key="k", status=RunStatus.SUCCEEDED, created_at=now,
+              updated_at=now, finished_at=now)
+    with db.session(engine) as session:
+        session.add(run)
+        session.commit()
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_RUN_ID"}
+    stranger = subprocess.Popen(["sleep", "60"], env=env)
+    survivor = subprocess.Popen(["sleep", "60"], env={**env, "FLEET_RUN_ID": run.id})
+    try:
+        log = tmp_path / "effects.log"
+        log.write_text(f"START {run.id} 1 {stranger.pid} {stranger.pid} {time.time()}\n"
+                       f"END {run.id} 1 0 {time.time()}\n")
+        assert check_no_survivors(EffectsLog.read(log), engine) == []
+        log.write_text(f"START {run.id} 1 {survivor.pid} {survivor.pid} {time.time()}\n")
+        assert check_no_survivors(EffectsLog.read(log), engine) == [
+            f"I4: run {run.id} is terminal but its processes [{survivor.pid}] still live"]
+    finally:
+        for proc in (stranger, survivor):
+            proc.kill()
+            proc.wait()
