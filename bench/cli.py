@@ -70,8 +70,8 @@ class KillWatch:
         while not self._stop.is_set():
             # A blocking read with a timeout: it returns as soon as a message arrives.
             message = self.pubsub.get_message(timeout=0.5)
-            if message and message["type"] == "message" and message["data"] == b"set":
-                self.at = time.perf_counter()
+            if message and message["type"] == "message" and message["data"] == b"set" and not self.seen.is_set():
+                self.at = time.perf_counter()  # the first SET: `fleet kill` sets the flag again with its mirror
                 self.seen.set()
 
     def arm(self) -> None:
