@@ -469,9 +469,10 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
                 # after the commit), so a dead letter still raises one.
                 return status, dead, 0
             return None
+        # Read once, locked by the UPDATE above: the booking and the settlement work on this row.
         fresh = session.get(Run, run.id, populate_existing=True) or run
-        ledger.book_attempt(session, run=fresh, total=cost, now=now, final=True)
-        ledger.settle(session, run=fresh, now=now)  # a retry reserves again when it starts
+        ledger.book_attempt(session, run=fresh, total=cost, now=now, final=True, current=fresh)
+        ledger.settle(session, run=fresh, now=now, current=fresh)  # a retry reserves again when it starts
         # A run the guard stopped may have passed a cap with its last report: what it booked tells.
         room = None if fresh.budget_day is None or verdict.error != STOPPED_BY_CAP else ledger.headroom(
             session, day=fresh.budget_day, agent=run.agent, caps=caps_of(services, spec))

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from fleet import db
@@ -171,7 +172,8 @@ def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reserv
         _book(session, current, amount, run.budget_day, now, own_reservation=own_reservation)
 
 
-def book_attempt(session: Session, *, run: Run, total: int, now: datetime, final: bool = False) -> int | None:
+def book_attempt(session: Session, *, run: Run, total: int, now: datetime, final: bool = False,
+                 current: Run | None = None) -> int | None:
     """Book the current attempt's cost so far as `total` (the agent's cumulative figure): only the part not
     booked yet is added, so a retry of a commit whose answer was lost books nothing twice. `final`: the
     agent's own last figure, which may also come in below what its steps added up to (a correction,
@@ -180,9 +182,11 @@ def book_attempt(session: Session, *, run: Run, total: int, now: datetime, final
     with `charge`, as a lost attempt's).
 
     Its own reservation is used up first, so the ledger always holds spent + what is still reserved.
-    Only the run's fenced owner calls this, in its own transaction.
+    Only the run's fenced owner calls this, in its own transaction. `current`: the run's row as this
+    transaction already holds it, locked and read (it is not read again, and is kept up to date).
     """
-    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    if current is None:
+        current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
     if current is None or current.fence != run.fence:
         return None
     amount = total - current.attempt_cost_micros
@@ -190,6 +194,7 @@ def book_attempt(session: Session, *, run: Run, total: int, now: datetime, final
         return 0
     session.execute(text("UPDATE runs SET attempt_cost_micros = :total WHERE id = :id"),
                     params={"total": total, "id": run.id})
+    set_committed_value(current, "attempt_cost_micros", total)
     return _book(session, current, amount, current.budget_day, now, own_reservation=True)
 
 
@@ -207,6 +212,9 @@ def _book(session: Session, current: Run, amount: int, day: str | None, now: dat
     session.execute(text("UPDATE runs SET cost_micros = cost_micros + :amount, "
                          "reserved_micros = reserved_micros - :consumed WHERE id = :id"),
                     params={"amount": amount, "consumed": consumed, "id": current.id})
+    # What the row now holds, without a flush of its own at commit (the UPDATE above wrote it).
+    set_committed_value(current, "cost_micros", current.cost_micros + amount)
+    set_committed_value(current, "reserved_micros", current.reserved_micros - consumed)
     _ensure_rows(session, day, current.agent, now)
     for scope in (current.agent, GLOBAL):
         session.execute(text("UPDATE spend_days SET spent_micros = spent_micros + :amount, "
@@ -216,14 +224,16 @@ def _book(session: Session, current: Run, amount: int, day: str | None, now: dat
     return amount
 
 
-def settle(session: Session, *, run: Run, now: datetime) -> bool:
+def settle(session: Session, *, run: Run, now: datetime, current: Run | None = None) -> bool:
     """Close the run's reservation: what it did not spend goes back, once; False if already settled.
 
     The actual cost was booked as it was reported (`charge`), so the reservation is replaced by it.
+    `current`: the run's row as this transaction already holds it, locked and read (see `book_attempt`).
     """
     if run.budget_day is None:
         return False
-    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    if current is None:
+        current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
     if current is None or current.settled_at is not None:
         return False
     remaining = current.reserved_micros
@@ -234,13 +244,17 @@ def settle(session: Session, *, run: Run, now: datetime) -> bool:
         session.execute(text("UPDATE spend_days SET reserved_micros = reserved_micros - :remaining, "
                              "updated_at = :now WHERE day = :day AND scope = :scope"),
                         params={"remaining": remaining, "now": now, "day": run.budget_day, "scope": scope})
-    current.settled_at, current.reserved_micros = now, 0
-    run.settled_at, run.reserved_micros = now, 0
+    set_committed_value(current, "settled_at", now)  # written above: no second UPDATE at commit
+    set_committed_value(current, "reserved_micros", 0)
+    if run is not current:
+        run.settled_at, run.reserved_micros = now, 0
     return True
 
 
 def headroom(session: Session, *, day: str, agent: str, caps: Caps) -> int | None:
     """What the tighter of the two caps still allows today (None: neither is capped)."""
+    if caps.agent is None and caps.fleet is None:
+        return None
     rows = {row.scope: row for row in session.exec(
         select(SpendDay).where(SpendDay.day == day, col(SpendDay.scope).in_([agent, GLOBAL])))}
     room = [cap - _used(rows.get(scope)) for scope, cap in ((agent, caps.agent), (GLOBAL, caps.fleet))
