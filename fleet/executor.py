@@ -169,14 +169,16 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         if run.attempt >= 1 and not _reserve_retry(session, services, spec, run, now):
             session.rollback()
             return _end_over_cap(services, session, run, spec)
+        # The claimed row comes back with the UPDATE (RETURNING), in place of a read after it.
         claimed = session.execute(update(Run).where(
             col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED, col(Run.fence) == fence).values(
             status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now, attempt_cost_micros=0,
-            heartbeat_at=ledger.database_now(session), updated_at=now, host=services.host, retry_at=None))
-        if db.rowcount(claimed) != 1:
+            heartbeat_at=ledger.database_now(session), updated_at=now, host=services.host, retry_at=None)
+            .returning(Run).execution_options(populate_existing=True)).scalars().first()
+        if claimed is None:
             session.rollback()
             return ExecuteResult(run_id, "duplicate", reason="another worker claimed the run first")
-        session.refresh(run)
+        run = claimed
         room = None if run.budget_day is None else ledger.headroom(
             session, day=run.budget_day, agent=run.agent, caps=caps_of(services, spec))
         store.add_event(session=session, at=now, kind="run.started", run_id=run.id, agent=run.agent,
