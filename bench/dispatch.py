@@ -369,7 +369,7 @@ def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
                          f"{per['rollbacks']:.1f}", f"{per['checkouts']:.1f}", f"{per['statements']:.1f}"])
     table("database work per run, traced in-process (engine events; one run at a time, no Celery)",
           ["DB", "side", "commits that wrote (durable)", "read-only commits", "rollbacks",
-           "connection checkouts (pinged only after 1 s idle)", "SQL statements"], rows)
+           "connection checkouts (pg: +1 ping each)", "SQL statements"], rows)
     names = ["archive_stale", "create", "plan", "dispatch_one", "_claim", "_run_attempt", "_finish"]
     table("where one run's time goes, p50 ms per step (in-process, one at a time, no Celery)",
           ["step", *traces], [[name, *[f"{t['steps'].get(name, float('nan')):.2f}" for t in traces.values()]]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from fleet.errors import ConfigError, UnavailableError
@@ -38,42 +37,16 @@ def make_engine(url: str, timeout_s: float = 10.0) -> Engine:
             url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         # A client frozen or cut off inside a transaction must not hold row locks for ever: the server
         # ends such a session after 20 s. TCP keepalives and a user timeout notice a silent server.
-        engine = create_engine(url, pool_size=5, max_overflow=5,
-                               connect_args={"connect_timeout": max(1, round(min(timeout_s, 5))), "keepalives": 1,
-                                             "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-                                             "tcp_user_timeout": round(timeout_s * 1000),
-                                             "options": "-c idle_in_transaction_session_timeout=20000"})
-        _ping_when_idle(engine)
-        return engine
+        # pool_pre_ping: a pooled connection the server closed (a restart, a failover, pg_terminate_backend),
+        # even a moment after its last use, is replaced before a caller sees it. Callers that write once
+        # (an orphaned attempt's spend, a beat tick) rely on it; a ping only after an idle second left them a
+        # window (tests/test_db.py). It costs a round trip per checkout, 3 per run.
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                             connect_args={"connect_timeout": max(1, round(min(timeout_s, 5))), "keepalives": 1,
+                                           "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                                           "tcp_user_timeout": round(timeout_s * 1000),
+                                           "options": "-c idle_in_transaction_session_timeout=20000"})
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
-
-
-# A pooled connection unused for longer than this is pinged before it is handed out. One in steady use is not:
-# `pool_pre_ping` would cost a round trip per checkout (3 per run), and a server that restarted under a busy
-# connection fails its next statement, which every caller already survives (the database can go at any moment
-# of a transaction), and SQLAlchemy then refreshes the whole pool.
-IDLE_PING_S = 1.0
-
-
-def _ping_when_idle(engine: Engine) -> None:
-    """Pessimistic disconnect handling for connections that sat idle, through the pool's checkout event:
-    a failed ping raises DisconnectionError, on which the pool replaces the connection (up to three tries)."""
-
-    @event.listens_for(engine, "checkin")
-    def _idle_since(_dbapi_connection: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        idle_since = record.info.get("idle_since")
-        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_S:
-            return  # new (it just connected), or used a moment ago
-        try:
-            engine.dialect.do_ping(dbapi_connection)  # the dialect's own ping, in autocommit: no transaction left open
-        except Exception as exc:
-            raise DisconnectionError(f"a pooled connection did not answer its ping: {exc}") from exc
-        finally:
-            record.info["idle_since"] = None
 
 
 def _sqlite_engine(url: str, timeout_s: float) -> Engine:

@@ -12,18 +12,19 @@ import sys
 from collections.abc import Iterator
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 from sqlmodel import SQLModel
 
 import fleet.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from fleet import db
 from fleet.errors import ConfigError, UnavailableError
+from tests.conftest import drop_pg_database, new_pg_database
+from tests.harness import wait_for
 
 
 def head_revision(engine: Engine) -> str:
@@ -189,54 +190,56 @@ def test_unreachable_postgresql_is_unavailable_and_hides_the_password() -> None:
     assert f"127.0.0.1:{port}" in str(caught.value)
 
 
-def _statements_sent(engine: Engine) -> list[str]:
-    """Every statement the engine's connections send from now on, the pool's own ping included."""
-    sent: list[str] = []
-
-    def record(_conn: Any, cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    original = engine.dialect.do_ping
-
-    def counted_ping(dbapi_connection: Any) -> bool:
-        sent.append("<ping>")
-        return original(dbapi_connection)
-
-    engine.dialect.do_ping = counted_ping  # type: ignore[method-assign]
-    return sent
-
-
-def test_a_connection_in_steady_use_is_not_pinged_at_each_checkout(pg_server: str) -> None:
-    """pool_pre_ping cost a round trip per checkout (3 per run); a connection used a moment ago goes out as it is."""
-    engine = db.make_engine(f"{pg_server}/postgres")
+def _terminate_backends(pg_server: str, engine: Engine) -> None:
+    """What a restart, a failover behind a proxy or an operator's pg_terminate_backend does to the pooled
+    connections of `engine`: ended by the server, then gone (waited for, not slept on)."""
+    name = engine.url.database
+    admin = create_engine(f"{pg_server}/postgres", isolation_level="AUTOCOMMIT")
+    count = text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()")
     try:
-        sent = _statements_sent(engine)
-        for _ in range(5):
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 2"))
-        assert sent.count("<ping>") == 0, sent
-        assert sent.count("SELECT 2") == 5
-    finally:
-        engine.dispose()
-
-
-def test_a_connection_the_server_closed_while_idle_is_replaced_unseen(pg_server: str,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server ends an idle pooled connection (a restart, a failover, an idle timeout): the next checkout
-    pings it, finds it dead and hands out a fresh one; the caller's statement succeeds."""
-    monkeypatch.setattr(db, "IDLE_PING_S", 0.0)  # every checked-in connection counts as idle
-    engine = db.make_engine(f"{pg_server}/postgres")
-    admin = db.make_engine(f"{pg_server}/postgres")
-    try:
-        with engine.connect() as conn:
-            pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
         with admin.connect() as conn:
-            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar_one()
-        sent = _statements_sent(engine)
-        with engine.connect() as conn:
-            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
-        assert sent.count("<ping>") >= 1, "the idle connection went out without a ping"
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+            wait_for(lambda: conn.execute(count, {"name": name}).scalar_one() == 0, 10, "the backends to exit")
     finally:
-        engine.dispose()
         admin.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_server: str) -> Iterator[Engine]:
+    url = new_pg_database(pg_server)
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+    drop_pg_database(url)
+
+
+def test_a_connection_the_server_closed_a_moment_after_its_use_is_replaced_unseen(pg_server: str,
+                                                                                  pg_engine: Engine) -> None:
+    """The server ends a pooled connection right after its last use: the next checkout replaces it and the
+    caller's statement succeeds (a ping only for connections idle a second let it through, and failed)."""
+    with pg_engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    _terminate_backends(pg_server, pg_engine)
+    with pg_engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+
+
+def test_an_orphaned_attempts_spend_is_booked_after_the_server_closed_a_pooled_connection(
+        pg_server: str, pg_engine: Engine) -> None:
+    """Found by review: an attempt that lost its run books what it spent with one try. Its pooled connection
+    was closed by the server a moment after its last use; the booking must still count against the caps."""
+    from types import SimpleNamespace
+
+    from fleet import executor
+    from fleet.keys import GLOBAL
+    from fleet.models import SpendDay
+    from tests.test_ledger import DAY, NOW, reserved_run
+
+    run = reserved_run(pg_engine, 100_000)  # leaves a pooled connection checked in just now
+    _terminate_backends(pg_server, pg_engine)
+    executor._book_orphaned_spend(SimpleNamespace(engine=pg_engine, now=lambda: NOW), run, 70_000)  # type: ignore[arg-type]
+    with db.session(pg_engine) as session:
+        row = session.get(SpendDay, (DAY, GLOBAL))
+        assert row is not None and row.spent_micros == 70_000, "the orphaned attempt's spend was never booked"
