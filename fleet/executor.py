@@ -28,7 +28,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, identity, killswitch, ledger, logs, pause, redaction, runlog, store
+from fleet import alerts, db, identity, killflag, killswitch, ledger, logs, pause, redaction, runlog, store
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
@@ -510,7 +510,7 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
         if new != old:
             _breaker_changed(services, run, old, new)
         if verdict.pause:  # the operator's pause, by the agent's own hand: `fleet resume AGENT` lifts it
-            pause.engage(services.engine, services.redis, scope=spec.name, reason=verdict.pause[:killswitch.MAX_REASON],
+            pause.engage(services.engine, services.redis, scope=spec.name, reason=verdict.pause[:killflag.MAX_REASON],
                          actor=f"agent:{run.id}", now=services.now())
     except Exception as exc:  # noqa: BLE001 - the outcome is persisted; the reaper mends the rest
         log.warning("run.after_persist_failed", run_id=run.id, error=f"{exc.__class__.__name__}: {exc}")

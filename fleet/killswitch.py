@@ -26,10 +26,9 @@ from sqlmodel import Session, col, select
 from fleet import alerts, db, keys, logs, store
 from fleet.errors import KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
-from fleet.killflag import MAX_REASON, check_reason, raise_flag, record
+from fleet.killflag import MAX_REASON, raise_flag, record
 from fleet.models import KillSwitch
 
-__all__ = ["MAX_REASON", "check_reason"]  # re-exported: the reason's rules are the kill's as well as the pause's
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
 _FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
 
@@ -91,9 +90,9 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
     Raises BadInputError before anything is set, and UnavailableError when neither place could be
     written. A kill that reached only one of them is in force and is returned as such.
     """
-    check_reason(reason)
     redis_problem = None
     try:
+        # Refuses a bad reason (BadInputError) before it sets anything, in Redis or the mirror.
         raise_flag(client, scope=scope, reason=reason, actor=actor, at=now, hard=hard)
     except redis.RedisError as exc:
         # The mirror alone still holds it: dispatches refuse, executors read the mirror while Redis is

@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 from fleet import db, keys, store
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
-from fleet.killswitch import check_reason
+from fleet.killflag import check_reason
 from fleet.models import Pause
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from fleet import db, keys, killswitch, watchdog
+from fleet import db, keys, killflag, killswitch, watchdog
 from fleet.errors import BadInputError, ExitCode, KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
 from fleet.models import KillSwitch
@@ -136,7 +136,7 @@ def test_fleet_kill_with_the_database_down_exits_75_saying_the_kill_is_in_force(
         return subprocess.run([sys.executable, "-m", "fleet", *args], env=env, cwd=tmp_path, capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
 
-    too_long = fleet("kill", "--reason", "x" * (killswitch.MAX_REASON + 1))
+    too_long = fleet("kill", "--reason", "x" * (killflag.MAX_REASON + 1))
     assert too_long.returncode == ExitCode.USAGE, too_long.stdout + too_long.stderr
     assert "reason" in too_long.stderr and not redis.exists(keys.kill())
     killed = fleet("kill", "--reason", "database down")
@@ -183,11 +183,11 @@ def test_fleet_kill_raises_the_flag_before_it_imports_the_database_layer(
 
 
 def test_an_over_long_or_nul_reason_is_refused_before_anything_is_set(services: Services) -> None:
-    for bad in ("x" * (killswitch.MAX_REASON + 1), "a\x00b"):
+    for bad in ("x" * (killflag.MAX_REASON + 1), "a\x00b"):
         with pytest.raises(BadInputError, match="reason"):
             engage(services.engine, services.redis, bad)
         assert not services.redis.exists(keys.kill()) and mirror_row(services.engine) is None
-    longest = "é" * killswitch.MAX_REASON  # characters, not bytes: 2,000 bytes of UTF-8
+    longest = "é" * killflag.MAX_REASON  # characters, not bytes: 2,000 bytes of UTF-8
     engage(services.engine, services.redis, longest).confirm()
     row = mirror_row(services.engine)
     assert row is not None and row.reason == longest
