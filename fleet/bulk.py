@@ -156,7 +156,7 @@ def _admit(session: Session, services: Services, items: list[_Item]) -> list[_It
     paused = _mirrored(session, Pause, names)
     if killed:
         killswitch.restore(session, services.redis)
-    taken = _live_slots(session, names)
+    taken = store.live_slots_of(session=session, agents=names)
     judged = services.admissions.admit_many([
         (item.spec.name, item.spec.concurrency, item.run_id, item.spec.breaker_settings(fleet)[1],
          fleet.queued_lease_ttl_s, taken.get(item.spec.name, set())) for item in items])
@@ -198,19 +198,6 @@ def _mirrored(session: Session, table: type[KillSwitch] | type[Pause], names: li
     scopes = {GLOBAL, *names}
     engaged = session.exec(select(table.scope).where(col(table.engaged)))  # a handful at most
     return {scope for scope in engaged if scope in scopes}
-
-
-def _live_slots(session: Session, names: list[str]) -> dict[str, set[int]]:
-    """The slots each agent's queued and running runs hold by the database (see store.live_slots)."""
-    taken: dict[str, set[int]] = {}
-    for start in range(0, len(names), CHUNK):
-        query = select(Run.agent, Run.slot).where(col(Run.agent).in_(names[start:start + CHUNK]),
-                                                  col(Run.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]),
-                                                  col(Run.slot).is_not(None))
-        for agent, slot in session.exec(query):
-            if slot is not None:
-                taken.setdefault(agent, set()).add(int(slot))
-    return taken
 
 
 def _reserve(session: Session, services: Services, items: list[_Item]) -> None:

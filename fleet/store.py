@@ -59,11 +59,25 @@ def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
 def live_slots(*, session: Session, agent: str, besides: str | None = None) -> set[int]:
     """The slots the agent's queued and running runs hold by the database (other than run `besides`): after
     a Redis restart their lease keys are gone, but their agents are not, so no new lease may take them."""
-    query = select(Run.slot).where(Run.agent == agent, col(Run.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]),
-                                   col(Run.slot).is_not(None))
-    if besides is not None:
-        query = query.where(Run.id != besides)
-    return {int(slot) for slot in session.exec(query) if slot is not None}
+    return live_slots_of(session=session, agents=[agent], besides=besides).get(agent, set())
+
+
+LIVE_SLOTS_CHUNK = 200  # agents per query (SQLite limits the bound values of one statement)
+
+
+def live_slots_of(*, session: Session, agents: list[str], besides: str | None = None) -> dict[str, set[int]]:
+    """`live_slots` of many agents, by agent (an agent without any is left out)."""
+    taken: dict[str, set[int]] = {}
+    for start in range(0, len(agents), LIVE_SLOTS_CHUNK):
+        query = select(Run.agent, Run.slot).where(col(Run.agent).in_(agents[start:start + LIVE_SLOTS_CHUNK]),
+                                                  col(Run.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]),
+                                                  col(Run.slot).is_not(None))
+        if besides is not None:
+            query = query.where(Run.id != besides)
+        for agent, slot in session.exec(query):
+            if slot is not None:
+                taken.setdefault(agent, set()).add(int(slot))
+    return taken
 
 
 def run_events(*, session: Session, run_id: str) -> list[RunEvent]:
