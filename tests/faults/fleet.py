@@ -121,6 +121,9 @@ class FaultFleet:
         signal_ = os.killpg if group else os.kill
         for _ in range(200):
             signal_(pid, signal.SIGSTOP)
+            # kill() returns before the signal has stopped every thread: a thread still running could take
+            # the lock just after the probe found it free (seen once in CI), so probe only once all have.
+            wait_for(lambda: _all_stopped(pid, group), 10, f"process {pid} to stop", interval=0.001)
             if self.kind != "sqlite" or self._write_lock_free():
                 return
             signal_(pid, signal.SIGCONT)
@@ -143,6 +146,29 @@ class FaultFleet:
         """Every broken invariant over the effects log and the database."""
         return check_all(self.effects_path, self.fleet.services.engine,
                          run_ids=self.accepted or None, **caps)
+
+
+def _all_stopped(pid: int, group: bool) -> bool:
+    """Whether every thread of `pid` (of every process in its group, with `group`) is stopped, or gone."""
+    pids = [pid]
+    if group:
+        pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+                and _stat_field(Path(f"/proc/{entry.name}/stat"), 2) == str(pid)]
+    for one in pids:
+        for task in Path(f"/proc/{one}/task").glob("*"):
+            if _stat_field(task / "stat", 0) not in ("T", "t", "Z", "X", None):
+                return False
+    return True
+
+
+def _stat_field(stat: Path, index: int) -> str | None:
+    """A field of a /proc stat file after the command name (0: the state, 2: the process group), or None
+    when the process or thread is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[-1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[index] if len(fields) > index else None
 
 
 @contextlib.contextmanager
