@@ -257,6 +257,26 @@ def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[st
             "commits": None, "events": None}
 
 
+def hop_rep(home: Path, broker: str, n: int) -> dict[str, Any]:
+    """The floor of a run as Fleet makes one: N bare.hop tasks, each sending one bare.run, on a worker with
+    Fleet's task events and STARTED state on; the rate is from the first send to the last run's end."""
+    os.environ["BENCH_BROKER_URL"] = broker
+    from bench import bare_app
+
+    bare_app.app.conf.update(broker_url=broker, result_backend=broker)
+    home.mkdir(parents=True)
+    worker = start_bare_worker(home, broker, as_fleet=True)
+    try:
+        bare_app.app.AsyncResult(bare_app.hop.apply_async().get(timeout=60)).get(timeout=60)  # warm
+        first = time.time()
+        hops = [bare_app.hop.apply_async() for _ in range(n)]
+        runs = [bare_app.app.AsyncResult(result.get(timeout=600)) for result in hops]
+        ends = [result.get(timeout=600)["end"] for result in runs]
+    finally:
+        stop_group(worker)
+    return {"task_rate": n / (max(ends) - first)}
+
+
 # ---------------------------------------------------------------- in-process trace
 
 
@@ -336,8 +356,12 @@ def _add(total: Counts, part: Counts) -> None:
 
 def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
     rows = []
-    bare = results["bare"]
+    bare, hops = results["bare"], results["hop"]
     for name, reps in results.items():
+        if name == "hop":
+            rows.append(["bare Celery, 2 messages per run, Fleet's events", spread(reps, "task_rate"),
+                         *["-"] * 8])
+            continue
         rows.append(["bare Celery" if name == "bare" else f"Fleet, {name}", spread(reps, "task_rate"),
                      spread(reps, "throughput"),
                      spread(reps, "dispatch_rate"), spread(reps, "drain_rate"), spread(reps, "call_p50", "{:.2f}"),
@@ -356,6 +380,11 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
         ratios.append([f"Fleet {kind} / bare Celery"] + [
             f"{med_of(fleet, key) / med_of(bare, key):.3f}" for key in ("task_rate", "throughput", "drain_rate",
                                                                         "lat_p50", "iso_p50")])
+    ratios.append(["bare Celery, 2 messages per run / bare Celery",
+                   f"{med_of(hops, 'task_rate') / med_of(bare, 'task_rate'):.3f}", *["-"] * 4])
+    for kind in kinds:
+        ratios.append([f"Fleet {kind} / bare Celery, 2 messages per run",
+                       f"{med_of(results[kind], 'task_rate') / med_of(hops, 'task_rate'):.3f}", *["-"] * 4])
     table("ratios (Fleet / bare Celery, medians)",
           ["", "throughput via fleet.dispatch tasks", "in-process dispatch throughput", "consumer drain rate",
            "burst latency p50", "isolated latency p50"], ratios)
@@ -383,7 +412,7 @@ def main() -> None:
     paced = 5 if args.quick else 30
     drain = 20 if args.quick else 150
     reps = args.reps or (1 if args.quick else 3)
-    results: dict[str, list[dict[str, Any]]] = {"bare": [], **{k: [] for k in args.kinds}}
+    results: dict[str, list[dict[str, Any]]] = {"bare": [], "hop": [], **{k: [] for k in args.kinds}}
     traces: dict[str, dict[str, Any]] = {}
     began = time.monotonic()
     with workdir("dispatch") as tmp, private_redis(tmp) as redis:
@@ -391,6 +420,8 @@ def main() -> None:
             log(f"rep {rep + 1}/{reps}: bare Celery, N={n}")
             results["bare"].append(bare_rep(tmp / f"bare-{rep}", f"redis://127.0.0.1:{redis.port}/1", n, paced,
                                             drain))
+            log(f"rep {rep + 1}/{reps}: bare Celery, 2 messages per run, N={n}")
+            results["hop"].append(hop_rep(tmp / f"hop-{rep}", f"redis://127.0.0.1:{redis.port}/1", n))
             for kind in args.kinds:
                 log(f"rep {rep + 1}/{reps}: Fleet on {kind}, N={n}")
                 results[kind].append(fleet_rep(kind, tmp / f"{kind}-{rep}", redis.url, n, paced, drain))

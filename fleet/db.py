@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, Result, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session
@@ -111,6 +111,14 @@ def bounded_session(engine: Engine, wait_s: float) -> Iterator[Session]:
         finally:
             if sqlite:
                 raw.execute(f"PRAGMA busy_timeout={int(usual)}")  # type: ignore[union-attr]
+
+
+def execute(session: Session, statement: Executable, params: Any = None) -> Result[Any]:
+    """Run a Core statement built once (see models.table_of) in the session's transaction. What the
+    session still holds unflushed goes first, as it would before an ORM statement: a Core statement
+    skips the ORM's autoflush, and must neither miss a pending row nor be overwritten by a stale one."""
+    session.flush()
+    return session.execute(statement, params)
 
 
 def rowcount(result: Result[Any]) -> int:

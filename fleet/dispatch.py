@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
-from sqlalchemy import delete, update
+from sqlalchemy import bindparam, delete, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,13 +41,23 @@ from fleet.config import AgentSpec, read_text
 from fleet.errors import BadInputError, UnavailableError
 from fleet.ledger import Caps
 from fleet.locks import Lease
-from fleet.models import NOT_STARTED, Run, RunStatus
+from fleet.models import NOT_STARTED, Run, RunStatus, table_of
 from fleet.services import Services, as_fleet_error
 
 WORK_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces: it is part of a unique key
 MAX_PAYLOAD_BYTES = 32 * 1024  # it travels in the agent's environment, which the kernel limits
 
 Sender = Callable[[str, int], None]  # (run_id, fence): enqueue exactly one fleet.execute
+
+# Built once (models.table_of): every dispatch runs these. (A bind parameter may not share a column's
+# name in an UPDATE: theirs start with p_.)
+_RUNS = table_of(Run)
+_CREATE = {name: insert(_RUNS).values(status=RunStatus.CREATED.value).on_conflict_do_nothing()
+           .returning(_RUNS.c.id) for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
+_QUEUE = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.status == RunStatus.CREATED).values(
+    status=RunStatus.QUEUED, fence=bindparam("p_fence"), slot=bindparam("p_slot"), budget_day=bindparam("p_day"),
+    reserved_micros=bindparam("p_reserved"), queued_at=bindparam("p_queued_at"), updated_at=bindparam("p_now"),
+    sends=1)
 
 
 @dataclass(frozen=True)
@@ -223,7 +233,6 @@ def create(session: Session, spec: AgentSpec, work_key: str, idem_key: str, payl
            request: DispatchRequest, now: datetime) -> Run | DispatchResult:
     """Insert the run unless its key exists: the new row, or the existing run's `duplicate` answer.
     Never a second row for a key (a concurrent insert of the same key waits on the unique index)."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     run = Run(id=uuid.uuid4().hex, idem_key=idem_key, agent=spec.name, work_key=work_key, status=RunStatus.CREATED,
               attempt=0, max_attempts=2, payload=payload, reserved_micros=0, cost_micros=0,
               dispatched_by=request.actor[:255], prev_run_id=request.prev_run_id, replay_of=request.replay_of,
@@ -231,8 +240,7 @@ def create(session: Session, spec: AgentSpec, work_key: str, idem_key: str, payl
     row = run.model_dump(include={"id", "idem_key", "agent", "work_key", "attempt", "max_attempts", "payload",
                                   "reserved_micros", "cost_micros", "dispatched_by", "prev_run_id", "replay_of",
                                   "created_at", "updated_at"})
-    inserted = session.execute(insert(Run).values(status=RunStatus.CREATED.value, **row)
-                               .on_conflict_do_nothing().returning(col(Run.id))).first()
+    inserted = db.execute(session, _CREATE[session.get_bind().dialect.name], row).first()
     if inserted is not None:
         store.add_event(session=session, at=now, kind="run.created", run_id=run.id, agent=spec.name,
                         actor=request.actor, work_key=work_key, replay_of=request.replay_of)
@@ -345,9 +353,8 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.
     database_now = ledger.database_now(session)
     day = ledger.budget_day(session, fleet.timezone, at=database_now)
-    queued = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.CREATED).values(
-        status=RunStatus.QUEUED, fence=lease.fence, slot=lease.slot, budget_day=day, reserved_micros=estimate,
-        queued_at=database_now, updated_at=now, sends=1))
+    queued = db.execute(session, _QUEUE, {"p_id": run.id, "p_fence": lease.fence, "p_slot": lease.slot, "p_day": day,
+                                          "p_reserved": estimate, "p_queued_at": database_now, "p_now": now})
     if db.rowcount(queued) != 1:  # the row is this transaction's own: nobody else can have ended it
         give_back(services, lease, result)
         raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")

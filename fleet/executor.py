@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from fleet import alerts, db, identity, killflag, killswitch, ledger, logs, pause, redaction, runlog, store
 from fleet.breaker import Outcome
@@ -34,7 +34,7 @@ from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
 from fleet.errors import ConfigError, NotFoundError, UnavailableError
 from fleet.locks import Lease
-from fleet.models import DeadLetter, Run, RunStatus
+from fleet.models import DeadLetter, Run, RunStatus, table_of
 from fleet.process import Launch, Output, ProcessResult, run_agent
 from fleet.services import Services
 from fleet.usage import make_parser
@@ -47,6 +47,23 @@ Requeue = Callable[[str, int, float], None]  # (run_id, fence, countdown_s)
 # Exit codes shared with the CLI (DESIGN.md): what each one means for the run.
 EXIT_OK, EXIT_IDLE, EXIT_TRANSIENT, EXIT_AUTH, EXIT_CONFIG = 0, 3, 75, 77, 78
 POLL_TIMEOUT_S = 60.0
+
+# Built once (models.table_of): every run is claimed and ended by these. (A bind parameter may not
+# share a column's name in an UPDATE: theirs start with p_.)
+_RUNS = table_of(Run)
+_CLAIM = select(Run).from_statement(
+    update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.status == RunStatus.QUEUED,
+                        _RUNS.c.fence == bindparam("p_fence"))
+    .values(status=RunStatus.RUNNING, attempt=_RUNS.c.attempt + 1, started_at=bindparam("p_now"),
+            attempt_cost_micros=0, heartbeat_at=bindparam("p_heartbeat_at"), updated_at=bindparam("p_now"),
+            host=bindparam("p_host"), retry_at=None)
+    .returning(*_RUNS.c)).execution_options(populate_existing=True)
+_OWNED = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.fence == bindparam("p_fence"),
+                             _RUNS.c.status == RunStatus.RUNNING)
+_OUTCOME: dict[str, Any] = {"status": bindparam("p_status"), "exit_code": bindparam("p_exit_code"),
+                            "error": bindparam("p_error"), "updated_at": bindparam("p_now"), "pid": None, "pgid": None}
+_ENDED = _OWNED.values(**_OUTCOME, finished_at=bindparam("p_now"))
+_RETRYING = _OWNED.values(**_OUTCOME, retry_at=bindparam("p_retry_at"), queued_at=bindparam("p_queued_at"), sends=1)
 
 
 @dataclass
@@ -170,11 +187,8 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
             session.rollback()
             return _end_over_cap(services, session, run, spec)
         # The claimed row comes back with the UPDATE (RETURNING), in place of a read after it.
-        claimed = session.execute(update(Run).where(
-            col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED, col(Run.fence) == fence).values(
-            status=RunStatus.RUNNING, attempt=Run.attempt + 1, started_at=now, attempt_cost_micros=0,
-            heartbeat_at=ledger.database_now(session), updated_at=now, host=services.host, retry_at=None)
-            .returning(Run).execution_options(populate_existing=True)).scalars().first()
+        claimed = db.execute(session, _CLAIM, {"p_id": run.id, "p_fence": fence, "p_now": now, "p_host": services.host,
+                                                "p_heartbeat_at": ledger.database_now(session)}).scalars().first()
         if claimed is None:
             session.rollback()
             return ExecuteResult(run_id, "duplicate", reason="another worker claimed the run first")
@@ -451,17 +465,14 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     dead = verdict.status == RunStatus.FAILED and not retry
     status = RunStatus.QUEUED if retry else (RunStatus.DEAD if dead else verdict.status)
     with db.session(services.engine) as session:
-        values: dict[str, Any] = {"status": status, "exit_code": result.exit_code, "error": verdict.error,
-                                  "updated_at": now, "pid": None, "pgid": None}
+        values: dict[str, Any] = {"p_status": status, "p_exit_code": result.exit_code, "p_error": verdict.error,
+                                  "p_now": now, "p_id": run.id, "p_fence": lease.fence}
         if retry:
             # By the database's clock, as the reaper reads them: a host whose clock runs ahead must not
             # hide its retry from the resend (its Celery countdown is by its own clock, and may be held).
             database_now = ledger.database_now(session)
-            values.update(retry_at=database_now + timedelta(seconds=delay or 0), queued_at=database_now, sends=1)
-        else:
-            values["finished_at"] = now
-        owned = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.fence) == lease.fence,
-                                                  col(Run.status) == RunStatus.RUNNING).values(**values))
+            values.update(p_retry_at=database_now + timedelta(seconds=delay or 0), p_queued_at=database_now)
+        owned = db.execute(session, _RETRYING if retry else _ENDED, values)
         if db.rowcount(owned) != 1:
             current = session.get(Run, run.id)
             session.rollback()

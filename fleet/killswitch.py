@@ -19,7 +19,8 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -27,7 +28,7 @@ from fleet import alerts, db, keys, logs, store
 from fleet.errors import KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
 from fleet.killflag import MAX_REASON, raise_flag, record
-from fleet.models import KillSwitch
+from fleet.models import KillSwitch, table_of
 
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
 _FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
@@ -206,10 +207,17 @@ def _when(stamp: Any) -> datetime | None:
     return at if at.tzinfo is not None else None  # a naive time cannot be compared: unknown
 
 
+_TABLE = table_of(KillSwitch)
+# Built once: every dispatch and every claim reads the mirror, and a statement built per call costs
+# more in SQLAlchemy than the read costs in the database.
+_ENGAGED = core_select(_TABLE.c.scope, _TABLE.c.reason, _TABLE.c.actor) \
+    .where(_TABLE.c.scope.in_(bindparam("scopes", expanding=True)), _TABLE.c.engaged)
+
+
 def check_mirror(session: Session, agent: str | None) -> KillState:
     """The durable check: the database mirror only."""
     scopes = [GLOBAL] if agent is None else [GLOBAL, agent]
-    rows = session.exec(select(KillSwitch).where(col(KillSwitch.scope).in_(scopes), col(KillSwitch.engaged)))
+    rows = db.execute(session, _ENGAGED, {"scopes": scopes})
     for row in sorted(rows, key=lambda r: r.scope != GLOBAL):
         return KillState(True, row.scope, row.reason, row.actor)
     return ALIVE

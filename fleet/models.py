@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 MICROS_PER_USD = 1_000_000
@@ -207,3 +218,9 @@ class RunLogChunk(SQLModel, table=True):
     offset: int = Field(sa_column=Column(BigInteger, nullable=False))  # where it starts in that host's file
     at: datetime
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """A model's Core table, for statements built once at import: the hot paths run those, since building
+    a statement per call costs more in SQLAlchemy than its round trip costs in the database."""
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]  # SQLModel does not declare it

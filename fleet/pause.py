@@ -20,7 +20,8 @@ from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -28,7 +29,7 @@ from fleet import db, keys, store
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.killflag import check_reason
-from fleet.models import Pause
+from fleet.models import Pause, table_of
 
 
 @dataclass(frozen=True)
@@ -153,11 +154,16 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> PauseStat
     return RUNNING
 
 
+_TABLE = table_of(Pause)
+# Built once: every dispatch asks (see killswitch._ENGAGED).
+_ENGAGED = core_select(_TABLE.c.scope).where(
+    _TABLE.c.scope.in_(bindparam("scopes", expanding=True)), _TABLE.c.engaged).limit(1)
+
+
 def mirrored(session: Session, agent: str) -> bool:
     """Whether the database mirror holds a pause for the fleet or for `agent` (no Redis: the dispatch read
     the flags already, in its admission)."""
-    query = select(Pause.scope).where(col(Pause.scope).in_([GLOBAL, agent]), col(Pause.engaged)).limit(1)
-    return session.exec(query).first() is not None
+    return db.execute(session, _ENGAGED, {"scopes": [GLOBAL, agent]}).first() is not None
 
 
 def _from_row(row: Pause) -> PauseState:

@@ -6,16 +6,29 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func, insert
+from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
-from fleet.models import DeadLetter, Run, RunEvent, RunStatus
+from fleet import db
+from fleet.models import DeadLetter, Run, RunEvent, RunStatus, table_of
+
+_RUNS, _EVENTS = table_of(Run), table_of(RunEvent)
+# Built once (models.table_of): every run passes through these.
+_ADD_EVENT = insert(_EVENTS)
+_PENDING_IDS = core_select(_RUNS.c.id).where(
+    _RUNS.c.agent == bindparam("agent"), _RUNS.c.work_key == bindparam("work_key"),
+    _RUNS.c.status.in_([RunStatus.CREATED, RunStatus.QUEUED]))
+_LIVE_SLOTS = core_select(_RUNS.c.agent, _RUNS.c.slot).where(
+    _RUNS.c.agent.in_(bindparam("agents", expanding=True)),
+    _RUNS.c.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), _RUNS.c.slot.is_not(None))
 
 
 def add_event(*, session: Session, at: datetime, kind: str, run_id: str | None = None,
               agent: str | None = None, actor: str | None = None, **detail: Any) -> None:
     """Append one entry to the audit trail (written in the caller's transaction)."""
-    session.add(RunEvent(at=at, kind=kind, run_id=run_id, agent=agent, actor=actor, detail=event_detail(**detail)))
+    db.execute(session, _ADD_EVENT, {"at": at, "kind": kind, "run_id": run_id, "agent": agent, "actor": actor,
+                                     "detail": event_detail(**detail)})
 
 
 def event_detail(**detail: Any) -> str | None:
@@ -51,9 +64,9 @@ def last_run(*, session: Session, agent: str) -> Run | None:
 
 def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
     """A unit's runs that have not started (created or queued)."""
-    query = select(Run).where(Run.agent == agent, Run.work_key == work_key,
-                              col(Run.status).in_([RunStatus.CREATED, RunStatus.QUEUED]))
-    return list(session.exec(query))
+    # Nearly always none: a cheap look for their ids first, the rows only when there are some.
+    ids = list(db.execute(session, _PENDING_IDS, {"agent": agent, "work_key": work_key}).scalars())
+    return list(session.exec(select(Run).where(col(Run.id).in_(ids)))) if ids else []
 
 
 def live_slots(*, session: Session, agent: str, besides: str | None = None) -> set[int]:
@@ -69,14 +82,9 @@ def live_slots_of(*, session: Session, agents: list[str], besides: str | None = 
     """`live_slots` of many agents, by agent (an agent without any is left out)."""
     taken: dict[str, set[int]] = {}
     for start in range(0, len(agents), LIVE_SLOTS_CHUNK):
-        query = select(Run.agent, Run.slot).where(col(Run.agent).in_(agents[start:start + LIVE_SLOTS_CHUNK]),
-                                                  col(Run.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]),
-                                                  col(Run.slot).is_not(None))
-        if besides is not None:
-            query = query.where(Run.id != besides)
-        for agent, slot in session.exec(query):
-            if slot is not None:
-                taken.setdefault(agent, set()).add(int(slot))
+        query = _LIVE_SLOTS if besides is None else _LIVE_SLOTS.where(_RUNS.c.id != besides)
+        for row in db.execute(session, query, {"agents": agents[start:start + LIVE_SLOTS_CHUNK]}):
+            taken.setdefault(row.agent, set()).add(int(row.slot))
     return taken
 
 
