@@ -178,8 +178,7 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
             session.commit() if archived else session.rollback()
             run.archived = archived
             return run
-        with session.no_autoflush:  # the created event waits for the queued one: both go in one INSERT at commit
-            result = dispatch_one(session, services, spec, run, now)
+        result = dispatch_one(session, services, spec, run, now)
         if result.status != "queued":
             session.rollback()  # the row, its reservation and its count go; an event stays
             result.archived = archived

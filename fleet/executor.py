@@ -62,8 +62,11 @@ _OWNED = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.fence == b
                              _RUNS.c.status == RunStatus.RUNNING)
 _OUTCOME: dict[str, Any] = {"status": bindparam("p_status"), "exit_code": bindparam("p_exit_code"),
                             "error": bindparam("p_error"), "updated_at": bindparam("p_now"), "pid": None, "pgid": None}
-_ENDED = _OWNED.values(**_OUTCOME, finished_at=bindparam("p_now"))
-_RETRYING = _OWNED.values(**_OUTCOME, retry_at=bindparam("p_retry_at"), queued_at=bindparam("p_queued_at"), sends=1)
+_ENDED, _RETRYING = (  # the row comes back with the UPDATE, locked by it, in place of a read after it
+    select(Run).from_statement(outcome.returning(*_RUNS.c)).execution_options(populate_existing=True)
+    for outcome in (_OWNED.values(**_OUTCOME, finished_at=bindparam("p_now")),
+                    _OWNED.values(**_OUTCOME, retry_at=bindparam("p_retry_at"), queued_at=bindparam("p_queued_at"),
+                                  sends=1)))
 
 
 @dataclass
@@ -472,8 +475,8 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
             # hide its retry from the resend (its Celery countdown is by its own clock, and may be held).
             database_now = ledger.database_now(session)
             values.update(p_retry_at=database_now + timedelta(seconds=delay or 0), p_queued_at=database_now)
-        owned = db.execute(session, _RETRYING if retry else _ENDED, values)
-        if db.rowcount(owned) != 1:
+        fresh = db.execute(session, _RETRYING if retry else _ENDED, values).scalars().first()
+        if fresh is None:
             current = session.get(Run, run.id)
             session.rollback()
             if current is not None and (current.fence, current.attempt, current.status) == (
@@ -482,8 +485,7 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
                 # after the commit), so a dead letter still raises one.
                 return status, dead, 0
             return None
-        # Read once, locked by the UPDATE above: the booking and the settlement work on this row.
-        fresh = session.get(Run, run.id, populate_existing=True) or run
+        # The booking and the settlement work on the row the UPDATE returned.
         ledger.book_attempt(session, run=fresh, total=cost, now=now, final=True, current=fresh)
         ledger.settle(session, run=fresh, now=now, current=fresh)  # a retry reserves again when it starts
         # A run the guard stopped may have passed a cap with its last report: what it booked tells.

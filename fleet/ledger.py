@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 
 from fleet import db
 from fleet.keys import GLOBAL
-from fleet.models import MICROS_PER_USD, Run, SpendDay
+from fleet.models import MICROS_PER_USD, Run, SpendDay, table_of
 
 
 def to_micros(usd: float | None) -> int | None:
@@ -43,15 +43,33 @@ def to_usd(micros: int) -> float:
 def database_now(session: Session) -> datetime:
     """The database server's clock (one clock for every worker), as aware UTC."""
     if session.get_bind().dialect.name == "postgresql":
-        value = session.execute(text("SELECT now()")).scalar_one()
+        value = session.execute(_PG_NOW).scalar_one()
         return value.astimezone(UTC)  # type: ignore[no-any-return]
-    value = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+    value = session.execute(_SQLITE_NOW).scalar_one()
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def budget_day(session: Session, timezone: str, at: datetime | None = None) -> str:
     """Today's budget day (YYYY-MM-DD) by the database clock (or `at`, read from it) in the fleet's timezone."""
     return (at or database_now(session)).astimezone(ZoneInfo(timezone)).date().isoformat()
+
+
+# Built once: every run reserves, counts and settles (a statement built per call costs more in
+# SQLAlchemy than its round trip; see models.table_of).
+_PG_NOW = text("SELECT now()")
+_SQLITE_NOW = text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+_ENSURE = {name: insert(table_of(SpendDay)).on_conflict_do_nothing()
+           for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
+_ADD_RESERVED = {capped: text("UPDATE spend_days SET reserved_micros = reserved_micros + :amount, updated_at = :now "
+                              "WHERE day = :day AND scope = :scope"
+                              + (" AND spent_micros + reserved_micros + :amount <= :cap" if capped else ""))
+                 for capped in (False, True)}
+_COUNT_RUN = {bounded: text("UPDATE spend_days SET runs = runs + 1, updated_at = :now WHERE day = :day AND "
+                            "scope = :scope" + (" AND runs < :limit" if bounded else ""))
+              for bounded in (False, True)}
+_SETTLE_RUN = text("UPDATE runs SET settled_at = :now, reserved_micros = 0 WHERE id = :id")
+_RETURN_RESERVED = text("UPDATE spend_days SET reserved_micros = reserved_micros - :remaining, "
+                        "updated_at = :now WHERE day = :day AND scope = :scope")
 
 
 @dataclass(frozen=True)
@@ -75,12 +93,8 @@ def reserve(session: Session, *, day: str, agent: str, amount: int, caps: Caps, 
 
 
 def _add_reserved(session: Session, day: str, scope: str, amount: int, cap: int | None, now: datetime) -> bool:
-    guard = "" if cap is None else " AND spent_micros + reserved_micros + :amount <= :cap"
-    result = session.execute(
-        text("UPDATE spend_days SET reserved_micros = reserved_micros + :amount, updated_at = :now "
-             f"WHERE day = :day AND scope = :scope{guard}"),
-        params={"amount": amount, "cap": cap, "day": day, "scope": scope, "now": now},
-    )
+    result = session.execute(_ADD_RESERVED[cap is not None],
+                             params={"amount": amount, "cap": cap, "day": day, "scope": scope, "now": now})
     return db.rowcount(result) == 1
 
 
@@ -130,10 +144,8 @@ def count_run(session: Session, *, day: str, agent: str, limit: int | None, now:
     made the row). Two dispatchers at `limit - 1` cannot both pass: the second waits on the row lock
     the first took and its WHERE is evaluated again on the committed count (PostgreSQL, READ
     COMMITTED), or it never started before the first committed (SQLite's BEGIN IMMEDIATE)."""
-    guard = "" if limit is None else " AND runs < :limit"
-    result = session.execute(
-        text(f"UPDATE spend_days SET runs = runs + 1, updated_at = :now WHERE day = :day AND scope = :scope{guard}"),
-        params={"limit": limit, "day": day, "scope": agent, "now": now})
+    result = session.execute(_COUNT_RUN[limit is not None],
+                             params={"limit": limit, "day": day, "scope": agent, "now": now})
     return db.rowcount(result) == 1
 
 
@@ -154,12 +166,9 @@ def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
 
 
 def _ensure_many(session: Session, day: str, agents: list[str], now: datetime) -> None:
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
     rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "runs": 0, "updated_at": now}
             for scope in (*agents, GLOBAL)]
-    table = SpendDay.__table__  # type: ignore[attr-defined]  # Core executemany: one statement, compiled once
-    session.execute(insert(table).on_conflict_do_nothing(), rows)
+    db.execute(session, _ENSURE[session.get_bind().dialect.name], rows)  # Core executemany: one statement
 
 
 def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True) -> None:
@@ -237,12 +246,10 @@ def settle(session: Session, *, run: Run, now: datetime, current: Run | None = N
     if current is None or current.settled_at is not None:
         return False
     remaining = current.reserved_micros
-    session.execute(text("UPDATE runs SET settled_at = :now, reserved_micros = 0 WHERE id = :id"),
-                    params={"now": now, "id": run.id})
+    session.execute(_SETTLE_RUN, params={"now": now, "id": run.id})
     _ensure_rows(session, run.budget_day, run.agent, now)
     for scope in (run.agent, GLOBAL):
-        session.execute(text("UPDATE spend_days SET reserved_micros = reserved_micros - :remaining, "
-                             "updated_at = :now WHERE day = :day AND scope = :scope"),
+        session.execute(_RETURN_RESERVED,
                         params={"remaining": remaining, "now": now, "day": run.budget_day, "scope": scope})
     set_committed_value(current, "settled_at", now)  # written above: no second UPDATE at commit
     set_committed_value(current, "reserved_micros", 0)
