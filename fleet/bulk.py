@@ -47,7 +47,7 @@ from fleet.dispatch import (
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
 from fleet.locks import Lease
-from fleet.models import NOT_STARTED, KillSwitch, Pause, Run, RunEvent, RunStatus
+from fleet.models import NOT_STARTED, KillSwitch, Pause, Run, RunEvent, RunStatus, table_of
 from fleet.services import Services, as_fleet_error
 
 CHUNK = 200  # rows per multi-row INSERT (SQLite limits the bound values of one statement)
@@ -238,7 +238,7 @@ def _insert(session: Session, items: list[_Item], actor: str, now: datetime, *, 
     if not queued:
         return
     upsert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    runs, events = Run.__table__, RunEvent.__table__  # type: ignore[attr-defined]  # Core: one statement, compiled once
+    runs, events = table_of(Run), table_of(RunEvent)  # Core: one statement, compiled once
     rows = [_row(item, actor, now, queued_at) for item in queued]
     inserted = session.execute(upsert(runs).on_conflict_do_nothing().returning(runs.c.id), rows).all()
     if len(inserted) != len(rows):

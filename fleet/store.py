@@ -11,14 +11,14 @@ from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
 from fleet import db
-from fleet.models import DeadLetter, Run, RunEvent, RunStatus, table_of
+from fleet.models import NOT_STARTED, DeadLetter, Run, RunEvent, RunStatus, table_of
 
 _RUNS, _EVENTS = table_of(Run), table_of(RunEvent)
 # Built once (models.table_of): every run passes through these.
 _ADD_EVENT = insert(_EVENTS)
+_NOT_STARTED = sorted(NOT_STARTED)
 _PENDING_IDS = core_select(_RUNS.c.id).where(
-    _RUNS.c.agent == bindparam("agent"), _RUNS.c.work_key == bindparam("work_key"),
-    _RUNS.c.status.in_([RunStatus.CREATED, RunStatus.QUEUED]))
+    _RUNS.c.agent == bindparam("agent"), _RUNS.c.work_key == bindparam("work_key"), _RUNS.c.status.in_(_NOT_STARTED))
 _LIVE_SLOTS = core_select(_RUNS.c.agent, _RUNS.c.slot).where(
     _RUNS.c.agent.in_(bindparam("agents", expanding=True)),
     _RUNS.c.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), _RUNS.c.slot.is_not(None))
@@ -66,7 +66,10 @@ def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
     """A unit's runs that have not started (created or queued)."""
     # Nearly always none: a cheap look for their ids first, the rows only when there are some.
     ids = list(db.execute(session, _PENDING_IDS, {"agent": agent, "work_key": work_key}).scalars())
-    return list(session.exec(select(Run).where(col(Run.id).in_(ids)))) if ids else []
+    if not ids:
+        return []
+    # Still not started when read (another transaction may have moved one on between the two reads).
+    return list(session.exec(select(Run).where(col(Run.id).in_(ids), col(Run.status).in_(_NOT_STARTED))))
 
 
 def live_slots(*, session: Session, agent: str, besides: str | None = None) -> set[int]:
