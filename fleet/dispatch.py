@@ -172,6 +172,7 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
             request: DispatchRequest, send: Sender) -> DispatchResult:
     now = services.now()
     with db.session(services.engine) as session:
+        store.events_at_commit(session)  # it may wait on the fleet's spend row: its events go in last
         archived = archive_stale(session, services, spec, work_key, idem_key, now)
         run = create(session, spec, work_key, idem_key, payload, request, now)
         if isinstance(run, DispatchResult):  # a duplicate: the key's own run, whatever the gates say now

@@ -58,8 +58,10 @@ _CLAIM = select(Run).from_statement(
             attempt_cost_micros=0, heartbeat_at=bindparam("p_heartbeat_at"), updated_at=bindparam("p_now"),
             host=bindparam("p_host"), retry_at=None)
     .returning(*_RUNS.c)).execution_options(populate_existing=True)
+# Its own attempt only: a retry keeps its fence, so an outcome written again after its first commit's answer
+# was lost (while the reaper re-sent the retry and another worker claimed it) must not end the next attempt.
 _OWNED = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.fence == bindparam("p_fence"),
-                             _RUNS.c.status == RunStatus.RUNNING)
+                             _RUNS.c.attempt == bindparam("p_attempt"), _RUNS.c.status == RunStatus.RUNNING)
 _OUTCOME: dict[str, Any] = {"status": bindparam("p_status"), "exit_code": bindparam("p_exit_code"),
                             "error": bindparam("p_error"), "updated_at": bindparam("p_now"), "pid": None, "pgid": None}
 _ENDED, _RETRYING = (  # the row comes back with the UPDATE, locked by it, in place of a read after it
@@ -467,9 +469,10 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     now = services.now()
     dead = verdict.status == RunStatus.FAILED and not retry
     status = RunStatus.QUEUED if retry else (RunStatus.DEAD if dead else verdict.status)
+    kind = f"run.{'retrying' if retry else status.value}"  # the outcome's event
     with db.session(services.engine) as session:
         values: dict[str, Any] = {"p_status": status, "p_exit_code": result.exit_code, "p_error": verdict.error,
-                                  "p_now": now, "p_id": run.id, "p_fence": lease.fence}
+                                  "p_now": now, "p_id": run.id, "p_fence": lease.fence, "p_attempt": run.attempt}
         if retry:
             # By the database's clock, as the reaper reads them: a host whose clock runs ahead must not
             # hide its retry from the resend (its Celery countdown is by its own clock, and may be held).
@@ -478,11 +481,14 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
         fresh = db.execute(session, _RETRYING if retry else _ENDED, values).scalars().first()
         if fresh is None:
             current = session.get(Run, run.id)
+            written = current is not None and (
+                (current.fence, current.attempt, current.status) == (lease.fence, run.attempt, status)
+                or store.has_event(session=session, run_id=run.id, kind=kind, attempt=run.attempt))
             session.rollback()
-            if current is not None and (current.fence, current.attempt, current.status) == (
-                    lease.fence, run.attempt, status):
-                # Our own earlier commit, whose answer was lost: written, and its alert never went (it goes
-                # after the commit), so a dead letter still raises one.
+            if written:
+                # Our own earlier commit, whose answer was lost (its row, or its event once the run moved on):
+                # written, and its alert never went (it goes after the commit), so a dead letter still raises
+                # one, and nothing is booked again.
                 return status, dead, 0
             return None
         # The booking and the settlement work on the row the UPDATE returned.
@@ -493,7 +499,7 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
             session, day=fresh.budget_day, agent=run.agent, caps=caps_of(services, spec))
         if dead:
             _dead_letter(session, fresh, result, verdict, now)
-        store.add_event(session=session, at=now, kind=f"run.{'retrying' if retry else status.value}", run_id=run.id,
+        store.add_event(session=session, at=now, kind=kind, run_id=run.id,
                         agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
                         cost_micros=result.cost_micros, retry_in_s=delay)
         session.commit()

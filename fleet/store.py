@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert
+from sqlalchemy import bindparam, event, func, insert
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
@@ -14,6 +14,7 @@ from fleet import db
 from fleet.models import NOT_STARTED, DeadLetter, Run, RunEvent, RunStatus, table_of
 
 _RUNS, _EVENTS = table_of(Run), table_of(RunEvent)
+_AT_COMMIT = "fleet.events_at_commit"  # session.info: the events waiting for the commit
 # Built once (models.table_of): every run passes through these.
 _ADD_EVENT = insert(_EVENTS)
 _NOT_STARTED = sorted(NOT_STARTED)
@@ -26,9 +27,36 @@ _LIVE_SLOTS = core_select(_RUNS.c.agent, _RUNS.c.slot).where(
 
 def add_event(*, session: Session, at: datetime, kind: str, run_id: str | None = None,
               agent: str | None = None, actor: str | None = None, **detail: Any) -> None:
-    """Append one entry to the audit trail (written in the caller's transaction)."""
-    db.execute(session, _ADD_EVENT, {"at": at, "kind": kind, "run_id": run_id, "agent": agent, "actor": actor,
-                                     "detail": event_detail(**detail)})
+    """Append one entry to the audit trail (written in the caller's transaction; see `events_at_commit`)."""
+    row = {"at": at, "kind": kind, "run_id": run_id, "agent": agent, "actor": actor, "detail": event_detail(**detail)}
+    waiting = session.info.get(_AT_COMMIT)
+    if waiting is not None:
+        waiting.append(row)
+    else:
+        db.execute(session, _ADD_EVENT, row)
+
+
+def events_at_commit(session: Session) -> None:
+    """From now on the session's events wait for its commit and go in one INSERT there (a rollback drops
+    them). An event's id is taken when it is inserted, and a follower reading the trail by id (`fleet
+    events -f`) moves past every id committed before its poll: a transaction that may wait meanwhile (the
+    dispatch, on the fleet's spend row) must take its ids at the very end, or one would land behind it."""
+    if _AT_COMMIT in session.info:
+        return
+    session.info[_AT_COMMIT] = []
+    event.listen(session, "before_commit", _write_events)
+    event.listen(session, "after_rollback", _drop_events)
+
+
+def _write_events(session: Session) -> None:
+    rows = session.info[_AT_COMMIT]
+    if rows:
+        session.execute(_ADD_EVENT, list(rows))  # in the order they were added: their ids follow it
+        rows.clear()
+
+
+def _drop_events(session: Session) -> None:
+    session.info[_AT_COMMIT].clear()
 
 
 def event_detail(**detail: Any) -> str | None:
@@ -89,6 +117,12 @@ def live_slots_of(*, session: Session, agents: list[str], besides: str | None = 
         for row in db.execute(session, query, {"agents": agents[start:start + LIVE_SLOTS_CHUNK]}):
             taken.setdefault(row.agent, set()).add(int(row.slot))
     return taken
+
+
+def has_event(*, session: Session, run_id: str, kind: str, attempt: int) -> bool:
+    """Whether the run's trail holds a `kind` event of this attempt (its detail's `attempt`)."""
+    details = session.exec(select(RunEvent.detail).where(RunEvent.run_id == run_id, RunEvent.kind == kind))
+    return any(json.loads(detail).get("attempt") == attempt for detail in details if detail)
 
 
 def run_events(*, session: Session, run_id: str) -> list[RunEvent]:

@@ -1,0 +1,155 @@
+"""What the hot path (statements built once, fleet/db.py execute) must still promise, on SQLite and PostgreSQL
+with a real Redis, in-process: the audit trail in commit order for a follower, an outcome that lands on its
+own attempt only, and the day's first reservations raced staying exact under both caps."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlmodel import select
+
+from fleet import db, executor, ledger, store
+from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
+from fleet.keys import GLOBAL
+from fleet.models import Run, RunStatus, SpendDay
+from fleet.process import ProcessResult
+from fleet.services import Services
+
+
+def _queue(services: Services, agent: str) -> DispatchResult:
+    result = dispatch(services, DispatchRequest(agent, f"{agent}-{uuid.uuid4().hex}", actor="test"),
+                      lambda _run_id, _fence: None)
+    assert result.status == "queued", result
+    return result
+
+
+def _row(services: Services, run_id: str) -> Run:
+    with db.session(services.engine) as session:
+        run = session.get(Run, run_id)
+    assert run is not None
+    return run
+
+
+# ---------------------------------------------------------------- the audit trail followed live
+
+
+def test_a_follower_of_the_audit_trail_sees_the_created_event_of_a_dispatch_that_waited(
+        services: Services) -> None:
+    """`fleet events -f` follows the trail by id. A dispatch that waits on the fleet's spend row (the hot row)
+    must not have its run.created event land below an id the follower has already passed: the dispatch's
+    events are written at its commit, after every wait."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers are serialised (BEGIN IMMEDIATE): ids are handed out in commit order")
+    _queue(services, "echo")  # today's spend rows exist
+    with db.session(services.engine) as session:
+        day = ledger.budget_day(session, services.config.fleet.timezone)
+    blocker = services.engine.connect()
+    blocker.execute(text("SELECT 1 FROM spend_days WHERE day = :day AND scope = :scope FOR UPDATE"),
+                    {"day": day, "scope": GLOBAL})
+    answers: list[DispatchResult] = []
+    waiting = threading.Thread(target=lambda: answers.append(_queue(services, "counter")))
+    try:
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while True:  # the dispatch waits on the fleet's row, its transaction open
+            with services.engine.connect() as probe:
+                blocked = probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                             "current_database() AND wait_event_type = 'Lock'")).scalar_one()
+            if blocked:
+                break
+            assert time.monotonic() < deadline, "the dispatch never waited on the fleet's row"
+            time.sleep(0.05)
+        with db.session(services.engine) as session:  # any other event committed meanwhile (another dispatch)
+            store.add_event(session=session, at=services.now(), kind="test.meanwhile")
+            session.commit()
+        with db.session(services.engine) as session:  # the follower's poll
+            seen = store.events_after(session=session, after_id=0, limit=10_000)
+        last = max(event.id or 0 for event in seen)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        waiting.join(30)
+    assert answers and answers[0].status == "queued"
+    with db.session(services.engine) as session:  # the follower's next poll
+        seen += store.events_after(session=session, after_id=last, limit=10_000)
+        every = store.run_events(session=session, run_id=answers[0].run_id or "")
+    kinds = [event.kind for event in seen if event.run_id == answers[0].run_id]
+    assert [event.kind for event in every] == ["run.created", "run.queued"]
+    assert kinds == ["run.created", "run.queued"], f"the follower saw only {kinds}"
+
+
+# ---------------------------------------------------------------- the fenced outcome
+
+
+def _failed(cost: int) -> ProcessResult:
+    return ProcessResult(exit_code=1, stop_reason=None, cost_micros=cost, input_tokens=0, output_tokens=0,
+                         done_reason=None, output_tail="boom\n", pid=None, pgid=None, log_bytes=5, started=True)
+
+
+def test_a_retried_outcome_write_never_lands_on_the_next_attempt(services: Services) -> None:
+    """Attempt 1 fails (retryable); its outcome's COMMIT reaches the database but the answer is lost, and the
+    database stays away from that worker while the reaper re-sends the queued retry and another worker claims it
+    (same fence: a retry keeps its fence). When the old executor's write is tried again, the fenced UPDATE
+    (id, fence, running) matches attempt 2: it must not end attempt 2, book attempt 1's cost a second time or
+    settle attempt 2's reservation."""
+    queued = _queue(services, "fail")
+    claimed = executor._claim(services, queued.run_id or "", queued.fence or 0)
+    assert not isinstance(claimed, executor.ExecuteResult), claimed
+    run, spec, lease, _room = claimed
+    result = _failed(cost=5_000)
+    verdict = executor.judge(result, None)
+    assert verdict.retryable and run.attempt == 1
+    first = executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000)
+    assert first == (RunStatus.QUEUED, False, 0)  # committed; say its answer never reached the executor
+    services.leases.renew(lease, 60)  # the old executor keeps renewing it while it retries (_wait_keeping)
+    second = executor._claim(services, run.id, lease.fence)  # the re-sent message, on another worker
+    assert not isinstance(second, executor.ExecuteResult), second
+    assert second[0].attempt == 2
+    executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000)  # the old one's retry
+    after = _row(services, run.id)
+    # (status, attempt, cost booked, still reserved, settled): attempt 2 running, attempt 1's cost once,
+    # attempt 2's reservation of $0.01 untouched
+    assert (after.status, after.attempt, after.cost_micros, after.reserved_micros, after.settled_at) == (
+        RunStatus.RUNNING, 2, 5_000, 10_000, None), "attempt 1's outcome write landed on attempt 2"
+
+
+# ---------------------------------------------------------------- the day's first reservations, raced
+
+
+def test_the_days_first_reservations_raced_stay_under_both_caps_exactly(engine: Engine) -> None:
+    """Eight transactions of two agents reserve at once on a day with no spend rows yet (the UPDATE finds no row,
+    the upsert, the second ask), agent cap 3 runs each, fleet cap 5: exactly five pass, both rows agree, no
+    deadlock and no double reservation from the second ask."""
+    day, now = "2031-01-01", datetime(2031, 1, 1, 12, tzinfo=UTC)  # a day no other test touches
+    caps = ledger.Caps(agent=350, fleet=500)
+    start = threading.Barrier(8)
+    passed: list[str] = []
+    errors: list[BaseException] = []
+
+    def one(agent: str) -> None:
+        try:
+            start.wait(10)  # before any statement: on SQLite the first one takes the write lock
+            with db.session(engine) as session:
+                if ledger.reserve(session, day=day, agent=agent, amount=100, caps=caps, now=now):
+                    session.commit()
+                    passed.append(agent)
+                else:
+                    session.rollback()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(agent,)) for agent in ["a", "b"] * 4]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    with db.session(engine) as session:
+        rows = {row.scope: row.reserved_micros for row in session.exec(select(SpendDay).where(SpendDay.day == day))}
+    assert len(passed) == 5
+    assert rows == {"a": 100 * passed.count("a"), "b": 100 * passed.count("b"), GLOBAL: 500}
