@@ -35,7 +35,6 @@ from fleet.dispatch import (
     Gate,
     Sender,
     admission_refusal,
-    archive,
     caps_of,
     dispatch,
     duplicate_of,
@@ -63,7 +62,6 @@ class _Item:
     result: DispatchResult | None = None
     lease: Lease | None = None
     day: str | None = None  # the budget day it reserved on
-    archived: list[str] = field(default_factory=list)
 
     @property
     def idem_key(self) -> str:
@@ -129,19 +127,21 @@ def _accept(services: Services, items: list[_Item], actor: str) -> None:
 
 
 def _answer_duplicates(session: Session, services: Services, items: list[_Item], now: datetime) -> list[_Item]:
-    """Keys that have a run already are answered from it (archiving it first when it went stale
-    unstarted, as archive-stale would); the rest, to create."""
+    """Keys that have a run already are answered from it (a stale unstarted one sends the batch the
+    one-at-a-time way, whose archive-stale archives it); the rest, to create."""
     by_key = {item.idem_key: item for item in items}
     cutoff = now - timedelta(seconds=services.config.fleet.stale_after_s)
     for start in range(0, len(items), CHUNK):
         keys = [item.idem_key for item in items[start:start + CHUNK]]
         for run in session.exec(select(Run).where(col(Run.idem_key).in_(keys))):
             item = by_key[run.idem_key]
-            if run.status in NOT_STARTED and run.attempt == 0 and run.created_at < cutoff \
-                    and archive(session, services, run, reason="stale"):
-                item.archived.append(run.id)
+            if run.status in NOT_STARTED and run.attempt == 0 and run.created_at < cutoff:
+                # Archiving settles the stale run: its agent's spend row, then the fleet's, before this batch
+                # takes its agents' rows. Holding the fleet's row while waiting on an agent's, against a single
+                # dispatch that holds that agent's row and waits on the fleet's, deadlocks (PostgreSQL). Rare
+                # (a run unstarted for stale_after_s): the one-at-a-time path archives in its own order.
+                raise _OneAtATime()
             item.result = duplicate_of(run)
-            item.result.archived = item.archived
     return [item for item in items if item.result is None]
 
 

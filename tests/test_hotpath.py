@@ -153,3 +153,62 @@ def test_the_days_first_reservations_raced_stay_under_both_caps_exactly(engine: 
         rows = {row.scope: row.reserved_micros for row in session.exec(select(SpendDay).where(SpendDay.day == day))}
     assert len(passed) == 5
     assert rows == {"a": 100 * passed.count("a"), "b": 100 * passed.count("b"), GLOBAL: 500}
+
+
+# ---------------------------------------------------------------- lock order: a batch that archives first
+
+
+def _lock_waits(services: Services) -> int:
+    with services.engine.connect() as probe:
+        return int(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'")).scalar_one())
+
+
+def test_a_batch_that_archives_a_stale_run_never_deadlocks_with_a_single_dispatch(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bulk.dispatch_many promises agent rows first and the fleet's row last. A key of the batch whose run went
+    stale unstarted would be archived first, and its settlement would take the fleet's row before the batch
+    takes its agents' rows: a single dispatch of one of those agents that holds its agent's row and waits on
+    the fleet's row would close a cycle. Such a batch goes the one-at-a-time way instead (the single dispatch,
+    if the batch still reserved after archiving, is started from inside its reservation)."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers are serialised: no row locks, no deadlock")
+    from fleet import bulk
+
+    stale = _queue(services, "echo")
+    with db.session(services.engine) as session:  # never started, two hours old: the batch archives it
+        session.execute(text("UPDATE runs SET created_at = created_at - interval '2 hours' WHERE id = :id"),
+                        {"id": stale.run_id})
+        session.commit()
+    work_key = _row(services, stale.run_id or "").work_key
+    single: list[object] = []
+
+    def dispatch_long() -> None:
+        try:
+            single.append(_queue(services, "long"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            single.append(exc)
+
+    thread = threading.Thread(target=dispatch_long)
+    real = ledger.reserve_many
+
+    def after_a_single_dispatch(session: object, **kwargs: object) -> object:
+        thread.start()  # the batch holds the fleet's row (the archive's settlement) by now
+        deadline = time.monotonic() + 10
+        while not _lock_waits(services) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return real(session, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "reserve_many", after_a_single_dispatch)
+    specs = services.config.agent
+    try:
+        answers: object = bulk.dispatch_many(services, [(specs("echo"), work_key), (specs("long"), uuid.uuid4().hex)],
+                                             lambda _run_id, _fence: None, "test")
+    except Exception as exc:  # noqa: BLE001 - reported below
+        answers = exc
+    if thread.is_alive() or single:
+        thread.join(30)
+        assert not isinstance(single[0], BaseException), f"the single dispatch failed: {single[0]!r}"
+    assert not isinstance(answers, Exception), f"the batch failed: {answers!r}"
+    assert isinstance(answers, list) and [a.status for a in answers] == ["duplicate", "queued"], answers
+    assert answers[0].archived == [stale.run_id] and _row(services, stale.run_id or "").status == RunStatus.ARCHIVED
