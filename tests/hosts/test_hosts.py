@@ -19,7 +19,7 @@ import pytest
 from sqlmodel import select
 
 from fleet import db, ledger
-from fleet.models import NOT_STARTED, TERMINAL, Run, RunStatus
+from fleet.models import TERMINAL, Run, RunStatus
 from tests.harness import PY, ROOT, wait_for
 from tests.hosts.bed import Bed, faketime_lib
 from tests.hosts.conftest import MultiFleet, multi_fleet, wait_consuming
@@ -268,13 +268,13 @@ def test_a_host_two_minutes_ahead_starts_nothing_twice_and_names_the_database_s_
         log = multi.effects()
         with db.session(multi.services.engine) as session:
             today = ledger.budget_day(session, "UTC")
-            # Beat keeps ticking while we look: a slot queued a moment ago has simply not started yet.
-            ticks = [r for r in session.exec(select(Run).where(Run.agent == "ticker")) if r.status not in NOT_STARTED]
+            # Beat keeps ticking while we look: a slot queued a moment ago has simply not been claimed yet,
+            # and one claimed a moment ago has not started its agent yet (that follows the claim's commit).
+            ticks = [r for r in session.exec(select(Run).where(Run.agent == "ticker")) if r.started_at is not None]
         assert len(ticks) >= 2
         for run in ticks:
             slot = datetime.fromisoformat(run.work_key.removeprefix("schedule:")).timestamp()
-            starts = log.starts(run.id)
-            assert starts, f"tick {run.work_key} never started"
+            starts = wait_for(lambda r=run: multi.effects().starts(r.id), 30, f"tick {run.work_key}'s agent to start")
             late = starts[0].t - slot  # the agents write the machine's own time, on either host
             # Within the slot's length plus what a loaded machine takes to start it; never the skew away.
             assert 0 <= late < SLOT_S + 30, (f"the tick run on {run.host} named slot {run.work_key}, "
