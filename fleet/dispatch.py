@@ -243,7 +243,7 @@ def create(session: Session, spec: AgentSpec, work_key: str, idem_key: str, payl
     inserted = db.execute(session, _CREATE[session.get_bind().dialect.name], row).first()
     if inserted is not None:
         store.add_event(session=session, at=now, kind="run.created", run_id=run.id, agent=spec.name,
-                        actor=request.actor, work_key=work_key, replay_of=request.replay_of)
+                        actor=request.actor[:255], work_key=work_key, replay_of=request.replay_of)
         return run
     existing = store.get_run_by_key(session=session, idem_key=idem_key)
     if existing is None:  # created and refused (rolled back) in between: the caller may try again

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from sqlalchemy import bindparam, update
@@ -47,6 +47,7 @@ Requeue = Callable[[str, int, float], None]  # (run_id, fence, countdown_s)
 # Exit codes shared with the CLI (DESIGN.md): what each one means for the run.
 EXIT_OK, EXIT_IDLE, EXIT_TRANSIENT, EXIT_AUTH, EXIT_CONFIG = 0, 3, 75, 77, 78
 POLL_TIMEOUT_S = 60.0
+MOVED_ON: Literal["moved_on"] = "moved_on"  # see _write_outcome
 
 # Built once (models.table_of): every run is claimed and ended by these. (A bind parameter may not
 # share a column's name in an UPDATE: theirs start with p_.)
@@ -431,6 +432,9 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     if written is None:
         _book_orphaned_spend(services, run, cost - charged)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
+    if written == MOVED_ON:
+        return ExecuteResult(run.id, "stale", result.exit_code, "its outcome was written before; the run has "
+                                                                "moved on since")
     status, dead, over = written
     if over > 0:  # the guard stopped it, but one report had already passed a cap: say so (the bookkeeper may not have)
         alerts.alert("overspend", f"run {run.id} of {run.agent} took today's spend past a cap by "
@@ -459,9 +463,9 @@ def _wait_keeping(services: Services, lease: Lease, seconds: float) -> None:
 
 def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult,
                    verdict: Verdict, retry: bool, delay: float | None,
-                   cost: int) -> tuple[RunStatus, bool, int] | None:
+                   cost: int) -> tuple[RunStatus, bool, int] | Literal["moved_on"] | None:
     """One fenced attempt at writing the outcome: (status, dead-lettered, micro-dollars over a cap once
-    booked), or None when taken over.
+    booked), None when taken over, MOVED_ON when an earlier try was written and the run has moved on since.
 
     An earlier try whose commit reached the database although its answer did not (an ambiguous
     commit) is recognised by the row it left: our fence, our attempt, the status we meant to write.
@@ -481,16 +485,19 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
         fresh = db.execute(session, _RETRYING if retry else _ENDED, values).scalars().first()
         if fresh is None:
             current = session.get(Run, run.id)
-            written = current is not None and (
-                (current.fence, current.attempt, current.status) == (lease.fence, run.attempt, status)
-                or store.has_event(session=session, run_id=run.id, kind=kind, attempt=run.attempt))
+            # Our own earlier commit, whose answer was lost, is known by its event: committed with the row, and
+            # only ours carries our fence (the reaper's own `run.retrying` of this attempt has the new fence, and
+            # its dead letter keeps our fence in the row, so the row alone cannot tell).
+            ours = store.has_event(session=session, run_id=run.id, kind=kind, attempt=run.attempt, fence=lease.fence)
+            still = current is not None and (current.fence, current.attempt, current.status) == (
+                lease.fence, run.attempt, status)
             session.rollback()
-            if written:
-                # Our own earlier commit, whose answer was lost (its row, or its event once the run moved on):
-                # written, and its alert never went (it goes after the commit), so a dead letter still raises
-                # one, and nothing is booked again.
-                return status, dead, 0
-            return None
+            if not ours:
+                return None
+            if not still:
+                return MOVED_ON  # booked by that commit; what follows it belongs to the run's new owner now
+            # Written, and its alert never went (it goes after the commit): a dead letter still raises one.
+            return status, dead, 0
         # The booking and the settlement work on the row the UPDATE returned.
         ledger.book_attempt(session, run=fresh, total=cost, now=now, final=True, current=fresh)
         ledger.settle(session, run=fresh, now=now, current=fresh)  # a retry reserves again when it starts
@@ -501,7 +508,7 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
             _dead_letter(session, fresh, result, verdict, now)
         store.add_event(session=session, at=now, kind=kind, run_id=run.id,
                         agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
-                        cost_micros=result.cost_micros, retry_in_s=delay)
+                        cost_micros=result.cost_micros, retry_in_s=delay, fence=lease.fence)
         session.commit()
     return status, dead, 0 if room is None else max(0, -room)
 

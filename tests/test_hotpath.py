@@ -7,13 +7,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, text
 from sqlmodel import select
 
-from fleet import db, executor, ledger, store
+from fleet import db, executor, keys, ledger, store, sweeps
 from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
 from fleet.keys import GLOBAL
 from fleet.models import Run, RunStatus, SpendDay
@@ -212,3 +212,125 @@ def test_a_batch_that_archives_a_stale_run_never_deadlocks_with_a_single_dispatc
     assert not isinstance(answers, Exception), f"the batch failed: {answers!r}"
     assert isinstance(answers, list) and [a.status for a in answers] == ["duplicate", "queued"], answers
     assert answers[0].archived == [stale.run_id] and _row(services, stale.run_id or "").status == RunStatus.ARCHIVED
+
+
+# ---------------------------------------------------------------- the outcome after the reaper took over
+
+
+def _reaper_takes_over(services: Services, run_id: str) -> list[tuple[str, int]]:
+    """The reaper finds the running attempt silent (heartbeat old, lease lapsed a whole TTL ago) and takes it
+    over: abandoned, then requeued (attempt < max) or dead-lettered (attempt == max). The messages it sent."""
+    with db.session(services.engine) as session:
+        row = session.get(Run, run_id)
+        assert row is not None and row.heartbeat_at is not None
+        row.heartbeat_at = row.heartbeat_at - timedelta(hours=1)
+        session.add(row)
+        session.commit()
+        fence, slot, agent = row.fence, row.slot, row.agent
+    assert slot is not None
+    services.redis.delete(keys.slot_lease(agent, slot))  # the owner's lease lapsed (cut off from Redis)
+    seconds, _ = services.redis.time()
+    services.redis.set(keys.suspect(run_id), f"{fence}:{int(seconds) - 3600}")  # seen lapsed long ago
+    sent: list[tuple[str, int]] = []
+    sweeps.reap(services, lambda rid, f: sent.append((rid, f)))
+    return sent
+
+
+def test_an_outcome_that_finds_the_reaper_requeued_its_attempt_is_stale_and_books_its_spend(
+        services: Services) -> None:
+    """Attempt 1's owner is cut off; the reaper abandons the attempt (booking its reservation) and requeues it
+    with a new fence, writing `run.retrying` with attempt 1. The old owner comes back and writes its
+    retryable outcome: the run is not its own any more, and the reaper's event of the same kind and attempt
+    must not pass for the owner's own earlier commit (its spend would go unbooked, its requeue be sent)."""
+    queued = _queue(services, "fail")
+    claimed = executor._claim(services, queued.run_id or "", queued.fence or 0)
+    assert not isinstance(claimed, executor.ExecuteResult), claimed
+    run, spec, lease, _room = claimed
+    sent = _reaper_takes_over(services, run.id)
+    taken = _row(services, run.id)
+    assert (taken.status, taken.attempt, len(sent)) == (RunStatus.QUEUED, 1, 1) and taken.fence != lease.fence
+    requeued: list[tuple[str, int, float]] = []
+    result = _failed(cost=50_000)  # it spent $0.05, none of it booked while cut off (charged = 0)
+    verdict = executor.judge(result, None)
+    answer = executor._finish(services, run, spec, lease, result, verdict,
+                              lambda rid, f, d: requeued.append((rid, f, d)), 50_000, 0)
+    after = _row(services, run.id)
+    # (answer, messages with the dead fence, cost booked: the reaper's $0.01 reservation + the $0.05 spent)
+    assert (answer.status, requeued, after.cost_micros) == ("stale", [], 10_000 + 50_000), (
+        f"answered {answer.status}, requeued {requeued}, booked {after.cost_micros}")
+
+
+def test_a_last_attempt_the_reaper_dead_lettered_is_not_taken_for_the_owners_own_outcome(
+        services: Services) -> None:
+    """The same on the last attempt: the reaper buries attempt 2 keeping its fence, so the row reads
+    (fence, 2, dead), exactly what the cut-off owner meant to write; the row alone must not pass for the
+    owner's own commit (its spend would go unbooked and a second dead-letter alert go out)."""
+    queued = _queue(services, "fail")
+    first = executor._claim(services, queued.run_id or "", queued.fence or 0)
+    assert not isinstance(first, executor.ExecuteResult), first
+    run, spec, lease, _room = first
+    result = _failed(cost=5_000)
+    verdict = executor.judge(result, None)
+    assert executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000) == (
+        RunStatus.QUEUED, False, 0)
+    second = executor._claim(services, run.id, lease.fence)
+    assert not isinstance(second, executor.ExecuteResult), second
+    run2, _spec, lease2, _room = second
+    assert run2.attempt == 2
+    _reaper_takes_over(services, run.id)
+    assert _row(services, run.id).status == RunStatus.DEAD
+    answer = executor._finish(services, run2, spec, lease2, _failed(cost=50_000), verdict,
+                              lambda *_: None, 50_000, 0)
+    after = _row(services, run.id)
+    # attempt 1's $0.005, the reaper's $0.01 for attempt 2, and attempt 2's $0.05 reported
+    assert (answer.status, after.cost_micros) == ("stale", 5_000 + 10_000 + 50_000), (
+        f"answered {answer.status}, booked {after.cost_micros}")
+
+
+def test_a_late_outcome_recognised_by_its_event_does_not_take_the_slot_of_a_finished_run_again(
+        services: Services) -> None:
+    """Attempt 1's outcome committed (answer lost), the retry ran on another worker and finished (its lease
+    freed). The old owner's write again is recognised by its event: nothing is booked twice, and nothing of what
+    follows a fresh write (a lease renewal that would take the finished run's slot again, a requeue) is done."""
+    from dataclasses import replace
+
+    queued = _queue(services, "fail")
+    first = executor._claim(services, queued.run_id or "", queued.fence or 0)
+    assert not isinstance(first, executor.ExecuteResult), first
+    run, spec, lease, _room = first
+    failed = _failed(cost=5_000)
+    verdict = executor.judge(failed, None)
+    assert executor._write_outcome(services, run, spec, lease, failed, verdict, True, 0.0, 5_000) == (
+        RunStatus.QUEUED, False, 0)  # its answer never reached the old owner
+    second = executor._claim(services, run.id, lease.fence)
+    assert not isinstance(second, executor.ExecuteResult), second
+    run2, _spec, lease2, _room = second
+    ok = replace(failed, exit_code=0, cost_micros=1_000)
+    done = executor._finish(services, run2, spec, lease2, ok, executor.judge(ok, None), lambda *_: None, 1_000, 0)
+    assert done.status == "succeeded"
+    assert services.leases.holders("fail", spec.concurrency) == []
+    requeued: list[tuple[str, int, float]] = []
+    late = executor._finish(services, run, spec, lease, failed, verdict,
+                            lambda rid, f, d: requeued.append((rid, f, d)), 5_000, 5_000)
+    assert _row(services, run.id).cost_micros == 6_000  # nothing booked twice (the fix's point)
+    assert (services.leases.holders("fail", spec.concurrency), requeued) == ([], []), (
+        f"late write ({late.status}) took the finished run's slot again and requeued it")
+
+
+# ---------------------------------------------------------------- the dispatch's events at commit
+
+
+def test_a_dispatch_whose_event_cannot_be_written_keeps_no_slot(services: Services) -> None:
+    """The run.created event's actor is cut to its column as the run's is: on PostgreSQL a longer one failed
+    the event's INSERT at the commit (events_at_commit), after the admission took a lease, and the slot stayed
+    taken with no run behind it."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite does not enforce VARCHAR lengths")
+    from fleet.dispatch import DispatchRequest, dispatch
+
+    result = dispatch(services, DispatchRequest("echo", "k-long-actor", actor="celery:" + "h" * 300),
+                      lambda _r, _f: None)
+    assert result.status == "queued"
+    with db.session(services.engine) as session:
+        events = store.run_events(session=session, run_id=result.run_id or "")
+    assert [e.kind for e in events] == ["run.created", "run.queued"] and len(events[0].actor or "") == 255
