@@ -468,7 +468,7 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     booked), None when taken over, MOVED_ON when an earlier try was written and the run has moved on since.
 
     An earlier try whose commit reached the database although its answer did not (an ambiguous
-    commit) is recognised by the row it left: our fence, our attempt, the status we meant to write.
+    commit) is recognised by the outcome event it left: our kind, our attempt, our fence.
     """
     now = services.now()
     dead = verdict.status == RunStatus.FAILED and not retry

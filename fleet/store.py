@@ -122,8 +122,8 @@ def live_slots_of(*, session: Session, agents: list[str], besides: str | None = 
 def has_event(*, session: Session, run_id: str, kind: str, attempt: int, fence: int) -> bool:
     """Whether the run's trail holds a `kind` event of this attempt under this fence (its detail's)."""
     details = session.exec(select(RunEvent.detail).where(RunEvent.run_id == run_id, RunEvent.kind == kind))
-    return any((json.loads(detail).get("attempt"), json.loads(detail).get("fence")) == (attempt, fence)
-               for detail in details if detail)
+    parsed = (json.loads(detail) for detail in details if detail)
+    return any((d.get("attempt"), d.get("fence")) == (attempt, fence) for d in parsed)
 
 
 def run_events(*, session: Session, run_id: str) -> list[RunEvent]:
