@@ -14,8 +14,10 @@ from sqlalchemy import Engine, text
 from sqlmodel import select
 
 from fleet import db, executor, keys, ledger, store, sweeps
+from fleet.config import AgentSpec
 from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
 from fleet.keys import GLOBAL
+from fleet.locks import Lease
 from fleet.models import Run, RunStatus, SpendDay
 from fleet.process import ProcessResult
 from fleet.services import Services
@@ -91,25 +93,40 @@ def _failed(cost: int) -> ProcessResult:
                          done_reason=None, output_tail="boom\n", pid=None, pgid=None, log_bytes=5, started=True)
 
 
+def _claimed(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec, Lease]:
+    """The run claimed by this message (it must be), as the executor holds it."""
+    claimed = executor._claim(services, run_id, fence)
+    assert not isinstance(claimed, executor.ExecuteResult), claimed
+    run, spec, lease, _room = claimed
+    return run, spec, lease
+
+
+def _failed_once_then_claimed_again(services: Services, *, renewing: bool = False) -> tuple[
+        Run, AgentSpec, Lease, ProcessResult, executor.Verdict, Run, Lease]:
+    """Attempt 1 of a `fail` run fails (retryable, $0.005), its retry outcome commits but the answer is lost;
+    the re-sent message claims attempt 2 on another worker (same fence). `renewing`: the old owner renewed its
+    lease meanwhile (_wait_keeping). Attempt 1's run, spec, lease, result, verdict; attempt 2's run and lease."""
+    queued = _queue(services, "fail")
+    run, spec, lease = _claimed(services, queued.run_id or "", queued.fence or 0)
+    result = _failed(cost=5_000)
+    verdict = executor.judge(result, None)
+    assert verdict.retryable and run.attempt == 1
+    first = executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000)
+    assert first == (RunStatus.QUEUED, False, 0)  # committed; say its answer never reached the executor
+    if renewing:
+        services.leases.renew(lease, 60)
+    run2, _spec, lease2 = _claimed(services, run.id, lease.fence)  # the re-sent message, on another worker
+    assert run2.attempt == 2
+    return run, spec, lease, result, verdict, run2, lease2
+
+
 def test_a_retried_outcome_write_never_lands_on_the_next_attempt(services: Services) -> None:
     """Attempt 1 fails (retryable); its outcome's COMMIT reaches the database but the answer is lost, and the
     database stays away from that worker while the reaper re-sends the queued retry and another worker claims it
     (same fence: a retry keeps its fence). When the old executor's write is tried again, the fenced UPDATE
     (id, fence, running) matches attempt 2: it must not end attempt 2, book attempt 1's cost a second time or
     settle attempt 2's reservation."""
-    queued = _queue(services, "fail")
-    claimed = executor._claim(services, queued.run_id or "", queued.fence or 0)
-    assert not isinstance(claimed, executor.ExecuteResult), claimed
-    run, spec, lease, _room = claimed
-    result = _failed(cost=5_000)
-    verdict = executor.judge(result, None)
-    assert verdict.retryable and run.attempt == 1
-    first = executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000)
-    assert first == (RunStatus.QUEUED, False, 0)  # committed; say its answer never reached the executor
-    services.leases.renew(lease, 60)  # the old executor keeps renewing it while it retries (_wait_keeping)
-    second = executor._claim(services, run.id, lease.fence)  # the re-sent message, on another worker
-    assert not isinstance(second, executor.ExecuteResult), second
-    assert second[0].attempt == 2
+    run, spec, lease, result, verdict, _run2, _lease2 = _failed_once_then_claimed_again(services, renewing=True)
     executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000)  # the old one's retry
     after = _row(services, run.id)
     # (status, attempt, cost booked, still reserved, settled): attempt 2 running, attempt 1's cost once,
@@ -243,9 +260,7 @@ def test_an_outcome_that_finds_the_reaper_requeued_its_attempt_is_stale_and_book
     retryable outcome: the run is not its own any more, and the reaper's event of the same kind and attempt
     must not pass for the owner's own earlier commit (its spend would go unbooked, its requeue be sent)."""
     queued = _queue(services, "fail")
-    claimed = executor._claim(services, queued.run_id or "", queued.fence or 0)
-    assert not isinstance(claimed, executor.ExecuteResult), claimed
-    run, spec, lease, _room = claimed
+    run, spec, lease = _claimed(services, queued.run_id or "", queued.fence or 0)
     sent = _reaper_takes_over(services, run.id)
     taken = _row(services, run.id)
     assert (taken.status, taken.attempt, len(sent)) == (RunStatus.QUEUED, 1, 1) and taken.fence != lease.fence
@@ -265,23 +280,12 @@ def test_a_last_attempt_the_reaper_dead_lettered_is_not_taken_for_the_owners_own
     """The same on the last attempt: the reaper buries attempt 2 keeping its fence, so the row reads
     (fence, 2, dead), exactly what the cut-off owner meant to write; the row alone must not pass for the
     owner's own commit (its spend would go unbooked and a second dead-letter alert go out)."""
-    queued = _queue(services, "fail")
-    first = executor._claim(services, queued.run_id or "", queued.fence or 0)
-    assert not isinstance(first, executor.ExecuteResult), first
-    run, spec, lease, _room = first
-    result = _failed(cost=5_000)
-    verdict = executor.judge(result, None)
-    assert executor._write_outcome(services, run, spec, lease, result, verdict, True, 0.0, 5_000) == (
-        RunStatus.QUEUED, False, 0)
-    second = executor._claim(services, run.id, lease.fence)
-    assert not isinstance(second, executor.ExecuteResult), second
-    run2, _spec, lease2, _room = second
-    assert run2.attempt == 2
-    _reaper_takes_over(services, run.id)
-    assert _row(services, run.id).status == RunStatus.DEAD
+    _run, spec, _lease, _result, verdict, run2, lease2 = _failed_once_then_claimed_again(services)
+    _reaper_takes_over(services, run2.id)
+    assert _row(services, run2.id).status == RunStatus.DEAD
     answer = executor._finish(services, run2, spec, lease2, _failed(cost=50_000), verdict,
                               lambda *_: None, 50_000, 0)
-    after = _row(services, run.id)
+    after = _row(services, run2.id)
     # attempt 1's $0.005, the reaper's $0.01 for attempt 2, and attempt 2's $0.05 reported
     assert (answer.status, after.cost_micros) == ("stale", 5_000 + 10_000 + 50_000), (
         f"answered {answer.status}, booked {after.cost_micros}")
@@ -294,17 +298,7 @@ def test_a_late_outcome_recognised_by_its_event_does_not_take_the_slot_of_a_fini
     follows a fresh write (a lease renewal that would take the finished run's slot again, a requeue) is done."""
     from dataclasses import replace
 
-    queued = _queue(services, "fail")
-    first = executor._claim(services, queued.run_id or "", queued.fence or 0)
-    assert not isinstance(first, executor.ExecuteResult), first
-    run, spec, lease, _room = first
-    failed = _failed(cost=5_000)
-    verdict = executor.judge(failed, None)
-    assert executor._write_outcome(services, run, spec, lease, failed, verdict, True, 0.0, 5_000) == (
-        RunStatus.QUEUED, False, 0)  # its answer never reached the old owner
-    second = executor._claim(services, run.id, lease.fence)
-    assert not isinstance(second, executor.ExecuteResult), second
-    run2, _spec, lease2, _room = second
+    run, spec, lease, failed, verdict, run2, lease2 = _failed_once_then_claimed_again(services)
     ok = replace(failed, exit_code=0, cost_micros=1_000)
     done = executor._finish(services, run2, spec, lease2, ok, executor.judge(ok, None), lambda *_: None, 1_000, 0)
     assert done.status == "succeeded"
