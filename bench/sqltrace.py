@@ -22,7 +22,7 @@ _SPACE = re.compile(r"\s+")
 class Counts:
     """What the database was asked to do."""
 
-    checkouts: int = 0  # connection checkouts (PostgreSQL: each one a `SELECT 1` ping, pool_pre_ping)
+    checkouts: int = 0  # connection checkouts (no round trip unless the server closed the connection: fleet/db.py)
     begins: int = 0
     write_commits: int = 0  # commits of transactions that wrote: each one a durable flush (fsync)
     read_commits: int = 0  # commits of transactions that only read

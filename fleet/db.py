@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import select
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, Engine, Executable, Result, create_engine, event, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from fleet.errors import ConfigError, UnavailableError
@@ -37,16 +39,45 @@ def make_engine(url: str, timeout_s: float = 10.0) -> Engine:
             url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         # A client frozen or cut off inside a transaction must not hold row locks for ever: the server
         # ends such a session after 20 s. TCP keepalives and a user timeout notice a silent server.
-        # pool_pre_ping: a pooled connection the server closed (a restart, a failover, pg_terminate_backend),
-        # even a moment after its last use, is replaced before a caller sees it. Callers that write once
-        # (an orphaned attempt's spend, a beat tick) rely on it; a ping only after an idle second left them a
-        # window (tests/test_db.py). It costs a round trip per checkout, 3 per run.
-        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                             connect_args={"connect_timeout": max(1, round(min(timeout_s, 5))), "keepalives": 1,
-                                           "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-                                           "tcp_user_timeout": round(timeout_s * 1000),
-                                           "options": "-c idle_in_transaction_session_timeout=20000"})
+        engine = create_engine(url, pool_size=5, max_overflow=5,
+                               connect_args={"connect_timeout": max(1, round(min(timeout_s, 5))), "keepalives": 1,
+                                             "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                                             "tcp_user_timeout": round(timeout_s * 1000),
+                                             "options": "-c idle_in_transaction_session_timeout=20000"})
+        event.listen(engine, "checkout", functools.partial(_replace_if_closed_by_server, engine.dialect))
+        return engine
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
+
+
+def _replace_if_closed_by_server(dialect: Dialect, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Hand out a pooled PostgreSQL connection only if the server has not ended it, without a round trip.
+
+    A restart, a failover or pg_terminate_backend ends a session with a last message and a close, even
+    a moment after the connection's last use; callers that write once (an orphaned attempt's spend, a beat
+    tick) must never get such a connection (tests/test_db.py). An idle connection has nothing to read
+    unless that happened (or the kernel's keepalives found the peer gone), so a look at its socket tells,
+    where pool_pre_ping spent a round trip on every checkout. Something harmless to read (a notice) is
+    told apart by the dialect's ping. Raising DisconnectionError makes the pool connect afresh and try again.
+    """
+    if _idle_with_input(dbapi_connection) and not _answers_ping(dialect, dbapi_connection):
+        raise DisconnectionError("the server closed this pooled connection")
+
+
+def _idle_with_input(dbapi_connection: Any) -> bool:
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # noqa: BLE001 - psycopg raises OperationalError once the connection is closed
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def _answers_ping(dialect: Dialect, dbapi_connection: Any) -> bool:
+    try:
+        return bool(dialect.do_ping(dbapi_connection))
+    except Exception:  # noqa: BLE001 - any failure of a ping means a connection not to hand out
+        return False
 
 
 def _sqlite_engine(url: str, timeout_s: float) -> Engine:

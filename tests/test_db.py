@@ -24,6 +24,7 @@ import fleet.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from fleet import db
 from fleet.errors import ConfigError, UnavailableError
 from tests.conftest import drop_pg_database, new_pg_database
+from tests.faults.proxy import FaultProxy
 from tests.harness import wait_for
 
 
@@ -243,3 +244,31 @@ def test_an_orphaned_attempts_spend_is_booked_after_the_server_closed_a_pooled_c
     with db.session(pg_engine) as session:
         row = session.get(SpendDay, (DAY, GLOBAL))
         assert row is not None and row.spent_micros == 70_000, "the orphaned attempt's spend was never booked"
+
+
+def _round_trips_of_checkouts(engine: Engine, proxy: FaultProxy, checkouts: int) -> int:
+    with engine.connect() as conn:  # leaves one warm connection in the pool
+        conn.execute(text("SELECT 1"))
+    before = proxy.upstream_chunks
+    for _ in range(checkouts):
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    return proxy.upstream_chunks - before
+
+
+def test_a_healthy_pooled_connection_is_checked_out_without_a_round_trip(pg_engine: Engine) -> None:
+    """A checkout of a pooled connection the server has not closed sends nothing: Fleet's checkouts cost
+    no more round trips than a pool with no liveness check at all (a pre-ping costs one per checkout)."""
+    url = pg_engine.url
+    proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    via_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    fleets, unchecked = db.make_engine(via_proxy), create_engine(via_proxy, pool_pre_ping=False)
+    try:
+        no_check = _round_trips_of_checkouts(unchecked, proxy, 20)
+        ours = _round_trips_of_checkouts(fleets, proxy, 20)
+    finally:
+        fleets.dispose()
+        unchecked.dispose()
+        proxy.stop()
+    assert no_check >= 20, "the proxy did not see the statements"
+    assert ours <= no_check, f"Fleet's 20 checkouts took {ours} round trips, a pool without a check {no_check}"

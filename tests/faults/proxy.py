@@ -39,6 +39,9 @@ class FaultProxy:
         self.delay_s = 0.0
         self._cut_patterns: list[bytes] = []
         self.cuts = 0  # how many connections a cut_on reset
+        # Chunks forwarded client -> server: a client that waits for each answer sends at least one
+        # per round trip, so a count over many calls tells how many round trips each took.
+        self.upstream_chunks = 0
         self._pairs: set[_Pair] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -112,6 +115,7 @@ class FaultProxy:
                     await asyncio.sleep(self.delay_s)
                 writer.write(data)
                 await writer.drain()
+                self.upstream_chunks += upstream
                 if upstream and self._cut_patterns and self._cut_patterns[0] in data:
                     self._cut_patterns.pop(0)
                     if not self._cut_patterns:
