@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import redis
 from sqlalchemy import bindparam, delete, update
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -58,6 +59,10 @@ _QUEUE = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.status == 
     status=RunStatus.QUEUED, fence=bindparam("p_fence"), slot=bindparam("p_slot"), budget_day=bindparam("p_day"),
     reserved_micros=bindparam("p_reserved"), queued_at=bindparam("p_queued_at"), updated_at=bindparam("p_now"),
     sends=1)
+# Whether the kill or the pause mirror holds the fleet or the agent, and the database's clock: three
+# answers every dispatch needs, in one statement.
+_MIRRORS_AND_CLOCK = {dialect: core_select(killswitch.ENGAGED.exists(), pause.ENGAGED.exists(), ledger.clock(dialect))
+                      for dialect in ("postgresql", "sqlite")}
 
 
 @dataclass(frozen=True)
@@ -342,16 +347,19 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     if refused is not None or admitted.lease is None:
         return refused or result
     lease = admitted.lease
-    mirror = killswitch.check_mirror(session, spec.name)  # a flag Redis lost still stops intake
-    if mirror.killed:
+    # The mirrors (a flag Redis lost still stops intake) and the database's clock, in one round trip.
+    killed, paused, clock = tuple(db.execute(session, _MIRRORS_AND_CLOCK[session.get_bind().dialect.name],
+                                             {"scopes": [keys.GLOBAL, spec.name]}).one())
+    if killed:
+        mirror = killswitch.check_mirror(session, spec.name)
         killswitch.restore(session, services.redis)
         return give_back(services, lease, refuse(result, "kill", Gate(False, mirror.describe())))
-    if pause.mirrored(session, spec.name):  # likewise a pause; check() puts the lost flag back
-        paused = pause.check(session, services.redis, spec.name)
-        return give_back(services, lease, refuse(result, "pause", Gate(False, paused.describe())))
+    if paused:  # likewise a pause; check() puts the lost flag back
+        held = pause.check(session, services.redis, spec.name)
+        return give_back(services, lease, refuse(result, "pause", Gate(False, held.describe())))
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.
-    database_now = ledger.database_now(session)
+    database_now = ledger.as_database_time(clock)
     day = ledger.budget_day(session, fleet.timezone, at=database_now)
     queued = db.execute(session, _QUEUE, {"p_id": run.id, "p_fence": lease.fence, "p_slot": lease.slot, "p_day": day,
                                           "p_reserved": estimate, "p_queued_at": database_now, "p_now": now})

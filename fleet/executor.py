@@ -52,13 +52,16 @@ MOVED_ON: Literal["moved_on"] = "moved_on"  # see _write_outcome
 # Built once (models.table_of): every run is claimed and ended by these. (A bind parameter may not
 # share a column's name in an UPDATE: theirs start with p_.)
 _RUNS = table_of(Run)
-_CLAIM = select(Run).from_statement(
+# The heartbeat is by the database's clock, as the reaper compares it: PostgreSQL's now() in the UPDATE itself
+# (no round trip to read it first); SQLite's clock is read in-process and bound, in the column's own text form.
+_CLAIM = {dialect: select(Run).from_statement(
     update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.status == RunStatus.QUEUED,
                         _RUNS.c.fence == bindparam("p_fence"))
     .values(status=RunStatus.RUNNING, attempt=_RUNS.c.attempt + 1, started_at=bindparam("p_now"),
-            attempt_cost_micros=0, heartbeat_at=bindparam("p_heartbeat_at"), updated_at=bindparam("p_now"),
+            attempt_cost_micros=0, heartbeat_at=heartbeat, updated_at=bindparam("p_now"),
             host=bindparam("p_host"), retry_at=None)
     .returning(*_RUNS.c)).execution_options(populate_existing=True)
+    for dialect, heartbeat in (("postgresql", ledger.clock("postgresql")), ("sqlite", bindparam("p_heartbeat_at")))}
 # Its own attempt only: a retry keeps its fence, so an outcome written again after its first commit's answer
 # was lost (while the reaper re-sent the retry and another worker claimed it) must not end the next attempt.
 _OWNED = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.fence == bindparam("p_fence"),
@@ -193,8 +196,11 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
             session.rollback()
             return _end_over_cap(services, session, run, spec)
         # The claimed row comes back with the UPDATE (RETURNING), in place of a read after it.
-        claimed = db.execute(session, _CLAIM, {"p_id": run.id, "p_fence": fence, "p_now": now, "p_host": services.host,
-                                                "p_heartbeat_at": ledger.database_now(session)}).scalars().first()
+        dialect = session.get_bind().dialect.name
+        params = {"p_id": run.id, "p_fence": fence, "p_now": now, "p_host": services.host}
+        if dialect == "sqlite":
+            params["p_heartbeat_at"] = ledger.database_now(session)
+        claimed = db.execute(session, _CLAIM[dialect], params).scalars().first()
         if claimed is None:
             session.rollback()
             return ExecuteResult(run_id, "duplicate", reason="another worker claimed the run first")

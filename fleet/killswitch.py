@@ -208,16 +208,16 @@ def _when(stamp: Any) -> datetime | None:
 
 
 _TABLE = table_of(KillSwitch)
-# Built once: every dispatch and every claim reads the mirror, and a statement built per call costs
-# more in SQLAlchemy than the read costs in the database.
-_ENGAGED = core_select(_TABLE.c.scope, _TABLE.c.reason, _TABLE.c.actor) \
+# Built once (bound value: "scopes"): every dispatch and every claim reads the mirror, and a statement
+# built per call costs more in SQLAlchemy than the read costs in the database.
+ENGAGED = core_select(_TABLE.c.scope, _TABLE.c.reason, _TABLE.c.actor) \
     .where(_TABLE.c.scope.in_(bindparam("scopes", expanding=True)), _TABLE.c.engaged)
 
 
 def check_mirror(session: Session, agent: str | None) -> KillState:
     """The durable check: the database mirror only."""
     scopes = [GLOBAL] if agent is None else [GLOBAL, agent]
-    rows = db.execute(session, _ENGAGED, {"scopes": scopes})
+    rows = db.execute(session, ENGAGED, {"scopes": scopes})
     for row in sorted(rows, key=lambda r: r.scope != GLOBAL):
         return KillState(True, row.scope, row.reason, row.actor)
     return ALIVE

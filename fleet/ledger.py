@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import text, update
+from sqlalchemy import ColumnElement, func, text, update
+from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm.attributes import set_committed_value
@@ -42,10 +44,18 @@ def to_usd(micros: int) -> float:
 
 def database_now(session: Session) -> datetime:
     """The database server's clock (one clock for every worker), as aware UTC."""
-    if session.get_bind().dialect.name == "postgresql":
-        value = session.execute(_PG_NOW).scalar_one()
-        return value.astimezone(UTC)  # type: ignore[no-any-return]
-    value = session.execute(_SQLITE_NOW).scalar_one()
+    return as_database_time(session.execute(_NOW[session.get_bind().dialect.name]).scalar_one())
+
+
+def clock(dialect: str) -> ColumnElement[Any]:
+    """The database clock as a column, for a statement that reads it beside other things (one round trip)."""
+    return _CLOCK[dialect]
+
+
+def as_database_time(value: datetime | str) -> datetime:
+    """A value of `clock()` as aware UTC: PostgreSQL answers a timestamp, SQLite a text in UTC."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC)
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
@@ -56,8 +66,9 @@ def budget_day(session: Session, timezone: str, at: datetime | None = None) -> s
 
 # Built once: every run reserves, counts and settles (a statement built per call costs more in
 # SQLAlchemy than its round trip; see models.table_of).
-_PG_NOW = text("SELECT now()")
-_SQLITE_NOW = text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")
+_CLOCK: dict[str, ColumnElement[Any]] = {"postgresql": func.now(),
+                                          "sqlite": func.strftime("%Y-%m-%d %H:%M:%f", "now")}
+_NOW = {dialect: core_select(column) for dialect, column in _CLOCK.items()}
 _ENSURE = {name: insert(table_of(SpendDay)).on_conflict_do_nothing()
            for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
 _ADD_RESERVED = {capped: text("UPDATE spend_days SET reserved_micros = reserved_micros + :amount, updated_at = :now "

@@ -155,15 +155,15 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> PauseStat
 
 
 _TABLE = table_of(Pause)
-# Built once: every dispatch asks (see killswitch._ENGAGED).
-_ENGAGED = core_select(_TABLE.c.scope).where(
+# Built once (bound value: "scopes"): every dispatch asks (see killswitch.ENGAGED).
+ENGAGED = core_select(_TABLE.c.scope).where(
     _TABLE.c.scope.in_(bindparam("scopes", expanding=True)), _TABLE.c.engaged).limit(1)
 
 
 def mirrored(session: Session, agent: str) -> bool:
     """Whether the database mirror holds a pause for the fleet or for `agent` (no Redis: the dispatch read
     the flags already, in its admission)."""
-    return db.execute(session, _ENGAGED, {"scopes": [GLOBAL, agent]}).first() is not None
+    return db.execute(session, ENGAGED, {"scopes": [GLOBAL, agent]}).first() is not None
 
 
 def _from_row(row: Pause) -> PauseState:

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func
 from sqlmodel import select
 
-from fleet import db, keys, ledger, pause, ticks
+from fleet import db, keys, killswitch, ledger, pause, ticks
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
@@ -263,3 +263,17 @@ def _status(fleet: Fleet, run_id: str | None) -> RunStatus | None:
     with db.session(fleet.services.engine) as session:
         run = session.get(Run, run_id)
     return None if run is None else run.status
+
+
+@pytest.mark.parametrize("scope", [GLOBAL, "echo"])
+def test_a_kill_redis_lost_still_refuses_a_dispatch_and_comes_back(services: Services, scope: str) -> None:
+    """The kill's mirror is read with the pause's in the dispatch's one gate read: Redis flushed (a restart
+    without persistence), a dispatch is refused as killed, nothing is queued and the flag is put back."""
+    killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops", hard=False,
+                      now=services.now())
+    services.redis.flushdb()
+    refused = go(services, "echo")
+    assert (refused.status, refused.reason) == ("refused", "killed")
+    assert "runaway" in refused.gates["kill"].detail
+    assert services.redis.exists(keys.kill(scope))
+    assert runs_of(services, "echo") == 0
