@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import functools
 import select
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# A pooled PostgreSQL connection idle this long is pinged at checkout (see _replace_if_closed_by_server).
+PING_AFTER_IDLE_S = 1.0
+_IDLE_SINCE = "fleet_idle_since"  # in the pool's per-connection info (cleared when it reconnects)
 # Any 64-bit number unique to Fleet: the PostgreSQL advisory lock that serialises `fleet db upgrade`.
 _MIGRATION_LOCK_ID = 0x466C656574_01
 
@@ -45,22 +49,36 @@ def make_engine(url: str, timeout_s: float = 10.0) -> Engine:
                                              "tcp_user_timeout": round(timeout_s * 1000),
                                              "options": "-c idle_in_transaction_session_timeout=20000"})
         event.listen(engine, "checkout", functools.partial(_replace_if_closed_by_server, engine.dialect))
+        event.listen(engine, "checkin", _mark_idle)
         return engine
     raise ConfigError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
 
 
-def _replace_if_closed_by_server(dialect: Dialect, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Hand out a pooled PostgreSQL connection only if the server has not ended it, without a round trip.
+def _replace_if_closed_by_server(dialect: Dialect, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Hand out a pooled PostgreSQL connection only if the server has not ended it, without a round trip on
+    the hot path.
 
-    A restart, a failover or pg_terminate_backend ends a session with a last message and a close, even
-    a moment after the connection's last use; callers that write once (an orphaned attempt's spend, a beat
-    tick) must never get such a connection (tests/test_db.py). An idle connection has nothing to read
-    unless that happened (or the kernel's keepalives found the peer gone), so a look at its socket tells,
-    where pool_pre_ping spent a round trip on every checkout. Something harmless to read (a notice) is
-    told apart by the dialect's ping. Raising DisconnectionError makes the pool connect afresh and try again.
+    A restart, a failover behind a proxy or pg_terminate_backend ends a session with a last message and a
+    close, even a moment after the connection's last use; callers that write once (an orphaned attempt's
+    spend, a beat tick) must never get such a connection (tests/test_db.py). An idle connection has nothing
+    to read unless that happened (or the kernel's keepalives found the peer gone), so a look at its socket
+    tells, where pool_pre_ping spent a round trip on every checkout (3 per run). Something harmless to read
+    (a notice) is told apart by the dialect's ping. A server host lost without a word (a crash, an address
+    moved to another host) sends nothing, so a connection idle PING_AFTER_IDLE_S or longer is pinged
+    anyway: the write-once callers find theirs idle that long. One used less than that before such a loss
+    fails its caller's next statement, as a statement in flight at the loss fails, and the pool drops the
+    rest. A connection just made is not checked again. DisconnectionError makes the pool connect afresh.
     """
-    if _idle_with_input(dbapi_connection) and not _answers_ping(dialect, dbapi_connection):
+    idle_since = record.info.get(_IDLE_SINCE)
+    if idle_since is None:
+        return
+    pinged = time.monotonic() - idle_since >= PING_AFTER_IDLE_S or _idle_with_input(dbapi_connection)
+    if pinged and not _answers_ping(dialect, dbapi_connection):
         raise DisconnectionError("the server closed this pooled connection")
+
+
+def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_IDLE_SINCE] = time.monotonic()
 
 
 def _idle_with_input(dbapi_connection: Any) -> bool:

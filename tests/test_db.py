@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel
 
 import fleet.models  # noqa: F401  (registers the tables on SQLModel.metadata)
@@ -259,9 +261,7 @@ def _round_trips_of_checkouts(engine: Engine, proxy: FaultProxy, checkouts: int)
 def test_a_healthy_pooled_connection_is_checked_out_without_a_round_trip(pg_engine: Engine) -> None:
     """A checkout of a pooled connection the server has not closed sends nothing: Fleet's checkouts cost
     no more round trips than a pool with no liveness check at all (a pre-ping costs one per checkout)."""
-    url = pg_engine.url
-    proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432).start()
-    via_proxy = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy, via_proxy = _via_proxy(pg_engine)
     fleets, unchecked = db.make_engine(via_proxy), create_engine(via_proxy, pool_pre_ping=False)
     try:
         no_check = _round_trips_of_checkouts(unchecked, proxy, 20)
@@ -272,3 +272,53 @@ def test_a_healthy_pooled_connection_is_checked_out_without_a_round_trip(pg_engi
         proxy.stop()
     assert no_check >= 20, "the proxy did not see the statements"
     assert ours <= no_check, f"Fleet's 20 checkouts took {ours} round trips, a pool without a check {no_check}"
+
+
+def _via_proxy(engine: Engine) -> tuple[FaultProxy, str]:
+    url = engine.url
+    proxy = FaultProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    return proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
+def test_a_connection_idle_a_while_whose_server_host_vanished_is_replaced_unseen(
+        pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a server host gone without a word (a crash, a failover that moved its address) sends
+    no close, so a look at the socket sees nothing; a connection idle for PING_AFTER_IDLE_S is pinged, the
+    ping meets the RST and the pool connects afresh before the caller's statement (the write-once callers,
+    an orphaned attempt's spend after a long run or a beat tick, find their connection idle that long)."""
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.2)
+    proxy, via_proxy = _via_proxy(pg_engine)
+    engine = db.make_engine(via_proxy)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        used = time.monotonic()
+        proxy.vanish()  # new connections still reach a server (the new primary)
+        wait_for(lambda: time.monotonic() - used > db.PING_AFTER_IDLE_S, 5, "the connection to be idle that long")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        engine.dispose()
+        proxy.stop()
+
+
+def test_a_fresh_connection_the_server_ends_gives_the_caller_the_drivers_error(pg_server: str,
+                                                                                pg_engine: Engine) -> None:
+    """Found by review: a connection just made is not checked again (it answered a moment ago). When the server
+    ends each new session as it comes (going down), the caller gets the driver's OperationalError, which
+    Fleet reports as the database unreachable (75), not the pool's "This connection is closed"."""
+    admin = create_engine(f"{pg_server}/postgres", isolation_level="AUTOCOMMIT")
+
+    def terminate(pid: int) -> None:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            gone = text("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = :pid")
+            wait_for(lambda: conn.execute(gone, {"pid": pid}).scalar_one(), 10, "the backend to exit")
+
+    try:
+        _terminate_backends(pg_server, pg_engine)
+        event.listen(pg_engine, "connect", lambda dbapi, _record: terminate(dbapi.info.backend_pid))
+        with pytest.raises(OperationalError), pg_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    finally:
+        admin.dispose()

@@ -5,6 +5,9 @@ Modes, switched by the test at any time (they apply to open connections too):
   latency    forward, each chunk delayed by `delay_s`
   blackhole  accept, never answer: bytes in either direction are held back, nothing is closed
   reset      close every connection with a RST and reset new ones at once
+`vanish()` makes the server's host forget the open connections without a word (a crash, a power loss,
+an address a failover moved to another host): they hear nothing until the client sends, which then
+meets a RST; new connections pass as the mode says (the new primary answers).
 A one-shot `cut_on(*patterns)` waits for the client to send each pattern in turn (say the
 reservation's UPDATE, then b"COMMIT"), forwards the chunk with the last one and resets the
 connection before the server's answer comes back: the statement was applied, the client sees an
@@ -28,6 +31,7 @@ class _Pair:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    vanished: bool = False
 
 
 class FaultProxy:
@@ -61,6 +65,11 @@ class FaultProxy:
         self.mode, self.delay_s = mode, delay_s
         if mode == RESET:
             asyncio.run_coroutine_threadsafe(self._reset_all(), self._loop).result(5)
+
+    def vanish(self) -> None:
+        """The open connections' server is gone without a word: the next bytes from a client meet a RST."""
+        for pair in list(self._pairs):
+            pair.vanished = True
 
     def cut_on(self, *patterns: bytes) -> None:
         """Once the client has sent each pattern in turn, forward the last and reset (an ambiguous outcome)."""
@@ -109,8 +118,8 @@ class FaultProxy:
                     break
                 while self.mode == BLACKHOLE:
                     await asyncio.sleep(0.05)
-                if self.mode == RESET:
-                    break
+                if self.mode == RESET or pair.vanished:
+                    break  # closed with a RST both ways
                 if self.mode == LATENCY and self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 writer.write(data)
