@@ -77,6 +77,10 @@ concurrency = 1000
 timeout_s = 60
 """
 
+# The floor of Fleet's design: bare Celery with the events Fleet's workers send, and a run made of two
+# messages (the dispatch, then the execute) for throughput, of one for the in-process dispatch's latency.
+_HOP = "bare Celery with Fleet's events: 2 messages per run (throughput), 1 (isolated latency)"
+
 _TERMINAL_SQL = "('succeeded','idle','failed','killed','archived','dead')"
 
 
@@ -257,9 +261,10 @@ def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[st
             "commits": None, "events": None}
 
 
-def hop_rep(home: Path, broker: str, n: int) -> dict[str, Any]:
-    """The floor of a run as Fleet makes one: N bare.hop tasks, each sending one bare.run, on a worker with
-    Fleet's task events and STARTED state on; the rate is from the first send to the last run's end."""
+def hop_rep(home: Path, broker: str, n: int, paced: int) -> dict[str, Any]:
+    """The floor of a run as Fleet makes one, on a worker with Fleet's task events and STARTED state on:
+    N bare.hop tasks, each sending one bare.run, the rate from the first send to the last run's end; and the
+    isolated latency of one bare.run at a time (the one message Fleet's in-process dispatch sends)."""
     os.environ["BENCH_BROKER_URL"] = broker
     from bench import bare_app
 
@@ -268,13 +273,18 @@ def hop_rep(home: Path, broker: str, n: int) -> dict[str, Any]:
     worker = start_bare_worker(home, broker, as_fleet=True)
     try:
         bare_app.app.AsyncResult(bare_app.hop.apply_async().get(timeout=60)).get(timeout=60)  # warm
+        isolated = []
+        for _ in range(paced):
+            at = time.time()
+            isolated.append(bare_app.run.apply_async().get(timeout=60)["start"] - at)
         first = time.time()
         hops = [bare_app.hop.apply_async() for _ in range(n)]
         runs = [bare_app.app.AsyncResult(result.get(timeout=600)) for result in hops]
         ends = [result.get(timeout=600)["end"] for result in runs]
     finally:
         stop_group(worker)
-    return {"task_rate": n / (max(ends) - first)}
+    return {"task_rate": n / (max(ends) - first),
+            "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95)}
 
 
 # ---------------------------------------------------------------- in-process trace
@@ -359,8 +369,8 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
     bare, hops = results["bare"], results["hop"]
     for name, reps in results.items():
         if name == "hop":
-            rows.append(["bare Celery, 2 messages per run, Fleet's events", spread(reps, "task_rate"),
-                         *["-"] * 8])
+            rows.append([_HOP, spread(reps, "task_rate"), *["-"] * 5,
+                         f"{med_of(reps, 'iso_p50'):.1f} / {med_of(reps, 'iso_p95'):.1f}", "-", "-"])
             continue
         rows.append(["bare Celery" if name == "bare" else f"Fleet, {name}", spread(reps, "task_rate"),
                      spread(reps, "throughput"),
@@ -380,11 +390,13 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
         ratios.append([f"Fleet {kind} / bare Celery"] + [
             f"{med_of(fleet, key) / med_of(bare, key):.3f}" for key in ("task_rate", "throughput", "drain_rate",
                                                                         "lat_p50", "iso_p50")])
-    ratios.append(["bare Celery, 2 messages per run / bare Celery",
-                   f"{med_of(hops, 'task_rate') / med_of(bare, 'task_rate'):.3f}", *["-"] * 4])
+    ratios.append(["bare Celery with Fleet's events / bare Celery",
+                   f"{med_of(hops, 'task_rate') / med_of(bare, 'task_rate'):.3f}", *["-"] * 3,
+                   f"{med_of(hops, 'iso_p50') / med_of(bare, 'iso_p50'):.3f}"])
     for kind in kinds:
-        ratios.append([f"Fleet {kind} / bare Celery, 2 messages per run",
-                       f"{med_of(results[kind], 'task_rate') / med_of(hops, 'task_rate'):.3f}", *["-"] * 4])
+        ratios.append([f"Fleet {kind} / bare Celery with Fleet's events",
+                       f"{med_of(results[kind], 'task_rate') / med_of(hops, 'task_rate'):.3f}", *["-"] * 3,
+                       f"{med_of(results[kind], 'iso_p50') / med_of(hops, 'iso_p50'):.3f}"])
     table("ratios (Fleet / bare Celery, medians)",
           ["", "throughput via fleet.dispatch tasks", "in-process dispatch throughput", "consumer drain rate",
            "burst latency p50", "isolated latency p50"], ratios)
@@ -398,7 +410,7 @@ def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
                          f"{per['rollbacks']:.1f}", f"{per['checkouts']:.1f}", f"{per['statements']:.1f}"])
     table("database work per run, traced in-process (engine events; one run at a time, no Celery)",
           ["DB", "side", "commits that wrote (durable)", "read-only commits", "rollbacks",
-           "connection checkouts (pg: +1 ping each)", "SQL statements"], rows)
+           "connection checkouts", "SQL statements"], rows)
     names = ["archive_stale", "create", "plan", "dispatch_one", "_claim", "_run_attempt", "_finish"]
     table("where one run's time goes, p50 ms per step (in-process, one at a time, no Celery)",
           ["step", *traces], [[name, *[f"{t['steps'].get(name, float('nan')):.2f}" for t in traces.values()]]
@@ -421,7 +433,7 @@ def main() -> None:
             results["bare"].append(bare_rep(tmp / f"bare-{rep}", f"redis://127.0.0.1:{redis.port}/1", n, paced,
                                             drain))
             log(f"rep {rep + 1}/{reps}: bare Celery, 2 messages per run, N={n}")
-            results["hop"].append(hop_rep(tmp / f"hop-{rep}", f"redis://127.0.0.1:{redis.port}/1", n))
+            results["hop"].append(hop_rep(tmp / f"hop-{rep}", f"redis://127.0.0.1:{redis.port}/1", n, paced))
             for kind in args.kinds:
                 log(f"rep {rep + 1}/{reps}: Fleet on {kind}, N={n}")
                 results[kind].append(fleet_rep(kind, tmp / f"{kind}-{rep}", redis.url, n, paced, drain))

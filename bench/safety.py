@@ -16,17 +16,23 @@
     all for one agent (two hot rows, the agent's and the fleet's), or each process for its own agent
     (the fleet-wide figure: only the fleet's row is shared). Total reservations/s and per-reservation
     latency; afterwards the ledger rows must equal the number of reservations made, to the micro-dollar.
+    Beside each case, the same in the same run through the bare driver (psycopg / sqlite3, no SQLAlchemy,
+    no Fleet): the same two guarded UPDATEs and COMMIT, with Fleet's durability settings. It is the floor
+    of a reservation that is exact under race: what the database and its driver cost, before Fleet.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlmodel import select
 
 from bench.common import (
@@ -147,10 +153,13 @@ def kill_bench(kind: str, home: Path, redis_url: str, sizes: list[int], reps: in
 # ---------------------------------------------------------------- (b) reservations
 
 
-def _reserver(url: str, day: str, agent: str, duration: float, go: Any, start_at: Any, ready: Any, out: Any) -> None:
-    """One contending process: reserve 1 micro-dollar per transaction until the time is up."""
+def _reserver(url: str, day: str, agent: str, duration: float, go: Any, start_at: Any, ready: Any, out: Any,
+              raw: bool) -> None:
+    """One contending process: reserve 1 micro-dollar per transaction until the time is up; `raw`: the same
+    two guarded UPDATEs and COMMIT through the bare driver (no SQLAlchemy, no Fleet), the floor of the design."""
     engine = db.make_engine(url)
     caps = ledger.Caps(agent=HUGE_CAP, fleet=HUGE_CAP)
+    reserve_once = _raw_reserver(url, day, agent) if raw else None
     with engine.connect():
         pass  # connected before the start line
     ready.put(True)
@@ -163,26 +172,66 @@ def _reserver(url: str, day: str, agent: str, duration: float, go: Any, start_at
         began = time.perf_counter()
         if time.time() >= end:
             break
-        with db.session(engine) as session:
-            if not ledger.reserve(session, day=day, agent=agent, amount=1, caps=caps, now=datetime.now(UTC)):
-                raise RuntimeError("a reservation was refused under a cap that cannot be reached")
-            session.commit()
+        if reserve_once is not None:
+            reserve_once()
+        else:
+            with db.session(engine) as session:
+                if not ledger.reserve(session, day=day, agent=agent, amount=1, caps=caps, now=datetime.now(UTC)):
+                    raise RuntimeError("a reservation was refused under a cap that cannot be reached")
+                session.commit()
         latencies.append(time.perf_counter() - began)
     engine.dispose()
     out.put({"agent": agent, "count": len(latencies), "latencies": latencies})
 
 
-def reserve_rep(url: str, processes: int, duration: float, spread: bool) -> dict[str, Any]:
+_RAW_RESERVE = ("UPDATE spend_days SET reserved_micros = reserved_micros + {p}, updated_at = {p} "
+                "WHERE day = {p} AND scope = {p} AND spent_micros + reserved_micros + {p} <= {p}")
+
+
+def _raw_reserver(url: str, day: str, agent: str) -> Callable[[], None]:
+    """One reservation (agent row, then the fleet's, each guarded by its cap, then COMMIT) on a driver
+    connection of its own, with Fleet's durability settings (SQLite: WAL, synchronous=FULL, BEGIN IMMEDIATE)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        conn: Any = sqlite3.connect(parsed.database or "", isolation_level=None, timeout=10)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000"):
+            conn.execute(f"PRAGMA {pragma}")
+        statement, begin = _RAW_RESERVE.format(p="?"), "BEGIN IMMEDIATE"
+    else:
+        import psycopg
+
+        conn = psycopg.connect(parsed.set(drivername="postgresql").render_as_string(hide_password=False))
+        statement, begin = _RAW_RESERVE.format(p="%s"), None
+
+    def reserve_once() -> None:
+        now: Any = datetime.now(UTC)
+        now = now.strftime("%Y-%m-%d %H:%M:%S.%f") if begin else now
+        cursor = conn.cursor()
+        if begin:
+            cursor.execute(begin)
+        for scope in (agent, GLOBAL):
+            cursor.execute(statement, (1, now, day, scope, 1, HUGE_CAP))
+            if cursor.rowcount != 1:
+                raise RuntimeError("a raw reservation was refused under a cap that cannot be reached")
+        conn.commit() if not begin else cursor.execute("COMMIT")
+    return reserve_once
+
+
+def reserve_rep(url: str, processes: int, duration: float, spread: bool, raw: bool = False) -> dict[str, Any]:
     """`processes` reservers for `duration` seconds, on one agent or (`spread`) one each; checks the ledger."""
     engine = db.make_engine(url)
+    agents = [f"agent-{i}" if spread else "hot" for i in range(processes)]
     with db.session(engine) as session:
         day = ledger.budget_day(session, "UTC")
+        for agent in agents:  # the day's rows exist before the start line (raw reservers do not make them)
+            ledger.reserve(session, day=day, agent=agent, amount=0, caps=ledger.Caps(None, None),
+                           now=datetime.now(UTC))
+        session.commit()
         before = {row.scope: row.reserved_micros for row in ledger.day_rows(session, day=day)}
         session.rollback()
     ctx = multiprocessing.get_context("spawn")
     out, ready, go, start_at = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    agents = [f"agent-{i}" if spread else "hot" for i in range(processes)]
-    workers = [ctx.Process(target=_reserver, args=(url, day, agent, duration, go, start_at, ready, out))
+    workers = [ctx.Process(target=_reserver, args=(url, day, agent, duration, go, start_at, ready, out, raw))
                for agent in agents]
     for proc in workers:
         proc.start()
@@ -210,7 +259,7 @@ def reserve_rep(url: str, processes: int, duration: float, spread: bool) -> dict
             "total": total}
 
 
-Case = tuple[int, bool]  # (processes, one agent each)
+Case = tuple[int, bool, bool]  # (processes, one agent each, through the bare driver)
 
 
 def reserve_bench(kind: str, home: Path, cases: list[Case], duration: float, reps: int
@@ -223,10 +272,10 @@ def reserve_bench(kind: str, home: Path, cases: list[Case], duration: float, rep
         db.upgrade(engine)
         engine.dispose()
         for rep in range(reps):
-            for n, spread_ in cases:
+            for n, spread_, raw in cases:
                 log(f"reservations on {kind}: {n} process(es), {'an agent each' if spread_ else 'one agent'}, "
-                    f"rep {rep + 1}/{reps}")
-                out[(n, spread_)].append(reserve_rep(url, n, duration, spread_))
+                    f"{'bare driver' if raw else 'ledger.reserve'}, rep {rep + 1}/{reps}")
+                out[(n, spread_, raw)].append(reserve_rep(url, n, duration, spread_, raw))
     return out
 
 
@@ -251,7 +300,8 @@ def main() -> None:
             for kind in kill_kinds:
                 kills[kind] = kill_bench(kind, tmp / f"kill-{kind}", redis.url, sizes, reps, procs)
         for kind in args.kinds:
-            cases: list[Case] = [(8, False), (8, True)] if args.quick else [(1, False), (8, False), (8, True)]
+            shapes = [(8, False), (8, True)] if args.quick else [(1, False), (8, False), (8, True)]
+            cases: list[Case] = [(n, spread_, raw) for n, spread_ in shapes for raw in (True, False)]
             reservations[kind] = reserve_bench(kind, tmp / f"reserve-{kind}", cases, duration, reps)
     print(f"\nbench.safety: {reps} repetition(s), medians (min..max); {machine_note()}; "
           f"took {time.monotonic() - began:.0f} s")
@@ -266,11 +316,13 @@ def main() -> None:
            "bare Celery revoke(terminate)"], rows)
     rows = []
     for kind, by_case in reservations.items():
-        for (count, spread_), reps_ in by_case.items():
-            rows.append([kind, count, "one each" if spread_ else "one (hot row)", spread(reps_, "rate", "{:.0f}"),
+        for (count, spread_, raw), reps_ in by_case.items():
+            rows.append([kind, "bare driver (the same SQL)" if raw else "Fleet's ledger.reserve", count,
+                         "one each" if spread_ else "one (hot row)", spread(reps_, "rate", "{:.0f}"),
                          f"{med_of(reps_, 'p50'):.2f}", f"{med_of(reps_, 'p99'):.2f}"])
     table(f"(b) ledger.reserve under the fleet's cap, {duration:.0f} s per run, exact (checked after each run)",
-          ["DB", "processes", "agents", "reservations/s (total)", "latency p50 ms", "latency p99 ms"], rows)
+          ["DB", "through", "processes", "agents", "reservations/s (total)", "latency p50 ms", "latency p99 ms"],
+          rows)
 
 
 if __name__ == "__main__":
