@@ -16,7 +16,8 @@ Figures per repetition (tables show the median of the repetitions, with min..max
   D / (last finished - first started): the worker side's ceiling;
 - burst latency: per run, its start (`started_at`, or the task's first line) minus the start of
   the call that dispatched it, while the rest of the burst queues up too;
-- isolated latency: the same with one run at a time (each waits for the previous one to finish);
+- isolated latency: the same with one run at a time (each waits for the previous one to finish), and
+  by part: the dispatch up to its send, the send call, and from the send to the claim starting;
 - commits per run (PostgreSQL): pg_stat_database.xact_commit of the benchmark's own database
   before and after the burst, with every connection closed so the counters are flushed;
 - events per run: run_events rows per run (a proxy on SQLite, which keeps no commit counter).
@@ -80,6 +81,8 @@ timeout_s = 60
 # The floor of Fleet's design: bare Celery with the events Fleet's workers send, and a run made of two
 # messages (the dispatch, then the execute) for throughput, of one for the in-process dispatch's latency.
 _HOP = "bare Celery with Fleet's events: 2 messages per run (throughput), 1 (isolated latency)"
+
+_PARTS = ("dispatch", "send", "hop")  # of an isolated run's latency: the transaction, the send, the message
 
 _TERMINAL_SQL = "('succeeded','idle','failed','killed','archived','dead')"
 
@@ -161,13 +164,24 @@ def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: 
         reader = _reader(url)
         try:
             fleet.start(workers=1, concurrency=2)
-            isolated = []
+            isolated: list[float] = []
+            parts: dict[str, list[float]] = {part: [] for part in _PARTS}
             for i in range(paced):
                 actor = f"paced-{i}"
+                sends: list[float] = []
+
+                def send(run_id: str, fence: int, sends: list[float] = sends) -> None:
+                    sends.append(time.time())
+                    fleet.send_execute(run_id, fence)
+                    sends.append(time.time())
+
                 at = time.time()
-                dispatch(fleet.services, DispatchRequest("noop", actor, actor=actor), fleet.send_execute)
+                dispatch(fleet.services, DispatchRequest("noop", actor, actor=actor), send)
                 wait_until(lambda a=actor: _terminal_count(reader, a) == 1, 60, "an isolated run to finish", 0.005)
-                isolated.append(_as_epoch(_rows(reader, actor)[0].started_at) - at)
+                started = _as_epoch(_rows(reader, actor)[0].started_at)
+                isolated.append(started - at)
+                for part, seconds in zip(parts, (sends[0] - at, sends[1] - sends[0], started - sends[1]), strict=True):
+                    parts[part].append(seconds)
             # A fresh worker for the burst, with every connection closed first so that PostgreSQL's
             # per-database commit counter is flushed before and after.
             _close_all(fleet, reader, url if kind == "postgresql" else None)
@@ -200,6 +214,7 @@ def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: 
             "drain_rate": drain / drain_s, "task_rate": n / tasks_s,
             "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
             "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
+            **{f"iso_{part}_p50": 1000 * pct(values, 50) for part, values in parts.items()},
             "commits": commits, "events": events}
 
 
@@ -400,6 +415,13 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
     table("ratios (Fleet / bare Celery, medians)",
           ["", "throughput via fleet.dispatch tasks", "in-process dispatch throughput", "consumer drain rate",
            "burst latency p50", "isolated latency p50"], ratios)
+    table("isolated latency by part, p50 ms (boundaries timed in the sending process; the end is the claim's start)",
+          ["system", "dispatch transaction, to the send", "the send (send_task)", "sent to the claim starting",
+           "total"],
+          [[f"Fleet, {kind}", *[f"{med_of(results[kind], f'iso_{part}_p50'):.2f}" for part in _PARTS],
+            f"{med_of(results[kind], 'iso_p50'):.2f}"] for kind in kinds]
+          + [["bare Celery with Fleet's events", "-", f"{med_of(bare, 'call_p50'):.2f} (bare apply_async call)", "-",
+              f"{med_of(hops, 'iso_p50'):.2f}"]])
 
 
 def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
