@@ -350,12 +350,14 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     # The mirrors (a flag Redis lost still stops intake) and the database's clock, in one round trip.
     killed, paused, clock = tuple(db.execute(session, _MIRRORS_AND_CLOCK[session.get_bind().dialect.name],
                                              {"scopes": [keys.GLOBAL, spec.name]}).one())
-    if killed:
-        mirror = killswitch.check_mirror(session, spec.name)
+    # The detail read decides: on PostgreSQL it is a later snapshot, and a release committed in between
+    # lets the dispatch go on (a refusal must give the reason it was refused for, never "not killed").
+    mirror = killswitch.check_mirror(session, spec.name) if killed else killswitch.ALIVE
+    if mirror.killed:
         killswitch.restore(session, services.redis)
         return give_back(services, lease, refuse(result, "kill", Gate(False, mirror.describe())))
-    if paused:  # likewise a pause; check() puts the lost flag back
-        held = pause.check(session, services.redis, spec.name)
+    held = pause.check(session, services.redis, spec.name) if paused else None
+    if held is not None and held.paused:  # likewise a pause; check() puts the lost flag back
         return give_back(services, lease, refuse(result, "pause", Gate(False, held.describe())))
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     # queued_at is the reaper's to compare (resend_after_s): by the database's clock, one for every host.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func
+from sqlalchemy import event, func
 from sqlmodel import select
 
 from fleet import db, keys, killswitch, ledger, pause, ticks
@@ -277,3 +277,32 @@ def test_a_kill_redis_lost_still_refuses_a_dispatch_and_comes_back(services: Ser
     assert "runaway" in refused.gates["kill"].detail
     assert services.redis.exists(keys.kill(scope))
     assert runs_of(services, "echo") == 0
+
+
+@pytest.mark.parametrize("scope", [GLOBAL, "echo"])
+def test_a_kill_released_while_a_dispatch_reads_its_mirror_is_never_refused_as_not_killed(
+        services: Services, scope: str) -> None:
+    """Found by review: the gate read says the mirror holds a kill, a `fleet resume` commits before the kill's
+    detail is read (PostgreSQL's READ COMMITTED: two statements, two snapshots), and the refusal said "not
+    killed". The detail read decides: a kill still held refuses with its reason; one released goes on."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write lock (BEGIN IMMEDIATE) holds the release until the dispatch ends")
+    killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops", hard=False,
+                      now=services.now())
+    services.redis.flushdb()  # only the mirror holds the kill
+    released: list[str] = []
+
+    def release_after_the_gate_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not released and "kill_switches" in statement:
+            released.append(statement)
+            killswitch.release(services.engine, services.redis, scope=scope, actor="cli:ops", now=services.now())
+
+    event.listen(services.engine, "after_cursor_execute", release_after_the_gate_read)
+    try:
+        result = go(services, "echo")
+    finally:
+        event.remove(services.engine, "after_cursor_execute", release_after_the_gate_read)
+    assert released, "the dispatch never read the kill mirror"
+    assert (result.status, result.reason) in {("refused", "killed"), ("queued", None)}
+    if result.status == "refused":
+        assert "runaway" in result.gates["kill"].detail, result.gates["kill"].detail
