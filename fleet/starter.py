@@ -29,6 +29,7 @@ timezone = "UTC"
 [agents.echo]                   # a cheap agent that reports a usage line each run
 command = ["python", "-m", "fleet.examples.echo_agent", "--cost", "0.01"]
 schedule = "every 30s"          # cron ("*/15 * * * *"), or "every 30s"
+concurrency = 2                 # a scheduled run and one dispatched by hand can run side by side
 daily_cap_usd = 1.00            # its own cap: refused `over_cap` once today's runs reach it
 est_cost_usd = 0.01             # reserved before each run, settled with what it reported after
 timeout_s = 60

@@ -163,3 +163,30 @@ def test_doctor_against_migrated_postgresql(tmp_path: Path, redis_url: str, pg_s
         assert "ok    schema" in result.stdout
     finally:
         drop_pg_database(url)
+
+
+def test_the_tours_hand_dispatch_of_echo_is_not_refused_while_its_scheduled_run_holds_a_slot(
+        tmp_path: Path, redis_url: str, database_url: str) -> None:
+    """The README's tour dispatches echo by hand while beat runs it every 30 s: with one slot, a tick running
+    at that moment refused the newcomer's `fleet dispatch echo --key hello --wait` as busy (seen in CI)."""
+    from fleet import db
+    from fleet.config import Settings
+    from fleet.dispatch import DispatchRequest, dispatch
+    from fleet.services import build
+
+    config = tmp_path / "fleet.toml"
+    config.write_text(STARTER_TOML)
+    (tmp_path / "keys").mkdir(mode=0o700)
+    (tmp_path / "keys" / "echo.key").write_text("x" * 32)
+    (tmp_path / "keys" / "echo.key").chmod(0o600)
+    services = build(Settings(config=config, redis_url=redis_url, database_url=database_url,
+                              log_dir=tmp_path / "logs"), load_fleet_config(config))
+    try:
+        services.redis.flushdb()
+        db.upgrade(services.engine)
+        nowhere = lambda _run_id, _fence: None  # noqa: E731 - no worker: each run keeps its slot
+        tick = dispatch(services, DispatchRequest("echo", "tick:2026-12-01T00:00:00", actor="beat"), nowhere)
+        by_hand = dispatch(services, DispatchRequest("echo", "hello", actor="cli"), nowhere)
+    finally:
+        services.close()
+    assert (tick.status, by_hand.status) == ("queued", "queued"), by_hand.reason
