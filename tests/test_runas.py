@@ -496,7 +496,8 @@ def test_run_as_with_a_worker_that_cannot_switch_is_refused_by_doctor_and_dead_l
             [letter] = session.exec(select(DeadLetter).where(DeadLetter.run_id == run.id)).all()
         assert letter.reason == "config"
         assert "lacks CAP_SETUID, CAP_SETGID, CAP_KILL" in (letter.output_tail or "")
-        assert harness.redis.get(keys.paused("as-nobody"))
+        # The pause follows the outcome's commit (the worker engages it just after): waited for, not read at once.
+        wait_for(lambda: harness.redis.get(keys.paused("as-nobody")), 10, "the agent to be paused")
         log = (harness.log_dir / "runs" / f"{run.id}.log").read_text()
         assert log.startswith("fleet: not started: agent 'as-nobody' has run_as = 'nobody'"), log
         assert not marker.exists() and not (open_dir / "homes").exists()
