@@ -155,15 +155,9 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> PauseStat
 
 
 _TABLE = table_of(Pause)
-# Built once (bound value: "scopes"): every dispatch asks (see killswitch.ENGAGED).
+# Built once (bound value: "scopes"): every dispatch asks, in its gate read (dispatch._MIRRORS_AND_CLOCK).
 ENGAGED = core_select(_TABLE.c.scope).where(
     _TABLE.c.scope.in_(bindparam("scopes", expanding=True)), _TABLE.c.engaged).limit(1)
-
-
-def mirrored(session: Session, agent: str) -> bool:
-    """Whether the database mirror holds a pause for the fleet or for `agent` (no Redis: the dispatch read
-    the flags already, in its admission)."""
-    return db.execute(session, ENGAGED, {"scopes": [GLOBAL, agent]}).first() is not None
 
 
 def _from_row(row: Pause) -> PauseState:
