@@ -183,15 +183,17 @@ def _refusal(session: Session, services: Services, item: _Item, verdict: Admissi
     refused = admission_refusal(result, verdict, item.spec)
     if refused is not None:
         return refused
+    # The detail read decides, as in a single dispatch: on PostgreSQL it is a later snapshot than the mirror
+    # read, and a release committed in between lets the key go on (a refusal never says "not killed").
     name = item.spec.name
-    if killed & {GLOBAL, name}:
-        state = killswitch.check_mirror(session, name)
+    state = killswitch.check_mirror(session, name) if killed & {GLOBAL, name} else killswitch.ALIVE
+    if state.killed:
         return refuse(result, "kill", Gate(False, state.describe()))
-    if paused & {GLOBAL, name}:
-        held = pause.check(session, services.redis, name)  # puts the flag Redis lost back
+    # pause.check puts the flag Redis lost back
+    held = pause.check(session, services.redis, name) if paused & {GLOBAL, name} else None
+    if held is not None and held.paused:
         return refuse(result, "pause", Gate(False, held.describe()))
     return None
-
 
 
 def _mirrored(session: Session, table: type[KillSwitch] | type[Pause], names: list[str]) -> set[str]:

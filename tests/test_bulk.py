@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlmodel import col, select
 
 import beat_schedule
@@ -275,3 +276,39 @@ def test_one_agents_failing_admission_keeps_nothing_of_the_others(services: Serv
     assert sorted(r.agent for r in _runs(services)) == ["b-plain-a", "b-plain-b"] and len(sent) == 2
     assert services.leases.holders("b-tripped", 1) == []
     _ledger_matches_runs(services)
+
+
+@pytest.mark.parametrize(("flag", "scope"), [("kill", "*"), ("kill", "b-plain-a"), ("pause", "*"),
+                                             ("pause", "b-plain-a")])
+def test_a_flag_released_while_a_pass_reads_its_mirror_is_never_refused_as_not_held(
+        services: Services, flag: str, scope: str) -> None:
+    """A batch's kill and pause refusals, like a single dispatch's (tests/test_pause.py): the mirror read says
+    held, a `fleet resume` commits before the detail is read (PostgreSQL: two statements, two snapshots), and
+    the refusal read "not killed". The detail read decides: still held refuses with its reason; released goes on."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write lock (BEGIN IMMEDIATE) holds the release until the pass ends")
+    module, table, reason = (killswitch, "kill_switches", "killed") if flag == "kill" else (pause, "pauses", "paused")
+    if flag == "kill":
+        killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
+                          hard=False, now=services.now())
+    else:
+        pause.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
+                     now=services.now())
+    services.redis.flushdb()  # only the mirror holds the flag
+    released: list[str] = []
+
+    def release_after_the_mirror_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not released and table in statement:
+            released.append(statement)
+            module.release(services.engine, services.redis, scope=scope, actor="cli:ops", now=services.now())
+
+    event.listen(services.engine, "after_cursor_execute", release_after_the_mirror_read)
+    try:
+        answers = ticks.tick_many(services, ["b-plain-a", "b-plain-b"], Sent(), at=services.now())
+    finally:
+        event.remove(services.engine, "after_cursor_execute", release_after_the_mirror_read)
+    assert released, "the pass never read the mirror"
+    for name, answer in answers.items():
+        assert (answer.status, answer.reason) in {("refused", reason), ("queued", None)}, (name, answer)
+        if answer.status == "refused":
+            assert "runaway" in answer.gates[flag].detail, (name, answer.gates[flag].detail)
