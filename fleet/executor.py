@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import redis
 from sqlalchemy import bindparam, update
@@ -41,6 +41,7 @@ from fleet.usage import make_parser
 from fleet.watch import Bookkeeper, Ownership, Watcher
 
 log = logs.get(__name__)
+_T = TypeVar("_T")
 
 Requeue = Callable[[str, int, float], None]  # (run_id, fence, countdown_s)
 
@@ -148,15 +149,44 @@ def _ship_rest(services: Services, lease: Lease | None, shipper: runlog.Shipper)
 
 
 def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:
-    """An attempt that lost its run still spent what it reported: book it, without the new owner's reservation."""
+    """An attempt that lost its run still spent what it reported: book it, without the new owner's reservation.
+    Retried while the database is away (as an outcome is): money lost from the ledger is money the caps stop
+    counting. Its event is the receipt that makes a retry of a commit whose answer was lost book nothing twice."""
     if amount <= 0:
         return
-    try:
+
+    def book() -> None:
         with db.session(services.engine) as session:
-            ledger.charge(session, run=run, amount=amount, now=services.now(), own_reservation=False)
+            if store.has_event(session=session, run_id=run.id, kind="run.orphaned_spend", attempt=run.attempt,
+                               fence=run.fence or 0):
+                return
+            now = services.now()
+            ledger.charge(session, run=run, amount=amount, now=now, own_reservation=False)
+            store.add_event(session=session, at=now, kind="run.orphaned_spend", run_id=run.id, agent=run.agent,
+                            attempt=run.attempt, fence=run.fence or 0, micros=amount)
             session.commit()
-    except SQLAlchemyError as exc:
-        log.error("run.orphaned_spend_unbooked", run_id=run.id, micros=amount, error=_first_line(exc))
+
+    with contextlib.suppress(UnavailableError):  # logged: the money is gone, and the ledger could not be told
+        _retrying_database(services, run, "orphaned_spend", book)
+
+
+def _retrying_database(services: Services, run: Run, what: str, write: Callable[[], _T],
+                       wait: Callable[[float], None] = time.sleep) -> _T:
+    """`write` until the database takes it, for up to outcome_retry_s (`wait` between tries: the outcome's keeps
+    its lease alive). Raises UnavailableError, logged as `run.{what}_lost`, when it never did."""
+    deadline = time.monotonic() + services.config.fleet.outcome_retry_s
+    pause = 0.2
+    while True:
+        try:
+            return write()
+        except SQLAlchemyError as exc:
+            if time.monotonic() + pause > deadline:
+                log.error(f"run.{what}_lost", run_id=run.id, error=_first_line(exc))
+                raise UnavailableError(f"could not write the {what.replace('_', ' ')} of run {run.id} for "
+                                       f"{services.config.fleet.outcome_retry_s:.0f} s: {_first_line(exc)}") from None
+            log.warning(f"run.{what}_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause)
+            wait(pause)
+            pause = min(pause * 2, 5.0)
 
 
 # ---------------------------------------------------------------- claim
@@ -421,20 +451,10 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
     delay = backoff_s(fleet.retry_backoff_s, run.attempt) if retry else None
-    deadline = time.monotonic() + fleet.outcome_retry_s
-    pause = 0.2
-    while True:
-        try:
-            written = _write_outcome(services, run, spec, lease, result, verdict, retry, delay, cost)
-            break
-        except SQLAlchemyError as exc:
-            if time.monotonic() + pause > deadline:
-                log.error("run.outcome_lost", run_id=run.id, error=_first_line(exc))
-                raise UnavailableError(f"could not write the outcome of run {run.id} for "
-                                       f"{fleet.outcome_retry_s:.0f} s: {_first_line(exc)}") from None
-            log.warning("run.outcome_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause)
-            _wait_keeping(services, lease, pause)
-            pause = min(pause * 2, 5.0)
+    def write() -> Any:
+        return _write_outcome(services, run, spec, lease, result, verdict, retry, delay, cost)
+
+    written = _retrying_database(services, run, "outcome", write, wait=lambda s: _wait_keeping(services, lease, s))
     if written is None:
         _book_orphaned_spend(services, run, cost - charged)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")

@@ -242,7 +242,9 @@ def test_an_orphaned_attempts_spend_is_booked_after_the_server_closed_a_pooled_c
 
     run = reserved_run(pg_engine, 100_000)  # leaves a pooled connection checked in just now
     _terminate_backends(pg_server, pg_engine)
-    executor._book_orphaned_spend(SimpleNamespace(engine=pg_engine, now=lambda: NOW), run, 70_000)  # type: ignore[arg-type]
+    services = SimpleNamespace(engine=pg_engine, now=lambda: NOW,
+                               config=SimpleNamespace(fleet=SimpleNamespace(outcome_retry_s=0.1)))  # one try
+    executor._book_orphaned_spend(services, run, 70_000)  # type: ignore[arg-type]
     with db.session(pg_engine) as session:
         row = session.get(SpendDay, (DAY, GLOBAL))
         assert row is not None and row.spent_micros == 70_000, "the orphaned attempt's spend was never booked"

@@ -95,3 +95,41 @@ def test_reservations_made_without_a_cap_count_once_a_cap_is_set(engine: Engine)
     assert _reserve_for(engine, "a", 900, fleet_cap=None)
     assert not _reserve_for(engine, "b", 100, fleet_cap=1_000)
     assert _fleet_used(engine) == 1_000
+
+
+def test_an_orphaned_attempts_spend_is_booked_through_a_database_blip(engine: Engine) -> None:
+    """An attempt that lost its run (another owner took it over) still spent what it reported. The booking had
+    one try: a database restarting at that moment lost the money from the ledger, and the caps stopped
+    counting it. It is retried, as an outcome is, until the database answers (within outcome_retry_s)."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from fleet import executor
+
+    run = reserved_run(engine, 100_000)
+    refusals = [3]  # the first statements the database refuses, as one restarting does
+
+    def restarting(*_args: object) -> None:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise OperationalError("SELECT", None, Exception("the database system is starting up"))
+
+    services = SimpleNamespace(engine=engine, now=lambda: NOW,
+                               config=SimpleNamespace(fleet=SimpleNamespace(outcome_retry_s=30.0)))
+    event.listen(engine, "before_cursor_execute", restarting)
+    try:
+        executor._book_orphaned_spend(services, run, 70_000)  # type: ignore[arg-type]
+    finally:
+        event.remove(engine, "before_cursor_execute", restarting)
+    assert refusals == [0], "the blip never reached the booking"
+    with db.session(engine) as session:
+        fleet_row, agent_row = session.get(SpendDay, (DAY, GLOBAL)), session.get(SpendDay, (DAY, "a"))
+    assert fleet_row is not None and fleet_row.spent_micros == 70_000, "the orphaned attempt's spend was lost"
+    assert agent_row is not None and agent_row.spent_micros == 70_000
+    # A retry whose commit had gone through (its answer lost with the connection) books nothing twice.
+    executor._book_orphaned_spend(services, run, 70_000)  # type: ignore[arg-type]
+    with db.session(engine) as session:
+        again = session.get(SpendDay, (DAY, GLOBAL))
+    assert again is not None and again.spent_micros == 70_000, "the orphaned spend was booked twice"
