@@ -4,10 +4,10 @@ Worker settings match Fleet's workers (workers/app.py): JSON only, acks_late, re
 prefetch 1, a Redis result backend; the benchmark starts it with prefork `-c 2 -O fair`.
 The broker is `BENCH_BROKER_URL` (a private redis-server started by the benchmark).
 
-`BENCH_AS_FLEET=1` adds what Fleet's workers also turn on for Flower and `celery result` (task
-events, sent events, the STARTED state), and `bare.hop` is a task that only sends `bare.run`: the two
-together are the floor of Fleet's design, in which a run is two Celery messages (the dispatch, then
-the execute it sends once the run is durable), before any of Fleet's own work.
+`BENCH_AS_FLEET=1` adds what Fleet's workers also turn on for Flower (task events, sent events), and
+`bare.hop` is a task that only sends `bare.run`: the two together are the floor of Fleet's design,
+in which a run is two Celery messages (the dispatch, then the execute it sends once the run is
+durable), before any of Fleet's own work.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 if os.environ.get("BENCH_AS_FLEET") == "1":
-    app.conf.update(worker_send_task_events=True, task_send_sent_event=True, task_track_started=True)
+    app.conf.update(worker_send_task_events=True, task_send_sent_event=True)
 
 
 @app.task(name="bare.run")

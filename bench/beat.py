@@ -103,7 +103,7 @@ def tick_rep(kind: str, home: Path, redis_url: str, agents: int) -> dict[str, An
     celery = _celery(redis_url)
 
     def send(run_id: str, fence: int) -> None:
-        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents")
+        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", ignore_result=True)
 
     with database(kind, home) as url:
         services = _services(home, url, redis_url, agents)
@@ -307,7 +307,7 @@ def sweep_bench(kind: str, home: Path, redis_url: str, sizes: tuple[int, ...], r
 
     def send(run_id: str, fence: int) -> None:
         sent.append((run_id, fence))
-        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents")
+        celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", ignore_result=True)
 
     rng = random.Random(42)
     results: dict[str, Any] = {"sizes": {}, "explain": {}}

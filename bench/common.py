@@ -239,7 +239,7 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 
 def start_bare_worker(home: Path, broker: str, as_fleet: bool = False) -> subprocess.Popen[bytes]:
     """The bare Celery baseline's worker (bench/bare_app.py), prefork -c 2 -O fair, in a session of its own;
-    `as_fleet`: with the task events and STARTED state Fleet's workers have on."""
+    `as_fleet`: with the task events and sent events Fleet's workers have on."""
     env = {**os.environ, "BENCH_BROKER_URL": broker, "PYTHONPATH": str(ROOT),
            "BENCH_AS_FLEET": "1" if as_fleet else "0"}
     logfile = open(home / "bare-worker.log", "ab")  # noqa: SIM115 - lives as long as the worker

@@ -20,7 +20,9 @@ Figures per repetition (tables show the median of the repetitions, with min..max
   by part: the dispatch up to its send, the send call, and from the send to the claim starting;
 - commits per run (PostgreSQL): pg_stat_database.xact_commit of the benchmark's own database
   before and after the burst, with every connection closed so the counters are flushed;
-- events per run: run_events rows per run (a proxy on SQLite, which keeps no commit counter).
+- events per run: run_events rows per run (a proxy on SQLite, which keeps no commit counter);
+- the beat path: N agents sharing one schedule, ticked by one `fleet.ticks` message (as beat sends it),
+  dispatched in one batch (fleet/bulk.py): N / (last run finished - the send), beside bare Celery's N tasks.
 Then, in this process without Celery, runs are dispatched and executed one at a time with
 SQLAlchemy engine events counting each side's transactions (the same count on SQLite and
 PostgreSQL), and each step of the dispatch and the executor is timed.
@@ -83,6 +85,14 @@ timeout_s = 60
 _HOP = "bare Celery with Fleet's events: 2 messages per run (throughput), 1 (isolated latency)"
 
 _PARTS = ("dispatch", "send", "hop")  # of an isolated run's latency: the transaction, the send, the message
+
+BEAT_AGENT = 'command = ["true"]\nschedule = "every 3600s"\ntimeout_s = 60\n'
+
+
+def _fleet_toml(beat_agents: int) -> str:
+    """The noop agent, and the agents that share one schedule for the beat path."""
+    return NOOP_AGENTS + "".join(f"\n[agents.beat-{i:04}]\n{BEAT_AGENT}" for i in range(beat_agents))
+
 
 _TERMINAL_SQL = "('succeeded','idle','failed','killed','archived','dead')"
 
@@ -160,7 +170,7 @@ def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: 
     """One repetition on a fresh database: isolated runs (they also warm up), the burst, then the drain."""
     home.mkdir(parents=True)
     with database(kind, home) as url:
-        fleet = Fleet(home, redis_url, url, agents=NOOP_AGENTS)
+        fleet = Fleet(home, redis_url, url, agents=_fleet_toml(n))
         reader = _reader(url)
         try:
             fleet.start(workers=1, concurrency=2)
@@ -203,15 +213,21 @@ def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: 
                 fleet.celery.send_task("fleet.dispatch", kwargs={"agent": "noop", "work_key": f"task-{i}"},
                                        queue="dispatch")
             task_rows = _finished_task_rows(reader, n)
+            # The beat path: one fleet.ticks message over N agents sharing a schedule, dispatched in one batch.
+            beat_first = time.time()
+            fleet.celery.send_task("fleet.ticks", kwargs={"agents": [f"beat-{i:04}" for i in range(n)]},
+                                   queue="dispatch")
+            beat_rows = _finished_rows_like(reader, "beat-%", n)
         finally:
             fleet.stop()
             reader.dispose()
     latency = [_as_epoch(r.started_at) - sent_at[r.id] for r in rows]
     elapsed = max(_as_epoch(r.finished_at) for r in rows) - first
     tasks_s = max(_as_epoch(r.finished_at) for r in task_rows) - tasks_first
+    beat_s = max(_as_epoch(r.finished_at) for r in beat_rows) - beat_first
     drain_s = max(_as_epoch(r.finished_at) for r in drained) - min(_as_epoch(r.started_at) for r in drained)
     return {"throughput": n / elapsed, "dispatch_rate": n / sum(called), "call_p50": 1000 * pct(called, 50),
-            "drain_rate": drain / drain_s, "task_rate": n / tasks_s,
+            "drain_rate": drain / drain_s, "task_rate": n / tasks_s, "beat_rate": n / beat_s,
             "lat_p50": 1000 * pct(latency, 50), "lat_p95": 1000 * pct(latency, 95),
             "iso_p50": 1000 * pct(isolated, 50), "iso_p95": 1000 * pct(isolated, 95),
             **{f"iso_{part}_p50": 1000 * pct(values, 50) for part, values in parts.items()},
@@ -220,16 +236,24 @@ def fleet_rep(kind: str, home: Path, redis_url: str, n: int, paced: int, drain: 
 
 def _finished_task_rows(reader: Engine, n: int) -> list[Any]:
     """The runs the fleet.dispatch tasks made (the task's actor is `celery:HOST:TASK_ID`), once all finished."""
+    return _finished_matching(reader, "work_key LIKE 'task-%'", n, "task-dispatched runs")
+
+
+def _finished_rows_like(reader: Engine, agents: str, n: int) -> list[Any]:
+    """The runs of the agents named like `agents` (SQL LIKE), once all N finished."""
+    return _finished_matching(reader, f"agent LIKE '{agents}'", n, f"runs of {agents}")
+
+
+def _finished_matching(reader: Engine, where: str, n: int, what: str) -> list[Any]:
     def done() -> bool:
         with reader.connect() as conn:
-            return int(conn.execute(text(f"SELECT count(*) FROM runs WHERE work_key LIKE 'task-%' AND status IN "
+            return int(conn.execute(text(f"SELECT count(*) FROM runs WHERE {where} AND status IN "
                                          f"{_TERMINAL_SQL}")).scalar_one()) == n
-    wait_until(done, 600, f"{n} task-dispatched runs to finish", 0.05)
+    wait_until(done, 600, f"{n} {what} to finish", 0.05)
     with reader.connect() as conn:
-        rows = list(conn.execute(text("SELECT id, status, started_at, finished_at FROM runs "
-                                      "WHERE work_key LIKE 'task-%'")))
+        rows = list(conn.execute(text(f"SELECT id, status, started_at, finished_at FROM runs WHERE {where}")))
     if {r.status for r in rows} != {"succeeded"}:
-        raise RuntimeError(f"not every task-dispatched run succeeded: {sorted({r.status for r in rows})}")
+        raise RuntimeError(f"not every one of the {what} succeeded: {sorted({r.status for r in rows})}")
     return rows
 
 
@@ -277,7 +301,7 @@ def bare_rep(home: Path, broker: str, n: int, paced: int, drain: int) -> dict[st
 
 
 def hop_rep(home: Path, broker: str, n: int, paced: int) -> dict[str, Any]:
-    """The floor of a run as Fleet makes one, on a worker with Fleet's task events and STARTED state on:
+    """The floor of a run as Fleet makes one, on a worker with Fleet's task events and sent events on:
     N bare.hop tasks, each sending one bare.run, the rate from the first send to the last run's end; and the
     isolated latency of one bare.run at a time (the one message Fleet's in-process dispatch sends)."""
     os.environ["BENCH_BROKER_URL"] = broker
@@ -360,7 +384,7 @@ def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, An
                 one_run(f"warm-{i}")
             sides = {"dispatch": Counts(), "execute": Counts()}
             steps: dict[str, list[float]] = {}
-            with _timed(dispatching, ["archive_stale", "create", "plan", "dispatch_one"], steps), \
+            with _timed(dispatching, ["archive_stale", "create", "dispatch_one"], steps), \
                     _timed(executor, ["_claim", "_run_attempt", "_finish"], steps):
                 for i in range(runs):
                     one_run(f"trace-{i}", sides)
@@ -384,18 +408,19 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
     bare, hops = results["bare"], results["hop"]
     for name, reps in results.items():
         if name == "hop":
-            rows.append([_HOP, spread(reps, "task_rate"), *["-"] * 5,
+            rows.append([_HOP, spread(reps, "task_rate"), "-", *["-"] * 5,
                          f"{med_of(reps, 'iso_p50'):.1f} / {med_of(reps, 'iso_p95'):.1f}", "-", "-"])
             continue
         rows.append(["bare Celery" if name == "bare" else f"Fleet, {name}", spread(reps, "task_rate"),
-                     spread(reps, "throughput"),
+                     spread(reps, "task_rate" if name == "bare" else "beat_rate"), spread(reps, "throughput"),
                      spread(reps, "dispatch_rate"), spread(reps, "drain_rate"), spread(reps, "call_p50", "{:.2f}"),
                      f"{med_of(reps, 'lat_p50'):.1f} / {med_of(reps, 'lat_p95'):.1f}",
                      f"{med_of(reps, 'iso_p50'):.1f} / {med_of(reps, 'iso_p95'):.1f}",
                      spread(reps, "commits") if name == "postgresql" else "-",
                      spread(reps, "events") if name != "bare" else "-"])
     table("no-op agent: throughput and latency",
-          ["system", "through fleet.dispatch tasks runs/s", "in-process dispatch runs/s",
+          ["system", "through fleet.dispatch tasks runs/s", "beat path: one fleet.ticks over N agents, runs/s",
+           "in-process dispatch runs/s",
            "producer: dispatch calls/s", "consumer: drain runs/s", "call p50 ms",
            "burst latency p50 / p95 ms", "isolated latency p50 / p95 ms", "DB commits/run (pg_stat)",
            "events/run"], rows)
@@ -403,17 +428,18 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
     for kind in kinds:
         fleet = results[kind]
         ratios.append([f"Fleet {kind} / bare Celery"] + [
-            f"{med_of(fleet, key) / med_of(bare, key):.3f}" for key in ("task_rate", "throughput", "drain_rate",
-                                                                        "lat_p50", "iso_p50")])
+            f"{med_of(fleet, key) / med_of(bare, 'task_rate' if key == 'beat_rate' else key):.3f}"
+            for key in ("task_rate", "beat_rate", "throughput", "drain_rate", "lat_p50", "iso_p50")])
     ratios.append(["bare Celery with Fleet's events / bare Celery",
-                   f"{med_of(hops, 'task_rate') / med_of(bare, 'task_rate'):.3f}", *["-"] * 3,
+                   f"{med_of(hops, 'task_rate') / med_of(bare, 'task_rate'):.3f}", *["-"] * 4,
                    f"{med_of(hops, 'iso_p50') / med_of(bare, 'iso_p50'):.3f}"])
     for kind in kinds:
         ratios.append([f"Fleet {kind} / bare Celery with Fleet's events",
-                       f"{med_of(results[kind], 'task_rate') / med_of(hops, 'task_rate'):.3f}", *["-"] * 3,
+                       f"{med_of(results[kind], 'task_rate') / med_of(hops, 'task_rate'):.3f}", *["-"] * 4,
                        f"{med_of(results[kind], 'iso_p50') / med_of(hops, 'iso_p50'):.3f}"])
     table("ratios (Fleet / bare Celery, medians)",
-          ["", "throughput via fleet.dispatch tasks", "in-process dispatch throughput", "consumer drain rate",
+          ["", "throughput via fleet.dispatch tasks", "beat path (fleet.ticks) throughput",
+           "in-process dispatch throughput", "consumer drain rate",
            "burst latency p50", "isolated latency p50"], ratios)
     table("isolated latency by part, p50 ms (boundaries timed in the sending process; the end is the claim's start)",
           ["system", "dispatch transaction, to the send", "the send (send_task)", "sent to the claim starting",
@@ -433,7 +459,7 @@ def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
     table("database work per run, traced in-process (engine events; one run at a time, no Celery)",
           ["DB", "side", "commits that wrote (durable)", "read-only commits", "rollbacks",
            "connection checkouts", "SQL statements"], rows)
-    names = ["archive_stale", "create", "plan", "dispatch_one", "_claim", "_run_attempt", "_finish"]
+    names = ["archive_stale", "create", "dispatch_one", "_claim", "_run_attempt", "_finish"]
     table("where one run's time goes, p50 ms per step (in-process, one at a time, no Celery)",
           ["step", *traces], [[name, *[f"{t['steps'].get(name, float('nan')):.2f}" for t in traces.values()]]
                               for name in names])

@@ -388,7 +388,7 @@ class Fleet:
     def send_execute(self, run_id: str, fence: int, countdown: float = 0.0) -> None:
         """What workers.tasks.send_execute does, from the test process."""
         self.celery.send_task("fleet.execute", args=[run_id, fence], queue="agents", countdown=countdown or None,
-                              task_id=broker.execute_task_id(run_id, fence))
+                              task_id=broker.execute_task_id(run_id, fence), ignore_result=True)
 
     def waiting(self, runs: Sequence[Run]) -> set[str]:
         """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue."""

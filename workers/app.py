@@ -143,7 +143,10 @@ app.conf.update(
     worker_soft_shutdown_timeout=10,
     worker_send_task_events=True,
     task_send_sent_event=True,
-    task_track_started=True,
+    # No STARTED state in the result backend: Flower has the task-started event, a dispatch's state is its
+    # result a few milliseconds later, and an execute keeps no result (workers/tasks.py). It was one more Redis
+    # write before every task's body.
+    task_track_started=False,
     broker_connection_retry_on_startup=True,
     broker_transport="workers.transport:Transport",  # kombu's Redis transport, surviving a lost connection
     broker_transport_options=_transport_options(),
