@@ -127,8 +127,10 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
         charged = books.finish()
         _ship_rest(services, None if watcher.lost else lease, shipper)
     if watcher.lost:
-        services.leases.release(lease)  # only if the key still holds our fence
+        # The money first: a Redis error at the release must not keep the spend from the ledger.
         _book_orphaned_spend(services, run, result.cost_micros - charged)
+        with contextlib.suppress(redis.RedisError):  # the key expires on its own otherwise
+            services.leases.release(lease)  # only if the key still holds our fence
         return ExecuteResult(run.id, "stale", result.exit_code, "lease lost: another owner took the run over")
     stop = watcher.stop_reason or ("lease_lapsed" if ownership.lapsed() and result.exit_code else None)
     verdict = judge(result, stop, watcher.meter.problem if watcher.meter else None)
@@ -166,14 +168,14 @@ def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:
                             attempt=run.attempt, fence=run.fence or 0, micros=amount)
             session.commit()
 
-    with contextlib.suppress(UnavailableError):  # logged: the money is gone, and the ledger could not be told
-        _retrying_database(services, run, "orphaned_spend", book)
+    with contextlib.suppress(UnavailableError):  # logged with the amount: the ledger could not be told of it
+        _retrying_database(services, run, "orphaned_spend", book, micros=amount)
 
 
 def _retrying_database(services: Services, run: Run, what: str, write: Callable[[], _T],
-                       wait: Callable[[float], None] = time.sleep) -> _T:
+                       wait: Callable[[float], None] = time.sleep, **detail: Any) -> _T:
     """`write` until the database takes it, for up to outcome_retry_s (`wait` between tries: the outcome's keeps
-    its lease alive). Raises UnavailableError, logged as `run.{what}_lost`, when it never did."""
+    its lease alive). Raises UnavailableError, logged as `run.{what}_lost` (with `detail`), when it never did."""
     deadline = time.monotonic() + services.config.fleet.outcome_retry_s
     pause = 0.2
     while True:
@@ -181,10 +183,10 @@ def _retrying_database(services: Services, run: Run, what: str, write: Callable[
             return write()
         except SQLAlchemyError as exc:
             if time.monotonic() + pause > deadline:
-                log.error(f"run.{what}_lost", run_id=run.id, error=_first_line(exc))
+                log.error(f"run.{what}_lost", run_id=run.id, error=_first_line(exc), **detail)
                 raise UnavailableError(f"could not write the {what.replace('_', ' ')} of run {run.id} for "
                                        f"{services.config.fleet.outcome_retry_s:.0f} s: {_first_line(exc)}") from None
-            log.warning(f"run.{what}_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause)
+            log.warning(f"run.{what}_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause, **detail)
             wait(pause)
             pause = min(pause * 2, 5.0)
 
@@ -457,6 +459,8 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     written = _retrying_database(services, run, "outcome", write, wait=lambda s: _wait_keeping(services, lease, s))
     if written is None:
         _book_orphaned_spend(services, run, cost - charged)
+        with contextlib.suppress(redis.RedisError):  # _ship_rest renewed it: give it back, if it is still ours
+            services.leases.release(lease)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")
     if written == MOVED_ON:
         return ExecuteResult(run.id, "stale", result.exit_code, "its outcome was written before; the run has "
@@ -532,6 +536,8 @@ def _write_outcome(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
             session, day=fresh.budget_day, agent=run.agent, caps=caps_of(services, spec))
         if dead:
             _dead_letter(session, fresh, result, verdict, now)
+        if verdict.pause:  # the agent's own pause, kept with the outcome that asks for it (Redis follows)
+            pause.mirror(session, scope=spec.name, reason=_own_pause_reason(verdict), actor=f"agent:{run.id}", now=now)
         store.add_event(session=session, at=now, kind=kind, run_id=run.id,
                         agent=run.agent, attempt=run.attempt, exit_code=result.exit_code, error=verdict.error,
                         cost_micros=result.cost_micros, retry_in_s=delay, fence=lease.fence)
@@ -552,6 +558,10 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     """What follows once the outcome is safe in the database; none of it may undo that."""
     fleet = services.config.fleet
     threshold = spec.breaker_settings(fleet)[0]
+    if verdict.pause:  # in force already (its mirror came with the outcome); the flag lets ticks see it at once
+        with contextlib.suppress(redis.RedisError):  # a flag Redis lacks is put back from the mirror by a check
+            pause.raise_flag(services.redis, scope=spec.name, reason=_own_pause_reason(verdict),
+                             actor=f"agent:{run.id}", now=services.now())
     try:
         if retry:
             services.leases.renew(lease, (delay or 0) + fleet.queued_lease_ttl_s)
@@ -561,11 +571,14 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
             _, old, new = services.admissions.finish(lease, verdict.breaker, threshold=threshold)
         if new != old:
             _breaker_changed(services, run, old, new)
-        if verdict.pause:  # the operator's pause, by the agent's own hand: `fleet resume AGENT` lifts it
-            pause.engage(services.engine, services.redis, scope=spec.name, reason=verdict.pause[:killflag.MAX_REASON],
-                         actor=f"agent:{run.id}", now=services.now())
     except Exception as exc:  # noqa: BLE001 - the outcome is persisted; the reaper mends the rest
         log.warning("run.after_persist_failed", run_id=run.id, error=f"{exc.__class__.__name__}: {exc}")
+
+
+def _own_pause_reason(verdict: Verdict) -> str:
+    """The operator's pause, by the agent's own hand (`fleet resume AGENT` lifts it), for a reason the
+    mirror keeps whole."""
+    return (verdict.pause or "").replace("\x00", "")[:killflag.MAX_REASON]
 
 
 def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:

@@ -64,14 +64,12 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
     check_reason(reason)
     redis_problem = None
     try:
-        client.set(keys.paused(scope), json.dumps({"reason": reason, "actor": actor, "at": now.isoformat()}))
+        raise_flag(client, scope=scope, reason=reason, actor=actor, now=now)
     except redis.RedisError as exc:
         redis_problem = f"Redis unreachable ({exc.__class__.__name__})"
     try:
         with db.session(engine) as session:
-            _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, now=now)
-            store.add_event(session=session, at=now, kind="pause.engaged", agent=None if scope == GLOBAL else scope,
-                            actor=actor, scope=scope, reason=reason)
+            mirror(session, scope=scope, reason=reason, actor=actor, now=now)
             session.commit()
     except SQLAlchemyError as exc:
         if redis_problem:
@@ -79,6 +77,19 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
                                    f"({exc.__class__.__name__})") from None
         raise UnavailableError(f"paused in Redis (in force), but the database mirror could not be written "
                                f"({exc.__class__.__name__}): a Redis restart would lift it; run it again") from None
+
+
+def raise_flag(client: redis.Redis, *, scope: str, reason: str | None, actor: str, now: datetime) -> None:
+    """The pause's Redis flag alone (ticks read it at once); raises redis.RedisError."""
+    client.set(keys.paused(scope), json.dumps({"reason": reason, "actor": actor, "at": now.isoformat()}))
+
+
+def mirror(session: Session, *, scope: str, reason: str | None, actor: str, now: datetime) -> None:
+    """The pause's durable half and its event, in the caller's transaction: an agent's own pause is written
+    with the outcome that asks for it, so one cannot be kept without the other."""
+    _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, now=now)
+    store.add_event(session=session, at=now, kind="pause.engaged", agent=None if scope == GLOBAL else scope,
+                    actor=actor, scope=scope, reason=reason)
 
 
 def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> bool:

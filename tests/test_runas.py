@@ -410,7 +410,8 @@ def test_an_agent_as_nobody_sees_no_fleet_secret_and_no_other_key_on_any_path(
         client = redis_lib.Redis(port=server.port, password=password)
         stored = redis_text(client)
         client.close()
-        assert ok.id.encode() in stored  # the control: the scan reads the fleet's keys and messages
+        # The control: the scan reads the fleet's keys (an execute keeps no result there to name its run).
+        assert b"fleet:breaker:snoop" in stored and b"fleet:fence:snoop-fail" in stored
         for where, text in (("run or worker log", b"\n".join(logs)), ("Redis", stored),
                             ("database", database_text(f"sqlite:///{tmp_path / 'fleet.db'}").encode()),
                             ("Sentry", sentry.raw())):

@@ -1,0 +1,129 @@
+"""What an attempt's end must keep through a Redis or database blip at the wrong moment, on SQLite and PostgreSQL
+with a real Redis, in-process: the agent's own pause (exit 78) and the spend of an attempt that lost its run.
+Found by review; each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from structlog.testing import capture_logs
+
+from fleet import db, executor, pause
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.models import Pause, Run
+from fleet.process import ProcessResult
+from fleet.services import Services
+
+
+def _claimed(services: Services, agent: str) -> tuple[Run, Any, Any]:
+    queued = dispatch(services, DispatchRequest(agent, uuid.uuid4().hex, actor="test"), lambda *_: None)
+    assert queued.status == "queued", queued
+    claimed = executor._claim(services, queued.run_id or "", queued.fence or 0)
+    assert not isinstance(claimed, executor.ExecuteResult), claimed
+    run, spec, lease, _room = claimed
+    return run, spec, lease
+
+
+def _exited(code: int, cost: int = 0) -> ProcessResult:
+    return ProcessResult(exit_code=code, stop_reason=None, cost_micros=cost, input_tokens=0, output_tokens=0,
+                         done_reason=None, output_tail="", pid=None, pgid=None, log_bytes=0, started=True)
+
+
+def _row(services: Services, run_id: str) -> Run:
+    with db.session(services.engine) as session:
+        run = session.get(Run, run_id)
+    assert run is not None
+    return run
+
+
+def _redis_restarting(*_args: Any, **_kwargs: Any) -> None:
+    raise redis_lib.ConnectionError("Redis is restarting")
+
+
+# ---------------------------------------------------------------- exit 78: the agent's own pause
+
+
+def test_a_config_dead_letter_pauses_its_agent_through_a_redis_blip_after_its_outcome(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 78 dead-letters the run `config` and pauses its agent. The pause came after the outcome's commit, in
+    the same try as the lease's release: a Redis error there and the pause was never tried, and nothing else
+    ever pauses the agent (it is scheduled again and again). The pause is now part of the outcome."""
+    run, spec, lease = _claimed(services, "exit78")
+    result = _exited(executor.EXIT_CONFIG)
+    monkeypatch.setattr(services.admissions, "finish", _redis_restarting)
+    ended = executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None, 0, 0)
+    assert ended.status == "dead"
+    with db.session(services.engine) as session:
+        row = session.get(Pause, "exit78")
+    assert row is not None and row.engaged, "dead-lettered config, but the agent was never paused"
+
+
+def test_a_config_dead_letters_pause_is_durable_through_a_database_blip_after_its_outcome(
+        services: Services) -> None:
+    """The pause's mirror had a write of its own after the outcome: a database refusing it left the pause in
+    Redis only, and a Redis restart lifted it. Written with the outcome, it is as durable as the dead letter."""
+    run, spec, lease = _claimed(services, "exit78")
+    result = _exited(executor.EXIT_CONFIG)
+    outcome_written: list[bool] = []
+
+    def committed(_session: Any) -> None:
+        outcome_written.append(True)
+
+    def refuse_writes_after_the_outcome(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if outcome_written and statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            raise OperationalError(statement, None, Exception("the database system is shutting down"))
+
+    event.listen(services.engine, "before_cursor_execute", refuse_writes_after_the_outcome)
+    event.listen(db.Session, "after_commit", committed)
+    try:
+        executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None, 0, 0)
+    finally:
+        event.remove(services.engine, "before_cursor_execute", refuse_writes_after_the_outcome)
+        event.remove(db.Session, "after_commit", committed)
+    assert outcome_written, "the outcome never committed"
+    services.redis.flushdb()  # Redis restarts without persistence
+    with db.session(services.engine) as session:
+        assert pause.check(session, services.redis, "exit78").paused, "the agent's own pause was lost with Redis"
+
+
+# ---------------------------------------------------------------- an attempt that lost its run
+
+
+def test_a_lost_attempts_spend_is_booked_although_redis_blips_at_its_lease_release(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt whose run was taken over gives its lease back, then books what it spent. A Redis error at the
+    release raised out of the execute before the booking: the money was gone from the ledger."""
+    queued = dispatch(services, DispatchRequest("echo", uuid.uuid4().hex, actor="test"), lambda *_: None)
+
+    def lost_its_run(_services: Any, _run: Any, _spec: Any, watcher: Any, _ownership: Any) -> ProcessResult:
+        watcher.stop_reason = "lease_lost"
+        return _exited(0, cost=50_000)
+
+    monkeypatch.setattr(executor, "_run_attempt", lost_its_run)
+    monkeypatch.setattr(services.leases, "release", _redis_restarting)
+    executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None)
+    assert _row(services, queued.run_id or "").cost_micros == 50_000, "the lost attempt's spend was never booked"
+
+
+def test_an_orphaned_spend_the_database_never_took_says_how_much_was_lost(services: Services) -> None:
+    """The booking gives up after outcome_retry_s; its log line is then the only record of the money the
+    ledger never got, so it carries the amount."""
+    run, _spec, _lease = _claimed(services, "echo")
+    services.config.fleet.outcome_retry_s = 0.1
+
+    def down(*_args: Any) -> None:
+        raise OperationalError("SELECT", None, Exception("the database system is shutting down"))
+
+    event.listen(services.engine, "before_cursor_execute", down)
+    try:
+        with capture_logs() as logged:
+            executor._book_orphaned_spend(services, run, 70_000)
+    finally:
+        event.remove(services.engine, "before_cursor_execute", down)
+    lost = [line for line in logged if line["event"] == "run.orphaned_spend_lost"]
+    assert lost and lost[-1].get("micros") == 70_000, f"the money lost is not in its log line: {logged}"
