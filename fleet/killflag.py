@@ -8,6 +8,7 @@ kill landed. The flag's value is Fleet's JSON record; any value at all under a k
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 
 import redis
@@ -37,3 +38,22 @@ def raise_flag(client: redis.Redis, *, scope: str, reason: str | None, actor: st
     """Set the kill flag of `scope` (in force at once); raises redis.RedisError when Redis cannot take it."""
     check_reason(reason)
     client.set(keys.kill(scope), record(reason=reason, actor=actor, at=at, hard=hard))
+
+
+# Deletes the key only while it still holds the value given (a flag someone set since is theirs to keep).
+_DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def put_back(client: redis.Redis, key: str, value: str, still_engaged: Callable[[], bool]) -> bool:
+    """Set a flag Redis lost (a kill's or a pause's) from its mirror row; whether it was put back.
+
+    A resume releases the mirror, then deletes the flag: one committed between the caller's read of the mirror
+    and this set may have deleted before we set, and the flag would outlive its resume (every tick refused,
+    the mirror saying released). So the mirror is read again after the set (`still_engaged`, a fresh statement)
+    and what we set is taken back if it was released. Raises redis.RedisError."""
+    if not client.set(key, value, nx=True):
+        return False
+    if still_engaged():
+        return True
+    client.eval(_DELETE_IF_OURS, 1, key, value)
+    return False

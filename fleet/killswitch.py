@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import redis
@@ -27,7 +28,7 @@ from sqlmodel import Session, col, select
 from fleet import alerts, db, keys, logs, store
 from fleet.errors import KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
-from fleet.killflag import MAX_REASON, raise_flag, record
+from fleet.killflag import MAX_REASON, put_back, raise_flag, record
 from fleet.models import KillSwitch, table_of
 
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
@@ -246,9 +247,9 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> KillState
 def restore(session: Session, client: redis.Redis) -> int:
     """Copy every engaged flag from the mirror into Redis; returns how many were missing there."""
     restored = 0
-    for row in session.exec(select(KillSwitch).where(col(KillSwitch.engaged))):
+    for row in list(session.exec(select(KillSwitch).where(col(KillSwitch.engaged)))):
         flag = record(reason=row.reason, actor=row.actor, at=row.changed_at, hard=row.hard)
-        if client.set(keys.kill(row.scope), flag, nx=True):
+        if put_back(client, keys.kill(row.scope), flag, partial(store.engaged_now, session, _TABLE, row.scope)):
             restored += 1
     return restored
 

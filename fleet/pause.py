@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import redis
@@ -28,7 +29,7 @@ from sqlmodel import Session, col, select
 from fleet import db, keys, store
 from fleet.errors import UnavailableError
 from fleet.keys import GLOBAL
-from fleet.killflag import check_reason
+from fleet.killflag import check_reason, put_back
 from fleet.models import Pause, table_of
 
 
@@ -150,8 +151,9 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> PauseStat
         values = client.mget([keys.paused(s) for s in scopes])
         for scope, row in mirrored.items():
             if values[scopes.index(scope)] is None:  # Redis restarted and lost it
-                client.set(keys.paused(scope), json.dumps({"reason": row.reason, "actor": row.actor,
-                                                           "at": row.changed_at.isoformat()}), nx=True)
+                put_back(client, keys.paused(scope), json.dumps({"reason": row.reason, "actor": row.actor,
+                                                                 "at": row.changed_at.isoformat()}),
+                         partial(store.engaged_now, session, _TABLE, scope))
     except redis.RedisError as exc:
         if mirrored:
             return _from_row(mirrored.get(GLOBAL) or next(iter(mirrored.values())))

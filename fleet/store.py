@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, event, func, insert
+from sqlalchemy import Table, bindparam, event, func, insert
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
@@ -62,6 +62,12 @@ def _drop_events(session: Session) -> None:
 def event_detail(**detail: Any) -> str | None:
     """An event's detail as it is stored: JSON with sorted keys, or nothing."""
     return json.dumps(detail, default=str, sort_keys=True) if detail else None
+
+
+def engaged_now(session: Session, table: Table, scope: str) -> bool:
+    """Whether a kill or pause mirror row (`table`) is engaged as committed now: a fresh statement, so on
+    PostgreSQL a later snapshot than the caller's earlier reads."""
+    return bool(session.execute(core_select(table.c.engaged).where(table.c.scope == scope)).scalar())
 
 
 def get_run(*, session: Session, run_id: str) -> Run | None:

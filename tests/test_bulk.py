@@ -13,7 +13,7 @@ from sqlalchemy import event
 from sqlmodel import col, select
 
 import beat_schedule
-from fleet import db, killswitch, pause, ticks
+from fleet import db, keys, killswitch, pause, ticks
 from fleet.breaker import Outcome
 from fleet.models import Run, RunEvent, RunStatus, SpendDay
 from fleet.services import Services
@@ -312,3 +312,41 @@ def test_a_flag_released_while_a_pass_reads_its_mirror_is_never_refused_as_not_h
         assert (answer.status, answer.reason) in {("refused", reason), ("queued", None)}, (name, answer)
         if answer.status == "refused":
             assert "runaway" in answer.gates[flag].detail, (name, answer.gates[flag].detail)
+
+
+@pytest.mark.parametrize("flag", ["kill", "pause"])
+def test_a_resume_committed_while_a_pass_puts_a_lost_flag_back_is_not_undone(services: Services, flag: str) -> None:
+    """Found by review: a pass reads the mirror (held) to put back the flag Redis lost; `fleet resume` commits
+    its release and deletes the flag; the pass then set the flag again from what it had read. The mirror said
+    released, Redis said killed (or paused), and every later tick was refused with nothing left to repair it.
+    A flag put back is taken back when the mirror, read again, says released."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write lock (BEGIN IMMEDIATE) holds the release until the pass ends")
+    module, table = (killswitch, "kill_switches") if flag == "kill" else (pause, "pauses")
+    scope = "b-plain-a"
+    if flag == "kill":
+        killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
+                          hard=False, now=services.now())
+    else:
+        pause.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
+                     now=services.now())
+    services.redis.flushdb()  # Redis restarted: only the mirror holds the flag
+    reads: list[str] = []
+
+    def release_after_the_put_backs_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if table in statement and statement.lstrip().upper().startswith("SELECT"):
+            reads.append(statement)
+            if len(reads) == 2:  # the read the flag is put back from (the gate's mirror read was the first)
+                module.release(services.engine, services.redis, scope=scope, actor="cli:ops", now=services.now())
+
+    event.listen(services.engine, "after_cursor_execute", release_after_the_put_backs_read)
+    try:
+        ticks.tick_many(services, ["b-plain-a", "b-plain-b"], Sent(), at=services.now())
+    finally:
+        event.remove(services.engine, "after_cursor_execute", release_after_the_put_backs_read)
+    assert len(reads) >= 2, reads
+    key = keys.kill(scope) if flag == "kill" else keys.paused(scope)
+    assert not services.redis.exists(key), f"resumed (its mirror released), but Redis holds {key} again"
+    with db.session(services.engine) as session:
+        assert not (killswitch.check(session, services.redis, scope).killed if flag == "kill"
+                    else pause.check(session, services.redis, scope).paused)
