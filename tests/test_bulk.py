@@ -278,6 +278,17 @@ def test_one_agents_failing_admission_keeps_nothing_of_the_others(services: Serv
     _ledger_matches_runs(services)
 
 
+def _held_by_the_mirror_only(services: Services, flag: str, scope: str) -> None:
+    """A kill or pause engaged for `scope`, then Redis flushed (restarted): only the mirror holds it."""
+    if flag == "kill":
+        killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
+                          hard=False, now=services.now())
+    else:
+        pause.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
+                     now=services.now())
+    services.redis.flushdb()
+
+
 @pytest.mark.parametrize(("flag", "scope"), [("kill", "*"), ("kill", "b-plain-a"), ("pause", "*"),
                                              ("pause", "b-plain-a")])
 def test_a_flag_released_while_a_pass_reads_its_mirror_is_never_refused_as_not_held(
@@ -288,13 +299,7 @@ def test_a_flag_released_while_a_pass_reads_its_mirror_is_never_refused_as_not_h
     if services.engine.dialect.name != "postgresql":
         pytest.skip("SQLite's write lock (BEGIN IMMEDIATE) holds the release until the pass ends")
     module, table, reason = (killswitch, "kill_switches", "killed") if flag == "kill" else (pause, "pauses", "paused")
-    if flag == "kill":
-        killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
-                          hard=False, now=services.now())
-    else:
-        pause.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
-                     now=services.now())
-    services.redis.flushdb()  # only the mirror holds the flag
+    _held_by_the_mirror_only(services, flag, scope)
     released: list[str] = []
 
     def release_after_the_mirror_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -324,13 +329,7 @@ def test_a_resume_committed_while_a_pass_puts_a_lost_flag_back_is_not_undone(ser
         pytest.skip("SQLite's write lock (BEGIN IMMEDIATE) holds the release until the pass ends")
     module, table = (killswitch, "kill_switches") if flag == "kill" else (pause, "pauses")
     scope = "b-plain-a"
-    if flag == "kill":
-        killswitch.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
-                          hard=False, now=services.now())
-    else:
-        pause.engage(services.engine, services.redis, scope=scope, reason="runaway", actor="cli:ops",
-                     now=services.now())
-    services.redis.flushdb()  # Redis restarted: only the mirror holds the flag
+    _held_by_the_mirror_only(services, flag, scope)
     reads: list[str] = []
 
     def release_after_the_put_backs_read(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
