@@ -38,7 +38,7 @@ from fleet.models import DeadLetter, Run, RunStatus, table_of
 from fleet.process import Launch, Output, ProcessResult, run_agent
 from fleet.services import Services
 from fleet.usage import make_parser
-from fleet.watch import Bookkeeper, Ownership, Watcher
+from fleet.watch import Bookkeeper, Ownership, Watcher, book_lost_spend
 
 log = logs.get(__name__)
 _T = TypeVar("_T")
@@ -124,11 +124,11 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     try:
         result = _run_attempt(services, run, spec, watcher, ownership)
     finally:
-        charged = books.finish()
+        books.finish()
         _ship_rest(services, None if watcher.lost else lease, shipper)
     if watcher.lost:
         # The money first: a Redis error at the release must not keep the spend from the ledger.
-        _book_orphaned_spend(services, run, result.cost_micros - charged)
+        _book_orphaned_spend(services, run, result.cost_micros - books.owned)
         with contextlib.suppress(redis.RedisError):  # the key expires on its own otherwise
             services.leases.release(lease)  # only if the key still holds our fence
         return ExecuteResult(run.id, "stale", result.exit_code, "lease lost: another owner took the run over")
@@ -137,7 +137,7 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     # The agent's own final figure stands, above or below what was booked as it ran (a negative
     # amount is a correction). Tokens that could not be priced cost at least the reservation.
     cost = max(result.cost_micros, watcher.reserved) if verdict.dead_reason == "usage" else result.cost_micros
-    return _finish(services, run, spec, lease, result, verdict, requeue, cost, charged)
+    return _finish(services, run, spec, lease, result, verdict, requeue, cost, books.owned)
 
 
 def _ship_rest(services: Services, lease: Lease | None, shipper: runlog.Shipper) -> None:
@@ -150,26 +150,21 @@ def _ship_rest(services: Services, lease: Lease | None, shipper: runlog.Shipper)
     shipper.ship(services.now(), everything=True)
 
 
-def _book_orphaned_spend(services: Services, run: Run, amount: int) -> None:
-    """An attempt that lost its run still spent what it reported: book it, without the new owner's reservation.
-    Retried while the database is away (as an outcome is): money lost from the ledger is money the caps stop
-    counting. Its event is the receipt that makes a retry of a commit whose answer was lost book nothing twice."""
-    if amount <= 0:
+def _book_orphaned_spend(services: Services, run: Run, total: int) -> None:
+    """An attempt that lost its run still spent what it reported: book it (`total`: what it spent beyond what it
+    booked as the owner), without the new owner's reservation, and once (watch.book_lost_spend's receipts).
+    Retried while the database is away, as an outcome is: money lost from the ledger is money the caps stop
+    counting."""
+    if total <= 0:
         return
 
     def book() -> None:
         with db.session(services.engine) as session:
-            if store.has_event(session=session, run_id=run.id, kind="run.orphaned_spend", attempt=run.attempt,
-                               fence=run.fence or 0):
-                return
-            now = services.now()
-            ledger.charge(session, run=run, amount=amount, now=now, own_reservation=False)
-            store.add_event(session=session, at=now, kind="run.orphaned_spend", run_id=run.id, agent=run.agent,
-                            attempt=run.attempt, fence=run.fence or 0, micros=amount)
+            book_lost_spend(session, run=run, total=total, now=services.now())
             session.commit()
 
     with contextlib.suppress(UnavailableError):  # logged with the amount: the ledger could not be told of it
-        _retrying_database(services, run, "orphaned_spend", book, micros=amount)
+        _retrying_database(services, run, "orphaned_spend", book, micros=total)
 
 
 def _retrying_database(services: Services, run: Run, what: str, write: Callable[[], _T],
@@ -447,9 +442,10 @@ def backoff_s(base: float, attempt: int) -> float:
 
 
 def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result: ProcessResult, verdict: Verdict,
-            requeue: Requeue, cost: int, charged: int) -> ExecuteResult:
-    """Write the outcome and book the attempt's `cost` (the agent's final figure; `charged` is what the
-    bookkeeper booked as it ran); while the database is away, keep the lease and try again (bounded)."""
+            requeue: Requeue, cost: int, owned: int) -> ExecuteResult:
+    """Write the outcome and book the attempt's `cost` (the agent's final figure; `owned` is what the
+    bookkeeper booked as the run's owner as it ran); while the database is away, keep the lease and try again
+    (bounded)."""
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
     delay = backoff_s(fleet.retry_backoff_s, run.attempt) if retry else None
@@ -458,7 +454,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
 
     written = _retrying_database(services, run, "outcome", write, wait=lambda s: _wait_keeping(services, lease, s))
     if written is None:
-        _book_orphaned_spend(services, run, cost - charged)
+        _book_orphaned_spend(services, run, cost - owned)
         with contextlib.suppress(redis.RedisError):  # _ship_rest renewed it: give it back, if it is still ours
             services.leases.release(lease)
         return ExecuteResult(run.id, "stale", result.exit_code, "the run was taken over while it ran")

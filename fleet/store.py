@@ -127,9 +127,14 @@ def live_slots_of(*, session: Session, agents: list[str], besides: str | None = 
 
 def has_event(*, session: Session, run_id: str, kind: str, attempt: int, fence: int) -> bool:
     """Whether the run's trail holds a `kind` event of this attempt under this fence (its detail's)."""
+    return bool(attempt_events(session=session, run_id=run_id, kind=kind, attempt=attempt, fence=fence))
+
+
+def attempt_events(*, session: Session, run_id: str, kind: str, attempt: int, fence: int) -> list[dict[str, Any]]:
+    """The details of the run's `kind` events of this attempt under this fence."""
     details = session.exec(select(RunEvent.detail).where(RunEvent.run_id == run_id, RunEvent.kind == kind))
     parsed = (json.loads(detail) for detail in details if detail)
-    return any((d.get("attempt"), d.get("fence")) == (attempt, fence) for d in parsed)
+    return [d for d in parsed if (d.get("attempt"), d.get("fence")) == (attempt, fence)]
 
 
 def run_events(*, session: Session, run_id: str) -> list[RunEvent]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
 import redis
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col
+from sqlmodel import Session, col
 
-from fleet import alerts, db, killswitch, ledger, logs
+from fleet import alerts, db, killswitch, ledger, logs, store
 from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import Run, RunStatus
@@ -63,6 +64,26 @@ class Ownership:
         return time.monotonic() >= self.valid_until
 
 
+LOST_SPEND = "run.orphaned_spend"  # the receipt of a lost attempt's spend booked so far
+
+
+def book_lost_spend(session: Session, *, run: Run, total: int, now: datetime) -> int:
+    """Book what an attempt that lost its run has spent beyond what it booked as the run's owner (`total`,
+    cumulative), without the new owner's reservation; what was added. Each booking leaves a receipt of the
+    total booked, so a retry of a commit whose answer was lost, or the end after the bookkeeper, books only
+    the rest (the same attempt under the same fence: only one process ever runs it)."""
+    fence = run.fence or 0
+    receipts = store.attempt_events(session=session, run_id=run.id, kind=LOST_SPEND, attempt=run.attempt, fence=fence)
+    booked = max((int(receipt.get("total", 0)) for receipt in receipts), default=0)
+    amount = total - booked
+    if amount <= 0:
+        return 0
+    ledger.charge(session, run=run, amount=amount, now=now, own_reservation=False)
+    store.add_event(session=session, at=now, kind=LOST_SPEND, run_id=run.id, agent=run.agent, attempt=run.attempt,
+                    fence=fence, micros=amount, total=total)
+    return amount
+
+
 class Bookkeeper:
     """The attempt's database work, on a thread of its own, off the watch loop's thread."""
 
@@ -79,6 +100,7 @@ class Bookkeeper:
         self._reported = 0  # the newest cumulative cost the agent reported
         self._started: tuple[int, int] | None = None
         self.charged = 0  # micro-dollars of this attempt booked in the ledger
+        self.owned = 0  # of which booked as the run's owner (the rest, as a lost attempt's: book_lost_spend)
         # The most this attempt may cost before it must stop: its reservation plus what the caps still
         # allowed when it was last looked at (None: no cap).
         self.allowance: int | None = None if room is None else run.reserved_micros + max(room, 0)
@@ -140,7 +162,7 @@ class Bookkeeper:
                 booked = None if self.lost else ledger.book_attempt(session, run=self.run, total=reported,
                                                                     now=services.now())
                 if booked is None:  # the run is another attempt's now: what we spent is booked as a lost one's
-                    ledger.charge(session, run=self.run, amount=step, now=services.now(), own_reservation=False)
+                    book_lost_spend(session, run=self.run, total=reported - self.owned, now=services.now())
                 current = session.get(Run, self.run.id, populate_existing=True)
                 own = current.reserved_micros if current is not None else 0
                 room = None if self.run.budget_day is None else ledger.headroom(
@@ -150,6 +172,8 @@ class Bookkeeper:
             log.warning("run.charge_failed", run_id=self.run.id, error=_first_line(exc))
             return  # booked later, or with the outcome
         self.charged = reported
+        if booked is not None:
+            self.owned = reported
         if room is None:
             return
         self.allowance = reported + own + max(room, 0)

@@ -18,6 +18,7 @@ from fleet.dispatch import DispatchRequest, dispatch
 from fleet.models import Pause, Run
 from fleet.process import ProcessResult
 from fleet.services import Services
+from fleet.watch import Bookkeeper, Ownership
 
 
 def _claimed(services: Services, agent: str) -> tuple[Run, Any, Any]:
@@ -127,3 +128,29 @@ def test_an_orphaned_spend_the_database_never_took_says_how_much_was_lost(servic
         event.remove(services.engine, "before_cursor_execute", down)
     lost = [line for line in logged if line["event"] == "run.orphaned_spend_lost"]
     assert lost and lost[-1].get("micros") == 70_000, f"the money lost is not in its log line: {logged}"
+
+
+def test_a_lost_attempts_spend_booked_as_it_ran_is_not_booked_again_after_an_ambiguous_commit(
+        services: Services) -> None:
+    """The bookkeeper books a lost attempt's steps as they come; one whose commit reached the database but whose
+    answer was lost stayed unbooked in its count, and the end booked it again: $0.05 spent, $0.10 in the
+    ledger. Every booking of a lost attempt's spend leaves a receipt of the total booked, and books only the rest."""
+    run, spec, lease = _claimed(services, "echo")
+    books = Bookkeeper(services, run, lease, executor.caps_of(services, spec), Ownership(30.0), None)
+    books.lost = True
+    books.report(50_000)
+    answers_lost = [1]
+
+    def answer_lost(_session: Any) -> None:
+        if answers_lost[0]:
+            answers_lost[0] -= 1
+            raise OperationalError("COMMIT", None, Exception("server closed the connection unexpectedly"))
+
+    event.listen(db.Session, "after_commit", answer_lost)
+    try:
+        books._book()
+    finally:
+        event.remove(db.Session, "after_commit", answer_lost)
+    assert answers_lost == [0], "the booking never committed"
+    executor._book_orphaned_spend(services, run, 50_000 - books.charged)  # as the end books what is left
+    assert _row(services, run.id).cost_micros == 50_000, "the lost attempt's $0.05 was booked twice"
