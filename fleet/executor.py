@@ -555,9 +555,9 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     fleet = services.config.fleet
     threshold = spec.breaker_settings(fleet)[0]
     if verdict.pause:  # in force already (its mirror came with the outcome); the flag lets ticks see it at once
-        with contextlib.suppress(redis.RedisError):  # a flag Redis lacks is put back from the mirror by a check
-            pause.raise_flag(services.redis, scope=spec.name, reason=_own_pause_reason(verdict),
-                             actor=f"agent:{run.id}", now=services.now())
+        with contextlib.suppress(redis.RedisError, SQLAlchemyError):  # a missing flag is put back by a check
+            pause.raise_mirrored_flag(services.engine, services.redis, scope=spec.name,
+                                      reason=_own_pause_reason(verdict), actor=f"agent:{run.id}", now=services.now())
     try:
         if retry:
             services.leases.renew(lease, (delay or 0) + fleet.queued_lease_ttl_s)

@@ -44,14 +44,17 @@ def raise_flag(client: redis.Redis, *, scope: str, reason: str | None, actor: st
 _DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
-def put_back(client: redis.Redis, key: str, value: str, still_engaged: Callable[[], bool]) -> bool:
+def put_back(client: redis.Redis, key: str, value: str, still_engaged: Callable[[], bool], *,
+             only_if_missing: bool = True) -> bool:
     """Set a flag Redis lost (a kill's or a pause's) from its mirror row; whether it was put back.
+    `only_if_missing=False`: the flag of a pause its mirror holds already (an agent's own, written with its
+    outcome), set whatever Redis holds.
 
     A resume releases the mirror, then deletes the flag: one committed between the caller's read of the mirror
     and this set may have deleted before we set, and the flag would outlive its resume (every tick refused,
     the mirror saying released). So the mirror is read again after the set (`still_engaged`, a fresh statement)
     and what we set is taken back if it was released. Raises redis.RedisError."""
-    if not client.set(key, value, nx=True):
+    if not client.set(key, value, nx=only_if_missing):
         return False
     if still_engaged():
         return True

@@ -82,7 +82,23 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
 
 def raise_flag(client: redis.Redis, *, scope: str, reason: str | None, actor: str, now: datetime) -> None:
     """The pause's Redis flag alone (ticks read it at once); raises redis.RedisError."""
-    client.set(keys.paused(scope), json.dumps({"reason": reason, "actor": actor, "at": now.isoformat()}))
+    client.set(keys.paused(scope), _flag(reason, actor, now))
+
+
+def raise_mirrored_flag(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
+                        now: datetime) -> None:
+    """The Redis flag of a pause whose mirror was committed already (an agent's own, with its outcome), taken
+    back if the mirror is released by the time it is set: a `fleet resume` that came in between (it found no
+    flag to delete) is never undone. Raises redis.RedisError or SQLAlchemyError."""
+    def engaged() -> bool:
+        with db.session(engine) as session:
+            return store.engaged_now(session, _TABLE, scope)
+
+    put_back(client, keys.paused(scope), _flag(reason, actor, now), engaged, only_if_missing=False)
+
+
+def _flag(reason: str | None, actor: str, now: datetime) -> str:
+    return json.dumps({"reason": reason, "actor": actor, "at": now.isoformat()})
 
 
 def mirror(session: Session, *, scope: str, reason: str | None, actor: str, now: datetime) -> None:
@@ -151,8 +167,7 @@ def check(session: Session, client: redis.Redis, agent: str | None) -> PauseStat
         values = client.mget([keys.paused(s) for s in scopes])
         for scope, row in mirrored.items():
             if values[scopes.index(scope)] is None:  # Redis restarted and lost it
-                put_back(client, keys.paused(scope), json.dumps({"reason": row.reason, "actor": row.actor,
-                                                                 "at": row.changed_at.isoformat()}),
+                put_back(client, keys.paused(scope), _flag(row.reason, row.actor, row.changed_at),
                          partial(store.engaged_now, session, _TABLE, scope))
     except redis.RedisError as exc:
         if mirrored:

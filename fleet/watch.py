@@ -73,6 +73,9 @@ def book_lost_spend(session: Session, *, run: Run, total: int, now: datetime) ->
     total booked, so a retry of a commit whose answer was lost, or the end after the bookkeeper, books only
     the rest (the same attempt under the same fence: only one process ever runs it)."""
     fence = run.fence or 0
+    # The run's row locked first: two bookings at once (the bookkeeper's outliving its join, and the end's) take
+    # turns, and the second reads the first's receipt (PostgreSQL; SQLite's transaction holds the write lock).
+    session.get(Run, run.id, with_for_update=True, populate_existing=True)
     receipts = store.attempt_events(session=session, run_id=run.id, kind=LOST_SPEND, attempt=run.attempt, fence=fence)
     booked = max((int(receipt.get("total", 0)) for receipt in receipts), default=0)
     amount = total - booked

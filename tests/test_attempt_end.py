@@ -4,12 +4,13 @@ Found by review; each test failed on the code before its fix."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
@@ -18,7 +19,8 @@ from fleet.dispatch import DispatchRequest, dispatch
 from fleet.models import Pause, Run
 from fleet.process import ProcessResult
 from fleet.services import Services
-from fleet.watch import Bookkeeper, Ownership
+from fleet.watch import Bookkeeper, Ownership, book_lost_spend
+from tests.harness import wait_for
 
 
 def _claimed(services: Services, agent: str) -> tuple[Run, Any, Any]:
@@ -153,4 +155,67 @@ def test_a_lost_attempts_spend_booked_as_it_ran_is_not_booked_again_after_an_amb
         event.remove(db.Session, "after_commit", answer_lost)
     assert answers_lost == [0], "the booking never committed"
     executor._book_orphaned_spend(services, run, 50_000 - books.charged)  # as the end books what is left
+    assert _row(services, run.id).cost_micros == 50_000, "the lost attempt's $0.05 was booked twice"
+
+
+def _answer_lost_once() -> tuple[list[int], Any]:
+    """An after_commit hook: the first commit reaches the database, and its answer is lost."""
+    left = [1]
+
+    def answer_lost(_session: Any) -> None:
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError("COMMIT", None, Exception("server closed the connection unexpectedly"))
+    return left, answer_lost
+
+
+def test_a_resume_while_the_outcome_is_retried_is_not_undone_by_the_agents_own_pause_flag(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the outcome (its pause with it) commits but its answer is lost; while it waits to try
+    again, the operator resumes the agent (the mirror released, no flag to delete yet); the retry knows its own
+    commit and raised the flag: Redis paused the agent, the mirror said released, nothing ever cleared it."""
+    run, spec, lease = _claimed(services, "exit78")
+    result = _exited(executor.EXIT_CONFIG)
+    left, answer_lost = _answer_lost_once()
+
+    def operator_resumes(*_args: Any) -> None:
+        assert pause.release(services.engine, services.redis, scope="exit78", actor="operator", now=services.now())
+
+    monkeypatch.setattr(executor, "_wait_keeping", operator_resumes)
+    event.listen(db.Session, "after_commit", answer_lost)
+    try:
+        ended = executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None,
+                                 0, 0)
+    finally:
+        event.remove(db.Session, "after_commit", answer_lost)
+    assert left == [0] and ended.status == "dead", ended
+    with db.session(services.engine) as session:
+        state = pause.check(session, services.redis, "exit78")
+    assert not state.paused, f"the operator's resume was undone by the agent's flag: {state}"
+
+
+def test_two_bookings_of_a_lost_attempts_spend_at_once_book_it_once(services: Services) -> None:
+    """Found by review: the bookkeeper's booking (outliving its join) and the end's, at once on PostgreSQL: the
+    second read no receipt before it waited on the run's row, then booked the whole total again."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's BEGIN IMMEDIATE serialises the two")
+    run, _spec, _lease = _claimed(services, "echo")
+    first = db.session(services.engine)
+    book_lost_spend(first, run=run, total=50_000, now=services.now())  # the bookkeeper's, not committed yet
+    the_end = threading.Thread(target=executor._book_orphaned_spend, args=(services, run, 50_000))
+    the_end.start()
+
+    def the_end_waits_on_a_lock() -> bool:
+        with services.engine.connect() as probe:
+            return bool(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND datname = current_database()")).scalar())
+
+    try:
+        waited = wait_for(the_end_waits_on_a_lock, 10, "the end's booking to wait on the first one's lock",
+                          interval=0.02)
+    finally:
+        first.commit()
+        first.close()
+        the_end.join(10)
+    assert waited
     assert _row(services, run.id).cost_micros == 50_000, "the lost attempt's $0.05 was booked twice"
