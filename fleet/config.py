@@ -160,6 +160,9 @@ def _finite_non_negative(value: float | None) -> float | None:
     return value
 
 
+MAX_OUTCOME_RETRY_S = 3600  # outcome_retry_s at most: workers/app.py sizes the execute's hard time limit on it
+
+
 class FleetSection(BaseModel):
     """The `[fleet]` table: fleet-wide limits and timings."""
 
@@ -182,8 +185,9 @@ class FleetSection(BaseModel):
     # A queued run whose message no worker claimed within this is sent again (a resend is harmless:
     # the claim is fenced); one whose resent message is lost too is dead-lettered as `lost`.
     resend_after_s: float = Field(default=300.0, gt=0, le=86400)
-    # How long a worker keeps trying to write an outcome while the database is away (keeping its lease).
-    outcome_retry_s: float = Field(default=3600.0, gt=0)
+    # How long a worker keeps trying to write an outcome while the database is away (keeping its lease); the
+    # execute's hard time limit (workers/app.py) leaves room for the longest run and then this.
+    outcome_retry_s: float = Field(default=3600.0, gt=0, le=MAX_OUTCOME_RETRY_S)
     run_as: str | None = None  # the user agents run as unless their own run_as says otherwise
     require_run_as: bool = False  # refuse the file when an agent would run as the worker's own user
 

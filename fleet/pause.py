@@ -97,7 +97,7 @@ def raise_mirrored_flag(engine: Engine, client: redis.Redis, *, scope: str, reas
     put_back(client, keys.paused(scope), _flag(reason, actor, now), engaged, only_if_missing=False)
 
 
-def _flag(reason: str | None, actor: str, now: datetime) -> str:
+def _flag(reason: str | None, actor: str | None, now: datetime) -> str:
     return json.dumps({"reason": reason, "actor": actor, "at": now.isoformat()})
 
 

@@ -484,3 +484,22 @@ def test_web_allowed_hosts_are_comma_separated(clean_env: pytest.MonkeyPatch) ->
     assert load_settings().web_allowed_hosts == []
     clean_env.setenv("FLEET_WEB_ALLOWED_HOSTS", " Fleet.Example.org, ops.example.org:8700 ,,")
     assert load_settings().web_allowed_hosts == ["fleet.example.org", "ops.example.org:8700"]
+
+
+def test_the_longest_run_and_its_outcome_retries_fit_in_the_executes_hard_time_limit(fleet_dir: Path) -> None:
+    """Found by review: outcome_retry_s had no bound (3,600 s by default) while the execute's hard time limit left
+    1,800 s past the longest agent: a 24 h agent whose outcome met a database outage was killed by Celery in
+    mid-retry and its outcome lost. The file refuses a longer retry, and the limit covers the longest of each."""
+    from fleet.config import FleetSection
+    from fleet.executor import POLL_TIMEOUT_S
+    from workers.app import EXECUTE_TIME_LIMIT, MAX_AGENT_SECONDS
+
+    assert "outcome_retry_s" in refused(fleet_dir, "[fleet]\noutcome_retry_s = 7200\n")
+
+    def bound(section: type[Any], name: str) -> float:
+        limits = [getattr(m, "le", None) for m in section.model_fields[name].metadata]
+        return float(next(limit for limit in limits if limit is not None))
+
+    longest = (MAX_AGENT_SECONDS + POLL_TIMEOUT_S + bound(FleetSection, "kill_grace_s")
+               + bound(FleetSection, "outcome_retry_s"))
+    assert longest < EXECUTE_TIME_LIMIT, (EXECUTE_TIME_LIMIT, longest)

@@ -1,9 +1,9 @@
 """The worker's main process must not keep a timer entry per finished task (workers/timers.py).
 
-Every `fleet.execute` has a hard time limit (EXECUTE_TIME_LIMIT, 24.5 h), so the prefork pool's main
+Every `fleet.execute` has a hard time limit (EXECUTE_TIME_LIMIT, 25.5 h), so the prefork pool's main
 process schedules a hard-timeout entry in its event loop's timer for each task and cancels it when
 the task ends. kombu cancels by flagging the entry: it stays in the timer's heap until its deadline,
-24.5 h later. `bench.memory` measured the main process growing by ~0.5 MB per 1,000 runs because of it.
+25.5 h later. `bench.memory` measured the main process growing by ~0.5 MB per 1,000 runs because of it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from celery.worker.request import Request
 from kombu.entity import Queue
 
 from fleet import alerts, hardening, logs
-from fleet.config import load_settings
+from fleet.config import MAX_OUTCOME_RETRY_S, load_settings
 from fleet.services import Services, build
 from workers import timers
 
@@ -32,7 +32,9 @@ AGENTS_QUEUE = "agents"
 # An agent may run at most this long (fleet.toml refuses more), so the broker's visibility timeout
 # below always exceeds the longest run and a still-running task is never redelivered (PITFALLS #1).
 MAX_AGENT_SECONDS = 24 * 3600
-EXECUTE_TIME_LIMIT = MAX_AGENT_SECONDS + 1800
+# The longest agent, then its outcome's retries through a database outage (fleet.toml's bound on outcome_retry_s),
+# then half an hour for the rest (a poll, the kill grace, the log).
+EXECUTE_TIME_LIMIT = MAX_AGENT_SECONDS + MAX_OUTCOME_RETRY_S + 1800
 VISIBILITY_TIMEOUT = EXECUTE_TIME_LIMIT + 3600
 
 settings = load_settings()
@@ -192,7 +194,7 @@ def _init_process(**_: Any) -> None:
 
 @worker_ready.connect
 def _compact_timers(sender: Any, **_: Any) -> None:
-    # The main process would keep every finished task's cancelled time-limit entry for 24.5 h.
+    # The main process would keep every finished task's cancelled time-limit entry for 25.5 h.
     timers.schedule_compaction(getattr(sender, "timer", None))
 
 

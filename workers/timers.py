@@ -1,9 +1,9 @@
 """Dropping the event loop's cancelled timer entries, so a worker's main process stays flat.
 
 The prefork pool schedules a hard time-limit entry for every task that has one (`fleet.execute`:
-24.5 h) and cancels it when the task ends. kombu's timer cancels by flagging: the entry stays in
+25.5 h) and cancels it when the task ends. kombu's timer cancels by flagging: the entry stays in
 its heap until its deadline, so the main process (never recycled, unlike the pool children) held
-one entry per run of the last 24.5 h, ~0.5 MB per 1,000 runs (`bench.memory`). Every minute the
+one entry per run of the last 25.5 h, ~0.5 MB per 1,000 runs (`bench.memory`). Every minute the
 worker rebuilds the heap without them. Only the event loop's own timer, which runs in the main
 thread like every cancellation, is touched; the time limits themselves are unchanged.
 """
