@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -449,10 +450,8 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     fleet = services.config.fleet
     retry = verdict.retryable and run.attempt < run.max_attempts
     delay = backoff_s(fleet.retry_backoff_s, run.attempt) if retry else None
-    def write() -> Any:
-        return _write_outcome(services, run, spec, lease, result, verdict, retry, delay, cost)
-
-    written = _retrying_database(services, run, "outcome", write, wait=lambda s: _wait_keeping(services, lease, s))
+    write = partial(_write_outcome, services, run, spec, lease, result, verdict, retry, delay, cost)
+    written = _retrying_database(services, run, "outcome", write, wait=partial(_wait_keeping, services, lease))
     if written is None:
         _book_orphaned_spend(services, run, cost - owned)
         with contextlib.suppress(redis.RedisError):  # _ship_rest renewed it: give it back, if it is still ours

@@ -185,12 +185,15 @@ def _ensure_many(session: Session, day: str, agents: list[str], now: datetime) -
     db.execute(session, _ENSURE[session.get_bind().dialect.name], rows)  # Core executemany: one statement
 
 
-def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True) -> None:
+def charge(session: Session, *, run: Run, amount: int, now: datetime, own_reservation: bool = True,
+           current: Run | None = None) -> None:
     """Add `amount` to what a run spent: for money no owner is tracking any more (an attempt that lost its
     run books what it spent all the same, the money is gone, with `own_reservation=False`, leaving the new
     owner's reservation alone; an abandoned attempt is booked its whole reservation). The owner of a
-    running attempt books through `book_attempt` instead, which cannot count a step twice."""
-    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    running attempt books through `book_attempt` instead, which cannot count a step twice. `current`: the run's
+    row as this transaction already holds it, locked and read (it is not read again)."""
+    if current is None:
+        current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
     if current is not None:
         _book(session, current, amount, run.budget_day, now, own_reservation=own_reservation)
 

@@ -75,13 +75,14 @@ def book_lost_spend(session: Session, *, run: Run, total: int, now: datetime) ->
     fence = run.fence or 0
     # The run's row locked first: two bookings at once (the bookkeeper's outliving its join, and the end's) take
     # turns, and the second reads the first's receipt (PostgreSQL; SQLite's transaction holds the write lock).
-    session.get(Run, run.id, with_for_update=True, populate_existing=True)
+    current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
     receipts = store.attempt_events(session=session, run_id=run.id, kind=LOST_SPEND, attempt=run.attempt, fence=fence)
     booked = max((int(receipt.get("total", 0)) for receipt in receipts), default=0)
     amount = total - booked
     if amount <= 0:
         return 0
-    ledger.charge(session, run=run, amount=amount, now=now, own_reservation=False)
+    if current is not None:
+        ledger.charge(session, run=run, amount=amount, now=now, own_reservation=False, current=current)
     store.add_event(session=session, at=now, kind=LOST_SPEND, run_id=run.id, agent=run.agent, attempt=run.attempt,
                     fence=fence, micros=amount, total=total)
     return amount

@@ -38,7 +38,7 @@ def dispatch(self: Task, agent: str, work_key: str | None = None, payload: Any =
     return dispatching.dispatch(services(), request, send_execute).to_json()
 
 
-# No result stored: the run's row is the execute's outcome (`fleet show RUN`) and Flower shows the task from its
+# No result stored: the run's row is the execute's outcome (`fleet runs show RUN`) and Flower shows the task from its
 # events; its STARTED and SUCCESS states were two Redis writes per run that nobody read. A caller that wants the
 # answer anyway sends the task with ignore_result=False.
 @app.task(name="fleet.execute", time_limit=EXECUTE_TIME_LIMIT, ignore_result=True)
