@@ -162,6 +162,13 @@ def bounded_session(engine: Engine, wait_s: float) -> Iterator[Session]:
                 raw.execute(f"PRAGMA busy_timeout={int(usual)}")  # type: ignore[union-attr]
 
 
+def lock_timed_out(exc: OperationalError) -> bool:
+    """Whether a statement gave up waiting for a lock (a bounded_session's bound), not for the server."""
+    if getattr(exc.orig, "sqlstate", None) == "55P03":  # PostgreSQL's lock_not_available
+        return True
+    return "database is locked" in str(exc.orig)  # SQLite's busy timeout
+
+
 def execute(session: Session, statement: Executable, params: Any = None) -> Result[Any]:
     """Run a Core statement built once (see models.table_of) in the session's transaction. What the
     session still holds unflushed goes first, as it would before an ORM statement: a Core statement

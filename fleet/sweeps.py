@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, update
-from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, killswitch, ledger, runlog, store
 from fleet.dispatch import Sender
@@ -162,28 +162,48 @@ def _reap_running(services: Services, run: Run, send: Sender, report: SweepRepor
     if not _lapsed_long_enough(services, run):
         report.add("lapse_seen", run.id)  # the next pass decides, a lease TTL from now
         return
-    now = services.now()
-    with db.session(services.engine) as session:
-        claimed = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.RUNNING,
-                                                    col(Run.fence) == run.fence)
-                                  .values(status=RunStatus.ABANDONED, updated_at=now, pid=None, pgid=None,
-                                          error="worker died mid-run (heartbeat stopped)"))
-        if db.rowcount(claimed) != 1:
-            return
-        # Its last usage lines may never have been read (the reader died with the worker): the attempt
-        # is booked at its whole reservation, so a cap errs on the safe side, never the other.
-        fresh = session.get(Run, run.id, populate_existing=True)
-        if fresh is not None and fresh.settled_at is None and fresh.reserved_micros > 0:
-            ledger.charge(session, run=fresh, amount=fresh.reserved_micros, now=now)
-        store.add_event(session=session, at=now, kind="run.abandoned", run_id=run.id, agent=run.agent,
-                        attempt=run.attempt, host=run.host)
-        session.commit()
+    try:
+        with db.bounded_session(services.engine, _row_wait_s(services)) as session:
+            if not _abandon(session, run, services.now()):
+                return
+    except OperationalError as exc:
+        if not db.lock_timed_out(exc):
+            raise
+        # An executor frozen inside a transaction on this row (SIGSTOP, a suspended VM) holds its lock
+        # until PostgreSQL ends its session: the other runs go on, this one is tried again next pass.
+        report.add("row_locked", run.id)
+        return
     if lease is not None:
         services.leases.release(lease)
     services.redis.delete(keys.suspect(run.id))
     report.add("abandoned", run.id)
     run.status = RunStatus.ABANDONED
     _requeue_or_bury(services, run, send, report)
+
+
+def _row_wait_s(services: Services) -> float:
+    """How long the reaper waits for one run's row: a heartbeat holds it for milliseconds."""
+    return min(2.0, services.config.fleet.lease_ttl_s / 10)
+
+
+def _abandon(session: Session, run: Run, now: datetime) -> bool:
+    """Mark the attempt abandoned and book what it may have spent; False if it is no longer the
+    reaper's to take (it ended, or another reaper took it first)."""
+    claimed = session.execute(update(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.RUNNING,
+                                                col(Run.fence) == run.fence)
+                              .values(status=RunStatus.ABANDONED, updated_at=now, pid=None, pgid=None,
+                                      error="worker died mid-run (heartbeat stopped)"))
+    if db.rowcount(claimed) != 1:
+        return False
+    # Its last usage lines may never have been read (the reader died with the worker): the attempt
+    # is booked at its whole reservation, so a cap errs on the safe side, never the other.
+    fresh = session.get(Run, run.id, populate_existing=True)
+    if fresh is not None and fresh.settled_at is None and fresh.reserved_micros > 0:
+        ledger.charge(session, run=fresh, amount=fresh.reserved_micros, now=now)
+    store.add_event(session=session, at=now, kind="run.abandoned", run_id=run.id, agent=run.agent,
+                    attempt=run.attempt, host=run.host)
+    session.commit()
+    return True
 
 
 def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepReport) -> None:

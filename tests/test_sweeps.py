@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import select
+import pytest
+from sqlmodel import col, select
 
 import beat_schedule
-from fleet import db, sweeps
+from fleet import db, keys, sweeps
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.models import DeadLetter, Run, RunEvent, RunStatus
 from fleet.schedule import parse_schedule
@@ -90,3 +92,49 @@ def test_missed_slots_collapse_into_one_catch_up() -> None:
     assert due.is_due and due.next <= 60  # one catch-up now ...
     after = entry.is_due(datetime.now(UTC))
     assert not after.is_due  # ... and no burst of the 299 others
+
+
+def _silent_running(svc: Services, agent: str) -> Run:
+    """A run as a worker that died mid-run leaves it: running, its heartbeat old, its lease gone and
+    seen lapsed by the reaper a whole lease TTL ago (so this pass takes it over)."""
+    result = dispatch(svc, DispatchRequest(agent, "silent", actor="test"), lambda *_: None)
+    assert result.status == "queued"
+    with db.session(svc.engine) as session:
+        run = session.get(Run, result.run_id)
+        assert run is not None
+        run.status, run.heartbeat_at = RunStatus.RUNNING, datetime.now(UTC) - timedelta(hours=1)
+        session.add(run)
+        session.commit()
+    svc.leases.release(svc.leases.holders(agent, 1)[0])
+    seconds, _ = svc.redis.time()
+    svc.redis.set(keys.suspect(run.id), f"{run.fence}:{int(seconds) - 3600}")
+    return run
+
+
+def test_a_run_row_locked_by_a_frozen_executor_holds_up_no_other_reaping(services: Services) -> None:
+    """An executor stopped (SIGSTOP, a frozen VM) inside its heartbeat transaction keeps its run's row
+    locked for as long as it stays stopped. The reaper passes that run by, to try again next pass,
+    and still reaps the others; it used to wait on the lock forever, and no run was reaped again."""
+    if services.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite's write lock is the whole database's: a frozen writer stops every writer")
+    frozen, dead = _silent_running(services, "echo"), _silent_running(services, "counter")
+    holder = services.engine.connect()
+    holder.begin()
+    holder.execute(select(Run).where(col(Run.id) == frozen.id).with_for_update())  # what the heartbeat holds
+    done: list[sweeps.SweepReport] = []
+    worker = threading.Thread(target=lambda: done.append(sweeps.reap(services, lambda *_: None)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)  # well inside the 20 s after which PostgreSQL ends a frozen client's session
+    try:
+        assert done, "the reaper waited on the frozen executor's row lock"
+        assert done[0].counts.get("row_locked") == 1 and "abandoned" in done[0].counts
+        with db.session(services.engine) as session:
+            assert session.get(Run, dead.id).status != RunStatus.RUNNING  # type: ignore[union-attr]
+    finally:
+        holder.rollback()
+        holder.close()
+        worker.join(timeout=20)
+    with db.session(services.engine) as session:
+        assert session.get(Run, frozen.id).status == RunStatus.RUNNING  # type: ignore[union-attr]
+    again = sweeps.reap(services, lambda *_: None)  # the executor stayed dead: the next pass takes it over
+    assert again.counts.get("abandoned") == 1 and frozen.id in again.runs
