@@ -40,6 +40,7 @@ from fleet.dispatch import (
     duplicate_of,
     first_refusal_today,
     give_back,
+    kept_queued,
     refuse,
     unsend,
 )
@@ -320,8 +321,10 @@ def _send_all(services: Services, items: list[_Item], send: Sender) -> None:
         try:
             send(item.run_id, result.fence)
         except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
-            with contextlib.suppress(redis.RedisError, SQLAlchemyError):
-                unsend(services, Run(id=item.run_id, agent=item.spec.name, idem_key=item.idem_key,
-                                     work_key=item.work_key, status=RunStatus.QUEUED, fence=result.fence,
-                                     slot=item.lease.slot, created_at=services.now(), updated_at=services.now()))
+            undone = unsend(services, Run(id=item.run_id, agent=item.spec.name, idem_key=item.idem_key,
+                                          work_key=item.work_key, status=RunStatus.QUEUED, fence=result.fence,
+                                          slot=item.lease.slot, created_at=services.now(), updated_at=services.now()))
+            if not undone:
+                result.reason = kept_queued(services, exc)
+                continue
             result.status, result.reason = "unavailable", f"could not enqueue ({exc.__class__.__name__}); undone"

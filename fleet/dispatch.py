@@ -36,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
-from fleet import alerts, db, keys, killswitch, ledger, pause, store
+from fleet import alerts, db, keys, killswitch, ledger, logs, pause, store
 from fleet.admission import Admission
 from fleet.config import AgentSpec, read_text
 from fleet.errors import BadInputError, UnavailableError
@@ -194,11 +194,20 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     try:
         send(run.id, run.fence or 0)
     except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
-        unsend(services, run)
+        if not unsend(services, run):
+            result.reason = kept_queued(services, exc)
+            return result
         raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
                                "its slot and reservation were returned, and the same key may be dispatched "
                                "again") from None
     return result
+
+
+def kept_queued(services: Services, exc: BaseException) -> str:
+    """The answer for a run whose message failed and whose undoing failed too: it was durable before the
+    send, so it stands, and the reaper sends it (a caller told "nothing was kept" would think it never runs)."""
+    return (f"its message could not be sent ({exc.__class__.__name__}) nor the run undone: it stays queued, "
+            f"and the reaper sends it again within {2 * services.config.fleet.resend_after_s:g} s")
 
 
 # ---------------------------------------------------------------- step 1: archive-stale
@@ -432,23 +441,32 @@ def give_back(services: Services, lease: Lease, result: DispatchResult) -> Dispa
     return result
 
 
-def unsend(services: Services, run: Run) -> None:
+def unsend(services: Services, run: Run) -> bool:
     """The message could not be sent: return the reservation and the slot and delete the row, so the
-    retry that 75 invites dispatches the key afresh (a message that did get through finds no run)."""
+    retry that 75 invites dispatches the key afresh (a message that did get through finds no run).
+    False when the database could not be told: the row stands, queued, and the reaper sends it again."""
     now = services.now()
-    with db.session(services.engine) as session:
-        fresh = store.get_run(session=session, run_id=run.id)
-        if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == run.fence:
-            ledger.settle(session, run=fresh, now=now)
-            if fresh.budget_day is not None:
-                ledger.uncount_run(session, day=fresh.budget_day, agent=fresh.agent)
-            session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
-                                              col(Run.fence) == run.fence))
-            store.add_event(session=session, at=now, kind="dispatch.enqueue_failed", run_id=run.id, agent=run.agent)
-        session.commit()
-    if run.slot is not None and run.fence is not None:
-        services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
-    services.breakers.forfeit(run.agent, run.id)
+    try:
+        with db.session(services.engine) as session:
+            fresh = store.get_run(session=session, run_id=run.id)
+            if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == run.fence:
+                ledger.settle(session, run=fresh, now=now)
+                if fresh.budget_day is not None:
+                    ledger.uncount_run(session, day=fresh.budget_day, agent=fresh.agent)
+                session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
+                                                  col(Run.fence) == run.fence))
+                store.add_event(session=session, at=now, kind="dispatch.enqueue_failed", run_id=run.id,
+                                agent=run.agent)
+            session.commit()
+    except SQLAlchemyError as exc:
+        logs.get(__name__).warning("dispatch.unsend_failed", run_id=run.id, agent=run.agent,
+                                   error=exc.__class__.__name__)
+        return False
+    with contextlib.suppress(redis.RedisError):  # a slot left behind lapses with its queued lease
+        if run.slot is not None and run.fence is not None:
+            services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
+        services.breakers.forfeit(run.agent, run.id)
+    return True
 
 
 def _refused(services: Services, spec: AgentSpec, run: Run, result: DispatchResult) -> DispatchResult:

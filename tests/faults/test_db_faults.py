@@ -175,3 +175,63 @@ def test_sqlite_on_a_full_disk_refuses_before_any_agent_starts(tmp_path: Path, s
     finally:
         fleet.stop()
         server.stop()
+
+
+def test_an_enqueue_failure_the_database_cannot_undo_is_never_answered_as_undone(pg_faults: FaultFleet) -> None:
+    """The broker refuses the message, and the database is cut off before the run can be undone. The row was
+    durable before the send: the answer says the run stays queued (not 75, "nothing was kept", which invites a
+    caller to think the work will not happen), the reaper sends it once both are back, and it runs once."""
+    faults = pg_faults
+    assert faults.db_proxy is not None
+    proxy = faults.db_proxy
+
+    def refuse_with_the_database_gone(_run_id: str, _fence: int) -> None:
+        proxy.set(RESET)
+        raise ConnectionError("broker down")
+
+    proxied = db.make_engine(faults.fleet.database_url)  # the dispatcher's connections go through the proxy
+    try:
+        answer = dispatch(dataclasses.replace(faults.fleet.services, engine=proxied),
+                          DispatchRequest("quick", f"undo-{uuid.uuid4().hex}", actor="test"),
+                          refuse_with_the_database_gone)
+    except UnavailableError as exc:
+        answer = DispatchResult(run_id=None, status="unavailable", reason=str(exc))
+    finally:
+        proxy.set(PASS)
+        proxied.dispose()
+    assert answer.status == "queued" and "reaper" in (answer.reason or ""), answer
+    assert answer.run_id is not None
+    faults.accepted.add(answer.run_id)
+    run = faults.reap_until(lambda: run_of(faults.fleet, answer.run_id or "").status in {"succeeded", "dead"}
+                            and run_of(faults.fleet, answer.run_id or ""), 60, "the reaper to send it")
+    assert run.status == RunStatus.SUCCEEDED and len(faults.effects.starts(answer.run_id)) == 1
+    assert faults.violations() == []
+
+
+def test_a_batch_whose_failed_message_cannot_be_undone_answers_it_queued(pg_faults: FaultFleet) -> None:
+    """The same in a beat batch: it used to answer such a run `unavailable ... undone` while its row stood."""
+    from fleet import bulk
+
+    faults = pg_faults
+    assert faults.db_proxy is not None
+    proxy = faults.db_proxy
+
+    def refuse_with_the_database_gone(_run_id: str, _fence: int) -> None:
+        proxy.set(RESET)
+        raise ConnectionError("broker down")
+
+    proxied = db.make_engine(faults.fleet.database_url)
+    try:
+        answers = bulk.dispatch_many(dataclasses.replace(faults.fleet.services, engine=proxied),
+                                     [(faults.fleet.services.config.agent("quick"), f"batch-{uuid.uuid4().hex}")],
+                                     refuse_with_the_database_gone, "test")
+    finally:
+        proxy.set(PASS)
+        proxied.dispose()
+    assert [(a.status, "reaper" in (a.reason or "")) for a in answers] == [("queued", True)], answers
+    run_id = answers[0].run_id or ""
+    faults.accepted.add(run_id)
+    run = faults.reap_until(lambda: run_of(faults.fleet, run_id).status in {"succeeded", "dead"}
+                            and run_of(faults.fleet, run_id), 60, "the reaper to send it")
+    assert run.status == RunStatus.SUCCEEDED and len(faults.effects.starts(run_id)) == 1
+    assert faults.violations() == []
