@@ -189,7 +189,14 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
             session.rollback()  # the row, its reservation and its count go; an event stays
             result.archived = archived
             return _refused(services, spec, run, result)
-        session.commit()
+        try:
+            session.commit()
+        except SQLAlchemyError:
+            # Most likely nothing was written: the slot goes back now, not a queued lease's TTL from now. If
+            # the COMMIT did land (its answer lost), the run stands queued without its message; the reaper
+            # sends it, and its claim takes the slot again while it is free (a lease missing is re-asserted).
+            _give_back_slot(services, run)
+            raise
     result.archived = archived
     try:
         send(run.id, run.fence or 0)
@@ -462,11 +469,16 @@ def unsend(services: Services, run: Run) -> bool:
         logs.get(__name__).warning("dispatch.unsend_failed", run_id=run.id, agent=run.agent,
                                    error=exc.__class__.__name__)
         return False
-    with contextlib.suppress(redis.RedisError):  # a slot left behind lapses with its queued lease
+    _give_back_slot(services, run)
+    return True
+
+
+def _give_back_slot(services: Services, run: Run) -> None:
+    """The run's slot lease and breaker trial, back at once (a slot left behind lapses with its queued lease)."""
+    with contextlib.suppress(redis.RedisError):
         if run.slot is not None and run.fence is not None:
             services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
         services.breakers.forfeit(run.agent, run.id)
-    return True
 
 
 def _refused(services: Services, spec: AgentSpec, run: Run, result: DispatchResult) -> DispatchResult:

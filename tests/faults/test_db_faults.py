@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from fleet import db
 from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
@@ -24,7 +25,7 @@ from tests.faults.effects import EffectsLog
 from tests.faults.proxy import PASS, RESET
 from tests.faults.servers import PrivateCluster
 from tests.harness import wait_for
-from tests.test_dispatch import run_of, send
+from tests.test_dispatch import run_of, send, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -234,4 +235,36 @@ def test_a_batch_whose_failed_message_cannot_be_undone_answers_it_queued(pg_faul
     run = faults.reap_until(lambda: run_of(faults.fleet, run_id).status in {"succeeded", "dead"}
                             and run_of(faults.fleet, run_id), 60, "the reaper to send it")
     assert run.status == RunStatus.SUCCEEDED and len(faults.effects.starts(run_id)) == 1
+    assert faults.violations() == []
+
+
+def test_a_dispatch_whose_commit_never_reached_the_database_gives_its_slot_back(pg_faults: FaultFleet) -> None:
+    """The connection drops as the dispatch commits, before its COMMIT leaves: nothing was written, and the
+    slot lease the admission took goes back at once (it used to stay held for a queued lease's TTL, three
+    resend_after_s: fifteen minutes by default, in which a concurrency-1 agent refused every dispatch)."""
+    faults = pg_faults
+    assert faults.db_proxy is not None
+    proxy = faults.db_proxy
+    proxied = db.make_engine(faults.fleet.database_url)
+    cuts: list[bool] = []
+
+    def cut_before_commit(_conn: object) -> None:
+        if not cuts:
+            cuts.append(True)
+            proxy.set(RESET)
+
+    event.listen(proxied, "commit", cut_before_commit)
+    services = dataclasses.replace(faults.fleet.services, engine=proxied)
+    request = DispatchRequest("quick", f"uncommitted-{uuid.uuid4().hex}", actor="test")
+    try:
+        with pytest.raises(UnavailableError):
+            dispatch(services, request, faults.fleet.send_execute)
+    finally:
+        proxy.set(PASS)
+        proxied.dispose()
+    assert cuts and faults.fleet.services.leases.holders("quick", 100) == []
+    again = dispatch(faults.fleet.services, request, faults.fleet.send_execute)
+    assert again.status == "queued" and again.run_id
+    faults.accepted.add(again.run_id)
+    wait_status(faults.fleet, again.run_id, {"succeeded"}, timeout=60)
     assert faults.violations() == []
