@@ -36,6 +36,7 @@ from fleet.dispatch import (
     Sender,
     admission_refusal,
     caps_of,
+    delivered_anyway,
     dispatch,
     duplicate_of,
     first_refusal_today,
@@ -324,7 +325,7 @@ def _send_all(services: Services, items: list[_Item], send: Sender) -> None:
             undone = unsend(services, Run(id=item.run_id, agent=item.spec.name, idem_key=item.idem_key,
                                           work_key=item.work_key, status=RunStatus.QUEUED, fence=result.fence,
                                           slot=item.lease.slot, created_at=services.now(), updated_at=services.now()))
-            if not undone:
-                result.reason = kept_queued(services, exc)
+            if undone != "undone":
+                result.reason = kept_queued(services, exc) if undone == "kept" else delivered_anyway(exc)
                 continue
             result.status, result.reason = "unavailable", f"could not enqueue ({exc.__class__.__name__}); undone"

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import redis
 from sqlalchemy import bindparam, delete, update
@@ -201,13 +201,19 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     try:
         send(run.id, run.fence or 0)
     except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
-        if not unsend(services, run):
-            result.reason = kept_queued(services, exc)
+        undone = unsend(services, run)
+        if undone != "undone":
+            result.reason = kept_queued(services, exc) if undone == "kept" else delivered_anyway(exc)
             return result
         raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
                                "its slot and reservation were returned, and the same key may be dispatched "
                                "again") from None
     return result
+
+
+def delivered_anyway(exc: BaseException) -> str:
+    """The answer for a run whose send raised after its message got through: a worker has it already."""
+    return f"its send reported an error ({exc.__class__.__name__}), but the message got through: a worker has the run"
 
 
 def kept_queued(services: Services, exc: BaseException) -> str:
@@ -448,16 +454,25 @@ def give_back(services: Services, lease: Lease, result: DispatchResult) -> Dispa
     return result
 
 
-def unsend(services: Services, run: Run) -> bool:
+Undone = Literal["undone", "kept", "taken"]
+
+
+def unsend(services: Services, run: Run) -> Undone:
     """The message could not be sent: return the reservation and the slot and delete the row, so the
     retry that 75 invites dispatches the key afresh (a message that did get through finds no run).
-    False when the database could not be told: the row stands, queued, and the reaper sends it again."""
+
+    `undone` once done; `kept` when the database could not be told (the row stands, queued, and the reaper
+    sends it again); `taken` when the run is no longer this queued attempt: the message got through after
+    all and a worker claimed it, and nothing of it may be given back."""
     now = services.now()
     try:
         with db.session(services.engine) as session:
-            fresh = store.get_run(session=session, run_id=run.id)
-            if fresh is not None and fresh.status == RunStatus.QUEUED and fresh.fence == run.fence:
-                ledger.settle(session, run=fresh, now=now)
+            # Locked before it is read: a claim committing in between must not have its reservation handed back.
+            fresh = session.get(Run, run.id, with_for_update=True, populate_existing=True)
+            if fresh is not None and (fresh.status != RunStatus.QUEUED or fresh.fence != run.fence):
+                return "taken"
+            if fresh is not None:
+                ledger.settle(session, run=fresh, now=now, current=fresh)
                 if fresh.budget_day is not None:
                     ledger.uncount_run(session, day=fresh.budget_day, agent=fresh.agent)
                 session.execute(delete(Run).where(col(Run.id) == run.id, col(Run.status) == RunStatus.QUEUED,
@@ -468,9 +483,9 @@ def unsend(services: Services, run: Run) -> bool:
     except SQLAlchemyError as exc:
         logs.get(__name__).warning("dispatch.unsend_failed", run_id=run.id, agent=run.agent,
                                    error=exc.__class__.__name__)
-        return False
+        return "kept"
     _give_back_slot(services, run)
-    return True
+    return "undone"
 
 
 def _give_back_slot(services: Services, run: Run) -> None:
