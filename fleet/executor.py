@@ -17,6 +17,7 @@ import contextlib
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -235,10 +236,41 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         run = claimed
         room = None if run.budget_day is None else ledger.headroom(
             session, day=run.budget_day, agent=run.agent, caps=caps_of(services, spec))
-        store.add_event(session=session, at=now, kind="run.started", run_id=run.id, agent=run.agent,
-                        attempt=run.attempt, host=services.host)
-        session.commit()
+        if not _commit_claim(services, session, run, fence, now):
+            return ExecuteResult(run_id, "deferred", reason="the claim's commit failed: it is tried again shortly")
     return run, spec, lease, room
+
+
+def _commit_claim(services: Services, session: Session, run: Run, fence: int, now: datetime) -> bool:
+    """The claim's event and commit; False when it did not commit (the execute is deferred)."""
+    claim = uuid.uuid4().hex  # this claim's own mark: a commit whose answer was lost is known by it
+    store.add_event(session=session, at=now, kind="run.started", run_id=run.id, agent=run.agent,
+                    attempt=run.attempt, fence=fence, host=services.host, claim=claim)
+    try:
+        session.commit()
+    except SQLAlchemyError as exc:
+        log.warning("run.claim_commit_failed", run_id=run.id, error=_first_line(exc))
+        return _claim_landed(services, run, fence, claim)
+    return True
+
+
+def _claim_landed(services: Services, run: Run, fence: int, claim: str) -> bool:
+    """Whether a claim whose commit raised did commit (its answer lost), asked for half a lease TTL: the lease
+    the claim renewed is ours that long. Unanswered, it is taken as not committed and the execute deferred: if
+    it had committed, the reaper takes the run over, and nothing started twice."""
+    deadline = time.monotonic() + services.config.fleet.lease_ttl_s / 2
+    pause_s = 0.1
+    while True:
+        try:
+            with db.session(services.engine) as session:
+                started = store.attempt_events(session=session, run_id=run.id, kind="run.started",
+                                               attempt=run.attempt, fence=fence)
+            return any(event.get("claim") == claim for event in started)
+        except SQLAlchemyError:
+            if time.monotonic() + pause_s > deadline:
+                return False
+            time.sleep(pause_s)
+            pause_s = min(2 * pause_s, 1.0)
 
 
 def _reserve_retry(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime) -> bool:

@@ -45,7 +45,7 @@ def dispatch(self: Task, agent: str, work_key: str | None = None, payload: Any =
 def execute(run_id: str, fence: int) -> dict[str, Any]:
     """Run one attempt of a queued run; a stale or redelivered message starts nothing."""
     result = executor.execute(services(), run_id, fence, send_execute)
-    if result.status == "deferred":  # Redis blinked between delivery and start: try again shortly
+    if result.status == "deferred":  # Redis or the database blinked between delivery and start: try again shortly
         send_execute(run_id, fence, countdown=5.0)
     return result.to_json()
 
