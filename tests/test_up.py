@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -138,10 +139,17 @@ def wait_ready(run: UpRun) -> tuple[float, float]:
 
 
 def broker_url_of(run: UpRun) -> str:
-    """The Redis URL fleet up chose, as it printed it."""
+    """The Redis URL fleet up chose, as it printed it (an embedded server's password masked)."""
     match = run.line(r"^\s+redis\s+(redis://\S+)")
     assert match is not None
     return match.group(1)
+
+
+def embedded_url_of(run: UpRun) -> str:
+    """The embedded server's URL, password included, from the file the banner names for other terminals."""
+    match = run.line(r"^\s+elsewhere\s+export FLEET_REDIS_URL_FILE=(\S+)")
+    assert match is not None
+    return Path(match.group(1)).read_text()
 
 
 def assert_worker_consumes_both_queues(broker_url: str) -> None:
@@ -257,8 +265,11 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
     """--embedded: a private server even though one answers on 6379; Flower gets a generated password."""
     run = start_up("--embedded", "--workers", "1", prefix=tuple(CAPLESS))
     ready_s, wall_s = wait_ready(run)
-    broker = broker_url_of(run)
-    assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", broker) and ":6379/" not in broker
+    shown = broker_url_of(run)
+    assert re.fullmatch(r"redis://:\*\*\*@127\.0\.0\.1:\d+/0", shown) and ":6379/" not in shown
+    broker = embedded_url_of(run)
+    assert mask_redis_url(broker) == shown
+    assert not redis_answers(f"redis://127.0.0.1:{urlsplit(broker).port}/0", timeout=1)  # no password, no entry
     assert "EMBEDDED" in run.stdout()
     password = run.line(r"^\s+flower\s+.* user fleet, password (\S+) \(generated")
     assert password is not None
@@ -268,15 +279,15 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
     assert_worker_consumes_both_queues(broker)
     assert_flower_requires_auth(run, "fleet", password.group(1))
     assert_web_needs_the_token(run, token.group(1))
-    assert_no_secret_in_children(run, password.group(1), token.group(1))
+    assert_no_secret_in_children(run, password.group(1), token.group(1), str(urlsplit(broker).password))
     secrets_file = re.search(r"FLEET_WEB_TOKEN_FILE=([^\0]+)", child_environ(run, "web"))
     assert secrets_file is not None
     secrets_dir = Path(secrets_file.group(1)).parent
     assert (secrets_dir.stat().st_mode & 0o777, Path(secrets_file.group(1)).stat().st_mode & 0o777) == (0o700, 0o600)
     assert_logs_in_files(run, tmp_path, ("worker", "beat", "flower", "web"))
     out = run.stdout()
-    for warning in ("! no FLEET_WEB_TOKEN", "! Redis has no password"):
-        assert warning in out, out
+    assert "! no FLEET_WEB_TOKEN" in out and "Redis has no password" not in out, out
+    assert str(urlsplit(broker).password) not in out
     stop_s = stop_and_assert_clean(run, tmp_path)
     assert not secrets_dir.exists(), "the secrets folder outlived fleet up"
     assert not redis_answers(broker, timeout=0.5), "the embedded server outlived fleet up"
@@ -375,7 +386,7 @@ def test_embedded_server_starts_answers_and_stops() -> None:
     """The embedded server: a redis:// URL on loopback, no eviction, no persistence, gone after stop."""
     server = EmbeddedRedis()
     with server:
-        assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", server.url)
+        assert re.fullmatch(r"redis://:[\w-]+@127\.0\.0\.1:\d+/0", server.url)
         assert redis_answers(server.url, timeout=1)
         client = redis_lib.Redis.from_url(server.url, decode_responses=True)
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
@@ -388,14 +399,71 @@ def test_embedded_server_starts_answers_and_stops() -> None:
     assert not data_dir.exists()
 
 
+@needs_proc
+def test_embedded_server_requires_a_password_that_no_argv_or_file_shows() -> None:
+    """Any local process (an agent under run_as too) can find the server's port in /proc/net/tcp: without a
+    password it could LPUSH a forged `fleet.resume` onto `dispatch` and lift a kill. Each server gets a
+    password of its own, in the URL it hands out, and in no argv, environment or file of its folder."""
+    with EmbeddedRedis() as server, EmbeddedRedis() as other:
+        password = urlsplit(server.url).password
+        assert password and len(password) >= 24 and password != urlsplit(other.url).password
+        anonymous = redis_lib.Redis(host=server.host, port=server.port, socket_timeout=2)
+        try:
+            with pytest.raises(redis_lib.RedisError, match=r"(?i)noauth|authenticat"):
+                anonymous.lpush("dispatch", "forged")
+        finally:
+            anonymous.close()
+        assert redis_answers(server.url, timeout=1)
+        client = redis_lib.Redis.from_url(server.url, decode_responses=True)
+        data_dir = Path(client.config_get("dir")["dir"])
+        client.close()
+        proc = Path(f"/proc/{server.pid}")
+        for shown in ((proc / "cmdline").read_bytes(), (proc / "environ").read_bytes(),
+                      *(f.read_bytes() for f in data_dir.rglob("*") if f.is_file())):
+            assert password.encode() not in shown
+
+
 def test_embedded_server_takes_the_preferred_port_only_when_it_is_free() -> None:
     """`fleet up` asks for 6379 when nothing answers there, so other terminals find it unconfigured; a
     port something else holds is never fought over."""
     wanted = free_port()
     with EmbeddedRedis(preferred_port=wanted) as server:
-        assert server.url == f"redis://127.0.0.1:{wanted}/0"
+        assert server.port == wanted and server.url.endswith(f"@127.0.0.1:{wanted}/0")
         with EmbeddedRedis(preferred_port=wanted) as second:
             assert second.port != wanted and redis_answers(second.url, timeout=1)
+
+
+def test_the_banner_masks_the_embedded_password_and_other_terminals_get_a_file(tmp_path: Path) -> None:
+    """What `fleet up` prints for its embedded server shows no password (a terminal's scrollback, a screen
+    share, a pasted log); the commands of another terminal reach it through a 0600 file named there."""
+    from contextlib import ExitStack
+
+    from rich.console import Console
+
+    from fleet import hardening
+    from fleet.config import Settings
+    from fleet.supervisor import UpOptions, _plan, _start_embedded, _Up
+    from fleet.upscreen import Screen
+
+    console = Console(record=True, width=400, force_terminal=False)
+    up = _Up(Screen(console, live=False))
+    settings = Settings(config=tmp_path / "fleet.toml", database_url=f"sqlite:///{tmp_path / 'fleet.db'}",
+                        log_dir=tmp_path / "logs")
+    options = UpOptions(workers=1, embedded=True, beat=True, flower=True, web=True)
+    with ExitStack() as stack, hardening.private_folder("fleet-up-test-") as secrets_dir:
+        url = _start_embedded(stack, "--embedded was given", up, None)
+        password = urlsplit(url).password
+        assert password and redis_answers(url, timeout=1)
+        children = _plan(settings, options, url, tmp_path, secrets_dir, up)
+        up.screen.banner("Fleet", up.rows, up.warnings)
+        shown = console.export_text()
+        assert password not in shown and mask_redis_url(url) in shown, shown
+        named = re.search(r"export FLEET_REDIS_URL_FILE=(\S+)", shown)
+        assert named is not None, shown
+        assert Path(named.group(1)).read_text() == url and Path(named.group(1)).stat().st_mode & 0o777 == 0o600
+        for child in children:
+            assert password not in " ".join(child.argv) and password not in " ".join(child.env.values())
+        assert not any("Redis has no password" in warning for warning in up.warnings)
 
 
 def test_redis_answers_is_false_for_nothing_listening() -> None:
