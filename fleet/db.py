@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import os
 import select
 import time
 from collections.abc import Iterator
@@ -112,6 +113,7 @@ def _sqlite_engine(url: str, timeout_s: float) -> Engine:
         database = engine.url.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(Path(database))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -127,6 +129,40 @@ def _sqlite_engine(url: str, timeout_s: float) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _make_private(database: Path) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would make it 0666 less the umask:
+    0644), and take group and other access from one that exists, and from its -wal and -shm.
+
+    It holds every run's payload, log chunks and dead-letter output, and agents under run_as must pass
+    its folder (agent-homes/ sits beside it): the folder stays as it is, only the files become private.
+    SQLite creates -wal and -shm with the database file's mode, so new ones are 0600 too."""
+    try:
+        fd = os.open(database, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError:
+        return  # a folder, a read-only place...: SQLite's own connect says why, as it did before
+    try:
+        _drop_group_and_other(fd)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            fd = os.open(f"{database}{suffix}", os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            _drop_group_and_other(fd)
+        finally:
+            os.close(fd)
+
+
+def _drop_group_and_other(fd: int) -> None:
+    mode = os.fstat(fd).st_mode & 0o7777
+    if mode & 0o077:
+        # A file of another user's (a shared database) is theirs to protect: EPERM must not stop a connect.
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, mode & ~0o077)
 
 
 def session(engine: Engine) -> Session:

@@ -148,6 +148,53 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         raw.close()
 
 
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()
+            if p.name in ("fleet.db", "fleet.db-wal", "fleet.db-shm")}
+
+
+def test_sqlite_files_are_private_to_the_fleets_user_in_a_folder_agents_pass(tmp_path: Path) -> None:
+    """fleet.db holds every run's payload, log chunks and dead-letter output; SQLite creates it (and its
+    -wal and -shm, with its mode) 0644 under the usual umask, for any run_as agent to read, since agents
+    must pass the folder (agent-homes/ sits beside it). The files are 0600; the folder is left as it is."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    project.chmod(0o755)
+    previous = os.umask(0o022)
+    try:
+        engine = db.make_engine(f"sqlite:///{project / 'fleet.db'}")
+        db.upgrade(engine)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO run_log_chunks (run_id, attempt, \"offset\", at, data) "
+                                 "VALUES ('r1', 1, 0, '2026-01-01', X'00')")
+        with engine.connect():  # a live worker holds a connection: -wal and -shm exist
+            assert _modes(project) == {"fleet.db": 0o600, "fleet.db-wal": 0o600, "fleet.db-shm": 0o600}
+        engine.dispose()
+    finally:
+        os.umask(previous)
+    assert project.stat().st_mode & 0o777 == 0o755
+
+
+def test_an_existing_sqlite_database_left_readable_is_made_private(tmp_path: Path) -> None:
+    """A fleet.db made before (0644, with its -wal and -shm) is made 0600 when an engine first connects."""
+    path = tmp_path / "fleet.db"
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.execute("CREATE TABLE t (x)")
+    raw.execute("INSERT INTO t VALUES (1)")
+    raw.commit()
+    for name in ("fleet.db", "fleet.db-wal", "fleet.db-shm"):
+        (tmp_path / name).chmod(0o644)
+    engine = db.make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT x FROM t").scalar_one() == 1
+        assert _modes(tmp_path) == {"fleet.db": 0o600, "fleet.db-wal": 0o600, "fleet.db-shm": 0o600}
+    finally:
+        engine.dispose()
+        raw.close()
+
+
 def test_sqlite_folder_is_created_on_first_connect(tmp_path: Path) -> None:
     path = tmp_path / "not" / "yet" / "fleet.db"
     engine = db.make_engine(f"sqlite:///{path}")
