@@ -4,6 +4,8 @@
   read this process's /proc/PID/environ, /proc/PID/mem or its open file descriptors, nor ptrace
   it; and no core dump is written. Forked children (Celery's pool) inherit it; exec (an agent)
   resets it, so an agent is never hidden from its own tools.
+- `append_private()`: a log file (fleet up's part logs, cli.jsonl) opened for appending and readable
+  by this user only, since those lines name runs and carry errors and agents' output.
 - `private_folder()` / `write_private()`: a 0700 folder of 0600 files, the form in which `fleet up`
   hands secrets to its children (FLEET_*_FILE) instead of putting them in their start environment,
   which /proc/PID/environ shows for the process's whole life (PITFALLS #19).
@@ -66,3 +68,15 @@ def write_private(folder: Path, name: str, value: str) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(value)
     return path
+
+
+def append_private(path: Path) -> int:
+    """A descriptor appending to `path`, created 0600; an existing file loses any group and other access
+    (it may predate this rule, or come from a lax umask). Not inherited across exec unless dup'ed (Popen)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    mode = os.fstat(fd).st_mode & 0o7777
+    if mode & 0o077:
+        # Another user's file (a shared log folder) is theirs to protect: EPERM must not stop the write.
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, mode & ~0o077)
+    return fd

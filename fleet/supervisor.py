@@ -469,7 +469,8 @@ def _start(child: Child) -> None:
     output: Any = None
     if child.log is not None:
         child.log.parent.mkdir(parents=True, exist_ok=True)
-        output = child.log.open("ab")
+        # 0600: a part's log names runs and carries errors and agents' output, not for a run_as agent to read.
+        output = os.fdopen(hardening.append_private(child.log), "ab")
     try:
         child.process = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=output,
                                          stderr=subprocess.STDOUT if output is not None else None,

@@ -277,3 +277,24 @@ def test_a_payload_from_a_file_or_stdin_stays_out_of_ps(payload_fleet: Fleet, tm
     # The control: the inline form is visible to every user of the machine, which is why the others exist.
     seen, _ = dispatch_seen_by_ps(payload_fleet, body, f"ps-{run}-inline")
     assert canary in seen
+
+
+def test_the_commands_log_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cli.jsonl (what a command logged: alerts naming runs) and soft-fail.jsonl (cron's failures) are the
+    fleet user's only, new or left 0644 before: a run_as agent reads neither."""
+    from fleet.cli.common import LogFile, _soft_fail_record
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "soft-fail.jsonl").write_text("")
+    (logs / "soft-fail.jsonl").chmod(0o644)
+    monkeypatch.setenv("FLEET_LOG_DIR", str(logs))
+    log = LogFile(logs / "cli.jsonl")
+    log.write('{"event": "x"}\n')
+    log.flush()
+    _soft_fail_record("exit 75")
+    assert log._handle is not None
+    log._handle.close()
+    assert {p.name: p.stat().st_mode & 0o777 for p in logs.iterdir()} == {"cli.jsonl": 0o600,
+                                                                          "soft-fail.jsonl": 0o600}
+    assert (logs / "cli.jsonl").read_text() == '{"event": "x"}\n'

@@ -466,6 +466,27 @@ def test_the_banner_masks_the_embedded_password_and_other_terminals_get_a_file(t
         assert not any("Redis has no password" in warning for warning in up.warnings)
 
 
+def test_the_parts_log_files_are_private_to_the_fleets_user(tmp_path: Path) -> None:
+    """worker.log, web.log, cli.jsonl... hold run ids, payload-bearing errors and agents' output: a run_as
+    agent must not read them. A new log is created 0600 under the usual umask; one left 0644 becomes 0600."""
+    from fleet.supervisor import Child, _start
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "old.log").write_text("before\n")
+    (logs / "old.log").chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        for name in ("new", "old"):
+            child = Child(name, [sys.executable, "-c", "print('hello')"], dict(os.environ), log=logs / f"{name}.log")
+            _start(child)
+            assert child.process is not None and child.process.wait(30) == 0
+    finally:
+        os.umask(previous)
+    assert (logs / "old.log").read_text() == "before\nhello\n"  # appended to, as before
+    assert {p.name: p.stat().st_mode & 0o777 for p in logs.iterdir()} == {"new.log": 0o600, "old.log": 0o600}
+
+
 def test_redis_answers_is_false_for_nothing_listening() -> None:
     """No server on the port: False, quickly."""
     began = time.monotonic()

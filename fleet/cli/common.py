@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import socket
 import sys
 from datetime import UTC, datetime
@@ -160,9 +161,12 @@ class LogFile:
 
     def _target(self) -> IO[str]:
         if self._handle is None:
+            from fleet import hardening
+
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._handle = self.path.open("a", encoding="utf-8")
+                # 0600: alerts name runs and agents; a run_as agent must not read them.
+                self._handle = os.fdopen(hardening.append_private(self.path), "a", encoding="utf-8")
             except OSError:
                 self._handle = sys.__stderr__ or sys.stderr
         return self._handle
@@ -220,10 +224,11 @@ def leave(code: int, reason: str = "") -> NoReturn:
 
 
 def _soft_fail_record(reason: str) -> None:
+    from fleet import hardening
     from fleet.config import load_settings
 
     path = load_settings().log_dir / "soft-fail.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
+    with os.fdopen(hardening.append_private(path), "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"at": datetime.now(UTC).isoformat(), "argv": sys.argv[1:],
                                  "exit_code": int(ExitCode.TRANSIENT), "error": reason}) + "\n")
