@@ -169,16 +169,41 @@ def _say_stopped(up: _Up) -> None:
 
 
 def _warnings(config: FleetConfig, redis_url: str, up: _Up) -> list[str]:
-    """What stands out in the banner: running as root with agents that would too, a Redis anyone here can
-    reach without a password (an agent could lift a kill through it)."""
+    """What stands out in the banner: agents that run as the operator (root or not), running as root, a
+    Redis anyone here can reach without a password (an agent could lift a kill through it)."""
     from fleet.doctor import security_warnings
 
     found = security_warnings(config, redis_url)
     if urlsplit(redis_url).password is None and not any("WITHOUT A PASSWORD" in w for w in found):
         found.append("Redis has no password: any process on this host, an agent too, could lift a kill "
                      "through it; on a shared host give it one (FLEET_REDIS_URL_FILE)")
-    if os.geteuid() == 0 and not any("ROOT" in w for w in found):
+    as_operator = _agents_as_operator(config)
+    if as_operator:
+        shown = ", ".join(as_operator[:_NAMED]) + (", ..." if len(as_operator) > _NAMED else "")
+        found.append(f"{len(as_operator)} agent(s) run as you (uid {os.geteuid()}), no other user in run_as ({shown}): "
+                     "each can read the fleet's secrets (its secret files, keys/, the web token); give them run_as")
+    elif os.geteuid() == 0 and not any("ROOT" in w for w in found):
         found.append("running as root: the worker and every agent without run_as run as root")
+    return found
+
+
+_NAMED = 5  # agents named in the run_as warning; a long list would crowd the banner
+
+
+def _agents_as_operator(config: FleetConfig) -> list[str]:
+    """The agents that run as this process's uid: no run_as, or one naming this very user. Whoever the
+    operator is, such an agent reads what the fleet's own 0600 files hold (the same uid owns them)."""
+    from fleet import identity
+
+    euid = os.geteuid()
+    found = []
+    for name, agent in sorted(config.agents.items()):
+        user = agent.user_name(config.fleet)
+        try:
+            if user is None or identity.lookup(user).uid == euid:
+                found.append(name)
+        except ConfigError:
+            continue  # an unknown user is the configuration check's to report
     return found
 
 

@@ -487,6 +487,28 @@ def test_the_parts_log_files_are_private_to_the_fleets_user(tmp_path: Path) -> N
     assert {p.name: p.stat().st_mode & 0o777 for p in logs.iterdir()} == {"new.log": 0o600, "old.log": 0o600}
 
 
+@pytest.mark.parametrize("euid", [0, 1000], ids=["root", "not-root"])
+def test_the_banner_warns_of_agents_without_run_as_whatever_the_operators_uid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, euid: int) -> None:
+    """An agent without run_as runs as the operator's own user, root or not: it can read the fleet's 0600
+    secrets (the secret files, keys/, the web token). The banner says so, naming how many, in one line."""
+    from rich.console import Console
+
+    from fleet.config import load_fleet_config
+    from fleet.supervisor import _Up, _warnings
+    from fleet.upscreen import Screen
+
+    (tmp_path / "fleet.toml").write_text("[fleet]\n"
+                                         "[agents.a]\ncommand = ['true']\n[agents.b]\ncommand = ['true']\n"
+                                         "[agents.c]\ncommand = ['true']\nrun_as = 'nobody'\n")
+    config = load_fleet_config(tmp_path / "fleet.toml")
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    found = _warnings(config, "redis://:pw@127.0.0.1:6379/0", _Up(Screen(Console(), live=False)))
+    lines = [w for w in found if "run as you" in w]
+    assert len(lines) == 1 and f"2 agent(s) run as you (uid {euid})" in lines[0] and "(a, b)" in lines[0], found
+    assert "secret" in lines[0] and len(lines[0]) < 240
+
+
 def test_redis_answers_is_false_for_nothing_listening() -> None:
     """No server on the port: False, quickly."""
     began = time.monotonic()
