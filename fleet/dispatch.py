@@ -368,7 +368,18 @@ def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run
     refused = admission_refusal(result, admitted, spec)
     if refused is not None or admitted.lease is None:
         return refused or result
-    lease = admitted.lease
+    try:
+        return _queue_admitted(session, services, spec, run, now, result, admitted, admitted.lease)
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):  # anything raised before the commit: the slot goes back now
+            give_back(services, admitted.lease, result)
+        raise
+
+
+def _queue_admitted(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime,
+                    result: DispatchResult, admitted: Admission, lease: Lease) -> DispatchResult:
+    """dispatch_one once Redis admitted the run: the mirrors, the reservation, the count, `queued`."""
+    fleet = services.config.fleet
     # The mirrors (a flag Redis lost still stops intake) and the database's clock, in one round trip.
     killed, paused, clock = tuple(db.execute(session, _MIRRORS_AND_CLOCK[session.get_bind().dialect.name],
                                              {"scopes": [keys.GLOBAL, spec.name]}).one())

@@ -76,3 +76,19 @@ def test_unsend_racing_a_claim_never_hands_back_a_running_runs_reservation(
     assert len(live) <= 5, (f"{len(live)} runs of $1.00 live under a $5.00 cap ({others}); the day reserves "
                             f"{day.reserved_micros} for {day.runs} run(s)")
     assert sum(r.reserved_micros for r in live) == day.reserved_micros
+
+
+def test_an_unexpected_error_inside_the_dispatch_gives_its_slot_back(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything raised between the admission (which took the slot's lease) and the commit rolls the run back and
+    gives the slot back at once: a new user's huge cost estimate raised OverflowError at the reservation, and the
+    lease stayed held for a queued lease's TTL, refusing the agent with a run that does not exist."""
+    def overflow(*_args: Any, **_kwargs: Any) -> bool:
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    monkeypatch.setattr(ledger, "reserve", overflow)
+    with pytest.raises(OverflowError):
+        dispatch(services, DispatchRequest("echo", "first", actor="test"), lambda *_: None)
+    monkeypatch.undo()
+    assert services.leases.holders("echo", 1) == []
+    assert dispatch(services, DispatchRequest("echo", "second", actor="test"), lambda *_: None).status == "queued"
