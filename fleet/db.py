@@ -137,32 +137,22 @@ def _make_private(database: Path) -> None:
 
     It holds every run's payload, log chunks and dead-letter output, and agents under run_as must pass
     its folder (agent-homes/ sits beside it): the folder stays as it is, only the files become private.
-    SQLite creates -wal and -shm with the database file's mode, so new ones are 0600 too."""
+    SQLite creates -wal and -shm with the database file's mode, so new ones are 0600 too. An existing
+    file is never opened here, only stat()ed and chmod()ed by path: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, the locks SQLite's other connections rely on
+    (SQLITE_PROTOCOL, or worse, while another connection writes)."""
     try:
-        fd = os.open(database, os.O_RDONLY | os.O_CREAT, 0o600)
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # new: nobody holds locks on it
+    except FileExistsError:
+        pass
     except OSError:
         return  # a folder, a read-only place...: SQLite's own connect says why, as it did before
-    try:
-        _drop_group_and_other(fd)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm"):
-        try:
-            fd = os.open(f"{database}{suffix}", os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            _drop_group_and_other(fd)
-        finally:
-            os.close(fd)
-
-
-def _drop_group_and_other(fd: int) -> None:
-    mode = os.fstat(fd).st_mode & 0o7777
-    if mode & 0o077:
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
         # A file of another user's (a shared database) is theirs to protect: EPERM must not stop a connect.
-        with contextlib.suppress(PermissionError):
-            os.fchmod(fd, mode & ~0o077)
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            mode = path.stat().st_mode & 0o7777
+            if mode & 0o077:
+                path.chmod(mode & ~0o077)
 
 
 def session(engine: Engine) -> Session:
