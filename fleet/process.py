@@ -350,6 +350,13 @@ def _not_started(exc: OSError, argv: list[str], output: Output) -> ProcessResult
                          log_bytes=output.log_bytes, started=False)
 
 
+def _stopped_before_start(reason: str, output: Output) -> ProcessResult:
+    output.write(f"fleet: not started: {reason}\n".encode())
+    return ProcessResult(exit_code=None, stop_reason=reason, cost_micros=0, input_tokens=0, output_tokens=0,
+                         done_reason=None, output_tail=output.tail(), pid=None, pgid=None,
+                         log_bytes=output.log_bytes, started=False)
+
+
 def _abandon(proc: subprocess.Popen[bytes]) -> None:
     # Could not even set up the watch (out of fds?): the agent must not run unwatched.
     signal_group(proc.pid, signal.SIGKILL)
@@ -566,6 +573,9 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
     output = Output(log_path, max_log_bytes=max_log_bytes, tail_bytes=tail_bytes, append=append_log,
                     redact=redact)
     try:
+        stop = watch(0)  # a kill that landed since the claim read the flags: the agent is not even started
+        if stop is not None:
+            return _stopped_before_start(stop, output)
         try:
             proc = _spawn(argv, env, cwd, launch, grace_s)
         except OSError as exc:

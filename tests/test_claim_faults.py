@@ -76,3 +76,26 @@ def test_a_claim_whose_commit_never_landed_is_deferred_and_claimed_again(service
     assert _row(services, run_id).status == RunStatus.QUEUED
     again, _ = _execute(services, run_id, fence)
     assert again.status == "succeeded" and _row(services, run_id).attempt == 1, again
+
+
+def test_a_kill_landing_after_the_claim_starts_no_agent(services: Services, monkeypatch: Any, tmp_path: Any) -> None:
+    """`fleet kill` returns (the flag in Redis and mirrored) between the claim's commit and the agent's spawn: the
+    agent never starts and the run ends killed. It used to be spawned and run its side effect, stopped only by
+    the first watch poll, if it was still running then."""
+    from fleet import killswitch
+
+    real_claim = executor._claim
+
+    def kill_lands_after_the_claim(*args: Any) -> Any:
+        got = real_claim(*args)
+        killswitch.engage(services.engine, services.redis, scope="*", reason="stop everything", actor="operator",
+                          hard=False, now=services.now()).confirm()
+        return got
+
+    run_id, fence = _queued(services, "counter")
+    monkeypatch.setattr(executor, "_claim", kill_lands_after_the_claim)
+    ended, _ = _execute(services, run_id, fence)
+    monkeypatch.undo()
+    marks = tmp_path / "counter.txt"
+    assert not marks.exists() or not marks.read_text(), f"the agent ran after the kill: {marks.read_text()}"
+    assert ended.status == "killed" and _row(services, run_id).status == RunStatus.KILLED, ended
