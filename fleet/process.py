@@ -38,8 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet import launcher
-from fleet.usage import DEFAULT_MAX_LINE, LineScanner, ParseLine, Usage, parse_line
+from fleet import launcher, redaction
+from fleet.usage import DEFAULT_MAX_LINE, MAX_DONE_REASON, LineScanner, ParseLine, Usage, parse_line
 
 LAUNCHER_PATH = Path(launcher.__file__)
 # -I: ignore PYTHON* variables meant for the agent; -S: skip site, half the startup time.
@@ -52,7 +52,8 @@ _CHUNK = 64 * 1024
 _GROUP_POLL_S = 0.02  # how often to look for survivors once the leader is gone or SIGKILLed
 _EXIT_POLL_S = 0.05  # how often to poll for the leader's exit when pidfd is unavailable
 _DRAIN_S = 1.0  # the group is gone but something outside it still holds the pipe: stop waiting
-REDACTED = b"[redacted by fleet]"
+REDACTED = redaction.MASK.encode()
+MAX_PROBLEM = 500  # characters of a usage problem (Fleet's words around a model name the agent chose)
 _TRUNCATED = b"\n[fleet: log truncated at %d bytes; later output was read but not kept]\n"
 
 
@@ -101,6 +102,7 @@ class Output:
         self.truncated = False
         # Secrets never reach the log or the tail, even if the agent prints them. A secret may
         # straddle two reads, so an end that could be the start of one waits for the next read.
+        self._redact = redact
         self._secrets = sorted({r.encode() for r in redact if r}, key=len, reverse=True)
         self._hold = max((len(r) for r in self._secrets), default=1) - 1
         self._starts = {secret[:1] for secret in self._secrets}
@@ -117,6 +119,11 @@ class Output:
         cut = len(data) - self._held(data)
         self._pending = data[cut:]
         self._keep(data[:cut])
+
+    def masked(self, text: str, limit: int) -> str:
+        """Text the agent wrote that Fleet repeats elsewhere (a done reason, a usage problem), masked with the
+        same secrets as its output, on one visible line, at most `limit` characters (redaction.agent_text)."""
+        return redaction.agent_text(text, self._redact, limit)
 
     def _held(self, data: bytes) -> int:
         """The length of the longest end of `data` that some secret begins with (0: none)."""
@@ -504,14 +511,23 @@ class _Run:
     def _on_lines(self, lines: list[bytes]) -> None:
         for line in lines:
             usage, done = self.parse(line)
+            # Both become pause reasons, events, errors and alerts: masked here, before they go anywhere.
+            self._mask_problem()
             if done is not None:
-                self.done_reason = done
+                self.done_reason = self.output.masked(done, MAX_DONE_REASON)
             if usage is not None:
                 self._add_usage(usage)
         if self.scanner.overlong and hasattr(self.parse, "problem") and not self.parse.problem:
             # Money on a line too long to read is not $0: a problem, which stops the agent (see fleet/usage.py).
             self.parse.problem = f"a usage line longer than {self.scanner.max_line_bytes} bytes could not be read"
             self._add_usage(Usage(0, 0, 0))
+
+    def _mask_problem(self) -> None:
+        # A usage problem may quote a model name the agent chose (fleet/usage.py): the executor's verdict
+        # repeats it. Masking what is masked already changes nothing.
+        problem = getattr(self.parse, "problem", None)
+        if problem:
+            self.parse.problem = self.output.masked(problem, MAX_PROBLEM)  # type: ignore[attr-defined]
 
     def _add_usage(self, usage: Usage) -> None:
         self.cost_micros += usage.cost_micros

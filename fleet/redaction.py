@@ -10,11 +10,17 @@ Redis URL in a FLEET_*_FILE, and printed it, must not put it into a log the web 
 - Every agent's, from fleet.toml: the content of each key_file and secret_env file, read now (a file
   that cannot be read is skipped: nothing can be handed out from it either).
 Values shorter than MIN_LENGTH are left alone: masking "ab" would mangle every log.
+
+Text an agent wrote that Fleet repeats elsewhere (its `fleet_done` reason, a model name quoted in a usage
+problem) is made safe where it is read (`agent_text`): masked as the output is, made `visible` (no character
+left that could drive a terminal or reorder what a page shows) and bounded. `visible` is also what the CLI
+runs every stored text through before it reaches the operator's terminal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -22,6 +28,16 @@ from urllib.parse import unquote, urlsplit
 from fleet.config import FleetConfig, Settings
 
 MIN_LENGTH = 4
+MASK = "[redacted by fleet]"  # what stands for a secret in a log, a tail and anything an agent wrote
+# A secret's first PARTIAL characters or more are masked in an agent's text wherever they appear: a length bound
+# may have cut the rest off. Long enough that a URL-shaped secret (a Sentry DSN) does not mask every https://.
+PARTIAL = 12
+# C0 controls but newline and tab, DEL, C1 (an 8-bit CSI is one), the Unicode bidi controls that reorder what a
+# terminal or a page shows ("invoice_\u202egnp.exe"), and lone surrogates (json.loads makes them; no database or
+# Redis client can encode them).
+_UNSAFE = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_IN_LINES = re.compile(f"[{_UNSAFE}]")
+_UNSAFE_IN_A_LINE = re.compile(f"[\t\n{_UNSAFE}]")
 
 
 def url_secrets(url: str | None, *, lone_user: bool = False) -> set[str]:
@@ -83,3 +99,62 @@ def ordered(secrets: Iterable[str | None]) -> tuple[str, ...]:
 def known_secrets(settings: Settings, config: FleetConfig, *extra: str) -> tuple[str, ...]:
     """Every secret Fleet knows (plus `extra`), ready for `Output(redact=...)`."""
     return ordered(settings_secrets(settings) | agent_secrets(config) | set(extra))
+
+
+# ---------------------------------------------------------------- text an agent wrote
+
+
+def visible(text: str, *, lines: bool = False) -> str:
+    """`text` with every character that could drive a terminal (escape sequences, a screen clear, a hyperlink) or
+    reorder what it shows written as a visible escape instead: ESC as `\\x1b`, U+202E as `\\u202e`. With
+    `lines`, newlines and tabs are kept (and CRLF read as a newline): multi-line output stays multi-line."""
+    if lines:
+        return _UNSAFE_IN_LINES.sub(_escaped, text.replace("\r\n", "\n"))
+    return _UNSAFE_IN_A_LINE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def mask(text: str, secrets: Iterable[str], *, cut: bool = False) -> str:
+    """`text` with each secret masked, and what a length bound may have left of one: its first PARTIAL
+    characters or more anywhere, and (`cut`: the text may end where a bound cut it) any start of one at its end."""
+    found = sorted({s for s in secrets if s}, key=len, reverse=True)  # as Output's: one holding another goes whole
+    for secret in found:
+        text = text.replace(secret, MASK)
+    for secret in found:
+        text = _mask_leading_parts(text, secret)
+        if cut:
+            text = _mask_cut_end(text, secret)
+    return text
+
+
+def _mask_leading_parts(text: str, secret: str) -> str:
+    head = secret[:PARTIAL]
+    if len(secret) <= PARTIAL or head not in text:
+        return text
+    pieces, at = [], 0
+    while (start := text.find(head, at)) >= 0:
+        end = start + PARTIAL
+        while end < len(text) and end - start < len(secret) and text[end] == secret[end - start]:
+            end += 1
+        pieces += [text[at:start], MASK]
+        at = end
+    return "".join(pieces) + text[at:]
+
+
+def _mask_cut_end(text: str, secret: str) -> str:
+    for size in range(min(len(secret) - 1, len(text)), 0, -1):
+        if text.endswith(secret[:size]):
+            return text[:-size] + MASK
+    return text
+
+
+def agent_text(text: str, secrets: Iterable[str], limit: int) -> str:
+    """Text an agent wrote that Fleet will repeat (a pause reason, an event, an alert, the page): its secrets
+    masked as its output's are, on one line of visible characters, at most `limit` characters long. A text
+    `limit` long or longer may have been cut by its parser already: a secret's start at its end is masked too."""
+    shown = visible(mask(text, secrets, cut=len(text) >= limit))
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"

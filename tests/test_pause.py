@@ -35,6 +35,13 @@ max_runs_per_day = {BOUND}
 concurrency = 1000
 timeout_s = 30
 
+[agents.leaky-done]             # done, it says, with its own key and a screen clear in the reason
+command = ["python", "-c",
+           'import json, os; print(json.dumps({{"fleet_done": "key=%s \\x1b[2J" % os.getenv("FLEET_AGENT_KEY")}}))']
+key_file = "keys/secret.key"
+est_cost_usd = 0.01
+timeout_s = 30
+
 [agents.ticking]
 command = ["true"]
 schedule = "every 30s"
@@ -111,6 +118,28 @@ def test_any_value_under_a_pause_key_pauses(services: Services) -> None:
     assert (found.scope, found.reason) == ("echo", "agent said it is done: converged")
     assert pause.release(services.engine, services.redis, scope="echo", actor="test", now=services.now())
     assert go(services, "echo").status == "queued"
+
+
+def test_an_agents_done_reason_reaches_no_pause_copy_with_its_key_or_a_terminal_escape(services: Services) -> None:
+    """The security review's: an agent printed its FLEET_AGENT_KEY in its `fleet_done` reason. `fleet logs` masked
+    it, but the pause it asked for kept it in clear everywhere the reason went: the Redis flag, the mirror row, the
+    pause.engaged event, and `fleet status`, the page and /api/state (the snapshot)."""
+    from fleet import executor, state
+
+    key = (services.settings.config.parent / "keys" / "secret.key").read_text().strip()
+    queued = go(services, "leaky-done")
+    assert queued.status == "queued", queued
+    executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None)
+    with db.session(services.engine) as session:
+        row = session.get(Pause, "leaky-done")
+        events = [e.detail or "" for e in session.exec(select(RunEvent).where(RunEvent.kind == "pause.engaged"))]
+    assert row is not None and row.engaged and "key=" in (row.reason or "")
+    picture = json.dumps(state.snapshot(services))
+    copies = {"redis": services.redis.get(keys.paused("leaky-done")) or "", "mirror": row.reason or "",
+              "event": " ".join(events), "snapshot": picture}
+    assert "[redacted by fleet]" in copies["mirror"], copies
+    leaked = {where: text for where, text in copies.items() if key in text or "\x1b" in text or "\\u001b" in text}
+    assert not leaked, leaked
 
 
 def test_a_pause_with_redis_down_is_refused_or_held_by_the_mirror(services: Services, closed_port: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from fleet.process import (
     parse_line,
     run_agent,
 )
-from fleet.usage import make_parser
+from fleet.usage import MAX_DONE_REASON, make_parser
 
 ENV = {"PATH": os.defpath, "LANG": "C.UTF-8"}
 
@@ -218,6 +219,50 @@ def test_fleet_done_and_usage_from_the_echo_agent(run: Callable[..., ProcessResu
     assert result.done_reason == "converged"
     assert (result.cost_micros, result.input_tokens, result.output_tokens) == (30000, 3600, 900)
     assert "run run-1" in result.output_tail
+
+
+AGENT_KEY = "agent-key-0123456789abcdef"
+# What must never reach a terminal, a page or a reason as it is: C0 and C1 controls (newline and tab included: a
+# reason is one line), DEL, the Unicode bidi controls, and lone surrogates (no database or Redis can store them).
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+@pytest.mark.parametrize("line", [
+    "json.dumps({'fleet_done': 'converged; key=' + key})",  # the security review's: its own key, in the reason
+    "'{\"fleet_done\": \"key=\\\\u0061' + key[1:] + '\"}'",  # a JSON escape: the raw line does not hold it
+    "json.dumps({'fleet_done': 'x' * 190 + key})",  # cut at the bound: what is left of the key is masked too
+], ids=["plain", "json-escaped", "cut-at-the-bound"])
+def test_the_done_reason_is_masked_as_the_output_is(run: Callable[..., ProcessResult], line: str) -> None:
+    """The reason becomes a pause reason: an event, `fleet status`, the page, a Redis flag, the database."""
+    code = f"import json, os; key = os.environ['FLEET_AGENT_KEY']; print({line})"
+    result = run(python_agent(code), {**ENV, "FLEET_AGENT_KEY": AGENT_KEY}, redact=(AGENT_KEY,))
+    assert result.done_reason and AGENT_KEY[:8] not in result.done_reason, result.done_reason
+    assert "[redacted by fleet]" in result.done_reason or len(result.done_reason) == MAX_DONE_REASON
+
+
+def test_a_model_name_quoted_in_a_usage_problem_is_masked(run: Callable[..., ProcessResult]) -> None:
+    """An unpriced model's name goes into the problem, then the run's error, the dead letter and the alert."""
+    parser = make_parser("json-tokens", {})
+    code = ("import json, os; print(json.dumps({'model': os.environ['FLEET_AGENT_KEY'], "
+            "'usage': {'input_tokens': 1, 'output_tokens': 1}}))")
+    run(python_agent(code), {**ENV, "FLEET_AGENT_KEY": AGENT_KEY}, redact=(AGENT_KEY,), parse=parser)
+    assert parser.problem and "has no price" in parser.problem
+    assert AGENT_KEY not in parser.problem and "[redacted by fleet]" in parser.problem, parser.problem
+
+
+@pytest.mark.parametrize("reason", [
+    "\x1b]8;;https://evil.example/\x1b\\click me\x1b]8;;\x1b\\ \x1b[2J\x1b[31mred",  # a link, a screen clear
+    "invoice_\u202egnp.exe \u2066x\u2069",  # bidi: shown as "invoice_exe.png"
+    "a\x00b \ud800 \x9b31m c\r\nd\te\x7f",  # NUL (PostgreSQL refuses it), a lone surrogate, C1 CSI
+    "\x1b" * 300,  # escaped, it would be four times the bound
+])
+def test_the_done_reason_is_one_bounded_line_of_visible_characters(run: Callable[..., ProcessResult],
+                                                                   reason: str) -> None:
+    result = run(python_agent(f"import json; print(json.dumps({{'fleet_done': {reason!r}}}))"))
+    assert result.done_reason is not None
+    assert not UNSAFE.search(result.done_reason), ascii(result.done_reason)
+    assert "\\x1b" in result.done_reason or "\\u202e" in result.done_reason or "\\x00" in result.done_reason
+    assert len(result.done_reason) <= MAX_DONE_REASON
 
 
 def test_log_file_is_private_and_holds_the_output(run: Callable[..., ProcessResult], tmp_path: Path) -> None:
