@@ -26,6 +26,7 @@ from rich.text import Text
 
 from fleet import metrics
 from fleet.keys import GLOBAL
+from fleet.redaction import visible
 
 STATUS_EVERY_S = 2.0
 WATCHDOG_STALE_S = 300.0  # beat runs it every minute: older than this, it stopped
@@ -222,11 +223,11 @@ def _switches(p: dict[str, Any]) -> Text:
     for kill in p["kill"]:
         where = "the whole fleet" if kill["scope"] == GLOBAL else kill["scope"]
         text += Text(f"KILLED {where}", style="bold white on red") + Text(
-            f" by {kill['actor'] or '?'}: {kill['reason'] or 'no reason'}; ", style="red")
-    for pause in p.get("pauses", []):
+            f" by {visible(kill['actor'] or '?')}: {visible(kill['reason'] or 'no reason')}; ", style="red")
+    for pause in p.get("pauses", []):  # an agent's own pause gives its reason: shown inert, as `fleet status` does
         where = "the whole fleet" if pause["scope"] == GLOBAL else pause["scope"]
         text += Text(f"PAUSED {where}", style="bold black on yellow") + Text(
-            f" by {pause['actor'] or '?'}: {pause['reason'] or 'no reason'}; ", style="yellow")
+            f" by {visible(pause['actor'] or '?')}: {visible(pause['reason'] or 'no reason')}; ", style="yellow")
     if not text:
         return Text("no kill, no pause", style="green")
     return text + Text("`fleet resume [AGENT]` lifts", style="dim")

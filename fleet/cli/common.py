@@ -80,6 +80,18 @@ out = LazyConsole(stderr=False)
 err = LazyConsole(stderr=True)
 
 
+def shown(value: object, *, lines: bool = False) -> str:
+    """Stored text that an agent, or anyone but Fleet, may have written (a reason, an error, an event's detail,
+    an output tail), ready to print or to put in a table: every character that could drive the terminal as a
+    visible escape (redaction.visible; `lines` keeps newlines and tabs), and rich markup escaped, so that
+    `[bold red]` prints as it was written. --json output needs none of it: json.dumps escapes what it must."""
+    from rich.markup import escape
+
+    from fleet.redaction import visible
+
+    return escape(visible("" if value is None else str(value), lines=lines))
+
+
 def table(*headers: str, title: str | None = None) -> Table:
     """A table that folds long cells instead of cutting them: run ids must stay whole to be copied."""
     from rich.table import Table

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet.cli.common import JsonOpt, celery_sender, emit_json, out, services, start_sentry, table
+from fleet.cli.common import JsonOpt, celery_sender, emit_json, out, services, shown, start_sentry, table
 from fleet.errors import ExitCode, UnavailableError
 
 if TYPE_CHECKING:
@@ -39,20 +39,23 @@ def status(as_json: JsonOpt = False) -> None:
 def _print_status(p: dict[str, Any]) -> None:
     if p["kill"]:
         for k in p["kill"]:
-            out.print(f"[bold red]KILLED[/] {k['scope']} since {k['since'][:19]} by {k['actor']}: {k['reason'] or '-'}"
-                      " (nothing starts; running agents were stopped)")
+            out.print(f"[bold red]KILLED[/] {shown(k['scope'])} since {k['since'][:19]} by {shown(k['actor'])}: "
+                      f"{shown(k['reason'] or '-')} (nothing starts; running agents were stopped)")
     else:
         out.print("[green]kill switch released[/]")
     for pause in p["pauses"]:
-        out.print(f"[bold yellow]PAUSED[/] {pause['scope']} since {(pause['since'] or '?')[:19]} by "
-                  f"{pause['actor'] or '?'}: {pause['reason'] or '-'} (nothing new starts; running runs finish)")
+        # An agent's own pause gives its reason (`fleet_done`); a flag set by hand can say anything.
+        out.print(f"[bold yellow]PAUSED[/] {shown(pause['scope'])} since {(pause['since'] or '?')[:19]} by "
+                  f"{shown(pause['actor'] or '?')}: {shown(pause['reason'] or '-')} "
+                  "(nothing new starts; running runs finish)")
     verdict = p.get("watchdog")
     if verdict:
         out.print(f"watchdog: [{_COLOUR[verdict['status']]}]{verdict['status']}[/] at {verdict['at'][:19]}"
                   + _staleness(p["at"], verdict["at"]))
         for check in verdict["checks"]:
             if check["status"] != "green":
-                out.print(f"  {check['name']}: [{_COLOUR[check['status']]}]{check['status']}[/] {check['reason']}")
+                colour = _COLOUR[check["status"]]
+                out.print(f"  {check['name']}: [{colour}]{check['status']}[/] {shown(check['reason'])}")
     spend = table("scope", "spent $", "reserved $", "cap $", title=f"spend {p['spend']['day']}")
     for s in p["spend"]["scopes"]:
         spend.add_row(s["scope"], f"{s['spent_usd']:.4f}", f"{s['reserved_usd']:.4f}",
@@ -112,9 +115,10 @@ def watchdog_command(
     else:
         out.print(f"watchdog: [{_COLOUR[verdict.status]}]{verdict.status}[/]")
         for check in verdict.checks:
-            out.print(f"  [{_COLOUR[check.status]}]{check.status:<5}[/] {check.name}: {check.reason}", highlight=False)
+            out.print(f"  [{_COLOUR[check.status]}]{check.status:<5}[/] {check.name}: {shown(check.reason)}",
+                      highlight=False)
         for line in verdict.healed:
-            out.print(f"  healed: {line}")
+            out.print(f"  healed: {shown(line)}")
     raise typer.Exit(ExitCode.FAILURE if verdict.status == "red" else ExitCode.OK)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet.cli.common import JsonOpt, actor, celery_sender, emit_json, err, out, services, start_sentry, table
+from fleet.cli.common import JsonOpt, actor, celery_sender, emit_json, err, out, services, shown, start_sentry, table
 from fleet.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def report_dispatch(svc: Services, agent: str, result: DispatchResult, as_json: 
         from fleet.refusals import explain
 
         # Why and what to do; the run id of a refusal names a row that was rolled back, so it is not shown.
-        out.print(explain(svc, agent, result), highlight=False, markup=False)
+        out.print(shown(explain(svc, agent, result)), highlight=False)  # a pause's reason may be an agent's
         _print_gates(result.to_json())
     else:
         _print_dispatch(result.to_json())
@@ -80,7 +80,7 @@ def report_dispatch(svc: Services, agent: str, result: DispatchResult, as_json: 
 
 def _print_dispatch(result: dict[str, Any]) -> None:
     status, reason = result["status"], result.get("reason")
-    out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({reason})" if reason else ""))
+    out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({shown(reason)})" if reason else ""))
     if result.get("would_fire") and status == "dry_run":
         out.print(f"would fire: {', '.join(result['would_fire'])}")
     _print_gates(result)
@@ -89,7 +89,7 @@ def _print_dispatch(result: dict[str, Any]) -> None:
 def _print_gates(result: dict[str, Any]) -> None:
     for name, gate in result.get("gates", {}).items():
         mark = "[green]open[/green]" if gate["ok"] else "[red]closed[/red]"
-        out.print(f"  gate {name:<8} {mark}  {gate['detail']}")
+        out.print(f"  gate {name:<8} {mark}  {shown(gate['detail'])}")
 
 
 def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float | None = None) -> Run:
@@ -112,7 +112,7 @@ def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float |
     if not quiet:
         out.print(f"run {run_id} ended [bold]{run.status}[/bold]"
                   + (f", exit {run.exit_code}" if run.exit_code is not None else "")
-                  + (f": {run.error}" if run.error else ""))
+                  + (f": {shown(run.error)}" if run.error else ""))
     return run
 
 
@@ -172,7 +172,7 @@ def runs_list(
         return
     grid = table("run", "agent", "work key", "status", "attempt", "exit", "cost $", "created")
     for r in rows:
-        grid.add_row(r.id, r.agent, r.work_key[:40], str(r.status), str(r.attempt), _cell(r.exit_code),
+        grid.add_row(r.id, r.agent, shown(r.work_key[:40]), str(r.status), str(r.attempt), _cell(r.exit_code),
                       f"{r.cost_micros / 1e6:.4f}", r.created_at.isoformat(timespec="seconds"))
     out.print(grid)
 
@@ -197,9 +197,9 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
         return
     for key, value in data.items():
         if key != "events" and value not in (None, ""):
-            out.print(f"{key:>15}: {value}", highlight=False)
+            out.print(f"{key:>15}: {shown(value)}", highlight=False)  # the error, the payload, the work key
     for e in events:
-        out.print(f"  {e.at.isoformat(timespec='seconds')} {e.kind} {e.detail or ''}", highlight=False)
+        out.print(f"  {e.at.isoformat(timespec='seconds')} {e.kind} {shown(e.detail or '')}", highlight=False)
 
 
 def logs(
@@ -283,7 +283,7 @@ def dlq_list(as_json: JsonOpt = False) -> None:
     grid = table("id", "agent", "run", "reason", "attempts", "exit", "error", "replayed as")
     for d in rows:
         grid.add_row(str(d.id), d.agent, d.run_id, d.reason, str(d.attempts), _cell(d.exit_code),
-                      (d.last_error or "")[:60], d.replayed_run_id or "")
+                      shown((d.last_error or "")[:60]), d.replayed_run_id or "")
     out.print(grid)
 
 
@@ -294,6 +294,7 @@ def dlq_show(dead_id: int, as_json: JsonOpt = False) -> None:
     Example: fleet dlq show 7
     """
     from fleet import dlq
+    from fleet.redaction import visible
 
     dead = dlq.get(services(), dead_id)
     if as_json:
@@ -301,9 +302,9 @@ def dlq_show(dead_id: int, as_json: JsonOpt = False) -> None:
         return
     for key, value in dead_json(dead).items():
         if key != "output_tail":
-            out.print(f"{key:>15}: {value}", highlight=False)
+            out.print(f"{key:>15}: {shown(value)}", highlight=False)
     out.print("--- output tail ---")
-    typer.echo(dead.output_tail or "")
+    typer.echo(visible(dead.output_tail or "", lines=True))  # what the agent printed, inert
 
 
 @dlq_app.command("replay")
@@ -369,6 +370,6 @@ def _print_events(rows: list[Any], as_json: bool, last: int) -> int:
             typer.echo(json.dumps(e.model_dump(mode="json"), sort_keys=True))
         else:
             out.print(f"{e.at.isoformat(timespec='seconds')} {e.kind:<18} {e.agent or '-':<12} "
-                      f"{e.run_id or '-'} {e.actor or ''} {e.detail or ''}", highlight=False)
+                      f"{e.run_id or '-'} {shown(e.actor or '')} {shown(e.detail or '')}", highlight=False)
         last = e.id or last
     return last
