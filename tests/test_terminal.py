@@ -7,6 +7,7 @@ stays exact JSON. The real CLI (a subprocess) against real Redis and each databa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -47,12 +49,19 @@ def stored(services: Services) -> dict[str, str]:
         run.status, run.error, run.exit_code = RunStatus.DEAD, HOSTILE, 1
         dead = DeadLetter(run_id=run_id, agent="echo", reason="failed", attempts=1, exit_code=1,
                           last_error=HOSTILE, output_tail=OUTPUT, created_at=now)
-        chunk = RunLogChunk(run_id=run_id, attempt=1, offset=0, at=now, data=OUTPUT.encode())
-        session.add_all([run, dead, chunk])
+        session.add_all([run, dead, *log_chunks(run_id, now)])
         session.commit()
         dead_id = str(dead.id)
     pause.engage(services.engine, services.redis, scope="echo", reason=HOSTILE, actor=HOSTILE[:200], now=now)
     return {"run": run_id, "dead": dead_id}
+
+
+def log_chunks(run_id: str, at: datetime) -> list[RunLogChunk]:
+    """OUTPUT as the shipper stores it, cut where a reader must join: inside a CRLF and inside a character."""
+    data = OUTPUT.encode()
+    cuts = [0, data.index(b"\n"), data.index("\u202e".encode()) + 1, len(data)]
+    return [RunLogChunk(run_id=run_id, attempt=1, offset=start, at=at, data=data[start:end])
+            for start, end in itertools.pairwise(cuts)]
 
 
 def cli(services: Services, *calls: list[str]) -> list[subprocess.CompletedProcess[str]]:
@@ -104,6 +113,15 @@ def test_status_events_runs_and_dlq_show_stored_text_inert(services: Services, s
         assert "\\x1b]8;;https://evil.example/" in proc.stdout and "\\u202e" in proc.stdout, proc.stdout
     assert dlq_show.stdout.count(MARKUP) == 2  # the error, and the output tail
     assert "step 1\n" in dlq_show.stdout  # the tail keeps its lines
+
+
+def test_logs_show_the_output_inert_and_raw_gives_its_bytes(services: Services, stored: dict[str, str]) -> None:
+    """`fleet logs` is the run's output as the agent printed it (masked): on a terminal, inert like the rest, its lines
+    kept; `--raw` gives the bytes as they are, for a file or a pager that shows escapes itself."""
+    shown, raw = cli(services, ["logs", stored["run"]], ["logs", stored["run"], "--raw"])
+    assert not UNSAFE.search(shown.stdout), ascii(shown.stdout)
+    assert shown.stdout == "step 1\n" + visible(HOSTILE) + "\n", ascii(shown.stdout)
+    assert raw.stdout == OUTPUT
 
 
 def test_json_output_stays_exact(services: Services, stored: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 import time
@@ -205,8 +206,11 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
 def logs(
     run_id: str,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the run ends.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="The bytes as the agent printed them, escape sequences "
+                                      "included (for a file, or a pager that shows them itself).")] = False,
 ) -> None:
-    """Print a run's output (merged stdout and stderr), wherever it ran.
+    """Print a run's output (merged stdout and stderr), wherever it ran: control characters and bidi controls
+    shown as escapes (\\x1b), its lines kept; --raw prints the bytes as they are.
 
     Example: fleet logs 3f2a... -f
     """
@@ -219,20 +223,54 @@ def logs(
     with db.session(svc.engine) as session:
         shipped = runlog.has_log(session, run_id)
     path = run_log_path(svc.settings.log_dir, run_id)
+    output = LogOutput(raw)
     if not shipped and path.exists() and run.status in TERMINAL:
-        _print_from(path, 0)  # a run from before logs were shipped: this host's file
+        _print_from(path, 0, output)  # a run from before logs were shipped: this host's file
+        output.close()
         return
-    last = _print_chunks(svc, run_id, 0)
+    last = _print_chunks(svc, run_id, 0, output)
     while follow and run.status not in TERMINAL:
         time.sleep(0.2)
-        last = _print_chunks(svc, run_id, last)
+        last = _print_chunks(svc, run_id, last, output)
         run = load_run(svc, run_id)
-    last = _print_chunks(svc, run_id, last)
+    last = _print_chunks(svc, run_id, last, output)
+    output.close()
     if last == 0:
         err.print(f"(no output recorded for run {run_id})")
 
 
-def _print_chunks(svc: Any, run_id: str, after: int) -> int:
+class LogOutput:
+    """Where `fleet logs` prints a run's output: its bytes as they are (`raw`), or decoded as they come and made
+    inert (redaction.visible, lines kept). A character may straddle two chunks, and so may a CRLF: both wait."""
+
+    def __init__(self, raw: bool) -> None:
+        self.raw = raw
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._cr = ""  # a CR that ended the last piece: the start of a CRLF, or a bare CR
+
+    def write(self, data: bytes) -> None:
+        """Print one piece of the output."""
+        if self.raw:
+            typer.echo(data, nl=False)
+            return
+        text = self._cr + self._decoder.decode(data)
+        text, self._cr = (text[:-1], "\r") if text.endswith("\r") else (text, "")
+        self._echo(text)
+
+    def close(self) -> None:
+        """Print what was held back (the output has ended)."""
+        if not self.raw:
+            self._echo(self._cr + self._decoder.decode(b"", final=True))
+
+    @staticmethod
+    def _echo(text: str) -> None:
+        from fleet.redaction import visible
+
+        if text:
+            typer.echo(visible(text, lines=True), nl=False)
+
+
+def _print_chunks(svc: Any, run_id: str, after: int, output: LogOutput) -> int:
     """Print the run's shipped chunks after id `after`; the last id printed."""
     from fleet import db, runlog
 
@@ -240,21 +278,20 @@ def _print_chunks(svc: Any, run_id: str, after: int) -> int:
         with db.session(svc.engine) as session:
             rows = runlog.chunks(session, run_id, after)
         for _, data in rows:
-            typer.echo(data, nl=False)  # bytes as they are: a character may straddle two chunks
+            output.write(data)
         if rows:
             after = rows[-1][0]
         if len(rows) < 64:
             return after
 
 
-def _print_from(path: Path, position: int) -> int:
+def _print_from(path: Path, position: int, output: LogOutput) -> int:
     if not path.exists():
         return position
     with path.open("rb") as handle:
         handle.seek(position)
         chunk = handle.read()
-    if chunk:
-        typer.echo(chunk.decode("utf-8", errors="replace"), nl=False)
+    output.write(chunk)
     return position + len(chunk)
 
 
