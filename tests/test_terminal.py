@@ -140,3 +140,13 @@ def test_the_up_screen_shows_a_pause_reason_inert() -> None:
 
     shown = _switches({"kill": [], "pauses": [{"scope": "echo", "actor": "agent:r1", "reason": HOSTILE}]}).plain
     assert not UNSAFE.search(shown) and "\\u202e" in shown and MARKUP in shown, ascii(shown)
+
+
+def test_the_operators_own_reason_with_brackets_is_echoed_not_crashed_on(services: Services) -> None:
+    """`fleet kill --reason "[/x]"` engaged the kill, then crashed echoing the reason as rich markup (exit 1: the
+    operator would think the kill failed); pause and resume echo the same way (found by a new user's review)."""
+    kill, paused, resumed = cli(services, ["kill", "echo", "--reason", "[/x] rotate"],
+                                ["pause", "counter", "--reason", "[/x] rotate"], ["resume", "echo"])
+    for done in (kill, paused, resumed):
+        assert done.returncode == 0, done.stderr
+    assert "[/x] rotate" in kill.stdout and "[/x] rotate" in paused.stdout

@@ -7,7 +7,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet.cli.common import JsonOpt, actor, emit_json, err, fleet_config, out, services, settings, start_sentry, table
+from fleet.cli.common import (
+    JsonOpt,
+    actor,
+    emit_json,
+    err,
+    fleet_config,
+    out,
+    services,
+    settings,
+    shown,
+    start_sentry,
+    table,
+)
 from fleet.keys import GLOBAL
 
 if TYPE_CHECKING:
@@ -34,7 +46,7 @@ def kill(
 
     svc = _kill_services(config)
     engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now)
-    out.print(engaged.describe() + (f": {reason}" if reason else ""))
+    out.print(shown(engaged.describe() + (f": {reason}" if reason else "")))
     if hard:
         from workers.control import hard_stop
 
@@ -104,7 +116,7 @@ def pause(
     """
     from fleet import actions
 
-    out.print(actions.pause_intake(services(), agent=agent, reason=reason, actor=actor()).said, highlight=False)
+    out.print(shown(actions.pause_intake(services(), agent=agent, reason=reason, actor=actor()).said), highlight=False)
 
 
 def resume(
@@ -116,7 +128,7 @@ def resume(
     """
     from fleet import actions
 
-    out.print(actions.resume(services(), agent=agent, actor=actor()).said, highlight=False)
+    out.print(shown(actions.resume(services(), agent=agent, actor=actor()).said), highlight=False)
 
 
 def spend(

@@ -83,7 +83,7 @@ def _print_dispatch(result: dict[str, Any]) -> None:
     status, reason = result["status"], result.get("reason")
     out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({shown(reason)})" if reason else ""))
     if result.get("would_fire") and status == "dry_run":
-        out.print(f"would fire: {', '.join(result['would_fire'])}")
+        out.print(f"would fire: {shown(', '.join(result['would_fire']))}")
     _print_gates(result)
 
 
