@@ -340,6 +340,7 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher
     env = agent_environment(run, spec, account)
     redact = secrets_of(services, spec, env)
     common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
+                              "may_start": watcher.may_start,
                               "grace_s": services.config.fleet.kill_grace_s,
                               "watch_interval_s": services.config.fleet.kill_poll_s, "redact": redact}
     tag = f"{run.id}:{run.fence}"

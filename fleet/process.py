@@ -74,6 +74,10 @@ class ProcessResult:
     started: bool
 
 
+def _no_objection() -> str | None:
+    return None
+
+
 def _no_start_hook(_pid: int, _pgid: int) -> None:
     return None
 
@@ -507,6 +511,10 @@ class _Run:
             self.eof = True
             self.selector.unregister(self.out_fd)
             self._on_lines(self.scanner.finish())
+            final = getattr(self.parse, "final", None)  # what a format settles only at the end (fleet/usage.py)
+            settled = final() if final is not None else None
+            if settled is not None:
+                self._add_usage(settled)
 
     def _on_lines(self, lines: list[bytes]) -> None:
         for line in lines:
@@ -573,7 +581,7 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
               max_log_bytes: int = 10 * 2**20, tail_bytes: int = 16 * 1024, cwd: Path | None = None,
               max_line_bytes: int = DEFAULT_MAX_LINE, append_log: bool = False,
               redact: tuple[str, ...] = (), launch: Launch = Launch(),
-              parse: ParseLine = parse_line) -> ProcessResult:
+              parse: ParseLine = parse_line, may_start: Callable[[], str | None] = _no_objection) -> ProcessResult:
     """Run one agent to its end (or stop it) and report how it went; blocks the calling thread.
 
     `env` is the agent's whole environment. `watch` gets the running cost every `watch_interval_s`
@@ -585,11 +593,12 @@ def run_agent(argv: list[str], env: dict[str, str], *, log_path: Path, timeout_s
     Each string in `redact` (every secret Fleet knows: fleet/redaction.py) is masked in the log and the tail.
     `launch` gives the launcher its tether, the agent's user and the run tag (see `Launch`).
     `parse` reads usage from an output line (`fleet.usage.make_parser`; Fleet's own format by default).
+    `may_start` is asked last, just before the spawn: a reason from it ends the run unstarted, with that reason.
     """
     output = Output(log_path, max_log_bytes=max_log_bytes, tail_bytes=tail_bytes, append=append_log,
                     redact=redact)
     try:
-        stop = watch(0)  # a kill that landed since the claim read the flags: the agent is not even started
+        stop = may_start()  # e.g. a kill that landed since the claim read the flags: not even started
         if stop is not None:
             return _stopped_before_start(stop, output)
         try:

@@ -244,6 +244,11 @@ class Watcher:
         """The agent started: the bookkeeper records where."""
         self.books.record_start(pid, pgid)
 
+    def may_start(self) -> str | None:
+        """Just before the agent is spawned: a kill that landed since the claim read the flags keeps it unstarted."""
+        self.stop_reason = self.stop_reason or self._kill_check()
+        return self.stop_reason
+
     def watch(self, _cost_micros: int) -> str | None:
         """Every poll: stop on a kill, on a lost lease, or on what the bookkeeper found."""
         self.stop_reason = (self.stop_reason or self._kill_check() or self._renew_if_due()
