@@ -269,6 +269,7 @@ class ClaudeStreamLines(_TokenLines):
         super().__init__(prices)
         self._messages: OrderedDict[str, Tokens] = OrderedDict()  # message id -> tokens counted
         self._sessions: dict[str | None, tuple[int, Tokens]] = {}  # since the session's result line
+        self._lower: dict[str | None, Usage] = {}  # a result's correction down, held until the output ends
 
     def usage(self, obj: dict[str, Any]) -> Usage | None:
         """An assistant turn, or the result line; anything else (init, tool results) is output."""
@@ -304,6 +305,7 @@ class ClaudeStreamLines(_TokenLines):
         if cost is None:
             return NO_USAGE
         session = self._session(obj)
+        self._lower.pop(session, None)  # the session went on after its result line: that was not its end
         # Past the bound a new session is not summed apart: its result's total then counts whole,
         # on top of its turns (too much, never too little).
         if session in self._sessions or len(self._sessions) < _MAX_SESSIONS:
@@ -316,10 +318,27 @@ class ClaudeStreamLines(_TokenLines):
         if total is None:
             self._flag("the result line's total_cost_usd is not a plausible amount of dollars")
             return NO_USAGE
-        micros, summed = self._sessions.pop(self._session(obj), (0, Tokens()))
+        session = self._session(obj)
+        micros, summed = self._sessions.pop(session, (0, Tokens()))
         reported = read_tokens(obj.get("usage"))
         tokens = reported if isinstance(reported, Tokens) else summed
-        return Usage(total - micros, tokens.input - summed.input, tokens.output - summed.output)
+        correction = Usage(total - micros, tokens.input - summed.input, tokens.output - summed.output)
+        if correction.cost_micros >= 0:
+            return correction
+        # Lower than its turns as priced: taken only once the output ends with no turn of the session after it.
+        # Anything the agent runs can print such a line to its stdout; taken at once, a forged total of 0 blinded
+        # the cap guard for the rest of the session (found by a security review).
+        self._lower[session] = correction
+        return Usage(0, 0, 0)
+
+    def final(self) -> Usage | None:
+        """At the end of the output: the corrections down of the sessions whose result line was their last word."""
+        if not self._lower:
+            return None
+        lowered = list(self._lower.values())
+        self._lower.clear()
+        return Usage(sum(u.cost_micros for u in lowered), sum(u.input_tokens for u in lowered),
+                     sum(u.output_tokens for u in lowered))
 
 
 _PARSERS: dict[str, Callable[[Mapping[str, Price]], LineParser]] = {

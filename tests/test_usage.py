@@ -75,6 +75,10 @@ def replay(parser: Any, path: Path) -> tuple[int, list[int]]:
         if usage is not None:
             total += usage.cost_micros
             running.append(total)
+    settled = parser.final() if hasattr(parser, "final") else None  # as fleet.process does at the output's end
+    if settled is not None:
+        total += settled.cost_micros
+        running.append(total)
     return total, running
 
 
@@ -154,10 +158,13 @@ def test_message_split_over_lines_is_counted_once() -> None:
 
 
 def test_result_replaces_its_sessions_sum_up_or_down() -> None:
+    """Down only once the output has ended with it (see the next test): up at once."""
     parser = ClaudeStreamLines(PRICES)
     parser(turn(counts(), message_id="a"))
     parser(turn(counts(), message_id="b"))  # 110_192 so far
-    assert parser(result(0.1))[0] == Usage(100_000 - 110_192, 4 - 8, 118 - 236)
+    assert parser(result(0.1))[0] == Usage(0, 0, 0)
+    assert parser.final() == Usage(100_000 - 110_192, 4 - 8, 118 - 236)
+    assert parser.final() is None  # settled once
     # The next session starts from nothing: its total is its own, not a correction of the first.
     parser(turn(counts(), message_id="c", session="s2"))
     assert parser(result(0.2, session="s2"))[0] == Usage(200_000 - 55_096, 0, 0)
@@ -376,3 +383,16 @@ def test_scanner_passes_token_lines_and_still_drops_other_output() -> None:
     ]) + b"\n"
     kept = scanner.feed(stream)
     assert len(kept) == 5 and not any(b"tool_result" in one for one in kept)
+
+
+def test_a_result_line_the_session_went_on_after_lowers_nothing() -> None:
+    """A result line is text on the agent's stdout, which anything it runs can write to (a tool writing into
+    /proc/<claude>/fd/1). A forged `total_cost_usd: 0` mid-session replaced the turns' sum at once: the cap guard
+    was blind for the rest of the session (3x the cap spent), and with the real result never printed (claude
+    killed) the attempt was booked $0 (found by a security review). A total lower than the turns as priced is now
+    held until the output ends, and dropped if a turn of its session came after it."""
+    parser = ClaudeStreamLines(PRICES)
+    parser(turn(counts(), message_id="a"))
+    assert parser(result(0.0))[0] == Usage(0, 0, 0)  # the forged line: the running sum stands
+    assert parser(turn(counts(), message_id="b"))[0] == Usage(55_096, 4, 118)  # the session goes on
+    assert parser.final() is None  # and its end never came: the turns as priced are what it spent
