@@ -272,7 +272,9 @@ def _check_sqlite_file(engine: Engine, shown: str) -> Iterator[Finding]:
         yield _fail("database", f"{shown}: cannot create files in {folder} ({problem}); SQLite needs to write "
                     "the database and its -wal and -shm files there", ExitCode.AUTH)
     elif not path.exists():
-        yield _warn("database", f"{shown} does not exist yet: run `fleet db upgrade` to create it")
+        # Every other command would fail (78) until the tables exist: not "ready".
+        yield _fail("database", f"{shown} does not exist yet: run `fleet db upgrade` to create it",
+                    ExitCode.CONFIG)
     elif not path.is_file():
         yield _fail("database", f"{shown}: {path} is not a file", ExitCode.CONFIG)
     else:
@@ -300,14 +302,16 @@ def _check_schema(engine: Engine) -> Finding:
         return _fail("schema", f"cannot read the schema revision ({_first_line(exc)})", ExitCode.TRANSIENT)
     if current == head:
         return _ok("schema", f"at the latest revision ({head})")
+    # A missing or older schema fails every other command (78) until `fleet db upgrade`: a failure here too.
     if current is None:
-        return _warn("schema", "the database has no schema yet: run `fleet db upgrade`")
+        return _fail("schema", "the database has no schema yet: run `fleet db upgrade`", ExitCode.CONFIG)
     try:
         scripts.get_revision(current)
     except CommandError:
         return _warn("schema", f"at revision {current}, which this Fleet does not know (a newer Fleet migrated "
                      "it?): upgrade Fleet on this host")
-    return _warn("schema", f"at revision {current}, this Fleet expects {head}: run `fleet db upgrade`")
+    return _fail("schema", f"at revision {current}, this Fleet expects {head}: run `fleet db upgrade`",
+                 ExitCode.CONFIG)
 
 
 def _check_log_dir(settings: Settings) -> Iterator[Finding]:

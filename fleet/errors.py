@@ -30,6 +30,17 @@ class ConfigError(FleetError):
     exit_code = ExitCode.CONFIG
 
 
+SCHEMA_FIX = "the database has no Fleet tables (or is behind): run `fleet db upgrade`"
+
+
+class SchemaError(ConfigError):
+    """The database has no Fleet tables, or an older schema than this Fleet: `fleet db upgrade` fixes it,
+    retrying does not (so 78, not 75)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(SCHEMA_FIX + (f" ({detail})" if detail else ""))
+
+
 class BadInputError(FleetError):
     """An argument, work key or payload is malformed."""
 

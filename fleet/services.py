@@ -16,7 +16,7 @@ from fleet import logs
 from fleet.admission import Admissions
 from fleet.breaker import Breakers
 from fleet.config import FleetConfig, Settings, load_fleet_config
-from fleet.errors import ConfigError, FleetError, PermissionDeniedError, UnavailableError
+from fleet.errors import ConfigError, FleetError, PermissionDeniedError, SchemaError, UnavailableError
 from fleet.locks import Leases
 
 if TYPE_CHECKING:  # the database layer is imported when an engine is built: `fleet kill` needs Redis first
@@ -35,11 +35,30 @@ def redis_client(url: str, *, blocking: bool = False, timeout_s: float = 5.0) ->
                                 health_check_interval=30, decode_responses=True)
 
 
+# PostgreSQL's SQLSTATEs for a schema that is missing or behind: undefined_table, undefined_column.
+_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+# SQLite has no SQLSTATE, only words: a table, or a column read or written, that is not there.
+_SQLITE_SCHEMA_WORDS = ("no such table", "no such column", "has no column named")
+
+
+def _schema_missing(exc: Exception) -> bool:
+    """Did the database refuse a statement because its tables are missing or older than this Fleet?"""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    if getattr(orig, "sqlstate", None) in _SCHEMA_SQLSTATES or getattr(orig, "pgcode", None) in _SCHEMA_SQLSTATES:
+        return True
+    return type(orig).__module__ == "sqlite3" and any(words in str(orig) for words in _SQLITE_SCHEMA_WORDS)
+
+
 def as_fleet_error(exc: Exception) -> FleetError:
     """A Redis or database failure as the error the CLI maps to its exit code: refused credentials
-    are 77 (loud: retrying will not help), anything else is 75 (down; safe to retry)."""
+    are 77 (loud: retrying will not help), a missing or older schema 78 (`fleet db upgrade` fixes it,
+    retrying never does), anything else is 75 (down; safe to retry)."""
     text = str(getattr(exc, "orig", exc) or exc.__class__.__name__).strip().splitlines()
     detail = text[0] if text else exc.__class__.__name__
+    if _schema_missing(exc):
+        return SchemaError(detail)
     if isinstance(exc, redis.AuthenticationError | redis.AuthenticationWrongNumberOfArgsError) or (
             isinstance(exc, redis.ResponseError) and "NOAUTH" in str(exc)):
         return PermissionDeniedError(f"Redis refused the credentials: {detail}")

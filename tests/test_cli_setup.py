@@ -93,12 +93,27 @@ def test_the_commented_claude_agent_is_a_valid_agent_once_uncommented(tmp_path: 
     assert "# run_as = " in "\n".join(lines)  # still a comment: the user must exist first
 
 
-def test_doctor_before_db_upgrade_warns_but_passes(tmp_path: Path, redis_url: str) -> None:
+def test_doctor_before_db_upgrade_fails_78_naming_db_upgrade(tmp_path: Path, redis_url: str) -> None:
+    """Every other command fails (78) until the tables exist: the doctor must not call that "ready"."""
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", env=env, cwd=tmp_path).returncode == 0  # into the current folder by default
     result = fleet("doctor", env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "warn  database" in result.stdout and "fleet db upgrade" in result.stdout
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert "FAIL  database" in result.stdout and "fleet db upgrade" in result.stdout
+    assert "ready" not in result.stdout
+
+
+@pytest.mark.parametrize("command", [("status",), ("runs",), ("spend",), ("events",), ("dlq", "list"), ("agents",),
+                                     ("watchdog",), ("dispatch", "echo", "--key", "k1", "--dry-run")])
+def test_commands_before_db_upgrade_exit_78_naming_db_upgrade(tmp_path: Path, redis_url: str,
+                                                               command: tuple[str, ...]) -> None:
+    """A fresh folder before `fleet db upgrade`: not "unreachable ... safe to retry" (75), which never helps."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet(*command, env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert "the database has no Fleet tables (or is behind): run `fleet db upgrade`" in result.stderr
+    assert "safe to retry" not in result.stderr
 
 
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
@@ -134,6 +149,7 @@ def test_each_init_makes_a_different_key(tmp_path: Path, redis_url: str) -> None
 def test_doctor_exits_75_when_redis_is_down(tmp_path: Path, redis_url: str, closed_port: int) -> None:
     env = cli_env(tmp_path, f"redis://127.0.0.1:{closed_port}/0")
     assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0  # else no tables (78) outranks 75
     result = fleet("doctor", env=env, cwd=tmp_path)
     assert result.returncode == ExitCode.TRANSIENT, result.stdout + result.stderr
     assert f"FAIL  redis     redis://127.0.0.1:{closed_port}/0 does not answer" in result.stdout

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from fleet import db
 from fleet.config import Settings, load_fleet_config, load_settings
 from fleet.doctor import run_doctor
 from fleet.errors import ConfigError, ExitCode
@@ -400,6 +401,9 @@ def test_doctor_cli_exits_78_on_bad_config(fleet_dir: Path, closed_port: int, te
 def test_config_option_beats_fleet_config_variable(fleet_dir: Path, closed_port: int) -> None:
     good = write(fleet_dir, GOOD)
     env = doctor_env(fleet_dir, closed_port, FLEET_CONFIG=str(fleet_dir / "absent.toml"))
+    engine = db.make_engine(env["FLEET_DATABASE_URL"])
+    db.upgrade(engine)  # else the missing tables (78) would outrank the Redis that is down (75)
+    engine.dispose()
     result = run_fleet(["--config", str(good), "doctor"], env, fleet_dir)
     assert result.returncode == ExitCode.TRANSIENT, result.stdout  # config fine; only Redis is down
     assert "ok    config" in result.stdout

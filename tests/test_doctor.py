@@ -154,24 +154,26 @@ def test_unsupported_database_url_is_a_config_error(good: Settings) -> None:
 # ---------------------------------------------------------------- the schema
 
 
-def test_schema_not_at_head_warns_to_run_db_upgrade(good: Settings, database_url: str) -> None:
+def test_schema_not_at_head_fails_78_to_run_db_upgrade(good: Settings, database_url: str) -> None:
+    """Without the tables every other command fails (78): the doctor must not say "ready"."""
     engine = db.make_engine(database_url)
     db.check(engine)  # reachable (for SQLite: the file now exists) but never migrated
     engine.dispose()
     code, lines = doctor(good, database_url=database_url)
-    assert code == ExitCode.OK  # a warning, not a failure
+    assert code == ExitCode.CONFIG
     line(lines, "ok", "database", "answers")
-    line(lines, "warn", "schema", "no schema yet", "fleet db upgrade")
+    line(lines, "FAIL", "schema", "no schema yet", "fleet db upgrade")
+    assert not [entry for entry in lines if "ready" in entry]
 
 
-def test_older_schema_warns_to_run_db_upgrade(good: Settings) -> None:
+def test_older_schema_fails_78_to_run_db_upgrade(good: Settings) -> None:
     engine = db.make_engine(good.database_url)
     with engine.begin() as conn:  # an older revision of the same tree: base, before 0001
         conn.execute(text("DELETE FROM alembic_version"))
     engine.dispose()
     code, lines = doctor(good)
-    assert code == ExitCode.OK
-    line(lines, "warn", "schema", "fleet db upgrade")
+    assert code == ExitCode.CONFIG
+    line(lines, "FAIL", "schema", "fleet db upgrade")
 
 
 def test_schema_from_a_newer_fleet_warns(good: Settings) -> None:
@@ -187,11 +189,11 @@ def test_schema_from_a_newer_fleet_warns(good: Settings) -> None:
 # ---------------------------------------------------------------- SQLite and log folders
 
 
-def test_sqlite_file_not_created_yet_warns_without_creating_it(good: Settings, tmp_path: Path) -> None:
+def test_sqlite_file_not_created_yet_fails_78_without_creating_it(good: Settings, tmp_path: Path) -> None:
     path = tmp_path / "later" / "fleet.db"
     code, lines = doctor(good, database_url=f"sqlite:///{path}")
-    assert code == ExitCode.OK
-    line(lines, "warn", "database", "does not exist yet", "fleet db upgrade")
+    assert code == ExitCode.CONFIG  # no tables yet: every other command would fail until `fleet db upgrade`
+    line(lines, "FAIL", "database", "does not exist yet", "fleet db upgrade")
     assert not path.parent.exists()  # the doctor looks; it does not create
 
 
