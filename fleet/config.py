@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -160,6 +161,25 @@ def _finite_non_negative(value: float | None) -> float | None:
     return value
 
 
+# The ledger counts money in integer micro-dollars, stored as signed 64-bit integers (at most ~9.2e18):
+# a cap or an estimate of at most 1e9 USD is 1e15 micro-dollars, so some 9,000 of them can still be
+# summed (a day's reservations, a cap plus what is reserved) without overflowing. Past it, every dispatch
+# crashed with OverflowError while the file loaded.
+MAX_USD = 1_000_000_000
+# A price per million tokens: its micro-dollars per token, so a run's tokens times it must fit as well.
+MAX_PRICE_PER_MTOK_USD = 1_000_000
+
+
+def _money(limit: int) -> Callable[[float | None], float | None]:
+    """A validator for a dollar amount: finite, >= 0 and at most `limit` (the message names the limit)."""
+    def check(value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or not 0 <= value <= limit):
+            raise ValueError(f"must be a finite number >= 0 and at most {limit:,} USD (money is counted in "
+                             "micro-dollars, in 64-bit integers)")
+        return value
+    return check
+
+
 MAX_OUTCOME_RETRY_S = 3600  # outcome_retry_s at most: workers/app.py sizes the execute's hard time limit on it
 
 
@@ -192,7 +212,8 @@ class FleetSection(BaseModel):
     require_run_as: bool = False  # refuse the file when an agent would run as the worker's own user
 
     _user = field_validator("run_as")(_user_name)
-    _finite = field_validator("daily_cap_usd", "lease_ttl_s", "heartbeat_s", "kill_poll_s",
+    _usd = field_validator("daily_cap_usd")(_money(MAX_USD))
+    _finite = field_validator("lease_ttl_s", "heartbeat_s", "kill_poll_s",
                               "kill_unreachable_grace_s", "stale_after_s", "idempotency_ttl_s",
                               "retention_days", "breaker_cooldown_s", "retry_backoff_s",
                               "kill_grace_s", "resend_after_s", "outcome_retry_s")(_finite_non_negative)
@@ -234,13 +255,13 @@ class PriceTable(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_per_mtok: float = Field(ge=0, le=1_000_000)
-    output_per_mtok: float = Field(ge=0, le=1_000_000)
-    cache_write_per_mtok: float = Field(ge=0, le=1_000_000)
-    cache_read_per_mtok: float = Field(ge=0, le=1_000_000)
+    input_per_mtok: float
+    output_per_mtok: float
+    cache_write_per_mtok: float
+    cache_read_per_mtok: float
 
-    _finite = field_validator("input_per_mtok", "output_per_mtok", "cache_write_per_mtok",
-                              "cache_read_per_mtok")(_finite_non_negative)
+    _usd = field_validator("input_per_mtok", "output_per_mtok", "cache_write_per_mtok",
+                           "cache_read_per_mtok")(_money(MAX_PRICE_PER_MTOK_USD))
 
 
 class AgentSpec(BaseModel):
@@ -268,7 +289,8 @@ class AgentSpec(BaseModel):
     models: list[str] = Field(default_factory=list)  # the models a token format may name, each priced
     run_as: str | None = None  # the user this agent runs as (else [fleet]'s run_as, else the worker's own)
 
-    _finite = field_validator("daily_cap_usd", "est_cost_usd", "timeout_s")(_finite_non_negative)
+    _usd = field_validator("daily_cap_usd", "est_cost_usd")(_money(MAX_USD))
+    _finite = field_validator("timeout_s")(_finite_non_negative)
     _user = field_validator("run_as")(_user_name)
 
     @field_validator("models")

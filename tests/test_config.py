@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from fleet import db
-from fleet.config import Settings, load_fleet_config, load_settings
+from fleet.config import MAX_PRICE_PER_MTOK_USD, MAX_USD, Settings, load_fleet_config, load_settings
 from fleet.doctor import run_doctor
 from fleet.errors import ConfigError, ExitCode
 from fleet.schedule import Cron
@@ -130,6 +130,14 @@ BAD = [
     ("inf-cost", AGENT + "est_cost_usd = +inf\n", ["{p}:3: agent 'a', est_cost_usd: must be a finite number"]),
     ("fleet-inf-cap", "[fleet]\ndaily_cap_usd = inf\n", ["{p}:2: [fleet] daily_cap_usd: must be a finite number"]),
     ("fleet-nan-cap", "[fleet]\ndaily_cap_usd = nan\n", ["{p}:2: [fleet] daily_cap_usd: must be a finite number"]),
+    # Past MAX_USD a cap or an estimate in micro-dollars no longer fits the ledger's 64-bit integers: every
+    # dispatch crashed with OverflowError (exit 1) while `fleet doctor` said ok.
+    ("huge-cap", AGENT + "daily_cap_usd = 1e30\n",
+     ["{p}:3: agent 'a', daily_cap_usd: must be a finite number", "at most 1,000,000,000 USD"]),
+    ("huge-cost", AGENT + "est_cost_usd = 1e14\n",
+     ["{p}:3: agent 'a', est_cost_usd: must be a finite number", "at most 1,000,000,000 USD"]),
+    ("fleet-huge-cap", "[fleet]\ndaily_cap_usd = 1e30\n",
+     ["{p}:2: [fleet] daily_cap_usd: must be a finite number", "at most 1,000,000,000 USD"]),
     ("zero-timeout", AGENT + "timeout_s = 0\n", ["{p}:3: agent 'a', timeout_s:"]),
     ("zero-concurrency", AGENT + "concurrency = 0\n", ["{p}:3: agent 'a', concurrency:"]),
     ("bad-schedule", AGENT + 'schedule = "61 * * * *"\n', ["{p}:3: agent 'a', schedule:", "minute"]),
@@ -173,6 +181,15 @@ def test_an_agent_under_a_cap_needs_a_positive_estimate(fleet_dir: Path, text: s
     message = refused(fleet_dir, text)
     assert fragment.format(p=fleet_dir / "fleet.toml") in message
     assert "under a daily cap" in message
+
+
+def test_money_at_its_limit_loads(fleet_dir: Path) -> None:
+    """The limits themselves are allowed (MAX_USD for caps and estimates, MAX_PRICE_PER_MTOK_USD for prices)."""
+    text = (f"[fleet]\ndaily_cap_usd = {MAX_USD}\n\n" + SONNET_PRICE.replace("= 15.00", f"= {MAX_PRICE_PER_MTOK_USD}")
+            + AGENT + f"daily_cap_usd = {MAX_USD}\nest_cost_usd = {MAX_USD}\n")
+    config = load_fleet_config(write(fleet_dir, text))
+    assert config.fleet.daily_cap_usd == config.agent("a").est_cost_usd == MAX_USD
+    assert config.prices["claude-sonnet-4-5-20250929"].output_per_mtok == MAX_PRICE_PER_MTOK_USD
 
 
 def test_an_agent_under_no_cap_may_have_no_estimate(fleet_dir: Path) -> None:
@@ -232,6 +249,9 @@ BAD_USAGE = [
      "{p}:5: [prices.claude-sonnet-4-5-20250929] cache_write_per_mtok:"),
     ("price-string", SONNET_PRICE.replace("= 0.30", '= "cheap"') + CLAUDE_AGENT,
      "{p}:6: [prices.claude-sonnet-4-5-20250929] cache_read_per_mtok:"),
+    ("price-huge", SONNET_PRICE.replace("= 15.00", "= 1e7") + CLAUDE_AGENT,
+     "{p}:4: [prices.claude-sonnet-4-5-20250929] output_per_mtok: must be a finite number >= 0 and at most "
+     "1,000,000 USD"),
     ("price-unknown-key", SONNET_PRICE + "batch_per_mtok = 1.0\n" + CLAUDE_AGENT,
      "{p}:7: [prices.claude-sonnet-4-5-20250929] batch_per_mtok: unknown key"),
     ("price-not-a-table", '[prices]\nsonnet = 3.0\n', '{p}:1: [prices."sonnet"] must be a table'),

@@ -133,3 +133,23 @@ def test_an_orphaned_attempts_spend_is_booked_through_a_database_blip(engine: En
     with db.session(engine) as session:
         again = session.get(SpendDay, (DAY, GLOBAL))
     assert again is not None and again.spent_micros == 70_000, "the orphaned spend was booked twice"
+
+
+def test_money_at_the_config_limit_fits_the_ledger(engine: Engine) -> None:
+    """fleet.toml allows at most MAX_USD per cap or estimate: in micro-dollars that, and sums of it, fit the
+    database's signed 64-bit integers (past it every dispatch crashed with OverflowError)."""
+    from fleet.config import MAX_USD
+
+    most = ledger.to_micros(MAX_USD)
+    assert most is not None
+    caps = ledger.Caps(agent=most, fleet=most)
+    with db.session(engine) as session:
+        assert ledger.reserve(session, day=DAY, agent="a", amount=most, caps=caps, now=NOW)
+        assert not ledger.reserve(session, day=DAY, agent="a", amount=most, caps=caps, now=NOW)  # over, not overflow
+        session.rollback()
+    with db.session(engine) as session:  # no caps at all: a thousand of the largest estimates still fit
+        for _ in range(1000):
+            assert ledger.reserve(session, day=DAY, agent="a", amount=most, caps=ledger.Caps(None, None), now=NOW)
+        session.commit()
+        row = session.get(SpendDay, (DAY, GLOBAL))
+        assert row is not None and row.reserved_micros == 1000 * most
