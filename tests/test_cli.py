@@ -710,6 +710,27 @@ def test_status_shows_a_stale_watchdog_verdict_as_stale(tmp_path: Path, closed_p
         assert "green" in line and f"STALE: {said} old" in line, line
 
 
+def test_watchdog_with_no_worker_reports_the_canarys_real_age(tmp_path: Path, redis: Any, redis_url: str) -> None:
+    """No worker consumes: red, saying how long the canary has really been out (it said "sent 1796182771s
+    ago", from a send time set back to 1970, and Redis kept that date for status and /health)."""
+    import re
+
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_REDIS_URL=redis_url,
+                    **WIDE)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    started = datetime.now(UTC)
+    verdict = parse(plain_cli(tmp_path, "watchdog", "--wait", "1", "--json", env=env), 1)
+    reasons = {c["name"]: c["reason"] for c in verdict["checks"] if c["name"].startswith("consumption:")}
+    assert reasons, verdict
+    for name, reason in reasons.items():
+        said = re.search(r"canary sent (\d+)s ago has not come back", reason)
+        assert said and 1 <= int(said.group(1)) < 60, f"{name}: {reason}"
+        queue = name.removeprefix("consumption:")
+        sent = datetime.fromisoformat(redis.get(keys.canary_sent(queue)))
+        assert started - timedelta(seconds=5) <= sent <= datetime.now(UTC), sent  # the real send time
+
+
 # ---------------------------------------------------------------- how the command is put together
 
 

@@ -127,7 +127,8 @@ def _push_canaries(svc: Services, wait: float) -> None:
     from fleet import keys, watchdog
     from workers.tasks import send_canary
 
-    stamp = svc.now().isoformat()
+    sent = svc.now()
+    stamp = sent.isoformat()
     for queue in watchdog.QUEUES:
         svc.redis.set(keys.canary_sent(queue), stamp)
         send_canary(queue, stamp)
@@ -136,10 +137,17 @@ def _push_canaries(svc: Services, wait: float) -> None:
         if all(svc.redis.get(keys.canary(q)) == stamp for q in watchdog.QUEUES):
             return
         time.sleep(0.1)
-    # Leave the canaries out: run_watchdog reports them overdue against the same `wait`.
-    for queue in watchdog.QUEUES:
-        if svc.redis.get(keys.canary(queue)) != stamp:
-            svc.redis.set(keys.canary_sent(queue), datetime.fromtimestamp(0, svc.now().tzinfo).isoformat())
+    # A canary still out keeps its real send time (status and /health show its age later): run_watchdog
+    # calls it overdue once it is older than `wait` by the wall clock, which the monotonic wait above
+    # need not have reached exactly, so wait out any remainder.
+    _sleep_past(sent, wait, svc)
+
+
+def _sleep_past(start: datetime, seconds: float, svc: Services) -> None:
+    """Return once more than `seconds` have passed since `start` by the services' clock."""
+    remaining = seconds - (svc.now() - start).total_seconds()
+    if remaining >= 0:
+        time.sleep(remaining + 0.01)
 
 
 class SweepName(str, Enum):
