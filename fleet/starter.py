@@ -87,13 +87,9 @@ timeout_s = 60
 
 def write_starter(directory: Path, force: bool) -> list[str]:
     """Write fleet.toml and keys/echo.key under `directory`; return the lines to print."""
-    config = directory / CONFIG_NAME
-    if config.exists() and not force:
-        raise BadInputError(f"{config} already exists; pass --force to overwrite it (its key files are kept)")
-    if config.exists() and not config.is_file():
-        raise BadInputError(f"{config} exists and is not a file")
+    config, key = directory / CONFIG_NAME, directory / KEY_FILE
+    _check_nothing_in_the_way(directory, config, key, force)
     directory.mkdir(parents=True, exist_ok=True)
-    key = directory / KEY_FILE
     key.parent.mkdir(mode=0o700, exist_ok=True)
     key.parent.chmod(0o700)  # mkdir's mode passes through the umask, and an existing folder is tightened too
     key_written = _write_key(key)
@@ -108,6 +104,21 @@ def write_starter(directory: Path, force: bool) -> list[str]:
         f"  {where}fleet doctor    check the config, Redis and the database first, if you like",
         "  (fleet db upgrade creates the database schema without starting anything)",
     ]
+
+
+def _check_nothing_in_the_way(directory: Path, config: Path, key: Path, force: bool) -> None:
+    """Refuse (65) before writing anything: a refusal halfway would leave a folder or a key behind, and a
+    file where a folder must go made mkdir raise FileExistsError, a traceback."""
+    keys = key.parent.absolute()
+    # The closest of keys/, the target folder and its parents that is there (a dangling link counts).
+    nearest = next(p for p in (keys, *keys.parents) if p.exists() or p.is_symlink())
+    if not nearest.is_dir():
+        raise BadInputError(f"{nearest} exists and is not a folder: move it away, or init another folder")
+    if config.exists() and not force:
+        raise BadInputError(f"{config} already exists; pass --force to overwrite it (its key files are kept)")
+    for path in (config, key):
+        if path.exists() and not path.is_file():
+            raise BadInputError(f"{path} exists and is not a file")
 
 
 def _write_key(path: Path) -> bool:

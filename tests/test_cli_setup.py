@@ -139,6 +139,31 @@ def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, r
     assert "kept the existing key" in result.stdout
 
 
+@pytest.mark.parametrize(("blocker", "why"), [("keys", "is not a folder"), ("keys/echo.key", "is not a file"),
+                                            (".", "is not a folder"), ("..", "is not a folder")])
+def test_init_over_something_in_the_way_is_a_clear_65_and_writes_nothing(tmp_path: Path, redis_url: str,
+                                                                          blocker: str, why: str) -> None:
+    """`touch keys; fleet init` crashed with a FileExistsError traceback (exit 1): now 65 naming the path,
+    and neither fleet.toml nor a key is written (as when fleet.toml is already there)."""
+    target = tmp_path / "myfleet"
+    if blocker in (".", ".."):  # the folder itself, or its parent, is a file
+        target.write_text("a file where the folder should be")
+        target = target / "inner" if blocker == ".." else target
+    else:
+        target.mkdir()
+        if blocker == "keys/echo.key":
+            (target / "keys" / "echo.key").mkdir(parents=True)
+        else:
+            (target / blocker).write_text("")
+    result = fleet("init", str(target), env=cli_env(target, redis_url), cwd=tmp_path)
+    assert result.returncode == ExitCode.USAGE, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    named = {".": target, "..": target.parent}.get(blocker, target / blocker)
+    assert f"{named} exists and {why}" in result.stderr
+    assert not (target / "fleet.toml").exists()
+    assert not list(tmp_path.glob("**/.fleet.toml.*"))
+
+
 def test_each_init_makes_a_different_key(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     for name in ("one", "two"):
