@@ -100,9 +100,11 @@ def _drop_never_dispatched(services: Services, report: SweepReport) -> None:
 
 def _silent_runs(services: Services) -> list[Run]:
     with db.session(services.engine) as session:
-        cutoff = ledger.database_now(session) - timedelta(seconds=services.config.fleet.lease_ttl_s)
-        query = select(Run).where(Run.status == RunStatus.RUNNING, col(Run.heartbeat_at) < cutoff).limit(BATCH)
-        return list(session.exec(query))
+        now, ttl = ledger.database_now(session), timedelta(seconds=services.config.fleet.lease_ttl_s)
+        # A stamp more than a lease TTL ahead was made by a clock since stepped back (SQLite's is its host's): it
+        # would hide the run until that clock caught up. Its lease decides instead, as for any silent run.
+        silent = or_(col(Run.heartbeat_at) < now - ttl, col(Run.heartbeat_at) > now + ttl)
+        return list(session.exec(select(Run).where(Run.status == RunStatus.RUNNING, silent).limit(BATCH)))
 
 
 def _abandoned_runs(services: Services) -> list[Run]:

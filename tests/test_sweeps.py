@@ -94,7 +94,7 @@ def test_missed_slots_collapse_into_one_catch_up() -> None:
     assert not after.is_due  # ... and no burst of the 299 others
 
 
-def _silent_running(svc: Services, agent: str) -> Run:
+def _silent_running(svc: Services, agent: str, stamped: timedelta = timedelta(hours=-1)) -> Run:
     """A run as a worker that died mid-run leaves it: running, its heartbeat old, its lease gone and
     seen lapsed by the reaper a whole lease TTL ago (so this pass takes it over)."""
     result = dispatch(svc, DispatchRequest(agent, "silent", actor="test"), lambda *_: None)
@@ -102,7 +102,7 @@ def _silent_running(svc: Services, agent: str) -> Run:
     with db.session(svc.engine) as session:
         run = session.get(Run, result.run_id)
         assert run is not None
-        run.status, run.heartbeat_at = RunStatus.RUNNING, datetime.now(UTC) - timedelta(hours=1)
+        run.status, run.heartbeat_at = RunStatus.RUNNING, datetime.now(UTC) + stamped
         session.add(run)
         session.commit()
     svc.leases.release(svc.leases.holders(agent, 1)[0])
@@ -138,3 +138,12 @@ def test_a_run_row_locked_by_a_frozen_executor_holds_up_no_other_reaping(service
         assert session.get(Run, frozen.id).status == RunStatus.RUNNING  # type: ignore[union-attr]
     again = sweeps.reap(services, lambda *_: None)  # the executor stayed dead: the next pass takes it over
     assert again.counts.get("abandoned") == 1 and frozen.id in again.runs
+
+
+def test_a_dead_workers_run_whose_last_heartbeat_came_from_a_clock_ahead_is_reaped(services: Services) -> None:
+    """SQLite's clock is its host's: a heartbeat stamped while that clock ran an hour ahead (then stepped back)
+    kept the run out of the reaper's sight for that hour, its worker dead and its slot held. A stamp later than
+    a lease TTL ahead says a clock moved; the lease decides then, as for any silent run (found by review)."""
+    ahead = _silent_running(services, "echo", stamped=timedelta(hours=1))
+    report = sweeps.reap(services, lambda *_: None)
+    assert report.counts.get("abandoned") == 1 and ahead.id in report.runs, report
