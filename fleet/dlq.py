@@ -24,8 +24,9 @@ def get(services: Services, dead_id: int) -> DeadLetter:
 def replay(services: Services, dead_id: int, send: Sender, actor: str) -> DispatchResult:
     """Run a dead letter's work again as a new run linked to it.
 
-    The work key is `replay:<dead letter id>`, so replaying the same dead letter twice returns the
-    first replay (`duplicate`) instead of running it twice.
+    The work key is `replay:<the dead run's id>`, so replaying the same dead letter twice returns the
+    first replay (`duplicate`) instead of running it twice. Not the dead letter's id: SQLite hands a
+    purged one's id out again, and a new dead letter would have been answered with an old one's replay.
     """
     dead = get(services, dead_id)
     with db.session(services.engine) as session:
@@ -35,7 +36,7 @@ def replay(services: Services, dead_id: int, send: Sender, actor: str) -> Dispat
         import json
 
         payload = json.loads(original.payload)
-    request = DispatchRequest(agent=dead.agent, work_key=f"replay:{dead.id}", payload=payload, actor=actor,
+    request = DispatchRequest(agent=dead.agent, work_key=f"replay:{dead.run_id}", payload=payload, actor=actor,
                               prev_run_id=dead.run_id, replay_of=dead.id)
     result = dispatch(services, request, send)
     if result.run_id and result.status in ("queued", "duplicate"):

@@ -1,0 +1,47 @@
+"""The dead-letter queue in-process, on a real Redis and SQLite / PostgreSQL: a replay runs a dead letter's work
+once, whatever ids the database hands out."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlmodel import select
+
+from fleet import db, dlq, executor
+from fleet.dispatch import DispatchRequest, dispatch
+from fleet.models import DeadLetter
+from fleet.services import Services
+
+
+def _dead_lettered(services: Services, key: str) -> str:
+    """A run of the failing agent, through its one retry, to its dead letter."""
+    queued = dispatch(services, DispatchRequest("fail", key, actor="test"), lambda *_: None)
+    assert queued.status == "queued", queued
+    requeued: list[tuple[str, int, float]] = []
+    first = executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *m: requeued.append(m))
+    assert first.status == "queued" and requeued, first
+    second = executor.execute(services, requeued[0][0], requeued[0][1], lambda *_: None)
+    assert second.status == "dead", second
+    return queued.run_id or ""
+
+
+def test_a_dead_letter_that_reuses_a_purged_ones_id_is_replayed(services: Services) -> None:
+    """SQLite hands a purged dead letter's id out again (INTEGER PRIMARY KEY without AUTOINCREMENT), and a replay
+    was keyed by that id: job B's dead letter, id 1 like job A's purged one, replayed as a `duplicate` of A's
+    replay, marked replayed, and job B never ran again (found by review). The key is the dead run's own id now."""
+    _dead_lettered(services, f"job-a-{uuid.uuid4().hex}")
+    with db.session(services.engine) as session:
+        first = session.exec(select(DeadLetter)).one()
+    replay_a = dlq.replay(services, first.id or 0, lambda *_: None, actor="operator")
+    assert replay_a.status == "queued"
+    requeued: list[tuple[str, int, float]] = []  # the replay runs, and fails again: the fix was elsewhere
+    executor.execute(services, replay_a.run_id or "", replay_a.fence or 0, lambda *m: requeued.append(m))
+    executor.execute(services, requeued[0][0], requeued[0][1], lambda *_: None)
+    dlq.purge(services, None, actor="operator")  # the operator clears the queue
+    run_b = _dead_lettered(services, f"job-b-{uuid.uuid4().hex}")
+    with db.session(services.engine) as session:
+        second = session.exec(select(DeadLetter).where(DeadLetter.run_id == run_b)).one()
+    replay_b = dlq.replay(services, second.id or 0, lambda *_: None, actor="operator")
+    assert replay_b.status == "queued" and replay_b.run_id != replay_a.run_id, (second.id, first.id, replay_b)
+    again = dlq.replay(services, second.id or 0, lambda *_: None, actor="operator")
+    assert (again.status, again.run_id) == ("duplicate", replay_b.run_id)  # still once per dead letter
