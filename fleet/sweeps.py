@@ -199,11 +199,15 @@ def _abandon(session: Session, run: Run, now: datetime) -> bool:
         return False
     # Its last usage lines may never have been read (the reader died with the worker): the attempt
     # is booked at its whole reservation, so a cap errs on the safe side, never the other.
+    # If the attempt lived on unseen (a partition) and reports later, what it spent replaces this stand-in
+    # (watch.book_lost_spend reads it from this event).
     fresh = session.get(Run, run.id, populate_existing=True)
+    stand_in = 0
     if fresh is not None and fresh.settled_at is None and fresh.reserved_micros > 0:
-        ledger.charge(session, run=fresh, amount=fresh.reserved_micros, now=now)
+        stand_in = fresh.reserved_micros
+        ledger.charge(session, run=fresh, amount=stand_in, now=now)
     store.add_event(session=session, at=now, kind="run.abandoned", run_id=run.id, agent=run.agent,
-                    attempt=run.attempt, host=run.host)
+                    attempt=run.attempt, fence=run.fence, host=run.host, stand_in=stand_in)
     session.commit()
     return True
 

@@ -71,17 +71,26 @@ def book_lost_spend(session: Session, *, run: Run, total: int, now: datetime) ->
     """Book what an attempt that lost its run has spent beyond what it booked as the run's owner (`total`,
     cumulative), without the new owner's reservation; what was added. Each booking leaves a receipt of the
     total booked, so a retry of a commit whose answer was lost, or the end after the bookkeeper, books only
-    the rest (the same attempt under the same fence: only one process ever runs it)."""
+    the rest (the same attempt under the same fence: only one process ever runs it). The first booking
+    replaces the stand-in the reaper booked as it took the run over, up or down."""
     fence = run.fence or 0
     # The run's row locked first: two bookings at once (the bookkeeper's outliving its join, and the end's) take
     # turns, and the second reads the first's receipt (PostgreSQL; SQLite's transaction holds the write lock).
     current = session.get(Run, run.id, with_for_update=True, populate_existing=True)
     receipts = store.attempt_events(session=session, run_id=run.id, kind=LOST_SPEND, attempt=run.attempt, fence=fence)
-    booked = max((int(receipt.get("total", 0)) for receipt in receipts), default=0)
-    amount = total - booked
-    if amount <= 0:
-        return 0
-    if current is not None:
+    if receipts:
+        amount = total - max(int(receipt.get("total", 0)) for receipt in receipts)
+        if amount <= 0:
+            return 0
+    else:
+        # The reaper that took the run over booked this attempt a stand-in (its reservation): what it spent
+        # replaces it, up or down (a refund is never more than the run has booked: ledger._book).
+        stand_in = sum(int(taken.get("stand_in", 0)) for taken in store.attempt_events(
+            session=session, run_id=run.id, kind="run.abandoned", attempt=run.attempt, fence=fence))
+        amount = total - stand_in
+        if amount == 0 and stand_in == 0:
+            return 0
+    if current is not None and amount:
         ledger.charge(session, run=run, amount=amount, now=now, own_reservation=False, current=current)
     store.add_event(session=session, at=now, kind=LOST_SPEND, run_id=run.id, agent=run.agent, attempt=run.attempt,
                     fence=fence, micros=amount, total=total)

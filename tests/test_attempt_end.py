@@ -12,11 +12,12 @@ import pytest
 import redis as redis_lib
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
+from sqlmodel import select
 from structlog.testing import capture_logs
 
 from fleet import db, executor, pause
 from fleet.dispatch import DispatchRequest, dispatch
-from fleet.models import Pause, Run
+from fleet.models import Pause, Run, SpendDay
 from fleet.process import ProcessResult
 from fleet.services import Services
 from fleet.watch import Bookkeeper, Ownership, book_lost_spend
@@ -219,3 +220,42 @@ def test_two_bookings_of_a_lost_attempts_spend_at_once_book_it_once(services: Se
         the_end.join(10)
     assert waited
     assert _row(services, run.id).cost_micros == 50_000, "the lost attempt's $0.05 was booked twice"
+
+
+# ---------------------------------------------------------------- the reaper's stand-in, then the real figure
+
+
+def _taken_over(services: Services, run: Run) -> None:
+    """The reaper takes the running attempt over as it would after a partition: heartbeat old, lease lapsed and
+    seen lapsed a whole TTL ago (set here, so no test waits for it)."""
+    from datetime import timedelta
+
+    from fleet import keys, sweeps
+
+    with db.session(services.engine) as session:
+        row = session.get(Run, run.id)
+        assert row is not None and row.heartbeat_at is not None
+        row.heartbeat_at -= timedelta(hours=1)
+        session.add(row)
+        session.commit()
+    services.leases.release(services.leases.holders(run.agent, 1)[0])
+    seconds, _ = services.redis.time()
+    services.redis.set(keys.suspect(run.id), f"{run.fence}:{int(seconds) - 3600}")
+    assert sweeps.reap(services, lambda *_: None).counts.get("abandoned") == 1
+
+
+@pytest.mark.parametrize("spent", [10_000, 4_000, 25_000], ids=["as-reserved", "less", "more"])
+def test_an_abandoned_attempts_stand_in_gives_way_to_what_it_spent(services: Services, spent: int) -> None:
+    """The reaper books an abandoned attempt its whole reservation ($0.01), a stand-in for what it may have spent
+    unseen. The partition heals and the old executor, its run taken over, books what its agent did spend: on top
+    of the stand-in, so $0.01 spent was booked $0.02, and nothing reconciled it (found by review). What it spent
+    now replaces the stand-in, up or down."""
+    run, spec, lease = _claimed(services, "echo")
+    _taken_over(services, run)
+    result = _exited(0, cost=spent)
+    ended = executor._finish(services, run, spec, lease, result, executor.judge(result, "lease_lapsed"),
+                             lambda *_: None, spent, 0)
+    assert ended.status == "stale", ended
+    with db.session(services.engine) as session:
+        day = session.exec(select(SpendDay).where(SpendDay.scope == "*")).one()
+    assert (_row(services, run.id).cost_micros, day.spent_micros) == (spent, spent)

@@ -270,8 +270,8 @@ def test_an_outcome_that_finds_the_reaper_requeued_its_attempt_is_stale_and_book
     answer = executor._finish(services, run, spec, lease, result, verdict,
                               lambda rid, f, d: requeued.append((rid, f, d)), 50_000, 0)
     after = _row(services, run.id)
-    # (answer, messages with the dead fence, cost booked: the reaper's $0.01 reservation + the $0.05 spent)
-    assert (answer.status, requeued, after.cost_micros) == ("stale", [], 10_000 + 50_000), (
+    # (answer, messages with the dead fence, cost booked: the $0.05 spent, in place of the reaper's $0.01 stand-in)
+    assert (answer.status, requeued, after.cost_micros) == ("stale", [], 50_000), (
         f"answered {answer.status}, requeued {requeued}, booked {after.cost_micros}")
 
 
@@ -286,8 +286,8 @@ def test_a_last_attempt_the_reaper_dead_lettered_is_not_taken_for_the_owners_own
     answer = executor._finish(services, run2, spec, lease2, _failed(cost=50_000), verdict,
                               lambda *_: None, 50_000, 0)
     after = _row(services, run2.id)
-    # attempt 1's $0.005, the reaper's $0.01 for attempt 2, and attempt 2's $0.05 reported
-    assert (answer.status, after.cost_micros) == ("stale", 5_000 + 10_000 + 50_000), (
+    # attempt 1's $0.005, and attempt 2's $0.05 reported in place of the reaper's $0.01 stand-in for it
+    assert (answer.status, after.cost_micros) == ("stale", 5_000 + 50_000), (
         f"answered {answer.status}, booked {after.cost_micros}")
 
 
