@@ -109,6 +109,7 @@ def _check_config(settings: Settings) -> Iterator[Finding]:
     else:
         yield _warn("config", f"{settings.config} is valid but defines no agents: add an [agents.NAME] table")
     yield from _check_run_as(config, os.geteuid() if hasattr(os, "geteuid") else None)
+    yield from _check_shared_users(config)
     yield from _check_agent_users(config, settings.agent_homes)
 
 
@@ -122,6 +123,22 @@ def _check_run_as(config: FleetConfig, euid: int | None) -> Iterator[Finding]:
                     "(no run_as, or run_as = \"root\"), able to read every agent's key file and the fleet's own "
                     'secrets; set run_as = "USER" in [fleet] (or per agent) to run them as an unprivileged user '
                     "(require_run_as = true in [fleet] refuses a file that forgets one)")
+
+
+def _check_shared_users(config: FleetConfig) -> Iterator[Finding]:
+    """Agents under one run_as user, one of them with a key: the others can read it (the same uid reads
+    /proc/PID/environ and the folder of each), so a user of its own is what keeps a key to its agent."""
+    by_user: dict[str, list[str]] = {}
+    for name, agent in sorted(config.agents.items()):
+        user = agent.user_name(config.fleet)
+        if user is not None:
+            by_user.setdefault(user, []).append(name)
+    for user, names in sorted(by_user.items()):
+        keyed = [name for name in names if config.agents[name].key_file or config.agents[name].secret_env]
+        if len(names) > 1 and keyed:
+            yield _warn("run_as", f"agents {', '.join(names)} all run as {user!r}: each can read the others' "
+                        f"environment and folder, so the key of {', '.join(keyed)} is theirs too; give an agent "
+                        "with a key a run_as user of its own")
 
 
 def _runs_as_root(agent: AgentSpec, config: FleetConfig) -> bool:

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from fleet import db
 from fleet.config import Settings, load_fleet_config
-from fleet.doctor import _check_run_as, mask_url, run_doctor
+from fleet.doctor import _check_run_as, _check_shared_users, mask_url, run_doctor
 from fleet.errors import ExitCode
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -366,3 +366,17 @@ def test_agents_running_as_root_are_a_loud_warning(good: Settings) -> None:
         code, lines = doctor(good)
         assert code == ExitCode.OK
         line(lines, "warn", "run_as", "AGENTS RUN AS ROOT", "echo")
+
+
+def test_agents_sharing_a_run_as_user_with_a_key_are_warned_of(good: Settings, tmp_path: Path) -> None:
+    """Agents under one run_as user read each other's environment (/proc/PID/environ) and folder: one holding a
+    key shares it with the others. The security review's agent B read agent A's ANTHROPIC_API_KEY that way,
+    while compose's fleet.toml said an agent cannot read another agent's folder; doctor said nothing."""
+    shared = tmp_path / "shared.toml"
+    others = '\n[agents.other]\ncommand = ["true"]\n\n[agents.alone]\ncommand = ["true"]\nrun_as = "daemon"\n'
+    shared.write_text(GOOD_TOML.replace("[agents.echo]", '[fleet]\nrun_as = "nobody"\n\n[agents.echo]') + others)
+    findings = list(_check_shared_users(load_fleet_config(shared)))
+    assert [(f.status.value, f.check) for f in findings] == [("warn", "run_as")], findings
+    assert "echo" in findings[0].detail and "other" in findings[0].detail and "nobody" in findings[0].detail
+    assert "alone" not in findings[0].detail
+    assert list(_check_shared_users(load_fleet_config(good.config))) == []
