@@ -4,7 +4,8 @@
  *   launcher parent=PID lc=VALUE tether=FD|- ttl=SECONDS grace=SECONDS creds=U:G:GS|- cwd=DIR|- run=ID:FENCE|-
  *            -- PROGRAM ARGS...
  *
- * It forks the agent (PR_SET_PDEATHSIG, so it cannot outlive the launcher), becomes a child subreaper,
+ * It forks the agent (PR_SET_PDEATHSIG, so it cannot outlive the launcher; with creds=- it keeps no
+ * ambient or inheritable capability, nor, unless root, any at all: confine_self), becomes a child subreaper,
  * and waits for the agent's exit, the tether's end-of-file (the executor died) or its deadline (the
  * executor could not prove it still owns the run); then it stops the whole group: SIGTERM, the grace,
  * SIGKILL until none is left. It exits with the agent's code (128+N for a death by signal N).
@@ -136,6 +137,25 @@ static int switch_user(const char *creds) {
     return (int)syscall(SYS_capset, &header, data);
 }
 
+/* Stay this user, but pass on nothing that could make the agent someone else: a non-root worker may
+ * hold CAP_SETUID and friends as ambient capabilities (to switch users for run_as agents), and an agent
+ * of its own user would inherit them through the exec and setuid(0). Ambient and inheritable go always;
+ * a non-root one also drops permitted and effective, and takes no_new_privs (no setuid binary or file
+ * capability gives any back). Root stays root: an agent without run_as under a root worker is root. */
+static int confine_self(void) {
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL) return -1;
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    int root = geteuid() == 0;
+    for (int i = 0; i < 2; i++) {
+        data[i].inheritable = 0;
+        if (!root) data[i].permitted = data[i].effective = 0;
+    }
+    if (syscall(SYS_capset, &header, data) != 0) return -1;
+    return root ? 0 : prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+}
+
 static void become_agent(char **argv, const char *creds, const char *cwd, int tether) {
     pid_t launcher = getppid();
     signal(SIGPIPE, SIG_DFL);
@@ -146,8 +166,14 @@ static void become_agent(char **argv, const char *creds, const char *cwd, int te
     if (tether >= 0) close(tether);
     char line[512];
     /* Until the exec, a failure is the configuration's (a user or a folder this agent cannot have): 78. */
-    if (creds != NULL && strcmp(creds, "-") != 0 && switch_user(creds) != 0) {
+    int switching = creds != NULL && strcmp(creds, "-") != 0;
+    if (switching && switch_user(creds) != 0) {
         snprintf(line, sizeof line, "fleet launcher: cannot switch to uid:gid:groups %s: %s\n", creds, strerror(errno));
+        say(line);
+        _exit(EXIT_CONFIG);
+    }
+    if (!switching && confine_self() != 0) {
+        snprintf(line, sizeof line, "fleet launcher: cannot drop the worker's capabilities: %s\n", strerror(errno));
         say(line);
         _exit(EXIT_CONFIG);
     }

@@ -16,7 +16,10 @@ of a new process group; the keys are
 With creds, the forked child switches user, then drops every capability it still holds (a non-root
 worker's ambient CAP_SETUID would otherwise survive setuid and exec: the agent could switch back),
 then sets its parent-death signal (the kernel clears it on any credential change), then enters cwd and
-execs. A switch or a cwd that fails is a configuration error: exit 78, and nothing runs.
+execs. Without creds (the worker's own user) it still clears the ambient and inheritable sets, and
+a non-root one drops every capability and sets no_new_privs (`confine_self`): the same ambient
+CAP_SETUID would let an agent of the worker's user setuid(0). A switch, that drop or a cwd that fails
+is a configuration error: exit 78, and nothing runs.
 
 The launcher forks the agent (which gets PR_SET_PDEATHSIG, so it cannot outlive the launcher),
 becomes a child subreaper (orphaned descendants come back to it) and then waits for one of:
@@ -41,7 +44,8 @@ import select
 import sys
 import time
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 36, 47, 4
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAPABILITY_VERSION_3 = 0x20080522
 EINVAL = 22
 SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ = 1, 2, 3, 9, 13, 15, 25
@@ -68,18 +72,53 @@ def set_parent_death_signal(signum: int) -> None:
     prctl(PR_SET_PDEATHSIG, signum)
 
 
-def drop_capabilities() -> None:
-    """Empty every capability set of this process, the ambient one first; raises OSError."""
+def _clear_ambient() -> None:
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError as exc:
         if exc.errno != EINVAL:  # EINVAL: a kernel without ambient capabilities (before 4.3) has none to clear
             raise
+
+
+def _capset(data: ctypes.Array[ctypes.c_uint32]) -> None:
     header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; twice (64 bits): all zero
     if _libc.capset(header, data) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
+
+
+def drop_capabilities() -> None:
+    """Empty every capability set of this process, the ambient one first; raises OSError."""
+    _clear_ambient()
+    _capset((ctypes.c_uint32 * 6)())  # effective, permitted, inheritable; twice (64 bits): all zero
+
+
+def _capabilities() -> ctypes.Array[ctypes.c_uint32]:
+    """This process's capability sets (capget): effective, permitted, inheritable; twice (64 bits)."""
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()
+    if _libc.capget(header, data) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return data
+
+
+def confine_self() -> None:
+    """Stay this user, but pass on nothing that could make the agent someone else; raises OSError.
+
+    A non-root worker may hold CAP_SETUID and friends as ambient capabilities (to switch users for run_as
+    agents): an agent of its own user would inherit them through the exec and setuid(0). Ambient and
+    inheritable go always; a non-root process also drops permitted and effective and takes no_new_privs (no
+    setuid binary or file capability gives any back). Root stays root (doctor warns about such an agent)."""
+    root = os.geteuid() == 0
+    if root:
+        _clear_ambient()
+        data = _capabilities()
+        data[2] = data[5] = 0  # inheritable
+        _capset(data)
+        return
+    drop_capabilities()
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def switch_user(creds: str) -> None:
@@ -133,6 +172,9 @@ def _become_agent(argv: list[str], options: dict[str, str], tether: int | None) 
             os.close(tether)
         if creds != UNSET:
             switch_user(creds)
+        else:
+            step = "cannot drop the worker's capabilities"
+            confine_self()
         set_parent_death_signal(SIGKILL)  # after the switch, which would clear it
         if os.getppid() != launcher:
             return  # the launcher died before the signal was armed: nobody would stop the agent

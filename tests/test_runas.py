@@ -34,7 +34,7 @@ from rich.console import Console
 from sqlalchemy import MetaData, create_engine
 from sqlmodel import select
 
-from fleet import db, identity, keys, redaction, store
+from fleet import db, identity, keys, process, redaction, store
 from fleet.config import Settings, load_fleet_config
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.doctor import run_doctor
@@ -94,9 +94,11 @@ def world_readable(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in folders) and bool(path.stat().st_mode & 0o004)
 
 
-def launch(options: list[str], argv: list[str], prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
-    """fleet/launcher.py under the system Python (it is stdlib only), as a new group leader."""
-    return subprocess.Popen([*(prefix or []), SYSTEM_PY, "-I", "-S", str(LAUNCHER), f"parent={os.getpid()}",
+def launch(options: list[str], argv: list[str], prefix: list[str] | None = None,
+           program: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """fleet/launcher.py under the system Python (it is stdlib only), or `program`, as a new group leader."""
+    program = program or [SYSTEM_PY, "-I", "-S", str(LAUNCHER)]
+    return subprocess.Popen([*(prefix or []), *program, f"parent={os.getpid()}",
                              "lc=-", *options, "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, env={"PATH": "/usr/bin:/bin"})
 
@@ -129,6 +131,56 @@ def test_the_agent_runs_as_its_user_with_no_capability_and_dies_with_the_launche
     assert seen["uid"] == [str(NOBODY)] * 4 and seen["gid"] == [str(NOBODY)] * 4 and seen["groups"] == [NOBODY]
     assert seen["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}, seen
     assert seen["pdeathsig"] == signal.SIGKILL
+
+
+TRY_ROOT = """
+try:
+    os.setgroups([0]); os.setgid(0); os.setuid(0)
+    print("became", os.getuid())
+except OSError as exc:
+    print("setuid refused:", exc.errno)
+print("nnp", status["NoNewPrivs"].strip())
+"""
+
+
+def launcher_program(kind: str, folder: Path) -> list[str]:
+    """The launcher to run, compiled or Python's, where a non-root uid may run it (root's cache is 0700)."""
+    if kind == "python":
+        return [SYSTEM_PY, "-I", "-S", str(LAUNCHER)]
+    built = process.compiled_launcher()
+    assert built is not None, "no C compiler here: the compiled launcher cannot be tested"
+    copy = folder / built.name
+    shutil.copy(built, copy)
+    copy.chmod(0o755)
+    return [str(copy)]
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+@pytest.mark.parametrize("worker", ["root", "non-root with CAP_SETUID, CAP_SETGID, CAP_KILL"])
+def test_an_agent_without_run_as_inherits_no_capability_it_could_switch_users_with(
+        worker: str, kind: str, open_dir: Path) -> None:
+    """No run_as (creds "-"): the agent stays the worker's user, but a non-root worker's ambient CAP_SETUID,
+    CAP_SETGID and CAP_KILL must not reach it (it called setuid(0) and read root's files): no capability in
+    any set, no_new_privs (no setuid binary gives one back), and still its parent-death signal. A root
+    worker's agent stays root (doctor warns about that), with nothing inheritable or ambient."""
+    if worker != "root" and not world_readable(LAUNCHER):
+        pytest.skip("the launcher must be readable by a non-root uid")
+    prefix = [] if worker == "root" else NON_ROOT_WITH_CAPS
+    proc = launch(["creds=-"], [SYSTEM_PY, "-I", "-S", "-c", PROBE + TRY_ROOT], prefix,
+                  launcher_program(kind, open_dir))
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    seen = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert seen["pdeathsig"] == signal.SIGKILL, out
+    assert (seen["caps"]["CapAmb"], seen["caps"]["CapInh"]) == (0, 0), out
+    if worker == "root":
+        assert seen["uid"] == ["0"] * 4 and seen["caps"]["CapEff"] != 0 and "became 0" in out, out
+        return
+    assert seen["uid"] == [str(WORKER_UID)] * 4, out
+    assert seen["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}, out
+    assert "setuid refused: 1" in out and "became" not in out, out  # EPERM
+    assert "nnp 1" in out, out
 
 
 @needs_root
