@@ -6,15 +6,17 @@
  *
  * It forks the agent (PR_SET_PDEATHSIG, so it cannot outlive the launcher; with creds=- it keeps no
  * ambient or inheritable capability, nor, unless root, any at all: confine_self), becomes a child subreaper,
- * and waits for the agent's exit, the tether's end-of-file (the executor died) or its deadline (the
- * executor could not prove it still owns the run); then it stops the whole group: SIGTERM, the grace,
- * SIGKILL until none is left. It exits with the agent's code (128+N for a death by signal N).
+ * and waits for the agent's exit, the tether's end-of-file (the executor died), its deadline (the
+ * executor could not prove it still owns the run) or SIGUSR1 (the executor's kill: no more grace); then
+ * it stops the whole group and every descendant that left it: SIGTERM, the grace, SIGKILL until none is
+ * left. It exits with the agent's code (128+N for a death by signal N).
  * fleet/process.py builds it on first use with the system's C compiler and falls back to the Python
  * launcher where there is none; tests/test_process.py runs every launcher test against both.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -62,18 +64,35 @@ static void reap_all(void) {
         if (pid == statuses_agent) { agent_status = status; agent_reaped = 1; }
 }
 
-/* Other live members of our group, or children of ours (a subreaper's orphans): how many, signalled. */
-static int signal_members(int sig) {
-    pid_t me = getpid(), group = getpgid(0);
-    int found = 0;
-    DIR *proc = opendir("/proc");
-    if (proc == NULL) return 0;
+/* SIGUSR1 from the executor (fleet/process.py's kill, the orphan sweep): no more grace, kill everything
+ * now. The handler only notes it; the self-pipe wakes a poll that is under way. */
+static volatile sig_atomic_t kill_requested = 0;
+static int wake_pipe[2] = {-1, -1};
+
+static void on_kill_request(int sig) {
+    (void)sig;
+    int saved = errno;
+    kill_requested = 1;
+    ssize_t ignored = write(wake_pipe[1], "k", 1);
+    (void)ignored;
+    errno = saved;
+}
+
+struct proc_entry { long pid, ppid, pgrp; };
+
+/* Every live process of this host (this pid namespace) with its parent and group; *count of them. */
+static struct proc_entry *live_processes(size_t *count) {
+    size_t used = 0, room = 256;
+    struct proc_entry *all = malloc(room * sizeof *all);
+    DIR *proc = all ? opendir("/proc") : NULL;
+    *count = 0;
+    if (proc == NULL) { free(all); return NULL; }
     struct dirent *entry;
     char path[64], stat[1024];
     while ((entry = readdir(proc)) != NULL) {
         char *end;
         long pid = strtol(entry->d_name, &end, 10);
-        if (*end != '\0' || pid <= 0 || pid == me) continue;
+        if (*end != '\0' || pid <= 0) continue;
         snprintf(path, sizeof path, "/proc/%ld/stat", pid);
         FILE *f = fopen(path, "r");
         if (f == NULL) continue;
@@ -81,17 +100,44 @@ static int signal_members(int sig) {
         fclose(f);
         stat[n] = '\0';
         char *close = strrchr(stat, ')');
-        if (close == NULL) continue;
         char state;
         long ppid, pgrp;
-        if (sscanf(close + 2, "%c %ld %ld", &state, &ppid, &pgrp) != 3) continue;
+        if (close == NULL || sscanf(close + 2, "%c %ld %ld", &state, &ppid, &pgrp) != 3) continue;
         if (state == 'Z' || state == 'X') continue;
-        if (pgrp == group || ppid == me) {
-            found++;
-            if (sig) kill((pid_t)pid, sig);
+        if (used == room) {
+            struct proc_entry *more = realloc(all, 2 * room * sizeof *all);
+            if (more == NULL) break;
+            all = more;
+            room *= 2;
         }
+        all[used++] = (struct proc_entry){pid, ppid, pgrp};
     }
     closedir(proc);
+    *count = used;
+    return all;
+}
+
+/* Every other live member of our group and every descendant of ours, by the parent chains down from us:
+ * how many, signalled. A descendant that left the group (its own setsid) is still one, and while we live
+ * it cannot leave our tree: an orphan comes back to us, the subreaper. */
+static int signal_members(int sig) {
+    pid_t me = getpid(), group = getpgid(0);
+    size_t count;
+    struct proc_entry *all = live_processes(&count);
+    if (all == NULL) return 0;
+    char *ours = calloc(count ? count : 1, 1);
+    int found = 0;
+    for (int grew = 1; grew && ours != NULL;) { /* mark children of marked (or of us) until nothing new */
+        grew = 0;
+        for (size_t i = 0; i < count; i++) {
+            if (ours[i] || all[i].pid == me) continue;
+            int mine = all[i].pgrp == group || all[i].ppid == me;
+            for (size_t j = 0; !mine && j < count; j++) mine = ours[j] && all[j].pid == all[i].ppid;
+            if (mine) { ours[i] = 1; grew = 1; found++; if (sig) kill((pid_t)all[i].pid, sig); }
+        }
+    }
+    free(ours);
+    free(all);
     return found;
 }
 
@@ -103,11 +149,13 @@ static int no_children(void) {
     return waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) < 0 && errno == ECHILD;
 }
 
+/* SIGTERM the group, the grace (cut short by a kill request), then SIGKILL every member and descendant
+ * until none is left: we are never in the way of that SIGKILL, so nothing is left unwatched. */
 static void stop_group(double grace_s) {
     if (no_children() || signal_members(0) == 0) return;
-    kill(0, SIGTERM); /* the group; we ignore it ourselves */
+    if (!kill_requested) kill(0, SIGTERM); /* the group; we ignore it ourselves */
     double deadline = now_s() + grace_s;
-    while (now_s() < deadline) {
+    while (!kill_requested && now_s() < deadline) {
         usleep(POLL_MS * 1000);
         reap_all();
         if (signal_members(0) == 0) return;
@@ -163,6 +211,9 @@ static void become_agent(char **argv, const char *creds, const char *cwd, int te
     signal(SIGINT, SIG_DFL);
     signal(SIGQUIT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    signal(SIGUSR1, SIG_DFL);
+    close(wake_pipe[0]);
+    close(wake_pipe[1]);
     if (tether >= 0) close(tether);
     char line[512];
     /* Until the exec, a failure is the configuration's (a user or a folder this agent cannot have): 78. */
@@ -225,6 +276,10 @@ int main(int argc, char **argv) {
     signal(SIGQUIT, SIG_IGN);
     signal(SIGTERM, SIG_IGN);
     signal(SIGPIPE, SIG_IGN); /* our notes go to the executor's pipe, whose reader may be dead */
+    if (pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return EXIT_CANNOT_EXECUTE;
+    struct sigaction request = {0};
+    request.sa_handler = on_kill_request;
+    sigaction(SIGUSR1, &request, NULL);
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     pid_t agent = fork();
     if (agent < 0) return EXIT_CANNOT_EXECUTE;
@@ -234,18 +289,20 @@ int main(int argc, char **argv) {
     double deadline = (tether >= 0 && ttl_text) ? now_s() + strtod(ttl_text, NULL) : -1.0;
     const char *reason = NULL;
     while (!agent_reaped) {
-        struct pollfd fds[2] = {{pidfd, POLLIN, 0}, {tether, POLLIN, 0}};
+        struct pollfd fds[3] = {{pidfd, POLLIN, 0}, {wake_pipe[0], POLLIN, 0}, {tether, POLLIN, 0}};
         int timeout = -1;
         if (deadline >= 0) {
             double left = (deadline - now_s()) * 1000;
             timeout = left > 0 ? (int)left + 1 : 0;
         }
         if (pidfd < 0 && (timeout < 0 || timeout > POLL_MS)) timeout = POLL_MS; /* no pidfd: poll for the exit */
-        int ready = poll(fds, tether >= 0 ? 2 : 1, timeout);
+        int ready = kill_requested ? 0 : poll(fds, tether >= 0 ? 3 : 2, timeout);
         if (ready < 0 && errno != EINTR) break;
         reap_all();
         if (agent_reaped) break;
-        if (tether >= 0 && (fds[1].revents & (POLLIN | POLLHUP))) {
+        if (kill_requested) {
+            reason = NULL; /* the executor's kill: it says why; no line of ours in the agent's output */
+        } else if (tether >= 0 && (fds[2].revents & (POLLIN | POLLHUP))) {
             double valid = read_tether(tether);
             if (valid < 0) { reason = "its executor is gone"; }
             else { deadline = now_s() + valid; continue; }
@@ -254,9 +311,11 @@ int main(int argc, char **argv) {
         } else {
             continue;
         }
-        char line[160];
-        snprintf(line, sizeof line, "\nfleet launcher: stopping the agent: %s\n", reason);
-        say(line);
+        if (reason != NULL) {
+            char line[160];
+            snprintf(line, sizeof line, "\nfleet launcher: stopping the agent: %s\n", reason);
+            say(line);
+        }
         stop_group(grace_s);
         while (!agent_reaped) {
             int status;

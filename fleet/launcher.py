@@ -31,12 +31,20 @@ becomes a child subreaper (orphaned descendants come back to it) and then waits 
   time, or is stopped or wedged: the group is stopped before the lease can lapse, so a retry
   elsewhere never overlaps this attempt.
 Each message on the tether is a number of milliseconds the ownership is good for from now.
-The launcher ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT (a group-wide SIGTERM is for the agent);
-a group-wide SIGKILL takes it too. Stdlib only, `signal` not imported (it pulls in `enum`).
+- SIGUSR1 (the executor's kill, fleet/process.py, or the orphan sweep's): the grace is over; every
+  member of the group and every descendant gets SIGKILL at once.
+Stopping the group always ends in SIGKILLs to every member and every descendant of the launcher,
+found by the parent chains in /proc, until none is left, and only then does it exit: a process that
+left the group (its own setsid) is still a descendant, and, the launcher being its subreaper, cannot
+stop being one while the launcher lives. So nobody else may SIGKILL the group: that would take the
+launcher first and leave such a process to init (fleet/process.py asks by SIGUSR1 instead).
+The launcher ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT (a group-wide SIGTERM is for the agent).
+Stdlib only, `signal` not imported (it pulls in `enum`; `_signal` is its C half).
 """
 
 from __future__ import annotations
 
+import _signal  # not `signal`: it pulls in `enum`, a third of our start-up
 import contextlib
 import ctypes
 import os
@@ -48,7 +56,7 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CAPABILITY_VERSION_3 = 0x20080522
 EINVAL = 22
-SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGPIPE, SIGTERM, SIGXFSZ = 1, 2, 3, 9, 13, 15, 25
+SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGUSR1, SIGPIPE, SIGTERM, SIGXFSZ = 1, 2, 3, 9, 10, 13, 15, 25
 SIG_DFL, SIG_IGN = 0, 1
 EXIT_USAGE = 2
 EXIT_CANNOT_EXECUTE = 126
@@ -167,7 +175,7 @@ def _become_agent(argv: list[str], options: dict[str, str], tether: int | None) 
     code, step = EXIT_CONFIG, f"cannot switch to uid:gid:groups {creds}"
     try:
         # Ignored signals survive exec: ours, and the two Python's start-up ignores (as subprocess restores them).
-        _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGPIPE, SIGXFSZ), SIG_DFL)
+        _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGPIPE, SIGXFSZ), SIG_DFL)
         if tether is not None:
             os.close(tether)
         if creds != UNSET:
@@ -197,12 +205,11 @@ def _say(text: str) -> None:
         os.write(2, text.encode())
 
 
-def _members() -> list[int]:
-    """Every other live process of our group, and every child of ours (a subreaper's orphans)."""
-    me, group = os.getpid(), os.getpgid(0)
-    found = []
+def _live_processes() -> dict[int, tuple[int, int]]:
+    """Every live process of this host (this pid namespace): pid -> (parent, group)."""
+    found = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+        if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as handle:
@@ -210,9 +217,28 @@ def _members() -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()
-        if fields[0] not in (b"Z", b"X") and (int(fields[2]) == group or int(fields[1]) == me):
-            found.append(int(name))
+        if fields[0] not in (b"Z", b"X"):
+            found[int(name)] = (int(fields[1]), int(fields[2]))
     return found
+
+
+def _members() -> list[int]:
+    """Every other live process of our group and every descendant of ours, by the parent chains down from us.
+
+    A descendant that left the group (its own setsid) is still one, and while we live it cannot leave our
+    tree: an orphan comes back to us, the subreaper."""
+    me, group = os.getpid(), os.getpgid(0)
+    processes = _live_processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _group) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    found = {pid for pid, (_parent, pgrp) in processes.items() if pgrp == group} - {me}
+    todo = list(found | set(children.get(me, [])))
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(child for child in children.get(pid, []) if child not in found)
+    return sorted(found)
 
 
 _statuses: dict[int, int] = {}  # wait statuses of the children reaped while stopping the group
@@ -250,16 +276,35 @@ def _no_children() -> bool:
     return False
 
 
+class _KillRequest:
+    """SIGUSR1 from the executor (fleet/process.py's kill, the orphan sweep): no more grace, kill it all now.
+
+    The handler only notes it; `_signal`'s wakeup fd (a pipe) wakes a select that is under way."""
+
+    requested = False
+
+    def __init__(self) -> None:
+        self.read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        _signal.set_wakeup_fd(write_fd)
+        _signal.signal(SIGUSR1, self._note)
+
+    @classmethod
+    def _note(cls, _signum: int, _frame: object) -> None:
+        cls.requested = True
+
+
 def stop_group(grace_s: float) -> None:
-    """SIGTERM the group, wait up to `grace_s` for it to empty, then SIGKILL whatever is left, until none is."""
+    """SIGTERM the group, wait up to `grace_s` (cut short by a kill request) for it to empty, then SIGKILL every
+    member and descendant, until none is: we are never in the way of that SIGKILL, so nothing is left unwatched."""
     if _no_children():
         return
     members = _members()
     if not members:
         return
-    os.killpg(os.getpgid(0), SIGTERM)  # we ignore it ourselves
+    if not _KillRequest.requested:
+        os.killpg(os.getpgid(0), SIGTERM)  # we ignore it ourselves
     deadline = time.monotonic() + grace_s
-    while members and time.monotonic() < deadline:
+    while members and not _KillRequest.requested and time.monotonic() < deadline:
         time.sleep(POLL_S)
         _reap()
         members = _members()
@@ -285,20 +330,23 @@ def _read_tether(tether: int) -> float | None:
         return 0.0
 
 
-def supervise(agent: int, tether: int | None, ttl_s: float | None, grace_s: float) -> int:
-    """Wait for the agent, the tether's end or its deadline; stop the group; the agent's exit status."""
+def supervise(agent: int, tether: int | None, ttl_s: float | None, grace_s: float, wake: int) -> int:
+    """Wait for the agent, the tether's end or its deadline, or a kill request (`wake` is readable); stop the
+    group; the agent's exit status."""
     pidfd = os.pidfd_open(agent)
     deadline = None if ttl_s is None else time.monotonic() + ttl_s
-    watched = [pidfd] + ([tether] if tether is not None else [])
+    watched = [pidfd, wake] + ([tether] if tether is not None else [])
     status: int | None = None
     reason = ""
     while status is None:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, _, _ = select.select(watched, [], [], timeout)
+        ready, _, _ = select.select(watched, [], [], 0 if _KillRequest.requested else timeout)
         if pidfd in ready:
             status = _wait(agent)
             break
-        if tether is not None and tether in ready:
+        if _KillRequest.requested:
+            reason = ""  # the executor's kill: it says why; no line of ours in the agent's output
+        elif tether is not None and tether in ready:
             valid = _read_tether(tether)
             if valid is None:
                 reason = "its executor is gone"
@@ -309,7 +357,8 @@ def supervise(agent: int, tether: int | None, ttl_s: float | None, grace_s: floa
             reason = "its executor could not prove it still owns the run"
         else:
             continue
-        _say(f"\nfleet launcher: stopping the agent: {reason}\n")
+        if reason:
+            _say(f"\nfleet launcher: stopping the agent: {reason}\n")
         stop_group(grace_s)
         status = _wait(agent)
     stop_group(grace_s)
@@ -333,11 +382,12 @@ def main(args: list[str]) -> int:
     if os.getpgid(0) != os.getpid():
         os.setpgid(0, 0)  # the group we stop must be the attempt's own, however we were started
     _disposition((SIGHUP, SIGINT, SIGQUIT, SIGTERM), SIG_IGN)
+    wake = _KillRequest().read_fd  # before the fork: a kill that comes at once must find it in place
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     agent = os.fork()
     if agent == 0:
         _become_agent(argv, options, tether)
-    return supervise(agent, tether, ttl_s, grace_s)
+    return supervise(agent, tether, ttl_s, grace_s, wake)
 
 
 if __name__ == "__main__":

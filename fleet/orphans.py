@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select as fd_select
 import signal
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -106,8 +107,15 @@ def judge(services: Services, agents: list[LocalAgent]) -> tuple[list[LocalAgent
     return ours, [a for a in ours if rows[a.run_id] != (RunStatus.RUNNING, a.fence)]
 
 
+LAUNCHER_KILL_S = 2.0  # a launcher asked to kill that has not exited by then is wedged: SIGKILL its group
+
+
 def kill(agent: LocalAgent) -> bool:
-    """SIGKILL an orphan's whole group, only if its launcher is still the very process that was scanned."""
+    """Kill an orphan's whole tree, only if its launcher is still the very process that was scanned.
+
+    The launcher is asked (SIGCONT, SIGUSR1: fleet/launcher.py) and kills every descendant, those that left
+    the group too, before it exits; a group SIGKILL would take it first and leave those to init. Only a
+    launcher that has not exited LAUNCHER_KILL_S later gets the group SIGKILL."""
     try:
         pidfd = os.pidfd_open(agent.pid)
     except OSError:
@@ -116,8 +124,12 @@ def kill(agent: LocalAgent) -> bool:
         fields = _stat(agent.pid)
         if fields is None or int(fields[19]) != agent.start_ticks:
             return False  # the pid was reused: not ours to touch
-        # While the pidfd is open and the launcher lives, its pid (the group's id) cannot be reused.
-        os.killpg(agent.pid, signal.SIGKILL)
+        # While the pidfd is open, what it signals is that very launcher, and its pid (the group's id) is
+        # not reused until it is reaped: by its parent, so a launcher that exited may still be a zombie.
+        signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+        signal.pidfd_send_signal(pidfd, signal.SIGUSR1)
+        if not fd_select.select([pidfd], [], [], LAUNCHER_KILL_S)[0]:
+            os.killpg(agent.pid, signal.SIGKILL)
         return True
     except OSError:
         return False

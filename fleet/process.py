@@ -16,8 +16,15 @@ Things a caller must know:
   time (the caller could not prove it still owns the run: stopped, wedged or cut off). So the
   group never outlives the attempt, even when the worker is SIGKILLed or SIGSTOPped.
 - All callbacks run on the calling thread, so they may use the caller's clients and sessions.
-- A process that leaves the group (its own `setsid`) escapes the group signals; the launcher is
-  its subreaper and kills it too once its parent is gone, but only a cgroup could hold it fully.
+- A process that leaves the group (its own `setsid`) escapes the group signals, not the launcher:
+  it is the subreaper of all the agent's descendants and kills every one of them (by the parent
+  chains in /proc) before it exits. So the kill never SIGKILLs the group itself, which would take
+  the launcher first and leave such a process to init: after the grace it asks the launcher
+  (SIGCONT, in case the agent stopped it, then SIGUSR1) and waits for its exit; only a launcher
+  that has not exited `_LAUNCHER_KILL_S` later gets the group SIGKILL. What still escapes: an agent
+  of the worker's own user (no `run_as`) can SIGKILL its launcher; its descendants that left the
+  group then go to init, out of reach. A `run_as` agent cannot signal the launcher (another uid);
+  only a cgroup would hold a same-uid agent fully.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ _CHUNK = 64 * 1024
 _GROUP_POLL_S = 0.02  # how often to look for survivors once the leader is gone or SIGKILLed
 _EXIT_POLL_S = 0.05  # how often to poll for the leader's exit when pidfd is unavailable
 _DRAIN_S = 1.0  # the group is gone but something outside it still holds the pipe: stop waiting
+_LAUNCHER_KILL_S = 2.0  # a launcher asked to kill that has not exited by then is wedged: SIGKILL the group
 REDACTED = redaction.MASK.encode()
 MAX_PROBLEM = 500  # characters of a usage problem (Fleet's words around a model name the agent chose)
 _TRUNCATED = b"\n[fleet: log truncated at %d bytes; later output was read but not kept]\n"
@@ -202,6 +210,26 @@ def _stat_is_live_member(pid: str, pgid: int) -> bool:
     # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ")".
     fields = stat[stat.rfind(b")") + 2:].split()
     return len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
+
+
+def ask_launcher_to_kill(pid: int) -> None:
+    """Ask a launcher to SIGKILL its whole tree now (what left the group too) and exit (fleet/launcher.py)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGCONT)  # a same-uid agent may have stopped it
+        os.kill(pid, signal.SIGUSR1)
+
+
+def kill_run(proc: subprocess.Popen[bytes], pgid: int) -> None:
+    """Kill and reap everything of a run now: its launcher's whole tree, then whatever it left in the group."""
+    if proc.returncode is None:
+        ask_launcher_to_kill(proc.pid)
+        try:
+            proc.wait(_LAUNCHER_KILL_S)
+        except subprocess.TimeoutExpired:
+            signal_group(pgid, signal.SIGKILL)  # wedged: the group at least, as before
+            proc.wait()
+    if group_alive(pgid):
+        signal_group(pgid, signal.SIGKILL)
 
 
 def group_alive(pgid: int) -> bool:
@@ -370,8 +398,7 @@ def _stopped_before_start(reason: str, output: Output) -> ProcessResult:
 
 def _abandon(proc: subprocess.Popen[bytes]) -> None:
     # Could not even set up the watch (out of fds?): the agent must not run unwatched.
-    signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc, proc.pid)
     if proc.stdout is not None:
         proc.stdout.close()
 
@@ -405,6 +432,7 @@ class _Run:
         self.stop_reason: str | None = None
         self.term_sent = False
         self.kill_at: float | None = None  # when the next SIGKILL is due
+        self.wedged_at: float | None = None  # when a launcher asked to kill has had long enough to exit
         self.next_group_check = now
         self.group_gone_at: float | None = None
         self.eof = False
@@ -447,9 +475,19 @@ class _Run:
         elif now >= self.next_group_check:
             self._check_group(now)
         if self.kill_at is not None and now >= self.kill_at:
-            signal_group(self.pgid, signal.SIGKILL)
+            self._kill(now)
             self.kill_at = now + _GROUP_POLL_S  # again until the group is empty: a child may have forked
             self.next_group_check = now
+
+    def _kill(self, now: float) -> None:
+        # While the launcher lives it does the killing (it alone reaches what left the group); a SIGKILL of
+        # the group would end it first. Once it is gone, or wedged, the group's leftovers get SIGKILL.
+        if self.proc.returncode is None:
+            self.wedged_at = self.wedged_at if self.wedged_at is not None else now + _LAUNCHER_KILL_S
+            if now < self.wedged_at:
+                ask_launcher_to_kill(self.proc.pid)
+                return
+        signal_group(self.pgid, signal.SIGKILL)
 
     def _check_clock(self, now: float) -> None:
         if self.stop_reason is not None:
@@ -555,7 +593,7 @@ class _Run:
     def close(self) -> None:
         """Kill and reap whatever is left (the loop may have ended by an exception), free the fds."""
         if self.proc.returncode is None or group_alive(self.pgid):
-            signal_group(self.pgid, signal.SIGKILL)
+            kill_run(self.proc, self.pgid)
         self.proc.wait()
         if self.pidfd is not None:
             os.close(self.pidfd)

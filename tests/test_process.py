@@ -6,18 +6,21 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fleet import launcher, process
+from fleet import launcher, orphans, process
 from fleet.config import PriceTable
 from fleet.process import (
     EXIT_CANNOT_EXECUTE,
@@ -550,3 +553,83 @@ def test_the_agent_starts_with_no_signal_ignored(run: Callable[..., ProcessResul
     result = run(["grep", "SigIgn", "/proc/self/status"], env={"PATH": "/usr/bin:/bin"})
     assert result.exit_code == 0, result.output_tail
     assert int(result.output_tail.split()[-1], 16) == 0, result.output_tail
+
+
+# ---------------------------------------------------------------- escapes from the group
+
+ESCAPER = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.fork() == 0:
+    os.setsid()  # its own session and group: no group signal reaches it
+    if os.fork() == 0:
+        time.sleep(3600)  # a grandchild, whose parent stays alive until killed
+    open({pidfile!r}, "w").write(str(os.getpid()))
+    while True:
+        time.sleep(0.2)
+print("agent up", flush=True)
+time.sleep(3600)
+"""
+NOBODY_CREDS = "65534:65534:65534"
+
+
+def marked(marker: bytes) -> list[int]:
+    """Every live process whose environment holds `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and marker in Path(f"/proc/{name}/environ").read_bytes() and running(int(name)):
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"), reason="run_as needs root")
+@pytest.mark.parametrize("creds", [None, NOBODY_CREDS], ids=["same-uid", "run_as-nobody"])
+def test_a_setsid_child_of_an_agent_that_ignores_sigterm_is_gone_when_a_kill_returns(
+        run: Callable[..., ProcessResult], creds: str | None) -> None:
+    """The kill path (a watch reason): SIGTERM, the grace, then the kill. A group-wide SIGKILL took the
+    launcher too, so the subreaper that was to kill what left the group (its own setsid) died first, and
+    that process lived on under init after run_agent returned (security review)."""
+    folder = Path(tempfile.mkdtemp(prefix="fleet-escape-", dir="/tmp"))
+    folder.chmod(0o777)  # nobody writes its pidfile here
+    marker = f"FLEET_ESCAPE_MARK={uuid.uuid4().hex}"
+    env = {"PATH": "/usr/bin", marker.split("=")[0]: marker.split("=")[1]}
+    started = time.monotonic()
+    try:
+        result = run(["/usr/bin/python3", "-I", "-S", "-c", ESCAPER.format(pidfile=str(folder / "pid"))], env,
+                     grace_s=0.3, watch=lambda _c: "killed" if (folder / "pid").exists() else None,
+                     launch=Launch(tether=None, creds=creds))
+        assert result.stop_reason == "killed" and (folder / "pid").exists(), result.output_tail
+        assert marked(marker.encode()) == [], "a process of the run outlived run_agent"
+        assert time.monotonic() - started < 10
+    finally:
+        for pid in marked(marker.encode()):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_orphan_sweeps_kill_takes_what_left_the_group_too(tmp_path: Path) -> None:
+    """fleet.orphans.kill SIGKILLed the launcher's group: the launcher first, so what had left the group (its
+    own setsid) lived on under init. It asks the launcher, which kills its whole tree before it exits."""
+    pidfile = tmp_path / "pid"
+    marker = f"FLEET_ESCAPE_MARK={uuid.uuid4().hex}"
+    env = {"PATH": "/usr/bin", marker.split("=")[0]: marker.split("=")[1]}
+    tag = f"orphan-{uuid.uuid4().hex}:1"
+    argv = process.launcher_argv(["/usr/bin/python3", "-I", "-S", "-c", ESCAPER.format(pidfile=str(pidfile))],
+                                 env, Launch(tag=tag), 0.3)
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: pidfile.exists() and len(marked(marker.encode())) == 4, 15.0)
+        found = [agent for agent in orphans.scan() if f"{agent.run_id}:{agent.fence}" == tag]
+        assert [agent.pid for agent in found] == [proc.pid]
+        assert orphans.kill(found[0])
+        proc.wait(10)
+        assert wait_for(lambda: not marked(marker.encode()), 1.0), "a process of the orphan outlived its kill"
+    finally:
+        for pid in marked(marker.encode()):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
