@@ -446,9 +446,11 @@ class ActionHandler(AuthHandler):
     """An action: POST only (405 to anything else), the token, a fresh CSRF token from this web's own
     page, never a request another site made; the outcome is a page of its own."""
 
+    title = "Action"  # the heading of its outcome page
+
     def prepare(self) -> None:
         """Refuse before anything is done: a foreign Host or no token (super), a cross-site request, a stale
-        or forged form."""
+        or forged form, a field the action cannot use (before its confirmation is asked for, too)."""
         super().prepare()
         if self._finished:
             return
@@ -460,6 +462,14 @@ class ActionHandler(AuthHandler):
         elif not csrf_ok(self.web.csrf_key, self.get_body_argument("csrf", ""), time.time()):
             self.write_text(403, "403: this form is stale or was not made by this page: reload the page and try "
                                  "again\n")
+        else:
+            try:
+                self.validate()
+            except BadInputError as exc:  # the operator's form, not the fleet: a 400 saying what is wrong
+                self.refuse(exc)
+
+    def validate(self) -> None:
+        """Read and check the form's fields the action needs; BadInputError refuses it with a 400."""
 
     @property
     def actor(self) -> str:
@@ -475,27 +485,39 @@ class ActionHandler(AuthHandler):
         """What the confirmation page asks before this action is done; None: no confirmation."""
         return None
 
+    def scope(self) -> str:
+        """The agent field, which must be said: a form without it must not act on the whole fleet."""
+        agent = self.field("agent")
+        if agent is None:
+            raise BadInputError(f'say whom this is for: agent="{keys.GLOBAL}" for the whole fleet, or an agent\'s '
+                                "name")
+        return agent
+
     def target(self) -> str:
         """The agent field as words: `the whole fleet` or `agent NAME`."""
         agent = self.field("agent")
         return "the whole fleet" if agent in (None, keys.GLOBAL) else f"agent {agent}"
 
-    async def act(self, fn: Callable[[], actions.Outcome], title: str) -> None:
+    async def act(self, fn: Callable[[], actions.Outcome]) -> None:
         """Ask first when this action needs a confirmation; else do it in a thread and show the outcome."""
         question = self.question()
         if question is not None and self.field("confirm") != "yes":
             fields = {name: self.field(name) or "" for name in ("agent", "reason", "dead", "all")}
-            self._page(200, title, "amber", question, confirm=fields)
+            self._page(200, self.title, "amber", question, confirm=fields)
             return
         try:
             outcome = await self.blocking(fn)
         except FleetError as exc:
-            log.warning("web: action failed", action=title, error=describe(exc))
-            self._page(_HTTP_STATUS.get(exc.exit_code, 500), title, "red", describe(exc))
+            self.refuse(exc)
             return
-        log.info("web: action", action=title, actor=self.actor, outcome=outcome.said)
-        self._page(200, title, outcome.tone, outcome.said, lines=outcome.lines, gates=outcome.gates,
+        log.info("web: action", action=self.title, actor=self.actor, outcome=outcome.said)
+        self._page(200, self.title, outcome.tone, outcome.said, lines=outcome.lines, gates=outcome.gates,
                    run_id=outcome.run_id)
+
+    def refuse(self, exc: FleetError) -> None:
+        """The outcome page of an action that was not done, with the HTTP status its error stands for."""
+        log.warning("web: action failed", action=self.title, error=describe(exc))
+        self._page(_HTTP_STATUS.get(exc.exit_code, 500), self.title, "red", describe(exc))
 
     def _page(self, status: int, title: str, tone: str, said: str, **extra: Any) -> None:
         self.set_status(status)
@@ -509,6 +531,12 @@ class ActionHandler(AuthHandler):
 class KillAction(ActionHandler):
     """Kill the fleet or one agent, with a reason; asks first."""
 
+    title = "Kill"
+
+    def validate(self) -> None:
+        """Whom: said, never assumed."""
+        self.agent = self.scope()
+
     def question(self) -> str:
         """Kill, really?"""
         return (f"Kill {self.target()}? Intake stops at once and running agents get SIGTERM within a second, "
@@ -516,48 +544,68 @@ class KillAction(ActionHandler):
 
     async def post(self) -> None:
         """Kill, once confirmed."""
-        agent = self.field("agent")
-        await self.act(lambda: actions.kill(self.services, agent=agent, reason=self.field("reason"), actor=self.actor),
-                       "Kill")
+        await self.act(lambda: actions.kill(self.services, agent=self.agent, reason=self.field("reason"),
+                                            actor=self.actor))
 
 
 class PauseAction(ActionHandler):
     """Pause intake of the fleet or one agent (running runs finish)."""
 
+    title = "Pause"
+
+    def validate(self) -> None:
+        """Whom: said, never assumed."""
+        self.agent = self.scope()
+
     async def post(self) -> None:
         """Pause."""
-        agent = self.field("agent")
-        await self.act(lambda: actions.pause_intake(self.services, agent=agent, reason=self.field("reason"),
-                                                    actor=self.actor), "Pause")
+        await self.act(lambda: actions.pause_intake(self.services, agent=self.agent, reason=self.field("reason"),
+                                                    actor=self.actor))
 
 
 class ResumeAction(ActionHandler):
     """Lift the kill and the pause of the fleet or one agent."""
 
+    title = "Resume"
+
+    def validate(self) -> None:
+        """Whom: said, never assumed."""
+        self.agent = self.scope()
+
     async def post(self) -> None:
         """Resume."""
-        agent = self.field("agent")
-        await self.act(lambda: actions.resume(self.services, agent=agent, actor=self.actor), "Resume")
+        await self.act(lambda: actions.resume(self.services, agent=self.agent, actor=self.actor))
 
 
 class ReplayAction(ActionHandler):
     """Replay a dead letter (once)."""
 
+    title = "Replay"
+
+    def validate(self) -> None:
+        """Which dead letter: its id."""
+        self.dead = _dead_id(self.field("dead"))
+
     async def post(self) -> None:
         """Replay through this web's sender of fleet.execute."""
-        dead = _dead_id(self.field("dead"))
-        send = self.web.send
+        dead, send = self.dead, self.web.send
 
         def replay() -> actions.Outcome:
             if send is None:
                 raise UnavailableError("this web was started without a broker sender: replay with `fleet dlq replay`")
             return actions.replay(self.services, dead_id=dead, actor=self.actor, send=send)
 
-        await self.act(replay, "Replay")
+        await self.act(replay)
 
 
 class PurgeAction(ActionHandler):
     """Purge one dead letter, or all of them; asks first."""
+
+    title = "Purge"
+
+    def validate(self) -> None:
+        """Which dead letters: every one, or one by its id."""
+        self.dead: list[int] | None = None if self.field("all") == "all" else [_dead_id(self.field("dead"))]
 
     def question(self) -> str:
         """Purge, really?"""
@@ -566,18 +614,18 @@ class PurgeAction(ActionHandler):
 
     async def post(self) -> None:
         """Purge, once confirmed."""
-        every = self.field("all") == "all"
-        dead = None if every else [_dead_id(self.field("dead"))]
-        await self.act(lambda: actions.purge(self.services, dead_ids=dead, actor=self.actor), "Purge")
+        await self.act(lambda: actions.purge(self.services, dead_ids=self.dead, actor=self.actor))
 
 
 class DryRunAction(ActionHandler):
     """What a dispatch of an agent would do now, gate by gate; writes nothing."""
 
+    title = "Dry run"
+
     async def post(self) -> None:
         """Plan."""
         agent = self.field("agent") or ""
-        await self.act(lambda: actions.dry_run(self.services, agent=agent, actor=self.actor), "Dry run")
+        await self.act(lambda: actions.dry_run(self.services, agent=agent, actor=self.actor))
 
 
 def _dead_id(value: str | None) -> int:

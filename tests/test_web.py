@@ -6,6 +6,7 @@ real `fleet web` subprocess against the real test fleet (or a Redis database and
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
@@ -13,8 +14,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +30,7 @@ import pytest
 import redis as redis_lib
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet import db, keys, store
 from fleet.charts import SpendSeries, spend_chart
@@ -44,6 +48,7 @@ from fleet.web import (
     csrf_token,
     host_allowed,
     is_loopback,
+    make_app,
 )
 from tests.browser import PHONE, Browser
 from tests.conftest import IN_CI
@@ -677,6 +682,71 @@ def test_actions_are_post_only_behind_the_token_and_a_csrf_token(fleet: Fleet, w
     with db.session(fleet.services.engine) as session:
         assert session.get(DeadLetter, dead) is None
     assert post(web, "/act/purge", {"csrf": csrf, "dead": str(dead), "confirm": "yes"}).status_code == 404
+
+
+@contextmanager
+def serving(services: Any) -> Iterator[str]:
+    """make_app(services) behind TOKEN on a free loopback port, served by a thread's own event loop (no
+    workers, no subprocess); its base URL."""
+    import tornado.httpserver
+    import tornado.netutil
+
+    loop = asyncio.new_event_loop()
+    sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    port = sockets[0].getsockname()[1]
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        server = tornado.httpserver.HTTPServer(make_app(services, token=TOKEN))
+        server.add_sockets(sockets)
+        loop.run_forever()
+        server.stop()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/livez"), 20, "the in-process web to answer", interval=0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def act(base: str, path: str, data: dict[str, str]) -> httpx.Response:
+    """POST an action's form with a fresh CSRF token of TOKEN's web."""
+    form = {"csrf": csrf_token(csrf_key(TOKEN), time.time()), **data}
+    return httpx.post(f"{base}{path}", data=form, trust_env=False, timeout=30, headers=bearer())
+
+
+@pytest.mark.parametrize(("path", "dead"), [("/act/replay", "abc"), ("/act/replay", ""), ("/act/purge", "abc"),
+                                            ("/act/purge", "")])
+def test_a_dead_letter_id_that_is_not_a_number_is_a_400(services: Any, path: str, dead: str) -> None:
+    """It was a 500 with a traceback in web.log: the id was read before the action's own error handling."""
+    with serving(services) as base:
+        refused = act(base, path, {"dead": dead, "confirm": "yes"})
+        asked = act(base, path, {"dead": dead})  # refused before a confirmation is asked for
+    for answer in (refused, asked):
+        assert answer.status_code == 400, answer.text
+        assert "a dead letter id is a whole number" in answer.text
+
+
+@pytest.mark.parametrize("path", ["/act/pause", "/act/kill", "/act/resume"])
+def test_an_action_without_its_scope_is_refused_not_fleet_wide(services: Any, path: str) -> None:
+    """A form without `agent` paused (or killed) the whole fleet with reason "-": the scope must be said, "*"
+    for the fleet as the page's own forms send."""
+    with serving(services) as base:
+        for data in ({}, {"agent": ""}, {"agent": "  "}):
+            refused = act(base, path, {**data, "reason": "no scope", "confirm": "yes"})
+            assert refused.status_code == 400, refused.text
+            assert "agent" in refused.text and "*" in refused.text
+        assert not services.redis.exists(keys.kill(keys.GLOBAL)) and not services.redis.exists(keys.paused(keys.GLOBAL))
+        with db.session(services.engine) as session:
+            assert not list(session.exec(select(RunEvent).where(col(RunEvent.kind).in_(
+                ["kill.engaged", "pause.engaged", "kill.released", "pause.released"]))))
+        paused = act(base, "/act/pause", {"agent": "*", "reason": "the page's own form"})
+        assert paused.status_code == 200 and "paused the whole fleet: the page&#x27;s own form" in paused.text
+        assert act(base, "/act/resume", {"agent": "*"}).status_code == 200
 
 
 @pytest.mark.slow
