@@ -211,7 +211,7 @@ def _agents_as_operator(config: FleetConfig) -> list[str]:
 
 
 def _check_ports(settings: Settings, options: UpOptions) -> None:
-    """Refuse (75) when the web or Flower port is taken, so nothing half-starts."""
+    """Refuse (78) when the web or Flower port is taken, so nothing half-starts."""
     wanted = []
     if options.web:
         wanted.append(("web", settings.web_host, settings.web_port, "FLEET_WEB_PORT"))
@@ -234,9 +234,9 @@ def _check_port(name: str, host: str, port: int, variable: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UnavailableError(f"{name} port {host}:{port} is already in use; stop what holds it "
-                                       f"or set {variable}") from None
+            if exc.errno == errno.EADDRINUSE:  # 78, not 75: a retry finds it taken all the same
+                raise ConfigError(f"{name} port {host}:{port} is already in use; stop what holds it "
+                                  f"or set {variable} to a free port") from None
             raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc.strerror}") from None
 
 

@@ -772,9 +772,13 @@ async def _serve(services: Services, token: str, send: Sender | None) -> None:
 
 
 def _listen(app: tornado.web.Application, host: str, port: int) -> tornado.httpserver.HTTPServer:
+    # 78, not 75: a port someone else holds (or one this host cannot bind) is still so on a retry; the
+    # settings move it, as `fleet up` says before it starts anything (supervisor._check_port).
     try:
         return app.listen(port, address=host)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise UnavailableError(f"web: {host}:{port} is already in use (set FLEET_WEB_PORT)") from None
-        raise UnavailableError(f"web: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(f"web: {host}:{port} is already in use: stop what holds it or set FLEET_WEB_PORT "
+                              "to a free port") from None
+        raise ConfigError(f"web: cannot listen on {host}:{port}: {exc.strerror} (set FLEET_WEB_HOST or "
+                          "FLEET_WEB_PORT)") from None

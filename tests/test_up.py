@@ -357,15 +357,17 @@ def test_up_verbose_streams_the_parts_logs(start_up: Callable[..., UpRun], tmp_p
 @needs_proc
 def test_up_refuses_a_busy_port_before_starting_anything(start_up: Callable[..., UpRun],
                                                           tmp_path: Path) -> None:
-    """Web port taken: exit 75 with a clear message; no migration, no child."""
+    """Web port taken: exit 78 (configuration: a retry finds it taken all the same, so not 75) naming the port
+    and the setting that moves it; no migration, no child."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         busy = holder.getsockname()[1]
         run = start_up("--embedded", env={"FLEET_WEB_PORT": str(busy)})
         code = run.process.wait(30)
-    assert code == 75
-    assert f"web port 127.0.0.1:{busy} is already in use" in run.err.read_text()
+    assert code == 78
+    err = run.err.read_text()
+    assert f"web port 127.0.0.1:{busy} is already in use" in err and "FLEET_WEB_PORT" in err
     assert not (tmp_path / "fleet.db").exists()
     assert not marked_processes(run.marker)
 

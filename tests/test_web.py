@@ -338,6 +338,24 @@ def test_refuses_to_serve_without_a_token(tmp_path: Path, host: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_a_web_port_in_use_is_a_configuration_error(tmp_path: Path) -> None:
+    """78 naming the port and FLEET_WEB_PORT, not 75 "safe to retry": a retry finds the port taken as well."""
+    (tmp_path / "fleet.toml").write_text("[fleet]\n")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_TOKEN": TOKEN,
+                    "FLEET_WEB_HOST": "127.0.0.1", "FLEET_WEB_PORT": str(busy), "FLEET_LOG_DIR": str(tmp_path / "logs"),
+                    "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}"})
+        proc = subprocess.run([sys.executable, "-m", "fleet", "web"], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 78, proc.stderr
+    assert f"127.0.0.1:{busy} is already in use" in proc.stderr and "FLEET_WEB_PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_readyz_names_redis_when_it_is_down(tmp_path: Path) -> None:
     (tmp_path / "fleet.toml").write_text("[fleet]\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
