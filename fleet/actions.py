@@ -52,13 +52,30 @@ def kill(services: Services, *, agent: str | None, reason: str | None, actor: st
 
 
 def pause_intake(services: Services, *, agent: str | None, reason: str | None, actor: str) -> Outcome:
-    """Stop intake and let running runs finish."""
+    """Stop intake and let running runs finish; says so when the mirror alone holds the pause (Redis down),
+    as a kill does."""
     scope = scope_of(services, agent)
     pause.engage(services.engine, services.redis, scope=scope, reason=reason, actor=actor, now=services.now())
+    unreachable = _redis_unreachable(services)
     with db.session(services.engine) as session:
         running = store.count_running(session=session, agent=None if scope == GLOBAL else scope)
-    return Outcome("green", f"paused {_where(scope)}" + (f": {reason}" if reason else "")
+    where = _where(scope) if unreachable is None else (
+        f"{_where(scope)}, in the database only ({unreachable}; dispatches refuse it from there, and its flag is "
+        "put back in Redis once Redis answers)")
+    return Outcome("green" if unreachable is None else "amber", f"paused {where}" + (f": {reason}" if reason else "")
                    + f"; {running} running run(s) left to finish (`fleet kill` stops them now)")
+
+
+def _redis_unreachable(services: Services) -> str | None:
+    """Why Redis cannot be reached, None when it answers. pause.engage returns quietly when the mirror took
+    the pause and Redis did not, so the operator would read "paused" as "in force everywhere"."""
+    import redis
+
+    try:
+        services.redis.ping()
+    except redis.RedisError as exc:
+        return f"Redis unreachable: {exc.__class__.__name__}"
+    return None
 
 
 def resume(services: Services, *, agent: str | None, actor: str) -> Outcome:

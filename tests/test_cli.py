@@ -335,8 +335,8 @@ def test_exit_69_not_found(fleet: Fleet) -> None:
 
 
 def test_exit_75_when_redis_is_down_and_soft_fail(fleet: Fleet, closed_port: int, tmp_path: Path) -> None:
-    """75 for dispatch and watchdog; status still answers (it reports Redis down); --soft-fail makes 75 a 0
-    with a JSON line in <FLEET_LOG_DIR>/soft-fail.jsonl."""
+    """75 for dispatch and watchdog; status prints what it could read (it reports Redis down), then exits 75 too;
+    --soft-fail makes 75 a 0 with a JSON line in <FLEET_LOG_DIR>/soft-fail.jsonl."""
     only_once(fleet)
     log_dir = tmp_path / "cron-logs"
     env = {"FLEET_REDIS_URL": f"redis://127.0.0.1:{closed_port}/0", "FLEET_LOG_DIR": str(log_dir)}
@@ -349,7 +349,7 @@ def test_exit_75_when_redis_is_down_and_soft_fail(fleet: Fleet, closed_port: int
     assert_exit(watchdog, 75)
     assert "Redis unreachable" in watchdog.stderr
 
-    picture = parse(status)  # status is a report: it says Redis is down rather than failing
+    picture = parse(status, 75)  # status is a report: it says Redis is down, then fails as the table says
     assert picture["redis"].startswith("unreachable"), picture["redis"]
     assert {"kill", "spend", "dlq_depth"} <= set(picture)
 
@@ -397,6 +397,31 @@ def test_database_down_is_75_not_a_traceback(tmp_path: Path, closed_port: int) -
                     FLEET_REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
     for args in (["status"], ["runs"], ["kill", "echo"]):
         assert_exit(plain_cli(tmp_path, *args, env=env), 75)
+
+
+def test_status_and_pause_with_redis_down_say_so(tmp_path: Path, closed_port: int) -> None:
+    """`fleet status` exited 0 with Redis down ("Redis unreachable" in its body only), and `fleet pause` said
+    "paused the whole fleet" as if Redis had it. Status prints what the database holds, then exits 75 as the
+    exit-code table says; pause, held by the mirror alone, says "in the database only" and exits 0, as
+    `fleet kill` does in the same case."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}",
+                    FLEET_REDIS_URL=f"redis://127.0.0.1:{closed_port}/0", **WIDE)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    paused = plain_cli(tmp_path, "pause", "--reason", "redis down test", env=env)
+    killed = plain_cli(tmp_path, "kill", "echo", env=env)
+    assert_exit(paused, 0)
+    assert_exit(killed, 0)
+    assert "paused the whole fleet, in the database only (Redis unreachable" in paused.stdout, show(paused)
+    assert "in the database only" in killed.stdout, show(killed)
+    status, as_json, soft = (plain_cli(tmp_path, *args, env=env) for args in
+                             (["status"], ["status", "--json"], ["--soft-fail", "status"]))
+    assert_exit(status, 75)
+    assert "PAUSED *" in status.stdout and "redis down test" in status.stdout  # what the database holds
+    assert "Redis unreachable" in status.stdout and "Redis unreachable" in status.stderr
+    picture = parse(as_json, 75)
+    assert picture["redis"].startswith("unreachable") and picture["paused"] == {"*": "redis down test"}
+    assert_exit(soft, 0)
 
 
 def test_soft_fail_covers_doctor_75(fleet: Fleet, closed_port: int, tmp_path: Path) -> None:
@@ -702,7 +727,7 @@ def test_status_shows_a_stale_watchdog_verdict_as_stale(tmp_path: Path, closed_p
     finally:
         engine.dispose()
     status = plain_cli(tmp_path, "status", env=env)
-    assert_exit(status, 0)
+    assert_exit(status, 75)  # Redis down (closed_port): the rest of the picture is printed all the same
     (line,) = [line for line in status.stdout.splitlines() if line.startswith("watchdog:")]
     if said is None:
         assert "stale" not in line.lower(), line

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet.cli.common import JsonOpt, celery_sender, emit_json, out, services, shown, start_sentry, table
+from fleet.cli.common import JsonOpt, celery_sender, emit_json, fail, out, services, shown, start_sentry, table
 from fleet.errors import ExitCode, UnavailableError
 
 if TYPE_CHECKING:
@@ -32,8 +32,13 @@ def status(as_json: JsonOpt = False) -> None:
     picture = snapshot(svc)
     if as_json:
         emit_json(picture)
-        return
-    _print_status(picture)
+    else:
+        _print_status(picture)
+    if picture["redis"] != "ok":
+        # The database's part is printed above; a cron or a script reading only the exit code must still
+        # learn that the fleet is half seen (75, as the README's exit-code table says for Redis down).
+        fail(UnavailableError(f"Redis {picture['redis']}: queues, breakers, canaries and beat could not be "
+                              "read (the rest is the database's)"))
 
 
 def _print_status(p: dict[str, Any]) -> None:
