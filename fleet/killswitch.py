@@ -144,15 +144,25 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> None:
-    """Lift the switch in both places."""
+def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> bool:
+    """Lift the switch in both places, the mirror first; whether a kill was in force in either.
+
+    `kill.released` is written only when the mirror row was engaged, read (locked, on PostgreSQL) in the
+    transaction that releases it: a resume of an agent only paused, or of one never killed, lifted no kill,
+    and the audit trail must not say it did (nor twice, for two resumes racing).
+    """
     with db.session(engine) as session:
+        row = session.get(KillSwitch, scope, with_for_update=True)
+        was = row is not None and row.engaged
+        # The row is written released even when it was not engaged: its changed_at tells repair_mirror
+        # that a flag only Redis holds, set before now, was resumed and must not be mirrored back.
         _upsert(session, scope=scope, engaged=False, reason=None, actor=actor, hard=False, now=now)
-        store.add_event(session=session, at=now, kind="kill.released", agent=None if scope == GLOBAL else scope,
-                        actor=actor, scope=scope)
+        if was:
+            store.add_event(session=session, at=now, kind="kill.released", agent=None if scope == GLOBAL else scope,
+                            actor=actor, scope=scope)
         session.commit()
     try:
-        client.delete(keys.kill(scope))
+        return bool(client.delete(keys.kill(scope))) or was
     except redis.RedisError as exc:
         # Still killed in Redis: the fleet stays stopped (safe), and the operator must say it again.
         raise UnavailableError(f"released in the database, but Redis is unreachable ({exc.__class__.__name__}) "

@@ -111,9 +111,10 @@ def mirror(session: Session, *, scope: str, reason: str | None, actor: str, now:
 
 def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> bool:
     """Lift the pause of `scope`, the mirror first (so a failed Redis delete leaves it paused, never
-    half-lifted); whether it was paused at all."""
+    half-lifted); whether it was paused at all. `pause.released` only for a mirror row that was engaged, read
+    (locked, on PostgreSQL) in the transaction that releases it, so two resumes racing record one release."""
     with db.session(engine) as session:
-        row = session.get(Pause, scope)
+        row = session.get(Pause, scope, with_for_update=True)
         was = row is not None and row.engaged
         if was:
             _upsert(session, scope=scope, engaged=False, reason=None, actor=actor, now=now)

@@ -24,11 +24,12 @@ from redis.retry import Retry
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import col, select
 
-from fleet import db, keys, killflag, killswitch, watchdog
+from fleet import actions, db, keys, killflag, killswitch, pause, watchdog
 from fleet.errors import BadInputError, ExitCode, KillNotMirroredError, UnavailableError
 from fleet.keys import GLOBAL
-from fleet.models import KillSwitch
+from fleet.models import KillSwitch, RunEvent
 from fleet.services import Services, utcnow
 from fleet.state import snapshot
 from tests.harness import ROOT, wait_for
@@ -223,6 +224,30 @@ def test_resume_with_redis_down_keeps_the_flag_and_the_watchdog_does_not_put_the
     assert row is not None and not row.engaged
     killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="test", now=utcnow())
     assert not killswitch.check_redis(services.redis, None).killed
+
+
+def releases(services: Services, agent: str) -> list[str]:
+    """The release events of `agent` in the audit trail, oldest first."""
+    with db.session(services.engine) as session:
+        return [e.kind for e in session.exec(select(RunEvent).where(RunEvent.agent == agent).order_by(
+            col(RunEvent.id))) if e.kind.endswith(".released")]
+
+
+def test_resume_records_the_release_of_only_what_was_engaged(services: Services) -> None:
+    """`fleet resume echo` of an agent only paused, or neither paused nor killed, wrote `kill.released`: the
+    audit trail said a kill was lifted that never was."""
+    pause.engage(services.engine, services.redis, scope="echo", reason="maintenance", actor="test", now=utcnow())
+    said = actions.resume(services, agent="echo", actor="test").said
+    assert said == "resumed agent echo (pause lifted)"
+    assert releases(services, "echo") == ["pause.released"]
+    said = actions.resume(services, agent="echo", actor="test").said
+    assert said == "resumed agent echo (it was neither killed nor paused)"
+    assert releases(services, "echo") == ["pause.released"]
+    engage(services.engine, services.redis, scope="echo").confirm()
+    said = actions.resume(services, agent="echo", actor="test").said
+    assert said == "resumed agent echo (kill switch released)"
+    assert releases(services, "echo") == ["pause.released", "kill.released"]
+    assert not killswitch.check_redis(services.redis, "echo").killed
 
 
 # ---------------------------------------------------------------- flags Fleet did not write
