@@ -14,9 +14,11 @@ import getpass
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -422,6 +424,35 @@ def test_status_and_pause_with_redis_down_say_so(tmp_path: Path, closed_port: in
     picture = parse(as_json, 75)
     assert picture["redis"].startswith("unreachable") and picture["paused"] == {"*": "redis down test"}
     assert_exit(soft, 0)
+
+
+def test_ctrl_c_on_dispatch_wait_says_the_run_goes_on_and_how_to_follow_it(tmp_path: Path, redis_url: str) -> None:
+    """Ctrl-C stops the waiting, not the run: it exited 130 saying nothing, and the operator could not tell
+    whether the run was cancelled. No worker consumes here, so the run stays queued."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_REDIS_URL=redis_url,
+                    **WIDE)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    proc = subprocess.Popen([PY, "-m", "fleet", "dispatch", "echo", "--key", new_key("ctrl-c"), "--wait"], env=env,
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # printed before the waiting starts
+        assert first.startswith("queued run "), first
+        run_id = first.split()[2]
+        time.sleep(0.5)  # well into follow_run's polling
+        proc.send_signal(signal.SIGINT)
+        rest, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, (first + rest, stderr)
+    assert "Traceback" not in stderr
+    said = [line for line in (rest + stderr).splitlines() if run_id in line and "stopped waiting" in line]
+    assert said, (rest, stderr)
+    assert "still queued" in said[0] and f"fleet runs show {run_id}" in said[0] and f"fleet logs -f {run_id}" in said[0]
 
 
 def test_soft_fail_covers_doctor_75(fleet: Fleet, closed_port: int, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -99,22 +99,34 @@ def follow_run(svc: Services, run_id: str, quiet: bool = False, timeout: float |
 
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
-    with err.status(f"run {run_id}: waiting", spinner="dots") as spinner:
-        while True:
-            run = load_run(svc, run_id)
-            if run.status != last and not quiet:
-                spinner.update(f"run {run_id}: {run.status} (attempt {run.attempt})")
-                last = run.status
-            if run.status in TERMINAL:
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+    seen = "queued"  # a dispatch that returned a run id queued it
+    try:
+        with err.status(f"run {run_id}: waiting", spinner="dots") as spinner:
+            while True:
+                run = load_run(svc, run_id)
+                seen = str(getattr(run.status, "value", run.status))
+                if run.status != last and not quiet:
+                    spinner.update(f"run {run_id}: {run.status} (attempt {run.attempt})")
+                    last = run.status
+                if run.status in TERMINAL:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stopped_waiting(run_id, seen)
     if not quiet:
         out.print(f"run {run_id} ended [bold]{run.status}[/bold]"
                   + (f", exit {run.exit_code}" if run.exit_code is not None else "")
                   + (f": {shown(run.error)}" if run.error else ""))
     return run
+
+
+def _stopped_waiting(run_id: str, status: str) -> NoReturn:
+    """Ctrl-C stops the waiting, not the run: say so (a bare 130 read as "cancelled"), and how to follow it."""
+    err.print(f"stopped waiting: run {run_id} is still {status} and goes on (Ctrl-C stops only the waiting); "
+              f"follow it with `fleet logs -f {run_id}` or `fleet runs show {run_id}`", highlight=False, markup=False)
+    raise typer.Exit(130)  # 128 + SIGINT, as the shell's own
 
 
 def load_run(svc: Services, run_id: str) -> Run:
