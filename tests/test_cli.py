@@ -426,9 +426,11 @@ def test_status_and_pause_with_redis_down_say_so(tmp_path: Path, closed_port: in
     assert_exit(soft, 0)
 
 
-def test_ctrl_c_on_dispatch_wait_says_the_run_goes_on_and_how_to_follow_it(tmp_path: Path, redis_url: str) -> None:
+def test_ctrl_c_on_dispatch_wait_says_the_run_goes_on_and_how_to_follow_it(tmp_path: Path, redis_url: str,
+                                                                          redis: Any) -> None:
     """Ctrl-C stops the waiting, not the run: it exited 130 saying nothing, and the operator could not tell
-    whether the run was cancelled. No worker consumes here, so the run stays queued."""
+    whether the run was cancelled. No worker consumes here, so the run stays queued (`redis`: a flushed
+    database, so no other test's kill flag refuses it)."""
     (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
     env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_REDIS_URL=redis_url,
                     **WIDE)
