@@ -90,6 +90,14 @@ local function forfeit(key, run_id)
 end
 """
 
+# reopen(hash, age_s): a breaker Redis lost (a restart without persistence) opened again as it was opened
+# `age_s` ago by the database's record; never over a hash that exists (what Redis knows now stands).
+_REOPEN = SERVER_NOW_FN + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', string.format('%.6f', server_now() - tonumber(ARGV[1])))
+return 1
+"""
+
 _ALLOW = ALLOW_FN + "return allow(KEYS[1], ARGV[1], ARGV[2])"
 _RECORD = RECORD_FN + "return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
 _FORFEIT = FORFEIT_FN + "return forfeit(KEYS[1], ARGV[1])"
@@ -111,6 +119,7 @@ class Breakers:
         self._allow = client.register_script(_ALLOW)
         self._record = client.register_script(_RECORD)
         self._forfeit = client.register_script(_FORFEIT)
+        self._reopen = client.register_script(_REOPEN)
 
     def peek(self, agent: str, *, cooldown_s: float) -> Verdict:
         """Would a run be let through now? Writes nothing (for dry runs)."""
@@ -141,6 +150,10 @@ class Breakers:
         for agent in agents:
             pipe.hgetall(keys.breaker(agent))
         return {agent: dict(raw or {"state": "closed"}) for agent, raw in zip(agents, pipe.execute(), strict=True)}
+
+    def reopen(self, agent: str, *, age_s: float) -> bool:
+        """Open a breaker Redis lost again, as opened `age_s` ago; False when Redis has one for the agent."""
+        return bool(self._reopen(keys=[keys.breaker(agent)], args=[max(0.0, age_s)]))
 
     def reset(self, agent: str) -> None:
         """Close the breaker by hand."""

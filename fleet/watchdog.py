@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, killswitch, ledger, orphans
 from fleet.locks import Lease
-from fleet.models import TERMINAL, DeadLetter, Run, RunStatus, WatchdogVerdict
+from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus, WatchdogVerdict
 from fleet.services import Services
 
 GREEN, AMBER, RED = "green", "amber", "red"
@@ -303,9 +303,11 @@ def heal(services: Services) -> list[str]:
     if restored:
         healed.append(f"restored {restored} kill flag(s) from the database")
     if services.redis.set(keys.redis_epoch(), services.now().isoformat(), nx=True) and not first_pass:
-        healed.append("Redis had lost its data (epoch marker missing): marker set again")
+        reopened = reopen_breakers(services)
+        healed.append("Redis had lost its data (epoch marker missing): marker set again"
+                      + (f"; reopened the breaker of {', '.join(reopened)}" if reopened else ""))
         alerts.alert("redis_restart", f"Redis lost its data; {restored} kill flag(s) restored from the database",
-                     level="warning", restored=restored)
+                     level="warning", restored=restored, breakers_reopened=reopened)
     # The leases are read from Redis before the database session opens (see run_watchdog).
     held = services.leases.holders_of({name: spec.concurrency for name, spec in services.config.agents.items()})
     if held:
@@ -315,6 +317,36 @@ def heal(services: Services) -> list[str]:
             if services.leases.release(lease):  # fenced: a lease renewed meanwhile is not ours to drop
                 healed.append(f"released orphaned lease {lease.key} of finished run {lease.run_id}")
     return healed
+
+
+def reopen_breakers(services: Services) -> list[str]:
+    """The breakers still cooling down by the database's record (each transition leaves a `breaker.*` event),
+    opened again in Redis after it lost them: a lost one read `closed`, and an agent whose key was revoked ran
+    again (found by review). Only events within the longest cool-down matter: an older open is half-open now."""
+    fleet = services.config.fleet
+    cooldowns = {name: spec.breaker_settings(fleet)[1] for name, spec in services.config.agents.items()}
+    if not cooldowns:
+        return []
+    with db.session(services.engine) as session:
+        now = ledger.database_now(session)
+        since = now - timedelta(seconds=max(cooldowns.values()))
+        rows = session.exec(select(RunEvent.agent, RunEvent.kind, RunEvent.at)
+                            .where(col(RunEvent.kind).in_(_BREAKER_EVENTS), col(RunEvent.at) > since)
+                            .order_by(col(RunEvent.id))).all()
+    latest = {agent: (kind, at) for agent, kind, at in rows if agent in cooldowns}
+    reopened = []
+    for agent, (kind, at) in sorted(latest.items()):
+        age = (_utc(now) - _utc(at)).total_seconds()
+        if kind == "breaker.open" and age < cooldowns[agent] and services.breakers.reopen(agent, age_s=age):
+            reopened.append(agent)
+    return reopened
+
+
+_BREAKER_EVENTS = ["breaker.open", "breaker.half_open", "breaker.closed"]
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)  # SQLite's are naive UTC
 
 
 def _lease_orphaned(session: Session, lease: Lease) -> bool:

@@ -177,3 +177,24 @@ def test_a_half_open_trial_that_ended_is_freed_and_one_past_its_timeout_is_red(s
     services.redis.hset(keys.breaker("echo"), mapping={"state": "half_open", "trial": overdue})
     check = next(c for c in watchdog.run_watchdog(services, None, store_verdict=False).checks if c.name == "breakers")
     assert check.status == watchdog.RED and overdue in check.reason
+
+
+def test_an_open_breaker_redis_lost_is_opened_again_from_the_database(services: Services) -> None:
+    """DESIGN: a missing Redis value is read as the safe answer. The breaker lived in Redis only, and a lost hash
+    read `closed`: after a restart without persistence an agent whose key was revoked (exit 77 opens its breaker
+    at once) was admitted again, every tick, until its next failure (found by review). The watchdog's pass that
+    finds Redis's data lost opens again every breaker whose `breaker.open` event is within its cool-down."""
+    from fleet import executor
+    from fleet.dispatch import DispatchRequest, dispatch
+
+    queued = dispatch(services, DispatchRequest("exit77", uuid.uuid4().hex, actor="test"), lambda *_: None)
+    assert executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None).status == "dead"
+    with db.session(services.engine) as session:  # an earlier pass: this one is not the fleet's first
+        session.add(WatchdogVerdict(at=datetime.now(UTC), status="green", checks="[]"))
+        session.commit()
+    services.redis.flushdb()  # Redis restarts without persistence
+    healed = watchdog.heal(services)
+    assert any("exit77" in line for line in healed), healed
+    after = dispatch(services, DispatchRequest("exit77", uuid.uuid4().hex, actor="test"), lambda *_: None)
+    assert (after.status, after.reason) == ("refused", "breaker_open"), after
+    assert not any("breaker" in line for line in watchdog.heal(services))  # once: the marker is set again
