@@ -100,6 +100,12 @@ class Services:
         return redis_client(self.settings.broker_url, timeout_s=1.0)
 
     @cached_property
+    def instant_redis(self) -> Redis:
+        """A client with a quarter-second timeout for the look just before an agent's spawn: the claim read
+        Redis a moment ago, and a Redis that stopped answering since must not start an agent a second later."""
+        return redis_client(self.settings.broker_url, timeout_s=0.25)
+
+    @cached_property
     def leases_fast(self) -> Leases:
         """Slot leases through the fast client (the watch loop's renewals)."""
         return Leases(self.fast_redis)
@@ -137,8 +143,9 @@ class Services:
     def close(self) -> None:
         """Release sockets and pooled connections."""
         self.redis.close()
-        if "fast_redis" in self.__dict__:
-            self.fast_redis.close()
+        for name in ("fast_redis", "instant_redis"):
+            if name in self.__dict__:
+                self.__dict__[name].close()
         self.engine.dispose()
 
 

@@ -254,8 +254,15 @@ class Watcher:
         self.books.record_start(pid, pgid)
 
     def may_start(self) -> str | None:
-        """Just before the agent is spawned: a kill that landed since the claim read the flags keeps it unstarted."""
-        self.stop_reason = self.stop_reason or self._kill_check()
+        """Just before the agent is spawned: a kill that landed since the claim read the flags keeps it unstarted.
+        Redis not answering within a quarter second (it did at the claim, a moment ago) lets it start: the watch
+        loop's checks stop it past kill_unreachable_grace_s, as they would a Redis lost a moment later."""
+        try:
+            killed = killswitch.check_redis(self.services.instant_redis, self.run.agent).killed
+        except redis.RedisError:
+            self.unreachable_since = time.monotonic()
+            return None
+        self.stop_reason = self.stop_reason or ("killed" if killed else None)
         return self.stop_reason
 
     def watch(self, _cost_micros: int) -> str | None:
