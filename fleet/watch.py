@@ -257,12 +257,7 @@ class Watcher:
         """Just before the agent is spawned: a kill that landed since the claim read the flags keeps it unstarted.
         Redis not answering within a quarter second (it did at the claim, a moment ago) lets it start: the watch
         loop's checks stop it past kill_unreachable_grace_s, as they would a Redis lost a moment later."""
-        try:
-            killed = killswitch.check_redis(self.services.instant_redis, self.run.agent).killed
-        except redis.RedisError:
-            self.unreachable_since = time.monotonic()
-            return None
-        self.stop_reason = self.stop_reason or ("killed" if killed else None)
+        self.stop_reason = self.stop_reason or self._kill_check(self.services.instant_redis)
         return self.stop_reason
 
     def watch(self, _cost_micros: int) -> str | None:
@@ -285,9 +280,9 @@ class Watcher:
             return "over_cap"
         return None
 
-    def _kill_check(self) -> str | None:
+    def _kill_check(self, client: redis.Redis | None = None) -> str | None:
         try:
-            state = killswitch.check_redis(self.services.fast_redis, self.run.agent)
+            state = killswitch.check_redis(client or self.services.fast_redis, self.run.agent)
             self.unreachable_since = None
         except redis.RedisError:
             # The mirror is read by the bookkeeper; but without Redis nobody can throw the switch in time,
