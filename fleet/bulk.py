@@ -36,13 +36,12 @@ from fleet.dispatch import (
     Sender,
     admission_refusal,
     caps_of,
-    delivered_anyway,
     dispatch,
     duplicate_of,
     first_refusal_today,
     give_back,
-    kept_queued,
     refuse,
+    still_queued,
     unsend,
 )
 from fleet.errors import UnavailableError
@@ -326,6 +325,6 @@ def _send_all(services: Services, items: list[_Item], send: Sender) -> None:
                                           work_key=item.work_key, status=RunStatus.QUEUED, fence=result.fence,
                                           slot=item.lease.slot, created_at=services.now(), updated_at=services.now()))
             if undone != "undone":
-                result.reason = kept_queued(services, exc) if undone == "kept" else delivered_anyway(exc)
+                result.reason = still_queued(services, undone, exc)
                 continue
             result.status, result.reason = "unavailable", f"could not enqueue ({exc.__class__.__name__}); undone"

@@ -65,6 +65,10 @@ _MIRRORS_AND_CLOCK = {dialect: core_select(killswitch.ENGAGED.exists(), pause.EN
                       for dialect in ("postgresql", "sqlite")}
 
 
+# What unsend did: the run undone, `kept` (the database could not be told), or `taken` (a worker holds it).
+Undone = Literal["undone", "kept", "taken"]
+
+
 @dataclass(frozen=True)
 class DispatchRequest:
     """What a caller asked for, validated by `validate`."""
@@ -203,7 +207,7 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     except Exception as exc:  # noqa: BLE001 - whatever the broker raised, nothing may stay half-done
         undone = unsend(services, run)
         if undone != "undone":
-            result.reason = kept_queued(services, exc) if undone == "kept" else delivered_anyway(exc)
+            result.reason = still_queued(services, undone, exc)
             return result
         raise UnavailableError(f"could not enqueue the run ({exc.__class__.__name__}); nothing was kept: "
                                "its slot and reservation were returned, and the same key may be dispatched "
@@ -211,14 +215,13 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     return result
 
 
-def delivered_anyway(exc: BaseException) -> str:
-    """The answer for a run whose send raised after its message got through: a worker has it already."""
-    return f"its send reported an error ({exc.__class__.__name__}), but the message got through: a worker has the run"
-
-
-def kept_queued(services: Services, exc: BaseException) -> str:
-    """The answer for a run whose message failed and whose undoing failed too: it was durable before the
-    send, so it stands, and the reaper sends it (a caller told "nothing was kept" would think it never runs)."""
+def still_queued(services: Services, undone: Undone, exc: BaseException) -> str:
+    """Why a run whose send raised still stands, queued: its message got through after all and a worker has it
+    (`taken`), or its undoing failed too (`kept`): it was durable before the send, and the reaper sends it (a
+    caller told "nothing was kept" would think it never runs)."""
+    if undone == "taken":
+        return (f"its send reported an error ({exc.__class__.__name__}), but the message got through: "
+                "a worker has the run")
     return (f"its message could not be sent ({exc.__class__.__name__}) nor the run undone: it stays queued, "
             f"and the reaper sends it again within {2 * services.config.fleet.resend_after_s:g} s")
 
@@ -463,9 +466,6 @@ def give_back(services: Services, lease: Lease, result: DispatchResult) -> Dispa
     services.leases.release(lease)
     services.breakers.forfeit(lease.agent, lease.run_id)
     return result
-
-
-Undone = Literal["undone", "kept", "taken"]
 
 
 def unsend(services: Services, run: Run) -> Undone:
