@@ -53,9 +53,10 @@ def clock(dialect: str) -> ColumnElement[Any]:
 
 
 def as_database_time(value: datetime | str) -> datetime:
-    """A value of `clock()` as aware UTC: PostgreSQL answers a timestamp, SQLite a text in UTC."""
+    """A value of `clock()`, or a timestamp column, as aware UTC: PostgreSQL answers an aware timestamp,
+    SQLite a text or a naive datetime, both in UTC."""
     if isinstance(value, datetime):
-        return value.astimezone(UTC)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 

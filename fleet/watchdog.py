@@ -336,17 +336,13 @@ def reopen_breakers(services: Services) -> list[str]:
     latest = {agent: (kind, at) for agent, kind, at in rows if agent in cooldowns}
     reopened = []
     for agent, (kind, at) in sorted(latest.items()):
-        age = (_utc(now) - _utc(at)).total_seconds()
+        age = (now - ledger.as_database_time(at)).total_seconds()
         if kind == "breaker.open" and age < cooldowns[agent] and services.breakers.reopen(agent, age_s=age):
             reopened.append(agent)
     return reopened
 
 
 _BREAKER_EVENTS = ["breaker.open", "breaker.half_open", "breaker.closed"]
-
-
-def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)  # SQLite's are naive UTC
 
 
 def _lease_orphaned(session: Session, lease: Lease) -> bool:
