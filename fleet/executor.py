@@ -170,10 +170,13 @@ def _book_orphaned_spend(services: Services, run: Run, total: int) -> None:
 
 
 def _retrying_database(services: Services, run: Run, what: str, write: Callable[[], _T],
-                       wait: Callable[[float], None] = time.sleep, **detail: Any) -> _T:
-    """`write` until the database takes it, for up to outcome_retry_s (`wait` between tries: the outcome's keeps
-    its lease alive). Raises UnavailableError, logged as `run.{what}_lost` (with `detail`), when it never did."""
-    deadline = time.monotonic() + services.config.fleet.outcome_retry_s
+                       wait: Callable[[float], None] = time.sleep, *, within_s: float | None = None,
+                       **detail: Any) -> _T:
+    """`write` until the database takes it, for up to `within_s` (outcome_retry_s by default; `wait` between
+    tries: the outcome's keeps its lease alive). Raises UnavailableError, logged as `run.{what}_lost` (with
+    `detail`), when it never did."""
+    within_s = services.config.fleet.outcome_retry_s if within_s is None else within_s
+    deadline = time.monotonic() + within_s
     pause = 0.2
     while True:
         try:
@@ -182,7 +185,7 @@ def _retrying_database(services: Services, run: Run, what: str, write: Callable[
             if time.monotonic() + pause > deadline:
                 log.error(f"run.{what}_lost", run_id=run.id, error=_first_line(exc), **detail)
                 raise UnavailableError(f"could not write the {what.replace('_', ' ')} of run {run.id} for "
-                                       f"{services.config.fleet.outcome_retry_s:.0f} s: {_first_line(exc)}") from None
+                                       f"{within_s:.0f} s: {_first_line(exc)}") from None
             log.warning(f"run.{what}_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause, **detail)
             wait(pause)
             pause = min(pause * 2, 5.0)
@@ -258,19 +261,16 @@ def _claim_landed(services: Services, run: Run, fence: int, claim: str) -> bool:
     """Whether a claim whose commit raised did commit (its answer lost), asked for half a lease TTL: the lease
     the claim renewed is ours that long. Unanswered, it is taken as not committed and the execute deferred: if
     it had committed, the reaper takes the run over, and nothing started twice."""
-    deadline = time.monotonic() + services.config.fleet.lease_ttl_s / 2
-    pause_s = 0.1
-    while True:
-        try:
-            with db.session(services.engine) as session:
-                started = store.attempt_events(session=session, run_id=run.id, kind="run.started",
-                                               attempt=run.attempt, fence=fence)
-            return any(event.get("claim") == claim for event in started)
-        except SQLAlchemyError:
-            if time.monotonic() + pause_s > deadline:
-                return False
-            time.sleep(pause_s)
-            pause_s = min(2 * pause_s, 1.0)
+    def ours() -> bool:
+        with db.session(services.engine) as session:
+            started = store.attempt_events(session=session, run_id=run.id, kind="run.started",
+                                           attempt=run.attempt, fence=fence)
+        return any(event.get("claim") == claim for event in started)
+
+    try:
+        return _retrying_database(services, run, "claim", ours, within_s=services.config.fleet.lease_ttl_s / 2)
+    except UnavailableError:
+        return False
 
 
 def _reserve_retry(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime) -> bool:
