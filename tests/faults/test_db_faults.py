@@ -17,9 +17,10 @@ import pytest
 from sqlalchemy import event
 
 from fleet import db
-from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
+from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch
 from fleet.errors import UnavailableError
 from fleet.models import RunStatus
+from fleet.services import Services
 from tests.faults.conftest import FaultFleet, fault_fleet
 from tests.faults.effects import EffectsLog
 from tests.faults.proxy import PASS, RESET
@@ -178,44 +179,12 @@ def test_sqlite_on_a_full_disk_refuses_before_any_agent_starts(tmp_path: Path, s
         server.stop()
 
 
-def test_an_enqueue_failure_the_database_cannot_undo_is_never_answered_as_undone(pg_faults: FaultFleet) -> None:
-    """The broker refuses the message, and the database is cut off before the run can be undone. The row was
-    durable before the send: the answer says the run stays queued (not 75, "nothing was kept", which invites a
-    caller to think the work will not happen), the reaper sends it once both are back, and it runs once."""
-    faults = pg_faults
-    assert faults.db_proxy is not None
+@contextlib.contextmanager
+def _a_send_refused_as_the_database_goes(faults: FaultFleet) -> Iterator[tuple[Services, Sender]]:
+    """A dispatcher whose connections go through the proxy, and a send that cuts the database off (the proxy
+    resets every connection) and then fails as a broker that is down would; the database is back afterwards."""
     proxy = faults.db_proxy
-
-    def refuse_with_the_database_gone(_run_id: str, _fence: int) -> None:
-        proxy.set(RESET)
-        raise ConnectionError("broker down")
-
-    proxied = db.make_engine(faults.fleet.database_url)  # the dispatcher's connections go through the proxy
-    try:
-        answer = dispatch(dataclasses.replace(faults.fleet.services, engine=proxied),
-                          DispatchRequest("quick", f"undo-{uuid.uuid4().hex}", actor="test"),
-                          refuse_with_the_database_gone)
-    except UnavailableError as exc:
-        answer = DispatchResult(run_id=None, status="unavailable", reason=str(exc))
-    finally:
-        proxy.set(PASS)
-        proxied.dispose()
-    assert answer.status == "queued" and "reaper" in (answer.reason or ""), answer
-    assert answer.run_id is not None
-    faults.accepted.add(answer.run_id)
-    run = faults.reap_until(lambda: run_of(faults.fleet, answer.run_id or "").status in {"succeeded", "dead"}
-                            and run_of(faults.fleet, answer.run_id or ""), 60, "the reaper to send it")
-    assert run.status == RunStatus.SUCCEEDED and len(faults.effects.starts(answer.run_id)) == 1
-    assert faults.violations() == []
-
-
-def test_a_batch_whose_failed_message_cannot_be_undone_answers_it_queued(pg_faults: FaultFleet) -> None:
-    """The same in a beat batch: it used to answer such a run `unavailable ... undone` while its row stood."""
-    from fleet import bulk
-
-    faults = pg_faults
-    assert faults.db_proxy is not None
-    proxy = faults.db_proxy
+    assert proxy is not None
 
     def refuse_with_the_database_gone(_run_id: str, _fence: int) -> None:
         proxy.set(RESET)
@@ -223,19 +192,44 @@ def test_a_batch_whose_failed_message_cannot_be_undone_answers_it_queued(pg_faul
 
     proxied = db.make_engine(faults.fleet.database_url)
     try:
-        answers = bulk.dispatch_many(dataclasses.replace(faults.fleet.services, engine=proxied),
-                                     [(faults.fleet.services.config.agent("quick"), f"batch-{uuid.uuid4().hex}")],
-                                     refuse_with_the_database_gone, "test")
+        yield dataclasses.replace(faults.fleet.services, engine=proxied), refuse_with_the_database_gone
     finally:
         proxy.set(PASS)
         proxied.dispose()
-    assert [(a.status, "reaper" in (a.reason or "")) for a in answers] == [("queued", True)], answers
-    run_id = answers[0].run_id or ""
+
+
+def _sent_by_the_reaper_and_run_once(faults: FaultFleet, run_id: str) -> None:
     faults.accepted.add(run_id)
     run = faults.reap_until(lambda: run_of(faults.fleet, run_id).status in {"succeeded", "dead"}
                             and run_of(faults.fleet, run_id), 60, "the reaper to send it")
     assert run.status == RunStatus.SUCCEEDED and len(faults.effects.starts(run_id)) == 1
     assert faults.violations() == []
+
+
+def test_an_enqueue_failure_the_database_cannot_undo_is_never_answered_as_undone(pg_faults: FaultFleet) -> None:
+    """The broker refuses the message, and the database is cut off before the run can be undone. The row was
+    durable before the send: the answer says the run stays queued (not 75, "nothing was kept", which invites a
+    caller to think the work will not happen), the reaper sends it once both are back, and it runs once."""
+    with _a_send_refused_as_the_database_goes(pg_faults) as (services, send_refused):
+        try:
+            answer = dispatch(services, DispatchRequest("quick", f"undo-{uuid.uuid4().hex}", actor="test"),
+                              send_refused)
+        except UnavailableError as exc:
+            answer = DispatchResult(run_id=None, status="unavailable", reason=str(exc))
+    assert answer.status == "queued" and "reaper" in (answer.reason or ""), answer
+    assert answer.run_id is not None
+    _sent_by_the_reaper_and_run_once(pg_faults, answer.run_id)
+
+
+def test_a_batch_whose_failed_message_cannot_be_undone_answers_it_queued(pg_faults: FaultFleet) -> None:
+    """The same in a beat batch: it used to answer such a run `unavailable ... undone` while its row stood."""
+    from fleet import bulk
+
+    with _a_send_refused_as_the_database_goes(pg_faults) as (services, send_refused):
+        answers = bulk.dispatch_many(services, [(services.config.agent("quick"), f"batch-{uuid.uuid4().hex}")],
+                                     send_refused, "test")
+    assert [(a.status, "reaper" in (a.reason or "")) for a in answers] == [("queued", True)], answers
+    _sent_by_the_reaper_and_run_once(pg_faults, answers[0].run_id or "")
 
 
 def test_a_dispatch_whose_commit_never_reached_the_database_gives_its_slot_back(pg_faults: FaultFleet) -> None:
