@@ -405,14 +405,16 @@ def _queue_admitted(session: Session, services: Services, spec: AgentSpec, run: 
         give_back(services, lease, result)
         raise UnavailableError(f"run {run.id} changed under its own dispatch; nothing was kept, retry")
     caps = caps_of(services, spec)
-    if not ledger.reserve(session, day=day, agent=spec.name, amount=estimate, caps=caps, now=now):
+    reserved = ledger.reserve_counted(session, day=day, agent=spec.name, amount=estimate, caps=caps, now=now,
+                                      count=True, limit=spec.max_runs_per_day)
+    if reserved == "caps":
         if first_refusal_today(services, spec.name, day):
             alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
                          agent=spec.name, level="warning")
         room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
         gate = Gate(False, f"needs ${ledger.to_usd(estimate):.2f}, ${ledger.to_usd(max(room, 0)):.2f} left today")
         return give_back(services, lease, refuse(result, "caps", gate))  # the caller rolls the queueing back
-    if not ledger.count_run(session, day=day, agent=spec.name, limit=spec.max_runs_per_day, now=now):
+    if reserved == "bounded":
         full = f"{spec.max_runs_per_day} of {spec.max_runs_per_day} run(s) today"
         return give_back(services, lease, refuse(result, "bounded", Gate(False, full)))
     store.add_event(session=session, at=now, kind="run.queued", run_id=run.id, agent=spec.name, fence=lease.fence,

@@ -10,13 +10,14 @@ so a worker with a skewed clock cannot open a second "today".
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, func, text, update
+from sqlalchemy import ColumnElement, TextClause, func, text, update
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -80,8 +81,6 @@ _COUNT_RUN = {bounded: text("UPDATE spend_days SET runs = runs + 1, updated_at =
                             "scope = :scope" + (" AND runs < :limit" if bounded else ""))
               for bounded in (False, True)}
 _SETTLE_RUN = text("UPDATE runs SET settled_at = :now, reserved_micros = 0 WHERE id = :id")
-_RETURN_RESERVED = text("UPDATE spend_days SET reserved_micros = reserved_micros - :remaining, "
-                        "updated_at = :now WHERE day = :day AND scope = :scope")
 
 
 @dataclass(frozen=True)
@@ -97,10 +96,84 @@ def reserve(session: Session, *, day: str, agent: str, amount: int, caps: Caps, 
 
     Runs in the caller's transaction; on False the caller must roll back (nothing is then reserved).
     """
+    return reserve_counted(session, day=day, agent=agent, amount=amount, caps=caps, now=now) == "ok"
+
+
+Reserved = Literal["ok", "caps", "bounded"]
+
+
+def reserve_counted(session: Session, *, day: str, agent: str, amount: int, caps: Caps, now: datetime,
+                    count: bool = False, limit: int | None = None) -> Reserved:
+    """`reserve`, and with `count` also `count_run` (the day's run count of the agent, refused at `limit`):
+    `ok`, or what refused it (`caps`, `bounded`), in which case the caller must roll back.
+
+    On PostgreSQL the agent's row and then the fleet's are updated by one statement: a round trip and
+    the time the fleet's row stays locked are saved on every dispatch (the row every dispatch waits on).
+    Anything but both rows taken (a day's first reservation finds no rows; a cap or the bound refused)
+    is decided again the long way, on exactly what is left to do, so the answer is the same as there."""
+    if session.get_bind().dialect.name == "postgresql":
+        took_agent, took_fleet = session.execute(_reserve_both(caps.agent is not None, caps.fleet is not None,
+                                                               count, limit is not None),
+                                                 {"amount": amount, "day": day, "scope": agent, "now": now,
+                                                  "agent_cap": caps.agent, "fleet_cap": caps.fleet,
+                                                  "limit": limit}).one()
+        if took_agent and took_fleet:
+            return "ok"
+        if took_agent:  # the fleet's row is missing or its cap refused: the agent's part is done
+            return "ok" if _add_reserved(session, day, GLOBAL, amount, caps.fleet, now) else "caps"
     for scope, cap in ((agent, caps.agent), (GLOBAL, caps.fleet)):  # fixed order: no deadlock
         if not _add_reserved(session, day, scope, amount, cap, now):
-            return False
-    return True
+            return "caps"
+    if count and not count_run(session, day=day, agent=agent, limit=limit, now=now):
+        return "bounded"
+    return "ok"
+
+
+@functools.cache
+def _reserve_both(agent_capped: bool, fleet_capped: bool, count: bool, bounded: bool) -> TextClause:
+    """The agent's row, then (only if it was taken) the fleet's: a reservation in one statement."""
+    room = " AND spent_micros + reserved_micros + :amount <= "
+    return _both_rows(agent_sets=", runs = runs + 1" if count else "",
+                      agent_where=(room + ":agent_cap" if agent_capped else "")
+                      + (" AND runs < :limit" if count and bounded else ""),
+                      fleet_where=(room + ":fleet_cap" if fleet_capped else "") + " AND EXISTS (SELECT 1 FROM agent)")
+
+
+def _both_rows(*, both_sets: str = "", agent_sets: str = "", agent_where: str = "", fleet_where: str) -> TextClause:
+    """One PostgreSQL statement that updates the agent's row, then the fleet's, and says how many of each it
+    took. The fleet's UPDATE names the agent's RETURNING in its WHERE (a one-time filter, evaluated before
+    it scans), so the agent's row is locked first, in the same order as everywhere else: no deadlock."""
+    sets = f"reserved_micros = reserved_micros + :amount{both_sets}, updated_at = :now"
+    agent = f"UPDATE spend_days SET {sets}{agent_sets} WHERE day = :day AND scope = :scope{agent_where} RETURNING 1"
+    fleet = f"UPDATE spend_days SET {sets} WHERE day = :day AND scope = '{GLOBAL}'{fleet_where} RETURNING 1"
+    return text(f"WITH agent AS ({agent}), fleet AS ({fleet}) "
+                "SELECT (SELECT count(*) FROM agent), (SELECT count(*) FROM fleet)")
+
+
+# A booking or a settlement: spent and reserved moved on both rows, neither refused. The fleet's one-time filter
+# is always true: it is there only to make its UPDATE wait for the agent's.
+_MOVE_BOTH = _both_rows(both_sets=", spent_micros = spent_micros + :spent",
+                        fleet_where=" AND (SELECT count(*) FROM agent) >= 0")
+_MOVE_ONE = text("UPDATE spend_days SET reserved_micros = reserved_micros + :amount, "
+                 "spent_micros = spent_micros + :spent, updated_at = :now WHERE day = :day AND scope = :scope")
+
+
+def _move(session: Session, *, day: str, agent: str, reserved: int, spent: int, now: datetime,
+          make_missing: bool) -> None:
+    """Add `reserved` and `spent` to the agent's row and the fleet's (one statement on PostgreSQL). A row the
+    day lacks is made first when `make_missing` (money spent must be counted), else left out (a reservation
+    given back that the day never held)."""
+    params = {"amount": reserved, "spent": spent, "day": day, "scope": agent, "now": now}
+    if session.get_bind().dialect.name == "postgresql":
+        took = tuple(session.execute(_MOVE_BOTH, params).one())
+    else:
+        took = tuple(db.rowcount(session.execute(_MOVE_ONE, {**params, "scope": scope})) for scope in (agent, GLOBAL))
+    if all(took) or not make_missing:
+        return
+    _ensure_many(session, day, [agent], now)
+    for scope, done in zip((agent, GLOBAL), took, strict=True):
+        if not done:
+            session.execute(_MOVE_ONE, {**params, "scope": scope})
 
 
 def _add_reserved(session: Session, day: str, scope: str, amount: int, cap: int | None, now: datetime) -> bool:
@@ -176,10 +249,6 @@ def runs_counted(session: Session, *, day: str, agent: str) -> int:
     return 0 if row is None else row.runs
 
 
-def _ensure_rows(session: Session, day: str, agent: str, now: datetime) -> None:
-    _ensure_many(session, day, [agent], now)
-
-
 def _ensure_many(session: Session, day: str, agents: list[str], now: datetime) -> None:
     rows = [{"day": day, "scope": scope, "reserved_micros": 0, "spent_micros": 0, "runs": 0, "updated_at": now}
             for scope in (*agents, GLOBAL)]
@@ -242,12 +311,7 @@ def _book(session: Session, current: Run, amount: int, day: str | None, now: dat
     # What the row now holds, without a flush of its own at commit (the UPDATE above wrote it).
     set_committed_value(current, "cost_micros", current.cost_micros + amount)
     set_committed_value(current, "reserved_micros", current.reserved_micros - consumed)
-    _ensure_rows(session, day, current.agent, now)
-    for scope in (current.agent, GLOBAL):
-        session.execute(text("UPDATE spend_days SET spent_micros = spent_micros + :amount, "
-                             "reserved_micros = reserved_micros - :consumed, updated_at = :now "
-                             "WHERE day = :day AND scope = :scope"),
-                        params={"amount": amount, "consumed": consumed, "now": now, "day": day, "scope": scope})
+    _move(session, day=day, agent=current.agent, reserved=-consumed, spent=amount, now=now, make_missing=True)
     return amount
 
 
@@ -265,10 +329,8 @@ def settle(session: Session, *, run: Run, now: datetime, current: Run | None = N
         return False
     remaining = current.reserved_micros
     session.execute(_SETTLE_RUN, params={"now": now, "id": run.id})
-    _ensure_rows(session, run.budget_day, run.agent, now)
-    for scope in (run.agent, GLOBAL):
-        session.execute(_RETURN_RESERVED,
-                        params={"remaining": remaining, "now": now, "day": run.budget_day, "scope": scope})
+    if remaining:  # what the day holds for it goes back (a day without its rows holds nothing of it)
+        _move(session, day=run.budget_day, agent=run.agent, reserved=-remaining, spent=0, now=now, make_missing=False)
     set_committed_value(current, "settled_at", now)  # written above: no second UPDATE at commit
     set_committed_value(current, "reserved_micros", 0)
     if run is not current:

@@ -153,3 +153,66 @@ def test_money_at_the_config_limit_fits_the_ledger(engine: Engine) -> None:
         session.commit()
         row = session.get(SpendDay, (DAY, GLOBAL))
         assert row is not None and row.reserved_micros == 1000 * most
+
+
+# ---------------------------------------------------------------- reserve and count: every branch, both databases
+
+
+def _day_rows(engine: Engine) -> dict[str, tuple[int, int]]:
+    with db.session(engine) as session:
+        return {row.scope: (row.reserved_micros, row.runs) for row in ledger.day_rows(session, day=DAY)}
+
+
+def _reserve_counted(engine: Engine, agent: str, amount: int, caps: ledger.Caps, limit: int | None) -> str:
+    with db.session(engine) as session:
+        answer = ledger.reserve_counted(session, day=DAY, agent=agent, amount=amount, caps=caps, now=NOW,
+                                        count=True, limit=limit)
+        session.commit() if answer == "ok" else session.rollback()
+        return answer
+
+
+def test_reserve_and_count_takes_both_rows_once_and_refuses_for_the_first_reason(engine: Engine) -> None:
+    """The day's first run (no rows), the next (both rows there), a fleet cap that refuses after the agent's row
+    was taken, the agent's bound, and a run over both cap and bound (the cap is named, as it is checked first):
+    each refusal leaves the rows as they were, and each pass reserves and counts exactly once."""
+    caps = ledger.Caps(agent=1_000, fleet=300)
+    assert _reserve_counted(engine, "a", 100, caps, limit=2) == "ok"
+    assert _day_rows(engine) == {"a": (100, 1), GLOBAL: (100, 0)}
+    assert _reserve_counted(engine, "a", 100, caps, limit=2) == "ok"
+    assert _day_rows(engine) == {"a": (200, 2), GLOBAL: (200, 0)}
+    assert _reserve_counted(engine, "a", 150, caps, limit=None) == "caps"  # the agent's row fits, the fleet's not
+    assert _reserve_counted(engine, "b", 200, caps, limit=None) == "caps"  # ... and on a row the day has not made
+    assert _reserve_counted(engine, "a", 50, caps, limit=2) == "bounded"
+    assert _reserve_counted(engine, "a", 200, caps, limit=2) == "caps"
+    assert _day_rows(engine) == {"a": (200, 2), GLOBAL: (200, 0)}
+    assert _reserve_counted(engine, "b", 100, caps, limit=None) == "ok"
+    assert _day_rows(engine) == {"a": (200, 2), "b": (100, 1), GLOBAL: (300, 0)}
+
+
+def test_reserve_and_count_makes_a_missing_fleet_row_without_reserving_the_agent_twice(engine: Engine) -> None:
+    """The agent's row exists and the fleet's does not (a fleet row purged, or a database edited by hand): the
+    agent's part is taken once, the fleet's row is made and taken."""
+    from sqlalchemy import delete
+
+    assert _reserve_counted(engine, "a", 100, ledger.Caps(None, None), limit=None) == "ok"
+    with db.session(engine) as session:
+        session.execute(delete(SpendDay).where(SpendDay.scope == GLOBAL))
+        session.commit()
+    assert _reserve_counted(engine, "a", 100, ledger.Caps(None, 1_000), limit=None) == "ok"
+    assert _day_rows(engine) == {"a": (200, 2), GLOBAL: (100, 0)}
+
+
+
+def test_settling_on_a_day_without_its_rows_gives_back_nothing_there(engine: Engine) -> None:
+    """A run's day rows are gone (purged by hand): settling what it had reserved makes no row of negative
+    reservations (it used to make empty rows, then take the reservation off them)."""
+    from sqlalchemy import delete
+
+    run = reserved_run(engine, 200_000)
+    with db.session(engine) as session:
+        session.execute(delete(SpendDay))
+        session.commit()
+    with db.session(engine) as session:
+        assert ledger.settle(session, run=run, now=NOW)
+        session.commit()
+    assert _day_rows(engine) == {}

@@ -86,7 +86,7 @@ def test_an_unexpected_error_inside_the_dispatch_gives_its_slot_back(
     def overflow(*_args: Any, **_kwargs: Any) -> bool:
         raise OverflowError("Python int too large to convert to SQLite INTEGER")
 
-    monkeypatch.setattr(ledger, "reserve", overflow)
+    monkeypatch.setattr(ledger, "reserve_counted", overflow)
     with pytest.raises(OverflowError):
         dispatch(services, DispatchRequest("echo", "first", actor="test"), lambda *_: None)
     monkeypatch.undo()
