@@ -328,3 +328,23 @@ def test_a_dispatch_whose_event_cannot_be_written_keeps_no_slot(services: Servic
     with db.session(services.engine) as session:
         events = store.run_events(session=session, run_id=result.run_id or "")
     assert [e.kind for e in events] == ["run.created", "run.queued"] and len(events[0].actor or "") == 255
+
+
+# ---------------------------------------------------------------- one read of the agent's runs before the admission
+
+
+def test_a_superseded_queued_run_hands_its_slot_to_the_run_that_replaces_it(services: Services) -> None:
+    """The dispatch reads its unit's unstarted runs and the slots its agent's live runs hold in one statement,
+    before it archives: a queued run it archives (superseded: another key for the same work) no longer holds
+    its slot, even when Redis lost the leases (a restart) and only the database tells which slots are held."""
+    spec = services.config.agent("echo")
+    held = dispatch(services, DispatchRequest("echo", "unit", actor="test"), lambda _run_id, _fence: None)
+    assert held.status == "queued"
+    with db.session(services.engine) as session:  # its key renamed, as a hand edit or an old release does
+        session.execute(text("UPDATE runs SET idem_key = 'echo:unit:old' WHERE id = :id"), {"id": held.run_id})
+        session.commit()
+    services.redis.flushdb()  # the leases went with a Redis restart: only the database knows slot 1 is held
+    assert spec.concurrency == 1
+    again = dispatch(services, DispatchRequest("echo", "unit", actor="test"), lambda _run_id, _fence: None)
+    assert (again.status, again.archived) == ("queued", [held.run_id]), again
+    assert _row(services, held.run_id or "").status == RunStatus.ARCHIVED
