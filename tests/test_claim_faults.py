@@ -99,3 +99,23 @@ def test_a_kill_landing_after_the_claim_starts_no_agent(services: Services, monk
     marks = tmp_path / "counter.txt"
     assert not marks.exists() or not marks.read_text(), f"the agent ran after the kill: {marks.read_text()}"
     assert ended.status == "killed" and _row(services, run_id).status == RunStatus.KILLED, ended
+
+
+def test_a_kill_redis_lost_stops_a_claim_by_its_mirror(services: Services) -> None:
+    """The claim reads its run and the kill mirror in one statement. A kill whose flag Redis lost (a restart
+    without persistence) is still in force for every scope it names: the queued run ends killed, nothing
+    starts, and the flag is put back; a kill of another agent leaves the run to start."""
+    from datetime import UTC, datetime
+
+    from fleet import keys, killswitch
+
+    for scope, stops in (("other", False), ("echo", True), ("*", True)):
+        run_id, fence = _queued(services, "echo")
+        killswitch.engage(services.engine, services.redis, scope=scope, reason="test", actor="test", hard=False,
+                          now=datetime.now(UTC))
+        services.redis.delete(keys.kill(scope))
+        result, _sent = _execute(services, run_id, fence)
+        assert (result.status == "killed") == stops, (scope, result)
+        assert (_row(services, run_id).started_at is None) == stops
+        assert (services.redis.exists(keys.kill(scope)) == 1) == stops  # put back from the mirror
+        killswitch.release(services.engine, services.redis, scope=scope, actor="test", now=datetime.now(UTC))
