@@ -17,13 +17,15 @@
     (the fleet-wide figure: only the fleet's row is shared). Total reservations/s and per-reservation
     latency; afterwards the ledger rows must equal the number of reservations made, to the micro-dollar.
     Beside each case, the same in the same run through the bare driver (psycopg / sqlite3, no SQLAlchemy,
-    no Fleet): the same two guarded UPDATEs and COMMIT, with Fleet's durability settings. It is the floor
-    of a reservation that is exact under race: what the database and its driver cost, before Fleet.
+    no Fleet): the SQL Fleet sends (SQLite: two guarded UPDATEs; PostgreSQL: ledger's one statement over
+    both rows) and COMMIT, with Fleet's durability settings. It is the floor of a reservation that is exact
+    under race: what the database and its driver cost, before Fleet.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -156,7 +158,7 @@ def kill_bench(kind: str, home: Path, redis_url: str, sizes: list[int], reps: in
 def _reserver(url: str, day: str, agent: str, duration: float, go: Any, start_at: Any, ready: Any, out: Any,
               raw: bool) -> None:
     """One contending process: reserve 1 micro-dollar per transaction until the time is up; `raw`: the same
-    two guarded UPDATEs and COMMIT through the bare driver (no SQLAlchemy, no Fleet), the floor of the design."""
+    SQL and COMMIT through the bare driver (no SQLAlchemy, no Fleet), the floor of the design."""
     engine = db.make_engine(url)
     caps = ledger.Caps(agent=HUGE_CAP, fleet=HUGE_CAP)
     reserve_once = _raw_reserver(url, day, agent) if raw else None
@@ -189,32 +191,39 @@ _RAW_RESERVE = ("UPDATE spend_days SET reserved_micros = reserved_micros + {p}, 
 
 
 def _raw_reserver(url: str, day: str, agent: str) -> Callable[[], None]:
-    """One reservation (agent row, then the fleet's, each guarded by its cap, then COMMIT) on a driver
-    connection of its own, with Fleet's durability settings (SQLite: WAL, synchronous=FULL, BEGIN IMMEDIATE)."""
+    """One reservation through a driver connection of its own, with Fleet's durability settings, in the SQL
+    Fleet sends: on SQLite (WAL, synchronous=FULL, BEGIN IMMEDIATE) the agent's row, then the fleet's, each
+    guarded by its cap, then COMMIT; on PostgreSQL both rows in ledger's one statement, then COMMIT."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         conn: Any = sqlite3.connect(parsed.database or "", isolation_level=None, timeout=10)
         for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000"):
             conn.execute(f"PRAGMA {pragma}")
-        statement, begin = _RAW_RESERVE.format(p="?"), "BEGIN IMMEDIATE"
-    else:
-        import psycopg
 
-        conn = psycopg.connect(parsed.set(drivername="postgresql").render_as_string(hide_password=False))
-        statement, begin = _RAW_RESERVE.format(p="%s"), None
+        def reserve_once() -> None:
+            now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            cursor = conn.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            for scope in (agent, GLOBAL):
+                cursor.execute(_RAW_RESERVE.format(p="?"), (1, now, day, scope, 1, HUGE_CAP))
+                if cursor.rowcount != 1:
+                    raise RuntimeError("a raw reservation was refused under a cap that cannot be reached")
+            cursor.execute("COMMIT")
+        return reserve_once
+    import psycopg
 
-    def reserve_once() -> None:
-        now: Any = datetime.now(UTC)
-        now = now.strftime("%Y-%m-%d %H:%M:%S.%f") if begin else now
+    conn = psycopg.connect(parsed.set(drivername="postgresql").render_as_string(hide_password=False))
+    # ledger's own statement, in the driver's parameter style
+    both = re.sub(r":(\w+)", r"%(\1)s", ledger._reserve_both(True, True, False, False).text)
+
+    def reserve_both() -> None:
         cursor = conn.cursor()
-        if begin:
-            cursor.execute(begin)
-        for scope in (agent, GLOBAL):
-            cursor.execute(statement, (1, now, day, scope, 1, HUGE_CAP))
-            if cursor.rowcount != 1:
-                raise RuntimeError("a raw reservation was refused under a cap that cannot be reached")
-        conn.commit() if not begin else cursor.execute("COMMIT")
-    return reserve_once
+        cursor.execute(both, {"amount": 1, "now": datetime.now(UTC), "day": day, "scope": agent,
+                              "agent_cap": HUGE_CAP, "fleet_cap": HUGE_CAP})
+        if cursor.fetchone() != (1, 1):
+            raise RuntimeError("a raw reservation was refused under a cap that cannot be reached")
+        conn.commit()
+    return reserve_both
 
 
 def reserve_rep(url: str, processes: int, duration: float, spread: bool, raw: bool = False) -> dict[str, Any]:
