@@ -387,7 +387,11 @@ def main(args: list[str]) -> int:
     agent = os.fork()
     if agent == 0:
         _become_agent(argv, options, tether)
-    return supervise(agent, tether, ttl_s, grace_s, wake)
+    code = supervise(agent, tether, ttl_s, grace_s, wake)
+    # Nothing is left to kill, and the executor asks on every turn until we are gone: Python's shutdown puts
+    # SIGUSR1's default action back (ending us by it, not with the agent's status), but leaves an ignored one be.
+    _signal.signal(SIGUSR1, _signal.SIG_IGN)  # through Python's own table: its shutdown reads that one
+    return code
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -633,3 +634,18 @@ def test_the_orphan_sweeps_kill_takes_what_left_the_group_too(tmp_path: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kill_requests_that_keep_coming_leave_the_launcher_reporting_the_agents_end() -> None:
+    """The executor asks the launcher to kill by SIGUSR1 on every turn of its loop until the launcher exits. A
+    request arriving while the Python launcher exits (its interpreter puts the default action back at
+    shutdown) ended it by SIGUSR1 (138), in place of the agent's own end (137, killed): CI saw it."""
+    argv = process.launcher_argv(["/bin/sleep", "30"], dict(ENV), process.Launch(), grace_s=5)
+    launched = subprocess.Popen(argv, env=dict(ENV), start_new_session=True)
+    children = Path(f"/proc/{launched.pid}/task/{launched.pid}/children")
+    assert wait_for(lambda: bool(children.read_text().split()))  # its handler is set before it forks the agent
+    while launched.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(launched.pid, signal.SIGUSR1)
+        time.sleep(0.0002)
+    assert launched.returncode == 128 + signal.SIGKILL

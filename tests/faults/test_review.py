@@ -184,7 +184,7 @@ def test_an_ambiguous_commit_of_a_dead_letter_still_raises_its_alert(pg_faults: 
 def test_an_ambiguous_commit_of_a_running_charge_is_counted_once(pg_faults: FaultFleet) -> None:
     """The COMMIT that books an agent's first reported step reaches PostgreSQL but its answer is lost: the step
     must be booked once, not once more with the next usage line (counted once: the run's cost is what it spent)."""
-    run = _run_with_a_cut_commit(pg_faults, "work", b"UPDATE spend_days SET spent_micros")
+    run = _run_with_a_cut_commit(pg_faults, "work", b"spent_micros = spent_micros +")
     assert run.status == RunStatus.SUCCEEDED and run.attempt == 1
     assert pg_faults.violations() == []
     spent = pg_faults.effects.spent(run.id)
