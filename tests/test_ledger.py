@@ -216,3 +216,82 @@ def test_settling_on_a_day_without_its_rows_gives_back_nothing_there(engine: Eng
         assert ledger.settle(session, run=run, now=NOW)
         session.commit()
     assert _day_rows(engine) == {}
+
+
+# ---------------------------------------------------------------- lock order: agent row first, even when it is missing
+
+
+def _pg_lock_waits(engine: Engine) -> int:
+    from sqlalchemy import text
+
+    with engine.connect() as probe:
+        return int(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'")).scalar_one())
+
+
+def test_a_booking_on_a_day_without_the_agents_row_never_deadlocks_with_its_first_reservation(
+        engine: Engine) -> None:
+    """The agent's day row is gone (purged by hand; the fleet's stays) while the run that reserved on it books what
+    it spent, and a new run of the same agent reserves that day (its first reservation now: it makes the agent's
+    row). Rows are locked agent first, fleet last, everywhere: the booking must not take the fleet's row before
+    the agent's (it would wait on the new agent row while the reservation waits on the fleet's row: a cycle)."""
+    import threading
+    import time
+
+    import pytest
+    from sqlalchemy import delete, event
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers are serialised (BEGIN IMMEDIATE): no row locks, no deadlock")
+    run = reserved_run(engine, 200_000)
+    with db.session(engine) as session:  # the agent's row purged, the fleet's kept
+        session.execute(delete(SpendDay).where(SpendDay.scope == "a"))
+        session.commit()
+    made, go = threading.Event(), threading.Event()
+    reserving: list[int] = []
+    errors: list[BaseException] = []
+
+    def after_execute(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        # the reservation has just made the agent's row (its upsert), and holds it uncommitted
+        if threading.get_ident() in reserving and statement.lstrip().upper().startswith("INSERT INTO SPEND_DAYS"):
+            made.set()
+            assert go.wait(20), "never let go"
+
+    def reserve() -> None:
+        reserving.append(threading.get_ident())
+        try:
+            with db.session(engine) as session:
+                assert ledger.reserve(session, day=DAY, agent="a", amount=100_000, caps=CAPS, now=NOW)
+                session.commit()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def book() -> None:
+        try:
+            charge(engine, run, 50_000)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    event.listen(engine, "after_cursor_execute", after_execute)
+    first, second = threading.Thread(target=reserve), threading.Thread(target=book)
+    try:
+        first.start()
+        assert made.wait(20), "the reservation never made the agent's row"
+        second.start()
+        deadline = time.monotonic() + 20
+        while not _pg_lock_waits(engine):  # the booking waits on the reservation (the agent's row it is making)
+            assert time.monotonic() < deadline and second.is_alive(), "the booking never waited"
+            time.sleep(0.02)
+        go.set()
+        first.join(30)
+        second.join(30)
+    finally:
+        go.set()
+        event.remove(engine, "after_cursor_execute", after_execute)
+    assert not first.is_alive() and not second.is_alive()
+    assert errors == [], f"a transaction failed: {errors!r}"
+    # the new reservation on both rows; the booking: 50_000 spent out of its 200_000 reserved (the agent's row
+    # came back without the old reservation: it only takes the booking's part off)
+    with db.session(engine) as session:
+        rows = {row.scope: (row.spent_micros, row.reserved_micros) for row in ledger.day_rows(session, day=DAY)}
+    assert rows == {"a": (50_000, 100_000 - 50_000), GLOBAL: (50_000, 200_000 + 100_000 - 50_000)}, rows
