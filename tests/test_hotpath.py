@@ -348,3 +348,84 @@ def test_a_superseded_queued_run_hands_its_slot_to_the_run_that_replaces_it(serv
     again = dispatch(services, DispatchRequest("echo", "unit", actor="test"), lambda _run_id, _fence: None)
     assert (again.status, again.archived) == ("queued", [held.run_id]), again
     assert _row(services, held.run_id or "").status == RunStatus.ARCHIVED
+
+
+def test_a_dispatch_that_waits_while_it_archives_still_sees_the_slot_a_run_took_meanwhile(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slots the database says live runs hold are what keeps two runs off one slot after Redis lost its leases
+    (a restart). A dispatch that archives a superseded run (its key renamed, as in the test above) waits on its
+    agent's spend row while another dispatch of the agent holds it; that one commits its run on slot 0, then Redis
+    restarts. The waiting dispatch must count slot 0 as taken when it is admitted: read before the wait, the slots
+    miss it and both runs hold slot 0."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers are serialised (BEGIN IMMEDIATE): no dispatch waits inside another's")
+    from sqlalchemy import event
+
+    def queue(work_key: str) -> DispatchResult:
+        result = dispatch(services, DispatchRequest("long", work_key, actor="test"), lambda _run_id, _fence: None)
+        assert result.status == "queued", result
+        return result
+
+    first = queue("x")  # slot 0
+    stale = queue("u1")  # slot 1
+    with db.session(services.engine) as session:  # the first ends (slot 0 free); the second is superseded
+        session.execute(text("UPDATE runs SET status = 'succeeded', finished_at = now() WHERE id = :id"),
+                        {"id": first.run_id})
+        session.execute(text("UPDATE runs SET idem_key = 'long:u1:old' WHERE id = :id"), {"id": stale.run_id})
+        session.commit()
+    services.leases.release(Lease("long", 0, first.run_id or "", first.fence or 0))
+    assert _row(services, stale.run_id or "").slot == 1
+
+    holding, let_go, committed = threading.Event(), threading.Event(), threading.Event()
+    threads: dict[str, int] = {}
+    answers: dict[str, object] = {}
+
+    def before_commit(_session: object) -> None:  # the other dispatch, its rows locked, not committed yet
+        if threading.get_ident() == threads.get("other"):
+            holding.set()
+            assert let_go.wait(20), "never let go"
+
+    real_admit = services.admissions.admit
+
+    def admit(*args: object, **kwargs: object) -> object:
+        if threading.get_ident() == threads.get("waiting"):
+            assert committed.wait(20), "the other dispatch never committed"
+            services.redis.flushdb()  # Redis restarts: the leases are gone, only the database knows the slots
+        return real_admit(*args, **kwargs)  # type: ignore[arg-type]
+
+    def run(name: str, work_key: str) -> None:
+        threads[name] = threading.get_ident()
+        try:
+            answers[name] = queue(work_key)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            answers[name] = exc
+        finally:
+            if name == "other":
+                committed.set()
+
+    monkeypatch.setattr(services.admissions, "admit", admit)
+    event.listen(db.Session, "before_commit", before_commit)
+    other = threading.Thread(target=run, args=("other", "u2"))
+    waiting = threading.Thread(target=run, args=("waiting", "u1"))
+    try:
+        other.start()
+        assert holding.wait(20), "the other dispatch never reached its commit"
+        waiting.start()
+        deadline = time.monotonic() + 20
+        while not _lock_waits(services):  # the archiving dispatch waits on the agent's spend row
+            assert time.monotonic() < deadline and waiting.is_alive(), "the archiving dispatch never waited"
+            time.sleep(0.02)
+        let_go.set()
+        other.join(30)
+        waiting.join(30)
+    finally:
+        let_go.set()
+        committed.set()
+        event.remove(db.Session, "before_commit", before_commit)
+    assert not other.is_alive() and not waiting.is_alive()
+    took, again = answers["other"], answers["waiting"]
+    assert isinstance(took, DispatchResult) and isinstance(again, DispatchResult), answers
+    assert again.archived == [stale.run_id]
+    slots = {name: _row(services, result.run_id or "").slot for name, result in (("other", took), ("waiting", again))}
+    assert slots["other"] == 0
+    assert slots["waiting"] != slots["other"], f"two live runs hold one slot: {slots}"
