@@ -119,3 +119,35 @@ def test_a_kill_redis_lost_stops_a_claim_by_its_mirror(services: Services) -> No
         assert (_row(services, run_id).started_at is None) == stops
         assert (services.redis.exists(keys.kill(scope)) == 1) == stops  # put back from the mirror
         killswitch.release(services.engine, services.redis, scope=scope, actor="test", now=datetime.now(UTC))
+
+
+def test_a_kill_only_the_mirror_holds_landing_during_the_claims_redis_round_trip_stops_it(
+        services: Services, monkeypatch: Any, tmp_path: Any, closed_port: int) -> None:
+    """`fleet kill` cannot reach Redis (the kill is in the mirror only: "running agents stop at their next mirror
+    check") and commits while a claim is asking Redis for its flags and lease. Redis has no flag, so only the
+    mirror can stop the claim, and it is read for that after the Redis answer: the run ends killed, no agent
+    starts. Read before the round trip, the mirror misses the kill and the agent runs."""
+    import pytest
+    import redis as redis_lib
+
+    from fleet import killswitch
+
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write lock (BEGIN IMMEDIATE) holds the kill's mirror write until the claim ends")
+    unreachable = redis_lib.Redis(host="127.0.0.1", port=closed_port, socket_connect_timeout=1)
+    real_claim = services.admissions.claim
+
+    def kill_lands_while_asking_redis(*args: Any, **kwargs: Any) -> Any:
+        engaged = killswitch.engage(services.engine, unreachable, scope="counter", reason="stop", actor="operator",
+                                    hard=False, now=services.now())
+        assert engaged.mirrored and not engaged.in_redis, engaged
+        return real_claim(*args, **kwargs)
+
+    run_id, fence = _queued(services, "counter")
+    monkeypatch.setattr(services.admissions, "claim", kill_lands_while_asking_redis)
+    ended, _ = _execute(services, run_id, fence)
+    monkeypatch.undo()
+    killswitch.release(services.engine, services.redis, scope="counter", actor="test", now=services.now())
+    marks = tmp_path / "counter.txt"
+    assert not marks.exists() or not marks.read_text(), f"the agent ran after the kill: {marks.read_text()}"
+    assert ended.status == "killed" and _row(services, run_id).status == RunStatus.KILLED, ended
