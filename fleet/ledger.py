@@ -150,10 +150,11 @@ def _both_rows(*, both_sets: str = "", agent_sets: str = "", agent_where: str = 
                 "SELECT (SELECT count(*) FROM agent), (SELECT count(*) FROM fleet)")
 
 
-# A booking or a settlement: spent and reserved moved on both rows, neither refused. The fleet's one-time filter
-# is always true: it is there only to make its UPDATE wait for the agent's.
+# A booking or a settlement: spent and reserved moved on both rows, neither refused. The fleet's row is taken only
+# when the agent's was: a day without the agent's row must make that row (and lock it) before the fleet's is
+# locked, or a booking holding the fleet's row waits on a reservation making the agent's row that waits on it.
 _MOVE_BOTH = _both_rows(both_sets=", spent_micros = spent_micros + :spent",
-                        fleet_where=" AND (SELECT count(*) FROM agent) >= 0")
+                        fleet_where=" AND EXISTS (SELECT 1 FROM agent)")
 _MOVE_ONE = text("UPDATE spend_days SET reserved_micros = reserved_micros + :amount, "
                  "spent_micros = spent_micros + :spent, updated_at = :now WHERE day = :day AND scope = :scope")
 
@@ -166,6 +167,12 @@ def _move(session: Session, *, day: str, agent: str, reserved: int, spent: int, 
     params = {"amount": reserved, "spent": spent, "day": day, "scope": agent, "now": now}
     if session.get_bind().dialect.name == "postgresql":
         took = tuple(session.execute(_MOVE_BOTH, params).one())
+        if not took[0]:  # no agent row: the fleet's was left alone, and is taken after it (agent first, fleet last)
+            if make_missing:
+                _ensure_many(session, day, [agent], now)
+                session.execute(_MOVE_ONE, params)
+            session.execute(_MOVE_ONE, {**params, "scope": GLOBAL})
+            return
     else:
         took = tuple(db.rowcount(session.execute(_MOVE_ONE, {**params, "scope": scope})) for scope in (agent, GLOBAL))
     if all(took) or not make_missing:
