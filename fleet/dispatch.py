@@ -182,15 +182,13 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     now = services.now()
     with db.session(services.engine) as session:
         store.events_at_commit(session)  # it may wait on the fleet's spend row: its events go in last
-        seen = store.unit_and_slots(session=session, agent=spec.name, work_key=work_key)  # one read for steps 1, 4
-        archived = archive_stale(session, services, spec, work_key, idem_key, now, pending=seen.pending)
+        archived = archive_stale(session, services, spec, work_key, idem_key, now)
         run = create(session, spec, work_key, idem_key, payload, request, now)
         if isinstance(run, DispatchResult):  # a duplicate: the key's own run, whatever the gates say now
             session.commit() if archived else session.rollback()
             run.archived = archived
             return run
-        result = dispatch_one(session, services, spec, run, now,
-                              taken={slot for run_id, slot in seen.slots.items() if run_id not in archived})
+        result = dispatch_one(session, services, spec, run, now)
         if result.status != "queued":
             session.rollback()  # the row, its reservation and its count go; an event stays
             result.archived = archived
@@ -232,12 +230,11 @@ def still_queued(services: Services, undone: Undone, exc: BaseException) -> str:
 
 
 def archive_stale(session: Session, services: Services, spec: AgentSpec, work_key: str, idem_key: str,
-                  now: datetime, pending: list[str] | None = None) -> list[str]:
+                  now: datetime) -> list[str]:
     """Archive the unit's never-started first attempts that another key superseded or that are older than
-    stale_after (a retry waiting its turn is never archived: it already ran once). `pending`: the unit's
-    not-started runs' ids, when the caller read them already."""
+    stale_after (a retry waiting its turn is never archived: it already ran once)."""
     cutoff = now - timedelta(seconds=services.config.fleet.stale_after_s)
-    stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key, ids=pending)
+    stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
              if r.attempt == 0 and (r.idem_key != idem_key or r.created_at < cutoff)]
     return [run.id for run in stale
             if archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")]
@@ -360,16 +357,13 @@ def dry_run(services: Services, spec: AgentSpec, work_key: str, idem_key: str) -
 # ---------------------------------------------------------------- step 4: dispatch-one
 
 
-def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime,
-                 taken: set[int] | None = None) -> DispatchResult:
+def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime) -> DispatchResult:
     """In the dispatch's transaction: the gates and the lease in one Redis round trip, the kill mirror, the
-    spend reservation, status `queued`. The caller commits, then sends the one execute message. `taken`: the
-    slots the agent's live runs hold by the database, when the caller read them already."""
+    spend reservation, status `queued`. The caller commits, then sends the one execute message."""
     fleet = services.config.fleet
     # Queued runs wait in the broker, so the lease must outlive the wait: the reaper renews the
     # leases of runs still waiting, and the executor shortens it to the lease TTL once the run starts.
-    if taken is None:
-        taken = store.live_slots(session=session, agent=spec.name)
+    taken = store.live_slots(session=session, agent=spec.name)
     admitted = services.admissions.admit(spec.name, spec.concurrency, run.id,
                                          cooldown_s=spec.breaker_settings(fleet)[1], ttl_s=fleet.queued_lease_ttl_s,
                                          taken=taken)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, event, func, insert, or_
+from sqlalchemy import Table, bindparam, event, func, insert
 from sqlalchemy import select as core_select
 from sqlmodel import Session, col, select
 
@@ -21,11 +20,6 @@ _ADD_EVENT = insert(_EVENTS)
 _NOT_STARTED = sorted(NOT_STARTED)
 _PENDING_IDS = core_select(_RUNS.c.id).where(
     _RUNS.c.agent == bindparam("agent"), _RUNS.c.work_key == bindparam("work_key"), _RUNS.c.status.in_(_NOT_STARTED))
-_LIVE = [RunStatus.QUEUED, RunStatus.RUNNING]
-_UNIT_AND_SLOTS = core_select(_RUNS.c.id, _RUNS.c.work_key, _RUNS.c.status, _RUNS.c.slot).where(
-    _RUNS.c.agent == bindparam("agent"), _RUNS.c.status.in_(sorted({*_NOT_STARTED, *_LIVE})),
-    or_(and_(_RUNS.c.work_key == bindparam("work_key"), _RUNS.c.status.in_(_NOT_STARTED)),
-        and_(_RUNS.c.status.in_(_LIVE), _RUNS.c.slot.is_not(None))))
 _LIVE_SLOTS = core_select(_RUNS.c.agent, _RUNS.c.slot).where(
     _RUNS.c.agent.in_(bindparam("agents", expanding=True)),
     _RUNS.c.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), _RUNS.c.slot.is_not(None))
@@ -102,32 +96,10 @@ def last_run(*, session: Session, agent: str) -> Run | None:
     return session.exec(select(Run).where(Run.agent == agent).order_by(col(Run.created_at).desc()).limit(1)).first()
 
 
-@dataclass(frozen=True)
-class AgentRuns:
-    """What a dispatch reads of its agent's runs before it admits one more: its unit's runs not started yet
-    (`pending`, by id) and the slot each queued or running run holds (`slots`, by run id)."""
-
-    pending: list[str]
-    slots: dict[str, int]
-
-
-def unit_and_slots(*, session: Session, agent: str, work_key: str) -> AgentRuns:
-    """`pending_runs`' ids and `live_slots` (by run) of one agent, in one statement."""
-    pending: list[str] = []
-    slots: dict[str, int] = {}
-    for row in db.execute(session, _UNIT_AND_SLOTS, {"agent": agent, "work_key": work_key}):
-        if row.work_key == work_key and row.status in _NOT_STARTED:
-            pending.append(row.id)
-        if row.status in _LIVE and row.slot is not None:
-            slots[row.id] = int(row.slot)
-    return AgentRuns(pending, slots)
-
-
-def pending_runs(*, session: Session, agent: str, work_key: str, ids: list[str] | None = None) -> list[Run]:
-    """A unit's runs that have not started (created or queued); `ids`: theirs as read already (unit_and_slots)."""
+def pending_runs(*, session: Session, agent: str, work_key: str) -> list[Run]:
+    """A unit's runs that have not started (created or queued)."""
     # Nearly always none: a cheap look for their ids first, the rows only when there are some.
-    if ids is None:
-        ids = list(db.execute(session, _PENDING_IDS, {"agent": agent, "work_key": work_key}).scalars())
+    ids = list(db.execute(session, _PENDING_IDS, {"agent": agent, "work_key": work_key}).scalars())
     if not ids:
         return []
     # Still not started when read (another transaction may have moved one on between the two reads).
