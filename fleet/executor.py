@@ -65,8 +65,6 @@ _CLAIM = {dialect: select(Run).from_statement(
             host=bindparam("p_host"), retry_at=None)
     .returning(*_RUNS.c)).execution_options(populate_existing=True)
     for dialect, heartbeat in (("postgresql", ledger.clock("postgresql")), ("sqlite", bindparam("p_heartbeat_at")))}
-# The run and whether the kill mirror holds it, in one read: every claim needs both.
-_RUN_AND_MIRROR = select(Run, killswitch.mirror_holds(_RUNS.c.agent)).where(col(Run.id) == bindparam("p_id"))
 # Its own attempt only: a retry keeps its fence, so an outcome written again after its first commit's answer
 # was lost (while the reaper re-sent the retry and another worker claimed it) must not end the next attempt.
 _OWNED = update(_RUNS).where(_RUNS.c.id == bindparam("p_id"), _RUNS.c.fence == bindparam("p_fence"),
@@ -199,10 +197,9 @@ def _retrying_database(services: Services, run: Run, what: str, write: Callable[
 def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec, Lease, int | None] | ExecuteResult:
     now = services.now()
     with db.session(services.engine) as session:
-        found = session.exec(_RUN_AND_MIRROR, params={"p_id": run_id}).first()
-        if found is None:
+        run = store.get_run(session=session, run_id=run_id)
+        if run is None:
             return ExecuteResult(run_id, "not_found", reason="no such run")
-        run, mirrored = found
         if run.status != RunStatus.QUEUED or run.fence != fence or run.slot is None:
             return ExecuteResult(run_id, "duplicate", reason=f"run is {run.status} (fence {run.fence}), not queued "
                                                             f"with fence {fence}: nothing started")
@@ -217,7 +214,7 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         except redis.RedisError as exc:
             return ExecuteResult(run_id, "deferred", reason=f"Redis unreachable ({exc.__class__.__name__})")
         kill = (killswitch.parse_flag(killed_scope, flag) if killed_scope is not None
-                else killswitch.check_mirror(session, run.agent) if mirrored else killswitch.ALIVE)
+                else killswitch.check_mirror(session, run.agent))
         if kill.killed:
             if killed_scope is None:
                 killswitch.restore(session, services.redis)  # Redis lost a flag the mirror still holds

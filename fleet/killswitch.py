@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, Engine, bindparam
+from sqlalchemy import Engine, bindparam
 from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -223,12 +223,6 @@ _TABLE = table_of(KillSwitch)
 # built per call costs more in SQLAlchemy than the read costs in the database.
 ENGAGED = core_select(_TABLE.c.scope, _TABLE.c.reason, _TABLE.c.actor) \
     .where(_TABLE.c.scope.in_(bindparam("scopes", expanding=True)), _TABLE.c.engaged)
-
-
-def mirror_holds(agent: ColumnElement[str]) -> ColumnElement[bool]:
-    """Whether the mirror holds the fleet or `agent` (a column of the caller's statement): a kill look that rides
-    along in a read the caller makes anyway; `check_mirror` then tells who engaged it."""
-    return core_select(_TABLE.c.scope).where(_TABLE.c.scope.in_([GLOBAL, agent]), _TABLE.c.engaged).exists()
 
 
 def check_mirror(session: Session, agent: str | None) -> KillState:
