@@ -20,6 +20,7 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery
+from sqlalchemy import Engine, text
 
 from fleet import keys
 from fleet.config import Settings, load_fleet_config
@@ -505,3 +506,10 @@ class PrivateRedis:
             self.proc.kill()
             self.proc.wait(5)
         self.proc = None
+
+
+def lock_waits(engine: Engine) -> int:
+    """How many sessions of this PostgreSQL database wait on a lock now (a row lock another transaction holds)."""
+    with engine.connect() as probe:
+        return int(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'")).scalar_one())

@@ -102,9 +102,9 @@ def test_a_kill_landing_after_the_claim_starts_no_agent(services: Services, monk
 
 
 def test_a_kill_redis_lost_stops_a_claim_by_its_mirror(services: Services) -> None:
-    """The claim reads its run and the kill mirror in one statement. A kill whose flag Redis lost (a restart
-    without persistence) is still in force for every scope it names: the queued run ends killed, nothing
-    starts, and the flag is put back; a kill of another agent leaves the run to start."""
+    """A kill whose flag Redis lost (a restart without persistence) is still in force by the mirror the claim
+    reads, for every scope it names: the queued run ends killed, nothing starts, and the flag is put back; a
+    kill of another agent leaves the run to start."""
     from datetime import UTC, datetime
 
     from fleet import keys, killswitch

@@ -21,6 +21,7 @@ from fleet.locks import Lease
 from fleet.models import Run, RunStatus, SpendDay
 from fleet.process import ProcessResult
 from fleet.services import Services
+from tests.harness import lock_waits
 
 
 def _queue(services: Services, agent: str) -> DispatchResult:
@@ -175,12 +176,6 @@ def test_the_days_first_reservations_raced_stay_under_both_caps_exactly(engine: 
 # ---------------------------------------------------------------- lock order: a batch that archives first
 
 
-def _lock_waits(services: Services) -> int:
-    with services.engine.connect() as probe:
-        return int(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                      "AND wait_event_type = 'Lock'")).scalar_one())
-
-
 def test_a_batch_that_archives_a_stale_run_never_deadlocks_with_a_single_dispatch(
         services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """bulk.dispatch_many promises agent rows first and the fleet's row last. A key of the batch whose run went
@@ -212,7 +207,7 @@ def test_a_batch_that_archives_a_stale_run_never_deadlocks_with_a_single_dispatc
     def after_a_single_dispatch(session: object, **kwargs: object) -> object:
         thread.start()  # the batch holds the fleet's row (the archive's settlement) by now
         deadline = time.monotonic() + 10
-        while not _lock_waits(services) and time.monotonic() < deadline:
+        while not lock_waits(services.engine) and time.monotonic() < deadline:
             time.sleep(0.05)
         return real(session, **kwargs)  # type: ignore[arg-type]
 
@@ -330,13 +325,13 @@ def test_a_dispatch_whose_event_cannot_be_written_keeps_no_slot(services: Servic
     assert [e.kind for e in events] == ["run.created", "run.queued"] and len(events[0].actor or "") == 255
 
 
-# ---------------------------------------------------------------- one read of the agent's runs before the admission
+# ---------------------------------------------------------------- the live slots a dispatch reads before its admission
 
 
 def test_a_superseded_queued_run_hands_its_slot_to_the_run_that_replaces_it(services: Services) -> None:
-    """The dispatch reads its unit's unstarted runs and the slots its agent's live runs hold in one statement,
-    before it archives: a queued run it archives (superseded: another key for the same work) no longer holds
-    its slot, even when Redis lost the leases (a restart) and only the database tells which slots are held."""
+    """A queued run the dispatch archives (superseded: another key for the same work) no longer holds its slot
+    by the database's live slots, which the dispatch reads after archiving: its successor takes that slot even
+    when Redis lost the leases (a restart) and only the database tells which slots are held."""
     spec = services.config.agent("echo")
     held = dispatch(services, DispatchRequest("echo", "unit", actor="test"), lambda _run_id, _fence: None)
     assert held.status == "queued"
@@ -412,7 +407,7 @@ def test_a_dispatch_that_waits_while_it_archives_still_sees_the_slot_a_run_took_
         assert holding.wait(20), "the other dispatch never reached its commit"
         waiting.start()
         deadline = time.monotonic() + 20
-        while not _lock_waits(services):  # the archiving dispatch waits on the agent's spend row
+        while not lock_waits(services.engine):  # the archiving dispatch waits on the agent's spend row
             assert time.monotonic() < deadline and waiting.is_alive(), "the archiving dispatch never waited"
             time.sleep(0.02)
         let_go.set()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine
+import pytest
+from sqlalchemy import Engine, delete, event
 
 from fleet import db, ledger
 from fleet.keys import GLOBAL
 from fleet.models import Run, RunStatus, SpendDay
+from tests.harness import lock_waits
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 DAY = "2026-12-01"
@@ -192,8 +196,6 @@ def test_reserve_and_count_takes_both_rows_once_and_refuses_for_the_first_reason
 def test_reserve_and_count_makes_a_missing_fleet_row_without_reserving_the_agent_twice(engine: Engine) -> None:
     """The agent's row exists and the fleet's does not (a fleet row purged, or a database edited by hand): the
     agent's part is taken once, the fleet's row is made and taken."""
-    from sqlalchemy import delete
-
     assert _reserve_counted(engine, "a", 100, ledger.Caps(None, None), limit=None) == "ok"
     with db.session(engine) as session:
         session.execute(delete(SpendDay).where(SpendDay.scope == GLOBAL))
@@ -202,12 +204,9 @@ def test_reserve_and_count_makes_a_missing_fleet_row_without_reserving_the_agent
     assert _day_rows(engine) == {"a": (200, 2), GLOBAL: (100, 0)}
 
 
-
 def test_settling_on_a_day_without_its_rows_gives_back_nothing_there(engine: Engine) -> None:
     """A run's day rows are gone (purged by hand): settling what it had reserved makes no row of negative
     reservations (it used to make empty rows, then take the reservation off them)."""
-    from sqlalchemy import delete
-
     run = reserved_run(engine, 200_000)
     with db.session(engine) as session:
         session.execute(delete(SpendDay))
@@ -221,26 +220,12 @@ def test_settling_on_a_day_without_its_rows_gives_back_nothing_there(engine: Eng
 # ---------------------------------------------------------------- lock order: agent row first, even when it is missing
 
 
-def _pg_lock_waits(engine: Engine) -> int:
-    from sqlalchemy import text
-
-    with engine.connect() as probe:
-        return int(probe.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                      "AND wait_event_type = 'Lock'")).scalar_one())
-
-
 def test_a_booking_on_a_day_without_the_agents_row_never_deadlocks_with_its_first_reservation(
         engine: Engine) -> None:
     """The agent's day row is gone (purged by hand; the fleet's stays) while the run that reserved on it books what
     it spent, and a new run of the same agent reserves that day (its first reservation now: it makes the agent's
     row). Rows are locked agent first, fleet last, everywhere: the booking must not take the fleet's row before
     the agent's (it would wait on the new agent row while the reservation waits on the fleet's row: a cycle)."""
-    import threading
-    import time
-
-    import pytest
-    from sqlalchemy import delete, event
-
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite writers are serialised (BEGIN IMMEDIATE): no row locks, no deadlock")
     run = reserved_run(engine, 200_000)
@@ -279,7 +264,7 @@ def test_a_booking_on_a_day_without_the_agents_row_never_deadlocks_with_its_firs
         assert made.wait(20), "the reservation never made the agent's row"
         second.start()
         deadline = time.monotonic() + 20
-        while not _pg_lock_waits(engine):  # the booking waits on the reservation (the agent's row it is making)
+        while not lock_waits(engine):  # the booking waits on the reservation (the agent's row it is making)
             assert time.monotonic() < deadline and second.is_alive(), "the booking never waited"
             time.sleep(0.02)
         go.set()
