@@ -7,8 +7,9 @@ reaper       - a running run whose heartbeat stopped and whose lease lapsed is a
                lease TTL first, so a retry never overlaps an attempt that may still live. A queued run
                whose message no worker claimed within `resend_after_s` is sent again (same fence: a
                duplicate delivery starts nothing); once its resent message is lost too it is
-               dead-lettered as `lost`. One still waiting in the broker behind a busy queue keeps its
-               slot and is never archived. Finished runs are never touched.
+               dead-lettered as `lost`. One still waiting in the broker behind a busy queue, or held
+               unclaimed by a live worker (`waiting` asks), keeps its slot and is never archived.
+               Finished runs are never touched.
 idempotency  - keys older than `idempotency_ttl_s` are released so the same work key may run again.
 retention    - old finished runs, events and run logs are pruned in batches; dead letters stay.
 """
@@ -321,7 +322,7 @@ def _check_queued(services: Services, runs: list[Run], send: Sender, waiting: Wa
     in_broker = waiting(held) if waiting is not None and held else set()
     for run in held:
         if run.id in in_broker:
-            report.add("waiting", run.id)  # behind a busy queue: it keeps its slot, and waits
+            report.add("waiting", run.id)  # behind a busy queue, or held by a live worker: it keeps its slot
         elif run.sends >= MAX_SENDS and waiting is not None:
             _bury(services, run, "lost", "its execute message was lost, and so was the one sent again", report,
                   from_status=RunStatus.QUEUED)

@@ -216,3 +216,16 @@ def closed_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that started workers shows the end of each worker's and beat's log: CI keeps no files."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.when != "call" or not report.failed or not isinstance(tmp, Path):
+        return
+    for log in sorted([*tmp.rglob("worker-*.log"), *tmp.rglob("beat-*.log")])[:6]:
+        lines = log.read_bytes().decode("utf-8", "replace").splitlines()[-40:]
+        report.sections.append((f"last lines of {log.relative_to(tmp)}", "\n".join(lines)))

@@ -206,6 +206,18 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def wait_for_pids(pidfile: Path, timeout: float, lines: int = 1) -> list[list[int]]:
     """Wait until `lines` agents wrote their pids (example sleeper's --pidfile); the pids, line by line."""
     wait_for(lambda: pidfile.exists() and len(pidfile.read_text().splitlines()) >= lines, timeout,
@@ -392,8 +404,9 @@ class Fleet:
                               task_id=broker.execute_task_id(run_id, fence), ignore_result=True)
 
     def waiting(self, runs: Sequence[Run]) -> set[str]:
-        """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue."""
-        return broker.waiting_runs(self.redis, "agents", [run.id for run in runs])
+        """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue, or is
+        held by a live worker."""
+        return broker.on_their_way(self.redis, self.celery.control, "agents", [run.id for run in runs])
 
     def reap(self, services: Services | None = None, send: Any = None) -> Any:
         """One reaper pass as beat runs it (optionally with other clients, or a sender that loses messages)."""

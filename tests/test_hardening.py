@@ -32,6 +32,7 @@ from tests.harness import (
     PrivateRedis,
     assert_capless_reader_reads_a_dumpable_peer,
     capless_can_read,
+    children_of,
     private_fleet,
     processes_holding,
     wait_for,
@@ -59,18 +60,6 @@ command = ["python", "-c", "import os; print('got', len(os.environ.get('FLEET_PA
 concurrency = 20
 timeout_s = 30
 """
-
-
-def children_of(pid: int) -> list[int]:
-    """Live processes whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
 
 
 def dumpable_in(code: str) -> list[str]:

@@ -1,9 +1,12 @@
-"""What kombu's Redis transport holds, seen from outside: which execute messages still wait in a queue.
+"""What kombu's Redis transport holds, seen from outside: which execute messages are still on their way.
 
-The reaper asks this before it declares a quiet queued run lost. A message waits in the queue's
-Redis list (one list per priority step) until a worker takes it; what a worker took and has not
-acknowledged sits in kombu's `unacked` hash, possibly held by a worker that died: that one does
-not count as waiting, so the run is sent again (a duplicate delivery starts nothing).
+The reaper asks this before it sends a quiet queued run's message again, or declares it lost. A
+message waits in the queue's Redis list (one list per priority step) until a worker takes it; what
+a worker took and has not acknowledged sits in kombu's `unacked` hash until it is acknowledged, or
+its visibility timeout (hours) brings it back. A worker that died left its messages there, so an
+entry alone proves nothing: the holder is asked (Celery's `query_task`), and a message counts as
+on its way only while a live worker answers for it (reserved, counting down, or running). Otherwise
+the run is sent again, which is harmless (a duplicate delivery starts nothing), or buried as lost.
 """
 
 from __future__ import annotations
@@ -13,10 +16,16 @@ import uuid
 from collections.abc import Iterable
 
 import redis
+from celery.app.control import Control
 
 # kombu.transport.redis: queue lists are `queue` and `queue\x06\x16N` for the priority steps 3, 6 and 9.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-")
+_FULL_TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-[0-9]+-[0-9a-f]{8}")
+_UNACKED = "unacked"  # kombu.transport.redis Channel.unacked_key
+# How long the workers have to answer for the messages they hold: a worker that answers later is taken
+# for gone, and its run is sent again (harmless) or, after its resend, buried as lost.
+QUERY_TIMEOUT_S = 2.0
 
 
 def execute_task_id(run_id: str, fence: int) -> str:
@@ -32,4 +41,35 @@ def waiting_runs(client: redis.Redis, queue: str, run_ids: Iterable[str]) -> set
         for raw in client.lrange(queue + suffix, 0, -1):
             text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
             found.update(m for m in _TASK_ID.findall(text) if m in wanted)
+    return found
+
+
+def on_their_way(client: redis.Redis, control: Control, queue: str, run_ids: Iterable[str]) -> set[str]:
+    """Which of these runs have an execute message waiting in `queue`, or held by a live worker."""
+    wanted = set(run_ids)
+    waiting = waiting_runs(client, queue, wanted)
+    return waiting | held_runs(client, control, wanted - waiting)
+
+
+def held_runs(client: redis.Redis, control: Control, run_ids: Iterable[str],
+              timeout_s: float = QUERY_TIMEOUT_S) -> set[str]:
+    """Which of these runs have an execute message that a live worker took and still answers for."""
+    held = _unacked_task_ids(client, set(run_ids))
+    if not held:
+        return set()  # nothing held: no broadcast, no wait
+    replies = control.inspect(timeout=timeout_s).query_task(*held) or {}
+    answered = {task_id for tasks in replies.values() if isinstance(tasks, dict) for task_id in tasks}
+    return {held[task_id] for task_id in answered if task_id in held}
+
+
+def _unacked_task_ids(client: redis.Redis, wanted: set[str]) -> dict[str, str]:
+    """The task ids, with their runs, of the execute messages of these runs in kombu's `unacked` hash."""
+    found: dict[str, str] = {}
+    if not wanted:
+        return found
+    for _tag, raw in client.hscan_iter(_UNACKED, count=500):
+        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        for match in _FULL_TASK_ID.finditer(text):
+            if match.group(1) in wanted:
+                found[match.group(0)] = match.group(1)
     return found

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +19,7 @@ from fleet.models import DeadLetter, Run, RunStatus, SpendDay
 from fleet.services import Services, utcnow
 from tests.faults.conftest import FaultFleet, fault_fleet
 from tests.faults.servers import PrivateCluster
+from tests.harness import children_of, wait_for
 from tests.test_dispatch import run_of, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -58,6 +61,54 @@ def test_a_message_lost_twice_is_dead_lettered_as_lost(faults: FaultFleet) -> No
     assert dead.reason == "lost"
     assert day.reserved_micros == 0  # its reservation came back
     assert faults.fleet.services.leases.holders("quick", 100) == []
+    assert faults.violations() == []
+
+
+def test_a_message_a_live_worker_holds_is_not_taken_for_lost(faults: FaultFleet) -> None:
+    """The worker took the run's message, and its pool stalls before the claim for three resend windows: a
+    message a live worker holds is on its way, not lost. The run keeps waiting, and runs once the pool resumes."""
+    pool = children_of(faults.fleet.workers[0].pid)
+    assert pool, "the worker has no pool processes to stall"
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
+        faults.accepted.add(result.run_id)
+        redis = faults.fleet.redis
+        for minutes in (10, 20, 30):
+            wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30,
+                     "the worker to take the run's message")
+            faults.fleet.reap(later(faults.fleet.services, minutes * 60))
+            run = run_of(faults.fleet, result.run_id)
+            assert run.status == RunStatus.QUEUED, f"a run whose message a live worker holds ended {run.status}"
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
+    assert run.status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(result.run_id)) == 1
+    assert faults.violations() == []
+
+
+def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
+    """The worker that took the run's message dies before the claim: its entry stays in kombu's `unacked`
+    hash for hours, but nobody answers for it, so the reaper sends the message again and the run runs once."""
+    worker = faults.fleet.workers[0]
+    for pid in children_of(worker.pid):
+        os.kill(pid, signal.SIGSTOP)
+    result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
+    faults.accepted.add(result.run_id)
+    redis = faults.fleet.redis
+    wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
+    faults.fleet.stop_worker(worker, signal.SIGKILL)
+    assert redis.hlen("unacked") >= 1  # what it held is still there, to the visibility timeout
+    faults.fleet.start_worker()
+    faults.fleet.wait_consuming(60)
+    report = faults.fleet.reap(later(faults.fleet.services, 600))
+    assert report.counts.get("resent") == 1, report
+    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
+    assert run.status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(result.run_id)) == 1
     assert faults.violations() == []
 
 
