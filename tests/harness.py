@@ -406,7 +406,8 @@ class Fleet:
     def waiting(self, runs: Sequence[Run]) -> set[str]:
         """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue, or is
         held by a live worker."""
-        return broker.on_their_way(self.redis, self.celery.control, "agents", [run.id for run in runs])
+        return broker.on_their_way(self.redis, self.celery.control, "agents", [run.id for run in runs],
+                                   due_within_s=self.services.config.fleet.resend_after_s)
 
     def reap(self, services: Services | None = None, send: Any = None) -> Any:
         """One reaper pass as beat runs it (optionally with other clients, or a sender that loses messages)."""

@@ -24,7 +24,9 @@ def send_execute(run_id: str, fence: int, countdown: float = 0.0) -> None:
 def waiting_in_agents_queue(runs: Sequence[Run]) -> set[str]:
     """Which of these queued runs have a message on its way: waiting in the agents queue, or held by a live
     worker that has not claimed it yet (a stalled pool, a countdown)."""
-    return broker.on_their_way(services().redis, app.control, AGENTS_QUEUE, [run.id for run in runs])
+    svc = services()
+    return broker.on_their_way(svc.redis, app.control, AGENTS_QUEUE, [run.id for run in runs],
+                               due_within_s=svc.config.fleet.resend_after_s)
 
 
 def _actor(task: Task) -> str:
