@@ -229,3 +229,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for log in sorted([*tmp.rglob("worker-*.log"), *tmp.rglob("beat-*.log")])[:6]:
         lines = log.read_bytes().decode("utf-8", "replace").splitlines()[-40:]
         report.sections.append((f"last lines of {log.relative_to(tmp)}", "\n".join(lines)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The quick soak (minutes, one process) first: collected late, it would start last and run alone at
+    the end of a parallel run. Everything else keeps its order (a stable sort)."""
+    items.sort(key=lambda item: "tests/test_soak.py" not in str(item.fspath))
