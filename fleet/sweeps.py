@@ -7,9 +7,9 @@ reaper       - a running run whose heartbeat stopped and whose lease lapsed is a
                lease TTL first, so a retry never overlaps an attempt that may still live. A queued run
                whose message no worker claimed within `resend_after_s` is sent again (same fence: a
                duplicate delivery starts nothing); once its resent message is lost too it is
-               dead-lettered as `lost`. One still waiting in the broker behind a busy queue, or held
-               unclaimed by a live worker (`waiting` asks), keeps its slot and is never archived.
-               Finished runs are never touched.
+               dead-lettered as `lost`. One still waiting in the broker behind a busy queue, or sent
+               again and held unclaimed by a live worker (`waiting` asks), keeps its slot and is never
+               archived. Finished runs are never touched.
 idempotency  - keys older than `idempotency_ttl_s` are released so the same work key may run again.
 retention    - old finished runs, events and run logs are pruned in batches; dead letters stay.
 """

@@ -404,9 +404,9 @@ class Fleet:
                               task_id=broker.execute_task_id(run_id, fence), ignore_result=True)
 
     def waiting(self, runs: Sequence[Run]) -> set[str]:
-        """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue, or is
-        held by a live worker."""
-        return broker.on_their_way(self.redis, self.celery.control, "agents", [run.id for run in runs],
+        """What workers.tasks.waiting_in_agents_queue does: runs whose message waits in the agents queue, or, once
+        sent again, is held by a live worker."""
+        return broker.on_their_way(self.redis, self.celery.control, "agents", runs,
                                    due_within_s=self.services.config.fleet.resend_after_s)
 
     def reap(self, services: Services | None = None, send: Any = None) -> Any:

@@ -7,6 +7,12 @@ its visibility timeout (hours) brings it back. A worker that died left its messa
 entry alone proves nothing: the holder is asked (Celery's `query_task`), and a message counts as
 on its way only while a live worker answers for it (reserved, counting down, or running). Otherwise
 the run is sent again, which is harmless (a duplicate delivery starts nothing), or buried as lost.
+
+The workers are asked only about a run already sent again, the one the reaper would bury: a run not
+sent again yet is sent again however its message is held, since a live holder may keep it for hours
+(a stalled pool) while another worker could run it now. Only a message of the run's current attempt
+counts (an older fence's starts nothing), and only one due within the resend window (a countdown by
+a clock an hour ahead is not on its way).
 """
 
 from __future__ import annotations
@@ -15,16 +21,19 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import redis
 from celery.app.control import Control
 
+from fleet.models import Run
+from fleet.sweeps import MAX_SENDS
+
 # kombu.transport.redis: queue lists are `queue` and `queue\x06\x16N` for the priority steps 3, 6 and 9.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-")
-_FULL_TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-[0-9]+-[0-9a-f]{8}")  # execute_task_id's
+_FULL_TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-([0-9]+)-[0-9a-f]{8}")  # execute_task_id's
 _UNACKED = "unacked"  # kombu.transport.redis Channel.unacked_key
 # How long the workers have to answer for the messages they hold: a worker that answers later is taken
 # for gone, and its run is sent again (harmless) or, after its resend, buried as lost.
@@ -47,20 +56,20 @@ def waiting_runs(client: redis.Redis, queue: str, run_ids: Iterable[str]) -> set
     return found
 
 
-def on_their_way(client: redis.Redis, control: Control, queue: str, run_ids: Iterable[str],
+def on_their_way(client: redis.Redis, control: Control, queue: str, runs: Sequence[Run],
                  due_within_s: float) -> set[str]:
-    """Which of these runs have an execute message waiting in `queue`, or held by a live worker and due
-    within `due_within_s` (a countdown due later, such as one sent by a clock an hour ahead, is not)."""
-    wanted = set(run_ids)
-    waiting = waiting_runs(client, queue, wanted)
-    return waiting | held_runs(client, control, wanted - waiting, due_by=time.time() + due_within_s)
+    """Which of these runs have an execute message waiting in `queue`, or, once sent again, held by a live
+    worker and due within `due_within_s` (see the module's docstring)."""
+    waiting = waiting_runs(client, queue, [run.id for run in runs])
+    resent = {run.id: run.fence or 0 for run in runs if run.sends >= MAX_SENDS and run.id not in waiting}
+    return waiting | held_runs(client, control, resent, due_by=time.time() + due_within_s)
 
 
-def held_runs(client: redis.Redis, control: Control, run_ids: Iterable[str], due_by: float,
+def held_runs(client: redis.Redis, control: Control, fences: Mapping[str, int], due_by: float,
               timeout_s: float = QUERY_TIMEOUT_S) -> set[str]:
-    """Which of these runs have an execute message due by `due_by` (epoch seconds) that a live worker took
-    and still answers for."""
-    held = _held_task_ids(client, set(run_ids), due_by)
+    """Which of these runs (with their attempts' fences) have an execute message of that attempt, due by
+    `due_by` (epoch seconds), that a live worker took and still answers for."""
+    held = _held_task_ids(client, fences, due_by)
     if not held:
         return set()  # nothing held: no broadcast, no wait
     replies = control.inspect(timeout=timeout_s).query_task(*held) or {}
@@ -68,11 +77,11 @@ def held_runs(client: redis.Redis, control: Control, run_ids: Iterable[str], due
     return {held[task_id] for task_id in answered if task_id in held}
 
 
-def _held_task_ids(client: redis.Redis, wanted: set[str], due_by: float) -> dict[str, str]:
-    """The task ids, with their runs, of these runs' execute messages in kombu's `unacked` hash that are due
-    by `due_by`. An entry is `[message, exchange, routing_key]`; Celery's headers name the task and its ETA."""
+def _held_task_ids(client: redis.Redis, fences: Mapping[str, int], due_by: float) -> dict[str, str]:
+    """The task ids, with their runs, of these attempts' execute messages in kombu's `unacked` hash that are
+    due by `due_by`. An entry is `[message, exchange, routing_key]`; Celery's headers name the task and its ETA."""
     found: dict[str, str] = {}
-    if not wanted:
+    if not fences:
         return found
     for _tag, raw in client.hscan_iter(_UNACKED, count=500):
         try:
@@ -82,7 +91,7 @@ def _held_task_ids(client: redis.Redis, wanted: set[str], due_by: float) -> dict
         except (ValueError, TypeError, KeyError, IndexError):
             continue  # not a Celery message of this shape: nothing of ours
         match = _FULL_TASK_ID.fullmatch(task_id)
-        if match is not None and match.group(1) in wanted and due <= due_by:
+        if match is not None and fences.get(match.group(1)) == int(match.group(2)) and due <= due_by:
             found[task_id] = match.group(1)
     return found
 

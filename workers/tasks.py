@@ -22,10 +22,10 @@ def send_execute(run_id: str, fence: int, countdown: float = 0.0) -> None:
 
 
 def waiting_in_agents_queue(runs: Sequence[Run]) -> set[str]:
-    """Which of these queued runs have a message on its way: waiting in the agents queue, or held by a live
-    worker that has not claimed it yet (a stalled pool, a countdown)."""
+    """Which of these queued runs have a message on its way: waiting in the agents queue, or, once sent again,
+    held by a live worker that has not claimed it yet (a stalled pool, a short countdown)."""
     svc = services()
-    return broker.on_their_way(svc.redis, app.control, AGENTS_QUEUE, [run.id for run in runs],
+    return broker.on_their_way(svc.redis, app.control, AGENTS_QUEUE, runs,
                                due_within_s=svc.config.fleet.resend_after_s)
 
 

@@ -112,6 +112,53 @@ def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
     assert faults.violations() == []
 
 
+def test_a_message_a_live_worker_holds_for_an_hour_is_sent_again(faults: FaultFleet) -> None:
+    """The worker took the run's message and holds it for its countdown, an hour: a retry sent by a host whose
+    clock ran an hour ahead (test_a_retry_sent_by_a_worker_an_hour_ahead_is_not_held_back_an_hour). A live
+    worker answers for it all that hour; waiting for that clock is not harmless, sending again is. The reaper
+    sends it again, and the run runs once, now."""
+    def an_hour_off(run_id: str, fence: int) -> None:
+        faults.fleet.send_execute(run_id, fence, countdown=3600)
+
+    result = dispatch(faults.fleet.services, request(), an_hour_off)
+    faults.accepted.add(result.run_id)
+    redis = faults.fleet.redis
+    wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
+    report = faults.fleet.reap(later(faults.fleet.services, 600))
+    assert report.counts.get("resent") == 1, report
+    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
+    assert run.status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(result.run_id)) == 1
+    assert faults.violations() == []
+
+
+def test_an_earlier_attempts_message_a_live_worker_holds_is_not_the_retrys(faults: FaultFleet) -> None:
+    """A live worker holds the first attempt's message (its pool stalls) while the run has moved on to a later
+    attempt, whose message was lost. The held one starts nothing for that attempt (its fence is older): it must
+    not keep the retry waiting, unsent, for as long as the worker holds it."""
+    pool = children_of(faults.fleet.workers[0].pid)
+    assert pool, "the worker has no pool processes to stall"
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
+        faults.accepted.add(result.run_id)
+        redis = faults.fleet.redis
+        wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
+        run = run_of(faults.fleet, result.run_id)
+        resent = Run(**{**run.model_dump(), "sends": 2})  # as the reaper sees it once sent again
+        retry = Run(**{**resent.model_dump(), "fence": (run.fence or 0) + 1})
+        assert faults.fleet.waiting([resent]) == {run.id}  # its own attempt's message: on its way
+        assert faults.fleet.waiting([retry]) == set(), "an earlier attempt's message was taken for the retry's"
+    finally:
+        for pid in pool:
+            os.kill(pid, signal.SIGCONT)
+    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
+    assert run.status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(result.run_id)) == 1
+    assert faults.violations() == []
+
+
 def test_a_run_waiting_behind_a_busy_queue_is_never_archived(kind: str, tmp_path: Path,
                                                               pg_cluster: PrivateCluster | None) -> None:
     """No worker consumes the agents queue for two hours: the run waits, and runs once a worker comes."""
