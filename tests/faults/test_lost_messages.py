@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,6 +40,35 @@ def request(agent: str = "quick") -> DispatchRequest:
     return DispatchRequest(agent, f"lost-{uuid.uuid4().hex}", actor="test")
 
 
+def taken(faults: FaultFleet) -> None:
+    """Wait until a worker took the run's message: out of the queue, into kombu's `unacked` hash."""
+    redis = faults.fleet.redis
+    wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
+
+
+@contextlib.contextmanager
+def stalled_pool(faults: FaultFleet) -> Iterator[None]:
+    """The worker's pool processes stopped (SIGSTOP) meanwhile: its main process still takes and answers."""
+    pool = children_of(faults.fleet.workers[0].pid)
+    assert pool, "the worker has no pool processes to stall"
+    for pid in pool:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pool:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def assert_ran_once(faults: FaultFleet, run_id: str) -> None:
+    """The run ends succeeded, its agent started once, and every invariant holds."""
+    run = wait_status(faults.fleet, run_id, {"succeeded", "dead", "archived"}, timeout=60)
+    assert run.status == RunStatus.SUCCEEDED
+    assert len(faults.effects.starts(run_id)) == 1
+    assert faults.violations() == []
+
+
 def test_a_message_lost_after_the_commit_is_sent_again(faults: FaultFleet) -> None:
     result = dispatch(faults.fleet.services, request(), drop)
     assert result.status == "queued"
@@ -67,49 +98,31 @@ def test_a_message_lost_twice_is_dead_lettered_as_lost(faults: FaultFleet) -> No
 def test_a_message_a_live_worker_holds_is_not_taken_for_lost(faults: FaultFleet) -> None:
     """The worker took the run's message, and its pool stalls before the claim for three resend windows: a
     message a live worker holds is on its way, not lost. The run keeps waiting, and runs once the pool resumes."""
-    pool = children_of(faults.fleet.workers[0].pid)
-    assert pool, "the worker has no pool processes to stall"
-    for pid in pool:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with stalled_pool(faults):
         result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
         faults.accepted.add(result.run_id)
-        redis = faults.fleet.redis
         for minutes in (10, 20, 30):
-            wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30,
-                     "the worker to take the run's message")
+            taken(faults)
             faults.fleet.reap(later(faults.fleet.services, minutes * 60))
             run = run_of(faults.fleet, result.run_id)
             assert run.status == RunStatus.QUEUED, f"a run whose message a live worker holds ended {run.status}"
-    finally:
-        for pid in pool:
-            os.kill(pid, signal.SIGCONT)
-    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
-    assert run.status == RunStatus.SUCCEEDED
-    assert len(faults.effects.starts(result.run_id)) == 1
-    assert faults.violations() == []
+    assert_ran_once(faults, result.run_id)
 
 
 def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
     """The worker that took the run's message dies before the claim: its entry stays in kombu's `unacked`
     hash for hours, but nobody answers for it, so the reaper sends the message again and the run runs once."""
-    worker = faults.fleet.workers[0]
-    for pid in children_of(worker.pid):
-        os.kill(pid, signal.SIGSTOP)
-    result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
-    faults.accepted.add(result.run_id)
-    redis = faults.fleet.redis
-    wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
-    faults.fleet.stop_worker(worker, signal.SIGKILL)
-    assert redis.hlen("unacked") >= 1  # what it held is still there, to the visibility timeout
+    with stalled_pool(faults):
+        result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
+        faults.accepted.add(result.run_id)
+        taken(faults)
+        faults.fleet.stop_worker(faults.fleet.workers[0], signal.SIGKILL)
+    assert faults.fleet.redis.hlen("unacked") >= 1  # what it held is still there, to the visibility timeout
     faults.fleet.start_worker()
     faults.fleet.wait_consuming(60)
     report = faults.fleet.reap(later(faults.fleet.services, 600))
     assert report.counts.get("resent") == 1, report
-    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
-    assert run.status == RunStatus.SUCCEEDED
-    assert len(faults.effects.starts(result.run_id)) == 1
-    assert faults.violations() == []
+    assert_ran_once(faults, result.run_id)
 
 
 def test_a_message_a_live_worker_holds_for_an_hour_is_sent_again(faults: FaultFleet) -> None:
@@ -122,41 +135,26 @@ def test_a_message_a_live_worker_holds_for_an_hour_is_sent_again(faults: FaultFl
 
     result = dispatch(faults.fleet.services, request(), an_hour_off)
     faults.accepted.add(result.run_id)
-    redis = faults.fleet.redis
-    wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
+    taken(faults)
     report = faults.fleet.reap(later(faults.fleet.services, 600))
     assert report.counts.get("resent") == 1, report
-    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
-    assert run.status == RunStatus.SUCCEEDED
-    assert len(faults.effects.starts(result.run_id)) == 1
-    assert faults.violations() == []
+    assert_ran_once(faults, result.run_id)
 
 
 def test_an_earlier_attempts_message_a_live_worker_holds_is_not_the_retrys(faults: FaultFleet) -> None:
     """A live worker holds the first attempt's message (its pool stalls) while the run has moved on to a later
     attempt, whose message was lost. The held one starts nothing for that attempt (its fence is older): it must
     not keep the retry waiting, unsent, for as long as the worker holds it."""
-    pool = children_of(faults.fleet.workers[0].pid)
-    assert pool, "the worker has no pool processes to stall"
-    for pid in pool:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with stalled_pool(faults):
         result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
         faults.accepted.add(result.run_id)
-        redis = faults.fleet.redis
-        wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 1, 30, "the worker to take the message")
+        taken(faults)
         run = run_of(faults.fleet, result.run_id)
         resent = Run(**{**run.model_dump(), "sends": 2})  # as the reaper sees it once sent again
         retry = Run(**{**resent.model_dump(), "fence": (run.fence or 0) + 1})
         assert faults.fleet.waiting([resent]) == {run.id}  # its own attempt's message: on its way
         assert faults.fleet.waiting([retry]) == set(), "an earlier attempt's message was taken for the retry's"
-    finally:
-        for pid in pool:
-            os.kill(pid, signal.SIGCONT)
-    run = wait_status(faults.fleet, result.run_id, {"succeeded", "dead", "archived"}, timeout=60)
-    assert run.status == RunStatus.SUCCEEDED
-    assert len(faults.effects.starts(result.run_id)) == 1
-    assert faults.violations() == []
+    assert_ran_once(faults, result.run_id)
 
 
 def test_a_run_waiting_behind_a_busy_queue_is_never_archived(kind: str, tmp_path: Path,
