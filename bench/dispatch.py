@@ -59,6 +59,7 @@ from bench.common import (
     wait_until,
     workdir,
 )
+from bench.redistrace import RoundTrips
 from bench.sqltrace import Counts, Tracer
 
 # Everything imported up front: other people edit the code while benchmarks run, and a module
@@ -365,15 +366,16 @@ def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, An
         services.redis.flushdb()
         db.upgrade(services.engine)
         tracer = Tracer(services.engine)
+        trips = {"dispatch": RoundTrips(), "execute": RoundTrips()}  # the send itself is not Fleet's: not counted
         try:
             def one_run(key: str, sides: dict[str, Counts] | None = None) -> None:
                 sent: list[tuple[str, int]] = []
                 request = dispatching.DispatchRequest("noop", key, actor="trace")
-                with tracer.counting() as counts:
+                with tracer.counting() as counts, trips["dispatch"].counting():
                     dispatching.dispatch(services, request, lambda run_id, fence: sent.append((run_id, fence)))
                 if sides is not None:
                     _add(sides["dispatch"], counts)
-                with tracer.counting() as counts:
+                with tracer.counting() as counts, trips["execute"].counting():
                     result = executor.execute(services, sent[0][0], sent[0][1], lambda *_: None)
                 if sides is not None:
                     _add(sides["execute"], counts)
@@ -382,6 +384,8 @@ def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, An
 
             for i in range(3):
                 one_run(f"warm-{i}")
+            for counter in trips.values():
+                counter.total = 0
             sides = {"dispatch": Counts(), "execute": Counts()}
             steps: dict[str, list[float]] = {}
             with _timed(dispatching, ["archive_stale", "create", "dispatch_one"], steps), \
@@ -391,7 +395,8 @@ def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, An
         finally:
             tracer.close()
             services.close()
-    return {"per_run": {side: counts.per(runs) for side, counts in sides.items()},
+    return {"per_run": {side: {**counts.per(runs), "redis": trips[side].total / runs}
+                        for side, counts in sides.items()},
             "steps": {name: 1000 * pct(values, 50) for name, values in steps.items()}}
 
 
@@ -455,10 +460,11 @@ def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
     for kind, trace in traces.items():
         for side, per in trace["per_run"].items():
             rows.append([kind, side, f"{per['write_commits']:.1f}", f"{per['read_commits']:.1f}",
-                         f"{per['rollbacks']:.1f}", f"{per['checkouts']:.1f}", f"{per['statements']:.1f}"])
+                         f"{per['rollbacks']:.1f}", f"{per['checkouts']:.1f}", f"{per['statements']:.1f}",
+                         f"{per['redis']:.1f}"])
     table("database work per run, traced in-process (engine events; one run at a time, no Celery)",
           ["DB", "side", "commits that wrote (durable)", "read-only commits", "rollbacks",
-           "connection checkouts", "SQL statements"], rows)
+           "connection checkouts", "SQL statements", "Redis round trips (Fleet's; the send not counted)"], rows)
     names = ["archive_stale", "create", "dispatch_one", "_claim", "_run_attempt", "_finish"]
     table("where one run's time goes, p50 ms per step (in-process, one at a time, no Celery)",
           ["step", *traces], [[name, *[f"{t['steps'].get(name, float('nan')):.2f}" for t in traces.values()]]

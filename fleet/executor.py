@@ -51,6 +51,9 @@ Requeue = Callable[[str, int, float], None]  # (run_id, fence, countdown_s)
 EXIT_OK, EXIT_IDLE, EXIT_TRANSIENT, EXIT_AUTH, EXIT_CONFIG = 0, 3, 75, 77, 78
 POLL_TIMEOUT_S = 60.0
 MOVED_ON: Literal["moved_on"] = "moved_on"  # see _write_outcome
+# A lease renewed to its full TTL this recently still covers the outcome's writes as well as a renewal would:
+# a run that ends sooner (a no-op, a quick refusal) skips that round trip, one of the five a run would make.
+FRESH_LEASE_S = 1.0
 
 # Built once (models.table_of): every run is claimed and ended by these. (A bind parameter may not
 # share a column's name in an UPDATE: theirs start with p_.)
@@ -110,6 +113,7 @@ class Verdict:
 
 def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> ExecuteResult:
     """Run one attempt of a queued run, if (and only if) this message still owns it."""
+    claiming = time.monotonic()  # the claim renews the lease to its full TTL after this
     started = _claim(services, run_id, fence)
     if isinstance(started, ExecuteResult):
         return started
@@ -121,13 +125,13 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     shipper = runlog.Shipper.for_attempt(services.engine, run.id, run.attempt,
                                          run_log_path(services.settings.log_dir, run.id))
     books = Bookkeeper(services, run, lease, caps_of(services, spec), ownership, room, shipper)
-    watcher = Watcher(services, run, lease, ownership, books)
+    watcher = Watcher(services, run, lease, ownership, books, lease_renewed_at=claiming)
     books.start()
     try:
         result = _run_attempt(services, run, spec, watcher, ownership)
     finally:
         books.finish()
-        _ship_rest(services, None if watcher.lost else lease, shipper)
+        _ship_rest(services, None if watcher.lost or watcher.lease_renewed_within(FRESH_LEASE_S) else lease, shipper)
     if watcher.lost:
         # The money first: a Redis error at the release must not keep the spend from the ledger.
         _book_orphaned_spend(services, run, result.cost_micros - books.owned)
@@ -142,13 +146,13 @@ def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> Ex
     return _finish(services, run, spec, lease, result, verdict, requeue, cost, books.owned)
 
 
-def _ship_rest(services: Services, lease: Lease | None, shipper: runlog.Shipper) -> None:
+def _ship_rest(services: Services, renew: Lease | None, shipper: runlog.Shipper) -> None:
     """The rest of the log, before the outcome is written (so a follower sees it all by the end). Our lease
-    (None: it is another owner's now) is renewed first: a database slow to answer must not let the reaper
-    mistake this owner for a dead one."""
-    if lease is not None:
+    is renewed first (`renew`; None: another owner's now, or renewed a moment ago): a database slow to answer
+    must not let the reaper mistake this owner for a dead one."""
+    if renew is not None:
         with contextlib.suppress(redis.RedisError):
-            services.leases_fast.renew(lease, services.config.fleet.lease_ttl_s)
+            services.leases_fast.renew(renew, services.config.fleet.lease_ttl_s)
     shipper.ship(services.now(), everything=True)
 
 

@@ -231,8 +231,9 @@ class Watcher:
     """The watch loop's callbacks (fleet.process calls them on the runner's thread)."""
 
     def __init__(self, services: Services, run: Run, lease: Lease, ownership: Ownership,
-                 bookkeeper: Bookkeeper) -> None:
+                 bookkeeper: Bookkeeper, lease_renewed_at: float) -> None:
         self.services, self.run, self.lease = services, run, lease
+        self.lease_renewed_at = lease_renewed_at  # monotonic, at or before the last renewal to the full TTL
         self.ownership, self.books = ownership, bookkeeper
         fleet = services.config.fleet
         self.heartbeat_every, self.lease_ttl = fleet.heartbeat_s, fleet.lease_ttl_s
@@ -304,8 +305,13 @@ class Watcher:
             return None  # the database heartbeat may still prove ownership; the tether decides
         if not renewed:
             return "lease_lost"
+        self.lease_renewed_at = since
         self.ownership.proven(since)
         return None
+
+    def lease_renewed_within(self, seconds: float) -> bool:
+        """Whether the lease was last renewed to its full TTL less than `seconds` ago."""
+        return time.monotonic() - self.lease_renewed_at < seconds
 
 
 def _first_line(exc: BaseException) -> str:
