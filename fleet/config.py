@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -361,6 +362,17 @@ class FleetConfig:
         except KeyError:
             raise NotFoundError(f"unknown agent {name!r} (known: {', '.join(sorted(self.agents)) or 'none'})") \
                 from None
+
+
+CONFIG_SETTLE_S = 1.0  # how long a changed fleet.toml must stay unchanged before a running process takes it
+
+
+def still_settling(mtime: float, now: float | None = None) -> bool:
+    """Whether a fleet.toml changed at `mtime` may still be in the middle of its save: an editor that writes in
+    place (nano, vim's backupcopy, `cat >`) leaves it empty or cut short for a moment, and such a file can be valid
+    (no agents, no cap). A time ahead of the clock (a clock stepped back) is not waited for."""
+    age = (time.time() if now is None else now) - mtime
+    return 0 <= age < CONFIG_SETTLE_S
 
 
 def load_fleet_config(path: Path) -> FleetConfig:

@@ -6,7 +6,7 @@ from sqlalchemy import delete, update
 from sqlmodel import col, select
 
 from fleet import db, store
-from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch
+from fleet.dispatch import DispatchRequest, DispatchResult, Sender, dispatch, duplicate_of
 from fleet.errors import NotFoundError
 from fleet.models import DeadLetter, Run
 from fleet.services import Services
@@ -27,9 +27,16 @@ def replay(services: Services, dead_id: int, send: Sender, actor: str) -> Dispat
     The work key is `replay:<the dead run's id>`, so replaying the same dead letter twice returns the
     first replay (`duplicate`) instead of running it twice. Not the dead letter's id: SQLite hands a
     purged one's id out again, and a new dead letter would have been answered with an old one's replay.
+    A dead letter marked replayed is answered with its replay before any dispatch: the key alone does not
+    last (the idempotency sweep frees a finished run's key, retention deletes its row).
     """
     dead = get(services, dead_id)
     with db.session(services.engine) as session:
+        if dead.replayed_run_id is not None:
+            replayed = session.get(Run, dead.replayed_run_id)
+            if replayed is not None:
+                return duplicate_of(replayed)
+            return DispatchResult(dead.replayed_run_id, "duplicate", reason="already replayed")
         original = session.get(Run, dead.run_id)
     payload = None
     if original is not None and original.payload:

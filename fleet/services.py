@@ -15,7 +15,7 @@ from redis import Redis
 from fleet import logs
 from fleet.admission import Admissions
 from fleet.breaker import Breakers
-from fleet.config import FleetConfig, Settings, load_fleet_config
+from fleet.config import FleetConfig, Settings, load_fleet_config, still_settling
 from fleet.errors import ConfigError, FleetError, PermissionDeniedError, SchemaError, UnavailableError
 from fleet.locks import Leases
 
@@ -129,8 +129,8 @@ class Services:
             return False
         if self.config_mtime is None:
             self.config_mtime = mtime
-        if mtime == self.config_mtime:
-            return False
+        if mtime == self.config_mtime or still_settling(mtime):
+            return False  # a file still being saved is looked at again by a later task
         self.config_mtime = mtime
         try:
             self.config = load_fleet_config(path)

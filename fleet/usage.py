@@ -196,12 +196,27 @@ def read_tokens(usage: object) -> Tokens | str:
 
 
 class FleetLines:
-    """`usage_format = "fleet"`: dollars as reported; nothing to price, so never a problem."""
+    """`usage_format = "fleet"`: dollars as reported. Nothing to price, but a usage line whose dollars cannot be
+    read (text, negative, not finite, past MAX_LINE_COST_USD) is a problem, never $0, as in the token formats."""
 
-    problem: str | None = None
+    def __init__(self) -> None:
+        self.problem: str | None = None
 
     def __call__(self, line: bytes) -> tuple[Usage | None, str | None]:
-        return parse_line(line)
+        obj = _object(line)
+        if obj is None:
+            return None, None
+        usage = parse_usage(obj)
+        if usage is None and _claims_usage(obj):
+            self.problem = self.problem or ("a usage line's cost is not a plausible amount of dollars (a number, "
+                                            f"0 to {MAX_LINE_COST_USD:,})")
+            return NO_USAGE, parse_done(obj)  # reported, so the executor sees the problem at once
+        return usage, parse_done(obj)
+
+
+def _claims_usage(obj: dict[str, Any]) -> bool:
+    """Whether an object is a usage line of Fleet's own format (or Claude Code's result), readable or not."""
+    return "fleet_usage" in obj or (obj.get("type") == "result" and "total_cost_usd" in obj)
 
 
 class _TokenLines:

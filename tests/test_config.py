@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -527,3 +528,30 @@ def test_the_longest_run_and_its_outcome_retries_fit_in_the_executes_hard_time_l
     longest = (MAX_AGENT_SECONDS + POLL_TIMEOUT_S + bound(FleetSection, "kill_grace_s")
                + bound(FleetSection, "outcome_retry_s"))
     assert longest < EXECUTE_TIME_LIMIT, (EXECUTE_TIME_LIMIT, longest)
+
+
+def test_a_fleet_toml_read_in_the_middle_of_its_save_buries_no_run(services: Any) -> None:
+    """An editor that saves in place (nano, vim's backupcopy, `cat > fleet.toml`) truncates the file first and
+    writes it after: a worker's task that looks in between read an empty fleet.toml, a valid one with no agent
+    and no cap, took it as the new configuration, and the next claim dead-lettered a queued run as
+    `agent_removed` (its agent was back a moment later). A fleet.toml is taken only once it has settled."""
+    from fleet import dispatch, executor
+    from fleet.models import Run, RunStatus
+
+    queued = dispatch.dispatch(services, dispatch.DispatchRequest("echo", "mid-save", actor="test"), lambda *_: None)
+    assert queued.status == "queued", queued
+    path = services.settings.config
+    good = path.read_text()
+    services.refresh_config()  # the worker has seen the good file
+    path.write_text("")  # the save's first step: the file is empty for a moment
+    services.refresh_config()  # what the worker does before each task (workers.app.services)
+    outcome = executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None)
+    path.write_text(good)  # ... and whole again
+    with db.session(services.engine) as session:
+        run = session.get(Run, queued.run_id)
+    assert run is not None and run.status != RunStatus.DEAD, (outcome, run.error if run else None)
+    assert "echo" in services.config.agents
+    path.write_text(good + '\n[agents.later]\ncommand = ["true"]\nest_cost_usd = 0.01\n')  # settled: taken
+    settled = time.time() - 2
+    os.utime(path, (settled, settled))
+    assert services.refresh_config() and "later" in services.config.agents

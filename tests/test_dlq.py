@@ -45,3 +45,29 @@ def test_a_dead_letter_that_reuses_a_purged_ones_id_is_replayed(services: Servic
     assert replay_b.status == "queued" and replay_b.run_id != replay_a.run_id, (second.id, first.id, replay_b)
     again = dlq.replay(services, second.id or 0, lambda *_: None, actor="operator")
     assert (again.status, again.run_id) == ("duplicate", replay_b.run_id)  # still once per dead letter
+
+
+def test_a_dead_letter_replayed_once_is_not_replayed_again_after_its_replays_key_is_released(
+        services: Services) -> None:
+    """A dead letter is replayed once (the module's promise, and the page hides its button once it is): a second
+    `fleet dlq replay` answers with the first replay. Its key was the only guard, and the idempotency sweep frees
+    every finished run's key after idempotency_ttl_s: a week later the same replay ran the dead job again."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from fleet import sweeps
+
+    dead_run = _dead_lettered(services, f"job-{uuid.uuid4().hex}")
+    with db.session(services.engine) as session:
+        dead = session.exec(select(DeadLetter).where(DeadLetter.run_id == dead_run)).one()
+    first = dlq.replay(services, dead.id or 0, lambda *_: None, actor="operator")
+    assert first.status == "queued", first
+    requeued: list[tuple[str, int, float]] = []
+    executor.execute(services, first.run_id or "", first.fence or 0, lambda *m: requeued.append(m))
+    executor.execute(services, requeued[0][0], requeued[0][1], lambda *_: None)  # the replay ran, to its end
+    later = services.now() + timedelta(seconds=services.config.fleet.idempotency_ttl_s + 60)
+    week_on = replace(services, now=lambda: later)
+    assert first.run_id in sweeps.release_keys(week_on).runs  # its key is free for new work now
+    sent: list[tuple[str, int]] = []
+    again = dlq.replay(week_on, dead.id or 0, lambda *m: sent.append(m), actor="operator")
+    assert (again.status, again.run_id, sent) == ("duplicate", first.run_id, []), again

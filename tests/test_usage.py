@@ -396,3 +396,50 @@ def test_a_result_line_the_session_went_on_after_lowers_nothing() -> None:
     assert parser(result(0.0))[0] == Usage(0, 0, 0)  # the forged line: the running sum stands
     assert parser(turn(counts(), message_id="b"))[0] == Usage(55_096, 4, 118)  # the session goes on
     assert parser.final() is None  # and its end never came: the turns as priced are what it spent
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"fleet_usage": {"cost_usd": "0.50"}}', b'{"fleet_usage": {"cost_usd": -1}}',
+    b'{"fleet_usage": {"cost_usd": NaN}}', b'{"fleet_usage": {"cost_usd": 2e6}}', b'{"fleet_usage": "0.50"}',
+    b'{"type": "result", "total_cost_usd": "0.50"}',
+])
+def test_fleet_format_a_cost_that_cannot_be_read_is_a_problem_never_zero(raw: bytes) -> None:
+    """Money Fleet cannot read is not $0 in Fleet's own format either (a line too long to read already is not): a
+    cost sent as a string (a Decimal serialised as text), negative or absurd was dropped, the run booked nothing,
+    and an agent reporting that way spent past every cap with no one told."""
+    parser = make_parser("fleet", {})
+    assert parser(raw)[0] == NO_USAGE and parser.problem is not None and "cost" in parser.problem
+
+
+def test_an_agent_whose_fleet_usage_lines_cannot_be_read_is_stopped_and_dead_lettered(services: Any) -> None:
+    """End to end: the agent reports $0.50 a line as text, thirty times, under a $1 cap. It ran to its end as
+    `succeeded` with nothing booked; now its usage is a problem: dead-lettered `usage`, booked at least its
+    reservation, and the agent paused until fleet.toml or the agent is fixed."""
+    from sqlmodel import select
+
+    from fleet import db, dispatch, executor, ledger
+    from fleet.config import load_fleet_config
+    from fleet.models import DeadLetter, Run, RunStatus
+
+    path = services.settings.config
+    agent = path.parent / "stringly.py"
+    agent.write_text("import time\nfor _ in range(30):\n"
+                     "    print('{\"fleet_usage\": {\"cost_usd\": \"0.50\"}}', flush=True)\n    time.sleep(0.02)\n")
+    path.write_text(path.read_text() + f"""
+[agents.stringly]
+command = ["python", "{agent}"]
+est_cost_usd = 0.10
+daily_cap_usd = 1.00
+timeout_s = 30
+""")
+    services.config = load_fleet_config(path)
+    queued = dispatch.dispatch(services, dispatch.DispatchRequest("stringly", "bad-money", actor="test"),
+                               lambda *_: None)
+    assert queued.status == "queued", queued
+    outcome = executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None)
+    with db.session(services.engine) as session:
+        run = session.get(Run, queued.run_id)
+        dead = session.exec(select(DeadLetter).where(DeadLetter.run_id == queued.run_id)).first()
+    assert run is not None and run.status == RunStatus.DEAD, outcome
+    assert dead is not None and dead.reason == "usage", dead
+    assert run.cost_micros >= ledger.to_micros(0.10), run.cost_micros

@@ -17,7 +17,7 @@ from celery.beat import PersistentScheduler
 
 import beat_schedule
 from fleet import keys, logs
-from fleet.config import load_fleet_config
+from fleet.config import load_fleet_config, still_settling
 from fleet.errors import ConfigError
 from fleet.services import redis_client
 from workers.app import settings
@@ -76,8 +76,8 @@ class LeaderScheduler(PersistentScheduler):
             mtime = path.stat().st_mtime
         except OSError:
             mtime = None
-        if not force and mtime == self.config_mtime:
-            return
+        if not force and (mtime == self.config_mtime or (mtime is not None and still_settling(mtime))):
+            return  # unchanged, or still being saved: a later tick looks again
         self.config_mtime = mtime
         try:
             config = load_fleet_config(path)
