@@ -555,3 +555,32 @@ def test_a_fleet_toml_read_in_the_middle_of_its_save_buries_no_run(services: Any
     settled = time.time() - 2
     os.utime(path, (settled, settled))
     assert services.refresh_config() and "later" in services.config.agents
+
+
+def test_a_run_of_an_agent_added_a_moment_ago_is_not_buried_while_its_fleet_toml_settles(services: Any) -> None:
+    """`fleet dispatch` reads fleet.toml as it starts, so a run of an agent added a moment ago reaches a worker
+    that has not taken the new file yet (it waits for the save to settle): the claim must wait for it, not
+    dead-letter the run as `agent_removed`."""
+    from fleet import dispatch, executor
+    from fleet.models import Run, RunStatus
+    from fleet.services import build
+
+    path = services.settings.config
+    services.refresh_config()  # the worker has seen the file as it was
+    path.write_text(path.read_text() + '\n[agents.added]\ncommand = ["true"]\nest_cost_usd = 0.01\n')
+    cli = build(services.settings, load_fleet_config(path))  # the `fleet dispatch` process, started just now
+    try:
+        queued = dispatch.dispatch(cli, dispatch.DispatchRequest("added", "new", actor="test"), lambda *_: None)
+    finally:
+        cli.close()
+    assert queued.status == "queued", queued
+    services.refresh_config()  # before the task: the file is a moment old, not taken yet
+    outcome = executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None)
+    with db.session(services.engine) as session:
+        run = session.get(Run, queued.run_id)
+    assert run is not None and run.status == RunStatus.QUEUED, (outcome, run.error if run else None)
+    assert outcome.status == "deferred", outcome  # its message is sent again shortly (workers.tasks.execute)
+    settled = time.time() - 2
+    os.utime(path, (settled, settled))
+    services.refresh_config()
+    assert executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None).status == "succeeded"
