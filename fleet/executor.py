@@ -207,11 +207,9 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         if run.status != RunStatus.QUEUED or run.fence != fence or run.slot is None:
             return ExecuteResult(run_id, "duplicate", reason=f"run is {run.status} (fence {run.fence}), not queued "
                                                             f"with fence {fence}: nothing started")
-        try:
-            spec = services.config.agent(run.agent)
-        except NotFoundError:
-            _end_unstarted(services, session, run, RunStatus.DEAD, "agent no longer in fleet.toml", "agent_removed")
-            return ExecuteResult(run_id, "dead", reason="agent no longer configured")
+        spec = _spec_or_end(services, session, run)
+        if isinstance(spec, ExecuteResult):
+            return spec
         lease = Lease(run.agent, run.slot, run.id, fence)
         try:  # the kill flags and the lease renewal in one round trip; the mirror in this transaction
             killed_scope, flag, renewed = services.admissions.claim(lease, ttl_s=services.config.fleet.lease_ttl_s)
@@ -246,6 +244,18 @@ def _claim(services: Services, run_id: str, fence: int) -> tuple[Run, AgentSpec,
         if not _commit_claim(services, session, run, fence, now):
             return ExecuteResult(run_id, "deferred", reason="the claim's commit failed: it is tried again shortly")
     return run, spec, lease, room
+
+
+def _spec_or_end(services: Services, session: Session, run: Run) -> AgentSpec | ExecuteResult:
+    """The run's agent; a run whose agent left fleet.toml ends dead, unless the file is still settling (the
+    agent may be in it: `fleet dispatch` read it as it started) and the execute is deferred."""
+    try:
+        return services.config.agent(run.agent)
+    except NotFoundError:
+        if services.config_change_pending():
+            return ExecuteResult(run.id, "deferred", reason="fleet.toml changed a moment ago: not taken yet")
+        _end_unstarted(services, session, run, RunStatus.DEAD, "agent no longer in fleet.toml", "agent_removed")
+        return ExecuteResult(run.id, "dead", reason="agent no longer configured")
 
 
 def _commit_claim(services: Services, session: Session, run: Run, fence: int, now: datetime) -> bool:

@@ -140,6 +140,16 @@ class Services:
         logs.get(__name__).info("config.reloaded", agents=sorted(self.config.agents))
         return True
 
+    def config_change_pending(self) -> bool:
+        """Whether fleet.toml changed since it was last taken (it is settling): an agent missing from the
+        configuration in hand may be in the new file, so nothing is buried for its absence until it is taken."""
+        if self.config_mtime is None:  # never refreshed: this process runs on the configuration it was given
+            return False
+        try:
+            return self.settings.config.stat().st_mtime != self.config_mtime
+        except OSError:
+            return False
+
     def close(self) -> None:
         """Release sockets and pooled connections."""
         self.redis.close()

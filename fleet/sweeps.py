@@ -223,6 +223,8 @@ def _requeue_or_bury(services: Services, run: Run, send: Sender, report: SweepRe
         _bury(services, run, "crash_loop", "the run's worker died on every attempt", report)
         return
     spec = services.config.agents.get(run.agent)
+    if spec is None and services.config_change_pending():
+        return  # the agent may be in the fleet.toml still settling: the next pass decides, with it taken
     if spec is None:
         _bury(services, run, "agent_removed", "agent no longer configured", report)
         return
