@@ -39,7 +39,7 @@ from sqlmodel import Session, col
 from fleet import alerts, db, keys, killswitch, ledger, logs, pause, store
 from fleet.admission import Admission
 from fleet.config import AgentSpec, read_text
-from fleet.errors import BadInputError, UnavailableError
+from fleet.errors import BadInputError, NotFoundError, UnavailableError
 from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import NOT_STARTED, Run, RunStatus, table_of
@@ -112,7 +112,13 @@ class DispatchResult:
 
 def validate(services: Services, request: DispatchRequest) -> tuple[AgentSpec, str, str | None]:
     """The agent (69 when unknown), the work key and the payload as JSON text (65 when malformed)."""
-    spec = services.config.agent(request.agent)
+    try:
+        spec = services.config.agent(request.agent)
+    except NotFoundError:
+        if services.config_change_pending():
+            raise UnavailableError(f"fleet.toml changed a moment ago and is not taken yet (a save is given a second "
+                                   f"to settle): agent {request.agent!r} may be in it; try again") from None
+        raise
     work_key = request.work_key if request.work_key is not None else uuid.uuid4().hex
     if not isinstance(work_key, str) or not WORK_KEY.match(work_key):
         raise BadInputError("work key must be 1-200 printable ASCII characters without spaces "

@@ -584,3 +584,24 @@ def test_a_run_of_an_agent_added_a_moment_ago_is_not_buried_while_its_fleet_toml
     os.utime(path, (settled, settled))
     services.refresh_config()
     assert executor.execute(services, queued.run_id or "", queued.fence or 0, lambda *_: None).status == "succeeded"
+
+
+def test_a_dispatch_of_an_agent_in_a_settling_fleet_toml_is_told_to_try_again(services: Any) -> None:
+    """`celery call fleet.dispatch` for an agent saved into fleet.toml a moment ago reaches a worker that has not
+    taken the file yet: it is told to try again (75), not that the agent does not exist (69)."""
+    from fleet import dispatch
+    from fleet.errors import NotFoundError, UnavailableError
+
+    path = services.settings.config
+    services.refresh_config()
+    path.write_text(path.read_text() + '\n[agents.added]\ncommand = ["true"]\nest_cost_usd = 0.01\n')
+    services.refresh_config()
+    with pytest.raises(UnavailableError, match="try again"):
+        dispatch.dispatch(services, dispatch.DispatchRequest("added", "new", actor="test"), lambda *_: None)
+    with pytest.raises(NotFoundError):  # a name in neither file is still unknown, once the file is taken
+        settled = time.time() - 2
+        os.utime(path, (settled, settled))
+        services.refresh_config()
+        dispatch.dispatch(services, dispatch.DispatchRequest("nowhere", "new", actor="test"), lambda *_: None)
+    assert dispatch.dispatch(services, dispatch.DispatchRequest("added", "new", actor="test"),
+                             lambda *_: None).status == "queued"

@@ -56,7 +56,8 @@ def counts(fleet: Fleet) -> dict[str, int]:
 
 def redis_snapshot(fleet: Fleet) -> dict[str, Any]:
     r = fleet.redis
-    return {"keys": sorted(k for k in r.keys("*") if not k.startswith("celery-task-meta")),
+    # Fleet's keys and the queues: kombu's own come and go as the workers run (unacked_mutex, a few seconds each)
+    return {"keys": sorted(r.keys("fleet:*")),
             "dispatch": r.llen("dispatch"), "agents": r.llen("agents")}
 
 
