@@ -161,6 +161,10 @@ class AuthHandler(BaseHandler):
             self.set_header("WWW-Authenticate", 'Basic realm="fleet", charset="UTF-8"')
             self.write_text(401, "401: FLEET_WEB_TOKEN required (Authorization: Bearer TOKEN, ?token=TOKEN, "
                                  "or basic auth with the token as password)\n")
+            return
+        # A changed fleet.toml, as the worker and beat pick it up (by mtime; a bad file keeps the last good): the
+        # page lists, pauses and kills the agents they run, not those of the file it started with.
+        self.services.refresh_config()
 
     def token_query(self) -> str:
         """`?token=…` for links on a page reached with ?token= (a browser re-sends basic auth itself)."""
@@ -748,6 +752,7 @@ def serve(services: Services, send: Sender | None = None) -> None:
     alerts.init_sentry(services.settings, "web")
     try:
         token = web_token(services)
+        services.refresh_config()  # notes the file's mtime now: an edit before the first request is picked up
         asyncio.run(_serve(services, token, send))
     finally:
         services.close()

@@ -537,6 +537,24 @@ def test_exit_1_failure_and_the_dead_letter_queue(fleet: Fleet) -> None:
     assert dead_letter_of(fleet, dead_run) is None
 
 
+def test_dlq_purge_refuses_ids_with_all(fleet: Fleet) -> None:
+    """`fleet dlq purge 7 --all` purged every dead letter, the named one and all the others, where the
+    operator named one (found by a new user's walk through the README): ids and --all together are refused (65)
+    and nothing is purged."""
+    only_once(fleet)
+    fleet.reset_agent("fail")
+    dead_run = parse(fleet.cli("dispatch", "fail", "--key", new_key("purge-all"), "--wait", "--json"), 1)["run_id"]
+    dead = dead_letter_of(fleet, dead_run)
+    assert dead is not None and dead.id is not None
+    before = counts(fleet)
+
+    both = fleet.cli("dlq", "purge", str(dead.id), "--all")
+    assert_exit(both, 65)
+    assert both.stderr.startswith("fleet: ") and "--all" in both.stderr, show(both)
+    assert counts(fleet) == before and dead_letter_of(fleet, dead_run) is not None
+    assert_exit(fleet.cli("dlq", "purge", str(dead.id)), 0)  # leave nothing behind
+
+
 # ---------------------------------------------------------------- logs -f
 
 

@@ -737,6 +737,25 @@ def act(base: str, path: str, data: dict[str, str]) -> httpx.Response:
     return httpx.post(f"{base}{path}", data=form, trust_env=False, timeout=30, headers=bearer())
 
 
+def test_the_page_picks_up_an_agent_added_to_fleet_toml(services: Any) -> None:
+    """The worker and beat reload a changed fleet.toml, and ran an agent added to it; the page kept the file it
+    started with: it did not list that agent and refused to pause or kill it (404, "unknown agent") until a
+    restart (found by a new user's walk through the README)."""
+    config = services.settings.config
+    name = f"added-{uuid.uuid4().hex[:8]}"
+    with serving(services) as base:
+        assert get(f"{base}/", headers=bearer()).status_code == 200  # the page as it started
+        config.write_text(config.read_text() + f'\n[agents.{name}]\ncommand = ["true"]\nest_cost_usd = 0.01\n')
+        os.utime(config, (time.time() + 5, time.time() + 5))  # a new mtime, however coarse the file system's clock
+        page = get(f"{base}/", headers=bearer())
+        paused = act(base, "/act/pause", {"agent": name, "reason": "added"})
+        resumed = act(base, "/act/resume", {"agent": name})
+    assert page.status_code == 200 and f'value="{name}"' in page.text
+    assert paused.status_code == 200 and f"paused agent {name}" in paused.text, paused.text
+    assert resumed.status_code == 200, resumed.text
+    assert not services.redis.exists(keys.paused(name))
+
+
 @pytest.mark.parametrize(("path", "dead"), [("/act/replay", "abc"), ("/act/replay", ""), ("/act/purge", "abc"),
                                             ("/act/purge", "")])
 def test_a_dead_letter_id_that_is_not_a_number_is_a_400(services: Any, path: str, dead: str) -> None:

@@ -379,10 +379,11 @@ def dlq_purge(
 
     Example: fleet dlq purge 7 8   |   fleet dlq purge --all
     """
-    if not dead_ids and not all_:
+    if bool(dead_ids) == all_:  # neither, or both: `purge 7 --all` must not purge what 7 did not name
         from fleet.errors import BadInputError
 
-        raise BadInputError("name dead letter ids, or pass --all")
+        raise BadInputError("name dead letter ids, or pass --all (not both)" if all_
+                            else "name dead letter ids, or pass --all")
     from fleet import dlq
 
     removed = dlq.purge(services(), None if all_ else list(dead_ids or []), actor())
