@@ -605,3 +605,37 @@ def test_a_dispatch_of_an_agent_in_a_settling_fleet_toml_is_told_to_try_again(se
         dispatch.dispatch(services, dispatch.DispatchRequest("nowhere", "new", actor="test"), lambda *_: None)
     assert dispatch.dispatch(services, dispatch.DispatchRequest("added", "new", actor="test"),
                              lambda *_: None).status == "queued"
+
+
+def test_a_worker_process_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settles(services: Any) -> None:
+    """A pool child starts afresh (worker_max_tasks_per_child) and builds its clients, reading fleet.toml, on its
+    first task. If that read falls in an in-place save (the file empty for a moment, truncated and written within
+    one timestamp tick, so the finished file has the mtime the empty one had), the child took the empty file as
+    its configuration for good: the mtime never changed again, so it was never re-read, no change was pending,
+    and the child's claims dead-lettered every queued run as `agent_removed` until the next edit."""
+    from fleet import dispatch, executor
+    from fleet.models import Run, RunStatus
+    from fleet.services import build
+
+    queued = dispatch.dispatch(services, dispatch.DispatchRequest("echo", "fresh-child", actor="test"),
+                               lambda *_: None)
+    assert queued.status == "queued", queued
+    path = services.settings.config
+    good = path.read_text()
+    path.write_text("")  # the save's first step
+    tick = path.stat().st_mtime
+    child = build(services.settings)  # the fresh pool child's first task (workers.app.services) ...
+    try:
+        child.refresh_config()  # ... which refreshes right after building
+        path.write_text(good)  # the save's second step, in the same timestamp tick
+        os.utime(path, (tick, tick))
+        deadline = time.monotonic() + 10
+        while child.refresh_config() is False and time.monotonic() < deadline:  # later tasks, once it settles
+            time.sleep(0.05)
+        assert "echo" in child.config.agents, sorted(child.config.agents)
+        executor.execute(child, queued.run_id or "", queued.fence or 0, lambda *_: None)
+        with db.session(child.engine) as session:
+            run = session.get(Run, queued.run_id)
+        assert run is not None and run.status != RunStatus.DEAD, run.error if run else None
+    finally:
+        child.close()
