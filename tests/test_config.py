@@ -639,3 +639,36 @@ def test_a_worker_process_that_starts_in_the_middle_of_a_save_takes_the_file_onc
         assert run is not None and run.status != RunStatus.DEAD, run.error if run else None
     finally:
         child.close()
+
+
+def test_a_beat_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for beat: one that starts while fleet.toml is empty mid-save, the finished file keeping the
+    empty one's mtime, kept an empty schedule until the next edit (no agent ever ticked)."""
+    from types import SimpleNamespace
+
+    from workers import beat
+
+    path = tmp_path / "fleet.toml"
+    path.write_text("")
+    tick = path.stat().st_mtime
+    monkeypatch.setattr(beat, "settings", SimpleNamespace(config=path))
+    loaded: list[set[str]] = []
+
+    class Probe(beat.LeaderScheduler):
+        schedule: dict[str, Any] = {}  # no store behind it: only what _reload merges is recorded
+
+        def merge_inplace(self, b: dict[str, Any]) -> None:
+            loaded.append(set(b))
+
+    scheduler = object.__new__(Probe)  # no Celery app, no Redis: only its fleet.toml reload
+    scheduler.config_mtime = None
+    scheduler._reload(force=True)  # setup_schedule, at start
+    path.write_text('[agents.ticker]\ncommand = ["true"]\nschedule = "every 30s"\nest_cost_usd = 0.01\n')
+    os.utime(path, (tick, tick))
+    ticking = "fleet.ticks:every 30s"
+    deadline = time.monotonic() + 10
+    while not any(ticking in entries for entries in loaded) and time.monotonic() < deadline:
+        scheduler._reload()  # each beat tick
+        time.sleep(0.05)
+    assert any(ticking in entries for entries in loaded), loaded
