@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
@@ -21,6 +22,11 @@ from fleet.locks import Leases
 
 if TYPE_CHECKING:  # the database layer is imported when an engine is built: `fleet kill` needs Redis first
     from sqlalchemy import Engine
+
+
+# A configuration read while its file was still settling: no mtime equals it, so the file counts as changed (a
+# change pending) and is read again once it has settled.
+NOT_SETTLED = float("-inf")
 
 
 def utcnow() -> datetime:
@@ -87,7 +93,7 @@ class Services:
     redis: redis.Redis
     now: Callable[[], datetime] = utcnow
     host: str = field(default_factory=socket.gethostname)
-    config_mtime: float | None = None
+    config_mtime: float | None = None  # the file's mtime when `config` was read; NOT_SETTLED: read mid-save
 
     @cached_property
     def leases(self) -> Leases:
@@ -163,9 +169,27 @@ def build(settings: Settings, config: FleetConfig | None = None) -> Services:
     """Connect lazily (no I/O here): engines and pools open their first connection on first use."""
     from fleet import db
 
+    mtime = None  # the first refresh_config takes the file's mtime as the one of what was read
+    if config is None:
+        # A file read while it may be in the middle of an in-place save (a pool child's first task) is read
+        # again once it settles: the finished file may keep the mtime of the empty one (both writes in one
+        # timestamp tick), and would never be seen as a change.
+        settling = config_mtime_of(settings.config)
+        config = load_fleet_config(settings.config)
+        if settling is not None and still_settling(settling):
+            mtime = NOT_SETTLED
     return Services(
         settings=settings,
-        config=config if config is not None else load_fleet_config(settings.config),
+        config=config,
         engine=db.make_engine(settings.database_url, settings.db_timeout_s),
         redis=redis_client(settings.broker_url),
+        config_mtime=mtime,
     )
+
+
+def config_mtime_of(path: Path) -> float | None:
+    """A fleet.toml's mtime (None when it cannot be read)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

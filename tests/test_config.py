@@ -605,3 +605,70 @@ def test_a_dispatch_of_an_agent_in_a_settling_fleet_toml_is_told_to_try_again(se
         dispatch.dispatch(services, dispatch.DispatchRequest("nowhere", "new", actor="test"), lambda *_: None)
     assert dispatch.dispatch(services, dispatch.DispatchRequest("added", "new", actor="test"),
                              lambda *_: None).status == "queued"
+
+
+def test_a_worker_process_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settles(services: Any) -> None:
+    """A pool child starts afresh (worker_max_tasks_per_child) and builds its clients, reading fleet.toml, on its
+    first task. If that read falls in an in-place save (the file empty for a moment, truncated and written within
+    one timestamp tick, so the finished file has the mtime the empty one had), the child took the empty file as
+    its configuration for good: the mtime never changed again, so it was never re-read, no change was pending,
+    and the child's claims dead-lettered every queued run as `agent_removed` until the next edit."""
+    from fleet import dispatch, executor
+    from fleet.models import Run, RunStatus
+    from fleet.services import build
+
+    queued = dispatch.dispatch(services, dispatch.DispatchRequest("echo", "fresh-child", actor="test"),
+                               lambda *_: None)
+    assert queued.status == "queued", queued
+    path = services.settings.config
+    good = path.read_text()
+    path.write_text("")  # the save's first step
+    tick = path.stat().st_mtime
+    child = build(services.settings)  # the fresh pool child's first task (workers.app.services) ...
+    try:
+        child.refresh_config()  # ... which refreshes right after building
+        path.write_text(good)  # the save's second step, in the same timestamp tick
+        os.utime(path, (tick, tick))
+        deadline = time.monotonic() + 10
+        while child.refresh_config() is False and time.monotonic() < deadline:  # later tasks, once it settles
+            time.sleep(0.05)
+        assert "echo" in child.config.agents, sorted(child.config.agents)
+        executor.execute(child, queued.run_id or "", queued.fence or 0, lambda *_: None)
+        with db.session(child.engine) as session:
+            run = session.get(Run, queued.run_id)
+        assert run is not None and run.status != RunStatus.DEAD, run.error if run else None
+    finally:
+        child.close()
+
+
+def test_a_beat_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for beat: one that starts while fleet.toml is empty mid-save, the finished file keeping the
+    empty one's mtime, kept an empty schedule until the next edit (no agent ever ticked)."""
+    from types import SimpleNamespace
+
+    from workers import beat
+
+    path = tmp_path / "fleet.toml"
+    path.write_text("")
+    tick = path.stat().st_mtime
+    monkeypatch.setattr(beat, "settings", SimpleNamespace(config=path))
+    loaded: list[set[str]] = []
+
+    class Probe(beat.LeaderScheduler):
+        schedule: dict[str, Any] = {}  # no store behind it: only what _reload merges is recorded
+
+        def merge_inplace(self, b: dict[str, Any]) -> None:
+            loaded.append(set(b))
+
+    scheduler = object.__new__(Probe)  # no Celery app, no Redis: only its fleet.toml reload
+    scheduler.config_mtime = None
+    scheduler._reload(force=True)  # setup_schedule, at start
+    path.write_text('[agents.ticker]\ncommand = ["true"]\nschedule = "every 30s"\nest_cost_usd = 0.01\n')
+    os.utime(path, (tick, tick))
+    ticking = "fleet.ticks:every 30s"
+    deadline = time.monotonic() + 10
+    while not any(ticking in entries for entries in loaded) and time.monotonic() < deadline:
+        scheduler._reload()  # each beat tick
+        time.sleep(0.05)
+    assert any(ticking in entries for entries in loaded), loaded

@@ -78,7 +78,9 @@ class LeaderScheduler(PersistentScheduler):
             mtime = None
         if not force and (mtime == self.config_mtime or (mtime is not None and still_settling(mtime))):
             return  # unchanged, or still being saved: a later tick looks again
-        self.config_mtime = mtime
+        # A file read while it may be mid-save (a beat starting then) is read again once it settles: the finished
+        # file may keep the empty one's mtime (both writes in one timestamp tick) and never look changed.
+        self.config_mtime = None if mtime is not None and still_settling(mtime) else mtime
         try:
             config = load_fleet_config(path)
         except ConfigError as exc:
