@@ -76,3 +76,8 @@ def orphans(host: str) -> str:
 def redis_epoch() -> str:
     """A marker set once per Redis lifetime: when it is missing, Redis restarted and lost its data."""
     return f"{PREFIX}epoch"
+
+
+def owner() -> str:
+    """The id of the fleet that uses this Redis database (fleet/tenancy.py), expiring unless renewed."""
+    return f"{PREFIX}owner"

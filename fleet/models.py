@@ -224,3 +224,14 @@ def table_of(model: type[SQLModel]) -> Table:
     """A model's Core table, for statements built once at import: the hot paths run those, since building
     a statement per call costs more in SQLAlchemy than its round trip costs in the database."""
     return cast(Table, model.__table__)  # type: ignore[attr-defined]  # SQLModel does not declare it
+
+
+class FleetIdentity(SQLModel, table=True):
+    """This fleet's id, made once with its database (one row): the mark it leaves on the Redis database it
+    uses, so that a second fleet pointed at the same Redis database is told so instead of taking its messages."""
+
+    __tablename__ = "fleet_identity"
+
+    id: int = Field(default=1, primary_key=True)
+    fleet_id: str = Field(max_length=32)
+    created_at: datetime

@@ -122,6 +122,13 @@ class Services:
         return Admissions(self.redis)
 
     @cached_property
+    def fleet_id(self) -> str:
+        """This fleet's id (fleet/tenancy.py), read once from its database."""
+        from fleet import tenancy
+
+        return tenancy.fleet_id(self.engine)
+
+    @cached_property
     def breakers(self) -> Breakers:
         """Circuit breakers on this Redis."""
         return Breakers(self.redis)

@@ -22,6 +22,7 @@ import pytest
 import redis as redis_lib
 from celery import Celery
 
+from fleet import db, keys
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.supervisor import absolute_database_url, mask_redis_url
 from tests.harness import (
@@ -319,7 +320,9 @@ def test_up_real_redis(start_up: Callable[..., UpRun], tmp_path: Path, redis: re
     assert_flower_requires_auth(run, "ops", "s3cret-pw")
     assert_web_needs_the_token(run, token)
     assert_no_secret_in_children(run, "s3cret-pw", token, dsn)
+    assert redis.get(keys.owner()), "fleet up marks its Redis database as this fleet's"
     stop_s = stop_and_assert_clean(run, tmp_path, sig=signal.SIGTERM)
+    assert redis.get(keys.owner()) is None, "... and takes the mark off as it stops"
     record_property("ready_s", ready_s)
     record_property("stop_s", round(stop_s, 1))
     print(f"\nfleet up (real Redis): ready in {ready_s:.1f}s ({wall_s:.1f}s from spawn), stopped in {stop_s:.1f}s")
@@ -370,6 +373,29 @@ def test_up_refuses_a_busy_port_before_starting_anything(start_up: Callable[...,
     assert f"web port 127.0.0.1:{busy} is already in use" in err and "FLEET_WEB_PORT" in err
     assert not (tmp_path / "fleet.db").exists()
     assert not marked_processes(run.marker)
+
+
+@needs_proc
+def test_up_refuses_a_redis_database_another_fleet_uses(start_up: Callable[..., UpRun], tmp_path: Path,
+                                                         redis: redis_lib.Redis, redis_url: str) -> None:
+    """Two `fleet init` folders, one Redis: the second `fleet up` found the first fleet's Redis answering and
+    shared its database, and each fleet's workers took the other's runs (dropped as `not_found`), leases and kills.
+    It refuses (78) before starting anything, saying how to part them; the first fleet's mark stays."""
+    from fleet import tenancy
+
+    first = db.make_engine(f"sqlite:///{tmp_path / 'first.db'}")  # the other folder's fleet
+    try:
+        db.upgrade(first)
+        theirs = tenancy.fleet_id(first)
+    finally:
+        first.dispose()
+    assert tenancy.claim(redis, theirs) is None
+    run = start_up("--workers", "1", env={"FLEET_REDIS_URL": redis_url})
+    assert run.process.wait(60) == 78
+    err = run.err.read_text()
+    assert "another fleet" in err and "FLEET_REDIS_URL=redis://HOST:6379/N" in err, err
+    assert not marked_processes(run.marker)
+    assert redis.get(keys.owner()) == theirs
 
 
 @needs_proc

@@ -198,3 +198,17 @@ def test_an_open_breaker_redis_lost_is_opened_again_from_the_database(services: 
     after = dispatch(services, DispatchRequest("exit77", uuid.uuid4().hex, actor="test"), lambda *_: None)
     assert (after.status, after.reason) == ("refused", "breaker_open"), after
     assert not any("breaker" in line for line in watchdog.heal(services))  # once: the marker is set again
+
+
+def test_a_watchdog_pass_marks_the_redis_database_and_turns_red_on_another_fleets_mark(services: Services) -> None:
+    """Two fleets on one Redis database take each other's runs and kills: each pass renews this fleet's mark on
+    it, and a pass that finds another fleet's mark there is red, saying how to part them."""
+    def owner_check() -> watchdog.Check:
+        return next(c for c in watchdog.run_watchdog(services, None, store_verdict=False).checks
+                    if c.name == "redis_owner")
+
+    assert owner_check().status == watchdog.GREEN
+    assert services.redis.get(keys.owner()) == services.fleet_id and services.redis.ttl(keys.owner()) > 0
+    services.redis.set(keys.owner(), uuid.uuid4().hex, ex=300)  # another fleet's watchdog, a moment later
+    check = owner_check()
+    assert check.status == watchdog.RED and "another fleet" in check.reason and "FLEET_REDIS_URL" in check.reason
