@@ -148,6 +148,7 @@ def run_up(settings: Settings, options: UpOptions, console: Console | None = Non
             with console.status("migrating the database, finding Redis…", spinner="dots"):
                 up.rows.append(Row("database", Text(_migrate(settings.database_url))))
                 redis_url = _choose_redis(settings, options, stack, up)
+                _mark_redis(settings.database_url, redis_url, stack)
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-up-")))
             secrets_dir = stack.enter_context(hardening.private_folder("fleet-up-secrets-"))
             children = _plan(settings, options, redis_url, workdir, secrets_dir, up)
@@ -247,6 +248,32 @@ def _migrate(database_url: str) -> str:
     finally:
         engine.dispose()
     return f"{mask_database_url(absolute_database_url(database_url))} (migrated)"
+
+
+def _mark_redis(database_url: str, redis_url: str, stack: contextlib.ExitStack) -> None:
+    """Mark the Redis database as this fleet's (fleet/tenancy.py), or refuse (78) when another fleet's mark is
+    on it; the mark comes off again as this fleet stops."""
+    from fleet import tenancy
+    from fleet.services import redis_client
+
+    engine = db.make_engine(database_url)
+    try:
+        ours = tenancy.fleet_id(engine)
+    finally:
+        engine.dispose()
+    client = redis_client(redis_url)
+    stack.callback(client.close)
+    other = tenancy.claim(client, ours)
+    if other is not None:
+        raise ConfigError(other.describe())
+    stack.callback(_release_mark, client, ours)
+
+
+def _release_mark(client: Any, ours: str) -> None:
+    with contextlib.suppress(Exception):  # Redis gone at the stop: the mark lapses on its own
+        from fleet import tenancy
+
+        tenancy.release(client, ours)
 
 
 def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.ExitStack, up: _Up) -> str:

@@ -20,9 +20,10 @@ from zoneinfo import ZoneInfo
 import redis
 from sqlalchemy import func
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from fleet import alerts, db, keys, killswitch, ledger, orphans
+from fleet import alerts, db, keys, killswitch, ledger, orphans, tenancy
 from fleet.locks import Lease
 from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus, WatchdogVerdict
 from fleet.services import Services
@@ -80,6 +81,7 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
         backlog_check(services.redis),
         orphan_check(services.redis),
         *disk_checks(services),
+        tenancy_check(services),
     ]
     breakers = breaker_states(services)
     with db.session(services.engine) as session:
@@ -188,6 +190,17 @@ def backlog_check(client: redis.Redis) -> Check:
     if deep:
         return Check("backlog", AMBER, f"deep queues: {deep}")
     return Check("backlog", GREEN, f"depths {depths}")
+
+
+def tenancy_check(services: Services) -> Check:
+    """This fleet's mark on its Redis database, renewed (fleet/tenancy.py): red when another fleet's holds it."""
+    try:
+        other = tenancy.claim(services.redis, services.fleet_id)
+    except (LookupError, SQLAlchemyError) as exc:
+        return Check("redis_owner", AMBER, f"this fleet's id could not be read: {str(exc).splitlines()[0]}")
+    if other is not None:
+        return Check("redis_owner", RED, other.describe())
+    return Check("redis_owner", GREEN, "this fleet's alone")
 
 
 def dlq_check(session: Session, now: datetime) -> Check:
