@@ -750,6 +750,34 @@ def test_a_bad_sentry_dsn_or_fleet_toml_does_not_stop_a_fleet_wide_kill(fleet: F
     assert_exit(fleet.cli("--config", str(bad_config), "kill", "echo"), 78)
 
 
+def test_a_bad_fleet_toml_still_lets_the_state_be_seen_and_the_fleet_resumed(fleet: Fleet, bad_config: Path) -> None:
+    """At 2am with a fleet.toml broken by an edit (the running fleet keeps its last good one), `fleet kill` worked
+    but status, runs, dead letters, events and spend exited 78 and showed nothing, and the fleet could not be
+    resumed. They show what the database and Redis hold, say why the file is refused, and still exit 78; a
+    fleet-wide resume lifts the kill (0)."""
+    only_once(fleet)
+    fleet.reset_agent("echo")
+    done = send(fleet, "echo", new_key("seen"))
+    wait_status(fleet, done.run_id, {"succeeded"})
+    bad = ["--config", str(bad_config)]
+    assert_exit(fleet.cli(*bad, "kill", "--reason", "at 2am"), 0)
+    try:
+        status, runs, dead, events, spend = cli_all(fleet, [*bad, "status", "--json"], [*bad, "runs", "--json"],
+                                                    [*bad, "dlq", "list", "--json"], [*bad, "events", "--json"],
+                                                    [*bad, "spend", "--json"])
+    finally:
+        resumed = fleet.cli(*bad, "resume")
+    for proc in (status, runs, dead, events, spend):
+        assert_exit(proc, 78)
+        assert f"{bad_config}:2" in proc.stderr, show(proc)
+    assert [k["scope"] for k in parse(status, 78)["kill"]] == ["*"], show(status)
+    assert done.run_id in {row["id"] for row in parse(runs, 78)}
+    assert isinstance(parse(dead, 78), list)
+    assert any(json.loads(line)["kind"] == "kill.engaged" for line in events.stdout.splitlines()), show(events)
+    assert_exit(resumed, 0)
+    assert not fleet.redis.exists(keys.kill()), show(resumed)
+
+
 def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:
     only_once(fleet)
     fleet.reset_agent("echo")
