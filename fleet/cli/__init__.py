@@ -36,6 +36,7 @@ def _global(
     state.soft_fail = soft_fail
     state.settings = None
     state.command = ctx.invoked_subcommand or "cli"
+    state.config_refused = False
 
 
 # The order here is the order of `fleet --help`.
@@ -77,7 +78,8 @@ def main() -> None:
     try:
         # Without standalone mode click returns a typer.Exit's code instead of exiting with it.
         code = app(args=hoist_global_options(sys.argv[1:]), standalone_mode=False)
-        leave(code if isinstance(code, int) else ExitCode.OK)
+        code = code if isinstance(code, int) else ExitCode.OK
+        leave(ExitCode.CONFIG if code == ExitCode.OK and state.config_refused else code)
     except FleetError as exc:
         fail(exc)
     except typer.Exit as exc:

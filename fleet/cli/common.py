@@ -40,6 +40,7 @@ class _State:
     soft_fail: bool = False
     settings: Settings | None = None
     command: str = "cli"
+    config_refused: bool = False  # a reading command went on without a fleet.toml that does not validate: 78 at its end
 
 
 state = _State()
@@ -135,6 +136,26 @@ def services() -> Services:
     from fleet.services import build
 
     return build(settings())
+
+
+def reading_services(*, loud: bool = True) -> Services:
+    """`services()` for a command that only reads or lifts (status, runs, logs, dead letters, events, spend, a
+    fleet-wide resume): a fleet.toml that does not validate is said on stderr and the command goes on without
+    its agents, since the running fleet keeps its last good file and at 2am its state must still be seen.
+    `loud`: the command still exits 78 once it has shown what it could (a script sees the file is broken)."""
+    from fleet.config import FleetConfig, FleetSection
+    from fleet.errors import ConfigError
+    from fleet.services import build
+
+    s = settings()
+    try:
+        config = fleet_config(s)
+    except ConfigError as exc:
+        err.print(f"fleet: {exc}\nfleet: going on without fleet.toml's agents and caps (a running fleet keeps its "
+                  "last good file); fix it, then `fleet doctor`", highlight=False, markup=False)
+        config = FleetConfig(path=s.config, fleet=FleetSection(), agents={})
+        state.config_refused = state.config_refused or loud
+    return build(s, config)
 
 
 def start_sentry() -> None:

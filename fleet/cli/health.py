@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fleet.cli.common import JsonOpt, celery_sender, emit_json, fail, out, services, shown, start_sentry, table
+from fleet.cli.common import (
+    JsonOpt,
+    celery_sender,
+    emit_json,
+    fail,
+    out,
+    reading_services,
+    services,
+    shown,
+    start_sentry,
+    table,
+)
 from fleet.errors import ExitCode, UnavailableError
 
 if TYPE_CHECKING:
@@ -28,7 +39,7 @@ def status(as_json: JsonOpt = False) -> None:
     """
     from fleet.state import snapshot
 
-    svc = services()
+    svc = reading_services()
     picture = snapshot(svc)
     if as_json:
         emit_json(picture)

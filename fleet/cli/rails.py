@@ -14,6 +14,7 @@ from fleet.cli.common import (
     err,
     fleet_config,
     out,
+    reading_services,
     services,
     settings,
     shown,
@@ -128,7 +129,9 @@ def resume(
     """
     from fleet import actions
 
-    out.print(shown(actions.resume(services(), agent=agent, actor=actor()).said), highlight=False)
+    # One agent's name cannot be told from a typo without the file; the whole fleet's resume needs none.
+    svc = services() if agent is not None else reading_services(loud=False)
+    out.print(shown(actions.resume(svc, agent=agent, actor=actor()).said), highlight=False)
 
 
 def spend(
@@ -141,7 +144,7 @@ def spend(
     """
     from fleet.state import spend_report
 
-    svc = services()
+    svc = reading_services()
     data = spend_report(svc, day)
     if as_json:
         emit_json(data)

@@ -11,7 +11,19 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from fleet.cli.common import JsonOpt, actor, celery_sender, emit_json, err, out, services, shown, start_sentry, table
+from fleet.cli.common import (
+    JsonOpt,
+    actor,
+    celery_sender,
+    emit_json,
+    err,
+    out,
+    reading_services,
+    services,
+    shown,
+    start_sentry,
+    table,
+)
 from fleet.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -177,7 +189,7 @@ def runs_list(
         from fleet.errors import BadInputError
 
         raise BadInputError(f"unknown status {status!r}; one of {', '.join(s.value for s in RunStatus)}")
-    svc = services()
+    svc = reading_services()
     with db.session(svc.engine) as session:
         rows = store.list_runs(session=session, agent=agent, status=status, limit=limit)
     if as_json:
@@ -199,7 +211,7 @@ def runs_show(run_id: str, as_json: JsonOpt = False) -> None:
     from fleet import db, store
     from fleet.executor import run_log_path
 
-    svc = services()
+    svc = reading_services()
     run = load_run(svc, run_id)
     with db.session(svc.engine) as session:
         events = store.run_events(session=session, run_id=run_id)
@@ -230,7 +242,7 @@ def logs(
     from fleet.executor import run_log_path
     from fleet.models import TERMINAL
 
-    svc = services()
+    svc = reading_services()
     run = load_run(svc, run_id)
     with db.session(svc.engine) as session:
         shipped = runlog.has_log(session, run_id)
@@ -323,7 +335,7 @@ def dlq_list(as_json: JsonOpt = False) -> None:
     """
     from fleet import db, store
 
-    svc = services()
+    svc = reading_services()
     with db.session(svc.engine) as session:
         rows = store.list_dead_letters(session=session)
     if as_json:
@@ -345,7 +357,7 @@ def dlq_show(dead_id: int, as_json: JsonOpt = False) -> None:
     from fleet import dlq
     from fleet.redaction import visible
 
-    dead = dlq.get(services(), dead_id)
+    dead = dlq.get(reading_services(), dead_id)
     if as_json:
         emit_json(dead_json(dead))
         return
@@ -404,7 +416,7 @@ def events(
     """
     from fleet import db, store
 
-    svc = services()
+    svc = reading_services()
     with db.session(svc.engine) as session:
         newest = store.recent_events(session=session, limit=limit)
     last = _print_events(newest, as_json, 0)
