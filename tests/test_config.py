@@ -21,6 +21,7 @@ from fleet.config import MAX_PRICE_PER_MTOK_USD, MAX_USD, Settings, load_fleet_c
 from fleet.doctor import run_doctor
 from fleet.errors import ConfigError, ExitCode
 from fleet.schedule import Cron
+from tests.harness import wait_for
 
 SECRET = "sk-ant-PLANTED-secret-0123456789abcdef"
 
@@ -672,3 +673,24 @@ def test_a_beat_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settl
         scheduler._reload()  # each beat tick
         time.sleep(0.05)
     assert any(ticking in entries for entries in loaded), loaded
+
+
+def test_a_fleet_toml_rewritten_more_often_than_it_settles_is_taken_all_the_same(
+        services: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file rewritten every half second (a sync loop, config management) never stays unchanged for the settle
+    second: it was never taken, so a removed agent's runs were deferred and dispatches refused as settling for
+    ever. It is taken once it has been settling for CONFIG_SETTLE_MAX_S (shortened here)."""
+    from fleet import config as config_module
+
+    monkeypatch.setattr(config_module, "CONFIG_SETTLE_MAX_S", 0.5, raising=False)
+    path = services.settings.config
+    services.refresh_config()
+    path.write_text(path.read_text() + '\n[agents.churned]\ncommand = ["true"]\nest_cost_usd = 0.01\n')
+
+    def rewritten_and_looked_at() -> bool:
+        now = time.time()
+        os.utime(path, (now, now))  # rewritten again: always under a second old
+        services.refresh_config()
+        return "churned" in services.config.agents
+
+    wait_for(rewritten_and_looked_at, 5, "a fleet.toml that never settles to be taken")
