@@ -375,6 +375,32 @@ def still_settling(mtime: float, now: float | None = None) -> bool:
     return 0 <= age < CONFIG_SETTLE_S
 
 
+CONFIG_SETTLE_MAX_S = 10.0  # a file that never stays unchanged for CONFIG_SETTLE_S is taken anyway after this
+
+
+class Settling:
+    """Whether a running process should wait before taking a changed fleet.toml: while it changed under
+    CONFIG_SETTLE_S ago, but not for more than CONFIG_SETTLE_MAX_S in all, so a file rewritten in a loop (a
+    sync, config management) is still taken: deferrals of a removed agent's runs, and dispatches told to
+    try again, end."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # monotonic: when the first look found it still settling
+
+    def wait(self, mtime: float) -> bool:
+        """True: look again later; False: take the file now."""
+        if not still_settling(mtime):
+            self.since = None
+            return False
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        if now - self.since >= CONFIG_SETTLE_MAX_S:
+            self.since = None
+            return False
+        return True
+
+
 def load_fleet_config(path: Path) -> FleetConfig:
     """Load and validate fleet.toml, refusing it whole on the first set of problems found."""
     try:

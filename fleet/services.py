@@ -16,7 +16,7 @@ from redis import Redis
 from fleet import logs
 from fleet.admission import Admissions
 from fleet.breaker import Breakers
-from fleet.config import FleetConfig, Settings, load_fleet_config, still_settling
+from fleet.config import FleetConfig, Settings, Settling, load_fleet_config, still_settling
 from fleet.errors import ConfigError, FleetError, PermissionDeniedError, SchemaError, UnavailableError
 from fleet.locks import Leases
 
@@ -94,6 +94,7 @@ class Services:
     now: Callable[[], datetime] = utcnow
     host: str = field(default_factory=socket.gethostname)
     config_mtime: float | None = None  # the file's mtime when `config` was read; NOT_SETTLED: read mid-save
+    settling: Settling = field(default_factory=Settling)  # how long a changed file has been waited for
 
     @cached_property
     def leases(self) -> Leases:
@@ -142,7 +143,7 @@ class Services:
             return False
         if self.config_mtime is None:
             self.config_mtime = mtime
-        if mtime == self.config_mtime or still_settling(mtime):
+        if mtime == self.config_mtime or self.settling.wait(mtime):
             return False  # a file still being saved is looked at again by a later task
         self.config_mtime = mtime
         try:

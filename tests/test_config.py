@@ -648,6 +648,7 @@ def test_a_beat_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settl
     empty one's mtime, kept an empty schedule until the next edit (no agent ever ticked)."""
     from types import SimpleNamespace
 
+    from fleet.config import Settling
     from workers import beat
 
     path = tmp_path / "fleet.toml"
@@ -664,6 +665,7 @@ def test_a_beat_that_starts_in_the_middle_of_a_save_takes_the_file_once_it_settl
 
     scheduler = object.__new__(Probe)  # no Celery app, no Redis: only its fleet.toml reload
     scheduler.config_mtime = None
+    scheduler.settling = Settling()
     scheduler._reload(force=True)  # setup_schedule, at start
     path.write_text('[agents.ticker]\ncommand = ["true"]\nschedule = "every 30s"\nest_cost_usd = 0.01\n')
     os.utime(path, (tick, tick))

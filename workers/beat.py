@@ -17,7 +17,7 @@ from celery.beat import PersistentScheduler
 
 import beat_schedule
 from fleet import keys, logs
-from fleet.config import load_fleet_config, still_settling
+from fleet.config import Settling, load_fleet_config, still_settling
 from fleet.errors import ConfigError
 from fleet.services import redis_client
 from workers.app import settings
@@ -45,6 +45,7 @@ class LeaderScheduler(PersistentScheduler):
         self._release = self.redis.register_script(_RELEASE)
         self.leader = False
         self.config_mtime: float | None = None
+        self.settling = Settling()  # how long a changed fleet.toml has been waited for
         super().__init__(*args, **kwargs)
 
     def setup_schedule(self) -> None:
@@ -76,7 +77,7 @@ class LeaderScheduler(PersistentScheduler):
             mtime = path.stat().st_mtime
         except OSError:
             mtime = None
-        if not force and (mtime == self.config_mtime or (mtime is not None and still_settling(mtime))):
+        if not force and (mtime == self.config_mtime or (mtime is not None and self.settling.wait(mtime))):
             return  # unchanged, or still being saved: a later tick looks again
         # A file read while it may be mid-save (a beat starting then) is read again once it settles: the finished
         # file may keep the empty one's mtime (both writes in one timestamp tick) and never look changed.
