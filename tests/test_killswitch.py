@@ -144,6 +144,13 @@ def test_fleet_kill_with_the_database_down_exits_75_saying_the_kill_is_in_force(
     assert killed.returncode == ExitCode.TRANSIENT, killed.stdout + killed.stderr
     assert "IS in force" in killed.stderr and "Traceback" not in killed.stderr
     assert killswitch.check_redis(redis, None).reason == "database down"
+    # --hard looks up the running runs in the database to revoke their tasks: that failing must not end in
+    # "nothing was written; safe to retry", said of a kill that is in force.
+    hard = fleet("kill", "--hard", "--reason", "database down, hard")
+    assert hard.returncode == ExitCode.TRANSIENT, hard.stdout + hard.stderr
+    assert "IS in force" in hard.stderr and "nothing was written" not in hard.stderr, hard.stdout + hard.stderr
+    assert "nothing revoked" in hard.stdout + hard.stderr, hard.stdout + hard.stderr
+    assert killswitch.check_redis(redis, None).reason == "database down, hard"
 
 
 _IMPORT_WATCH = """
