@@ -49,11 +49,28 @@ def kill(
     engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now)
     out.print(shown(engaged.describe() + (f": {reason}" if reason else "")))
     if hard:
-        from workers.control import hard_stop
-
-        revoked = hard_stop(svc, None if agent is None else scope)
-        out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
+        _hard_stop(svc, None if agent is None else scope)
     engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
+
+
+def _hard_stop(svc: Services, agent: str | None) -> None:
+    """Revoke the wedged executes; the running runs come from the database, so one that is away leaves the kill
+    in force and nothing revoked: said as such (75), never as a kill that did not happen."""
+    from fleet.cli.common import service_error
+    from fleet.errors import UnavailableError
+    from workers.control import hard_stop
+
+    try:
+        revoked = hard_stop(svc, agent)
+    except Exception as exc:
+        if service_error(exc) is None:
+            raise
+        why = (str(getattr(exc, "orig", exc)).strip().splitlines() or [exc.__class__.__name__])[0]
+        err.print(f"fleet: hard kill: nothing revoked, the running runs could not be read ({why}); the kill "
+                  "IS in force in Redis: run `fleet kill --hard` again once the database answers", highlight=False,
+                  markup=False)
+        raise UnavailableError("the kill IS in force; only its --hard revoke waits for the database") from None
+    out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
 
 
 def _kill_config(agent: str | None) -> FleetConfig:
