@@ -212,3 +212,26 @@ def test_a_watchdog_pass_marks_the_redis_database_and_turns_red_on_another_fleet
     services.redis.set(keys.owner(), uuid.uuid4().hex, ex=300)  # another fleet's watchdog, a moment later
     check = owner_check()
     assert check.status == watchdog.RED and "another fleet" in check.reason and "FLEET_REDIS_URL" in check.reason
+
+
+def test_a_watchdog_that_stays_red_raises_its_alert_again_every_hour(services: Services,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """watchdog_red was raised once, at the transition: an alert Sentry could not take then (its endpoint down:
+    sentry-sdk drops what it cannot deliver) left a fleet red all night without a page. While it stays red the
+    alert comes again every RED_REMINDER_S (into the same Sentry issue); passes in between raise nothing."""
+    raised: list[str] = []
+    monkeypatch.setattr(watchdog.alerts, "alert", lambda kind, message, **_: raised.append(f"{kind}: {message}"))
+    store_verdict(services, watchdog.GREEN)
+    services.redis.set(keys.owner(), uuid.uuid4().hex, ex=300)  # a red check: another fleet's mark
+
+    def red_pass() -> list[str]:
+        raised.clear()
+        assert watchdog.run_watchdog(services, None).status == watchdog.RED
+        return [r for r in raised if r.startswith("watchdog_red")]
+
+    assert len(red_pass()) == 1  # the transition
+    assert red_pass() == []  # still red a minute later: nothing new to say
+    services.redis.delete(keys.red_reminder())  # an hour on: the reminder's key has expired
+    (again,) = red_pass()
+    assert "still red" in again and "redis_owner" in again
+    assert red_pass() == []
