@@ -82,7 +82,3 @@ def owner() -> str:
     """The id of the fleet that uses this Redis database (fleet/tenancy.py), expiring unless renewed."""
     return f"{PREFIX}owner"
 
-
-def red_reminder() -> str:
-    """Present while the watchdog's red alert was raised within the reminder interval (fleet/watchdog.py)."""
-    return f"{PREFIX}watchdog:red_reminder"

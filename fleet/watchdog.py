@@ -88,11 +88,16 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
         checks[3:3] = [stuck_check(services, session, now), dlq_check(session, now), spend_check(services, session),
                        kill_check(session), breaker_check(services, session, breakers, now)]
         previous = latest(session)
+        red_since = red_spell_began(session) if previous is not None and previous.status == RED else None
     verdict = Verdict(worst([c.status for c in checks]), checks, healed, now.isoformat())
-    # Once per transition: the previous verdict is in the database, shared by beat's and cron's watchdogs.
-    if verdict.status == RED and (previous is None or previous.status != RED):
-        red = [f"{c.name}: {c.reason}" for c in checks if c.status == RED]
-        alerts.alert("watchdog_red", "watchdog red: " + "; ".join(red), host=services.host, checks=red)
+    # On the transition (the previous verdict is in the database, shared by beat's and cron's watchdogs), then
+    # again every RED_REMINDER_S while it stays red.
+    if verdict.status == RED:
+        first = previous is None or previous.status != RED
+        if first or _reminder_due(red_since, previous, now):
+            red = [f"{c.name}: {c.reason}" for c in checks if c.status == RED]
+            alerts.alert("watchdog_red", ("watchdog red: " if first else "watchdog still red: ") + "; ".join(red),
+                         host=services.host, checks=red)
     if send_canary is not None:
         for queue in QUEUES:
             send_canaries(services.redis, send_canary, queue, now)
@@ -102,6 +107,31 @@ def run_watchdog(services: Services, send_canary: CanarySender | None, *, deadli
                                         checks=json.dumps(verdict.to_json()["checks"])))
             session.commit()
     return verdict
+
+
+RED_REMINDER_S = 3600  # while red, the alert comes again this often (sentry-sdk drops an event it cannot deliver)
+
+
+def red_spell_began(session: Session) -> datetime | None:
+    """When the watchdog last turned red: the first red verdict after the last one that was not."""
+    last_ok = session.exec(select(func.max(WatchdogVerdict.id)).where(WatchdogVerdict.status != RED)).one()
+    first_red = select(func.min(WatchdogVerdict.id)).where(WatchdogVerdict.status == RED)
+    if last_ok is not None:
+        first_red = first_red.where(col(WatchdogVerdict.id) > last_ok)
+    began = session.exec(first_red).one()
+    verdict = session.get(WatchdogVerdict, began) if began is not None else None
+    return verdict.at if verdict is not None else None
+
+
+def _reminder_due(began: datetime | None, previous: WatchdogVerdict | None, now: datetime) -> bool:
+    """Whether this pass, still red, crosses a whole RED_REMINDER_S since the spell began (the previous one did
+    not): one reminder an hour however often the watchdog runs, from the verdicts alone (a Redis restart keeps it)."""
+    if began is None or previous is None:
+        return False
+    def intervals(at: datetime) -> int:
+        return int(max(0.0, (at - began).total_seconds()) // RED_REMINDER_S)
+
+    return intervals(now) > intervals(previous.at)
 
 
 # ---------------------------------------------------------------- canaries

@@ -218,20 +218,24 @@ def test_a_watchdog_that_stays_red_raises_its_alert_again_every_hour(services: S
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """watchdog_red was raised once, at the transition: an alert Sentry could not take then (its endpoint down:
     sentry-sdk drops what it cannot deliver) left a fleet red all night without a page. While it stays red the
-    alert comes again every RED_REMINDER_S (into the same Sentry issue); passes in between raise nothing."""
+    alert comes again every RED_REMINDER_S of the spell (into the same Sentry issue); passes in between raise
+    nothing. The hour passes on the fleet's own clock."""
     raised: list[str] = []
     monkeypatch.setattr(watchdog.alerts, "alert", lambda kind, message, **_: raised.append(f"{kind}: {message}"))
+    start = datetime.now(UTC)
+    clock = [start - timedelta(minutes=1)]
+    services.now = lambda: clock[0]
     store_verdict(services, watchdog.GREEN)
     services.redis.set(keys.owner(), uuid.uuid4().hex, ex=300)  # a red check: another fleet's mark
 
-    def red_pass() -> list[str]:
+    def red_pass(minutes: float) -> list[str]:
+        clock[0] = start + timedelta(minutes=minutes)
         raised.clear()
         assert watchdog.run_watchdog(services, None).status == watchdog.RED
         return [r for r in raised if r.startswith("watchdog_red")]
 
-    assert len(red_pass()) == 1  # the transition
-    assert red_pass() == []  # still red a minute later: nothing new to say
-    services.redis.delete(keys.red_reminder())  # an hour on: the reminder's key has expired
-    (again,) = red_pass()
+    assert len(red_pass(0)) == 1  # the transition
+    assert red_pass(1) == [] and red_pass(59) == []  # still red: nothing new to say
+    (again,) = red_pass(61)
     assert "still red" in again and "redis_owner" in again
-    assert red_pass() == []
+    assert red_pass(62) == [] and len(red_pass(121)) == 1
