@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import redis
 import tornado.httpserver
@@ -461,7 +461,8 @@ class ActionHandler(AuthHandler):
         if self.request.method != "POST":
             self.set_header("Allow", "POST")
             self.write_text(405, "405: an action is a POST from the page's own form\n")
-        elif self.request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        elif (self.request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
+              or not origin_is_own(self.request.headers.get("Origin"), self.request.headers.get("Host"))):
             self.write_text(403, "403: a request from another site cannot act on the fleet\n")
         elif not csrf_ok(self.web.csrf_key, self.get_body_argument("csrf", ""), time.time()):
             self.write_text(403, "403: this form is stale or was not made by this page: reload the page and try "
@@ -704,6 +705,16 @@ def is_loopback(host: str) -> bool:
 
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})  # a bound wildcard names no host a browser could send
+
+
+def origin_is_own(origin: str | None, host: str | None) -> bool:
+    """Whether a POST's Origin, when a browser sent one, names the host it was sent to (the page's own; scheme
+    aside, for a TLS proxy in front). A browser without Sec-Fetch-Site still sends Origin with every POST."""
+    if origin is None or origin == "null":
+        # curl or a script (the token and the CSRF token are theirs to show); "null": this page's own forms, as
+        # Chromium sends them under its no-referrer policy (Sec-Fetch-Site speaks for those browsers)
+        return True
+    return host is not None and urlsplit(origin).netloc.lower() == host.lower()
 
 
 def allowed_hosts(web_host: str, configured: list[str]) -> frozenset[str]:
