@@ -155,10 +155,11 @@ def test_sqlite_on_a_full_disk_refuses_before_any_agent_starts(tmp_path: Path, s
         first = dispatch(fleet.services, DispatchRequest("quick", uuid.uuid4().hex, actor="test"), fleet.send_execute)
         assert first.status == "queued"
         filler = small_disk / "filler"
-        with open(filler, "wb") as handle, contextlib.suppress(OSError):  # fill the disk to the last byte
+        # Fill the disk to the last byte. Unbuffered: a buffered file keeps what the last write could not place
+        # and raises ENOSPC again as it closes, whenever the space left is not a multiple of the block written.
+        with open(filler, "wb", buffering=0) as handle, contextlib.suppress(OSError):
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
         started_before = len(EffectsLog.read(home / "effects.log").of("START"))
         refused = 0
         for _ in range(5):
