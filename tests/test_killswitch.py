@@ -284,3 +284,32 @@ def test_a_flag_set_by_hand_gets_its_mirror_from_the_watchdog(services: Services
     with db.session(services.engine) as session:
         assert killswitch.check(session, services.redis, "echo").killed
     assert json.loads(services.redis.get(keys.kill("echo")) or "{}")["actor"] == "watchdog"
+
+
+@pytest.mark.parametrize("switch", [killswitch, pause], ids=["kill", "pause"])
+def test_a_first_engage_and_release_of_a_scope_at_once_both_land(services: Services, switch: Any) -> None:
+    """`fleet kill echo` and `fleet resume echo` at once, for an agent never killed before: both read no row and
+    both inserted one, and the loser failed on the primary key as "database unreachable ... safe to retry" (75;
+    seen in CI). Both land, in either order, and the mirror ends as the last one left it."""
+    import threading
+
+    for i in range(12):
+        scope = f"race-{i}"
+        both = threading.Barrier(2)
+
+        def engage(scope: str = scope, both: threading.Barrier = both) -> None:
+            both.wait()
+            if switch is killswitch:
+                switch.engage(services.engine, services.redis, scope=scope, reason="race", actor="test", hard=False,
+                              now=utcnow()).confirm()
+            else:
+                switch.engage(services.engine, services.redis, scope=scope, reason="race", actor="test",
+                              now=utcnow())
+
+        def release(scope: str = scope, both: threading.Barrier = both) -> None:
+            both.wait()
+            switch.release(services.engine, services.redis, scope=scope, actor="test", now=utcnow())
+
+        with ThreadPoolExecutor(2) as pool:
+            for future in [pool.submit(engage), pool.submit(release)]:
+                future.result()  # raises what the thread raised
