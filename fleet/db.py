@@ -9,10 +9,13 @@ import os
 import select
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, Executable, Result, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
@@ -27,6 +30,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 PING_AFTER_IDLE_S = 1.0
 _IDLE_SINCE = "fleet_idle_since"  # in the pool's per-connection info (cleared when it reconnects)
 # Any 64-bit number unique to Fleet: the PostgreSQL advisory lock that serialises `fleet db upgrade`.
+_M = TypeVar("_M")
 _MIGRATION_LOCK_ID = 0x466C656574_01
 
 
@@ -277,3 +281,21 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)  # a placeholder row's time: older than anything it stands in for
+
+
+def locked_row(session: Session, model: type[_M], key: str, **placeholder: Any) -> _M:
+    """The row of `model` whose primary key is `key`, locked for this transaction (FOR UPDATE on PostgreSQL;
+    SQLite's transaction holds the write lock). A missing one is first inserted from `placeholder` (INSERT ...
+    ON CONFLICT DO NOTHING), so two first writers of a key take turns on one row instead of both inserting
+    and one failing on the primary key."""
+    table = model.__table__  # type: ignore[attr-defined]
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    (column,) = table.primary_key.columns
+    session.execute(insert(table).values({column.name: key, **placeholder}).on_conflict_do_nothing())
+    row = session.get(model, key, with_for_update=True, populate_existing=True)
+    if row is None:  # inserted or already there, in this very transaction: it cannot be missing
+        raise RuntimeError(f"{table.name} row {key!r} vanished inside its transaction")
+    return row

@@ -152,8 +152,7 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
     and the audit trail must not say it did (nor twice, for two resumes racing).
     """
     with db.session(engine) as session:
-        row = session.get(KillSwitch, scope, with_for_update=True)
-        was = row is not None and row.engaged
+        was = _locked(session, scope).engaged
         # The row is written released even when it was not engaged: its changed_at tells repair_mirror
         # that a flag only Redis holds, set before now, was resumed and must not be mirrored back.
         _upsert(session, scope=scope, engaged=False, reason=None, actor=actor, hard=False, now=now)
@@ -169,9 +168,15 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
                                "and still holds the flag: run `fleet resume` again once Redis is back") from None
 
 
+def _locked(session: Session, scope: str) -> KillSwitch:
+    """The scope's mirror row, locked; a missing one is made released and as old as can be (db.NEVER), so a
+    flag only Redis holds is still mirrored back by repair_mirror, and a first kill and resume take turns."""
+    return db.locked_row(session, KillSwitch, scope, engaged=False, hard=False, changed_at=db.NEVER)
+
+
 def _upsert(session: Session, *, scope: str, engaged: bool, reason: str | None, actor: str, hard: bool,
             now: datetime) -> None:
-    row = session.get(KillSwitch, scope) or KillSwitch(scope=scope, changed_at=now)
+    row = _locked(session, scope)
     row.engaged, row.reason, row.actor, row.hard, row.changed_at = engaged, reason, actor, hard, now
     session.add(row)
 
@@ -285,8 +290,8 @@ def _mirror_one(engine: Engine, flag: KillState, at: datetime) -> bool:
         with db.session(engine) as session:
             # Locked (PostgreSQL; SQLite's transaction already holds the write lock), so a resume that
             # commits meanwhile is seen and not overwritten.
-            row = session.get(KillSwitch, flag.scope, with_for_update=True)
-            if row is not None and (row.engaged or row.changed_at >= at):
+            row = _locked(session, flag.scope)
+            if row.engaged or row.changed_at >= at:
                 return False
             _upsert(session, scope=flag.scope, engaged=True, reason=reason, actor=(flag.actor or "watchdog")[:255],
                     hard=flag.hard, now=at)

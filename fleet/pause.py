@@ -130,7 +130,7 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
 
 
 def _upsert(session: Session, *, scope: str, engaged: bool, reason: str | None, actor: str, now: datetime) -> None:
-    row = session.get(Pause, scope) or Pause(scope=scope, changed_at=now)
+    row = db.locked_row(session, Pause, scope, engaged=False, changed_at=db.NEVER)  # two first pauses take turns
     row.engaged, row.reason, row.actor, row.changed_at = engaged, reason, actor[:255], now
     session.add(row)
 
