@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from fleet.errors import ConfigError, UnavailableError
+from fleet.errors import ConfigError, UnavailableError, first_line
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -219,11 +219,7 @@ def check(engine: Engine) -> None:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         raise UnavailableError(f"database unreachable ({engine.url.render_as_string()}): "
-                               f"{_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                               f"{first_line(exc)}") from None
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -246,7 +242,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         with _migration_lock(engine):
             command.upgrade(alembic_config(engine), revision)
     except OperationalError as exc:
-        raise UnavailableError(f"database unreachable: {_first_line(exc)}") from None
+        raise UnavailableError(f"database unreachable: {first_line(exc)}") from None
 
 
 def current_revision(engine: Engine) -> str | None:

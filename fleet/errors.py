@@ -5,6 +5,13 @@ from __future__ import annotations
 from enum import IntEnum
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line for a log or a message: the driver's own error under a SQLAlchemy one
+    (`orig`), else the exception itself; its class name when it says nothing."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class ExitCode(IntEnum):
     """The exit codes of the `fleet` command, also used by agents (sysexits.h where one fits)."""
 

@@ -34,7 +34,7 @@ from fleet import alerts, db, identity, killflag, killswitch, ledger, logs, paus
 from fleet.breaker import Outcome
 from fleet.config import AgentSpec
 from fleet.dispatch import caps_of
-from fleet.errors import ConfigError, NotFoundError, UnavailableError
+from fleet.errors import ConfigError, NotFoundError, UnavailableError, first_line
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus, table_of
 from fleet.process import Launch, Output, ProcessResult, run_agent
@@ -187,10 +187,10 @@ def _retrying_database(services: Services, run: Run, what: str, write: Callable[
             return write()
         except SQLAlchemyError as exc:
             if time.monotonic() + pause > deadline:
-                log.error(f"run.{what}_lost", run_id=run.id, error=_first_line(exc), **detail)
+                log.error(f"run.{what}_lost", run_id=run.id, error=first_line(exc), **detail)
                 raise UnavailableError(f"could not write the {what.replace('_', ' ')} of run {run.id} for "
-                                       f"{within_s:.0f} s: {_first_line(exc)}") from None
-            log.warning(f"run.{what}_write_failed", run_id=run.id, error=_first_line(exc), retry_in_s=pause, **detail)
+                                       f"{within_s:.0f} s: {first_line(exc)}") from None
+            log.warning(f"run.{what}_write_failed", run_id=run.id, error=first_line(exc), retry_in_s=pause, **detail)
             wait(pause)
             pause = min(pause * 2, 5.0)
 
@@ -266,7 +266,7 @@ def _commit_claim(services: Services, session: Session, run: Run, fence: int, no
     try:
         session.commit()
     except SQLAlchemyError as exc:
-        log.warning("run.claim_commit_failed", run_id=run.id, error=_first_line(exc))
+        log.warning("run.claim_commit_failed", run_id=run.id, error=first_line(exc))
         return _claim_landed(services, run, fence, claim)
     return True
 
@@ -637,6 +637,3 @@ def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
                      agent=run.agent, run_id=run.id, previous=old)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", exc)).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, logs, store
-from fleet.errors import KillNotMirroredError, UnavailableError
+from fleet.errors import KillNotMirroredError, UnavailableError, first_line
 from fleet.keys import GLOBAL
 from fleet.killflag import MAX_REASON, put_back, raise_flag, record
 from fleet.models import KillSwitch, table_of
@@ -99,7 +99,7 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
     except redis.RedisError as exc:
         # The mirror alone still holds it: dispatches refuse, executors read the mirror while Redis is
         # away, and the next check copies it back into Redis.
-        redis_problem = f"Redis unreachable: {_first_line(exc)}"
+        redis_problem = f"Redis unreachable: {first_line(exc)}"
         logs.get(__name__).warning("kill.redis_unreachable", scope=scope)
     mirror_problem = _write_mirror(engine, scope=scope, reason=reason, actor=actor, hard=hard, now=now,
                                    deadline_s=mirror_deadline_s)
@@ -132,16 +132,11 @@ def _write_mirror(engine: Engine, *, scope: str, reason: str | None, actor: str,
                 session.commit()
             return None
         except (SQLAlchemyError, OSError) as exc:  # OSError: an SQLite folder that cannot be made
-            problem = _first_line(exc)
+            problem = first_line(exc)
         if time.monotonic() + pause >= give_up:
             return problem
         time.sleep(pause)
         pause = min(2 * pause, 1.0)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now: datetime) -> bool:

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from fleet import db, logs
+from fleet.errors import first_line
 from fleet.models import RunLogChunk
 
 log = logs.get(__name__)
@@ -54,7 +55,7 @@ class Shipper:
             try:
                 self._store(data, now)
             except SQLAlchemyError as exc:
-                first = (str(getattr(exc, "orig", exc)).strip().splitlines() or [exc.__class__.__name__])[0]
+                first = first_line(exc)
                 log.warning("runlog.ship_failed", run_id=self.run_id, offset=self.offset, error=first)
                 return False
             self.offset += len(data)

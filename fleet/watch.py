@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col
 
 from fleet import alerts, db, killswitch, ledger, logs, store
+from fleet.errors import first_line
 from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import Run, RunStatus
@@ -182,7 +183,7 @@ class Bookkeeper:
                     session, day=self.run.budget_day, agent=self.run.agent, caps=self.caps)
                 session.commit()
         except SQLAlchemyError as exc:
-            log.warning("run.charge_failed", run_id=self.run.id, error=_first_line(exc))
+            log.warning("run.charge_failed", run_id=self.run.id, error=first_line(exc))
             return  # booked later, or with the outcome
         self.charged = reported
         if booked is not None:
@@ -314,6 +315,3 @@ class Watcher:
         return time.monotonic() - self.lease_renewed_at < seconds
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", exc)).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__

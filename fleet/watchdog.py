@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from fleet import alerts, db, keys, killswitch, ledger, orphans, tenancy
+from fleet.errors import first_line
 from fleet.locks import Lease
 from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus, WatchdogVerdict
 from fleet.services import Services
@@ -227,7 +228,7 @@ def tenancy_check(services: Services) -> Check:
     try:
         other = tenancy.claim(services.redis, services.fleet_id)
     except (LookupError, SQLAlchemyError) as exc:
-        return Check("redis_owner", AMBER, f"this fleet's id could not be read: {str(exc).splitlines()[0]}")
+        return Check("redis_owner", AMBER, f"this fleet's id could not be read: {first_line(exc)}")
     if other is not None:
         return Check("redis_owner", RED, other.describe())
     return Check("redis_owner", GREEN, "this fleet's alone")

@@ -57,7 +57,7 @@ def _hard_stop(svc: Services, agent: str | None) -> None:
     """Revoke the wedged executes; the running runs come from the database, so one that is away leaves the kill
     in force and nothing revoked: said as such (75), never as a kill that did not happen."""
     from fleet.cli.common import service_error
-    from fleet.errors import UnavailableError
+    from fleet.errors import UnavailableError, first_line
     from workers.control import hard_stop
 
     try:
@@ -65,10 +65,9 @@ def _hard_stop(svc: Services, agent: str | None) -> None:
     except Exception as exc:
         if service_error(exc) is None:
             raise
-        why = (str(getattr(exc, "orig", exc)).strip().splitlines() or [exc.__class__.__name__])[0]
-        err.print(f"fleet: hard kill: nothing revoked, the running runs could not be read ({why}); the kill "
-                  "IS in force in Redis: run `fleet kill --hard` again once the database answers", highlight=False,
-                  markup=False)
+        err.print(f"fleet: hard kill: nothing revoked, the running runs could not be read ({first_line(exc)}); "
+                  "the kill IS in force in Redis: run `fleet kill --hard` again once the database answers",
+                  highlight=False, markup=False)
         raise UnavailableError("the kill IS in force; only its --hard revoke waits for the database") from None
     out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
 
