@@ -364,6 +364,14 @@ class FleetConfig:
                 from None
 
 
+def mtime_of(path: Path) -> float | None:
+    """A fleet.toml's mtime (None when it cannot be read): how a running process tells it changed."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
 CONFIG_SETTLE_S = 1.0  # how long a changed fleet.toml must stay unchanged before a running process takes it
 
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
@@ -16,7 +15,7 @@ from redis import Redis
 from fleet import logs
 from fleet.admission import Admissions
 from fleet.breaker import Breakers
-from fleet.config import FleetConfig, Settings, Settling, load_fleet_config, still_settling
+from fleet.config import FleetConfig, Settings, Settling, load_fleet_config, mtime_of, still_settling
 from fleet.errors import ConfigError, FleetError, PermissionDeniedError, SchemaError, UnavailableError
 from fleet.locks import Leases
 
@@ -137,9 +136,8 @@ class Services:
     def refresh_config(self) -> bool:
         """Pick up a changed fleet.toml (checked by mtime); a bad file is reported and the last good kept."""
         path = self.settings.config
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
+        mtime = mtime_of(path)
+        if mtime is None:
             return False
         if self.config_mtime is None:
             self.config_mtime = mtime
@@ -159,10 +157,8 @@ class Services:
         configuration in hand may be in the new file, so nothing is buried for its absence until it is taken."""
         if self.config_mtime is None:  # never refreshed: this process runs on the configuration it was given
             return False
-        try:
-            return self.settings.config.stat().st_mtime != self.config_mtime
-        except OSError:
-            return False
+        mtime = mtime_of(self.settings.config)
+        return mtime is not None and mtime != self.config_mtime
 
     def close(self) -> None:
         """Release sockets and pooled connections."""
@@ -182,7 +178,7 @@ def build(settings: Settings, config: FleetConfig | None = None) -> Services:
         # A file read while it may be in the middle of an in-place save (a pool child's first task) is read
         # again once it settles: the finished file may keep the mtime of the empty one (both writes in one
         # timestamp tick), and would never be seen as a change.
-        settling = config_mtime_of(settings.config)
+        settling = mtime_of(settings.config)
         config = load_fleet_config(settings.config)
         if settling is not None and still_settling(settling):
             mtime = NOT_SETTLED
@@ -193,11 +189,3 @@ def build(settings: Settings, config: FleetConfig | None = None) -> Services:
         redis=redis_client(settings.broker_url),
         config_mtime=mtime,
     )
-
-
-def config_mtime_of(path: Path) -> float | None:
-    """A fleet.toml's mtime (None when it cannot be read)."""
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None

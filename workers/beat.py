@@ -17,7 +17,7 @@ from celery.beat import PersistentScheduler
 
 import beat_schedule
 from fleet import keys, logs
-from fleet.config import Settling, load_fleet_config, still_settling
+from fleet.config import Settling, load_fleet_config, mtime_of, still_settling
 from fleet.errors import ConfigError
 from fleet.services import redis_client
 from workers.app import settings
@@ -73,10 +73,7 @@ class LeaderScheduler(PersistentScheduler):
 
     def _reload(self, force: bool = False) -> None:
         path = settings.config
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            mtime = None
+        mtime = mtime_of(path)
         if not force and (mtime == self.config_mtime or (mtime is not None and self.settling.wait(mtime))):
             return  # unchanged, or still being saved: a later tick looks again
         # A file read while it may be mid-save (a beat starting then) is read again once it settles: the finished
