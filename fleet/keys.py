@@ -81,4 +81,3 @@ def redis_epoch() -> str:
 def owner() -> str:
     """The id of the fleet that uses this Redis database (fleet/tenancy.py), expiring unless renewed."""
     return f"{PREFIX}owner"
-

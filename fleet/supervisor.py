@@ -146,9 +146,10 @@ def run_up(settings: Settings, options: UpOptions, console: Console | None = Non
     try:
         with _signals_handled(signals), contextlib.ExitStack() as stack:
             with console.status("migrating the database, finding Redis…", spinner="dots"):
-                up.rows.append(Row("database", Text(_migrate(settings.database_url))))
+                migrated, fleet_id = _migrate(settings.database_url)
+                up.rows.append(Row("database", Text(migrated)))
                 redis_url = _choose_redis(settings, options, stack, up)
-                _mark_redis(settings.database_url, redis_url, stack)
+                _mark_redis(fleet_id, redis_url, stack)
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-up-")))
             secrets_dir = stack.enter_context(hardening.private_folder("fleet-up-secrets-"))
             children = _plan(settings, options, redis_url, workdir, secrets_dir, up)
@@ -241,26 +242,25 @@ def _check_port(name: str, host: str, port: int, variable: str) -> None:
             raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def _migrate(database_url: str) -> str:
+def _migrate(database_url: str) -> tuple[str, str]:
+    """Migrate the database: its banner text, and this fleet's id (fleet/tenancy.py), read on the same engine."""
+    from fleet import tenancy
+
     engine = db.make_engine(database_url)
     try:
         db.upgrade(engine)
+        fleet_id = tenancy.fleet_id(engine)
     finally:
         engine.dispose()
-    return f"{mask_database_url(absolute_database_url(database_url))} (migrated)"
+    return f"{mask_database_url(absolute_database_url(database_url))} (migrated)", fleet_id
 
 
-def _mark_redis(database_url: str, redis_url: str, stack: contextlib.ExitStack) -> None:
-    """Mark the Redis database as this fleet's (fleet/tenancy.py), or refuse (78) when another fleet's mark is
-    on it; the mark comes off again as this fleet stops."""
+def _mark_redis(ours: str, redis_url: str, stack: contextlib.ExitStack) -> None:
+    """Mark the Redis database as this fleet's (`ours`, fleet/tenancy.py), or refuse (78) when another fleet's
+    mark is on it; the mark comes off again as this fleet stops."""
     from fleet import tenancy
     from fleet.services import redis_client
 
-    engine = db.make_engine(database_url)
-    try:
-        ours = tenancy.fleet_id(engine)
-    finally:
-        engine.dispose()
     client = redis_client(redis_url)
     stack.callback(client.close)
     other = tenancy.claim(client, ours)
