@@ -287,7 +287,9 @@ def test_every_problem_is_reported_at_once(fleet_dir: Path) -> None:
     (lambda keys: _secret(keys / "a.key", 0o644), "is readable by group or others (mode 644); run: chmod 600"),
     (lambda keys: _secret(keys / "a.key", 0o640), "is readable by group or others (mode 640)"),
     (lambda keys: _secret(keys / "a.key", 0o604), "is readable by group or others (mode 604)"),
-], ids=["missing", "directory", "world-readable", "group-readable", "other-readable"])
+    (lambda keys: _content(keys / "a.key", ""), "is empty: the agent would be handed an empty key"),
+    (lambda keys: _content(keys / "a.key", " \n\t\n"), "is empty: the agent would be handed an empty key"),
+], ids=["missing", "directory", "world-readable", "group-readable", "other-readable", "empty", "blank"])
 def test_bad_key_file_is_refused(fleet_dir: Path, setup: object, why: str) -> None:
     setup(fleet_dir / "keys")  # type: ignore[operator]
     message = refused(fleet_dir, '[agents.a]\ncommand = ["true"]\n\nkey_file = "keys/a.key"\n')
@@ -310,6 +312,11 @@ def test_private_key_file_is_accepted(fleet_dir: Path) -> None:
 def _secret(path: Path, mode: int) -> None:
     path.write_text(SECRET)
     path.chmod(mode)
+
+
+def _content(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o600)
 
 
 @pytest.mark.parametrize("line", [

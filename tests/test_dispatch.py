@@ -238,6 +238,27 @@ def test_agent_key_never_leaks(fleet: Fleet) -> None:
         assert not any(secret in blob for blob in everything)
 
 
+def test_a_key_file_emptied_after_the_worker_read_the_config_starts_nothing(fleet: Fleet) -> None:
+    """A key file truncated after fleet.toml was taken (a rotation caught half-way, a disk that lost it): the
+    agent is not started with an empty FLEET_AGENT_KEY. The run ends as a configuration refusal does:
+    dead-lettered `config`, the agent paused, the reason in its log."""
+    key_file = fleet.tmp / "keys" / "secret.key"
+    fleet.reset_agent("secret")
+    key_file.write_text("")
+    try:
+        run = wait_status(fleet, send(fleet, "secret", f"secret-{uuid.uuid4().hex}").run_id, {"succeeded", "dead"})
+        log = (fleet.log_dir / "runs" / f"{run.id}.log").read_text()
+        assert (run.status, run.exit_code) == (RunStatus.DEAD, 78), log
+        assert "the key is" not in log
+        assert f"{key_file} is empty" in log, log
+        with db.session(fleet.services.engine) as session:
+            [letter] = session.exec(select(DeadLetter).where(DeadLetter.run_id == run.id)).all()
+        assert letter.reason == "config"
+    finally:
+        key_file.write_text(SECRET_KEY)
+        fleet.reset_agent("secret")
+
+
 @pytest.mark.parametrize(("args", "code"), [
     (["dispatch", "no-such-agent"], 69),
     (["dispatch", "echo", "--key", "caf\u00e9"], 65),
