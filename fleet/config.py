@@ -572,7 +572,24 @@ def _secret_file_problems(path: Path, text: str, agent: str, field: str, file: P
                 f"(mode {stat.S_IMODE(info.st_mode):o}); run: chmod 600 {file}"]
     if not os.access(file, os.R_OK):
         return [f"{where()}: agent {agent!r}, {field}: {file} is not readable by this user"]
+    try:
+        read_secret(file)
+    except ConfigError as exc:
+        return [f"{where()}: agent {agent!r}, {field}: {exc}"]
     return []
+
+
+def read_secret(file: Path) -> str:
+    """A key or secret_env file's value, stripped; ConfigError when it cannot be read or holds nothing, so an
+    agent is never handed an empty secret (it would fail at its provider, or worse, run unauthenticated)."""
+    try:
+        value = file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or exc.__class__.__name__  # never the bytes: they are the secret
+        raise ConfigError(f"{file} cannot be read ({why})") from None
+    if not value:
+        raise ConfigError(f"{file} is empty: the agent would be handed an empty key")
+    return value
 
 
 def _describe(path: Path, text: str, section: str, agent: str | None, exc: ValidationError) -> list[str]:

@@ -32,7 +32,7 @@ from sqlmodel import Session, col, select
 
 from fleet import alerts, db, identity, killflag, killswitch, ledger, logs, pause, redaction, runlog, store
 from fleet.breaker import Outcome
-from fleet.config import AgentSpec
+from fleet.config import AgentSpec, read_secret
 from fleet.dispatch import caps_of
 from fleet.errors import ConfigError, NotFoundError, UnavailableError, first_line
 from fleet.locks import Lease
@@ -348,10 +348,10 @@ def _run_attempt(services: Services, run: Run, spec: AgentSpec, watcher: Watcher
     append = run.attempt > 1
     try:
         account = agent_account(services, spec)
+        env = agent_environment(run, spec, account)
     except ConfigError as exc:
         log.error("run.refused", run_id=run.id, agent=run.agent, error=str(exc))
         return _refused(log_path, append, redaction.known_secrets(services.settings, services.config), str(exc))
-    env = agent_environment(run, spec, account)
     redact = secrets_of(services, spec, env)
     common: dict[str, Any] = {"log_path": log_path, "watch": watcher.watch, "on_started": watcher.started,
                               "may_start": watcher.may_start,
@@ -400,24 +400,21 @@ def secrets_of(services: Services, spec: AgentSpec, env: dict[str, str]) -> tupl
 
 def agent_environment(run: Run, spec: AgentSpec, account: identity.Account | None = None) -> dict[str, str]:
     """A clean environment: the agent's own key and variables, never the fleet's URLs or DSN. The key
-    and secret_env files are read here, by the worker: the agent's own user needs no access to them."""
+    and secret_env files are read here, by the worker: the agent's own user needs no access to them.
+    ConfigError when one of them cannot be read or is empty: the agent is then not started at all."""
     env = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
     env["LANG"] = os.environ.get("LANG", "C.UTF-8")
     if account is not None:
         env.update(account.environment())
     env.update(spec.env)
     for name, path in spec.secret_env.items():
-        env[name] = _read_secret(path)
+        env[name] = read_secret(path)
     if spec.key_file is not None:
-        env["FLEET_AGENT_KEY"] = _read_secret(spec.key_file)
+        env["FLEET_AGENT_KEY"] = read_secret(spec.key_file)
     env.update({"FLEET_RUN_ID": run.id, "FLEET_AGENT": run.agent, "FLEET_WORK_KEY": run.work_key,
                 "FLEET_PAYLOAD": run.payload or "", "FLEET_ATTEMPT": str(run.attempt),
                 "FLEET_PREV_RUN_ID": run.prev_run_id or ""})
     return env
-
-
-def _read_secret(path: Path) -> str:
-    return path.read_text(encoding="utf-8").strip()
 
 
 def run_log_path(log_dir: Path, run_id: str) -> Path:
