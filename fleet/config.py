@@ -583,10 +583,9 @@ def read_secret(file: Path) -> str:
     """A key or secret_env file's value, stripped; ConfigError when it cannot be read or holds nothing, so an
     agent is never handed an empty secret (it would fail at its provider, or worse, run unauthenticated)."""
     try:
-        value = file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or exc.__class__.__name__  # never the bytes: they are the secret
-        raise ConfigError(f"{file} cannot be read ({why})") from None
+        value = read_text(file).strip()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not value:
         raise ConfigError(f"{file} is empty: the agent would be handed an empty key")
     return value
