@@ -244,6 +244,19 @@ def stop_and_assert_clean(run: UpRun, tmp_path: Path, expect_code: int = 0, sig:
     return took
 
 
+def assert_another_terminal_in_the_folder_reaches_it(folder: Path, broker: str) -> None:
+    """A `fleet` command run in the fleet's folder from a terminal that exported nothing (no FLEET_REDIS_URL,
+    no FLEET_REDIS_URL_FILE) talks to this fleet's embedded server, not to whatever answers on 6379: a
+    `fleet kill` there must stop this fleet, never another one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLOWER_"))}
+    env["FLEET_DATABASE_URL"] = f"sqlite:///{folder / 'fleet.db'}"
+    doctor = subprocess.run([sys.executable, "-m", "fleet", "doctor"], cwd=folder, env=env, capture_output=True,
+                            text=True, timeout=60)
+    said = doctor.stdout + doctor.stderr
+    assert re.search(rf"ok\s+redis\s+{re.escape(mask_redis_url(broker))} answers", said), said
+    assert str(urlsplit(broker).password) not in said
+
+
 def assert_logs_in_files(run: UpRun, tmp_path: Path, parts: tuple[str, ...]) -> None:
     """Each part's JSON log lines are in LOG_DIR/PART.log, and none reached the terminal."""
     logs = tmp_path / "logs"
@@ -277,6 +290,7 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
     token = run.line(r"^\s+web\s+http://\S+/\?token=(\S+) \(generated")
     assert token is not None
     assert_web_probes(run)
+    assert_another_terminal_in_the_folder_reaches_it(tmp_path, broker)
     assert_worker_consumes_both_queues(broker)
     assert_flower_requires_auth(run, "fleet", password.group(1))
     assert_web_needs_the_token(run, token.group(1))
@@ -291,6 +305,7 @@ def test_up_embedded(start_up: Callable[..., UpRun], tmp_path: Path, record_prop
     assert str(urlsplit(broker).password) not in out
     stop_s = stop_and_assert_clean(run, tmp_path)
     assert not secrets_dir.exists(), "the secrets folder outlived fleet up"
+    assert not (tmp_path / ".fleet-redis-url").exists(), "the folder's pointer to the embedded server outlived it"
     assert not redis_answers(broker, timeout=0.5), "the embedded server outlived fleet up"
     said = run.stdout()
     for part in ("worker", "beat", "flower", "web"):
