@@ -140,6 +140,44 @@ def load_settings() -> Settings:
         raise ConfigError(f"invalid settings: {describe_settings_error(exc)}") from None
 
 
+# `fleet up`'s embedded server is reached only with its password. `fleet up` leaves its URL in this 0600
+# file beside fleet.toml while it runs, so the fleet's commands in that folder reach it from a terminal
+# that exported nothing, instead of whatever answers on 6379 (where a `fleet kill` would stop another fleet).
+EMBEDDED_POINTER = ".fleet-redis-url"
+
+
+def embedded_pointer(config: Path) -> Path:
+    """Where a `fleet up` of the fleet whose file is `config` leaves its embedded server's URL."""
+    return config.resolve().parent / EMBEDDED_POINTER
+
+
+def with_embedded_pointer(settings: Settings) -> Settings:
+    """`settings`, with the URL of the embedded server a running `fleet up` of this folder left, when no Redis
+    is configured. A pointer that another user could have written or read is refused (78), never followed."""
+    if settings.redis_url is not None:
+        return settings
+    pointer = embedded_pointer(settings.config)
+    try:
+        info = pointer.lstat()
+    except OSError:
+        return settings
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(f"{pointer} (a `fleet up --embedded` pointer) is not a private file of this user: "
+                          "delete it, or set FLEET_REDIS_URL")
+    try:
+        url = read_secret_file("FLEET_REDIS_URL_FILE", pointer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return settings.model_copy(update={"redis_url": url, "redis_url_file": pointer})
+
+
+def without_embedded_pointer(settings: Settings) -> Settings:
+    """`settings` as configured, before any pointer was followed: `fleet up` chooses its Redis itself."""
+    if settings.redis_url_file is None or settings.redis_url_file != embedded_pointer(settings.config):
+        return settings
+    return settings.model_copy(update={"redis_url": None, "redis_url_file": None})
+
+
 def describe_settings_error(exc: ValidationError) -> str:
     """One line per problem, named by variable; never the value (it may be a secret)."""
     problems = []

@@ -70,6 +70,16 @@ def write_private(folder: Path, name: str, value: str) -> Path:
     return path
 
 
+def replace_private(path: Path, value: str) -> None:
+    """Put `value` in `path` as a file readable by this user only (0600), all at once: a reader finds the old
+    file or the new one, never a half-written one."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        staged.unlink()
+    write_private(staged.parent, staged.name, value)
+    os.replace(staged, path)
+
+
 def append_private(path: Path) -> int:
     """A descriptor appending to `path`, created 0600; an existing file loses any group and other access
     (it may predate this rule, or come from a lax umask). Not inherited across exec unless dup'ed (Popen)."""

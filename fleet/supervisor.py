@@ -42,7 +42,15 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from fleet import __version__, db, hardening
-from fleet.config import DEFAULT_REDIS_URL, FILE_SETTINGS, FleetConfig, Settings, load_fleet_config
+from fleet.config import (
+    DEFAULT_REDIS_URL,
+    FILE_SETTINGS,
+    FleetConfig,
+    Settings,
+    embedded_pointer,
+    load_fleet_config,
+    without_embedded_pointer,
+)
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.errors import ConfigError, UnavailableError
 from fleet.upscreen import Row, Screen, StatusFeed, Stopped
@@ -135,6 +143,7 @@ def default_console() -> Console:
 def run_up(settings: Settings, options: UpOptions, console: Console | None = None) -> int:
     """Run a whole single-host fleet in the foreground; the exit code (0 after a clean stop)."""
     started = time.monotonic()
+    settings = without_embedded_pointer(settings)  # a pointer another run left is not a Redis to use
     # The operator's FLEET_* secrets are in our own start environment: keep same-uid agents out of it.
     hardening.make_undumpable()
     _check_ports(settings, options)
@@ -279,11 +288,13 @@ def _release_mark(client: Any, ours: str) -> None:
 def _choose_redis(settings: Settings, options: UpOptions, stack: contextlib.ExitStack, up: _Up) -> str:
     """The broker URL: the configured or default server, or an embedded one started here."""
     if options.embedded:
-        return _start_embedded(stack, "--embedded was given", up, None)
+        return _point_the_folder_at(settings, _start_embedded(stack, "--embedded was given", up, None), stack, up)
     if settings.redis_url is None and not redis_answers(DEFAULT_REDIS_URL, timeout=1.0):
-        # On the default port when it is free: then `fleet status` in another terminal finds it unconfigured.
-        return _start_embedded(stack, f"nothing answers at {DEFAULT_REDIS_URL} and FLEET_REDIS_URL is unset", up,
-                               urlsplit(DEFAULT_REDIS_URL).port)
+        # On the default port when it is free, so a terminal elsewhere that exported nothing meets its password
+        # (77) rather than another server.
+        url = _start_embedded(stack, f"nothing answers at {DEFAULT_REDIS_URL} and FLEET_REDIS_URL is unset", up,
+                              urlsplit(DEFAULT_REDIS_URL).port)
+        return _point_the_folder_at(settings, url, stack, up)
     url = settings.broker_url
     if not redis_answers(url, timeout=2.0):
         raise UnavailableError(f"Redis at {mask_redis_url(url)} does not answer PING; start it, fix "
@@ -303,11 +314,33 @@ def _start_embedded(stack: contextlib.ExitStack, why: str, up: _Up, port: int | 
     return server.url
 
 
+def _point_the_folder_at(settings: Settings, url: str, stack: contextlib.ExitStack, up: _Up) -> str:
+    """Leave the embedded server's URL beside fleet.toml (0600, config.EMBEDDED_POINTER) while we run, so the
+    fleet's commands in this folder reach it with nothing exported; taken away as we stop, before the server."""
+    pointer = embedded_pointer(settings.config)
+    try:
+        hardening.replace_private(pointer, url)
+    except OSError as exc:
+        up.warnings.append(f"could not write {pointer} ({exc.strerror}): commands in this folder need the "
+                           "`export FLEET_REDIS_URL_FILE=…` line below")
+        return url
+    stack.callback(_take_pointer_away, pointer, url)
+    return url
+
+
+def _take_pointer_away(pointer: Path, url: str) -> None:
+    """Remove the folder's pointer, unless another `fleet up` of the folder has since written its own."""
+    with contextlib.suppress(OSError):
+        if pointer.read_text(encoding="utf-8").strip() == url:
+            pointer.unlink()
+
+
 def _elsewhere(redis_url_file: str) -> Row:
     """How another terminal's `fleet` commands reach the embedded server: the 0600 file its children read
     the URL from (a printed URL would print the password), which only this user can open."""
     return Row("elsewhere", Text(f"export FLEET_REDIS_URL_FILE={redis_url_file}", style="bold")
-               + Text("  (in another terminal, as this user, before fleet status, kill, dispatch...)", style="dim"))
+               + Text("  (in another terminal outside this folder, as this user, before fleet status, kill,"
+                      " dispatch...; in this folder they find it themselves)", style="dim"))
 
 
 def _stop_embedded(server: EmbeddedRedis, up: _Up) -> None:

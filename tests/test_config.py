@@ -17,7 +17,17 @@ import pytest
 from rich.console import Console
 
 from fleet import db
-from fleet.config import MAX_PRICE_PER_MTOK_USD, MAX_USD, Settings, load_fleet_config, load_settings
+from fleet.config import (
+    DEFAULT_REDIS_URL,
+    EMBEDDED_POINTER,
+    MAX_PRICE_PER_MTOK_USD,
+    MAX_USD,
+    Settings,
+    load_fleet_config,
+    load_settings,
+    with_embedded_pointer,
+    without_embedded_pointer,
+)
 from fleet.doctor import run_doctor
 from fleet.errors import ConfigError, ExitCode
 from fleet.schedule import Cron
@@ -354,6 +364,26 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if name.startswith("FLEET_"):
             monkeypatch.delenv(name)
     return monkeypatch
+
+
+def test_the_folders_embedded_pointer_is_followed_only_when_no_redis_is_configured_and_it_is_private(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A running `fleet up --embedded` leaves its server's URL beside fleet.toml: commands in that folder use it
+    when nothing is configured; a configured URL wins; a pointer another user could have written is refused."""
+    clean_env.setenv("FLEET_CONFIG", str(tmp_path / "fleet.toml"))
+    assert with_embedded_pointer(load_settings()).broker_url == DEFAULT_REDIS_URL  # no pointer: the default
+    pointer = tmp_path / EMBEDDED_POINTER
+    pointer.write_text("redis://:pw@127.0.0.1:7001/0\n")
+    pointer.chmod(0o600)
+    followed = with_embedded_pointer(load_settings())
+    assert (followed.broker_url, followed.redis_url_file) == ("redis://:pw@127.0.0.1:7001/0", pointer)
+    assert without_embedded_pointer(followed).broker_url == DEFAULT_REDIS_URL  # what `fleet up` itself starts from
+    clean_env.setenv("FLEET_REDIS_URL", "redis://127.0.0.1:7002/3")
+    assert with_embedded_pointer(load_settings()).broker_url == "redis://127.0.0.1:7002/3"
+    clean_env.delenv("FLEET_REDIS_URL")
+    pointer.chmod(0o644)
+    with pytest.raises(ConfigError, match="not a private file of this user"):
+        with_embedded_pointer(load_settings())
 
 
 def test_settings_defaults_and_environment(clean_env: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from celery.worker.request import Request
 from kombu.entity import Queue
 
 from fleet import alerts, hardening, logs
-from fleet.config import MAX_OUTCOME_RETRY_S, load_settings
+from fleet.config import MAX_OUTCOME_RETRY_S, load_settings, with_embedded_pointer
 from fleet.services import Services, build
 from workers import timers
 
@@ -37,7 +37,7 @@ MAX_AGENT_SECONDS = 24 * 3600
 EXECUTE_TIME_LIMIT = MAX_AGENT_SECONDS + MAX_OUTCOME_RETRY_S + 1800
 VISIBILITY_TIMEOUT = EXECUTE_TIME_LIMIT + 3600
 
-settings = load_settings()
+settings = with_embedded_pointer(load_settings())  # `celery call` in the folder of a `fleet up --embedded`
 
 
 # Without socket timeouts a publish to a frozen or silently gone Redis waits for ever (kombu's

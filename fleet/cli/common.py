@@ -114,11 +114,12 @@ def emit_json(data: Any) -> None:
 def settings() -> Settings:
     """The process settings, with --config applied (it wins over FLEET_CONFIG); logging set up once."""
     if state.settings is None:
-        from fleet.config import load_settings
+        from fleet.config import load_settings, with_embedded_pointer
 
         loaded = load_settings()
         if state.config_path is not None:
             loaded = loaded.model_copy(update={"config": state.config_path})
+        loaded = with_embedded_pointer(loaded)
         _log_to_file(loaded)
         state.settings = loaded
     return state.settings
