@@ -379,6 +379,45 @@ def test_redis_down_dispatch_writes_nothing_so_a_retry_runs(fleet: Fleet, closed
     assert result.status == "queued", result
 
 
+def test_commands_refuse_a_redis_another_fleet_marks_and_act_on_their_own(fleet: Fleet) -> None:
+    """A terminal pointed at another fleet's Redis (FLEET_REDIS_URL left over, a file not exported): pause,
+    resume, dispatch and a dead letter's replay refuse (78) before writing anything there, naming the other
+    fleet; status shows what it read and exits 78; a kill (raised before anything is checked: the kill must
+    never wait) says that the Redis it raised its flag in is another fleet's. With this fleet's own mark,
+    they act as always."""
+    agent = "env"
+    fleet.reset_agent(agent)
+    held = fleet.redis.get(keys.owner())
+    fleet.redis.set(keys.owner(), "f" * 32, ex=300)
+    key = new_key("foreign")
+    try:
+        paused, resumed, dispatched, status = cli_all(
+            fleet, ["pause", agent, "--reason", "x"], ["resume"], ["dispatch", agent, "--key", key],
+            ["status"])
+        for proc in (paused, resumed, dispatched, status):
+            assert_exit(proc, 78)
+            assert "another fleet (id ffffffff" in proc.stderr, show(proc)
+        assert "dead letters:" in status.stdout, show(status)
+        assert fleet.redis.get(keys.paused(agent)) is None
+        assert runs_with_key(fleet, f"{agent}:{key}") == []
+        killed = fleet.cli("kill", agent, "--reason", "foreign")
+        assert_exit(killed, 78)
+        assert "another fleet (id ffffffff" in killed.stderr, show(killed)
+    finally:
+        if held is None:
+            fleet.redis.delete(keys.owner())
+        else:
+            fleet.redis.set(keys.owner(), held, ex=300)
+        assert_exit(fleet.cli("resume", agent), 0)
+    fleet.redis.set(keys.owner(), fleet.services.fleet_id, ex=300)
+    try:
+        assert_exit(fleet.cli("pause", agent, "--reason", "ours"), 0)
+        assert_exit(fleet.cli("resume", agent), 0)
+    finally:
+        if held is None:
+            fleet.redis.delete(keys.owner())
+
+
 def test_kill_and_resume_with_redis_down_give_an_exit_code_not_a_traceback(fleet: Fleet, closed_port: int) -> None:
     only_once(fleet)
     agent = "exit78"
