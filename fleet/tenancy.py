@@ -67,6 +67,18 @@ def claim(client: redis.Redis, ours: str, ttl_s: int = MARK_TTL_S) -> OtherFleet
     return OtherFleet(str(other), int(ttl))
 
 
+def marked_by(client: redis.Redis) -> OtherFleet | None:
+    """The fleet whose mark this Redis database holds (None: no mark), for the caller to compare with its own
+    id; nothing is written."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.owner())
+    pipe.ttl(keys.owner())
+    held, ttl = pipe.execute()
+    if held is None:
+        return None
+    return OtherFleet(str(held), int(ttl))
+
+
 def release(client: redis.Redis, ours: str) -> None:
     """Take the mark off, if it is still this fleet's."""
     client.eval(_RELEASE, 1, keys.owner(), ours)

@@ -40,7 +40,7 @@ class _State:
     soft_fail: bool = False
     settings: Settings | None = None
     command: str = "cli"
-    config_refused: bool = False  # a reading command went on without a fleet.toml that does not validate: 78 at its end
+    config_refused: bool = False  # went on without a valid fleet.toml, or on another fleet's Redis: 78 at its end
 
 
 state = _State()
@@ -133,10 +133,12 @@ def fleet_config(s: Settings | None = None) -> FleetConfig:
 
 
 def services() -> Services:
-    """Settings, config, database and Redis for one command."""
+    """Settings, config, database and Redis for a command that acts: on this fleet's Redis only."""
     from fleet.services import build
 
-    return build(settings())
+    svc = build(settings())
+    another_fleets_redis(svc)
+    return svc
 
 
 def reading_services(*, loud: bool = True) -> Services:
@@ -157,6 +159,32 @@ def reading_services(*, loud: bool = True) -> Services:
         config = FleetConfig(path=s.config, fleet=FleetSection(), agents={})
         state.config_refused = state.config_refused or loud
     return build(s, config)
+
+
+def another_fleets_redis(svc: Services, *, refuse: bool = True, done: str = "") -> None:
+    """Refuse (78) to act on a Redis database another fleet's mark holds (fleet/tenancy.py): a terminal that
+    kept another fleet's FLEET_REDIS_URL, or lost this one's, would pause, resume or dispatch in that fleet.
+    `refuse=False`: said on stderr, and the command ends with 78 after its output (`done` says what it did
+    there). A mark that cannot be read, or a database that cannot say this fleet's id, is left to the command."""
+    import redis
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fleet import tenancy
+    from fleet.errors import ConfigError
+    from fleet.supervisor import mask_redis_url
+
+    try:
+        other = tenancy.marked_by(svc.redis)
+        if other is None or other.fleet_id == svc.fleet_id:
+            return
+    except (redis.RedisError, SQLAlchemyError, LookupError):
+        return
+    problem = (f"{other.describe()}. This command's Redis is {mask_redis_url(svc.settings.broker_url)}: set "
+               "FLEET_REDIS_URL, or FLEET_REDIS_URL_FILE as this fleet's `fleet up` printed it")
+    if refuse:
+        raise ConfigError(f"nothing was done: {problem}")
+    err.print(f"fleet: {done}{problem}", highlight=False, markup=False)
+    state.config_refused = True
 
 
 def start_sentry() -> None:

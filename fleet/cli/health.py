@@ -11,6 +11,7 @@ import typer
 
 from fleet.cli.common import (
     JsonOpt,
+    another_fleets_redis,
     celery_sender,
     emit_json,
     fail,
@@ -41,6 +42,7 @@ def status(as_json: JsonOpt = False) -> None:
 
     svc = reading_services()
     picture = snapshot(svc)
+    another_fleets_redis(svc, refuse=False, done="what status shows from Redis is ANOTHER fleet's: ")
     if as_json:
         emit_json(picture)
     else:

@@ -10,6 +10,7 @@ import typer
 from fleet.cli.common import (
     JsonOpt,
     actor,
+    another_fleets_redis,
     emit_json,
     err,
     fleet_config,
@@ -50,6 +51,9 @@ def kill(
     out.print(shown(engaged.describe() + (f": {reason}" if reason else "")))
     if hard:
         _hard_stop(svc, None if agent is None else scope)
+    # Checked only now: the flag went up before anything was imported or read, since a kill must never wait.
+    another_fleets_redis(svc, refuse=False, done="the kill flag went up in ANOTHER fleet's Redis, which stops that "
+                         "fleet's agents, not this one's (this fleet's database holds the kill): ")
     engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
 
 
@@ -147,6 +151,7 @@ def resume(
 
     # One agent's name cannot be told from a typo without the file; the whole fleet's resume needs none.
     svc = services() if agent is not None else reading_services(loud=False)
+    another_fleets_redis(svc)  # lifting another fleet's kill would start what its operator stopped
     out.print(shown(actions.resume(svc, agent=agent, actor=actor()).said), highlight=False)
 
 
