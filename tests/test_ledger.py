@@ -280,3 +280,14 @@ def test_a_booking_on_a_day_without_the_agents_row_never_deadlocks_with_its_firs
     with db.session(engine) as session:
         rows = {row.scope: (row.spent_micros, row.reserved_micros) for row in ledger.day_rows(session, day=DAY)}
     assert rows == {"a": (50_000, 100_000 - 50_000), GLOBAL: (50_000, 200_000 + 100_000 - 50_000)}, rows
+
+
+@pytest.mark.parametrize(("usd", "shown"), [
+    (0.001, "$0.0010"), (0.0125, "$0.0125"), (0.01, "$0.01"), (1.2, "$1.20"), (5.0, "$5.00"), (1234.5678, "$1,234.57"),
+    (-0.25, "-$0.25"), (-0.001, "-$0.0010"),
+])
+def test_small_amounts_are_never_shown_as_zero(usd: float, shown: str) -> None:
+    """A $0.001 estimate (the starter's sleeper) read "reserved $0.00" in a dry run, and 0.00 in `fleet agents`,
+    as if nothing were reserved: every amount Fleet shows keeps four places below a cent."""
+    assert ledger.money(usd) == shown
+    assert ledger.amount(abs(usd)) == shown.lstrip("-$")
