@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from html import escape
 from statistics import median
 
+from fleet.ledger import money
+
 WIDTH = 380
 FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, DejaVu Sans, sans-serif"'
 INK, MUTED, GRID, RED, BLUE = "#111827", "#6b7280", "#e5e7eb", "#c62828", "#1565c0"
@@ -44,11 +46,6 @@ def _text(x: float, y: float, words: str, *, anchor: str = "start", fill: str = 
           weight: str = "400") -> str:
     return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{fill}" font-size="{size}" '
             f'font-weight="{weight}">{escape(words)}</text>')
-
-
-def money(usd: float) -> str:
-    """$1.20, $0.0350: cents when they say it all, four places for small amounts."""
-    return f"${usd:,.2f}" if round(usd, 2) == usd or usd >= 100 else f"${usd:,.4f}"
 
 
 def _short_money(usd: float) -> str:

@@ -337,8 +337,8 @@ def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, G
         "bounded": Gate(bound is None or counted < bound,
                         f"{counted} run(s) today, no bound" if bound is None else f"{counted} of {bound} run(s) today"),
         "caps": Gate(room is None or estimate <= room,
-                     "no cap" if room is None else f"needs ${ledger.to_usd(estimate):.2f}, "
-                                                   f"${ledger.to_usd(max(room, 0)):.2f} left today"),
+                     "no cap" if room is None else f"needs {ledger.money(ledger.to_usd(estimate))}, "
+                                                   f"{ledger.money(ledger.to_usd(max(room, 0)))} left today"),
         "lock": Gate(free > 0, f"{free} of {spec.concurrency} slot(s) free"),
     }
 
@@ -418,7 +418,8 @@ def _queue_admitted(session: Session, services: Services, spec: AgentSpec, run: 
             alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
                          agent=spec.name, level="warning")
         room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
-        gate = Gate(False, f"needs ${ledger.to_usd(estimate):.2f}, ${ledger.to_usd(max(room, 0)):.2f} left today")
+        gate = Gate(False, f"needs {ledger.money(ledger.to_usd(estimate))}, "
+                    f"{ledger.money(ledger.to_usd(max(room, 0)))} left today")
         return give_back(services, lease, refuse(result, "caps", gate))  # the caller rolls the queueing back
     if reserved == "bounded":
         full = f"{spec.max_runs_per_day} of {spec.max_runs_per_day} run(s) today"
@@ -433,7 +434,7 @@ def _queue_admitted(session: Session, services: Services, spec: AgentSpec, run: 
     result.gates = {"kill": Gate(True, "not killed"), "pause": Gate(True, "not paused"),
                     "breaker": Gate(True, admitted.breaker),
                     "bounded": Gate(True, "no bound" if bound is None else f"within {bound} run(s) today"),
-                    "caps": Gate(True, f"reserved ${ledger.to_usd(estimate):.2f}"),
+                    "caps": Gate(True, f"reserved {ledger.money(ledger.to_usd(estimate))}"),
                     "lock": Gate(True, f"slot {lease.slot} of {spec.concurrency}, fence {lease.fence}")}
     return result
 

@@ -507,7 +507,7 @@ def _finish(services: Services, run: Run, spec: AgentSpec, lease: Lease, result:
     status, dead, over = written
     if over > 0:  # the guard stopped it, but one report had already passed a cap: say so (the bookkeeper may not have)
         alerts.alert("overspend", f"run {run.id} of {run.agent} took today's spend past a cap by "
-                     f"${ledger.to_usd(over):.2f}", agent=run.agent, run_id=run.id, over_micros=over)
+                     f"{ledger.money(ledger.to_usd(over))}", agent=run.agent, run_id=run.id, over_micros=over)
     if dead:
         alerts.alert("dead_letter", f"run {run.id} of {run.agent} was dead-lettered after {run.attempt} "
                      f"attempt(s): {verdict.error}", agent=run.agent, run_id=run.id, reason=verdict.dead_reason,

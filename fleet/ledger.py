@@ -43,6 +43,17 @@ def to_usd(micros: int) -> float:
     return micros / MICROS_PER_USD
 
 
+def amount(usd: float) -> str:
+    """Dollars as shown: 1.20, cents when they say it all; 0.0350, four places for small amounts (a $0.001
+    estimate must not read 0.00, as if nothing were reserved)."""
+    return f"{usd:,.2f}" if round(usd, 2) == usd or abs(usd) >= 100 else f"{usd:,.4f}"
+
+
+def money(usd: float) -> str:
+    """$1.20, $0.0350: `amount` with its sign."""
+    return f"-${amount(-usd)}" if usd < 0 else f"${amount(usd)}"
+
+
 def database_now(session: Session) -> datetime:
     """The database server's clock (one clock for every worker), as aware UTC."""
     return as_database_time(session.execute(_NOW[session.get_bind().dialect.name]).scalar_one())

@@ -10,7 +10,7 @@ from typing import Any
 
 import tornado.template
 
-from fleet import __version__, charts, keys, metrics, watchdog
+from fleet import __version__, charts, keys, ledger, metrics, watchdog
 
 REFRESH_S = 10
 WATCHDOG_STALE_S = 300.0  # the watchdog runs every minute; a verdict older than this means it stopped
@@ -144,9 +144,7 @@ def _overall(items: list[tuple[str, str, str]]) -> tuple[str, str]:
 
 
 def _money(value: float | None) -> str:
-    if value is None:
-        return "no cap"
-    return f"${value:,.2f}" if round(value, 2) == value or value >= 100 else f"${value:,.4f}"
+    return "no cap" if value is None else ledger.money(value)
 
 
 def _ago(now: datetime, iso: str | None) -> str:

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from fleet import metrics
 from fleet.keys import GLOBAL
+from fleet.ledger import money
 from fleet.redaction import visible
 
 STATUS_EVERY_S = 2.0
@@ -205,11 +206,11 @@ def _spend(p: dict[str, Any]) -> Text:
     fleet = next((s for s in scopes if s["scope"] == GLOBAL), None)
     if fleet is None or fleet["cap_usd"] is None:
         total = sum(s["spent_usd"] for s in scopes if s["scope"] != GLOBAL)
-        return Text(f"${total:.2f} today, no fleet-wide cap", style="yellow")
+        return Text(f"{money(total)} today, no fleet-wide cap", style="yellow")
     used = fleet["spent_usd"] + fleet["reserved_usd"]
     share = 100.0 if fleet["cap_usd"] <= 0 else 100 * used / fleet["cap_usd"]
     style = "bold red" if share >= 90 else "yellow" if share >= 75 else "green"
-    text = Text(f"${fleet['spent_usd']:.2f} of ${fleet['cap_usd']:.2f} today ({share:.0f}%)", style=style)
+    text = Text(f"{money(fleet['spent_usd'])} of {money(fleet['cap_usd'])} today ({share:.0f}%)", style=style)
     capped = [(100 * (s["spent_usd"] + s["reserved_usd"]) / s["cap_usd"], s["scope"]) for s in scopes
               if s["scope"] != GLOBAL and s["cap_usd"]]
     if capped:

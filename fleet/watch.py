@@ -193,7 +193,7 @@ class Bookkeeper:
         self.allowance = reported + own + max(room, 0)
         if room < 0:
             alerts.alert("overspend", f"run {self.run.id} of {self.run.agent} took today's spend past a cap by "
-                         f"${ledger.to_usd(-room):.2f}", agent=self.run.agent, run_id=self.run.id,
+                         f"{ledger.money(ledger.to_usd(-room))}", agent=self.run.agent, run_id=self.run.id,
                          over_micros=-room)
             self.stop_reason = self.stop_reason or "over_cap"
 

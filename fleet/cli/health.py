@@ -55,6 +55,8 @@ def status(as_json: JsonOpt = False) -> None:
 
 
 def _print_status(p: dict[str, Any]) -> None:
+    from fleet.ledger import amount
+
     if p["kill"]:
         for k in p["kill"]:
             out.print(f"[bold red]KILLED[/] {shown(k['scope'])} since {k['since'][:19]} by {shown(k['actor'])}: "
@@ -77,7 +79,7 @@ def _print_status(p: dict[str, Any]) -> None:
     spend = table("scope", "spent $", "reserved $", "cap $", title=f"spend {p['spend']['day']}")
     for s in p["spend"]["scopes"]:
         spend.add_row(s["scope"], f"{s['spent_usd']:.4f}", f"{s['reserved_usd']:.4f}",
-                      "-" if s["cap_usd"] is None else f"{s['cap_usd']:.2f}")
+                      "-" if s["cap_usd"] is None else amount(s["cap_usd"]))
     out.print(spend)
     out.print("runs (24 h): " + (", ".join(f"{k} {v}" for k, v in sorted(p["runs_24h"].items())) or "none"))
     out.print(f"running: {len(p['running'])}, queued: {p['queued']}")

@@ -163,6 +163,7 @@ def spend(
 
     Example: fleet spend --json
     """
+    from fleet.ledger import amount
     from fleet.state import spend_report
 
     svc = reading_services()
@@ -173,7 +174,7 @@ def spend(
     grid = table("scope", "spent $", "reserved $", "cap $", "left $")
     for row in data["scopes"]:
         grid.add_row(row["scope"], f"{row['spent_usd']:.4f}", f"{row['reserved_usd']:.4f}",
-                      "-" if row["cap_usd"] is None else f"{row['cap_usd']:.2f}",
+                      "-" if row["cap_usd"] is None else amount(row["cap_usd"]),
                       "-" if row["left_usd"] is None else f"{row['left_usd']:.4f}")
     out.print(f"budget day {data['day']} ({data['timezone']})")
     out.print(grid)
@@ -187,6 +188,7 @@ def agents(as_json: JsonOpt = False) -> None:
     from zoneinfo import ZoneInfo
 
     from fleet import db, pause, store
+    from fleet.ledger import amount
 
     svc = services()
     now = svc.now().astimezone(ZoneInfo(svc.config.fleet.timezone))
@@ -218,7 +220,7 @@ def agents(as_json: JsonOpt = False) -> None:
         last_run = r["last_run"]
         grid.add_row(str(r["agent"]), str(r["schedule"] or "-") + (" (paused)" if r["paused"] else ""),
                      str(r["next_fire"] or "-")[:19],
-                     "-" if r["daily_cap_usd"] is None else f"{r['daily_cap_usd']:.2f}", f"{r['est_cost_usd']:.2f}",
+                     "-" if r["daily_cap_usd"] is None else amount(r["daily_cap_usd"]), amount(r["est_cost_usd"]),
                      f"{r['timeout_s']:.0f}s", str(r["concurrency"]), str(r["breaker"]),
                      f"{last_run['status']} {last_run['created_at'][:19]}" if last_run else "-",
                      str(r["key_fingerprint"] or "-"))
