@@ -465,6 +465,24 @@ def test_status_and_pause_with_redis_down_say_so(tmp_path: Path, closed_port: in
     assert_exit(soft, 0)
 
 
+def test_a_pointer_left_by_a_fleet_up_that_died_is_named_when_its_redis_does_not_answer(
+        tmp_path: Path, closed_port: int) -> None:
+    """`fleet up --embedded` killed by SIGKILL cannot take its `.fleet-redis-url` away: the folder's commands
+    then find nothing at that URL. They say so (75) and name the file and what to do, not only "Redis
+    unreachable" about a URL the operator never set."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    pointer = tmp_path / ".fleet-redis-url"
+    pointer.write_text(f"redis://:pw@127.0.0.1:{closed_port}/0")
+    pointer.chmod(0o600)
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", **WIDE)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    for args in (["status"], ["pause", "--reason", "x"], ["dispatch", "echo"]):
+        proc = plain_cli(tmp_path, *args, env=env)
+        assert_exit(proc, 75)
+        assert f"{pointer}" in proc.stderr and "delete it" in proc.stderr, show(proc)
+        assert "pw@" not in proc.stdout + proc.stderr
+
+
 def test_ctrl_c_on_dispatch_wait_says_the_run_goes_on_and_how_to_follow_it(tmp_path: Path, redis_url: str,
                                                                           redis: Any) -> None:
     """Ctrl-C stops the waiting, not the run: it exited 130 saying nothing, and the operator could not tell
