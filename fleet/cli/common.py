@@ -271,8 +271,24 @@ def service_error(exc: Exception) -> FleetError | None:
 
 def fail(exc: FleetError) -> NoReturn:
     """Say what went wrong on stderr and exit with the error's code."""
-    err.print(f"fleet: {exc}", highlight=False, markup=False)
+    err.print(f"fleet: {exc}{_pointer_hint(exc)}", highlight=False, markup=False)
     leave(exc.exit_code, str(exc))
+
+
+def _pointer_hint(exc: FleetError) -> str:
+    """When the Redis that is away was found through the folder's embedded-server pointer (config.py), where
+    that URL came from: a `fleet up` killed outright leaves its pointer behind."""
+    from fleet.config import embedded_pointer
+    from fleet.errors import UnavailableError
+
+    s = state.settings
+    if not isinstance(exc, UnavailableError) or "Redis" not in str(exc) or s is None:
+        return ""
+    pointer = embedded_pointer(s.config)
+    if s.redis_url_file != pointer:
+        return ""
+    return (f"\nfleet: this Redis URL is the one a `fleet up` of this folder left in {pointer}; if that fleet up "
+            "is no longer running, delete it (or set FLEET_REDIS_URL)")
 
 
 def leave(code: int, reason: str = "") -> NoReturn:
