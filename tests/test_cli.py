@@ -290,7 +290,7 @@ def test_kill_shows_in_status_refuses_dispatch_with_3_and_resume_lifts_it(fleet:
     depths = range(depth_before, dlq_depth(fleet) + 1)  # a run of an earlier test may dead-letter meanwhile
     assert_exit(table, 0)
     assert f"KILLED {agent} since " in table.stdout and f"by {ACTOR}: {reason}" in table.stdout
-    assert "1000.00" in table.stdout  # the fleet's cap, next to what was spent
+    assert "1,000.00" in table.stdout  # the fleet's cap, next to what was spent
     assert any(f"dead letters: {n}\n" in table.stdout for n in depths), table.stdout
 
     picture = parse(as_json)
