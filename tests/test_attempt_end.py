@@ -345,3 +345,26 @@ def test_a_retried_failure_whose_lease_renewal_meets_a_redis_blip_still_counts_i
     ended = executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None, 0, 0)
     assert ended.status == "queued" and blips == [0], ended
     assert services.breakers.state("fail").get("failures") == "1", "the failure was never counted"
+
+
+def test_a_retry_dead_lettered_over_cap_at_its_claim_raises_its_alert_through_a_redis_blip(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a retry whose estimate no longer fits under the cap ends dead (`over_cap`) at its claim;
+    the dead letter committed, then its lease was given back in Redis before the alert: a Redis error there
+    raised out of the execute, and the dead letter was never told (nothing alerts for it later)."""
+    run, spec, lease = _claimed(services, "fail")
+    result = _exited(1)
+    assert executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None,
+                            0, 0).status == "queued"
+    with db.session(services.engine) as session:  # the day's spend reaches the fleet's cap meanwhile
+        session.execute(text("UPDATE spend_days SET spent_micros = 1000000000 WHERE scope = '*'"))
+        session.commit()
+    monkeypatch.setattr(services.leases, "release", _redis_restarting)
+    with capture_logs() as logged:
+        try:
+            ended = executor._claim(services, run.id, lease.fence)
+        except redis_lib.RedisError:
+            ended = None
+    assert _row(services, run.id).status == "dead"
+    alerted = [line["kind"] for line in logged if line["event"] == "alert" and line.get("run_id") == run.id]
+    assert (alerted, getattr(ended, "status", None)) == (["dead_letter"], "dead"), "dead-lettered, nobody was told"
