@@ -334,9 +334,12 @@ def _end_unstarted(services: Services, session: Session, run: Run, status: RunSt
                         error=reason)
     store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent, reason=reason)
     session.commit()
-    if run.slot is not None and run.fence is not None:
-        services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
-    services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
+    # Ended for good: a Redis error here must not stop the caller's alert. A lease not given back lapses on
+    # its own, and the watchdog frees a trial whose run has ended.
+    with contextlib.suppress(redis.RedisError):
+        if run.slot is not None and run.fence is not None:
+            services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
+        services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
     return True
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import and_, delete, or_, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -279,10 +280,13 @@ def _end_run(services: Services, run: Run, from_status: RunStatus, status: RunSt
         store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent,
                         error=error)
         session.commit()
-    lease = _lease_of(run)
-    if lease is not None:
-        services.leases.release(lease)
-    services.breakers.forfeit(run.agent, run.id)
+    # Ended for good: a Redis error here must not stop the caller's alert. A lease not given back lapses on
+    # its own, and the watchdog frees a trial whose run has ended.
+    with contextlib.suppress(redis.RedisError):
+        lease = _lease_of(run)
+        if lease is not None:
+            services.leases.release(lease)
+        services.breakers.forfeit(run.agent, run.id)
     return True
 
 
