@@ -627,7 +627,7 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
     try:
         old, new = _retrying_redis(run, "breaker_count", count)
         if new != old:
-            _breaker_changed(services, run, old, new)
+            breaker_changed(services, run, old, new)
     except Exception as exc:  # noqa: BLE001 - the outcome is persisted; a lease not freed lapses on its own
         log.warning("run.after_persist_failed", run_id=run.id, error=f"{exc.__class__.__name__}: {exc}")
 
@@ -654,7 +654,7 @@ def _own_pause_reason(verdict: Verdict) -> str:
     return (verdict.pause or "").replace("\x00", "")[:killflag.MAX_REASON]
 
 
-def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
+def breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
     """Breaker transitions are events (and the open one an alert)."""
     with db.session(services.engine) as session:
         store.add_event(session=session, at=services.now(), kind=f"breaker.{new}", run_id=run.id, agent=run.agent,
