@@ -126,6 +126,16 @@ def validate(services: Services, request: DispatchRequest) -> tuple[AgentSpec, s
     return spec, work_key, _payload_text(request.payload)
 
 
+def message_work_key(work_key: str | None, message_id: str | None) -> str | None:
+    """The work key of a dispatch a message asks for: its own, or, keyless, one named by the message's id, so the
+    same message delivered again (an at-least-once broker redelivers it after a lost worker or a reconnect) asks
+    for the same run instead of making a second one. None (a fresh key) for an id no work key could hold."""
+    if work_key is not None or message_id is None:
+        return work_key
+    key = f"message:{message_id}"
+    return key if WORK_KEY.match(key) else None
+
+
 def _payload_text(payload: Any) -> str | None:
     if payload is None:
         return None
