@@ -389,3 +389,26 @@ def test_a_keyless_dispatch_message_delivered_twice_makes_one_run(fleet: Fleet) 
     with db.session(fleet.services.engine) as session:
         runs = session.exec(select(Run).where(col(Run.dispatched_by).like(f"%:{task_id}"))).all()
     assert [run.id for run in runs] == [decided["run_id"]], f"one message, {len(runs)} runs"
+
+
+def test_a_dispatcher_whose_clock_runs_ahead_never_archives_a_run_queued_a_moment_ago(services: Any) -> None:
+    """Found by review: archive-stale took a unit's unstarted run for stale when it was created more than
+    stale_after_s before the dispatcher's own clock. A host whose clock ran two hours ahead, asked for the same key
+    again (a retried `fleet dispatch --key`, a redelivered message), archived the run another host had queued a
+    moment before and answered `duplicate`: accepted work dropped unstarted, its message a no-op. Staleness is
+    judged by the database's clock, the one every host shares."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's clock is its host's: there is no other clock to run ahead of it")
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from fleet.services import utcnow
+
+    first = dispatch(services, DispatchRequest("echo", "unit-skew", actor="test"), lambda *_: None)
+    assert first.status == "queued", first  # its message waits behind a busy queue
+    ahead = replace(services, now=lambda: utcnow() + timedelta(hours=2))
+    again = dispatch(ahead, DispatchRequest("echo", "unit-skew", actor="test"), lambda *_: None)
+    with db.session(services.engine) as session:
+        run = session.get(Run, first.run_id)
+    assert run is not None and (again.archived, run.status) == ([], RunStatus.QUEUED), (
+        f"archived {again.archived}: the run queued a moment ago is {run.status if run else None}")
