@@ -198,7 +198,7 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     now = services.now()
     with db.session(services.engine) as session:
         store.events_at_commit(session)  # it may wait on the fleet's spend row: its events go in last
-        archived = archive_stale(session, services, spec, work_key, idem_key, now)
+        archived = archive_stale(session, services, spec, work_key, idem_key)
         run = create(session, spec, work_key, idem_key, payload, request, now)
         if isinstance(run, DispatchResult):  # a duplicate: the key's own run, whatever the gates say now
             session.commit() if archived else session.rollback()
@@ -245,13 +245,18 @@ def still_queued(services: Services, undone: Undone, exc: BaseException) -> str:
 # ---------------------------------------------------------------- step 1: archive-stale
 
 
-def archive_stale(session: Session, services: Services, spec: AgentSpec, work_key: str, idem_key: str,
-                  now: datetime) -> list[str]:
+def archive_stale(session: Session, services: Services, spec: AgentSpec, work_key: str,
+                  idem_key: str) -> list[str]:
     """Archive the unit's never-started first attempts that another key superseded or that are older than
     stale_after (a retry waiting its turn is never archived: it already ran once)."""
-    cutoff = now - timedelta(seconds=services.config.fleet.stale_after_s)
-    stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
-             if r.attempt == 0 and (r.idem_key != idem_key or r.created_at < cutoff)]
+    pending = store.pending_runs(session=session, agent=spec.name, work_key=work_key)
+    if not pending:
+        return []
+    # By the database's clock, one for every host: a dispatcher whose own clock runs ahead must not take a run
+    # queued a moment ago for a stale one, and drop it unstarted.
+    cutoff = ledger.database_now(session) - timedelta(seconds=services.config.fleet.stale_after_s)
+    stale = [r for r in pending
+             if r.attempt == 0 and (r.idem_key != idem_key or ledger.as_database_time(r.created_at) < cutoff)]
     return [run.id for run in stale
             if archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")]
 
