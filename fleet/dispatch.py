@@ -39,7 +39,7 @@ from sqlmodel import Session, col
 from fleet import alerts, db, keys, killswitch, ledger, logs, pause, store
 from fleet.admission import Admission
 from fleet.config import AgentSpec, read_text
-from fleet.errors import BadInputError, NotFoundError, UnavailableError
+from fleet.errors import BadInputError, NotFoundError, UnavailableError, first_line
 from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import NOT_STARTED, Run, RunStatus, table_of
@@ -211,12 +211,15 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
             return _refused(services, spec, run, result)
         try:
             session.commit()
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
             # Most likely nothing was written: the slot goes back now, not a queued lease's TTL from now. If
             # the COMMIT did land (its answer lost), the run stands queued without its message; the reaper
             # sends it, and its claim takes the slot again while it is free (a lease missing is re-asserted).
+            # So the caller is not told "nothing was written": a retry under a fresh key would be a second run.
             _give_back_slot(services, run)
-            raise
+            raise UnavailableError(f"database unreachable as the run was committed ({first_line(exc)}): it may "
+                                   f"have been accepted, and is then sent by the reaper; retry with work key "
+                                   f"{work_key}, which answers that run if it was") from None
     result.archived = archived
     try:
         send(run.id, run.fence or 0)
