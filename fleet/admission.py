@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from fleet import keys
-from fleet.breaker import ALLOW_FN, FORFEIT_FN, RECORD_FN, Outcome
+from fleet.breaker import ALLOW_FN, COUNTED_TTL_S, FORFEIT_FN, RECORD_FN, Outcome
 from fleet.keys import GLOBAL
 from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease, slot_list, to_ms
 
@@ -54,11 +54,12 @@ end
 return {'renewed', renew(KEYS[3], ARGV[1], ARGV[2])}
 """
 
-# KEYS: the slot key, breaker:AGENT. ARGV: lease value, outcome, threshold, run_id.
-# Returns {released 0/1, old state, new state}.
+# KEYS: the slot key, breaker:AGENT, the attempt's counted key. ARGV: lease value, outcome, threshold, run_id,
+# the counted key's ttl_ms. Returns {released 0/1, old state, new state}. Safe to repeat: the release is fenced,
+# and the outcome is counted once per attempt.
 _FINISH = RELEASE_FN + RECORD_FN + """
 local released = release(KEYS[1], ARGV[1])
-local states = record(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
+local states = record(KEYS[2], ARGV[2], ARGV[3], ARGV[4], KEYS[3], ARGV[5])
 return {released, states[1], states[2]}
 """
 
@@ -141,9 +142,10 @@ class Admissions:
             return (GLOBAL if int(got[1]) == 1 else lease.agent), str(got[2]), False
         return None, None, bool(int(got[1]))
 
-    def finish(self, lease: Lease, outcome: Outcome, *, threshold: int) -> tuple[bool, str, str]:
-        """(released, breaker's old state, new state): the lease freed and the outcome counted, at once."""
-        got = self._finish(keys=[lease.key, keys.breaker(lease.agent)],
-                           args=[lease.value, outcome.value, threshold, lease.run_id])
+    def finish(self, lease: Lease, outcome: Outcome, *, threshold: int, attempt: int) -> tuple[bool, str, str]:
+        """(released, breaker's old state, new state): the lease freed and the attempt's outcome counted, at once
+        (and once: asked again, it answers what it answered first)."""
+        got = self._finish(keys=[lease.key, keys.breaker(lease.agent), keys.counted(lease.run_id, attempt)],
+                           args=[lease.value, outcome.value, threshold, lease.run_id, to_ms(COUNTED_TTL_S)])
         return bool(int(got[0])), str(got[1]), str(got[2])
 

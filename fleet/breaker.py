@@ -13,6 +13,10 @@ from enum import Enum
 import redis
 
 from fleet import keys
+from fleet.locks import to_ms
+
+# How long an attempt's count is remembered (keys.counted): longer than any retry of it (executor.REDIS_RETRY_S).
+COUNTED_TTL_S = 300.0
 
 
 class Outcome(str, Enum):
@@ -56,9 +60,11 @@ local function allow(key, cooldown, run_id)
 end
 """
 
-# record(hash, outcome, threshold, run_id): {old state, new state}.
+# record(hash, outcome, threshold, run_id, counted key, its ttl_ms): {old state, new state}. The counted key is the
+# attempt's own (keys.counted): it keeps the first count's answer, so the same attempt counted again (its answer
+# was lost to a dropped connection, and the executor tries again) changes nothing and answers the same transition.
 RECORD_FN = SERVER_NOW_FN + """
-local function record(key, outcome, threshold, run_id)
+local function count_outcome(key, outcome, threshold, run_id)
   local old = redis.call('HGET', key, 'state') or 'closed'
   local trial = redis.call('HGET', key, 'trial')
   if outcome == 'neutral' then
@@ -80,6 +86,16 @@ local function record(key, outcome, threshold, run_id)
   end
   return {old, old}
 end
+local function record(key, outcome, threshold, run_id, counted, counted_ms)
+  local done = redis.call('GET', counted)
+  if done then
+    local cut = string.find(done, ' ', 1, true)
+    return {string.sub(done, 1, cut - 1), string.sub(done, cut + 1)}
+  end
+  local states = count_outcome(key, outcome, threshold, run_id)
+  redis.call('SET', counted, states[1] .. ' ' .. states[2], 'PX', counted_ms)
+  return states
+end
 """
 
 # forfeit(hash, run_id): frees a half-open trial that a refused or ended-unstarted run had taken.
@@ -99,7 +115,7 @@ return 1
 """
 
 _ALLOW = ALLOW_FN + "return allow(KEYS[1], ARGV[1], ARGV[2])"
-_RECORD = RECORD_FN + "return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+_RECORD = RECORD_FN + "return record(KEYS[1], ARGV[1], ARGV[2], ARGV[3], KEYS[2], ARGV[4])"
 _FORFEIT = FORFEIT_FN + "return forfeit(KEYS[1], ARGV[1])"
 
 
@@ -135,9 +151,10 @@ class Breakers:
         """Give back a trial taken by a run that was then refused for another reason."""
         self._forfeit(keys=[keys.breaker(agent)], args=[run_id])
 
-    def record(self, agent: str, run_id: str, outcome: Outcome, *, threshold: int) -> tuple[str, str]:
-        """Count a finished run; returns (old state, new state)."""
-        old, new = self._record(keys=[keys.breaker(agent)], args=[outcome.value, threshold, run_id])
+    def record(self, agent: str, run_id: str, outcome: Outcome, *, threshold: int, attempt: int) -> tuple[str, str]:
+        """Count a finished attempt, once however often it is asked; returns (old state, new state)."""
+        old, new = self._record(keys=[keys.breaker(agent), keys.counted(run_id, attempt)],
+                                args=[outcome.value, threshold, run_id, to_ms(COUNTED_TTL_S)])
         return str(old), str(new)
 
     def state(self, agent: str) -> dict[str, str]:

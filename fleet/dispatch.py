@@ -39,7 +39,7 @@ from sqlmodel import Session, col
 from fleet import alerts, db, keys, killswitch, ledger, logs, pause, store
 from fleet.admission import Admission
 from fleet.config import AgentSpec, read_text
-from fleet.errors import BadInputError, NotFoundError, UnavailableError
+from fleet.errors import BadInputError, NotFoundError, UnavailableError, first_line
 from fleet.ledger import Caps
 from fleet.locks import Lease
 from fleet.models import NOT_STARTED, Run, RunStatus, table_of
@@ -126,6 +126,16 @@ def validate(services: Services, request: DispatchRequest) -> tuple[AgentSpec, s
     return spec, work_key, _payload_text(request.payload)
 
 
+def message_work_key(work_key: str | None, message_id: str | None) -> str | None:
+    """The work key of a dispatch a message asks for: its own, or, keyless, one named by the message's id, so the
+    same message delivered again (an at-least-once broker redelivers it after a lost worker or a reconnect) asks
+    for the same run instead of making a second one. None (a fresh key) for an id no work key could hold."""
+    if work_key is not None or message_id is None:
+        return work_key
+    key = f"message:{message_id}"
+    return key if WORK_KEY.match(key) else None
+
+
 def _payload_text(payload: Any) -> str | None:
     if payload is None:
         return None
@@ -188,7 +198,7 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
     now = services.now()
     with db.session(services.engine) as session:
         store.events_at_commit(session)  # it may wait on the fleet's spend row: its events go in last
-        archived = archive_stale(session, services, spec, work_key, idem_key, now)
+        archived = archive_stale(session, services, spec, work_key, idem_key)
         run = create(session, spec, work_key, idem_key, payload, request, now)
         if isinstance(run, DispatchResult):  # a duplicate: the key's own run, whatever the gates say now
             session.commit() if archived else session.rollback()
@@ -201,12 +211,15 @@ def _accept(services: Services, spec: AgentSpec, work_key: str, idem_key: str, p
             return _refused(services, spec, run, result)
         try:
             session.commit()
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
             # Most likely nothing was written: the slot goes back now, not a queued lease's TTL from now. If
             # the COMMIT did land (its answer lost), the run stands queued without its message; the reaper
             # sends it, and its claim takes the slot again while it is free (a lease missing is re-asserted).
+            # So the caller is not told "nothing was written": a retry under a fresh key would be a second run.
             _give_back_slot(services, run)
-            raise
+            raise UnavailableError(f"database unreachable as the run was committed ({first_line(exc)}): it may "
+                                   f"have been accepted, and is then sent by the reaper; retry with work key "
+                                   f"{work_key}, which answers that run if it was") from None
     result.archived = archived
     try:
         send(run.id, run.fence or 0)
@@ -235,13 +248,18 @@ def still_queued(services: Services, undone: Undone, exc: BaseException) -> str:
 # ---------------------------------------------------------------- step 1: archive-stale
 
 
-def archive_stale(session: Session, services: Services, spec: AgentSpec, work_key: str, idem_key: str,
-                  now: datetime) -> list[str]:
+def archive_stale(session: Session, services: Services, spec: AgentSpec, work_key: str,
+                  idem_key: str) -> list[str]:
     """Archive the unit's never-started first attempts that another key superseded or that are older than
     stale_after (a retry waiting its turn is never archived: it already ran once)."""
-    cutoff = now - timedelta(seconds=services.config.fleet.stale_after_s)
-    stale = [r for r in store.pending_runs(session=session, agent=spec.name, work_key=work_key)
-             if r.attempt == 0 and (r.idem_key != idem_key or r.created_at < cutoff)]
+    pending = store.pending_runs(session=session, agent=spec.name, work_key=work_key)
+    if not pending:
+        return []
+    # By the database's clock, one for every host: a dispatcher whose own clock runs ahead must not take a run
+    # queued a moment ago for a stale one, and drop it unstarted.
+    cutoff = ledger.database_now(session) - timedelta(seconds=services.config.fleet.stale_after_s)
+    stale = [r for r in pending
+             if r.attempt == 0 and (r.idem_key != idem_key or ledger.as_database_time(r.created_at) < cutoff)]
     return [run.id for run in stale
             if archive(session, services, run, reason="superseded" if run.idem_key != idem_key else "stale")]
 

@@ -54,6 +54,8 @@ MOVED_ON: Literal["moved_on"] = "moved_on"  # see _write_outcome
 # A lease renewed to its full TTL this recently still covers the outcome's writes as well as a renewal would:
 # a run that ends sooner (a no-op, a quick refusal) skips that round trip, one of the five a run would make.
 FRESH_LEASE_S = 1.0
+# How long the end of an attempt tries Redis again for the breaker's count (below breaker.COUNTED_TTL_S).
+REDIS_RETRY_S = 30.0
 
 # Built once (models.table_of): every run is claimed and ended by these. (A bind parameter may not
 # share a column's name in an UPDATE: theirs start with p_.)
@@ -332,9 +334,12 @@ def _end_unstarted(services: Services, session: Session, run: Run, status: RunSt
                         error=reason)
     store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent, reason=reason)
     session.commit()
-    if run.slot is not None and run.fence is not None:
-        services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
-    services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
+    # Ended for good: a Redis error here must not stop the caller's alert. A lease not given back lapses on
+    # its own, and the watchdog frees a trial whose run has ended.
+    with contextlib.suppress(redis.RedisError):
+        if run.slot is not None and run.fence is not None:
+            services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
+        services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
     return True
 
 
@@ -601,17 +606,43 @@ def _after_persist(services: Services, run: Run, spec: AgentSpec, lease: Lease, 
         with contextlib.suppress(redis.RedisError, SQLAlchemyError):  # a missing flag is put back by a check
             pause.raise_mirrored_flag(services.engine, services.redis, scope=spec.name,
                                       reason=_own_pause_reason(verdict), actor=f"agent:{run.id}", now=services.now())
-    try:
-        if retry:
+    if retry:
+        try:
             services.leases.renew(lease, (delay or 0) + fleet.queued_lease_ttl_s)
             requeue(run.id, lease.fence, delay or 0)
-            old, new = services.breakers.record(run.agent, run.id, verdict.breaker, threshold=threshold)
-        else:  # the lease freed and the outcome counted in one round trip
-            _, old, new = services.admissions.finish(lease, verdict.breaker, threshold=threshold)
+        except Exception as exc:  # noqa: BLE001 - the run is queued in the database: the reaper sends it again
+            log.warning("run.after_persist_failed", run_id=run.id, error=f"{exc.__class__.__name__}: {exc}")
+    # The breaker's count lives in Redis alone: tried again through a blip (each is counted once per attempt,
+    # however often it is asked, and answers the same transition).
+    def count() -> tuple[str, str]:
+        if retry:
+            return services.breakers.record(run.agent, run.id, verdict.breaker, threshold=threshold,
+                                            attempt=run.attempt)
+        _, old, new = services.admissions.finish(lease, verdict.breaker, threshold=threshold, attempt=run.attempt)
+        return old, new  # the lease freed and the outcome counted in one round trip
+
+    try:
+        old, new = _retrying_redis(run, "breaker_count", count)
         if new != old:
-            _breaker_changed(services, run, old, new)
-    except Exception as exc:  # noqa: BLE001 - the outcome is persisted; the reaper mends the rest
+            breaker_changed(services, run, old, new)
+    except Exception as exc:  # noqa: BLE001 - the outcome is persisted; a lease not freed lapses on its own
         log.warning("run.after_persist_failed", run_id=run.id, error=f"{exc.__class__.__name__}: {exc}")
+
+
+def _retrying_redis(run: Run, what: str, call: Callable[[], _T], within_s: float = REDIS_RETRY_S) -> _T:
+    """`call` (safe to repeat) until Redis answers, for up to `within_s`: a restart or a failover must not lose
+    what only Redis keeps. Raises the last error when it never did."""
+    deadline = time.monotonic() + within_s
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning(f"run.{what}_failed", run_id=run.id, error=first_line(exc), retry_in_s=pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def _own_pause_reason(verdict: Verdict) -> str:
@@ -620,7 +651,7 @@ def _own_pause_reason(verdict: Verdict) -> str:
     return (verdict.pause or "").replace("\x00", "")[:killflag.MAX_REASON]
 
 
-def _breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
+def breaker_changed(services: Services, run: Run, old: str, new: str) -> None:
     """Breaker transitions are events (and the open one an alert)."""
     with db.session(services.engine) as session:
         store.add_event(session=session, at=services.now(), kind=f"breaker.{new}", run_id=run.id, agent=run.agent,

@@ -26,6 +26,12 @@ def breaker(agent: str) -> str:
     return f"{PREFIX}breaker:{agent}"
 
 
+def counted(run_id: str, attempt: int) -> str:
+    """Set when an attempt's outcome was counted by its breaker (`old new`): a count asked again is not counted
+    twice."""
+    return f"{PREFIX}counted:{run_id}:{attempt}"
+
+
 def alerted(kind: str, scope: str, day: str) -> str:
     """Set by the first process that raised an alert of this kind for a scope on a budget day: one alert per
     transition fleet-wide, where each process's own dedupe would repeat it from every worker."""

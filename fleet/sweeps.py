@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import and_, delete, or_, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
-from fleet import alerts, db, keys, killswitch, ledger, runlog, store
+from fleet import alerts, db, keys, killswitch, ledger, logs, runlog, store
+from fleet.breaker import Outcome
 from fleet.dispatch import Sender
-from fleet.executor import run_log_path
+from fleet.errors import first_line
+from fleet.executor import breaker_changed, run_log_path
 from fleet.locks import Lease
 from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus
 from fleet.services import Services
@@ -279,10 +282,13 @@ def _end_run(services: Services, run: Run, from_status: RunStatus, status: RunSt
         store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent,
                         error=error)
         session.commit()
-    lease = _lease_of(run)
-    if lease is not None:
-        services.leases.release(lease)
-    services.breakers.forfeit(run.agent, run.id)
+    # Ended for good: a Redis error here must not stop the caller's alert. A lease not given back lapses on
+    # its own, and the watchdog frees a trial whose run has ended.
+    with contextlib.suppress(redis.RedisError):
+        lease = _lease_of(run)
+        if lease is not None:
+            services.leases.release(lease)
+        services.breakers.forfeit(run.agent, run.id)
     return True
 
 
@@ -300,6 +306,24 @@ def _bury(services: Services, run: Run, reason: str, error: str, report: SweepRe
                  f"run {run.id} of {run.agent} was dead-lettered by the reaper: {error}",
                  agent=run.agent, run_id=run.id, reason=reason, attempts=run.attempt)
     report.add(f"dead_{reason}", run.id)
+    if reason == "crash_loop":
+        _count_crash_loop(services, run)
+
+
+def _count_crash_loop(services: Services, run: Run) -> None:
+    """A run whose worker died on every attempt failed, as far as its breaker cares (an agent that kills its
+    worker would otherwise run at every tick, and as a half-open trial let the next one straight through).
+    Counted once, as its last attempt's outcome; a Redis error leaves the count out, never the dead letter."""
+    spec = services.config.agents.get(run.agent)
+    threshold = (spec.breaker_settings(services.config.fleet)[0] if spec is not None
+                 else services.config.fleet.breaker_threshold)
+    try:
+        old, new = services.breakers.record(run.agent, run.id, Outcome.FAILURE, threshold=threshold,
+                                            attempt=run.attempt)
+        if new != old:
+            breaker_changed(services, run, old, new)
+    except (redis.RedisError, SQLAlchemyError) as exc:
+        logs.get(__name__).warning("reaper.breaker_count_failed", run_id=run.id, error=first_line(exc))
 
 
 def _tail(services: Services, run_id: str, size: int = 8192) -> str | None:

@@ -259,3 +259,112 @@ def test_an_abandoned_attempts_stand_in_gives_way_to_what_it_spent(services: Ser
     with db.session(services.engine) as session:
         day = session.exec(select(SpendDay).where(SpendDay.scope == "*")).one()
     assert (_row(services, run.id).cost_micros, day.spent_micros) == (spent, spent)
+
+
+# ---------------------------------------------------------------- the breaker's count through a Redis blip
+
+
+def _breaker_events(services: Services, run_id: str) -> list[str]:
+    from fleet.models import RunEvent
+
+    with db.session(services.engine) as session:
+        return [kind for kind in session.exec(select(RunEvent.kind).where(RunEvent.run_id == run_id))
+                if kind.startswith("breaker.")]
+
+
+def test_an_auth_failure_whose_finish_meets_a_redis_blip_still_opens_its_breaker(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: the finish (the lease freed and the outcome counted by the breaker, one script) was tried
+    once and a Redis error only logged: a revoked key (exit 77, which opens the breaker at once) kept its breaker
+    closed, and every later tick spawned the agent again with the revoked key. Redis back a moment later, the
+    outcome is counted."""
+    run, spec, lease = _claimed(services, "exit77")
+    result = _exited(executor.EXIT_AUTH)
+    finish, blips = services.admissions.finish, [1]
+
+    def blip_once(*args: Any, **kwargs: Any) -> Any:
+        if blips[0]:
+            blips[0] -= 1
+            raise redis_lib.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(services.admissions, "finish", blip_once)
+    ended = executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None, 0, 0)
+    assert ended.status == "dead" and blips == [0], ended
+    assert services.breakers.state("exit77").get("state") == "open", "the revoked key's failure was never counted"
+    assert _breaker_events(services, run.id) == ["breaker.open"]
+
+
+def test_a_finish_whose_answer_was_lost_counts_its_failure_once_and_still_says_the_breaker_opened(
+        services: Services) -> None:
+    """The finish script ran but the connection dropped before its answer came back (a real cut, through a fault
+    proxy): counting it again must not count the failure twice, and the transition it made (closed -> open) must
+    still be told (its event, its alert), though a second count would find the breaker open already."""
+    from dataclasses import replace
+
+    from fleet.admission import _FINISH
+    from fleet.services import redis_client
+    from tests.faults.proxy import FaultProxy
+
+    run, spec, lease = _claimed(services, "exit77")
+    result = _exited(executor.EXIT_AUTH)
+    target = redis_lib.Redis.from_url(services.settings.broker_url)
+    proxy = FaultProxy("127.0.0.1", target.connection_pool.connection_kwargs["port"]).start()
+    database = target.connection_pool.connection_kwargs.get("db", 0)
+    cut = replace(services, redis=redis_client(f"redis://127.0.0.1:{proxy.port}/{database}"))
+    try:
+        cut.redis.script_load(_FINISH)  # loaded: the EVALSHA that is cut runs the script (no NOSCRIPT first)
+        proxy.cut_on(b"EVALSHA")
+        ended = executor._finish(cut, run, spec, lease, result, executor.judge(result, None), lambda *_: None, 0, 0)
+    finally:
+        cut.redis.close()
+        target.close()
+        proxy.stop()
+    assert ended.status == "dead" and proxy.cuts == 1, ended
+    state = services.breakers.state("exit77")
+    assert (state.get("state"), state.get("failures")) == ("open", "1"), f"counted {state}"
+    assert _breaker_events(services, run.id) == ["breaker.open"], "the breaker opened, and nobody was told"
+
+
+def test_a_retried_failure_whose_lease_renewal_meets_a_redis_blip_still_counts_in_its_breaker(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retryable failure renews its lease for the retry, sends the retry, then counts the failure, all in one
+    try: a Redis error at the renewal skipped the count too (the reaper sends the retry again; nothing counts the
+    failure), so an agent failing while Redis blips kept its breaker closed."""
+    run, spec, lease = _claimed(services, "fail")
+    result = _exited(1)
+    renew, blips = services.leases.renew, [1]
+
+    def blip_once(*args: Any, **kwargs: Any) -> Any:
+        if blips[0]:
+            blips[0] -= 1
+            raise redis_lib.ConnectionError("Connection reset by peer")
+        return renew(*args, **kwargs)
+
+    monkeypatch.setattr(services.leases, "renew", blip_once)
+    ended = executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None, 0, 0)
+    assert ended.status == "queued" and blips == [0], ended
+    assert services.breakers.state("fail").get("failures") == "1", "the failure was never counted"
+
+
+def test_a_retry_dead_lettered_over_cap_at_its_claim_raises_its_alert_through_a_redis_blip(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a retry whose estimate no longer fits under the cap ends dead (`over_cap`) at its claim;
+    the dead letter committed, then its lease was given back in Redis before the alert: a Redis error there
+    raised out of the execute, and the dead letter was never told (nothing alerts for it later)."""
+    run, spec, lease = _claimed(services, "fail")
+    result = _exited(1)
+    assert executor._finish(services, run, spec, lease, result, executor.judge(result, None), lambda *_: None,
+                            0, 0).status == "queued"
+    with db.session(services.engine) as session:  # the day's spend reaches the fleet's cap meanwhile
+        session.execute(text("UPDATE spend_days SET spent_micros = 1000000000 WHERE scope = '*'"))
+        session.commit()
+    monkeypatch.setattr(services.leases, "release", _redis_restarting)
+    with capture_logs() as logged:
+        try:
+            ended = executor._claim(services, run.id, lease.fence)
+        except redis_lib.RedisError:
+            ended = None
+    assert _row(services, run.id).status == "dead"
+    alerted = [line["kind"] for line in logged if line["event"] == "alert" and line.get("run_id") == run.id]
+    assert (alerted, getattr(ended, "status", None)) == (["dead_letter"], "dead"), "dead-lettered, nobody was told"

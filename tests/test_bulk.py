@@ -68,7 +68,7 @@ def test_a_batch_answers_each_gate_as_a_single_tick_would(services: Services) ->
     # Before the pass: busy's one slot taken by a run of another key; tripped's breaker open; a kill and a
     # pause on one agent each; bounded and capped each have room for one run today.
     assert services.leases.acquire("b-busy", 1, "someone-else", ttl_s=60) is not None
-    services.breakers.record("b-tripped", "r0", Outcome.AUTH, threshold=3)
+    services.breakers.record("b-tripped", "r0", Outcome.AUTH, threshold=3, attempt=1)
     killswitch.engage(services.engine, services.redis, scope="b-killed", reason="test", actor="test", hard=False,
                       now=now)
     pause.engage(services.engine, services.redis, scope="b-paused", reason="test", actor="test", now=now)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet import db, keys, store
 from fleet.config import Settings, load_fleet_config
@@ -368,3 +368,68 @@ def test_a_run_through_celery_keeps_its_dispatchs_result_and_stores_nothing_for_
     stored = fleet.redis.keys(f"celery-task-meta-fleet.execute-{decided['run_id']}-*")
     assert stored == [], f"the execute's states were stored in the result backend: {stored}"
     assert fleet.redis.exists(f"celery-task-meta-{task.id}"), "the dispatch's decision is no longer kept"
+
+
+def test_a_keyless_dispatch_message_delivered_twice_makes_one_run(fleet: Fleet) -> None:
+    """Found by review: `fleet.dispatch(agent)` without a work key made a fresh key each time it ran, so the same
+    message delivered twice (acks_late: a worker lost after the commit and before the ack, or a broker reconnect,
+    PITFALLS #4 and #5) made two runs, and the agent ran twice for one request. Here the same message (its task
+    id) reaches a real worker twice, the second once the first run is over: one run, and the second delivery
+    answers it. (The result backend keeps the first answer: the workers' task events tell when each ended.)"""
+    import threading
+
+    fleet.reset_agent("echo")
+    task_id = uuid.uuid4().hex
+    ended: list[str] = []
+    conn = fleet.celery.connection_for_read()
+    receiver = fleet.celery.events.Receiver(conn, handlers={"task-succeeded": lambda e: ended.append(e["uuid"])})
+    listener = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": False},
+                                daemon=True)
+    listener.start()
+    try:
+
+        def receiver_hears() -> bool:  # a canary's event heard: the receiver's queue is bound, ours cannot be missed
+            canary = fleet.celery.send_task("fleet.canary.dispatch", args=["ping"], queue="dispatch")
+            canary.get(timeout=10)
+            deadline = time.monotonic() + 2
+            while canary.id not in ended and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return canary.id in ended
+
+        wait_for(receiver_hears, 30, "the event receiver to hear the workers")
+        first = fleet.celery.send_task("fleet.dispatch", kwargs={"agent": "echo"}, queue="dispatch", task_id=task_id)
+        decided = first.get(timeout=30)
+        assert decided["status"] == "queued", decided
+        wait_status(fleet, decided["run_id"], {"succeeded"})
+        fleet.celery.send_task("fleet.dispatch", kwargs={"agent": "echo"}, queue="dispatch", task_id=task_id)
+        wait_for(lambda: ended.count(task_id) >= 2, 30, "the second delivery to end")
+    finally:
+        receiver.should_stop = True  # seen within its one-second drain
+        listener.join(10)
+        conn.release()
+    with db.session(fleet.services.engine) as session:
+        runs = session.exec(select(Run).where(col(Run.dispatched_by).like(f"%:{task_id}"))).all()
+    assert [run.id for run in runs] == [decided["run_id"]], f"one message, {len(runs)} runs"
+
+
+def test_a_dispatcher_whose_clock_runs_ahead_never_archives_a_run_queued_a_moment_ago(services: Any) -> None:
+    """Found by review: archive-stale took a unit's unstarted run for stale when it was created more than
+    stale_after_s before the dispatcher's own clock. A host whose clock ran two hours ahead, asked for the same key
+    again (a retried `fleet dispatch --key`, a redelivered message), archived the run another host had queued a
+    moment before and answered `duplicate`: accepted work dropped unstarted, its message a no-op. Staleness is
+    judged by the database's clock, the one every host shares."""
+    if services.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's clock is its host's: there is no other clock to run ahead of it")
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from fleet.services import utcnow
+
+    first = dispatch(services, DispatchRequest("echo", "unit-skew", actor="test"), lambda *_: None)
+    assert first.status == "queued", first  # its message waits behind a busy queue
+    ahead = replace(services, now=lambda: utcnow() + timedelta(hours=2))
+    again = dispatch(ahead, DispatchRequest("echo", "unit-skew", actor="test"), lambda *_: None)
+    with db.session(services.engine) as session:
+        run = session.get(Run, first.run_id)
+    assert run is not None and (again.archived, run.status) == ([], RunStatus.QUEUED), (
+        f"archived {again.archived}: the run queued a moment ago is {run.status if run else None}")

@@ -92,3 +92,34 @@ def test_an_unexpected_error_inside_the_dispatch_gives_its_slot_back(
     monkeypatch.undo()
     assert services.leases.holders("echo", 1) == []
     assert dispatch(services, DispatchRequest("echo", "second", actor="test"), lambda *_: None).status == "queued"
+
+
+def test_a_keyless_dispatch_whose_commit_answer_was_lost_names_the_key_to_retry_with(services: Services) -> None:
+    """Found by review: the dispatch's COMMIT reached the database but its answer was lost (a connection dropped
+    at the commit): the run stands queued (the reaper sends it), yet the caller heard 75 "nothing was written;
+    safe to retry". For a dispatch without --key that advice makes a second run: its retry mints a fresh key.
+    The answer must say the run may have been accepted, and name the key whose retry is a duplicate if it was."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from fleet.errors import UnavailableError
+
+    lost = [1]
+
+    def answer_lost(_session: Any) -> None:
+        if lost[0]:
+            lost[0] -= 1
+            raise OperationalError("COMMIT", None, Exception("server closed the connection unexpectedly"))
+
+    event.listen(db.Session, "after_commit", answer_lost)
+    try:
+        with pytest.raises(UnavailableError) as raised:
+            dispatch(services, DispatchRequest("echo", actor="test"), lambda *_: None)
+    finally:
+        event.remove(db.Session, "after_commit", answer_lost)
+    with db.session(services.engine) as session:
+        (landed,) = session.exec(select(Run).where(Run.agent == "echo")).all()
+    said = str(raised.value)
+    assert landed.status == RunStatus.QUEUED and "safe to retry" not in said and landed.work_key in said, said
+    again = dispatch(services, DispatchRequest("echo", landed.work_key, actor="test"), lambda *_: None)
+    assert (again.status, again.run_id) == ("duplicate", landed.id), again

@@ -147,3 +147,58 @@ def test_a_dead_workers_run_whose_last_heartbeat_came_from_a_clock_ahead_is_reap
     ahead = _silent_running(services, "echo", stamped=timedelta(hours=1))
     report = sweeps.reap(services, lambda *_: None)
     assert report.counts.get("abandoned") == 1 and ahead.id in report.runs, report
+
+
+def test_a_crash_loop_buried_while_redis_is_away_still_raises_its_alert(services: Services, closed_port: int) -> None:
+    """Found by review: a last attempt left abandoned (the pass that abandoned it stopped at a Redis error after its
+    commit, or Redis went away since) is buried `crash_loop` by the next pass, which needs only the database. The
+    bury committed the dead letter, then gave the lease back in Redis before its alert: Redis away, the pass raised
+    there and the alert never went. Nothing alerts for that dead letter later (the run is dead): a crash loop
+    dead-lettered in silence."""
+    import contextlib
+
+    import redis as redis_lib
+    from structlog.testing import capture_logs
+
+    from fleet.services import redis_client
+
+    sent: list[tuple[str, int]] = []
+    queued = dispatch(services, DispatchRequest("crashy", "loop", actor="test"), lambda *message: sent.append(message))
+    assert queued.status == "queued"
+    with db.session(services.engine) as session:
+        run = session.get(Run, queued.run_id)
+        assert run is not None
+        run.status, run.attempt = RunStatus.ABANDONED, 2
+        session.add(run)
+        session.commit()
+    away = dataclasses.replace(services, redis=redis_client(f"redis://127.0.0.1:{closed_port}/0", timeout_s=0.5))
+    try:
+        # What a pass may raise with Redis away is not the point here: what it told is.
+        with capture_logs() as logged, contextlib.suppress(redis_lib.RedisError):
+            sweeps.reap(away, lambda *_: None)
+    finally:
+        away.redis.close()
+    with db.session(services.engine) as session:
+        assert session.exec(select(DeadLetter).where(DeadLetter.run_id == queued.run_id)).one().reason == "crash_loop"
+    alerted = [line for line in logged if line["event"] == "alert" and line.get("run_id") == queued.run_id]
+    assert [line["kind"] for line in alerted] == ["crash_loop"], "dead-lettered, and nobody was told"
+
+
+def test_a_half_open_trial_that_crash_loops_opens_its_breaker_again(services: Services) -> None:
+    """Found by review: a run whose worker dies on every attempt (an agent that OOM-kills it) is buried
+    `crash_loop`, and its breaker heard nothing but a forfeit: as the half-open trial it freed the trial, so the
+    very next tick was let through as a new trial, killing two more workers, and so on at every tick, the
+    breaker never open. A crash loop is the agent's failure: the trial's failure opens the breaker again."""
+    services.redis.hset(keys.breaker("crashy"), mapping={"state": "open", "opened_at": "0"})  # cooled down long ago
+    queued = dispatch(services, DispatchRequest("crashy", "loop", actor="test"), lambda *_: None)
+    assert queued.status == "queued" and services.breakers.state("crashy").get("trial") == queued.run_id
+    with db.session(services.engine) as session:  # both attempts died with their workers; the reaper took each over
+        run = session.get(Run, queued.run_id)
+        assert run is not None
+        run.status, run.attempt = RunStatus.ABANDONED, 2
+        session.add(run)
+        session.commit()
+    assert sweeps.reap(services, lambda *_: None).counts.get("dead_crash_loop") == 1
+    assert services.breakers.state("crashy").get("state") == "open", services.breakers.state("crashy")
+    again = dispatch(services, DispatchRequest("crashy", "next-tick", actor="test"), lambda *_: None)
+    assert again.reason == "breaker_open", again

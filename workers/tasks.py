@@ -37,7 +37,8 @@ def _actor(task: Task) -> str:
 def dispatch(self: Task, agent: str, work_key: str | None = None, payload: Any = None,
              dry_run: bool = False) -> dict[str, Any]:
     """Dispatch one run of an agent (five steps); `dry_run=True` shows the plan and writes nothing."""
-    request = dispatching.DispatchRequest(agent, work_key, payload, dry_run, actor=_actor(self))
+    key = dispatching.message_work_key(work_key, self.request.id)  # a redelivered message asks for the same run
+    request = dispatching.DispatchRequest(agent, key, payload, dry_run, actor=_actor(self))
     return dispatching.dispatch(services(), request, send_execute).to_json()
 
 
