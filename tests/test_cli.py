@@ -481,10 +481,14 @@ def test_wrong_redis_credentials_are_77_and_stay_loud(fleet: Fleet, tmp_path: Pa
     only_once(fleet)
     env = {"FLEET_REDIS_URL": fleet.redis_url.replace("redis://", "redis://nobody:wrong-password@"),
            "FLEET_LOG_DIR": str(tmp_path / "logs")}
+    # `fleet status` said "Redis unreachable" and exited 75 ("safe to retry"): a cron that retries on 75 would
+    # retry a wrong password all night.
     procs = cli_all(fleet, ["dispatch", "echo", "--key", new_key("creds")], ["watchdog", "--wait", "1"],
-                    ["--soft-fail", "dispatch", "echo", "--key", new_key("creds-soft")], env=env)
+                    ["--soft-fail", "dispatch", "echo", "--key", new_key("creds-soft")], ["status"],
+                    ["--soft-fail", "status"], env=env)
     for proc in procs:
         assert_exit(proc, 77)
+    assert "refused the credentials" in procs[3].stdout + procs[3].stderr, show(procs[3])
 
 
 def test_exit_78_bad_config(fleet: Fleet, bad_config: Path) -> None:
