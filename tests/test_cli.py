@@ -336,6 +336,19 @@ def test_exit_69_not_found(fleet: Fleet) -> None:
     assert counts(fleet) == before
 
 
+def test_an_argument_that_is_not_utf8_is_not_found_or_bad_input_not_a_traceback(fleet: Fleet) -> None:
+    """A Latin-1 terminal's "café" reaches Python as a lone surrogate (argv's surrogateescape), which no database
+    encodes: `fleet logs`, `runs show` and `runs --agent` ended in a UnicodeEncodeError traceback (exit 1)."""
+    only_once(fleet)
+    procs = cli_all(fleet, ["runs", "show", "caf\udce9"], ["logs", "caf\udce9"], ["logs", "-f", "caf\udce9"],
+                    ["runs", "--agent", "caf\udce9"])
+    for proc in procs[:3]:
+        assert_exit(proc, 69)
+        assert "no run" in proc.stderr, show(proc)
+    assert_exit(procs[3], 65)
+    assert "--agent" in procs[3].stderr, show(procs[3])
+
+
 def test_exit_75_when_redis_is_down_and_soft_fail(fleet: Fleet, closed_port: int, tmp_path: Path) -> None:
     """75 for dispatch and watchdog; status prints what it could read (it reports Redis down), then exits 75 too;
     --soft-fail makes 75 a 0 with a JSON line in <FLEET_LOG_DIR>/soft-fail.jsonl."""
