@@ -414,6 +414,23 @@ def test_database_down_is_75_not_a_traceback(tmp_path: Path, closed_port: int) -
         assert_exit(plain_cli(tmp_path, *args, env=env), 75)
 
 
+def test_a_postgresql_database_that_does_not_exist_is_78_saying_create_it(tmp_path: Path, pg_server: str,
+                                                                         redis_url: str) -> None:
+    """A FLEET_DATABASE_URL naming a database never created (or misspelt) was "database unreachable ... safe to
+    retry" (75), and `fleet doctor` said "start PostgreSQL" of a server that answers: a cron retries it all night,
+    and the operator restarts a healthy server. It is configuration (78): create the database."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    name = f"fleet_absent_{uuid.uuid4().hex[:12]}"
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"{pg_server}/{name}", FLEET_REDIS_URL=redis_url)
+    procs = [plain_cli(tmp_path, *args, env=env) for args in (["doctor"], ["status"], ["dispatch", "echo"],
+                                                               ["db", "upgrade"])]
+    for proc in procs:
+        assert_exit(proc, 78)
+        said = proc.stdout + proc.stderr
+        assert f'"{name}" does not exist' in said and "create" in said, show(proc)
+        assert "start PostgreSQL" not in said and "safe to retry" not in said, show(proc)
+
+
 def test_status_and_pause_with_redis_down_say_so(tmp_path: Path, closed_port: int) -> None:
     """`fleet status` exited 0 with Redis down ("Redis unreachable" in its body only), and `fleet pause` said
     "paused the whole fleet" as if Redis had it. Status prints what the database holds, then exits 75 as the
