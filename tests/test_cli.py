@@ -33,6 +33,7 @@ from fleet import db, keys, killswitch
 from fleet.models import DeadLetter, Run, WatchdogVerdict
 from tests.harness import ROOT, SECRET_KEY, SECRET_TOKEN, Fleet, wait_for
 from tests.test_dispatch import counts, run_of, send, wait_status
+from tests.test_up import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -421,9 +422,10 @@ def test_a_postgresql_database_that_does_not_exist_is_78_saying_create_it(tmp_pa
     and the operator restarts a healthy server. It is configuration (78): create the database."""
     (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
     name = f"fleet_absent_{uuid.uuid4().hex[:12]}"
-    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"{pg_server}/{name}", FLEET_REDIS_URL=redis_url)
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"{pg_server}/{name}", FLEET_REDIS_URL=redis_url,
+                    FLEET_WEB_PORT=str(free_port()), FLEET_FLOWER_PORT=str(free_port()))
     procs = [plain_cli(tmp_path, *args, env=env) for args in (["doctor"], ["status"], ["dispatch", "echo"],
-                                                               ["db", "upgrade"])]
+                                                               ["db", "upgrade"], ["up"])]
     for proc in procs:
         assert_exit(proc, 78)
         said = proc.stdout + proc.stderr
