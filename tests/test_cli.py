@@ -814,6 +814,23 @@ def test_a_bad_fleet_toml_still_lets_the_state_be_seen_and_the_fleet_resumed(fle
     assert not fleet.redis.exists(keys.kill()), show(resumed)
 
 
+def test_a_bad_fleet_toml_still_lets_the_whole_fleet_be_paused(fleet: Fleet, bad_config: Path) -> None:
+    """Maintenance is when fleet.toml is being edited, and a pause is what the README prescribes for it ("nothing
+    new starts, what runs finishes"); with the file broken mid-edit `fleet pause` exited 78 and paused nothing,
+    leaving `fleet kill` (which stops the running runs) as the only brake. A fleet-wide pause needs no agents."""
+    only_once(fleet)
+    bad = ["--config", str(bad_config)]
+    try:
+        paused = fleet.cli(*bad, "pause", "--reason", "editing fleet.toml")
+        in_force = fleet.redis.get(keys.paused(keys.GLOBAL))
+    finally:
+        fleet.cli(*bad, "resume")
+    assert_exit(paused, 0)
+    assert f"{bad_config}:2" in paused.stderr, show(paused)  # why the file is refused, said on the way
+    assert in_force is not None and "editing fleet.toml" in in_force, show(paused)
+    assert_exit(fleet.cli(*bad, "pause", "echo"), 78)  # one agent's name cannot be told from a typo without it
+
+
 def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:
     only_once(fleet)
     fleet.reset_agent("echo")
