@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from fleet.errors import ConfigError, UnavailableError, first_line
+from fleet.errors import ConfigError, UnavailableError, first_line, missing_database
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -213,13 +213,14 @@ def rowcount(result: Result[Any]) -> int:
 
 
 def check(engine: Engine) -> None:
-    """Raise UnavailableError when the database cannot be reached."""
+    """Raise UnavailableError when the database cannot be reached (ConfigError when it was never created)."""
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        raise UnavailableError(f"database unreachable ({engine.url.render_as_string()}): "
-                               f"{first_line(exc)}") from None
+        detail = first_line(exc)
+        raise missing_database(detail) or UnavailableError(
+            f"database unreachable ({engine.url.render_as_string()}): {detail}") from None
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -242,7 +243,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         with _migration_lock(engine):
             command.upgrade(alembic_config(engine), revision)
     except OperationalError as exc:
-        raise UnavailableError(f"database unreachable: {first_line(exc)}") from None
+        detail = first_line(exc)
+        raise missing_database(detail) or UnavailableError(f"database unreachable: {detail}") from None
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -145,8 +145,12 @@ def _payload_text(payload: Any) -> str | None:
         raise BadInputError(f"payload must be JSON-serialisable: {exc}") from None
     if "\x00" in text:
         raise BadInputError("payload must not contain NUL characters")
-    if len(text.encode()) > MAX_PAYLOAD_BYTES:
-        raise BadInputError(f"payload is {len(text.encode())} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # lone surrogates: argv bytes that were not UTF-8, or a JSON "\udcxx" escape
+        raise BadInputError("payload is not valid UTF-8 text (check the terminal's or the file's encoding)") from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise BadInputError(f"payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}")
     return text
 
 

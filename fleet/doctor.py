@@ -307,6 +307,9 @@ def _check_server(engine: Engine, shown: str) -> Iterator[Finding]:
                 "in compose/) and check the host, port, user and database in FLEET_DATABASE_URL")
         yield _fail("database", f"{exc}{hint}", ExitCode.TRANSIENT)
         return
+    except ConfigError as exc:  # the server answered: the database it names was never created
+        yield _fail("database", str(exc), ExitCode.CONFIG)
+        return
     yield _ok("database", f"{shown} answers")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 
 
@@ -76,3 +77,16 @@ class KillNotMirroredError(FleetError):
     """A kill is in force in Redis, but its database mirror could not be written yet (the watchdog will)."""
 
     exit_code = ExitCode.TRANSIENT  # `fleet kill` again is safe and writes the mirror
+
+
+_NO_DATABASE = re.compile(r'database "(?P<name>[^"]+)" does not exist')
+
+
+def missing_database(detail: str) -> ConfigError | None:
+    """PostgreSQL's refusal of a database never created (or misspelt), as configuration (78): no retry creates it,
+    and the server that said so is up. None for any other failure."""
+    found = _NO_DATABASE.search(detail)
+    if found is None:
+        return None
+    return ConfigError(f"{detail}: create it (`createdb {found['name']}` on the server, or fix the name in "
+                       "FLEET_DATABASE_URL), then run `fleet db upgrade`")

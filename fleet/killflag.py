@@ -20,13 +20,17 @@ MAX_REASON = 1000  # characters: the mirror's column (KillSwitch.reason), so a r
 
 
 def check_reason(reason: str | None) -> None:
-    """Refuse a reason the mirror could not store whole (BadInputError, exit 65), before anything is set."""
+    """Refuse a reason the mirror could not store whole or at all (BadInputError, exit 65), before anything is set."""
     if reason is None:
         return
     if len(reason) > MAX_REASON:
         raise BadInputError(f"--reason is {len(reason)} characters long; at most {MAX_REASON} are kept")
     if "\x00" in reason:
         raise BadInputError("--reason must not contain a NUL character")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no database takes
+        raise BadInputError("--reason is not valid UTF-8 text (check the terminal's encoding)") from None
 
 
 def record(*, reason: str | None, actor: str | None, at: datetime, hard: bool) -> str:

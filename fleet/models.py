@@ -135,7 +135,8 @@ class DeadLetter(SQLModel, table=True):
 
     __tablename__ = "dead_letters"
     __table_args__ = (UniqueConstraint("run_id", name="uq_dead_letters_run_id"),
-                      Index("ix_dead_letters_created_at", "created_at"))
+                      Index("ix_dead_letters_created_at", "created_at"),
+                      {"sqlite_autoincrement": True})  # ids are never reused: the page and `fleet dlq` act by id
 
     id: int | None = Field(default=None, primary_key=True)
     run_id: str = Field(max_length=32)

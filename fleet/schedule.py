@@ -17,6 +17,7 @@ _CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("m
                 ("day of week", 0, 7))
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # the most each month can have
 _SEARCH_DAYS = 8 * 366 + 1
+_LONGEST_EVERY_S = 366 * 86400  # longer ones overflow the calendar's next fire time; cron says "yearly" anyway
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def parse_schedule(text: str) -> Schedule:
         seconds = int(every.group(1)) * _UNIT_SECONDS[every.group(2)]
         if seconds < 1:
             raise ValueError("an interval must be at least 1 second")
+        if seconds > _LONGEST_EVERY_S:
+            raise ValueError("an interval may be at most 366 days (8784h); use a cron expression for rarer runs")
         return Every(seconds)
     parts = text.split()
     if len(parts) != 5:

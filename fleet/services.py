@@ -16,7 +16,14 @@ from fleet import logs
 from fleet.admission import Admissions
 from fleet.breaker import Breakers
 from fleet.config import FleetConfig, Settings, Settling, load_fleet_config, mtime_of, still_settling
-from fleet.errors import ConfigError, FleetError, PermissionDeniedError, SchemaError, UnavailableError
+from fleet.errors import (
+    ConfigError,
+    FleetError,
+    PermissionDeniedError,
+    SchemaError,
+    UnavailableError,
+    missing_database,
+)
 from fleet.locks import Leases
 
 if TYPE_CHECKING:  # the database layer is imported when an engine is built: `fleet kill` needs Redis first
@@ -71,7 +78,8 @@ def as_fleet_error(exc: Exception) -> FleetError:
         return UnavailableError(f"Redis unreachable: {detail} (nothing was written; safe to retry)")
     if "password authentication failed" in detail or "authentication failed" in detail:
         return PermissionDeniedError(f"the database refused the credentials: {detail}")
-    return UnavailableError(f"database unreachable: {detail} (nothing was written; safe to retry)")
+    return missing_database(detail) or UnavailableError(
+        f"database unreachable: {detail} (nothing was written; safe to retry)")
 
 
 def check_redis(client: redis.Redis) -> None:

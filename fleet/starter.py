@@ -92,13 +92,17 @@ def write_starter(directory: Path, force: bool) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     key.parent.mkdir(mode=0o700, exist_ok=True)
     key.parent.chmod(0o700)  # mkdir's mode passes through the umask, and an existing folder is tightened too
+    linked = key.is_symlink()  # a file outside this folder: kept, but its mode is not init's to change
     key_written = _write_key(key)
     _write_atomically(config, STARTER_TOML)
     where = "" if directory.resolve() == Path.cwd().resolve() else f"cd {directory} && "
+    kept = (f"kept the existing key {key}, a link to {key.resolve()} (its mode is left as it is: the fleet refuses "
+            "a key others can read)" if linked else
+            f"{'wrote a new random' if key_written else 'kept the existing'} key {key} (mode 600)")
     return [
         f"wrote {config} (example agents {', '.join(EXAMPLE_AGENTS)}; a commented `claude -p` agent at the end)",
         f"made {key.parent} private (mode 700); keep it out of version control",
-        f"{'wrote a new random' if key_written else 'kept the existing'} key {key} (mode 600)",
+        kept,
         "next steps:",
         f"  {where}fleet up        run it: worker, beat, Flower and the web page (the database is migrated first)",
         f"  {where}fleet doctor    check the config, Redis and the database first, if you like",
@@ -122,13 +126,14 @@ def _check_nothing_in_the_way(directory: Path, config: Path, key: Path, force: b
 
 
 def _write_key(path: Path) -> bool:
-    """Create a random key readable by its owner only; an existing key is kept (mode tightened)."""
+    """Create a random key readable by its owner only; an existing key is kept (mode tightened, unless a link)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
         if not path.is_file():
             raise BadInputError(f"{path} exists and is not a file") from None
-        path.chmod(0o600)
+        if not path.is_symlink():  # a link's target is outside the folder init was asked to set up
+            path.chmod(0o600)
         return False
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         os.fchmod(handle.fileno(), 0o600)

@@ -15,10 +15,10 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from fleet import charts, db, keys, killswitch, ledger, orphans, pause, store, watchdog
-from fleet.errors import BadInputError
+from fleet.errors import BadInputError, PermissionDeniedError
 from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunStatus
-from fleet.services import Services
+from fleet.services import Services, as_fleet_error
 
 
 def spend_report(services: Services, day: str | None = None) -> dict[str, Any]:
@@ -112,7 +112,9 @@ def _redis_part(services: Services) -> dict[str, Any]:
             "orphans": {report.host: len(report.orphans) for report in orphans.reports(r)},
         }
     except redis.RedisError as exc:
-        return {"redis": f"unreachable: {exc.__class__.__name__}"}
+        # Refused credentials are told apart: `fleet status` exits 77 for them (retrying never helps), 75 for down.
+        said = "refused the credentials" if isinstance(as_fleet_error(exc), PermissionDeniedError) else "unreachable"
+        return {"redis": f"{said}: {exc.__class__.__name__}"}
 
 
 def _kill_json(k: Any) -> dict[str, Any]:

@@ -115,8 +115,8 @@ class Screen:
             return
         try:
             self.console.print(text, soft_wrap=True)
-        except OSError:
-            self.gone = True
+        except (OSError, SystemExit):  # rich answers a broken pipe (`fleet up | tee`, tee ended by the same Ctrl-C)
+            self.gone = True  # with SystemExit(1), its stdout pointed at /dev/null: the stop must still go on
 
     def banner(self, title: str, rows: list[Row], warnings: list[str]) -> None:
         """The banner: a title, one line per part, then the warnings in colour."""
@@ -155,10 +155,10 @@ class Screen:
         try:
             if not self.gone:
                 live.refresh()
-        except OSError:
+        except (OSError, SystemExit):  # a closed terminal, or a broken pipe as rich reports it (see _print)
             self.gone = True
         finally:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, SystemExit):
                 live.stop()  # stops its refresh thread; its last write may fail on a closed terminal
 
     def render(self) -> RenderableType:

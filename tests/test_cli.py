@@ -33,6 +33,7 @@ from fleet import db, keys, killswitch
 from fleet.models import DeadLetter, Run, WatchdogVerdict
 from tests.harness import ROOT, SECRET_KEY, SECRET_TOKEN, Fleet, wait_for
 from tests.test_dispatch import counts, run_of, send, wait_status
+from tests.test_up import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -336,6 +337,19 @@ def test_exit_69_not_found(fleet: Fleet) -> None:
     assert counts(fleet) == before
 
 
+def test_an_argument_that_is_not_utf8_is_not_found_or_bad_input_not_a_traceback(fleet: Fleet) -> None:
+    """A Latin-1 terminal's "café" reaches Python as a lone surrogate (argv's surrogateescape), which no database
+    encodes: `fleet logs`, `runs show` and `runs --agent` ended in a UnicodeEncodeError traceback (exit 1)."""
+    only_once(fleet)
+    procs = cli_all(fleet, ["runs", "show", "caf\udce9"], ["logs", "caf\udce9"], ["logs", "-f", "caf\udce9"],
+                    ["runs", "--agent", "caf\udce9"])
+    for proc in procs[:3]:
+        assert_exit(proc, 69)
+        assert "no run" in proc.stderr, show(proc)
+    assert_exit(procs[3], 65)
+    assert "--agent" in procs[3].stderr, show(procs[3])
+
+
 def test_exit_75_when_redis_is_down_and_soft_fail(fleet: Fleet, closed_port: int, tmp_path: Path) -> None:
     """75 for dispatch and watchdog; status prints what it could read (it reports Redis down), then exits 75 too;
     --soft-fail makes 75 a 0 with a JSON line in <FLEET_LOG_DIR>/soft-fail.jsonl."""
@@ -440,6 +454,24 @@ def test_database_down_is_75_not_a_traceback(tmp_path: Path, closed_port: int) -
         assert_exit(plain_cli(tmp_path, *args, env=env), 75)
 
 
+def test_a_postgresql_database_that_does_not_exist_is_78_saying_create_it(tmp_path: Path, pg_server: str,
+                                                                         redis_url: str) -> None:
+    """A FLEET_DATABASE_URL naming a database never created (or misspelt) was "database unreachable ... safe to
+    retry" (75), and `fleet doctor` said "start PostgreSQL" of a server that answers: a cron retries it all night,
+    and the operator restarts a healthy server. It is configuration (78): create the database."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    name = f"fleet_absent_{uuid.uuid4().hex[:12]}"
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"{pg_server}/{name}", FLEET_REDIS_URL=redis_url,
+                    FLEET_WEB_PORT=str(free_port()), FLEET_FLOWER_PORT=str(free_port()))
+    procs = [plain_cli(tmp_path, *args, env=env) for args in (["doctor"], ["status"], ["dispatch", "echo"],
+                                                               ["db", "upgrade"], ["up"])]
+    for proc in procs:
+        assert_exit(proc, 78)
+        said = proc.stdout + proc.stderr
+        assert f'"{name}" does not exist' in said and "create" in said, show(proc)
+        assert "start PostgreSQL" not in said and "safe to retry" not in said, show(proc)
+
+
 def test_status_and_pause_with_redis_down_say_so(tmp_path: Path, closed_port: int) -> None:
     """`fleet status` exited 0 with Redis down ("Redis unreachable" in its body only), and `fleet pause` said
     "paused the whole fleet" as if Redis had it. Status prints what the database holds, then exits 75 as the
@@ -538,10 +570,14 @@ def test_wrong_redis_credentials_are_77_and_stay_loud(fleet: Fleet, tmp_path: Pa
     only_once(fleet)
     env = {"FLEET_REDIS_URL": fleet.redis_url.replace("redis://", "redis://nobody:wrong-password@"),
            "FLEET_LOG_DIR": str(tmp_path / "logs")}
+    # `fleet status` said "Redis unreachable" and exited 75 ("safe to retry"): a cron that retries on 75 would
+    # retry a wrong password all night.
     procs = cli_all(fleet, ["dispatch", "echo", "--key", new_key("creds")], ["watchdog", "--wait", "1"],
-                    ["--soft-fail", "dispatch", "echo", "--key", new_key("creds-soft")], env=env)
+                    ["--soft-fail", "dispatch", "echo", "--key", new_key("creds-soft")], ["status"],
+                    ["--soft-fail", "status"], env=env)
     for proc in procs:
         assert_exit(proc, 77)
+    assert "refused the credentials" in procs[3].stdout + procs[3].stderr, show(procs[3])
 
 
 def test_exit_78_bad_config(fleet: Fleet, bad_config: Path) -> None:
@@ -833,6 +869,23 @@ def test_a_bad_fleet_toml_still_lets_the_state_be_seen_and_the_fleet_resumed(fle
     assert any(json.loads(line)["kind"] == "kill.engaged" for line in events.stdout.splitlines()), show(events)
     assert_exit(resumed, 0)
     assert not fleet.redis.exists(keys.kill()), show(resumed)
+
+
+def test_a_bad_fleet_toml_still_lets_the_whole_fleet_be_paused(fleet: Fleet, bad_config: Path) -> None:
+    """Maintenance is when fleet.toml is being edited, and a pause is what the README prescribes for it ("nothing
+    new starts, what runs finishes"); with the file broken mid-edit `fleet pause` exited 78 and paused nothing,
+    leaving `fleet kill` (which stops the running runs) as the only brake. A fleet-wide pause needs no agents."""
+    only_once(fleet)
+    bad = ["--config", str(bad_config)]
+    try:
+        paused = fleet.cli(*bad, "pause", "--reason", "editing fleet.toml")
+        in_force = fleet.redis.get(keys.paused(keys.GLOBAL))
+    finally:
+        fleet.cli(*bad, "resume")
+    assert_exit(paused, 0)
+    assert f"{bad_config}:2" in paused.stderr, show(paused)  # why the file is refused, said on the way
+    assert in_force is not None and "editing fleet.toml" in in_force, show(paused)
+    assert_exit(fleet.cli(*bad, "pause", "echo"), 78)  # one agent's name cannot be told from a typo without it
 
 
 def test_runs_table_shows_exit_0_as_0(fleet: Fleet) -> None:

@@ -164,6 +164,24 @@ def test_init_over_something_in_the_way_is_a_clear_65_and_writes_nothing(tmp_pat
     assert not list(tmp_path.glob("**/.fleet.toml.*"))
 
 
+def test_init_keeps_a_linked_key_and_never_changes_a_file_outside_its_folder(tmp_path: Path, redis_url: str) -> None:
+    """keys/echo.key a symlink to a file elsewhere (a secrets store, or by mistake /etc/hostname): `fleet init`
+    said "kept the existing key (mode 600)" and chmodded the link's target to 0600, a file outside the folder it
+    was asked to set up (tried here: /etc/hostname became unreadable to every other user). It keeps the link, leaves
+    the target's mode alone and says so; the fleet's own check of the key's mode still applies at load."""
+    target, outside = tmp_path / "myfleet", tmp_path / "elsewhere" / "shared.txt"
+    outside.parent.mkdir()
+    outside.write_text("not mine to chmod")
+    outside.chmod(0o644)
+    (target / "keys").mkdir(parents=True)
+    (target / "keys" / "echo.key").symlink_to(outside)
+    result = fleet("init", str(target), env=cli_env(target, redis_url), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert mode(outside) == 0o644 and outside.read_text() == "not mine to chmod"
+    assert "kept the existing key" in result.stdout and "link" in result.stdout, result.stdout
+    assert "(mode 600)" not in result.stdout, result.stdout
+
+
 def test_each_init_makes_a_different_key(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     for name in ("one", "two"):

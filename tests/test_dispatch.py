@@ -265,6 +265,10 @@ def test_a_key_file_emptied_after_the_worker_read_the_config_starts_nothing(flee
     (["dispatch", "echo", "--key", "has space"], 65),
     (["dispatch", "echo", "--payload", "{not json"], 65),
     (["dispatch", "echo", "--payload", json.dumps("x" * 40_000)], 65),
+    # A Latin-1 terminal's "café": argv's surrogateescape gives a lone surrogate, which no database encodes (it was
+    # a UnicodeEncodeError traceback, exit 1).
+    (["dispatch", "echo", "--payload", '"caf\udce9"'], 65),
+    (["dispatch", "echo", "--payload", '"caf\udce9"', "--dry-run"], 65),
 ])
 def test_bad_input_is_refused_and_nothing_persists(fleet: Fleet, args: list[str], code: int) -> None:
     before = counts(fleet)

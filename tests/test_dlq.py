@@ -47,6 +47,21 @@ def test_a_dead_letter_that_reuses_a_purged_ones_id_is_replayed(services: Servic
     assert (again.status, again.run_id) == ("duplicate", replay_b.run_id)  # still once per dead letter
 
 
+def test_a_purged_dead_letters_id_is_never_handed_out_again(services: Services) -> None:
+    """A dead letter's id is what the operator acts by: `fleet dlq replay ID`, `purge ID`, and the page's Replay and
+    Purge buttons (a phone's tab from last night still holds them, its CSRF token valid for 12 h). SQLite handed a
+    purged id out again (INTEGER PRIMARY KEY without AUTOINCREMENT): after `fleet dlq purge --all` the next dead
+    letter was id 1 again, so an id read before the purge replayed or purged another agent's run."""
+    _dead_lettered(services, f"job-a-{uuid.uuid4().hex}")
+    with db.session(services.engine) as session:
+        first = session.exec(select(DeadLetter)).one()
+    assert dlq.purge(services, None, actor="operator") == 1
+    run_b = _dead_lettered(services, f"job-b-{uuid.uuid4().hex}")
+    with db.session(services.engine) as session:
+        second = session.exec(select(DeadLetter).where(DeadLetter.run_id == run_b)).one()
+    assert (second.id or 0) > (first.id or 0), (first.id, second.id)
+
+
 def test_a_dead_letter_replayed_once_is_not_replayed_again_after_its_replays_key_is_released(
         services: Services) -> None:
     """A dead letter is replayed once (the module's promise, and the page hides its button once it is): a second

@@ -202,6 +202,26 @@ def test_an_over_long_or_nul_reason_is_refused_before_anything_is_set(services: 
     assert killswitch.check_redis(services.redis, None).reason == longest
 
 
+def test_a_reason_that_is_not_utf8_is_refused_by_kill_and_pause_before_anything_is_set(
+        services: Services, redis_url: str, database_url: str, tmp_path: Path) -> None:
+    """A reason typed in a Latin-1 terminal reaches Python as lone surrogates (argv's surrogateescape): the Redis
+    flag took it (JSON escapes them), then the mirror's write failed with a UnicodeEncodeError traceback (exit 1),
+    leaving a kill or pause in Redis that the database never heard of. Refused up front (65), like a NUL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(PYTHONPATH=str(ROOT), FLEET_CONFIG=str(tmp_path / "fleet.toml"), FLEET_LOG_DIR=str(tmp_path / "logs"),
+               FLEET_REDIS_URL=redis_url, FLEET_DATABASE_URL=database_url)
+    for args in ([b"kill"], [b"kill", b"echo"], [b"pause"], [b"pause", b"echo"]):
+        proc = subprocess.run([sys.executable.encode(), b"-m", b"fleet", *args, b"--reason", b"caf\xe9 closed"],
+                              env=env, cwd=tmp_path, capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                              check=False)
+        said = (proc.stdout + proc.stderr).decode(errors="replace")
+        assert proc.returncode == ExitCode.USAGE and "Traceback" not in said, (args, said)
+        assert "reason" in said and "UTF-8" in said, (args, said)
+        flags = [keys.kill(), keys.kill("echo"), keys.paused(GLOBAL), keys.paused("echo")]
+        assert not services.redis.exists(*flags), (args, said)
+    assert mirror_row(services.engine) is None and mirror_row(services.engine, "echo") is None
+
+
 # ---------------------------------------------------------------- resume: the mirror first, then Redis
 
 

@@ -158,6 +158,10 @@ def test_rare_schedules_are_found_years_away() -> None:
     ("every 5d", "five cron fields"),
     ("every -5s", "five cron fields"),
     ("every s", "five cron fields"),
+    # Accepted, then every next fire time overflowed the calendar (OverflowError): `fleet agents` crashed, doctor
+    # said ok, and beat logged a traceback for that entry every second for as long as it ran.
+    ("every 1000000000000s", "at most 366 days"),
+    ("every 8785h", "at most 366 days"),
     ("0 0 31 2 *", "never"),  # February has no 31st: it would never fire
     ("0 0 30 2 *", "never"),
     ("0 0 31 4,6,9,11 *", "never"),
@@ -165,6 +169,12 @@ def test_rare_schedules_are_found_years_away() -> None:
 def test_bad_schedules_say_why(text: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         parse_schedule(text)
+
+
+def test_the_longest_interval_has_a_next_fire_time() -> None:
+    longest = parse_schedule("every 8784h")
+    assert longest == Every(366 * 86400)
+    assert longest.next_after(datetime(2099, 12, 31, tzinfo=UTC)) > datetime(2099, 12, 31, tzinfo=UTC)
 
 
 def test_a_day_that_exists_in_one_listed_month_is_accepted() -> None:

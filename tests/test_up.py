@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -354,6 +355,45 @@ def test_up_stops_everything_when_a_child_dies(start_up: Callable[..., UpRun], t
     os.kill(int(web.group(1)), signal.SIGKILL)
     stop_and_assert_clean(run, tmp_path, expect_code=1, sig=0)
     assert re.search(rf"web \(pid {web.group(1)}\) exited unexpectedly \(signal SIGKILL\)", run.stdout())
+
+
+@pytest.mark.slow
+@needs_proc
+def test_up_stops_its_parts_when_the_pipe_it_prints_to_is_gone(tmp_path: Path) -> None:
+    """`fleet up | tee up.log`, then Ctrl-C: the terminal's SIGINT ends tee too, and fleet up's first line about
+    the stop met a closed pipe. rich answers a broken pipe with SystemExit(1), which skipped the stop: fleet up
+    exited 1 and left the worker (its agents still running), beat, Flower and the web running, unsupervised."""
+    (tmp_path / "fleet.toml").write_text("[fleet]\ndaily_cap_usd = 1.0\n")
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLOWER_"))}
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"),
+                "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}",
+                "FLEET_LOG_DIR": str(tmp_path / "logs"), "FLEET_WEB_PORT": str(free_port()),
+                "FLEET_FLOWER_PORT": str(free_port()), MARKER_VAR: marker})
+    with (tmp_path / "up.err").open("wb") as err:
+        process = subprocess.Popen([sys.executable, "-m", "fleet", "up", "--embedded"], cwd=tmp_path, env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                   start_new_session=True)
+    try:
+        assert process.stdout is not None
+        printed = b""
+        deadline = time.monotonic() + READY_WITHIN_S
+        while b"\nready in" not in printed:
+            assert time.monotonic() < deadline and process.poll() is None, printed.decode(errors="replace")
+            if select.select([process.stdout], [], [], 0.5)[0]:
+                printed += os.read(process.stdout.fileno(), 65536)
+        assert marked_processes(marker), "nothing was started"
+        process.stdout.close()  # the reader is gone, as tee is on the same Ctrl-C
+        process.send_signal(signal.SIGINT)
+        code = process.wait(STOP_WITHIN_S)
+        wait_for(lambda: not marked_processes(marker), 5, "no process left behind")
+        assert code == 0, (tmp_path / "up.err").read_text(errors="replace")[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid, _ in marked_processes(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def services() -> Services:
 
 def reading_services(*, loud: bool = True) -> Services:
     """`services()` for a command that only reads or lifts (status, runs, logs, dead letters, events, spend, a
-    fleet-wide resume): a fleet.toml that does not validate is said on stderr and the command goes on without
+    fleet-wide resume or pause): a fleet.toml that does not validate is said on stderr and the command goes on without
     its agents, since the running fleet keeps its last good file and at 2am its state must still be seen.
     `loud`: the command still exits 78 once it has shown what it could (a script sees the file is broken)."""
     from fleet.config import FleetConfig, FleetSection

@@ -22,7 +22,7 @@ from fleet.cli.common import (
     start_sentry,
     table,
 )
-from fleet.errors import ExitCode, UnavailableError
+from fleet.errors import ExitCode, PermissionDeniedError, UnavailableError
 
 if TYPE_CHECKING:
     from fleet.services import Services
@@ -49,9 +49,11 @@ def status(as_json: JsonOpt = False) -> None:
         _print_status(picture)
     if picture["redis"] != "ok":
         # The database's part is printed above; a cron or a script reading only the exit code must still
-        # learn that the fleet is half seen (75, as the README's exit-code table says for Redis down).
-        fail(UnavailableError(f"Redis {picture['redis']}: queues, breakers, canaries and beat could not be "
-                              "read (the rest is the database's)"))
+        # learn that the fleet is half seen (75, as the README's exit-code table says for Redis down; 77 for
+        # refused credentials, which no retry fixes).
+        error = PermissionDeniedError if picture["redis"].startswith("refused") else UnavailableError
+        fail(error(f"Redis {picture['redis']}: queues, breakers, canaries and beat could not be read (the rest "
+                   "is the database's)"))
 
 
 def _print_status(p: dict[str, Any]) -> None:

@@ -137,7 +137,9 @@ def pause(
     """
     from fleet import actions
 
-    out.print(shown(actions.pause_intake(services(), agent=agent, reason=reason, actor=actor()).said), highlight=False)
+    # Maintenance is when fleet.toml is being edited: the whole fleet's pause needs no agents, one agent's does.
+    svc = services() if agent is not None else reading_services(loud=False)
+    out.print(shown(actions.pause_intake(svc, agent=agent, reason=reason, actor=actor()).said), highlight=False)
 
 
 def resume(

@@ -146,6 +146,8 @@ def load_run(svc: Services, run_id: str) -> Run:
     from fleet import db, store
     from fleet.errors import NotFoundError
 
+    if not run_id.isascii():  # run ids are hex; argv bytes that are not UTF-8 (lone surrogates) no database encodes
+        raise NotFoundError(f"no run {run_id!r}")
     with db.session(svc.engine) as session:
         run = store.get_run(session=session, run_id=run_id)
     if run is None:
@@ -183,12 +185,14 @@ def runs_list(
     if ctx.invoked_subcommand is not None:
         return
     from fleet import db, store
+    from fleet.config import AGENT_NAME
+    from fleet.errors import BadInputError
     from fleet.models import RunStatus
 
     if status is not None and status not in {s.value for s in RunStatus}:
-        from fleet.errors import BadInputError
-
         raise BadInputError(f"unknown status {status!r}; one of {', '.join(s.value for s in RunStatus)}")
+    if agent is not None and not AGENT_NAME.match(agent):  # a removed agent's runs are still listed by its name
+        raise BadInputError(f"--agent {agent!r} cannot name an agent (lowercase letters, digits, - and _)")
     svc = reading_services()
     with db.session(svc.engine) as session:
         rows = store.list_runs(session=session, agent=agent, status=status, limit=limit)
