@@ -405,14 +405,14 @@ def test_commands_refuse_a_redis_another_fleet_marks_and_act_on_their_own(fleet:
     fleet.redis.set(keys.owner(), "f" * 32, ex=300)
     key = new_key("foreign")
     try:
-        paused, resumed, dispatched, status = cli_all(
-            fleet, ["pause", agent, "--reason", "x"], ["resume"], ["dispatch", agent, "--key", key],
-            ["status"])
-        for proc in (paused, resumed, dispatched, status):
+        paused, paused_all, resumed, dispatched, status = cli_all(
+            fleet, ["pause", agent, "--reason", "x"], ["pause", "--reason", "x"], ["resume"],
+            ["dispatch", agent, "--key", key], ["status"])
+        for proc in (paused, paused_all, resumed, dispatched, status):
             assert_exit(proc, 78)
             assert "another fleet (id ffffffff" in proc.stderr, show(proc)
         assert "dead letters:" in status.stdout, show(status)
-        assert fleet.redis.get(keys.paused(agent)) is None
+        assert fleet.redis.get(keys.paused(agent)) is None and fleet.redis.get(keys.paused("*")) is None
         assert runs_with_key(fleet, f"{agent}:{key}") == []
         killed = fleet.cli("kill", agent, "--reason", "foreign")
         assert_exit(killed, 78)
@@ -423,6 +423,7 @@ def test_commands_refuse_a_redis_another_fleet_marks_and_act_on_their_own(fleet:
         else:
             fleet.redis.set(keys.owner(), held, ex=300)
         assert_exit(fleet.cli("resume", agent), 0)
+        assert_exit(fleet.cli("resume"), 0)  # a fleet-wide pause that got through must not outlive the test
     fleet.redis.set(keys.owner(), fleet.services.fleet_id, ex=300)
     try:
         assert_exit(fleet.cli("pause", agent, "--reason", "ours"), 0)
