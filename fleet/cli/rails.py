@@ -138,7 +138,7 @@ def pause(
     from fleet import actions
 
     # Maintenance is when fleet.toml is being edited: the whole fleet's pause needs no agents, one agent's does.
-    svc = services() if agent is not None else reading_services(loud=False)
+    svc = _scope_services(agent)
     out.print(shown(actions.pause_intake(svc, agent=agent, reason=reason, actor=actor()).said), highlight=False)
 
 
@@ -152,9 +152,19 @@ def resume(
     from fleet import actions
 
     # One agent's name cannot be told from a typo without the file; the whole fleet's resume needs none.
-    svc = services() if agent is not None else reading_services(loud=False)
-    another_fleets_redis(svc)  # lifting another fleet's kill would start what its operator stopped
+    svc = _scope_services(agent)
     out.print(shown(actions.resume(svc, agent=agent, actor=actor()).said), highlight=False)
+
+
+def _scope_services(agent: str | None) -> Services:
+    """What a pause or a resume acts with: one agent's needs a valid fleet.toml (its name must not be a typo),
+    the whole fleet's goes on without one. Either acts on this fleet's Redis only: pausing or lifting another
+    fleet's would stop or start what its operator did not."""
+    if agent is not None:
+        return services()
+    svc = reading_services(loud=False)
+    another_fleets_redis(svc)
+    return svc
 
 
 def spend(
