@@ -380,3 +380,16 @@ def test_agents_sharing_a_run_as_user_with_a_key_are_warned_of(good: Settings, t
     assert "echo" in findings[0].detail and "other" in findings[0].detail and "nobody" in findings[0].detail
     assert "alone" not in findings[0].detail
     assert list(_check_shared_users(load_fleet_config(good.config))) == []
+
+
+def test_an_agent_whose_program_is_not_found_is_named_before_every_run_dead_letters_spawn(good: Settings) -> None:
+    """A typo in a command (`pyhton`, a tool not installed on this host): doctor said "config ok", and every
+    run then ended dead-lettered `spawn` (exit 127). It now warns, naming the agent and the program; the
+    programs it finds, a bare python (the worker's own interpreter) included, are not named."""
+    good.config.write_text(GOOD_TOML + '\n[agents.typo]\ncommand = ["pyhton-no-such-program", "-V"]\n'
+                           '\n[agents.polls]\ncommand = ["true"]\npoll = ["/no/such/poller"]\n')
+    code, lines = doctor(good)
+    assert code == ExitCode.OK, lines  # a warning: on a fleet of several hosts, another host may have it
+    line(lines, "warn", "programs", "agent 'typo'", "pyhton-no-such-program", "not found", "spawn")
+    line(lines, "warn", "programs", "agent 'polls'", "/no/such/poller")
+    assert not [entry for entry in lines if "programs" in entry and "'echo'" in entry]
