@@ -111,6 +111,25 @@ def _check_config(settings: Settings) -> Iterator[Finding]:
     yield from _check_run_as(config, os.geteuid() if hasattr(os, "geteuid") else None)
     yield from _check_shared_users(config)
     yield from _check_agent_users(config, settings.agent_homes)
+    yield from _check_programs(config)
+
+
+def _check_programs(config: FleetConfig) -> Iterator[Finding]:
+    """Each agent's program (and poll), found here as the worker finds it: a typo would fail every run, dead-
+    lettered `spawn`. A warning, since on a fleet of several hosts the one doctor runs on may lack a tool
+    the workers have. A relative path of a run_as agent is its folder's, which the check above covers."""
+    path = {"PATH": os.environ.get("PATH", os.defpath)}
+    for name, agent in sorted(config.agents.items()):
+        for argv in (agent.command, *([agent.poll] if agent.poll else [])):
+            program = argv[0] if argv else ""
+            if agent.user_name(config.fleet) is not None and "/" in program and not program.startswith("/"):
+                continue
+            try:
+                resolve_argv(list(argv), path)
+            except OSError as exc:
+                yield _warn("programs", f"agent {name!r}: {program!r} {exc.strerror or 'cannot be run'} on this "
+                            "host: every run of it would be dead-lettered `spawn`; fix its command (an absolute "
+                            "path, or a program on the worker's PATH)")
 
 
 def _check_run_as(config: FleetConfig, euid: int | None) -> Iterator[Finding]:
