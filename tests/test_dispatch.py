@@ -278,6 +278,21 @@ def test_bad_input_is_refused_and_nothing_persists(fleet: Fleet, args: list[str]
     assert counts(fleet) == before
 
 
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"agent": "echo", "dry_run": "false"}, "dry_run must be true or false"),
+    ({"agent": "echo", "dry_run": 1}, "dry_run must be true or false"),
+    ({"agent": ["echo"]}, "agent must be an agent's name"),
+    ({"agent": None}, "agent must be an agent's name"),
+])
+def test_kwargs_of_the_wrong_type_from_celery_call_are_refused(fleet: Fleet, fields: dict[str, Any], says: str) -> None:
+    """`celery call fleet.dispatch --kwargs '{"agent": "echo", "dry_run": "false"}'` was taken as a dry run (any
+    non-empty string is true), and a list as the agent ended in a TypeError: both are bad input (65), named."""
+    before = counts(fleet)
+    with pytest.raises(BadInputError, match=says):
+        dispatch(fleet.services, DispatchRequest(**fields, actor="test"), fleet.send_execute)
+    assert counts(fleet) == before
+
+
 def test_nul_in_work_key_is_refused(fleet: Fleet) -> None:
     from fleet.errors import BadInputError
 
