@@ -112,6 +112,11 @@ class DispatchResult:
 
 def validate(services: Services, request: DispatchRequest) -> tuple[AgentSpec, str, str | None]:
     """The agent (69 when unknown), the work key and the payload as JSON text (65 when malformed)."""
+    # `celery call --kwargs` is JSON anyone can type: "false" is a non-empty string, which Python takes for true.
+    if not isinstance(request.agent, str):
+        raise BadInputError(f"agent must be an agent's name (a string), not {type(request.agent).__name__}")
+    if not isinstance(request.dry_run, bool):
+        raise BadInputError(f"dry_run must be true or false (JSON), not {type(request.dry_run).__name__}")
     try:
         spec = services.config.agent(request.agent)
     except NotFoundError:
