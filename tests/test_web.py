@@ -340,6 +340,21 @@ def test_refuses_to_serve_without_a_token(tmp_path: Path, host: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("token", ["hunter", "x" * 15, "a" * 8 + " " * 12])
+def test_refuses_a_token_short_enough_to_guess(tmp_path: Path, token: str) -> None:
+    """The token is all that stands between the network and the page's kill, resume and replay buttons: a
+    five-letter one was served. Below 16 characters it is refused (78), saying how to make one; never echoed."""
+    (tmp_path / "fleet.toml").write_text("[fleet]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update({"FLEET_CONFIG": str(tmp_path / "fleet.toml"), "FLEET_WEB_TOKEN": token, "FLEET_WEB_HOST": "127.0.0.1",
+                "FLEET_WEB_PORT": str(free_port()), "FLEET_DATABASE_URL": f"sqlite:///{tmp_path / 'fleet.db'}"})
+    proc = subprocess.run([sys.executable, "-m", "fleet", "web"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 78, proc.stderr
+    assert "at least 16 characters" in proc.stderr and "openssl rand -hex 32" in proc.stderr, proc.stderr
+    assert token.strip() not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
 def test_a_web_port_in_use_is_a_configuration_error(tmp_path: Path) -> None:
     """78 naming the port and FLEET_WEB_PORT, not 75 "safe to retry": a retry finds the port taken as well."""
     (tmp_path / "fleet.toml").write_text("[fleet]\n")
