@@ -140,6 +140,20 @@ def load_settings() -> Settings:
         raise ConfigError(f"invalid settings: {describe_settings_error(exc)}") from None
 
 
+MIN_WEB_TOKEN = 16  # the page's token stands alone before its kill, resume and replay buttons
+
+
+def check_web_token(token: str) -> str:
+    """The web page's token, stripped; ConfigError (78) when it is short enough to guess. Checked only by what
+    serves the page (`fleet web`, `fleet up`): a short token must never stop a `fleet kill`."""
+    token = token.strip()
+    if len(token) < MIN_WEB_TOKEN:
+        raise ConfigError(f"FLEET_WEB_TOKEN is {len(token)} characters long: it must be at least {MIN_WEB_TOKEN} "
+                          "characters, since it alone guards the page's kill, resume and replay; make one with "
+                          "`openssl rand -hex 32`")
+    return token
+
+
 # `fleet up`'s embedded server is reached only with its password. `fleet up` leaves its URL in this 0600
 # file beside fleet.toml while it runs, so the fleet's commands in that folder reach it from a terminal
 # that exported nothing, instead of whatever answers on 6379 (where a `fleet kill` would stop another fleet).

@@ -47,6 +47,7 @@ from fleet.config import (
     FILE_SETTINGS,
     FleetConfig,
     Settings,
+    check_web_token,
     embedded_pointer,
     load_fleet_config,
     without_embedded_pointer,
@@ -404,7 +405,7 @@ def _web_child(settings: Settings, python: str, env: dict[str, str], secrets_dir
     """The web page, always behind a token: FLEET_WEB_TOKEN, or one generated here and printed."""
     base = web_url(settings)
     if settings.web_token:
-        token = settings.web_token
+        token = check_web_token(settings.web_token)  # refused (78) before any part starts
         where = Text(f"{base}/  token from FLEET_WEB_TOKEN(_FILE): open /?token=TOKEN, or basic auth with it "
                      "as the password")
     else:

@@ -66,6 +66,7 @@ import tornado.web
 from prometheus_client.exposition import choose_encoder
 
 from fleet import __version__, actions, alerts, db, hardening, keys, logs, metrics, runlog, watchdog
+from fleet.config import check_web_token
 from fleet.dispatch import Sender
 from fleet.errors import BadInputError, ConfigError, ExitCode, FleetError, UnavailableError
 from fleet.executor import run_log_path
@@ -753,7 +754,7 @@ def web_token(services: Services) -> str:
         raise ConfigError("FLEET_WEB_TOKEN is not set: refusing to serve the fleet's state without auth, on "
                           "loopback too. Set FLEET_WEB_TOKEN_FILE to a 0600 file holding a token (e.g. "
                           "`openssl rand -hex 32`) or FLEET_WEB_TOKEN; `fleet up` generates one and prints it")
-    return token
+    return check_web_token(token)
 
 
 def serve(services: Services, send: Sender | None = None) -> None:

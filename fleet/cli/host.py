@@ -81,7 +81,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 def web() -> None:
     """Serve the operator page, probes, /metrics and /api/state.
 
-    Example: FLEET_WEB_TOKEN=secret fleet web
+    Example: FLEET_WEB_TOKEN=$(openssl rand -hex 32) fleet web
     """
     from fleet import logs
     from fleet.services import build
