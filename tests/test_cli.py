@@ -681,6 +681,8 @@ def test_logs_follow_a_running_run_until_it_ends(fleet: Fleet, tmp_path: Path) -
     assert run_of(fleet, result.run_id).status == "killed"
     printed = out.read_text()
     assert printed == log.read_text() and printed.count("sleeper") >= 3
+    # How it ended, on stderr (the output stays the agent's own): a follower must not take a kill for the end.
+    assert f"run {result.run_id} ended killed" in stderr, stderr
 
 
 # ---------------------------------------------------------------- dry run, also through celery
