@@ -265,6 +265,10 @@ def logs(
     output.close()
     if last == 0:
         err.print(f"(no output recorded for run {run_id})")
+    if follow:  # the output is the agent's own; how it ended goes beside it, so a kill is not taken for the end
+        how = f", exit code {run.exit_code}" if run.exit_code is not None else ""
+        err.print(f"fleet: run {run_id} ended {run.status}{how}" + (f": {shown(run.error)}" if run.error else ""),
+                  highlight=False, markup=False)
 
 
 class LogOutput:
