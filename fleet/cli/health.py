@@ -86,7 +86,8 @@ def _print_status(p: dict[str, Any]) -> None:
     out.print("runs (24 h): " + (", ".join(f"{k} {v}" for k, v in sorted(p["runs_24h"].items())) or "none"))
     out.print(f"running: {len(p['running'])}, queued: {p['queued']}")
     for r in p["running"]:
-        out.print(f"  running {r['run_id']} {r['agent']} attempt {r['attempt']} on {r['host']} pid {r['pid']}")
+        where = f"pid {r['pid']}" if r["pid"] is not None else "starting"  # claimed; its agent not spawned yet
+        out.print(f"  running {r['run_id']} {r['agent']} attempt {r['attempt']} on {r['host']} {where}")
     out.print(f"dead letters: {p['dlq_depth']}")
     if p["redis"] != "ok":
         out.print(f"[red]Redis {p['redis']}[/]")
