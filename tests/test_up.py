@@ -390,6 +390,24 @@ def test_up_refuses_a_busy_port_before_starting_anything(start_up: Callable[...,
     assert not marked_processes(run.marker)
 
 
+def test_up_ignores_a_pointer_it_would_not_follow(start_up: Callable[..., UpRun], tmp_path: Path) -> None:
+    """`fleet up` chooses its Redis itself and replaces the folder's pointer: one left readable by others (a
+    copy, a restore, a chmod; or planted by another user in a shared folder) is refused by the commands that
+    would follow it, but `fleet up` refused too (78 "not a private file"), before its own checks, so the
+    fleet could not start until the file was gone. Here it gets as far as its port check."""
+    pointer = tmp_path / ".fleet-redis-url"
+    pointer.write_text("redis://:stale@127.0.0.1:1/0\n")
+    pointer.chmod(0o644)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        run = start_up("--embedded", env={"FLEET_WEB_PORT": str(busy)})
+        code = run.process.wait(30)
+    err = run.err.read_text()
+    assert code == 78 and f"web port 127.0.0.1:{busy} is already in use" in err, err
+
+
 @needs_proc
 def test_up_refuses_a_redis_database_another_fleet_uses(start_up: Callable[..., UpRun], tmp_path: Path,
                                                          redis: redis_lib.Redis, redis_url: str) -> None:
