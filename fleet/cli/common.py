@@ -119,7 +119,8 @@ def settings() -> Settings:
         loaded = load_settings()
         if state.config_path is not None:
             loaded = loaded.model_copy(update={"config": state.config_path})
-        loaded = with_embedded_pointer(loaded)
+        if state.command != "up":  # `fleet up` chooses its Redis itself and replaces the pointer, whatever it is
+            loaded = with_embedded_pointer(loaded)
         _log_to_file(loaded)
         state.settings = loaded
     return state.settings
