@@ -911,6 +911,29 @@ def test_cli_modules_import_no_one_above_them() -> None:
     assert "import workers.tasks" not in app_module and "from workers.tasks" not in app_module
 
 
+def test_the_other_fleet_check_loads_nothing_of_fleet_up_when_the_mark_is_ours(tmp_path: Path) -> None:
+    """Every acting command (and kill, right after its flag, before its database mirror) asks whose mark its Redis
+    holds. It imported fleet.supervisor (rich.live, fleet up's screen, ~50 ms) for the masked URL of a refusal,
+    on every call: it is needed only when the mark is another fleet's."""
+    probe = (
+        "import sys\n"
+        "from types import SimpleNamespace\n"
+        "from fleet.cli.common import another_fleets_redis\n"
+        "class Pipe:\n"
+        "    def get(self, key): pass\n"
+        "    def ttl(self, key): pass\n"
+        "    def execute(self): return ['ours', 300]\n"
+        "class Client:\n"
+        "    def pipeline(self, transaction=True): return Pipe()\n"
+        "another_fleets_redis(SimpleNamespace(redis=Client(), fleet_id='ours'))\n"
+        "another_fleets_redis(SimpleNamespace(redis=Client(), fleet_id='ours'), refuse=False)\n"
+        "print(sorted(m for m in sys.modules if m in ('fleet.supervisor', 'fleet.upscreen', 'rich.live')))\n")
+    proc = subprocess.run([PY, "-c", probe], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
 def test_help_loads_no_heavy_library_and_every_task_is_registered_by_name(tmp_path: Path) -> None:
     """`fleet --help` imports none of the libraries that made it slow; `workers.app` names its tasks by
     import path and still lists all of them for anyone who reads `app.tasks` (the contract, scripts)."""
