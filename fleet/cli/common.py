@@ -172,7 +172,6 @@ def another_fleets_redis(svc: Services, *, refuse: bool = True, done: str = "") 
 
     from fleet import tenancy
     from fleet.errors import ConfigError
-    from fleet.supervisor import mask_redis_url
 
     try:
         other = tenancy.marked_by(svc.redis)
@@ -180,6 +179,8 @@ def another_fleets_redis(svc: Services, *, refuse: bool = True, done: str = "") 
             return
     except (redis.RedisError, SQLAlchemyError, LookupError):
         return
+    from fleet.supervisor import mask_redis_url  # fleet up's module, heavy: only for a refusal
+
     problem = (f"{other.describe()}. This command's Redis is {mask_redis_url(svc.settings.broker_url)}: set "
                "FLEET_REDIS_URL, or FLEET_REDIS_URL_FILE as this fleet's `fleet up` printed it")
     if refuse:
