@@ -10,6 +10,7 @@ read-only calls of one test run side by side (`cli_all`).
 from __future__ import annotations
 
 import ast
+import contextlib
 import getpass
 import hashlib
 import json
@@ -430,6 +431,32 @@ def test_kill_and_resume_with_redis_down_give_an_exit_code_not_a_traceback(fleet
     for proc in (killed, resumed):
         assert "Traceback" not in proc.stderr, show(proc)
         assert proc.returncode in (0, 75), show(proc)
+
+
+def test_a_kill_that_could_not_reach_redis_does_not_go_back_to_ask_whose_it_is(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (hung, a half-dead failover): the kill's flag and
+    engage's write each wait out their timeout, the mirror holds the kill, and the command should end. The
+    other-fleet check then opened a third connection to the same hung Redis, to read a mark it could not
+    have: 5 s more before the operator hears the kill is in force (6.7 s -> 11.7 s measured)."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    held: list[socket.socket] = []
+    with socket.socket() as hung:  # never accepts while the kill runs: the kernel completes each connection
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}",
+                        FLEET_REDIS_URL=f"redis://127.0.0.1:{hung.getsockname()[1]}/0")
+        assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+        killed = plain_cli(tmp_path, "kill", "echo", "--reason", "hung redis", env=env)
+        hung.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # every connection the kill made is queued here, closed or not
+                held.append(hung.accept()[0])
+    opened = len(held)
+    for conn in held:
+        conn.close()
+    assert_exit(killed, 0)
+    assert "in the database only" in killed.stdout, show(killed)
+    assert opened == 2, f"{opened} connections: the flag's, engage's, and one more to a Redis that never answered"
 
 
 def test_database_down_is_75_not_a_traceback(tmp_path: Path, closed_port: int) -> None:
