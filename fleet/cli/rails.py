@@ -52,8 +52,10 @@ def kill(
     if hard:
         _hard_stop(svc, None if agent is None else scope)
     # Checked only now: the flag went up before anything was imported or read, since a kill must never wait.
-    another_fleets_redis(svc, refuse=False, done="the kill flag went up in ANOTHER fleet's Redis, which stops that "
-                         "fleet's agents, not this one's (this fleet's database holds the kill): ")
+    # A Redis that did not take the flag holds no kill of ours, and asking it again could wait out its timeout.
+    if engaged.in_redis:
+        another_fleets_redis(svc, refuse=False, done="the kill flag went up in ANOTHER fleet's Redis, which stops "
+                             "that fleet's agents, not this one's (this fleet's database holds the kill): ")
     engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
 
 
