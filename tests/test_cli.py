@@ -459,6 +459,28 @@ def test_a_kill_that_could_not_reach_redis_does_not_go_back_to_ask_whose_it_is(t
     assert opened == 2, f"{opened} connections: the flag's, engage's, and one more to a Redis that never answered"
 
 
+def test_the_other_fleet_check_waits_no_longer_than_a_quick_look_on_a_hung_redis(tmp_path: Path) -> None:
+    """Every acting command and status read the mark with the command's 5 s client: on a Redis that accepts
+    connections and never answers, that was 5 s more before the command itself waited out the same Redis
+    (status 5.9 s -> 10.8 s, pause 10.8 s -> 15.7 s measured). A mark that cannot be read is left to the
+    command anyway: a quick look (the 1 s client) is all it is worth."""
+    from fleet.cli.common import another_fleets_redis
+    from fleet.config import Settings, load_fleet_config
+    from fleet.services import build
+
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        settings = Settings(config=tmp_path / "fleet.toml", redis_url=f"redis://127.0.0.1:{hung.getsockname()[1]}/0",
+                            database_url=f"sqlite:///{tmp_path / 'fleet.db'}")
+        svc = build(settings, load_fleet_config(settings.config))
+        began = time.monotonic()
+        another_fleets_redis(svc)
+        took = time.monotonic() - began
+    assert took < 3.0, f"{took:.1f} s on a Redis that never answers"
+
+
 def test_database_down_is_75_not_a_traceback(tmp_path: Path, closed_port: int) -> None:
     (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
     env = plain_env(tmp_path, FLEET_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{closed_port}/fleet",
