@@ -974,8 +974,8 @@ def test_the_other_fleet_check_loads_nothing_of_fleet_up_when_the_mark_is_ours(t
         "    def execute(self): return ['ours', 300]\n"
         "class Client:\n"
         "    def pipeline(self, transaction=True): return Pipe()\n"
-        "another_fleets_redis(SimpleNamespace(redis=Client(), fleet_id='ours'))\n"
-        "another_fleets_redis(SimpleNamespace(redis=Client(), fleet_id='ours'), refuse=False)\n"
+        "another_fleets_redis(SimpleNamespace(redis=Client(), fast_redis=Client(), fleet_id='ours'))\n"
+        "another_fleets_redis(SimpleNamespace(redis=Client(), fast_redis=Client(), fleet_id='ours'), refuse=False)\n"
         "print(sorted(m for m in sys.modules if m in ('fleet.supervisor', 'fleet.upscreen', 'rich.live')))\n")
     proc = subprocess.run([PY, "-c", probe], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)

@@ -174,7 +174,7 @@ def another_fleets_redis(svc: Services, *, refuse: bool = True, done: str = "") 
     from fleet.errors import ConfigError
 
     try:
-        other = tenancy.marked_by(svc.redis)
+        other = tenancy.marked_by(svc.fast_redis)  # a quick look: a mark that cannot be read is the command's
         if other is None or other.fleet_id == svc.fleet_id:
             return
     except (redis.RedisError, SQLAlchemyError, LookupError):
