@@ -408,6 +408,27 @@ def test_up_ignores_a_pointer_it_would_not_follow(start_up: Callable[..., UpRun]
     assert code == 78 and f"web port 127.0.0.1:{busy} is already in use" in err, err
 
 
+def test_up_refuses_to_start_beside_a_running_fleet_up_of_its_folder(start_up: Callable[..., UpRun], tmp_path: Path,
+                                                                     redis_url: str) -> None:
+    """A second `fleet up --embedded` in the folder of a running one (or of one SIGKILLed, whose server, worker
+    and beat live on) started a second fleet on the same database and took the folder's pointer: a `fleet kill`
+    typed in that folder then reached only the newer fleet's Redis while the first one's agents ran on. While
+    the pointer names a server that answers, it refuses (78) before starting anything, and leaves the pointer."""
+    pointer = tmp_path / ".fleet-redis-url"
+    pointer.write_text(redis_url + "\n")
+    pointer.chmod(0o600)
+    run = start_up("--embedded", "--workers", "1", "--no-flower", "--no-web", "--no-beat")
+    try:
+        code = run.process.wait(30)
+    except subprocess.TimeoutExpired:
+        code = None
+    err = run.err.read_text()
+    assert code == 78, f"fleet up ran beside the folder's running one:\n{run.stdout()}\n{err}"
+    assert f"{pointer}" in err and "fleet up" in err, err
+    assert pointer.read_text() == redis_url + "\n"
+    assert not marked_processes(run.marker)
+
+
 @needs_proc
 def test_up_refuses_a_redis_database_another_fleet_uses(start_up: Callable[..., UpRun], tmp_path: Path,
                                                          redis: redis_lib.Redis, redis_url: str) -> None:
