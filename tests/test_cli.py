@@ -856,6 +856,29 @@ def test_a_bad_sentry_dsn_or_fleet_toml_does_not_stop_a_fleet_wide_kill(fleet: F
     assert_exit(fleet.cli("--config", str(bad_config), "kill", "echo"), 78)
 
 
+def test_emptying_an_agents_key_does_not_stop_that_agent_being_killed(tmp_path: Path, redis_url: str,
+                                                                       redis: Any) -> None:
+    """`: > keys/a.key` is how one revokes a key in a hurry, and an empty key file is now a configuration error.
+    A one-agent kill refused (78, nothing done) whenever fleet.toml did not validate, so emptying agent a's key
+    stopped `fleet kill a` and `fleet kill b` alike. The file still names the agent: the kill goes on, saying
+    what is wrong; a name the file does not have is still refused."""
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    (keys_dir / "a.key").write_text("")
+    (keys_dir / "a.key").chmod(0o600)
+    (tmp_path / "fleet.toml").write_text('[agents.a]\ncommand = ["true"]\nkey_file = "keys/a.key"\n\n'
+                                         '[agents.b]\ncommand = ["true"]\n')
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_REDIS_URL=redis_url)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    for agent in ("a", "b"):
+        killed = plain_cli(tmp_path, "kill", agent, "--reason", "key revoked", env=env)
+        assert_exit(killed, 0)
+        assert "is empty" in killed.stderr, show(killed)
+        assert redis.get(keys.kill(agent)) is not None, show(killed)
+    assert_exit(plain_cli(tmp_path, "kill", "typo", env=env), 78)
+    assert redis.get(keys.kill("typo")) is None
+
+
 def test_a_bad_fleet_toml_still_lets_the_state_be_seen_and_the_fleet_resumed(fleet: Fleet, bad_config: Path) -> None:
     """At 2am with a fleet.toml broken by an edit (the running fleet keeps its last good one), `fleet kill` worked
     but status, runs, dead letters, events and spend exited 78 and showed nothing, and the fleet could not be
