@@ -168,7 +168,7 @@ def embedded_pointer(config: Path) -> Path:
 def with_embedded_pointer(settings: Settings) -> Settings:
     """`settings`, with the URL of the embedded server a running `fleet up` of this folder left, when no Redis
     is configured. A pointer that another user could have written or read is refused (78), never followed."""
-    if settings.redis_url is not None:
+    if settings.redis_url:  # an empty FLEET_REDIS_URL counts as unset, as for broker_url
         return settings
     pointer = embedded_pointer(settings.config)
     try:

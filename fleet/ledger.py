@@ -45,8 +45,11 @@ def to_usd(micros: int) -> float:
 
 def amount(usd: float) -> str:
     """Dollars as shown: 1.20, cents when they say it all; 0.0350, four places for small amounts (a $0.001
-    estimate must not read 0.00, as if nothing were reserved)."""
-    return f"{usd:,.2f}" if round(usd, 2) == usd or abs(usd) >= 100 else f"{usd:,.4f}"
+    estimate must not read 0.00, as if nothing were reserved); micro-dollars, the ledger's unit, where four places
+    would still read zero."""
+    if round(usd, 2) == usd or abs(usd) >= 100:
+        return f"{usd:,.2f}"
+    return f"{usd:,.4f}" if round(usd, 4) != 0 else f"{usd:,.6f}"
 
 
 def money(usd: float) -> str:

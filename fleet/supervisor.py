@@ -50,6 +50,7 @@ from fleet.config import (
     check_web_token,
     embedded_pointer,
     load_fleet_config,
+    with_embedded_pointer,
     without_embedded_pointer,
 )
 from fleet.embedded import EmbeddedRedis, redis_answers
@@ -148,6 +149,7 @@ def run_up(settings: Settings, options: UpOptions, console: Console | None = Non
     # The operator's FLEET_* secrets are in our own start environment: keep same-uid agents out of it.
     hardening.make_undumpable()
     _check_ports(settings, options)
+    _check_folder_free(settings)
     config = load_fleet_config(settings.config)  # a bad fleet.toml is refused (78) before anything starts
     console = console or default_console()
     up = _Up(Screen(console, live=console.is_terminal and not options.verbose))
@@ -233,6 +235,22 @@ def _check_ports(settings: Settings, options: UpOptions) -> None:
         raise ConfigError(f"FLEET_WEB_PORT and FLEET_FLOWER_PORT are both {settings.web_port}")
     for name, host, port, variable in wanted:
         _check_port(name, host, port, variable)
+
+
+def _check_folder_free(settings: Settings) -> None:
+    """Refuse (78) while the folder's pointer names a server that answers: another `fleet up` of this folder is
+    running (or one killed outright left its server, worker and beat behind). A second one would run a second
+    fleet on the same database and take the folder's commands, its `fleet kill` too, away from the first."""
+    pointer = embedded_pointer(settings.config)
+    try:
+        found = with_embedded_pointer(settings.model_copy(update={"redis_url": None, "redis_url_file": None}))
+    except ConfigError:
+        return  # a pointer no command would follow: ours replaces it
+    if found.redis_url_file != pointer or not redis_answers(found.broker_url, timeout=1.0):
+        return
+    raise ConfigError(f"another `fleet up` of this folder is running: the server named in {pointer} answers "
+                      f"({mask_redis_url(found.broker_url)}); stop that fleet up (one killed outright leaves its "
+                      "server, worker and beat running: stop them), or delete the file if no fleet up wrote it")
 
 
 def _check_port(name: str, host: str, port: int, variable: str) -> None:

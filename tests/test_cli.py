@@ -10,6 +10,7 @@ read-only calls of one test run side by side (`cli_all`).
 from __future__ import annotations
 
 import ast
+import contextlib
 import getpass
 import hashlib
 import json
@@ -447,6 +448,54 @@ def test_kill_and_resume_with_redis_down_give_an_exit_code_not_a_traceback(fleet
         assert proc.returncode in (0, 75), show(proc)
 
 
+def test_a_kill_that_could_not_reach_redis_does_not_go_back_to_ask_whose_it_is(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (hung, a half-dead failover): the kill's flag and
+    engage's write each wait out their timeout, the mirror holds the kill, and the command should end. The
+    other-fleet check then opened a third connection to the same hung Redis, to read a mark it could not
+    have: 5 s more before the operator hears the kill is in force (6.7 s -> 11.7 s measured)."""
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    held: list[socket.socket] = []
+    with socket.socket() as hung:  # never accepts while the kill runs: the kernel completes each connection
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}",
+                        FLEET_REDIS_URL=f"redis://127.0.0.1:{hung.getsockname()[1]}/0")
+        assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+        killed = plain_cli(tmp_path, "kill", "echo", "--reason", "hung redis", env=env)
+        hung.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # every connection the kill made is queued here, closed or not
+                held.append(hung.accept()[0])
+    opened = len(held)
+    for conn in held:
+        conn.close()
+    assert_exit(killed, 0)
+    assert "in the database only" in killed.stdout, show(killed)
+    assert opened == 2, f"{opened} connections: the flag's, engage's, and one more to a Redis that never answered"
+
+
+def test_the_other_fleet_check_waits_no_longer_than_a_quick_look_on_a_hung_redis(tmp_path: Path) -> None:
+    """Every acting command and status read the mark with the command's 5 s client: on a Redis that accepts
+    connections and never answers, that was 5 s more before the command itself waited out the same Redis
+    (status 5.9 s -> 10.8 s, pause 10.8 s -> 15.7 s measured). A mark that cannot be read is left to the
+    command anyway: a quick look (the 1 s client) is all it is worth."""
+    from fleet.cli.common import another_fleets_redis
+    from fleet.config import Settings, load_fleet_config
+    from fleet.services import build
+
+    (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        settings = Settings(config=tmp_path / "fleet.toml", redis_url=f"redis://127.0.0.1:{hung.getsockname()[1]}/0",
+                            database_url=f"sqlite:///{tmp_path / 'fleet.db'}")
+        svc = build(settings, load_fleet_config(settings.config))
+        began = time.monotonic()
+        another_fleets_redis(svc)
+        took = time.monotonic() - began
+    assert took < 3.0, f"{took:.1f} s on a Redis that never answers"
+
+
 def test_database_down_is_75_not_a_traceback(tmp_path: Path, closed_port: int) -> None:
     (tmp_path / "fleet.toml").write_text('[agents.echo]\ncommand = ["true"]\n')
     env = plain_env(tmp_path, FLEET_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:{closed_port}/fleet",
@@ -846,6 +895,29 @@ def test_a_bad_sentry_dsn_or_fleet_toml_does_not_stop_a_fleet_wide_kill(fleet: F
     assert_exit(fleet.cli("--config", str(bad_config), "kill", "echo"), 78)
 
 
+def test_emptying_an_agents_key_does_not_stop_that_agent_being_killed(tmp_path: Path, redis_url: str,
+                                                                       redis: Any) -> None:
+    """`: > keys/a.key` is how one revokes a key in a hurry, and an empty key file is now a configuration error.
+    A one-agent kill refused (78, nothing done) whenever fleet.toml did not validate, so emptying agent a's key
+    stopped `fleet kill a` and `fleet kill b` alike. The file still names the agent: the kill goes on, saying
+    what is wrong; a name the file does not have is still refused."""
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    (keys_dir / "a.key").write_text("")
+    (keys_dir / "a.key").chmod(0o600)
+    (tmp_path / "fleet.toml").write_text('[agents.a]\ncommand = ["true"]\nkey_file = "keys/a.key"\n\n'
+                                         '[agents.b]\ncommand = ["true"]\n')
+    env = plain_env(tmp_path, FLEET_DATABASE_URL=f"sqlite:///{tmp_path / 'fleet.db'}", FLEET_REDIS_URL=redis_url)
+    assert_exit(plain_cli(tmp_path, "db", "upgrade", env=env), 0)
+    for agent in ("a", "b"):
+        killed = plain_cli(tmp_path, "kill", agent, "--reason", "key revoked", env=env)
+        assert_exit(killed, 0)
+        assert "is empty" in killed.stderr, show(killed)
+        assert redis.get(keys.kill(agent)) is not None, show(killed)
+    assert_exit(plain_cli(tmp_path, "kill", "typo", env=env), 78)
+    assert redis.get(keys.kill("typo")) is None
+
+
 def test_a_bad_fleet_toml_still_lets_the_state_be_seen_and_the_fleet_resumed(fleet: Fleet, bad_config: Path) -> None:
     """At 2am with a fleet.toml broken by an edit (the running fleet keeps its last good one), `fleet kill` worked
     but status, runs, dead letters, events and spend exited 78 and showed nothing, and the fleet could not be
@@ -965,6 +1037,29 @@ def test_cli_modules_import_no_one_above_them() -> None:
         assert not upward, f"{path.name} imports {upward}"
     app_module = (ROOT / "workers" / "app.py").read_text()
     assert "import workers.tasks" not in app_module and "from workers.tasks" not in app_module
+
+
+def test_the_other_fleet_check_loads_nothing_of_fleet_up_when_the_mark_is_ours(tmp_path: Path) -> None:
+    """Every acting command (and kill, right after its flag, before its database mirror) asks whose mark its Redis
+    holds. It imported fleet.supervisor (rich.live, fleet up's screen, ~50 ms) for the masked URL of a refusal,
+    on every call: it is needed only when the mark is another fleet's."""
+    probe = (
+        "import sys\n"
+        "from types import SimpleNamespace\n"
+        "from fleet.cli.common import another_fleets_redis\n"
+        "class Pipe:\n"
+        "    def get(self, key): pass\n"
+        "    def ttl(self, key): pass\n"
+        "    def execute(self): return ['ours', 300]\n"
+        "class Client:\n"
+        "    def pipeline(self, transaction=True): return Pipe()\n"
+        "another_fleets_redis(SimpleNamespace(redis=Client(), fast_redis=Client(), fleet_id='ours'))\n"
+        "another_fleets_redis(SimpleNamespace(redis=Client(), fast_redis=Client(), fleet_id='ours'), refuse=False)\n"
+        "print(sorted(m for m in sys.modules if m in ('fleet.supervisor', 'fleet.upscreen', 'rich.live')))\n")
+    proc = subprocess.run([PY, "-c", probe], env=plain_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def test_help_loads_no_heavy_library_and_every_task_is_registered_by_name(tmp_path: Path) -> None:

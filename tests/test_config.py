@@ -386,6 +386,19 @@ def test_the_folders_embedded_pointer_is_followed_only_when_no_redis_is_configur
         with_embedded_pointer(load_settings())
 
 
+def test_an_empty_redis_url_variable_does_not_hide_the_folders_pointer(clean_env: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """FLEET_REDIS_URL= (compose's `${FLEET_REDIS_URL:-}`, an env file's blank line) counts as unset everywhere
+    else: the default Redis is used. It counted as set for the pointer, so a command in the folder of a running
+    `fleet up --embedded` went to whatever answers on 6379 (a kill there stops another fleet)."""
+    clean_env.setenv("FLEET_CONFIG", str(tmp_path / "fleet.toml"))
+    clean_env.setenv("FLEET_REDIS_URL", "")
+    pointer = tmp_path / EMBEDDED_POINTER
+    pointer.write_text("redis://:pw@127.0.0.1:7001/0\n")
+    pointer.chmod(0o600)
+    assert with_embedded_pointer(load_settings()).broker_url == "redis://:pw@127.0.0.1:7001/0"
+
+
 def test_settings_defaults_and_environment(clean_env: pytest.MonkeyPatch) -> None:
     defaults = load_settings()
     assert (defaults.config, defaults.log_dir, defaults.web_port, defaults.flower_port) == \

@@ -291,3 +291,13 @@ def test_small_amounts_are_never_shown_as_zero(usd: float, shown: str) -> None:
     as if nothing were reserved: every amount Fleet shows keeps four places below a cent."""
     assert ledger.money(usd) == shown
     assert ledger.amount(abs(usd)) == shown.lstrip("-$")
+
+
+@pytest.mark.parametrize(("micros", "shown"), [
+    (1, "$0.000001"), (10, "$0.000010"), (40, "$0.000040"), (-40, "-$0.000040"),
+])
+def test_an_amount_the_config_allows_is_never_shown_as_zero_either(micros: int, shown: str) -> None:
+    """est_cost_usd may be as small as 0.000001 (one micro-dollar, the ledger's unit; the config check says "at
+    least 0.000001"): an estimate below $0.00005 read "reserved $0.0000" in a dry run and in `fleet agents`,
+    the very "as if nothing were reserved" that four places were meant to end."""
+    assert ledger.money(ledger.to_usd(micros)) == shown

@@ -430,6 +430,45 @@ def test_up_refuses_a_busy_port_before_starting_anything(start_up: Callable[...,
     assert not marked_processes(run.marker)
 
 
+def test_up_ignores_a_pointer_it_would_not_follow(start_up: Callable[..., UpRun], tmp_path: Path) -> None:
+    """`fleet up` chooses its Redis itself and replaces the folder's pointer: one left readable by others (a
+    copy, a restore, a chmod; or planted by another user in a shared folder) is refused by the commands that
+    would follow it, but `fleet up` refused too (78 "not a private file"), before its own checks, so the
+    fleet could not start until the file was gone. Here it gets as far as its port check."""
+    pointer = tmp_path / ".fleet-redis-url"
+    pointer.write_text("redis://:stale@127.0.0.1:1/0\n")
+    pointer.chmod(0o644)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        run = start_up("--embedded", env={"FLEET_WEB_PORT": str(busy)})
+        code = run.process.wait(30)
+    err = run.err.read_text()
+    assert code == 78 and f"web port 127.0.0.1:{busy} is already in use" in err, err
+
+
+def test_up_refuses_to_start_beside_a_running_fleet_up_of_its_folder(start_up: Callable[..., UpRun], tmp_path: Path,
+                                                                     redis_url: str) -> None:
+    """A second `fleet up --embedded` in the folder of a running one (or of one SIGKILLed, whose server, worker
+    and beat live on) started a second fleet on the same database and took the folder's pointer: a `fleet kill`
+    typed in that folder then reached only the newer fleet's Redis while the first one's agents ran on. While
+    the pointer names a server that answers, it refuses (78) before starting anything, and leaves the pointer."""
+    pointer = tmp_path / ".fleet-redis-url"
+    pointer.write_text(redis_url + "\n")
+    pointer.chmod(0o600)
+    run = start_up("--embedded", "--workers", "1", "--no-flower", "--no-web", "--no-beat")
+    try:
+        code = run.process.wait(30)
+    except subprocess.TimeoutExpired:
+        code = None
+    err = run.err.read_text()
+    assert code == 78, f"fleet up ran beside the folder's running one:\n{run.stdout()}\n{err}"
+    assert f"{pointer}" in err and "fleet up" in err, err
+    assert pointer.read_text() == redis_url + "\n"
+    assert not marked_processes(run.marker)
+
+
 @needs_proc
 def test_up_refuses_a_redis_database_another_fleet_uses(start_up: Callable[..., UpRun], tmp_path: Path,
                                                          redis: redis_lib.Redis, redis_url: str) -> None:

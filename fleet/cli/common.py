@@ -119,7 +119,8 @@ def settings() -> Settings:
         loaded = load_settings()
         if state.config_path is not None:
             loaded = loaded.model_copy(update={"config": state.config_path})
-        loaded = with_embedded_pointer(loaded)
+        if state.command != "up":  # `fleet up` chooses its Redis itself and replaces the pointer, whatever it is
+            loaded = with_embedded_pointer(loaded)
         _log_to_file(loaded)
         state.settings = loaded
     return state.settings
@@ -171,14 +172,15 @@ def another_fleets_redis(svc: Services, *, refuse: bool = True, done: str = "") 
 
     from fleet import tenancy
     from fleet.errors import ConfigError
-    from fleet.supervisor import mask_redis_url
 
     try:
-        other = tenancy.marked_by(svc.redis)
+        other = tenancy.marked_by(svc.fast_redis)  # a quick look: a mark that cannot be read is the command's
         if other is None or other.fleet_id == svc.fleet_id:
             return
     except (redis.RedisError, SQLAlchemyError, LookupError):
         return
+    from fleet.supervisor import mask_redis_url  # fleet up's module, heavy: only for a refusal
+
     problem = (f"{other.describe()}. This command's Redis is {mask_redis_url(svc.settings.broker_url)}: set "
                "FLEET_REDIS_URL, or FLEET_REDIS_URL_FILE as this fleet's `fleet up` printed it")
     if refuse:

@@ -26,6 +26,7 @@ from fleet.keys import GLOBAL
 
 if TYPE_CHECKING:
     from datetime import datetime
+    from pathlib import Path
 
     from fleet.config import FleetConfig
     from fleet.services import Services
@@ -41,8 +42,7 @@ def kill(
 
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
-    config = _kill_config(agent)
-    scope = GLOBAL if agent is None else config.agent(agent).name
+    config, scope = _kill_config(agent)
     now, who = _raise_flag_first(scope, reason, hard)
     from fleet import killswitch  # the database layer, for the mirror: after the flag is in force
 
@@ -52,8 +52,10 @@ def kill(
     if hard:
         _hard_stop(svc, None if agent is None else scope)
     # Checked only now: the flag went up before anything was imported or read, since a kill must never wait.
-    another_fleets_redis(svc, refuse=False, done="the kill flag went up in ANOTHER fleet's Redis, which stops that "
-                         "fleet's agents, not this one's (this fleet's database holds the kill): ")
+    # A Redis that did not take the flag holds no kill of ours, and asking it again could wait out its timeout.
+    if engaged.in_redis:
+        another_fleets_redis(svc, refuse=False, done="the kill flag went up in ANOTHER fleet's Redis, which stops "
+                             "that fleet's agents, not this one's (this fleet's database holds the kill): ")
     engaged.confirm()  # in force in Redis, mirror not written: 75, saying so
 
 
@@ -76,20 +78,36 @@ def _hard_stop(svc: Services, agent: str | None) -> None:
     out.print(f"hard kill: revoked and terminated {revoked} wedged fleet.execute task(s)")
 
 
-def _kill_config(agent: str | None) -> FleetConfig:
-    """The kill needs only Redis and the mirror, so a bad fleet.toml for a fleet-wide kill is said on stderr
-    and the kill goes on."""
+def _kill_config(agent: str | None) -> tuple[FleetConfig, str]:
+    """The configuration and the kill's scope. The kill needs only Redis and the mirror, so a bad fleet.toml is
+    said on stderr and the kill goes on: fleet-wide, or for an agent the file still names (an emptied key
+    file, a revocation in a hurry, must not stop that agent's kill)."""
     from fleet.config import FleetConfig, FleetSection
     from fleet.errors import ConfigError
 
     s = settings()
     try:
-        return fleet_config(s)
+        config = fleet_config(s)
     except ConfigError as exc:
-        if agent is not None:
+        if agent is not None and agent not in _agents_named_in(s.config):
             raise  # without the file, one agent's name cannot be told from a typo
-        err.print(f"fleet: {exc}\nfleet: killing the whole fleet anyway", highlight=False, markup=False)
-        return FleetConfig(path=s.config, fleet=FleetSection(), agents={})
+        where = "the whole fleet" if agent is None else f"agent {agent}"
+        err.print(f"fleet: {exc}\nfleet: killing {where} anyway", highlight=False, markup=False)
+        return FleetConfig(path=s.config, fleet=FleetSection(), agents={}), agent or GLOBAL
+    return config, GLOBAL if agent is None else config.agent(agent).name
+
+
+def _agents_named_in(path: Path) -> set[str]:
+    """The agents' names in a fleet.toml that does not validate (none when it is not even TOML)."""
+    import tomllib
+
+    from fleet.config import AGENT_NAME
+
+    try:
+        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("agents")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return set()
+    return {name for name in tables if AGENT_NAME.match(name)} if isinstance(tables, dict) else set()
 
 
 def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datetime, str]:
