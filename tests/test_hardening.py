@@ -287,3 +287,20 @@ def test_the_commands_log_files_are_private(tmp_path: Path, monkeypatch: pytest.
     assert {p.name: p.stat().st_mode & 0o777 for p in logs.iterdir()} == {"cli.jsonl": 0o600,
                                                                           "soft-fail.jsonl": 0o600}
     assert (logs / "cli.jsonl").read_text() == '{"event": "x"}\n'
+
+
+def test_a_private_file_whose_replace_fails_leaves_no_copy_of_its_secret_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fleet up`'s pointer holds the embedded server's password: a write that fails half-way (a full disk, a
+    rename refused) must not leave the staged copy next to it."""
+    from fleet import hardening
+
+    target = tmp_path / ".fleet-redis-url"
+
+    def refused(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hardening.os, "replace", refused)
+    with pytest.raises(OSError):
+        hardening.replace_private(target, "redis://:pw@127.0.0.1:1/0")
+    assert list(tmp_path.iterdir()) == []
