@@ -76,8 +76,13 @@ def replace_private(path: Path, value: str) -> None:
     staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         staged.unlink()
-    write_private(staged.parent, staged.name, value)
-    os.replace(staged, path)
+    try:
+        write_private(staged.parent, staged.name, value)
+        os.replace(staged, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a half-written copy of a secret must not stay behind
+            staged.unlink()
+        raise
 
 
 def append_private(path: Path) -> int:
