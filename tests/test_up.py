@@ -413,6 +413,21 @@ def test_up_verbose_streams_the_parts_logs(start_up: Callable[..., UpRun], tmp_p
 
 
 @needs_proc
+def test_up_in_a_folder_without_fleet_toml_says_so_first(tmp_path: Path) -> None:
+    """`fleet up` in the wrong folder: the missing fleet.toml (`fleet init` makes one) is what it says, even
+    while another process holds the web port; fixing the port first would only lead to the second refusal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLOWER_"))}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        env.update({"FLEET_WEB_PORT": str(holder.getsockname()[1]), "FLEET_LOG_DIR": str(tmp_path / "logs")})
+        proc = subprocess.run([sys.executable, "-m", "fleet", "up", "--embedded"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 78, proc.stderr
+    assert "fleet.toml: no such file" in proc.stderr and "fleet init" in proc.stderr, proc.stderr
+    assert "already in use" not in proc.stderr and not (tmp_path / "fleet.db").exists()
+
+
 def test_up_refuses_a_busy_port_before_starting_anything(start_up: Callable[..., UpRun],
                                                           tmp_path: Path) -> None:
     """Web port taken: exit 78 (configuration: a retry finds it taken all the same, so not 75) naming the port
