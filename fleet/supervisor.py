@@ -148,9 +148,9 @@ def run_up(settings: Settings, options: UpOptions, console: Console | None = Non
     settings = without_embedded_pointer(settings)  # a pointer another run left is not a Redis to use
     # The operator's FLEET_* secrets are in our own start environment: keep same-uid agents out of it.
     hardening.make_undumpable()
+    config = load_fleet_config(settings.config)  # a missing or bad fleet.toml is said first (78), before the ports
     _check_ports(settings, options)
     _check_folder_free(settings)
-    config = load_fleet_config(settings.config)  # a bad fleet.toml is refused (78) before anything starts
     console = console or default_console()
     up = _Up(Screen(console, live=console.is_terminal and not options.verbose))
     signals = _Signals()
