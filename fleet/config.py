@@ -185,13 +185,6 @@ def with_embedded_pointer(settings: Settings) -> Settings:
     return settings.model_copy(update={"redis_url": url, "redis_url_file": pointer})
 
 
-def without_embedded_pointer(settings: Settings) -> Settings:
-    """`settings` as configured, before any pointer was followed: `fleet up` chooses its Redis itself."""
-    if settings.redis_url_file is None or settings.redis_url_file != embedded_pointer(settings.config):
-        return settings
-    return settings.model_copy(update={"redis_url": None, "redis_url_file": None})
-
-
 def describe_settings_error(exc: ValidationError) -> str:
     """One line per problem, named by variable; never the value (it may be a secret)."""
     problems = []

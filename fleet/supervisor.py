@@ -51,7 +51,6 @@ from fleet.config import (
     embedded_pointer,
     load_fleet_config,
     with_embedded_pointer,
-    without_embedded_pointer,
 )
 from fleet.embedded import EmbeddedRedis, redis_answers
 from fleet.errors import ConfigError, UnavailableError
@@ -145,7 +144,6 @@ def default_console() -> Console:
 def run_up(settings: Settings, options: UpOptions, console: Console | None = None) -> int:
     """Run a whole single-host fleet in the foreground; the exit code (0 after a clean stop)."""
     started = time.monotonic()
-    settings = without_embedded_pointer(settings)  # a pointer another run left is not a Redis to use
     # The operator's FLEET_* secrets are in our own start environment: keep same-uid agents out of it.
     hardening.make_undumpable()
     config = load_fleet_config(settings.config)  # a missing or bad fleet.toml is said first (78), before the ports
