@@ -334,13 +334,18 @@ def _end_unstarted(services: Services, session: Session, run: Run, status: RunSt
                         error=reason)
     store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent, reason=reason)
     session.commit()
-    # Ended for good: a Redis error here must not stop the caller's alert. A lease not given back lapses on
-    # its own, and the watchdog frees a trial whose run has ended.
+    give_back_ended(services, run)
+    return True
+
+
+def give_back_ended(services: Services, run: Run) -> None:
+    """What a run ended for good held in Redis: its slot lease, and a half-open trial (one that never ran, or
+    never finished, frees the breaker). Best effort, since a Redis error must not stop the caller's alert: a
+    lease not given back lapses on its own, and the watchdog frees a trial whose run has ended."""
     with contextlib.suppress(redis.RedisError):
         if run.slot is not None and run.fence is not None:
             services.leases.release(Lease(run.agent, run.slot, run.id, run.fence))
-        services.breakers.forfeit(run.agent, run.id)  # a trial that never ran frees the half-open breaker
-    return True
+        services.breakers.forfeit(run.agent, run.id)
 
 
 # ---------------------------------------------------------------- the attempt

@@ -31,7 +31,7 @@ from fleet import alerts, db, keys, killswitch, ledger, logs, runlog, store
 from fleet.breaker import Outcome
 from fleet.dispatch import Sender
 from fleet.errors import first_line
-from fleet.executor import breaker_changed, run_log_path
+from fleet.executor import breaker_changed, give_back_ended, run_log_path
 from fleet.locks import Lease
 from fleet.models import TERMINAL, DeadLetter, Run, RunEvent, RunStatus
 from fleet.services import Services
@@ -282,13 +282,7 @@ def _end_run(services: Services, run: Run, from_status: RunStatus, status: RunSt
         store.add_event(session=session, at=now, kind=f"run.{status.value}", run_id=run.id, agent=run.agent,
                         error=error)
         session.commit()
-    # Ended for good: a Redis error here must not stop the caller's alert. A lease not given back lapses on
-    # its own, and the watchdog frees a trial whose run has ended.
-    with contextlib.suppress(redis.RedisError):
-        lease = _lease_of(run)
-        if lease is not None:
-            services.leases.release(lease)
-        services.breakers.forfeit(run.agent, run.id)
+    give_back_ended(services, run)
     return True
 
 
