@@ -364,8 +364,7 @@ def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, G
         "bounded": Gate(bound is None or counted < bound,
                         f"{counted} run(s) today, no bound" if bound is None else f"{counted} of {bound} run(s) today"),
         "caps": Gate(room is None or estimate <= room,
-                     "no cap" if room is None else f"needs {ledger.money(ledger.to_usd(estimate))}, "
-                                                   f"{ledger.money(ledger.to_usd(max(room, 0)))} left today"),
+                     "no cap" if room is None else _needs(estimate, room)),
         "lock": Gate(free > 0, f"{free} of {spec.concurrency} slot(s) free"),
     }
 
@@ -388,6 +387,11 @@ def dry_run(services: Services, spec: AgentSpec, work_key: str, idem_key: str) -
 
 
 # ---------------------------------------------------------------- step 4: dispatch-one
+
+
+def _needs(estimate: int, room: int) -> str:
+    """The caps gate's words: what a run reserves against what is left today (micro-dollars both)."""
+    return f"needs {ledger.money(ledger.to_usd(estimate))}, {ledger.money(ledger.to_usd(max(room, 0)))} left today"
 
 
 def dispatch_one(session: Session, services: Services, spec: AgentSpec, run: Run, now: datetime) -> DispatchResult:
@@ -445,8 +449,7 @@ def _queue_admitted(session: Session, services: Services, spec: AgentSpec, run: 
             alerts.alert("cap_refusal", f"dispatch of {spec.name} refused: its daily cap or the fleet's is reached",
                          agent=spec.name, level="warning")
         room = ledger.headroom(session, day=day, agent=spec.name, caps=caps) or 0
-        gate = Gate(False, f"needs {ledger.money(ledger.to_usd(estimate))}, "
-                    f"{ledger.money(ledger.to_usd(max(room, 0)))} left today")
+        gate = Gate(False, _needs(estimate, room))
         return give_back(services, lease, refuse(result, "caps", gate))  # the caller rolls the queueing back
     if reserved == "bounded":
         full = f"{spec.max_runs_per_day} of {spec.max_runs_per_day} run(s) today"
