@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
 import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -123,6 +125,28 @@ def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
     report = faults.fleet.reap(later(faults.fleet.services, 600))
     assert report.counts.get("resent") == 1, report
     assert_ran_once(faults, result.run_id)
+
+
+def test_a_dead_workers_open_connection_eats_a_canary_and_the_wait_sends_another(faults: FaultFleet) -> None:
+    """A worker SIGKILLed while its BRPOP is still open at Redis (here: the proxy between them has not yet seen
+    the close) takes the next message with it: Redis pops it into a dead connection, and it is gone, unacked.
+    Waiting for consumption must outlast a lost canary (CI once timed out here, under load, after a SIGKILL)."""
+    held, eaten = threading.Event(), threading.Event()
+    redis = faults.fleet.redis
+
+    async def hold_the_proxy() -> None:
+        held.set()  # blocks the proxy's loop: nothing it forwards sees the worker's connection close
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: redis.get("test:canary-sent") and redis.llen("dispatch") == 0, 10, "the canary popped")
+            eaten.set()
+
+    asyncio.run_coroutine_threadsafe(hold_the_proxy(), faults.redis_proxy._loop)
+    held.wait(5)
+    faults.fleet.stop_worker(faults.fleet.workers[0], signal.SIGKILL)
+    faults.fleet.start_worker()
+    redis.set("test:canary-sent", 1)  # the canary wait_consuming sends next is the one the dead BRPOP takes
+    faults.fleet.wait_consuming(30)
+    assert eaten.is_set(), "the dead connection took no canary: the scenario did not happen"
 
 
 def test_a_message_a_live_worker_holds_for_an_hour_is_sent_again(faults: FaultFleet) -> None:
