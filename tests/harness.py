@@ -20,6 +20,7 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
 from sqlalchemy import Engine, text
 
 from fleet import keys
@@ -358,10 +359,20 @@ class Fleet:
         self.workers.append(proc)
         return proc
 
-    def wait_consuming(self, timeout: float = 30) -> None:
-        """A canary through each queue comes back: the workers consume, not merely live."""
+    def wait_consuming(self, timeout: float = 30, resend_s: float = 3) -> None:
+        """A canary through each queue comes back: the workers consume, not merely live. One not back within
+        `resend_s` is sent again: a worker killed while its BRPOP was still open at Redis takes the next message
+        into its dead connection, and a canary lost so would otherwise be waited for to the whole `timeout`."""
+        deadline = time.monotonic() + timeout
         for task, queue in (("fleet.canary.dispatch", "dispatch"), ("fleet.canary.agents", "agents")):
-            self.celery.send_task(task, args=["ping"], queue=queue).get(timeout=timeout)
+            while True:
+                canary = self.celery.send_task(task, args=["ping"], queue=queue)
+                try:
+                    canary.get(timeout=max(0.1, min(resend_s, deadline - time.monotonic())))
+                    break
+                except CeleryTimeout:
+                    if time.monotonic() >= deadline:
+                        raise
 
     def stop_worker(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         """Stop a worker node (warm shutdown on SIGTERM), then make sure its whole group is gone."""
