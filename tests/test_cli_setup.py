@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -107,13 +108,31 @@ def test_doctor_before_db_upgrade_fails_78_naming_db_upgrade(tmp_path: Path, red
                                      ("watchdog",), ("dispatch", "echo", "--key", "k1", "--dry-run")])
 def test_commands_before_db_upgrade_exit_78_naming_db_upgrade(tmp_path: Path, redis_url: str,
                                                                command: tuple[str, ...]) -> None:
-    """A fresh folder before `fleet db upgrade`: not "unreachable ... safe to retry" (75), which never helps."""
+    """A database file without the tables (`fleet db upgrade` never ran): not "unreachable ... safe to retry" (75),
+    which never helps."""
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    sqlite3.connect(tmp_path / "fleet.db").close()
     result = fleet(*command, env=env, cwd=tmp_path)
     assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
     assert "the database has no Fleet tables (or is behind): run `fleet db upgrade`" in result.stderr
     assert "safe to retry" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("status",), ("runs",), ("spend",), ("events",), ("dlq", "list"), ("agents",),
+                                     ("watchdog",), ("dispatch", "echo", "--key", "k1", "--dry-run"),
+                                     ("pause", "echo", "--reason", "r")])
+def test_commands_where_no_database_is_say_so_and_leave_no_file_behind(tmp_path: Path, redis_url: str,
+                                                                       command: tuple[str, ...]) -> None:
+    """`fleet status` in a folder where no fleet ever ran (the wrong folder, or before `fleet up`): 78 naming the
+    file that is not there, and no empty fleet.db made in passing (the next command would find "no tables")."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet(*command, env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert f"{tmp_path / 'fleet.db'} does not exist yet" in result.stderr, result.stderr
+    assert "fleet db upgrade" in result.stderr and "fleet up" in result.stderr
+    assert not (tmp_path / "fleet.db").exists(), "a command that only looked made an empty database"
 
 
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
