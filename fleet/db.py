@@ -103,6 +103,20 @@ def _answers_ping(dialect: Dialect, dbapi_connection: Any) -> bool:
         return False
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file a plain-file SQLite URL names, made absolute, when it does not exist: connecting would create it
+    empty (a command that only looks, run in the wrong folder, would leave one behind). None otherwise."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - a bad URL is make_engine's to report
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).absolute()
+    return None if path.exists() else path
+
+
 def _sqlite_engine(url: str, timeout_s: float) -> Engine:
     # isolation_level=None hands transaction control to us, so every transaction can start with
     # BEGIN IMMEDIATE: the write lock is taken before the first read, which makes read-then-write
