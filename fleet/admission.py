@@ -23,8 +23,8 @@ from fleet.breaker import ALLOW_FN, COUNTED_TTL_S, FORFEIT_FN, RECORD_FN, Outcom
 from fleet.keys import GLOBAL
 from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease, slot_list, to_ms
 
-# KEYS: kill:*, kill:AGENT, paused:*, paused:AGENT, breaker:AGENT, the slot keys..., fence:AGENT.
-# ARGV: run_id, cooldown_s, ttl_ms, taken (the slots live runs hold by the database).
+# KEYS: kill:*, kill:AGENT, paused:*, paused:AGENT, breaker:AGENT, the slot keys offered..., fence:AGENT.
+# ARGV: run_id, cooldown_s, ttl_ms, the offered keys' slot numbers (none the database says live runs hold).
 # Returns {'killed', scope index, value} | {'paused', scope index, value} | {'breaker_open', state}
 # | {'busy', state} | {'ok', slot, fence, state}.
 _ADMIT = ALLOW_FN + FORFEIT_FN + ACQUIRE_FN + """
@@ -36,7 +36,7 @@ local verdict = allow(KEYS[5], ARGV[2], ARGV[1])
 if verdict[1] == 0 then return {'breaker_open', verdict[2]} end
 local slots = {}
 for i = 6, #KEYS - 1 do slots[#slots + 1] = KEYS[i] end
-local lease = acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[3], ARGV[4], '', true)  -- a dispatch's run is new
+local lease = acquire(slots, ARGV[4], KEYS[#KEYS], ARGV[1], ARGV[3], '', '', true)  -- a dispatch's run is new
 if not lease then
   forfeit(KEYS[5], ARGV[1])
   return {'busy', verdict[2]}
@@ -79,20 +79,20 @@ class Admission:
 # (agent, concurrency, run_id, cooldown_s, ttl_s, taken): one run's `admit`, as `admit_many` takes it.
 AdmitRequest = tuple[str, int, str, float, float, set[int]]
 
-# A dispatch offers the script the lowest slots only: as many as the database says are taken, plus this
-# many, which is more than the dispatches that can be between their admission and their commit at once.
-# Only when every one offered is held does it offer all of them (a second round trip). An agent of
-# concurrency 1,000 otherwise packed and sent 1,000 keys with every dispatch.
+# A dispatch offers the script only the lowest slots the database does not show taken: this many, which is
+# more than the dispatches that can be between their admission and their commit at once (their leases are
+# in Redis, their rows not yet queued). Only when every one offered is held does it offer all of the free
+# ones (a second round trip). Offering every slot cost an agent of concurrency 1,000 a thousand keys packed
+# and sent with every dispatch, and offering the taken ones too cost one key per live run.
 SLOT_WINDOW = 16
 
 
-def _admit_call(agent: str, slots: int, run_id: str, cooldown_s: float, ttl_s: float,
-                taken: set[int]) -> dict[str, Any]:
-    """The script's keys and arguments, offering slots 0 to `slots` - 1."""
-    slot_keys = [keys.slot_lease(agent, i) for i in range(slots)]
+def _admit_call(agent: str, offered: list[int], run_id: str, cooldown_s: float, ttl_s: float) -> dict[str, Any]:
+    """The script's keys and arguments, offering the slots `offered` (lowest first)."""
+    slot_keys = [keys.slot_lease(agent, i) for i in offered]
     return {"keys": [keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
                      keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
-            "args": [run_id, cooldown_s, to_ms(ttl_s), slot_list(taken)]}
+            "args": [run_id, cooldown_s, to_ms(ttl_s), slot_list(offered)]}
 
 
 def _admission(agent: str, run_id: str, got: Any) -> Admission:
@@ -117,20 +117,20 @@ class Admissions:
               taken: set[int]) -> Admission:
         """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass.
         `taken`: the slots the database says live runs hold (Redis may have lost their keys)."""
-        offered = min(concurrency, len(taken) + SLOT_WINDOW)
-        admission = _admission(agent, run_id, self._admit(**_admit_call(agent, offered, run_id, cooldown_s, ttl_s,
-                                                                        taken)))
-        if admission.verdict == "busy" and offered < concurrency:  # (its breaker trial was given back)
-            admission = _admission(agent, run_id, self._admit(**_admit_call(agent, concurrency, run_id, cooldown_s,
-                                                                            ttl_s, taken)))
+        free = [slot for slot in range(concurrency) if slot not in taken]
+        admission = _admission(agent, run_id, self._admit(**_admit_call(agent, free[:SLOT_WINDOW], run_id,
+                                                                        cooldown_s, ttl_s)))
+        if admission.verdict == "busy" and len(free) > SLOT_WINDOW:  # (its breaker trial was given back)
+            admission = _admission(agent, run_id, self._admit(**_admit_call(agent, free, run_id, cooldown_s, ttl_s)))
         return admission
 
     def admit_many(self, wanted: list[AdmitRequest]) -> list[Admission]:
         """`admit` for many runs in one round trip (a pipeline; each script is still atomic on its own). A script
         that fails for one run (a key of the wrong type) is that run's `error`: the others' leases are kept."""
         pipe = self._redis.pipeline(transaction=False)
-        for want in wanted:
-            self._admit(**_admit_call(*want), client=pipe)
+        for agent, concurrency, run_id, cooldown_s, ttl_s, taken in wanted:
+            free = [slot for slot in range(concurrency) if slot not in taken]
+            self._admit(**_admit_call(agent, free, run_id, cooldown_s, ttl_s), client=pipe)
         return [Admission("error", error=str(got)) if isinstance(got, redis.ResponseError)
                 else _admission(want[0], want[2], got)
                 for want, got in zip(wanted, pipe.execute(raise_on_error=False), strict=True)]

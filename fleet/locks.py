@@ -7,6 +7,7 @@ renew and release names its fence and changes nothing when it no longer matches.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -17,18 +18,21 @@ from fleet import keys
 # The lease logic as Lua functions, so that fleet/admission.py can run it inside a dispatch's single
 # round trip; each script below is one of them applied to KEYS and ARGV.
 
-# acquire(slot keys, fence counter key, run_id, ttl_ms, taken, replace, fresh): {slot, fence}, or nil when
-# every slot is held. `taken` is a comma-separated list of slot numbers the database says belong to live
-# runs (after a Redis restart their keys are gone, but their agents are not). The same run asking
+# acquire(slot keys, their slot numbers, fence counter key, run_id, ttl_ms, taken, replace, fresh): {slot, fence},
+# or nil when every slot offered is held. The numbers are a comma-separated list, one per key ('' when the keys
+# are slots 0, 1, 2...: all of the agent's). `taken` is a comma-separated list of slot numbers the database says
+# belong to live runs (after a Redis restart their keys are gone, but their agents are not). The same run asking
 # again gets its own lease back, unless it holds it with fence `replace`: then the same slot gets a new
 # fence (a retry must never share a fence with the attempt it replaces, even if that one re-asserted its
 # key; a fence another taker issued since is kept). `fresh`: the run's id was minted in the caller's own
 # open transaction, so no lease can hold it yet, and the scan for one (a GET per slot) is skipped.
 ACQUIRE_FN = """
-local function acquire(slots, counter, run_id, ttl_ms, taken, replace, fresh)
+local function acquire(slots, offered, counter, run_id, ttl_ms, taken, replace, fresh)
   local prefix = run_id .. ':'
-  local busy = {}
-  for n in string.gmatch(taken or '', '%d+') do busy[tonumber(n) + 1] = true end
+  local busy, numbers = {}, {}
+  for n in string.gmatch(taken or '', '%d+') do busy[tonumber(n)] = true end
+  for n in string.gmatch(offered or '', '%d+') do numbers[#numbers + 1] = tonumber(n) end
+  local function number(i) return numbers[i] or i - 1 end
   local function new_fence()
     -- The counter never goes below the server's clock in microseconds, so fences keep growing
     -- even after a Redis restart without persistence wiped the counter.
@@ -45,7 +49,7 @@ local function acquire(slots, counter, run_id, ttl_ms, taken, replace, fresh)
     local fence = new_fence()
     -- %d, not tostring: Lua would print a number this large as 1.76e+15
     redis.call('SET', slots[i], prefix .. string.format('%d', fence), 'PX', ttl_ms)
-    return {i - 1, fence}
+    return {number(i), fence}
   end
   for i = 1, fresh and 0 or #slots do
     local v = redis.call('GET', slots[i])
@@ -54,11 +58,11 @@ local function acquire(slots, counter, run_id, ttl_ms, taken, replace, fresh)
       -- Only the fence the caller saw is replaced: a newer one was issued by another taker, and is kept.
       if held == replace then return take(i) end
       redis.call('PEXPIRE', slots[i], ttl_ms)
-      return {i - 1, tonumber(held)}
+      return {number(i), tonumber(held)}
     end
   end
   for i = 1, #slots do
-    if not busy[i] and redis.call('EXISTS', slots[i]) == 0 then return take(i) end
+    if not busy[number(i)] and redis.call('EXISTS', slots[i]) == 0 then return take(i) end
   end
   return nil
 end
@@ -95,7 +99,7 @@ end
 _ACQUIRE = ACQUIRE_FN + """
 local slots = {}
 for i = 1, #KEYS - 1 do slots[i] = KEYS[i] end
-return acquire(slots, KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4], false)
+return acquire(slots, '', KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4], false)
 """
 _RENEW = RENEW_FN + "return renew(KEYS[1], ARGV[1], ARGV[2])"  # KEYS: a slot key. ARGV: value, ttl_ms.
 _RELEASE = RELEASE_FN + "return release(KEYS[1], ARGV[1])"  # KEYS: a slot key. ARGV: value.
@@ -183,6 +187,6 @@ def to_ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-def slot_list(slots: set[int] | None) -> str:
+def slot_list(slots: Iterable[int] | None) -> str:
     """Slot numbers as the scripts read them ('0,3')."""
     return ",".join(str(i) for i in sorted(slots or ()))

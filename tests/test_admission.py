@@ -36,3 +36,23 @@ def test_an_agent_whose_every_slot_is_held_is_busy(redis: redis_lib.Redis) -> No
     _hold(redis, "a", range(30))
     assert _admit(redis, 40, taken=set(range(30, 40))) == ("busy", -1)
     assert redis.get(keys.slot_lease("a", 39)) is None  # nothing was taken by the refused run
+
+
+def test_only_slots_the_database_does_not_hold_are_offered_and_the_lowest_free_one_is_taken(
+        redis: redis_lib.Redis) -> None:
+    """Live runs hold every other slot by the database, Redis (restarted) holds none of them, and another
+    dispatch's lease sits on slot 1 in Redis only (its row is not committed yet): the run gets slot 3."""
+    _hold(redis, "a", range(1, 2))
+    assert _admit(redis, 1000, taken={0, 2, 4, 6}) == ("ok", 3)
+
+
+def test_a_window_of_free_slots_all_held_in_redis_looks_further(redis: redis_lib.Redis) -> None:
+    """The database shows slots 0-99 taken and Redis holds the next SLOT_WINDOW + 1 (admitted, not yet
+    committed): the second offer, of every slot the database leaves free, finds the one above them."""
+    _hold(redis, "a", range(100, 100 + SLOT_WINDOW + 1))
+    assert _admit(redis, 1000, taken=set(range(100))) == ("ok", 100 + SLOT_WINDOW + 1)
+
+
+def test_a_lease_the_database_holds_is_never_handed_out_even_when_redis_lost_it(redis: redis_lib.Redis) -> None:
+    assert _admit(redis, 3, taken={0, 1, 2}) == ("busy", -1)
+    assert all(redis.get(keys.slot_lease("a", slot)) is None for slot in range(3))
