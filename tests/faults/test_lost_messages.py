@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -12,13 +13,15 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import select
 
-from fleet import db
+from fleet import db, killswitch
 from fleet.dispatch import DispatchRequest, dispatch
 from fleet.errors import UnavailableError
+from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunStatus, SpendDay
 from fleet.services import Services, utcnow
 from tests.faults.conftest import FaultFleet, fault_fleet
@@ -214,3 +217,32 @@ def test_an_enqueue_failure_leaves_the_key_free(faults: FaultFleet) -> None:
     with db.session(faults.fleet.services.engine) as session:
         assert len(session.exec(select(Run).where(Run.work_key == asked.work_key)).all()) == 1
     assert faults.violations() == []
+
+
+def _as_kombu_restores_it(client: Any, queue: str) -> None:
+    """The one message waiting in `queue`, marked as kombu's Redis transport marks a message it restores from its
+    `unacked` hash (a worker that died, or lost its connection, before its acknowledgement got through)."""
+    (raw,) = client.lrange(queue, 0, -1)
+    message = json.loads(raw)
+    message["headers"]["redelivered"] = True
+    message["properties"]["delivery_info"]["redelivered"] = True
+    client.lset(queue, 0, json.dumps(message))
+
+
+def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tmp_path: Path,
+                                                                   pg_cluster: PrivateCluster | None) -> None:
+    """`celery call fleet.resume` ran, but its acknowledgement was lost (a Redis blip as it acked: workers/transport.py
+    leaves it to the visibility timeout), and the operator killed the fleet again since. kombu restores the old
+    resume and a worker runs it again: it must not lift the kill that came after it."""
+    with fault_fleet(kind, tmp_path, pg_cluster, start=False) as faults:
+        services = faults.fleet.services
+        killswitch.engage(services.engine, services.redis, scope=GLOBAL, reason="2am: stop everything",
+                          actor="test", hard=False, now=services.now())
+        again = faults.fleet.celery.send_task("fleet.resume", queue="dispatch")
+        _as_kombu_restores_it(faults.fleet.redis, "dispatch")
+        faults.fleet.start_worker()
+        answer = again.get(timeout=60)
+        assert killswitch.check_redis(services.redis, None).killed, f"the old resume lifted the kill: {answer}"
+        with db.session(services.engine) as session:
+            assert killswitch.check_mirror(session, None).killed
+        assert answer["engaged"] is True and "again" in answer["reason"], answer
