@@ -49,6 +49,7 @@ class Kind(str, Enum):
     OVERSPEND = "overspend"
     BREAKER_OPENED = "breaker_opened"
     KILL_ENGAGED = "kill_engaged"
+    RESUME_REFUSED = "resume_refused"
     WATCHDOG_RED = "watchdog_red"
     REDIS_RESTART = "redis_restart"
 

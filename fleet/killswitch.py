@@ -163,6 +163,24 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
                                "and still holds the flag: run `fleet resume` again once Redis is back") from None
 
 
+def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:
+    """Why a resume delivered again by the broker must lift nothing, or None when nothing it could lift holds.
+
+    kombu restores a message whose acknowledgement was lost (a worker that died, or lost its connection, as it
+    acked), after the visibility timeout: an hour later the operator may have killed the fleet once more, and
+    an old resume must not lift that. Nor can the message say when it was sent. So it is refused while a kill
+    holds the scope, and said (an alert): a resume whose first delivery never ran is asked for again."""
+    with db.session(engine) as session:
+        held = check(session, client, None if scope == GLOBAL else scope)
+    if not held.killed:
+        return None
+    where = "the fleet" if scope == GLOBAL else f"agent {scope}"
+    reason = (f"not resumed: this resume of {where} was delivered again (a worker lost it before acknowledging "
+              "it), so it may be hours old, and the kill in force may have come after it; resume again to lift it")
+    alerts.alert("resume_refused", reason, agent=None if scope == GLOBAL else scope, level="warning", scope=scope)
+    return reason
+
+
 def _locked(session: Session, scope: str) -> KillSwitch:
     """The scope's mirror row, locked; a missing one is made released and as old as can be (db.NEVER), so a
     flag only Redis holds is still mirrored back by repair_mirror, and a first kill and resume take turns."""

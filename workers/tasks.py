@@ -73,6 +73,10 @@ def resume(self: Task, agent: str | None = None) -> dict[str, Any]:
     """Release the kill switch for the fleet (no agent) or one agent."""
     svc = services()
     scope = agent or GLOBAL
+    if (self.request.delivery_info or {}).get("redelivered"):  # restored by kombu: maybe older than the kill
+        refused = killswitch.stale_resume(svc.engine, svc.redis, scope=scope)
+        if refused is not None:
+            return {"scope": scope, "engaged": True, "reason": refused}
     killswitch.release(svc.engine, svc.redis, scope=scope, actor=_actor(self), now=svc.now())
     return {"scope": scope, "engaged": False}
 
