@@ -219,14 +219,15 @@ def test_an_enqueue_failure_leaves_the_key_free(faults: FaultFleet) -> None:
     assert faults.violations() == []
 
 
-def _as_kombu_restores_it(client: Any, queue: str) -> None:
-    """The one message waiting in `queue`, marked as kombu's Redis transport marks a message it restores from its
-    `unacked` hash (a worker that died, or lost its connection, before its acknowledgement got through)."""
-    (raw,) = client.lrange(queue, 0, -1)
+def _as_kombu_restores_it(client: Any, queue: str, index: int = -1) -> None:
+    """The message at `index` in `queue` (kombu pushes on the left: -1 is the oldest), marked as kombu's Redis
+    transport marks a message it restores from its `unacked` hash (a worker that died, or lost its connection,
+    before its acknowledgement got through)."""
+    raw = client.lindex(queue, index)
     message = json.loads(raw)
     message["headers"]["redelivered"] = True
     message["properties"]["delivery_info"]["redelivered"] = True
-    client.lset(queue, 0, json.dumps(message))
+    client.lset(queue, index, json.dumps(message))
 
 
 def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tmp_path: Path,
@@ -246,3 +247,32 @@ def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tm
         with db.session(services.engine) as session:
             assert killswitch.check_mirror(session, None).killed
         assert answer["engaged"] is True and "again" in answer["reason"], answer
+
+
+def test_a_kill_delivered_again_after_the_resume_does_not_kill_again(kind: str, tmp_path: Path,
+                                                                      pg_cluster: PrivateCluster | None) -> None:
+    """`celery call fleet.kill` ran and its acknowledgement was lost; the operator resumed in the morning. kombu
+    restores the old kill (hours later: the visibility timeout) and a worker runs it again: it was carried out
+    once, and must not stop the fleet a second time. A kill whose first delivery never ran still engages."""
+    with fault_fleet(kind, tmp_path, pg_cluster) as faults:
+        services = faults.fleet.services
+        task_id = f"kill-{uuid.uuid4().hex}"
+        faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
+                                      task_id=task_id).get(timeout=60)
+        assert killswitch.check_redis(services.redis, None).killed
+        faults.fleet.stop_worker(faults.fleet.workers[0])
+        killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="test", now=services.now())
+        faults.fleet.celery.backend.forget(task_id)  # the first delivery's result: the wait is for the second's
+        again = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
+                                              task_id=task_id)
+        _as_kombu_restores_it(faults.fleet.redis, "dispatch")
+        never_ran = faults.fleet.celery.send_task("fleet.kill", args=["quick"], queue="dispatch")
+        _as_kombu_restores_it(faults.fleet.redis, "dispatch", index=0)
+        faults.fleet.start_worker()
+        answer = again.get(timeout=60)
+        assert not killswitch.check_redis(services.redis, None).killed, f"the old kill stopped it again: {answer}"
+        with db.session(services.engine) as session:
+            assert not killswitch.check_mirror(session, None).killed
+        assert answer["engaged"] is False and "already" in answer["reason"], answer
+        assert never_ran.get(timeout=60)["engaged"] is True  # its first delivery: carried out
+        assert killswitch.check_redis(services.redis, "quick").killed
