@@ -29,7 +29,7 @@ from fleet import alerts, db, keys, logs, store
 from fleet.errors import KillNotMirroredError, UnavailableError, first_line
 from fleet.keys import GLOBAL
 from fleet.killflag import MAX_REASON, put_back, raise_flag, record
-from fleet.models import KillSwitch, table_of
+from fleet.models import KillSwitch, RunEvent, table_of
 
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
 _FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
@@ -161,6 +161,22 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
         # Still killed in Redis: the fleet stays stopped (safe), and the operator must say it again.
         raise UnavailableError(f"released in the database, but Redis is unreachable ({exc.__class__.__name__}) "
                                "and still holds the flag: run `fleet resume` again once Redis is back") from None
+
+
+def carried_out(engine: Engine, *, message_id: str) -> str | None:
+    """Why a kill delivered again by the broker engages nothing, or None when its first delivery never engaged.
+
+    kombu restores a message whose acknowledgement was lost, hours later (the visibility timeout): a kill
+    carried out then, and resumed since by the operator, must not stop the fleet again. Its first delivery
+    left a `kill.engaged` event whose actor ends with the message's id (workers/tasks.py names it so)."""
+    with db.session(engine) as session:
+        found = session.exec(select(RunEvent.at).where(RunEvent.kind == "kill.engaged",
+                                                       col(RunEvent.actor).endswith(f":{message_id}", autoescape=True))
+                             .limit(1)).first()
+    if found is None:
+        return None
+    return (f"already carried out at {found.isoformat(timespec='seconds')}: this kill was delivered again (a worker "
+            "lost it before acknowledging it), and what followed it, a resume included, stands")
 
 
 def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:

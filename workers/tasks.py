@@ -30,7 +30,12 @@ def waiting_in_agents_queue(runs: Sequence[Run]) -> set[str]:
 
 
 def _actor(task: Task) -> str:
-    return f"celery:{task.request.hostname or 'client'}:{task.request.id}"
+    return f"celery:{task.request.hostname or 'client'}:{task.request.id}"  # killswitch.carried_out reads the id
+
+
+def _redelivered(task: Task) -> bool:
+    """Whether kombu restored this message (its acknowledgement was lost): it may have run before."""
+    return bool((task.request.delivery_info or {}).get("redelivered"))
 
 
 @app.task(name="fleet.dispatch", bind=True)
@@ -61,6 +66,10 @@ def kill(self: Task, agent: str | None = None, reason: str | None = None, hard: 
     scope = agent or GLOBAL
     if agent is not None:
         svc.config.agent(agent)
+    if _redelivered(self):  # restored by kombu: carried out already, maybe resumed since
+        done = killswitch.carried_out(svc.engine, message_id=str(self.request.id))
+        if done is not None:
+            return {"scope": scope, "engaged": False, "reason": done}
     engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=_actor(self), hard=hard,
                                 now=svc.now())
     revoked = control.hard_stop(svc, agent) if hard else 0
@@ -73,7 +82,7 @@ def resume(self: Task, agent: str | None = None) -> dict[str, Any]:
     """Release the kill switch for the fleet (no agent) or one agent."""
     svc = services()
     scope = agent or GLOBAL
-    if (self.request.delivery_info or {}).get("redelivered"):  # restored by kombu: maybe older than the kill
+    if _redelivered(self):  # restored by kombu: maybe older than the kill in force
         refused = killswitch.stale_resume(svc.engine, svc.redis, scope=scope)
         if refused is not None:
             return {"scope": scope, "engaged": True, "reason": refused}
