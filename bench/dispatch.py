@@ -25,7 +25,8 @@ Figures per repetition (tables show the median of the repetitions, with min..max
   dispatched in one batch (fleet/bulk.py): N / (last run finished - the send), beside bare Celery's N tasks.
 Then, in this process without Celery, runs are dispatched and executed one at a time with
 SQLAlchemy engine events counting each side's transactions (the same count on SQLite and
-PostgreSQL), and each step of the dispatch and the executor is timed.
+PostgreSQL), and each step of the dispatch and the executor is timed; last, one dispatch is timed with
+0 to 600 of the agent's runs queued ahead of it (none executed), where a cost per live run would show.
 """
 
 from __future__ import annotations
@@ -400,6 +401,35 @@ def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, An
             "steps": {name: 1000 * pct(values, 50) for name, values in steps.items()}}
 
 
+QUEUED_MARKS = (0, 100, 300, 600)  # runs of the agent already queued when a window of dispatches is timed
+QUEUED_WINDOW = 40
+
+
+def queued_kind(kind: str, home: Path, redis_url: str) -> dict[int, float]:
+    """One dispatch's p50 (ms) with 0 to 600 of the agent's runs queued ahead of it, none executed (a burst on an
+    agent of concurrency 1,000): what a dispatch reads and sends per live run shows up as growth."""
+    home.mkdir(parents=True)
+    config = home / "fleet.toml"
+    config.write_text(NOOP_AGENTS)
+    with database(kind, home) as url:
+        services = build(Settings(config=config, redis_url=redis_url, database_url=url, log_dir=home / "logs"),
+                         load_fleet_config(config))
+        services.redis.flushdb()
+        db.upgrade(services.engine)
+        took: list[float] = []
+        try:
+            for i in range(QUEUED_MARKS[-1] + QUEUED_WINDOW):
+                started = time.perf_counter()
+                result = dispatching.dispatch(services, DispatchRequest("noop", f"queued-{i}", actor="trace"),
+                                              lambda *_: None)
+                took.append(time.perf_counter() - started)
+                if result.status != "queued":
+                    raise RuntimeError(f"dispatch {i} was answered {result.status}: {result.reason}")
+        finally:
+            services.close()
+    return {mark: 1000 * pct(took[mark:mark + QUEUED_WINDOW], 50) for mark in QUEUED_MARKS}
+
+
 def _add(total: Counts, part: Counts) -> None:
     for name in ("checkouts", "begins", "write_commits", "read_commits", "rollbacks", "statements"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
@@ -455,6 +485,12 @@ def _print(results: dict[str, list[dict[str, Any]]], kinds: list[str]) -> None:
               f"{med_of(hops, 'iso_p50'):.2f}"]])
 
 
+def _print_queued(queued: dict[str, dict[int, float]]) -> None:
+    table(f"one dispatch with the agent's runs queued ahead of it, p50 ms over {QUEUED_WINDOW} (in-process, no Celery)",
+          ["runs queued", *queued], [[str(mark), *[f"{q[mark]:.2f}" for q in queued.values()]]
+                                     for mark in QUEUED_MARKS])
+
+
 def _print_trace(traces: dict[str, dict[str, Any]]) -> None:
     rows = []
     for kind, trace in traces.items():
@@ -499,7 +535,12 @@ def main() -> None:
             log(f"in-process trace on {kind}")
             traces[kind] = trace_kind(kind, tmp / f"trace-{kind}", f"redis://127.0.0.1:{redis.port}/2",
                                       5 if args.quick else 30)
+        queued = {}
+        for kind in args.kinds:
+            log(f"dispatches with runs queued ahead, on {kind}")
+            queued[kind] = queued_kind(kind, tmp / f"queued-{kind}", f"redis://127.0.0.1:{redis.port}/3")
     _print_trace(traces)
+    _print_queued(queued)
 
 
 if __name__ == "__main__":
