@@ -130,6 +130,37 @@ def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
     assert_ran_once(faults, result.run_id)
 
 
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """A process stopped (SIGSTOP) meanwhile: a worker's main process that cannot answer the reaper's question."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_copy_a_live_worker_took_but_cannot_answer_for_is_not_buried(faults: FaultFleet) -> None:
+    """The worker took the run's message and its pool stalls; its main process freezes at each reaper pass, so it
+    never answers the reaper's question. The first pass sends the message again (harmless) and the worker takes
+    the copy; at the second it is frozen again. A copy taken minutes ago and still in kombu's `unacked` hash is
+    held, not lost: the run is not buried, and runs once the worker thaws."""
+    main, redis = faults.fleet.workers[0].pid, faults.fleet.redis
+    with stalled_pool(faults):
+        result = dispatch(faults.fleet.services, request(), faults.fleet.send_execute)
+        faults.accepted.add(result.run_id)
+        taken(faults)
+        with frozen(main):
+            first = faults.fleet.reap(later(faults.fleet.services, 600))
+        assert first.counts.get("resent") == 1, first
+        wait_for(lambda: redis.llen("agents") == 0 and redis.hlen("unacked") >= 2, 30, "the worker to take the copy")
+        with frozen(main):
+            second = faults.fleet.reap(later(faults.fleet.services, 1200))
+        run = run_of(faults.fleet, result.run_id)
+        assert run.status == RunStatus.QUEUED, f"a copy a live worker holds was taken for lost: {second}"
+    assert_ran_once(faults, result.run_id)
+
+
 def test_a_dead_workers_open_connection_eats_a_canary_and_the_wait_sends_another(faults: FaultFleet) -> None:
     """A worker SIGKILLed while its BRPOP is still open at Redis (here: the proxy between them has not yet seen
     the close) takes the next message with it: Redis pops it into a dead connection, and it is gone, unacked.
