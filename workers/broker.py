@@ -5,8 +5,11 @@ message waits in the queue's Redis list (one list per priority step) until a wor
 a worker took and has not acknowledged sits in kombu's `unacked` hash until it is acknowledged, or
 its visibility timeout (hours) brings it back. A worker that died left its messages there, so an
 entry alone proves nothing: the holder is asked (Celery's `query_task`), and a message counts as
-on its way only while a live worker answers for it (reserved, counting down, or running). Otherwise
-the run is sent again, which is harmless (a duplicate delivery starts nothing), or buried as lost.
+on its way while a live worker answers for it (reserved, counting down, or running), or, unanswered,
+for UNANSWERED_PASSES resend windows after a worker took it (kombu's `unacked_index` says when): a live
+worker whose main process is too busy or frozen to answer within QUERY_TIMEOUT_S still runs what it
+took, and a dead one took it no earlier than the resend. Otherwise the run is sent again, which is
+harmless (a duplicate delivery starts nothing), or buried as lost.
 
 The workers are asked only about a run already sent again, the one the reaper would bury: a run not
 sent again yet is sent again however its message is held, since a live holder may keep it for hours
@@ -35,6 +38,9 @@ _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-")
 _FULL_TASK_ID = re.compile(r"fleet\.execute-([0-9a-f]{32})-([0-9]+)-[0-9a-f]{8}")  # execute_task_id's
 _UNACKED = "unacked"  # kombu.transport.redis Channel.unacked_key
+_UNACKED_INDEX = "unacked_index"  # its delivery tag -> when a worker took the message (epoch seconds)
+# How many resend windows a taken message nobody answers for still counts as on its way (see the docstring).
+UNANSWERED_PASSES = 3
 # How long the workers have to answer for the messages they hold: a worker that answers later is taken
 # for gone, and its run is sent again (harmless) or, after its resend, buried as lost.
 QUERY_TIMEOUT_S = 2.0
@@ -62,28 +68,45 @@ def on_their_way(client: redis.Redis, control: Control, queue: str, runs: Sequen
     worker and due within `due_within_s` (see the module's docstring)."""
     waiting = waiting_runs(client, queue, [run.id for run in runs])
     resent = {run.id: run.fence or 0 for run in runs if run.sends >= MAX_SENDS and run.id not in waiting}
-    return waiting | held_runs(client, control, resent, due_by=time.time() + due_within_s)
+    now = time.time()
+    return waiting | held_runs(client, control, resent, due_by=now + due_within_s,
+                               taken_after=now - UNANSWERED_PASSES * due_within_s)
 
 
 def held_runs(client: redis.Redis, control: Control, fences: Mapping[str, int], due_by: float,
-              timeout_s: float = QUERY_TIMEOUT_S) -> set[str]:
+              taken_after: float = float("inf"), timeout_s: float = QUERY_TIMEOUT_S) -> set[str]:
     """Which of these runs (with their attempts' fences) have an execute message of that attempt, due by
-    `due_by` (epoch seconds), that a live worker took and still answers for."""
+    `due_by` (epoch seconds), that a live worker took and still answers for, or that a worker took after
+    `taken_after` (epoch seconds) whether or not it answers."""
     held = _held_task_ids(client, fences, due_by)
     if not held:
         return set()  # nothing held: no broadcast, no wait
     replies = control.inspect(timeout=timeout_s).query_task(*held) or {}
     answered = {task_id for tasks in replies.values() if isinstance(tasks, dict) for task_id in tasks}
-    return {held[task_id] for task_id in answered if task_id in held}
+    unanswered = {task_id: tag for task_id, (_run, tag) in held.items() if task_id not in answered}
+    recent = _taken_after(client, unanswered, taken_after)
+    return {held[task_id][0] for task_id in answered | recent if task_id in held}
 
 
-def _held_task_ids(client: redis.Redis, fences: Mapping[str, int], due_by: float) -> dict[str, str]:
-    """The task ids, with their runs, of these attempts' execute messages in kombu's `unacked` hash that are
-    due by `due_by`. An entry is `[message, exchange, routing_key]`; Celery's headers name the task and its ETA."""
-    found: dict[str, str] = {}
+def _taken_after(client: redis.Redis, tags: Mapping[str, str], after: float) -> set[str]:
+    """Which of these task ids (with their delivery tags) a worker took after `after`, by kombu's index."""
+    if not tags or after == float("inf"):
+        return set()
+    pipe = client.pipeline(transaction=False)
+    for tag in tags.values():
+        pipe.zscore(_UNACKED_INDEX, tag)
+    return {task_id for task_id, taken in zip(tags, pipe.execute(), strict=True)
+            if taken is not None and float(taken) > after}
+
+
+def _held_task_ids(client: redis.Redis, fences: Mapping[str, int], due_by: float) -> dict[str, tuple[str, str]]:
+    """The task ids, with their runs and delivery tags, of these attempts' execute messages in kombu's
+    `unacked` hash that are due by `due_by`. An entry is `[message, exchange, routing_key]`; Celery's headers
+    name the task and its ETA."""
+    found: dict[str, tuple[str, str]] = {}
     if not fences:
         return found
-    for _tag, raw in client.hscan_iter(_UNACKED, count=500):
+    for tag, raw in client.hscan_iter(_UNACKED, count=500):
         try:
             headers = json.loads(raw)[0]["headers"]
             task_id, eta = str(headers["id"]), headers.get("eta")
@@ -92,7 +115,7 @@ def _held_task_ids(client: redis.Redis, fences: Mapping[str, int], due_by: float
             continue  # not a Celery message of this shape: nothing of ours
         match = _FULL_TASK_ID.fullmatch(task_id)
         if match is not None and fences.get(match.group(1)) == int(match.group(2)) and due <= due_by:
-            found[task_id] = match.group(1)
+            found[task_id] = (match.group(1), tag if isinstance(tag, str) else tag.decode("utf-8", "replace"))
     return found
 
 
