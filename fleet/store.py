@@ -22,7 +22,7 @@ _PENDING_IDS = core_select(_RUNS.c.id).where(
     _RUNS.c.agent == bindparam("agent"), _RUNS.c.work_key == bindparam("work_key"), _RUNS.c.status.in_(_NOT_STARTED))
 # One row per agent, its slots joined by the database (string_agg, group_concat): an agent with hundreds of
 # runs queued cost hundreds of rows fetched and built into Python objects on every dispatch.
-_LIVE_SLOTS = core_select(_RUNS.c.agent, func.aggregate_strings(cast(_RUNS.c.slot, String), ",")).where(
+_LIVE_SLOTS = core_select(_RUNS.c.agent, func.aggregate_strings(cast(_RUNS.c.slot, String), ",").label("slots")).where(
     _RUNS.c.agent.in_(bindparam("agents", expanding=True)),
     _RUNS.c.status.in_([RunStatus.QUEUED, RunStatus.RUNNING]), _RUNS.c.slot.is_not(None))
 
@@ -124,7 +124,7 @@ def live_slots_of(*, session: Session, agents: list[str], besides: str | None = 
         query = _LIVE_SLOTS if besides is None else _LIVE_SLOTS.where(_RUNS.c.id != besides)
         chunk = {"agents": agents[start:start + LIVE_SLOTS_CHUNK]}
         for row in db.execute(session, query.group_by(_RUNS.c.agent), chunk):
-            taken[row[0]] = {int(slot) for slot in str(row[1]).split(",")}
+            taken[row.agent] = {int(slot) for slot in str(row.slots).split(",")}
     return taken
 
 
