@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import col, update
 
-from fleet import bulk, db
+from fleet import bulk, db, refusals
 from fleet.config import load_fleet_config
 from fleet.dispatch import DispatchRequest, DispatchResult, dispatch
 from fleet.locks import Lease
@@ -61,3 +61,36 @@ def test_a_dispatch_under_a_lowered_concurrency_counts_the_runs_above_it(service
     (batch,) = bulk.dispatch_many(services, [(services.config.agents["wide"], f"wide-{uuid.uuid4().hex}")],
                                   lambda _run_id, _fence: None, "test")
     assert (batch.status, batch.reason) == ("refused", "busy"), batch
+
+
+def test_a_busy_refusal_under_a_lowered_concurrency_names_the_runs_that_hold_it(services: Services) -> None:
+    """The refusal's words come from who holds the agent's slots: the runs above the lowered concurrency hold it,
+    and "free now; try again" would send the operator into a loop of refusals."""
+    queued = [_dispatch(services) for _ in range(4)]
+    for slot in (0, 1):
+        _end(services, queued[slot], slot)
+    _lower_to(services, 2)
+    said = refusals.explain(services, "wide", _dispatch(services))
+    assert "free now" not in said, said
+    assert queued[2].run_id in said and queued[3].run_id in said, said
+
+
+def test_a_busy_refusal_after_redis_lost_the_leases_names_the_runs_the_database_shows(services: Services) -> None:
+    """Redis restarted without its data: the live runs' slots are still theirs by the database, and the refusal
+    says so instead of "free now; try again"."""
+    queued = [_dispatch(services) for _ in range(4)]
+    services.redis.flushdb()
+    refused = _dispatch(services)
+    assert (refused.status, refused.reason) == ("refused", "busy"), refused
+    said = refusals.explain(services, "wide", refused)
+    assert "free now" not in said and "4 of 4 slots" in said, said
+    assert queued[0].run_id in said, said
+
+
+def test_a_busy_refusal_with_more_runs_live_than_the_lowered_concurrency_says_how_many_must_end(
+        services: Services) -> None:
+    queued = [_dispatch(services) for _ in range(4)]
+    _lower_to(services, 2)
+    said = refusals.explain(services, "wide", _dispatch(services))
+    assert "4 runs live, more than its concurrency of 2" in said and "when 3 of them have ended" in said, said
+    assert queued[0].run_id in said, said
