@@ -94,3 +94,25 @@ def test_a_busy_refusal_with_more_runs_live_than_the_lowered_concurrency_says_ho
     said = refusals.explain(services, "wide", _dispatch(services))
     assert "4 runs live, more than its concurrency of 2" in said and "when 3 of them have ended" in said, said
     assert queued[0].run_id in said, said
+
+
+def _plan(services: Services) -> DispatchResult:
+    return dispatch(services, DispatchRequest("wide", f"wide-{uuid.uuid4().hex}", actor="test", dry_run=True),
+                    lambda _run_id, _fence: None)
+
+
+def test_a_dry_run_counts_the_slots_the_database_shows_held_as_the_dispatch_does(services: Services) -> None:
+    """`fleet dispatch --dry-run` after Redis lost the leases, and under a lowered concurrency: the plan says busy,
+    as the dispatch it previews is refused, never "would fire" with every slot "free"."""
+    queued = [_dispatch(services) for _ in range(4)]
+    services.redis.flushdb()
+    planned = _plan(services)
+    assert (planned.reason, planned.gates["lock"].ok) == ("busy", False), planned
+    assert planned.gates["lock"].detail == "0 of 4 slot(s) free", planned
+    with db.session(services.engine) as session:  # the runs in slots 0 and 1 end (their leases went with Redis)
+        session.execute(update(Run).where(col(Run.id).in_([queued[0].run_id, queued[1].run_id]))
+                        .values(status=RunStatus.SUCCEEDED))
+        session.commit()
+    _lower_to(services, 2)  # runs in slots 2 and 3 live, slots 0 and 1 free in both stores
+    planned = _plan(services)
+    assert (planned.reason, planned.gates["lock"].ok) == ("busy", False), planned
