@@ -24,7 +24,8 @@ from fleet.keys import GLOBAL
 from fleet.locks import ACQUIRE_FN, RELEASE_FN, RENEW_FN, Lease, slot_list, to_ms
 
 # KEYS: kill:*, kill:AGENT, paused:*, paused:AGENT, breaker:AGENT, the slot keys offered..., fence:AGENT.
-# ARGV: run_id, cooldown_s, ttl_ms, the offered keys' slot numbers (none the database says live runs hold).
+# ARGV: run_id, cooldown_s, ttl_ms, the offered keys' slot numbers (none the database says live runs hold), the room
+# (acquire's: '' unless live runs hold slots above the concurrency).
 # Returns {'killed', scope index, value} | {'paused', scope index, value} | {'breaker_open', state}
 # | {'busy', state} | {'ok', slot, fence, state}.
 _ADMIT = ALLOW_FN + FORFEIT_FN + ACQUIRE_FN + """
@@ -36,7 +37,7 @@ local verdict = allow(KEYS[5], ARGV[2], ARGV[1])
 if verdict[1] == 0 then return {'breaker_open', verdict[2]} end
 local slots = {}
 for i = 6, #KEYS - 1 do slots[#slots + 1] = KEYS[i] end
-local lease = acquire(slots, ARGV[4], KEYS[#KEYS], ARGV[1], ARGV[3], '', '', true)  -- a dispatch's run is new
+local lease = acquire(slots, ARGV[4], KEYS[#KEYS], ARGV[1], ARGV[3], '', '', true, ARGV[5])  -- a dispatch's run is new
 if not lease then
   forfeit(KEYS[5], ARGV[1])
   return {'busy', verdict[2]}
@@ -87,12 +88,23 @@ AdmitRequest = tuple[str, int, str, float, float, set[int]]
 SLOT_WINDOW = 16
 
 
-def _admit_call(agent: str, offered: list[int], run_id: str, cooldown_s: float, ttl_s: float) -> dict[str, Any]:
-    """The script's keys and arguments, offering the slots `offered` (lowest first)."""
+def _admit_call(agent: str, offered: list[int], run_id: str, cooldown_s: float, ttl_s: float,
+                room: int | None = None) -> dict[str, Any]:
+    """The script's keys and arguments, offering the slots `offered` (lowest first); `room`: how many of them may
+    be held at most for one to be taken (None: all but one)."""
     slot_keys = [keys.slot_lease(agent, i) for i in offered]
     return {"keys": [keys.kill(GLOBAL), keys.kill(agent), keys.paused(GLOBAL), keys.paused(agent),
                      keys.breaker(agent), *slot_keys, keys.fence_counter(agent)],
-            "args": [run_id, cooldown_s, to_ms(ttl_s), slot_list(offered)]}
+            "args": [run_id, cooldown_s, to_ms(ttl_s), slot_list(offered), "" if room is None else str(room)]}
+
+
+def _free_and_room(concurrency: int, taken: set[int]) -> tuple[list[int], int | None]:
+    """The slots below the concurrency the database leaves free, and the room (None: no bound but the slots). Live
+    runs in slots at or above the concurrency (fleet.toml lowered it under them) count against it: then every free
+    slot must be offered, and fewer than concurrency - live of them held, for one more run to start."""
+    free = [slot for slot in range(concurrency) if slot not in taken]
+    above = sum(1 for slot in taken if slot >= concurrency)
+    return free, (concurrency - len(taken) if above else None)
 
 
 def _admission(agent: str, run_id: str, got: Any) -> Admission:
@@ -117,7 +129,9 @@ class Admissions:
               taken: set[int]) -> Admission:
         """Judge the kill flags, the breaker and the slots for one run, and take its lease if all pass.
         `taken`: the slots the database says live runs hold (Redis may have lost their keys)."""
-        free = [slot for slot in range(concurrency) if slot not in taken]
+        free, room = _free_and_room(concurrency, taken)
+        if room is not None:  # (rare) all of them, counted
+            return _admission(agent, run_id, self._admit(**_admit_call(agent, free, run_id, cooldown_s, ttl_s, room)))
         admission = _admission(agent, run_id, self._admit(**_admit_call(agent, free[:SLOT_WINDOW], run_id,
                                                                         cooldown_s, ttl_s)))
         if admission.verdict == "busy" and len(free) > SLOT_WINDOW:  # (its breaker trial was given back)
@@ -129,8 +143,8 @@ class Admissions:
         that fails for one run (a key of the wrong type) is that run's `error`: the others' leases are kept."""
         pipe = self._redis.pipeline(transaction=False)
         for agent, concurrency, run_id, cooldown_s, ttl_s, taken in wanted:
-            free = [slot for slot in range(concurrency) if slot not in taken]
-            self._admit(**_admit_call(agent, free, run_id, cooldown_s, ttl_s), client=pipe)
+            free, room = _free_and_room(concurrency, taken)
+            self._admit(**_admit_call(agent, free, run_id, cooldown_s, ttl_s, room), client=pipe)
         return [Admission("error", error=str(got)) if isinstance(got, redis.ResponseError)
                 else _admission(want[0], want[2], got)
                 for want, got in zip(wanted, pipe.execute(raise_on_error=False), strict=True)]

@@ -354,7 +354,10 @@ def _gates(services: Services, session: Session, spec: AgentSpec) -> dict[str, G
     estimate = ledger.to_micros(spec.est_cost_usd) or 0
     day = ledger.budget_day(session, fleet.timezone)
     room = ledger.headroom(session, day=day, agent=spec.name, caps=caps)
-    free = services.leases.free_slots(spec.name, spec.concurrency)
+    # As the admission counts them: Redis's holders and the live runs by the database (Redis may have lost their
+    # leases, or they hold slots above a concurrency lowered under them).
+    held = {lease.slot for lease in services.leases.holders(spec.name, spec.concurrency)}
+    free = max(0, spec.concurrency - len(held | store.live_slots(session=session, agent=spec.name)))
     counted = ledger.runs_counted(session, day=day, agent=spec.name)
     bound = spec.max_runs_per_day
     return {

@@ -18,8 +18,10 @@ from fleet import keys
 # The lease logic as Lua functions, so that fleet/admission.py can run it inside a dispatch's single
 # round trip; each script below is one of them applied to KEYS and ARGV.
 
-# acquire(slot keys, their slot numbers, fence counter key, run_id, ttl_ms, taken, replace, fresh): {slot, fence},
-# or nil when every slot offered is held. The numbers are a comma-separated list, one per key ('' when the keys
+# acquire(slot keys, their slot numbers, fence counter key, run_id, ttl_ms, taken, replace, fresh, room): {slot, fence},
+# or nil when every slot offered is held, or `room` of them are ('' for no such bound: a number when runs the
+# database shows live hold slots that are not offered yet count against the concurrency, as after fleet.toml
+# lowered it below slots live runs hold). The numbers are a comma-separated list, one per key ('' when the keys
 # are slots 0, 1, 2...: all of the agent's). `taken` is a comma-separated list of slot numbers the database says
 # belong to live runs (after a Redis restart their keys are gone, but their agents are not). The same run asking
 # again gets its own lease back, unless it holds it with fence `replace`: then the same slot gets a new
@@ -27,7 +29,7 @@ from fleet import keys
 # key; a fence another taker issued since is kept). `fresh`: the run's id was minted in the caller's own
 # open transaction, so no lease can hold it yet, and the scan for one (a GET per slot) is skipped.
 ACQUIRE_FN = """
-local function acquire(slots, offered, counter, run_id, ttl_ms, taken, replace, fresh)
+local function acquire(slots, offered, counter, run_id, ttl_ms, taken, replace, fresh, room)
   local prefix = run_id .. ':'
   local busy, numbers = {}, {}
   for n in string.gmatch(taken or '', '%d+') do busy[tonumber(n)] = true end
@@ -61,9 +63,17 @@ local function acquire(slots, offered, counter, run_id, ttl_ms, taken, replace, 
       return {number(i), tonumber(held)}
     end
   end
+  local limit, held, first = tonumber(room or ''), 0, nil
   for i = 1, #slots do
-    if not busy[number(i)] and redis.call('EXISTS', slots[i]) == 0 then return take(i) end
+    if busy[number(i)] or redis.call('EXISTS', slots[i]) == 1 then
+      held = held + 1
+    elseif not limit then
+      return take(i)
+    elseif not first then
+      first = i
+    end
   end
+  if first and held < limit then return take(first) end
   return nil
 end
 """
@@ -95,11 +105,11 @@ local function release(key, value)
 end
 """
 
-# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms, taken, replace.
+# KEYS: the agent's slot keys, then its fence counter. ARGV: run_id, ttl_ms, taken, replace, room.
 _ACQUIRE = ACQUIRE_FN + """
 local slots = {}
 for i = 1, #KEYS - 1 do slots[i] = KEYS[i] end
-return acquire(slots, '', KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4], false)
+return acquire(slots, '', KEYS[#KEYS], ARGV[1], ARGV[2], ARGV[3], ARGV[4], false, ARGV[5])
 """
 _RENEW = RENEW_FN + "return renew(KEYS[1], ARGV[1], ARGV[2])"  # KEYS: a slot key. ARGV: value, ttl_ms.
 _RELEASE = RELEASE_FN + "return release(KEYS[1], ARGV[1])"  # KEYS: a slot key. ARGV: value.
@@ -140,8 +150,11 @@ class Leases:
         the same slot with a new fence); None when all are taken. `taken`: slots the database says live runs
         hold."""
         slot_keys = [keys.slot_lease(agent, i) for i in range(concurrency)]
+        # Live runs above a lowered concurrency count against it: that many fewer of its slots may be held.
+        above = sum(1 for slot in taken or () if slot >= concurrency)
         got = self._acquire(keys=[*slot_keys, keys.fence_counter(agent)],
-                            args=[run_id, to_ms(ttl_s), slot_list(taken), "" if replacing is None else str(replacing)])
+                            args=[run_id, to_ms(ttl_s), slot_list(taken), "" if replacing is None else str(replacing),
+                                  str(concurrency - above) if above else ""])
         if got is None:
             return None
         return Lease(agent, int(got[0]), run_id, int(got[1]))

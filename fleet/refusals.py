@@ -35,14 +35,29 @@ def _gate(result: DispatchResult, name: str) -> str:
 
 
 def _busy(svc: Services, agent: str, _result: DispatchResult) -> str:
+    from sqlmodel import col, select
+
+    from fleet import db
+    from fleet.models import Run, RunStatus
+
     spec = svc.config.agent(agent)
     holders = [lease.run_id for slot in range(spec.concurrency)
                if (lease := svc.leases.holder(spec.name, slot)) is not None]
+    # And the live runs by the database, which the admission counts too: Redis may have lost their leases, or
+    # they hold slots above a concurrency lowered under them.
+    with db.session(svc.engine) as session:
+        live = session.exec(select(Run.id).where(col(Run.agent) == spec.name, col(Run.slot).is_not(None),
+                                                 col(Run.status).in_([RunStatus.QUEUED, RunStatus.RUNNING]))
+                            .order_by(col(Run.slot))).all()
+    holders += [run_id for run_id in live if run_id not in holders]
     if not holders:
         return f"all {spec.concurrency} slots were taken a moment ago and are free now; try again"
     named = ", ".join(holders[:SHOWN_HOLDERS]) + (
         f" and {len(holders) - SHOWN_HOLDERS} more" if len(holders) > SHOWN_HOLDERS else "")
     runs, when = ("run", "it ends") if len(holders) == 1 else ("runs", "one ends")
+    if len(holders) > spec.concurrency:  # fleet.toml lowered it while they ran
+        return (f"{len(holders)} runs live, more than its concurrency of {spec.concurrency} (lowered while they ran): "
+                f"{named}; try again when {len(holders) - spec.concurrency + 1} of them have ended")
     return f"{len(holders)} of {spec.concurrency} slots taken by {runs} {named}; try again when {when}"
 
 

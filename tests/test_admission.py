@@ -7,6 +7,7 @@ import redis as redis_lib
 
 from fleet import keys
 from fleet.admission import SLOT_WINDOW, Admissions
+from fleet.locks import Leases
 
 
 def _hold(client: redis_lib.Redis, agent: str, slots: range) -> None:
@@ -56,3 +57,30 @@ def test_a_window_of_free_slots_all_held_in_redis_looks_further(redis: redis_lib
 def test_a_lease_the_database_holds_is_never_handed_out_even_when_redis_lost_it(redis: redis_lib.Redis) -> None:
     assert _admit(redis, 3, taken={0, 1, 2}) == ("busy", -1)
     assert all(redis.get(keys.slot_lease("a", slot)) is None for slot in range(3))
+
+
+def test_runs_live_above_a_lowered_concurrency_count_against_it(redis: redis_lib.Redis) -> None:
+    """fleet.toml lowered the agent's concurrency from 4 to 2 while runs held slots 2 and 3: those two runs are
+    the agent's two, and no slot below 2 may be handed out until one of them ends (with 3 live the agent would
+    run more than its concurrency at once)."""
+    _hold(redis, "a", range(2, 4))
+    assert _admit(redis, 2, taken={2, 3}) == ("busy", -1)
+    assert Admissions(redis).admit_many([("a", 2, "q" * 32, 60, 60, {2, 3})])[0].verdict == "busy"
+    assert all(redis.get(keys.slot_lease("a", slot)) is None for slot in range(2))
+
+
+def test_a_lowered_concurrency_counts_a_lease_in_redis_only_against_the_runs_above_it(
+        redis: redis_lib.Redis) -> None:
+    """Concurrency lowered to 3 with a run still in slot 5, and another dispatch's lease on slot 0 in Redis only
+    (its row not committed yet): one more run fits (slot 1), and then none."""
+    _hold(redis, "a", range(1))
+    assert _admit(redis, 3, taken={5}) == ("ok", 1)
+    assert _admit(redis, 3, taken={5}, run_id="s" * 32) == ("busy", -1)
+
+
+def test_a_retry_under_a_lowered_concurrency_waits_for_the_runs_above_it(redis: redis_lib.Redis) -> None:
+    """The reaper's retry of an abandoned run (Leases.acquire, `taken` by the database) under a concurrency
+    lowered to 2 while two other runs hold slots 2 and 3: it waits for a slot, as a dispatch would."""
+    _hold(redis, "a", range(2, 4))
+    assert Leases(redis).acquire("a", 2, "t" * 32, 60, taken={2, 3}, replacing=7) is None
+    assert all(redis.get(keys.slot_lease("a", slot)) is None for slot in range(2))
