@@ -135,6 +135,27 @@ def test_commands_where_no_database_is_say_so_and_leave_no_file_behind(tmp_path:
     assert not (tmp_path / "fleet.db").exists(), "a command that only looked made an empty database"
 
 
+def test_a_kill_where_no_database_is_stays_in_force_names_the_missing_file_and_leaves_none(
+        tmp_path: Path, redis_url: str) -> None:
+    """`fleet kill` in a folder where no fleet ran: the flag goes up (a kill never waits), the mirror cannot be
+    written, and it says why, naming the file, without making an empty fleet.db that later commands would find."""
+    env = cli_env(tmp_path, redis_url)
+    result = fleet("kill", "--reason", "wrong folder", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.TRANSIENT, result.stdout + result.stderr
+    assert "the kill IS in force" in result.stderr
+    assert f"{tmp_path / 'fleet.db'} does not exist" in result.stderr, result.stderr
+    assert not (tmp_path / "fleet.db").exists(), "the kill made an empty database"
+
+
+def test_web_where_no_database_is_refuses_naming_the_missing_file(tmp_path: Path, redis_url: str) -> None:
+    env = cli_env(tmp_path, redis_url, FLEET_WEB_TOKEN="t" * 32, FLEET_WEB_PORT="0")
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("web", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert f"{tmp_path / 'fleet.db'} does not exist yet" in result.stderr, result.stderr
+    assert not (tmp_path / "fleet.db").exists()
+
+
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
