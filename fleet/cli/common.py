@@ -137,24 +137,33 @@ def services() -> Services:
     """Settings, config, database and Redis for a command that acts: on this fleet's Redis only."""
     from fleet.services import build
 
-    svc = build(_with_a_database(settings()))
+    svc = build(with_a_database(settings()))
     another_fleets_redis(svc)
     return svc
 
 
-def _with_a_database(s: Settings) -> Settings:
+def with_a_database(s: Settings) -> Settings:
     """The settings, once their SQLite file is known to exist (78 otherwise): SQLite makes a missing file on
     connect, and an empty fleet.db left by a look in the wrong folder would then say "no tables"."""
-    from fleet import db
     from fleet.errors import ConfigError
+
+    problem = no_database(s)
+    if problem is None:
+        return s
+    raise ConfigError(problem)
+
+
+def no_database(s: Settings) -> str | None:
+    """Why the settings' SQLite file cannot be used (it does not exist), or None: see with_a_database."""
+    from fleet import db
 
     missing = db.missing_sqlite_file(s.database_url)
     if missing is None:
-        return s
+        return None
     first = "" if s.config.exists() else f"`fleet init` writes {s.config.name} (there is none either), then "
-    raise ConfigError(f"{missing} does not exist yet: no fleet has run here. {first}`fleet up` makes the database and "
-                      "starts the fleet (`fleet db upgrade` only makes it); or run this in your fleet's folder, or set "
-                      "FLEET_DATABASE_URL to its database")
+    return (f"{missing} does not exist yet: no fleet has run here. {first}`fleet up` makes the database and starts "
+            "the fleet (`fleet db upgrade` only makes it); or run this in your fleet's folder, or set "
+            "FLEET_DATABASE_URL to its database")
 
 
 def reading_services(*, loud: bool = True) -> Services:
@@ -166,7 +175,7 @@ def reading_services(*, loud: bool = True) -> Services:
     from fleet.errors import ConfigError
     from fleet.services import build
 
-    s = _with_a_database(settings())
+    s = with_a_database(settings())
     try:
         config = fleet_config(s)
     except ConfigError as exc:

@@ -14,6 +14,7 @@ from fleet.cli.common import (
     emit_json,
     err,
     fleet_config,
+    no_database,
     out,
     reading_services,
     services,
@@ -47,7 +48,8 @@ def kill(
     from fleet import killswitch  # the database layer, for the mirror: after the flag is in force
 
     svc = _kill_services(config)
-    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now)
+    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now,
+                                unmirrorable=no_database(svc.settings))
     out.print(shown(engaged.describe() + (f": {reason}" if reason else "")))
     if hard:
         _hard_stop(svc, None if agent is None else scope)
