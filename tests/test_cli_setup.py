@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 
 from fleet.config import load_fleet_config
 from fleet.errors import ExitCode
@@ -133,6 +134,22 @@ def test_commands_where_no_database_is_say_so_and_leave_no_file_behind(tmp_path:
     assert f"{tmp_path / 'fleet.db'} does not exist yet" in result.stderr, result.stderr
     assert "fleet db upgrade" in result.stderr and "fleet up" in result.stderr
     assert not (tmp_path / "fleet.db").exists(), "a command that only looked made an empty database"
+
+
+def test_a_kill_in_a_folder_where_no_fleet_ran_says_so_and_leaves_no_database_behind(tmp_path: Path,
+                                                                                    redis_url: str) -> None:
+    """`fleet kill` in the wrong folder at 2am: the flag still goes up at once (a kill never waits), but the
+    command says that no fleet ran here (78, naming the file), not "the watchdog writes the mirror on its next
+    pass, or run `fleet kill` again" (there is no watchdog here), and it makes no empty fleet.db that every
+    later command would read as "no Fleet tables: run `fleet db upgrade`"."""
+    env = cli_env(tmp_path, redis_url)
+    result = fleet("kill", "--reason", "going to bed", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert f"{tmp_path / 'fleet.db'} does not exist" in result.stderr, result.stderr
+    assert "your fleet's folder" in result.stderr and "IS up in Redis" in result.stderr, result.stderr
+    assert "watchdog writes it" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "fleet.db").exists(), "the kill made an empty database in the wrong folder"
+    assert "going to bed" in (redis_lib.Redis.from_url(redis_url).get("fleet:kill:*") or b"").decode()
 
 
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
