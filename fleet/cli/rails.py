@@ -43,7 +43,8 @@ def kill(
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
     config, scope = _kill_config(agent)
-    now, who = _raise_flag_first(scope, reason, hard)
+    now, who, raised = _raise_flag_first(scope, reason, hard)
+    _refuse_without_a_database(scope, raised)
     from fleet import killswitch  # the database layer, for the mirror: after the flag is in force
 
     svc = _kill_services(config)
@@ -110,10 +111,10 @@ def _agents_named_in(path: Path) -> set[str]:
     return {name for name in tables if AGENT_NAME.match(name)} if isinstance(tables, dict) else set()
 
 
-def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datetime, str]:
+def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datetime, str, bool]:
     """The flag in Redis before anything else is imported or connected, so agents start stopping at once;
-    (when, who) for the engagement that follows. A Redis that cannot take it is left to `engage`, which
-    tries again and reports where the kill landed."""
+    (when, who, whether Redis took it) for the engagement that follows. A Redis that cannot take it is left to
+    `engage`, which tries again and reports where the kill landed."""
     import redis
 
     from fleet.killflag import raise_flag
@@ -123,11 +124,36 @@ def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datet
     client = redis_client(settings().broker_url, timeout_s=1.0)  # a Redis that is away: engage() waits it out
     try:
         raise_flag(client, scope=scope, reason=reason, actor=who, at=now, hard=hard)
+        raised = True
     except redis.RedisError:
-        pass  # engage() says so
+        raised = False  # engage() says so
     finally:
         client.close()
-    return now, who
+    return now, who, raised
+
+
+def _refuse_without_a_database(scope: str, raised: bool) -> None:
+    """78 when the SQLite file the settings name does not exist (the wrong folder, at 2am): the mirror would be
+    written into an empty fleet.db made in passing, and "the watchdog writes it" is untrue where no fleet runs.
+    The flag, already up or not, is said as it is, with where to go instead."""
+    from fleet import db
+    from fleet.errors import ConfigError
+
+    s = settings()
+    missing = db.missing_sqlite_file(s.database_url)
+    if missing is None:
+        return
+    from fleet.supervisor import mask_redis_url  # fleet up's module, heavy: only for a refusal
+    where = "the whole fleet" if scope == GLOBAL else f"agent {scope}"
+    redis_shown = mask_redis_url(s.broker_url)
+    if raised:
+        said = (f"the kill flag for {where} IS up in Redis {redis_shown} (a fleet using that Redis stops now), but "
+                "it has no database mirror: a Redis restart would lift it, and `fleet resume` cannot from here")
+    else:
+        said = f"nothing was killed: Redis {redis_shown} did not take the flag"
+    raise ConfigError(f"{said}. {missing} does not exist: no fleet has run in this folder. Run `fleet kill` in "
+                      "your fleet's folder (or set FLEET_DATABASE_URL to its database); `fleet resume` there "
+                      "lifts it")
 
 
 def _kill_services(config: FleetConfig) -> Services:
