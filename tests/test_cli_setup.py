@@ -152,6 +152,20 @@ def test_a_kill_in_a_folder_where_no_fleet_ran_says_so_and_leaves_no_database_be
     assert "going to bed" in (redis_lib.Redis.from_url(redis_url).get("fleet:kill:*") or b"").decode()
 
 
+def test_runs_of_a_misspelt_agent_is_69_naming_the_known_ones_not_an_empty_table(tmp_path: Path,
+                                                                                 redis_url: str) -> None:
+    """`fleet runs --agent ehco` at 2am: an empty table and exit 0 read as "echo never ran". An agent the file
+    does not name and no run remembers is a typo: 69 with the known names, as `fleet dispatch ehco` says."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("runs", "--agent", "ehco", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.NOT_FOUND, result.stdout + result.stderr
+    assert "unknown agent 'ehco'" in result.stderr and "echo" in result.stderr, result.stderr
+    known = fleet("runs", "--agent", "echo", env=env, cwd=tmp_path)  # named in the file, no runs yet: a table
+    assert known.returncode == 0, known.stdout + known.stderr
+
+
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
