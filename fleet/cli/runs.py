@@ -196,6 +196,9 @@ def runs_list(
     svc = reading_services()
     with db.session(svc.engine) as session:
         rows = store.list_runs(session=session, agent=agent, status=status, limit=limit)
+        if agent is not None and not rows and svc.config.agents and agent not in svc.config.agents \
+                and not store.list_runs(session=session, agent=agent, status=None, limit=1):
+            svc.config.agent(agent)  # named nowhere, by the file or a run: a typo, 69 with the known names
     if as_json:
         emit_json([run_json(r) for r in rows])
         return
