@@ -166,6 +166,23 @@ def test_runs_of_a_misspelt_agent_is_69_naming_the_known_ones_not_an_empty_table
     assert known.returncode == 0, known.stdout + known.stderr
 
 
+def test_one_agents_kill_refused_by_a_broken_fleet_toml_names_the_kill_that_still_works(tmp_path: Path,
+                                                                                       redis_url: str) -> None:
+    """A fleet.toml that is not even TOML (a key given twice in a hurried edit) cannot tell `fleet kill echo`
+    from a typo, so that kill is refused (78). At the moment a kill is needed the refusal must say what does
+    work without the file: the whole fleet's kill, or fixing the file."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    config = tmp_path / "fleet.toml"
+    config.write_text(config.read_text().replace("timeout_s = 60\n", "timeout_s = 60\ntimeout_s = 61\n", 1))
+    result = fleet("kill", "echo", "--reason", "runaway", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert "invalid TOML" in result.stderr, result.stderr
+    assert "`fleet kill` without an agent" in result.stderr, result.stderr
+    assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is None
+
+
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
