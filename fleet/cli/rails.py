@@ -91,7 +91,10 @@ def _kill_config(agent: str | None) -> tuple[FleetConfig, str]:
         config = fleet_config(s)
     except ConfigError as exc:
         if agent is not None and agent not in _agents_named_in(s.config):
-            raise  # without the file, one agent's name cannot be told from a typo
+            # without the file, one agent's name cannot be told from a typo: say what stops it anyway
+            raise ConfigError(f"{exc}\nfleet: the file does not show {agent!r} as one of its agents, so it cannot "
+                              f"be killed alone; `fleet kill` without an agent stops the whole fleet now, or fix "
+                              f"{s.config.name} and run this again") from None
         where = "the whole fleet" if agent is None else f"agent {agent}"
         err.print(f"fleet: {exc}\nfleet: killing {where} anyway", highlight=False, markup=False)
         return FleetConfig(path=s.config, fleet=FleetSection(), agents={}), agent or GLOBAL
