@@ -96,12 +96,15 @@ def test_the_commented_claude_agent_is_a_valid_agent_once_uncommented(tmp_path: 
 
 
 def test_doctor_before_db_upgrade_fails_78_naming_db_upgrade(tmp_path: Path, redis_url: str) -> None:
-    """Every other command fails (78) until the tables exist: the doctor must not call that "ready"."""
+    """Every other command fails (78) until the tables exist: the doctor must not call that "ready". `fleet init`
+    offers the doctor as a first look before `fleet up`, so its FAIL must say that `fleet up` makes the database
+    too, as every other command does, not send a newcomer off to `fleet db upgrade` as if something were wrong."""
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", env=env, cwd=tmp_path).returncode == 0  # into the current folder by default
     result = fleet("doctor", env=env, cwd=tmp_path)
     assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
     assert "FAIL  database" in result.stdout and "fleet db upgrade" in result.stdout
+    assert "`fleet up` makes it" in result.stdout, result.stdout
     assert "ready" not in result.stdout
 
 
