@@ -309,7 +309,8 @@ def _check_sqlite_file(engine: Engine, shown: str) -> Iterator[Finding]:
                     "the database and its -wal and -shm files there", ExitCode.AUTH)
     elif not path.exists():
         # Every other command would fail (78) until the tables exist: not "ready".
-        yield _fail("database", f"{shown} does not exist yet: run `fleet db upgrade` to create it",
+        yield _fail("database", f"{shown} does not exist yet (no fleet has run here): `fleet up` makes it "
+                    "and starts the fleet; `fleet db upgrade` only makes it",
                     ExitCode.CONFIG)
     elif not path.is_file():
         yield _fail("database", f"{shown}: {path} is not a file", ExitCode.CONFIG)
