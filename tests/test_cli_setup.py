@@ -186,6 +186,22 @@ def test_one_agents_kill_refused_by_a_broken_fleet_toml_names_the_kill_that_stil
     assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is None
 
 
+def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(tmp_path: Path,
+                                                                              redis_url: str) -> None:
+    """`fleet status` after `fleet up` stopped (or in a folder whose embedded Redis is gone, so the command reads
+    127.0.0.1:6379): "beat: leader none, last tick never" and exit 0 beside the runs of last night, with no word
+    that nothing runs or of which Redis was read. It should say that no beat answers on that Redis (masked) and
+    how the fleet is started or reached."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("status", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "beat: leader none, last tick never" in result.stdout, result.stdout
+    assert "is the fleet running?" in result.stdout and "fleet up" in result.stdout, result.stdout
+    assert redis_url.split("@")[-1].split("/")[0] in result.stdout, result.stdout
+
+
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
