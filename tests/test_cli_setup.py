@@ -202,6 +202,22 @@ def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(t
     assert redis_url.split("@")[-1].split("/")[0] in result.stdout, result.stdout
 
 
+def test_a_postgresql_role_that_does_not_exist_is_77_not_safe_to_retry(tmp_path: Path, redis_url: str,
+                                                                      pg_server: str) -> None:
+    """A misspelt user in FLEET_DATABASE_URL: PostgreSQL refuses the connection (`role "..." does not exist`), which
+    the commands called "database unreachable ... safe to retry" (75): a cron retries it forever. Refused
+    credentials are 77, as a wrong password is."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(f"{pg_server}/postgres").set(username="fleet_no_such_role", password="x")
+    env = cli_env(tmp_path, redis_url, FLEET_DATABASE_URL=url.render_as_string(hide_password=False))
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("status", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.AUTH, result.stdout + result.stderr
+    assert 'role "fleet_no_such_role" does not exist' in result.stderr, result.stderr
+    assert "safe to retry" not in result.stderr, result.stderr
+
+
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
