@@ -216,6 +216,10 @@ def test_a_postgresql_role_that_does_not_exist_is_77_not_safe_to_retry(tmp_path:
     assert result.returncode == ExitCode.AUTH, result.stdout + result.stderr
     assert 'role "fleet_no_such_role" does not exist' in result.stderr, result.stderr
     assert "safe to retry" not in result.stderr, result.stderr
+    doctor = fleet("doctor", env=env, cwd=tmp_path)  # not "unreachable: start PostgreSQL" (75)
+    assert doctor.returncode == ExitCode.AUTH, doctor.stdout + doctor.stderr
+    assert "FAIL  database" in doctor.stdout and "refused" in doctor.stdout, doctor.stdout
+    assert "start PostgreSQL" not in doctor.stdout and "password" not in doctor.stdout.replace("***", ""), doctor.stdout
 
 
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
