@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from fleet import db, identity, redaction
 from fleet.config import AgentSpec, FleetConfig, Settings, load_fleet_config
-from fleet.errors import ConfigError, ExitCode, UnavailableError
+from fleet.errors import ConfigError, ExitCode, PermissionDeniedError, UnavailableError
 from fleet.process import resolve_argv
 from fleet.services import redis_client
 
@@ -329,6 +329,9 @@ def _check_server(engine: Engine, shown: str) -> Iterator[Finding]:
         return
     except ConfigError as exc:  # the server answered: the database it names was never created
         yield _fail("database", str(exc), ExitCode.CONFIG)
+        return
+    except PermissionDeniedError as exc:  # the server answered: it does not let this user in
+        yield _fail("database", str(exc), ExitCode.AUTH)
         return
     yield _ok("database", f"{shown} answers")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from fleet.errors import (
     SchemaError,
     UnavailableError,
     missing_database,
+    refused_credentials,
 )
 from fleet.locks import Leases
 
@@ -64,10 +64,6 @@ def _schema_missing(exc: Exception) -> bool:
     return type(orig).__module__ == "sqlite3" and any(words in str(orig) for words in _SQLITE_SCHEMA_WORDS)
 
 
-# PostgreSQL's refusals of who connects (SQLSTATE 28000 and 28P01), as libpq words them: no retry lets them in.
-_NO_ROLE = re.compile(r'FATAL:\s+role "[^"]*" does not exist')
-
-
 def as_fleet_error(exc: Exception) -> FleetError:
     """A Redis or database failure as the error the CLI maps to its exit code: refused credentials
     are 77 (loud: retrying will not help), a missing or older schema 78 (`fleet db upgrade` fixes it,
@@ -81,7 +77,7 @@ def as_fleet_error(exc: Exception) -> FleetError:
         return PermissionDeniedError(f"Redis refused the credentials: {detail}")
     if isinstance(exc, redis.RedisError):
         return UnavailableError(f"Redis unreachable: {detail} (nothing was written; safe to retry)")
-    if "authentication failed" in detail or _NO_ROLE.search(detail) or "no pg_hba.conf entry" in detail:
+    if refused_credentials(detail):
         return PermissionDeniedError(f"the database refused the credentials: {detail}")
     return missing_database(detail) or UnavailableError(
         f"database unreachable: {detail} (nothing was written; safe to retry)")
