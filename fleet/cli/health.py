@@ -126,7 +126,7 @@ def watchdog_command(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the canaries to come back.")] = 20.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the fleet from anywhere (cron on another host): exit 0 green, 1 red, 75 unreachable.
+    """Check the fleet from anywhere (cron on another host): exit 0 green/amber, 1 red, 75 down, 77 auth, 78 config.
 
     Example: */5 * * * * fleet watchdog --json || page-me
     """
