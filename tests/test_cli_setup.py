@@ -223,6 +223,25 @@ def test_a_postgresql_role_that_does_not_exist_is_77_not_safe_to_retry(tmp_path:
     assert "hunter2-never-shown" not in doctor.stdout + doctor.stderr + result.stderr
 
 
+def test_resuming_one_agent_killed_while_fleet_toml_is_broken_says_what_lifts_it(tmp_path: Path,
+                                                                                 redis_url: str) -> None:
+    """`fleet kill echo` goes through a fleet.toml that does not validate (the file still names echo), but
+    `fleet resume echo` is refused (78) with the file's problem alone: the operator who killed it a minute ago is
+    not told that the file must validate first, nor that the kill holds meanwhile."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    config = tmp_path / "fleet.toml"
+    config.write_text(config.read_text().replace("timeout_s = 120\n", "timeout_s = -5\n", 1))  # sleeper's
+    killed = fleet("kill", "echo", "--reason", "runaway", env=env, cwd=tmp_path)
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    resumed = fleet("resume", "echo", env=env, cwd=tmp_path)
+    assert resumed.returncode == ExitCode.CONFIG, resumed.stdout + resumed.stderr
+    assert "timeout_s" in resumed.stderr, resumed.stderr
+    assert "still in force" in resumed.stderr and "fleet doctor" in resumed.stderr, resumed.stderr
+    assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is not None
+
+
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", str(tmp_path), env=env, cwd=tmp_path).returncode == 0
