@@ -208,6 +208,15 @@ def _scope_services(agent: str | None) -> Services:
     the whole fleet's goes on without one. Either acts on this fleet's Redis only: pausing or lifting another
     fleet's would stop or start what its operator did not."""
     if agent is not None:
+        from fleet.errors import ConfigError
+
+        try:
+            fleet_config()
+        except ConfigError as exc:  # said with what it means for this agent's kill or pause, and what lifts it
+            raise ConfigError(f"{exc}\nfleet: nothing changed for agent {agent}: whatever holds it (a kill, a pause) "
+                              "is still in force. One agent's resume or pause needs a fleet.toml that validates "
+                              "(it must tell the agent from a typo): fix it (`fleet doctor` names the problem), "
+                              "then run this again; the running fleet keeps its last good file") from None
         return services()
     svc = reading_services(loud=False)
     another_fleets_redis(svc)
