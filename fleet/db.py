@@ -20,7 +20,14 @@ from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
-from fleet.errors import ConfigError, UnavailableError, first_line, missing_database
+from fleet.errors import (
+    ConfigError,
+    PermissionDeniedError,
+    UnavailableError,
+    first_line,
+    missing_database,
+    refused_credentials,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -227,12 +234,16 @@ def rowcount(result: Result[Any]) -> int:
 
 
 def check(engine: Engine) -> None:
-    """Raise UnavailableError when the database cannot be reached (ConfigError when it was never created)."""
+    """Raise UnavailableError when the database cannot be reached (ConfigError when it was never created,
+    PermissionDeniedError when it refuses who connects)."""
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         detail = first_line(exc)
+        if refused_credentials(detail):
+            raise PermissionDeniedError(f"the database refused the credentials ({engine.url.render_as_string()}): "
+                                        f"{detail}; check the user and password in FLEET_DATABASE_URL") from None
         raise missing_database(detail) or UnavailableError(
             f"database unreachable ({engine.url.render_as_string()}): {detail}") from None
 

@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from fleet import db, identity, redaction
 from fleet.config import AgentSpec, FleetConfig, Settings, load_fleet_config
-from fleet.errors import ConfigError, ExitCode, UnavailableError
+from fleet.errors import ConfigError, ExitCode, PermissionDeniedError, UnavailableError
 from fleet.process import resolve_argv
 from fleet.services import redis_client
 
@@ -309,7 +309,8 @@ def _check_sqlite_file(engine: Engine, shown: str) -> Iterator[Finding]:
                     "the database and its -wal and -shm files there", ExitCode.AUTH)
     elif not path.exists():
         # Every other command would fail (78) until the tables exist: not "ready".
-        yield _fail("database", f"{shown} does not exist yet: run `fleet db upgrade` to create it",
+        yield _fail("database", f"{shown} does not exist yet (no fleet has run here): `fleet up` makes it "
+                    "and starts the fleet; `fleet db upgrade` only makes it",
                     ExitCode.CONFIG)
     elif not path.is_file():
         yield _fail("database", f"{shown}: {path} is not a file", ExitCode.CONFIG)
@@ -328,6 +329,9 @@ def _check_server(engine: Engine, shown: str) -> Iterator[Finding]:
         return
     except ConfigError as exc:  # the server answered: the database it names was never created
         yield _fail("database", str(exc), ExitCode.CONFIG)
+        return
+    except PermissionDeniedError as exc:  # the server answered: it does not let this user in
+        yield _fail("database", str(exc), ExitCode.AUTH)
         return
     yield _ok("database", f"{shown} answers")
 

@@ -79,6 +79,15 @@ class KillNotMirroredError(FleetError):
     exit_code = ExitCode.TRANSIENT  # `fleet kill` again is safe and writes the mirror
 
 
+# PostgreSQL's refusals of who connects (SQLSTATE 28000 and 28P01), as libpq words them: no retry lets them in.
+_REFUSED = re.compile(r'authentication failed|FATAL:\s+role "[^"]*" does not exist|no pg_hba\.conf entry')
+
+
+def refused_credentials(detail: str) -> bool:
+    """Whether a database's refusal says who connects is not let in (a wrong password or user): 77, not 75."""
+    return _REFUSED.search(detail) is not None
+
+
 _NO_DATABASE = re.compile(r'database "(?P<name>[^"]+)" does not exist')
 
 

@@ -86,13 +86,11 @@ class Engagement:
 
 
 def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
-           hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S,
-           unmirrorable: str | None = None) -> Engagement:
+           hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S) -> Engagement:
     """Throw the switch: Redis first (in force at once), then the database mirror (durable).
 
     Raises BadInputError before anything is set, and UnavailableError when neither place could be
-    written. A kill that reached only one of them is in force and is returned as such. `unmirrorable`: why
-    the mirror is not even tried (a SQLite file that does not exist, which connecting would make empty).
+    written. A kill that reached only one of them is in force and is returned as such.
     """
     redis_problem = None
     try:
@@ -103,8 +101,8 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
         # away, and the next check copies it back into Redis.
         redis_problem = f"Redis unreachable: {first_line(exc)}"
         logs.get(__name__).warning("kill.redis_unreachable", scope=scope)
-    mirror_problem = unmirrorable or _write_mirror(engine, scope=scope, reason=reason, actor=actor, hard=hard,
-                                                   now=now, deadline_s=mirror_deadline_s)
+    mirror_problem = _write_mirror(engine, scope=scope, reason=reason, actor=actor, hard=hard, now=now,
+                                   deadline_s=mirror_deadline_s)
     if redis_problem and mirror_problem:
         raise UnavailableError(f"the kill switch was NOT engaged: {redis_problem}; "
                                f"database: {mirror_problem}") from None

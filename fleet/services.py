@@ -23,6 +23,7 @@ from fleet.errors import (
     SchemaError,
     UnavailableError,
     missing_database,
+    refused_credentials,
 )
 from fleet.locks import Leases
 
@@ -76,7 +77,7 @@ def as_fleet_error(exc: Exception) -> FleetError:
         return PermissionDeniedError(f"Redis refused the credentials: {detail}")
     if isinstance(exc, redis.RedisError):
         return UnavailableError(f"Redis unreachable: {detail} (nothing was written; safe to retry)")
-    if "password authentication failed" in detail or "authentication failed" in detail:
+    if refused_credentials(detail):
         return PermissionDeniedError(f"the database refused the credentials: {detail}")
     return missing_database(detail) or UnavailableError(
         f"database unreachable: {detail} (nothing was written; safe to retry)")

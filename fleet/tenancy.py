@@ -42,7 +42,8 @@ class OtherFleet:
 
     def describe(self) -> str:
         """What the operator reads."""
-        lapse = (f"its mark lapses {self.expires_in_s} s after that fleet stops renewing it"
+        lapse = (f"its mark lapses in {self.expires_in_s} s unless that fleet renews it, as a running one does "
+                 f"every minute: within {MARK_TTL_S // 60} minutes of its stop"
                  if self.expires_in_s >= 0 else "its mark does not expire")
         return (f"another fleet (id {self.fleet_id[:8]}, a database other than this one) uses this Redis database: "
                 f"two fleets on one Redis database take each other's runs and kills; give each fleet its own "

@@ -1086,3 +1086,16 @@ def test_help_loads_no_heavy_library_and_every_task_is_registered_by_name(tmp_pa
     for name in ("fleet.dispatch", "fleet.execute", "fleet.tick", "fleet.sweep.reaper", "fleet.sweep.idempotency",
                  "fleet.sweep.retention", "fleet.watchdog", "fleet.kill", "fleet.resume"):
         assert f"'{name}'" in listed, listed  # ...yet registered once the app is finalized
+
+
+def test_dispatching_the_key_of_a_run_that_failed_says_how_to_run_that_work_again(fleet: Fleet) -> None:
+    """`fleet dispatch fail --key K` after K's run was dead-lettered (or killed): "duplicate run ID (already dead)"
+    and exit 0, and a tired operator who resumed the agent runs the same line again and again. The same key
+    never runs twice by design; the answer must say what does run it again."""
+    fleet.reset_agent("fail")
+    key = new_key("failed-once")
+    assert_exit(fleet.cli("dispatch", "fail", "--key", key, "--wait"), 1)
+    again = fleet.cli("dispatch", "fail", "--key", key)
+    assert_exit(again, 0)
+    assert "(already dead)" in again.stdout, show(again)
+    assert "a new --key runs it again" in again.stdout and "fleet dlq replay" in again.stdout, show(again)

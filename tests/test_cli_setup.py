@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 
 from fleet.config import load_fleet_config
 from fleet.errors import ExitCode
@@ -95,12 +96,15 @@ def test_the_commented_claude_agent_is_a_valid_agent_once_uncommented(tmp_path: 
 
 
 def test_doctor_before_db_upgrade_fails_78_naming_db_upgrade(tmp_path: Path, redis_url: str) -> None:
-    """Every other command fails (78) until the tables exist: the doctor must not call that "ready"."""
+    """Every other command fails (78) until the tables exist: the doctor must not call that "ready". `fleet init`
+    offers the doctor as a first look before `fleet up`, so its FAIL must say that `fleet up` makes the database
+    too, as every other command does, not send a newcomer off to `fleet db upgrade` as if something were wrong."""
     env = cli_env(tmp_path, redis_url)
     assert fleet("init", env=env, cwd=tmp_path).returncode == 0  # into the current folder by default
     result = fleet("doctor", env=env, cwd=tmp_path)
     assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
     assert "FAIL  database" in result.stdout and "fleet db upgrade" in result.stdout
+    assert "`fleet up` makes it" in result.stdout, result.stdout
     assert "ready" not in result.stdout
 
 
@@ -135,16 +139,107 @@ def test_commands_where_no_database_is_say_so_and_leave_no_file_behind(tmp_path:
     assert not (tmp_path / "fleet.db").exists(), "a command that only looked made an empty database"
 
 
-def test_a_kill_where_no_database_is_stays_in_force_names_the_missing_file_and_leaves_none(
-        tmp_path: Path, redis_url: str) -> None:
-    """`fleet kill` in a folder where no fleet ran: the flag goes up (a kill never waits), the mirror cannot be
-    written, and it says why, naming the file, without making an empty fleet.db that later commands would find."""
+def test_a_kill_in_a_folder_where_no_fleet_ran_says_so_and_leaves_no_database_behind(tmp_path: Path,
+                                                                                    redis_url: str) -> None:
+    """`fleet kill` in the wrong folder at 2am: the flag still goes up at once (a kill never waits), but the
+    command says that no fleet ran here (78, naming the file), not "the watchdog writes the mirror on its next
+    pass, or run `fleet kill` again" (there is no watchdog here), and it makes no empty fleet.db that every
+    later command would read as "no Fleet tables: run `fleet db upgrade`"."""
     env = cli_env(tmp_path, redis_url)
-    result = fleet("kill", "--reason", "wrong folder", env=env, cwd=tmp_path)
-    assert result.returncode == ExitCode.TRANSIENT, result.stdout + result.stderr
-    assert "the kill IS in force" in result.stderr
+    result = fleet("kill", "--reason", "going to bed", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
     assert f"{tmp_path / 'fleet.db'} does not exist" in result.stderr, result.stderr
-    assert not (tmp_path / "fleet.db").exists(), "the kill made an empty database"
+    assert "your fleet's folder" in result.stderr and "IS up in Redis" in result.stderr, result.stderr
+    assert "watchdog writes it" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "fleet.db").exists(), "the kill made an empty database in the wrong folder"
+    assert "going to bed" in (redis_lib.Redis.from_url(redis_url).get("fleet:kill:*") or b"").decode()
+
+
+def test_runs_of_a_misspelt_agent_is_69_naming_the_known_ones_not_an_empty_table(tmp_path: Path,
+                                                                                 redis_url: str) -> None:
+    """`fleet runs --agent ehco` at 2am: an empty table and exit 0 read as "echo never ran". An agent the file
+    does not name and no run remembers is a typo: 69 with the known names, as `fleet dispatch ehco` says."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("runs", "--agent", "ehco", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.NOT_FOUND, result.stdout + result.stderr
+    assert "unknown agent 'ehco'" in result.stderr and "echo" in result.stderr, result.stderr
+    known = fleet("runs", "--agent", "echo", env=env, cwd=tmp_path)  # named in the file, no runs yet: a table
+    assert known.returncode == 0, known.stdout + known.stderr
+
+
+def test_one_agents_kill_refused_by_a_broken_fleet_toml_names_the_kill_that_still_works(tmp_path: Path,
+                                                                                       redis_url: str) -> None:
+    """A fleet.toml that is not even TOML (a key given twice in a hurried edit) cannot tell `fleet kill echo`
+    from a typo, so that kill is refused (78). At the moment a kill is needed the refusal must say what does
+    work without the file: the whole fleet's kill, or fixing the file."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    config = tmp_path / "fleet.toml"
+    config.write_text(config.read_text().replace("timeout_s = 60\n", "timeout_s = 60\ntimeout_s = 61\n", 1))
+    result = fleet("kill", "echo", "--reason", "runaway", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
+    assert "invalid TOML" in result.stderr, result.stderr
+    assert "`fleet kill` without an agent" in result.stderr, result.stderr
+    assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is None
+
+
+def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(tmp_path: Path,
+                                                                              redis_url: str) -> None:
+    """`fleet status` after `fleet up` stopped (or in a folder whose embedded Redis is gone, so the command reads
+    127.0.0.1:6379): "beat: leader none, last tick never" and exit 0 beside the runs of last night, with no word
+    that nothing runs or of which Redis was read. It should say that no beat answers on that Redis (masked) and
+    how the fleet is started or reached."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("status", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "beat: leader none, last tick never" in result.stdout, result.stdout
+    assert "is the fleet running?" in result.stdout and "fleet up" in result.stdout, result.stdout
+    assert redis_url.split("@")[-1].split("/")[0] in result.stdout, result.stdout
+
+
+def test_a_postgresql_role_that_does_not_exist_is_77_not_safe_to_retry(tmp_path: Path, redis_url: str,
+                                                                      pg_server: str) -> None:
+    """A misspelt user in FLEET_DATABASE_URL: PostgreSQL refuses the connection (`role "..." does not exist`), which
+    the commands called "database unreachable ... safe to retry" (75): a cron retries it forever. Refused
+    credentials are 77, as a wrong password is."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(f"{pg_server}/postgres").set(username="fleet_no_such_role", password="hunter2-never-shown")
+    env = cli_env(tmp_path, redis_url, FLEET_DATABASE_URL=url.render_as_string(hide_password=False))
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    result = fleet("status", env=env, cwd=tmp_path)
+    assert result.returncode == ExitCode.AUTH, result.stdout + result.stderr
+    assert 'role "fleet_no_such_role" does not exist' in result.stderr, result.stderr
+    assert "safe to retry" not in result.stderr, result.stderr
+    doctor = fleet("doctor", env=env, cwd=tmp_path)  # not "unreachable: start PostgreSQL" (75)
+    assert doctor.returncode == ExitCode.AUTH, doctor.stdout + doctor.stderr
+    assert "FAIL  database" in doctor.stdout and "refused" in doctor.stdout, doctor.stdout
+    assert "start PostgreSQL" not in doctor.stdout, doctor.stdout
+    assert "hunter2-never-shown" not in doctor.stdout + doctor.stderr + result.stderr
+
+
+def test_resuming_one_agent_killed_while_fleet_toml_is_broken_says_what_lifts_it(tmp_path: Path,
+                                                                                 redis_url: str) -> None:
+    """`fleet kill echo` goes through a fleet.toml that does not validate (the file still names echo), but
+    `fleet resume echo` is refused (78) with the file's problem alone: the operator who killed it a minute ago is
+    not told that the file must validate first, nor that the kill holds meanwhile."""
+    env = cli_env(tmp_path, redis_url)
+    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
+    assert fleet("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    config = tmp_path / "fleet.toml"
+    config.write_text(config.read_text().replace("timeout_s = 120\n", "timeout_s = -5\n", 1))  # sleeper's
+    killed = fleet("kill", "echo", "--reason", "runaway", env=env, cwd=tmp_path)
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    resumed = fleet("resume", "echo", env=env, cwd=tmp_path)
+    assert resumed.returncode == ExitCode.CONFIG, resumed.stdout + resumed.stderr
+    assert "timeout_s" in resumed.stderr, resumed.stderr
+    assert "still in force" in resumed.stderr and "fleet doctor" in resumed.stderr, resumed.stderr
+    assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is not None
 
 
 def test_web_where_no_database_is_refuses_naming_the_missing_file(tmp_path: Path, redis_url: str) -> None:

@@ -239,3 +239,14 @@ def test_a_watchdog_that_stays_red_raises_its_alert_again_every_hour(services: S
     (again,) = red_pass(61)
     assert "still red" in again and "redis_owner" in again
     assert red_pass(62) == [] and len(red_pass(121)) == 1
+
+
+def test_another_fleets_mark_is_said_as_lapsing_in_its_ttl_unless_renewed_not_after_that_fleet_stops() -> None:
+    """The refusal read "its mark lapses 268 s after that fleet stops renewing it" of a fleet that is running and
+    renews it every minute: the 268 s are what is left now, and a stopped fleet's mark lapses within the TTL."""
+    from fleet.tenancy import MARK_TTL_S, OtherFleet
+
+    said = OtherFleet("d09c92f8aaaa", 268).describe()
+    assert "after that fleet stops" not in said, said
+    assert "in 268 s unless that fleet renews it" in said and f"{MARK_TTL_S // 60} minutes" in said, said
+    assert "does not expire" in OtherFleet("d09c92f8aaaa", -1).describe()

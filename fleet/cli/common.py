@@ -145,25 +145,16 @@ def services() -> Services:
 def with_a_database(s: Settings) -> Settings:
     """The settings, once their SQLite file is known to exist (78 otherwise): SQLite makes a missing file on
     connect, and an empty fleet.db left by a look in the wrong folder would then say "no tables"."""
-    from fleet.errors import ConfigError
-
-    problem = no_database(s)
-    if problem is None:
-        return s
-    raise ConfigError(problem)
-
-
-def no_database(s: Settings) -> str | None:
-    """Why the settings' SQLite file cannot be used (it does not exist), or None: see with_a_database."""
     from fleet import db
+    from fleet.errors import ConfigError
 
     missing = db.missing_sqlite_file(s.database_url)
     if missing is None:
-        return None
+        return s
     first = "" if s.config.exists() else f"`fleet init` writes {s.config.name} (there is none either), then "
-    return (f"{missing} does not exist yet: no fleet has run here. {first}`fleet up` makes the database and starts "
-            "the fleet (`fleet db upgrade` only makes it); or run this in your fleet's folder, or set "
-            "FLEET_DATABASE_URL to its database")
+    raise ConfigError(f"{missing} does not exist yet: no fleet has run here. {first}`fleet up` makes the database and "
+                      "starts the fleet (`fleet db upgrade` only makes it); or run this in your fleet's folder, or set "
+                      "FLEET_DATABASE_URL to its database")
 
 
 def reading_services(*, loud: bool = True) -> Services:

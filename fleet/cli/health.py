@@ -47,6 +47,12 @@ def status(as_json: JsonOpt = False) -> None:
         emit_json(picture)
     else:
         _print_status(picture)
+        if picture["redis"] == "ok" and not picture["beat"]["leader"]:
+            from fleet.supervisor import mask_redis_url  # fleet up's module, heavy: only for a fleet that is down
+
+            out.print(f"no beat leads on {mask_redis_url(svc.settings.broker_url)}: is the fleet running? `fleet up` "
+                      "in its folder starts it; from elsewhere, export FLEET_REDIS_URL_FILE as its banner printed",
+                      style="yellow", markup=False, highlight=False)
     if picture["redis"] != "ok":
         # The database's part is printed above; a cron or a script reading only the exit code must still
         # learn that the fleet is half seen (75, as the README's exit-code table says for Redis down; 77 for
@@ -120,7 +126,7 @@ def watchdog_command(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the canaries to come back.")] = 20.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check the fleet from anywhere (cron on another host): exit 0 green, 1 red, 75 unreachable.
+    """Check the fleet from anywhere (cron on another host): exit 0 green/amber, 1 red, 75 down, 77 auth, 78 config.
 
     Example: */5 * * * * fleet watchdog --json || page-me
     """

@@ -14,7 +14,6 @@ from fleet.cli.common import (
     emit_json,
     err,
     fleet_config,
-    no_database,
     out,
     reading_services,
     services,
@@ -44,12 +43,12 @@ def kill(
     Example: fleet kill --reason "runaway spend"    |    fleet kill digest
     """
     config, scope = _kill_config(agent)
-    now, who = _raise_flag_first(scope, reason, hard)
+    now, who, raised = _raise_flag_first(scope, reason, hard)
+    _refuse_without_a_database(scope, raised)
     from fleet import killswitch  # the database layer, for the mirror: after the flag is in force
 
     svc = _kill_services(config)
-    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now,
-                                unmirrorable=no_database(svc.settings))
+    engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=who, hard=hard, now=now)
     out.print(shown(engaged.describe() + (f": {reason}" if reason else "")))
     if hard:
         _hard_stop(svc, None if agent is None else scope)
@@ -92,7 +91,10 @@ def _kill_config(agent: str | None) -> tuple[FleetConfig, str]:
         config = fleet_config(s)
     except ConfigError as exc:
         if agent is not None and agent not in _agents_named_in(s.config):
-            raise  # without the file, one agent's name cannot be told from a typo
+            # without the file, one agent's name cannot be told from a typo: say what stops it anyway
+            raise ConfigError(f"{exc}\nfleet: the file does not show {agent!r} as one of its agents, so it cannot "
+                              f"be killed alone; `fleet kill` without an agent stops the whole fleet now, or fix "
+                              f"{s.config.name} and run this again") from None
         where = "the whole fleet" if agent is None else f"agent {agent}"
         err.print(f"fleet: {exc}\nfleet: killing {where} anyway", highlight=False, markup=False)
         return FleetConfig(path=s.config, fleet=FleetSection(), agents={}), agent or GLOBAL
@@ -112,10 +114,10 @@ def _agents_named_in(path: Path) -> set[str]:
     return {name for name in tables if AGENT_NAME.match(name)} if isinstance(tables, dict) else set()
 
 
-def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datetime, str]:
+def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datetime, str, bool]:
     """The flag in Redis before anything else is imported or connected, so agents start stopping at once;
-    (when, who) for the engagement that follows. A Redis that cannot take it is left to `engage`, which
-    tries again and reports where the kill landed."""
+    (when, who, whether Redis took it) for the engagement that follows. A Redis that cannot take it is left to
+    `engage`, which tries again and reports where the kill landed."""
     import redis
 
     from fleet.killflag import raise_flag
@@ -125,11 +127,36 @@ def _raise_flag_first(scope: str, reason: str | None, hard: bool) -> tuple[datet
     client = redis_client(settings().broker_url, timeout_s=1.0)  # a Redis that is away: engage() waits it out
     try:
         raise_flag(client, scope=scope, reason=reason, actor=who, at=now, hard=hard)
+        raised = True
     except redis.RedisError:
-        pass  # engage() says so
+        raised = False  # engage() says so
     finally:
         client.close()
-    return now, who
+    return now, who, raised
+
+
+def _refuse_without_a_database(scope: str, raised: bool) -> None:
+    """78 when the SQLite file the settings name does not exist (the wrong folder, at 2am): the mirror would be
+    written into an empty fleet.db made in passing, and "the watchdog writes it" is untrue where no fleet runs.
+    The flag, already up or not, is said as it is, with where to go instead."""
+    from fleet import db
+    from fleet.errors import ConfigError
+
+    s = settings()
+    missing = db.missing_sqlite_file(s.database_url)
+    if missing is None:
+        return
+    from fleet.supervisor import mask_redis_url  # fleet up's module, heavy: only for a refusal
+    where = "the whole fleet" if scope == GLOBAL else f"agent {scope}"
+    redis_shown = mask_redis_url(s.broker_url)
+    if raised:
+        said = (f"the kill flag for {where} IS up in Redis {redis_shown} (a fleet using that Redis stops now), but "
+                "it has no database mirror: a Redis restart would lift it, and `fleet resume` cannot from here")
+    else:
+        said = f"nothing was killed: Redis {redis_shown} did not take the flag"
+    raise ConfigError(f"{said}. {missing} does not exist: no fleet has run in this folder. Run `fleet kill` in "
+                      "your fleet's folder (or set FLEET_DATABASE_URL to its database); `fleet resume` there "
+                      "lifts it")
 
 
 def _kill_services(config: FleetConfig) -> Services:
@@ -181,6 +208,15 @@ def _scope_services(agent: str | None) -> Services:
     the whole fleet's goes on without one. Either acts on this fleet's Redis only: pausing or lifting another
     fleet's would stop or start what its operator did not."""
     if agent is not None:
+        from fleet.errors import ConfigError
+
+        try:
+            fleet_config()
+        except ConfigError as exc:  # said with what it means for this agent's kill or pause, and what lifts it
+            raise ConfigError(f"{exc}\nfleet: nothing changed for agent {agent}: whatever holds it (a kill, a pause) "
+                              "is still in force. One agent's resume or pause needs a fleet.toml that validates "
+                              "(it must tell the agent from a typo): fix it (`fleet doctor` names the problem), "
+                              "then run this again; the running fleet keeps its last good file") from None
         return services()
     svc = reading_services(loud=False)
     another_fleets_redis(svc)

@@ -96,7 +96,16 @@ def _print_dispatch(result: dict[str, Any]) -> None:
     out.print(f"[bold]{status}[/bold] run {result.get('run_id') or '-'}" + (f" ({shown(reason)})" if reason else ""))
     if result.get("would_fire") and status == "dry_run":
         out.print(f"would fire: {shown(', '.join(result['would_fire']))}")
+    if status == "duplicate" and reason in _ENDED_UNDONE:
+        # The same key never runs twice, by design: say what runs that work again.
+        out.print(f"  that key's run ended {reason.removeprefix('already ')}: a new --key runs it again"
+                  + (" (or `fleet dlq replay ID`, ID from `fleet dlq list`)" if reason == "already dead" else ""),
+                  highlight=False, markup=False)
     _print_gates(result)
+
+
+# A duplicate of these ran and did not do its work: the same key will not run it again.
+_ENDED_UNDONE = {f"already {s}" for s in ("failed", "killed", "dead", "abandoned", "archived")}
 
 
 def _print_gates(result: dict[str, Any]) -> None:
@@ -196,6 +205,9 @@ def runs_list(
     svc = reading_services()
     with db.session(svc.engine) as session:
         rows = store.list_runs(session=session, agent=agent, status=status, limit=limit)
+        if agent is not None and not rows and svc.config.agents and agent not in svc.config.agents \
+                and not store.list_runs(session=session, agent=agent, status=None, limit=1):
+            svc.config.agent(agent)  # named nowhere, by the file or a run: a typo, 69 with the known names
     if as_json:
         emit_json([run_json(r) for r in rows])
         return
