@@ -355,17 +355,27 @@ def _timed(module: Any, names: list[str], into: dict[str, list[float]]) -> Itera
             setattr(module, name, fn)
 
 
-def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, Any]:
-    """Dispatch and execute runs one at a time in this process (no Celery), counting the database work
-    of each side with engine events and timing each step."""
+@contextlib.contextmanager
+def in_process(kind: str, home: Path, redis_url: str) -> Iterator[Any]:
+    """Fleet's services for the no-op agent in this process, on a fresh database of `kind` and a flushed Redis."""
     home.mkdir(parents=True)
     config = home / "fleet.toml"
     config.write_text(NOOP_AGENTS)
     with database(kind, home) as url:
         services = build(Settings(config=config, redis_url=redis_url, database_url=url, log_dir=home / "logs"),
                          load_fleet_config(config))
-        services.redis.flushdb()
-        db.upgrade(services.engine)
+        try:
+            services.redis.flushdb()
+            db.upgrade(services.engine)
+            yield services
+        finally:
+            services.close()
+
+
+def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, Any]:
+    """Dispatch and execute runs one at a time in this process (no Celery), counting the database work
+    of each side with engine events and timing each step."""
+    with in_process(kind, home, redis_url) as services:
         tracer = Tracer(services.engine)
         trips = {"dispatch": RoundTrips(), "execute": RoundTrips()}  # the send itself is not Fleet's: not counted
         try:
@@ -395,7 +405,6 @@ def trace_kind(kind: str, home: Path, redis_url: str, runs: int) -> dict[str, An
                     one_run(f"trace-{i}", sides)
         finally:
             tracer.close()
-            services.close()
     return {"per_run": {side: {**counts.per(runs), "redis": trips[side].total / runs}
                         for side, counts in sides.items()},
             "steps": {name: 1000 * pct(values, 50) for name, values in steps.items()}}
@@ -408,25 +417,15 @@ QUEUED_WINDOW = 40
 def queued_kind(kind: str, home: Path, redis_url: str) -> dict[int, float]:
     """One dispatch's p50 (ms) with 0 to 600 of the agent's runs queued ahead of it, none executed (a burst on an
     agent of concurrency 1,000): what a dispatch reads and sends per live run shows up as growth."""
-    home.mkdir(parents=True)
-    config = home / "fleet.toml"
-    config.write_text(NOOP_AGENTS)
-    with database(kind, home) as url:
-        services = build(Settings(config=config, redis_url=redis_url, database_url=url, log_dir=home / "logs"),
-                         load_fleet_config(config))
-        services.redis.flushdb()
-        db.upgrade(services.engine)
-        took: list[float] = []
-        try:
-            for i in range(QUEUED_MARKS[-1] + QUEUED_WINDOW):
-                started = time.perf_counter()
-                result = dispatching.dispatch(services, DispatchRequest("noop", f"queued-{i}", actor="trace"),
-                                              lambda *_: None)
-                took.append(time.perf_counter() - started)
-                if result.status != "queued":
-                    raise RuntimeError(f"dispatch {i} was answered {result.status}: {result.reason}")
-        finally:
-            services.close()
+    took: list[float] = []
+    with in_process(kind, home, redis_url) as services:
+        for i in range(QUEUED_MARKS[-1] + QUEUED_WINDOW):
+            started = time.perf_counter()
+            result = dispatching.dispatch(services, DispatchRequest("noop", f"queued-{i}", actor="trace"),
+                                          lambda *_: None)
+            took.append(time.perf_counter() - started)
+            if result.status != "queued":
+                raise RuntimeError(f"dispatch {i} was answered {result.status}: {result.reason}")
     return {mark: 1000 * pct(took[mark:mark + QUEUED_WINDOW], 50) for mark in QUEUED_MARKS}
 
 
