@@ -285,17 +285,20 @@ def test_a_kill_delivered_again_after_the_resume_does_not_kill_again(kind: str, 
     """`celery call fleet.kill` ran and its acknowledgement was lost; the operator resumed in the morning. kombu
     restores the old kill (hours later: the visibility timeout) and a worker runs it again: it was carried out
     once, and must not stop the fleet a second time. A kill whose first delivery never ran still engages."""
-    with fault_fleet(kind, tmp_path, pg_cluster) as faults:
+    with fault_fleet(kind, tmp_path, pg_cluster, start=False) as faults:
         services = faults.fleet.services
         task_id = f"kill-{uuid.uuid4().hex}"
-        faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
-                                      task_id=task_id).get(timeout=60)
+        first = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
+                                              task_id=task_id)
+        (sent,) = faults.fleet.redis.lrange("dispatch", 0, -1)  # the message itself, as kombu keeps it in `unacked`
+        faults.fleet.start_worker()
+        first.get(timeout=60)
         assert killswitch.check_redis(services.redis, None).killed
         faults.fleet.stop_worker(faults.fleet.workers[0])
         killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="test", now=services.now())
         faults.fleet.celery.backend.forget(task_id)  # the first delivery's result: the wait is for the second's
-        again = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
-                                              task_id=task_id)
+        faults.fleet.redis.rpush("dispatch", sent)  # kombu's restore puts back the very message (RPUSH: next out)
+        again = faults.fleet.celery.AsyncResult(task_id)
         _as_kombu_restores_it(faults.fleet.redis, "dispatch")
         never_ran = faults.fleet.celery.send_task("fleet.kill", args=["quick"], queue="dispatch")
         _as_kombu_restores_it(faults.fleet.redis, "dispatch", index=0)
@@ -307,3 +310,28 @@ def test_a_kill_delivered_again_after_the_resume_does_not_kill_again(kind: str, 
         assert answer["engaged"] is False and "already" in answer["reason"], answer
         assert never_ran.get(timeout=60)["engaged"] is True  # its first delivery: carried out
         assert killswitch.check_redis(services.redis, "quick").killed
+
+
+def test_a_new_kill_reusing_a_task_id_restored_before_it_ran_still_engages(kind: str, tmp_path: Path,
+                                                                           pg_cluster: PrivateCluster | None) -> None:
+    """A script stops the fleet with a fixed task id (`celery call fleet.kill --task-id nightly-stop`), and the
+    operator resumed Monday's kill. Tuesday's kill, the same id, waits prefetched by a worker that is stopped
+    warm: kombu restores it, marked redelivered, though it never ran. It is a new message, not Monday's delivered
+    again, and must stop the fleet."""
+    with fault_fleet(kind, tmp_path, pg_cluster) as faults:
+        services = faults.fleet.services
+        task_id = "nightly-stop"
+        faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "monday"}, queue="dispatch",
+                                      task_id=task_id).get(timeout=60)
+        faults.fleet.stop_worker(faults.fleet.workers[0])
+        killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="test", now=services.now())
+        faults.fleet.celery.backend.forget(task_id)
+        tuesday = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "tuesday"}, queue="dispatch",
+                                                task_id=task_id)
+        _as_kombu_restores_it(faults.fleet.redis, "dispatch")
+        faults.fleet.start_worker()
+        answer = tuesday.get(timeout=60)
+        assert killswitch.check_redis(services.redis, None).killed, f"Tuesday's kill engaged nothing: {answer}"
+        with db.session(services.engine) as session:
+            assert killswitch.check_mirror(session, None).killed
+        assert answer["engaged"] is True, answer
