@@ -33,6 +33,7 @@ from fleet.models import KillSwitch, RunEvent, table_of
 
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
 _FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
+_SAME_ID_KILLS = 50  # the latest kills of one task id that `carried_out` compares a delivery with
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,14 @@ class Engagement:
 
 def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
            hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S,
-           unmirrorable: str | None = None) -> Engagement:
+           unmirrorable: str | None = None, delivery_tag: str | None = None) -> Engagement:
     """Throw the switch: Redis first (in force at once), then the database mirror (durable).
 
     Raises BadInputError before anything is set, and UnavailableError when neither place could be
     written. A kill that reached only one of them is in force and is returned as such. `unmirrorable`: why
     the mirror is not even tried (a SQLite file that does not exist, which connecting would make empty).
+    `delivery_tag`: the broker message that asked for it (kombu's tag, one per send), kept in its event for
+    `carried_out`.
     """
     redis_problem = None
     try:
@@ -104,7 +107,7 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
         redis_problem = f"Redis unreachable: {first_line(exc)}"
         logs.get(__name__).warning("kill.redis_unreachable", scope=scope)
     mirror_problem = unmirrorable or _write_mirror(engine, scope=scope, reason=reason, actor=actor, hard=hard,
-                                                   now=now, deadline_s=mirror_deadline_s)
+                                                   now=now, deadline_s=mirror_deadline_s, delivery_tag=delivery_tag)
     if redis_problem and mirror_problem:
         raise UnavailableError(f"the kill switch was NOT engaged: {redis_problem}; "
                                f"database: {mirror_problem}") from None
@@ -120,17 +123,18 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
 
 
 def _write_mirror(engine: Engine, *, scope: str, reason: str | None, actor: str, hard: bool, now: datetime,
-                  deadline_s: float) -> str | None:
+                  deadline_s: float, delivery_tag: str | None = None) -> str | None:
     """Write the engaged row and its event, retried until `deadline_s`; None once written, else why not."""
     give_up = time.monotonic() + deadline_s
     pause = 0.05
+    message = {} if delivery_tag is None else {"delivery_tag": delivery_tag}
     while True:
         try:
             with db.bounded_session(engine, max(0.05, give_up - time.monotonic())) as session:
                 _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, hard=hard, now=now)
                 store.add_event(session=session, at=now, kind="kill.engaged",
                                 agent=None if scope == GLOBAL else scope, actor=actor, scope=scope, reason=reason,
-                                hard=hard)
+                                hard=hard, **message)
                 session.commit()
             return None
         except (SQLAlchemyError, OSError) as exc:  # OSError: an SQLite folder that cannot be made
@@ -165,20 +169,36 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
                                "and still holds the flag: run `fleet resume` again once Redis is back") from None
 
 
-def carried_out(engine: Engine, *, message_id: str) -> str | None:
+def carried_out(engine: Engine, *, message_id: str, delivery_tag: str | None = None) -> str | None:
     """Why a kill delivered again by the broker engages nothing, or None when its first delivery never engaged.
 
     kombu restores a message whose acknowledgement was lost, hours later (the visibility timeout): a kill
     carried out then, and resumed since by the operator, must not stop the fleet again. Its first delivery
-    left a `kill.engaged` event whose actor ends with the message's id (workers/tasks.py names it so)."""
+    left a `kill.engaged` event whose actor ends with the message's id (workers/tasks.py names it so) and
+    that names its delivery tag: a task id can be given by the sender (`celery call --task-id`) and used
+    again by a later kill, but kombu's tag is drawn anew for every send and kept when it restores one, so
+    a new kill restored before it ever ran (a warm shutdown gives back what it prefetched) still engages.
+    An event that names no tag (written before tags were kept) matches by the id alone."""
     with db.session(engine) as session:
-        found = session.exec(select(RunEvent.at).where(RunEvent.kind == "kill.engaged",
-                                                       col(RunEvent.actor).endswith(f":{message_id}", autoescape=True))
-                             .limit(1)).first()
+        rows = session.exec(select(RunEvent.at, RunEvent.detail)
+                            .where(RunEvent.kind == "kill.engaged",
+                                   col(RunEvent.actor).endswith(f":{message_id}", autoescape=True))
+                            .order_by(col(RunEvent.id).desc()).limit(_SAME_ID_KILLS)).all()
+    found = next((at for at, detail in rows if delivery_tag is None or _tag_of(detail) in (None, delivery_tag)),
+                 None)
     if found is None:
         return None
     return (f"already carried out at {found.isoformat(timespec='seconds')}: this kill was delivered again (a worker "
             "lost it before acknowledging it), and what followed it, a resume included, stands")
+
+
+def _tag_of(detail: str | None) -> str | None:
+    """The delivery tag a `kill.engaged` event names, if any."""
+    try:
+        tag = json.loads(detail or "{}").get("delivery_tag")
+    except (ValueError, AttributeError):
+        return None
+    return None if tag is None else str(tag)
 
 
 def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:
