@@ -25,6 +25,7 @@ from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunStatus, SpendDay
 from fleet.services import Services, utcnow
 from tests.faults.conftest import FaultFleet, fault_fleet
+from tests.faults.proxy import PASS, RESET
 from tests.faults.servers import PrivateCluster
 from tests.harness import children_of, wait_for
 from tests.test_dispatch import run_of, wait_status
@@ -254,11 +255,15 @@ def _as_kombu_restores_it(client: Any, queue: str, index: int = -1) -> None:
     """The message at `index` in `queue` (kombu pushes on the left: -1 is the oldest), marked as kombu's Redis
     transport marks a message it restores from its `unacked` hash (a worker that died, or lost its connection,
     before its acknowledgement got through)."""
-    raw = client.lindex(queue, index)
+    client.lset(queue, index, _restored(client.lindex(queue, index)))
+
+
+def _restored(raw: str) -> str:
+    """A message as kombu's `_do_restore_message` puts it back: the same payload, marked redelivered."""
     message = json.loads(raw)
     message["headers"]["redelivered"] = True
     message["properties"]["delivery_info"]["redelivered"] = True
-    client.lset(queue, index, json.dumps(message))
+    return json.dumps(message)
 
 
 def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tmp_path: Path,
@@ -335,3 +340,37 @@ def test_a_new_kill_reusing_a_task_id_restored_before_it_ran_still_engages(kind:
         with db.session(services.engine) as session:
             assert killswitch.check_mirror(session, None).killed
         assert answer["engaged"] is True, answer
+
+
+@pytest.mark.parametrize("mirrored_by_watchdog", [True, False], ids=["watchdog-mirrored", "resumed-first"])
+def test_a_kill_that_reached_only_redis_delivered_again_after_the_resume_does_not_kill_again(
+        tmp_path: Path, pg_cluster: PrivateCluster | None, mirrored_by_watchdog: bool) -> None:
+    """The worker host loses the network just after `celery call fleet.kill` set the flag in Redis: the mirror
+    cannot be written (Redis only, exit 75's case) and the acknowledgement is lost too. The watchdog mirrors the
+    flag (or not yet), the operator resumes in the morning, and kombu restores the old kill: carried out once, it
+    must not stop the fleet a second time."""
+    with fault_fleet("postgresql", tmp_path, pg_cluster, start=False) as faults:
+        services, proxy = faults.fleet.services, faults.db_proxy
+        assert proxy is not None
+        task_id = f"kill-{uuid.uuid4().hex}"
+        first = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
+                                              task_id=task_id)
+        (sent,) = faults.fleet.redis.lrange("dispatch", 0, -1)
+        proxy.set(RESET)  # the worker's database is gone; Redis still answers
+        try:
+            faults.fleet.start_worker()
+            answer = first.get(timeout=60)
+        finally:
+            proxy.set(PASS)
+        assert answer["in_redis"] is True and answer["mirrored"] is False, answer
+        if mirrored_by_watchdog:
+            assert killswitch.repair_mirror(services.engine, services.redis, [GLOBAL], services.now()) == [GLOBAL]
+        killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="operator", now=services.now())
+        assert not killswitch.check_redis(services.redis, None).killed
+        faults.fleet.celery.backend.forget(task_id)
+        faults.fleet.redis.rpush("dispatch", _restored(sent))  # kombu's restore of the unacknowledged kill, hours later
+        again = faults.fleet.celery.AsyncResult(task_id).get(timeout=60)
+        assert not killswitch.check_redis(services.redis, None).killed, f"the old kill stopped it again: {again}"
+        with db.session(services.engine) as session:
+            assert not killswitch.check_mirror(session, None).killed
+        assert again["engaged"] is False and "already" in again["reason"], again
