@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, bindparam
+from sqlalchemy import Engine, and_, bindparam, or_
 from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -46,6 +46,7 @@ class KillState:
     actor: str | None = None
     at: datetime | None = None  # when it was engaged, as its record says (None: unknown)
     hard: bool = False
+    delivery_tag: str | None = None  # the broker message that engaged it, as its flag says (a fleet.kill's)
 
     def describe(self) -> str:
         """One line for a refusal or a gate verdict."""
@@ -100,7 +101,7 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
     redis_problem = None
     try:
         # Refuses a bad reason (BadInputError) before it sets anything, in Redis or the mirror.
-        raise_flag(client, scope=scope, reason=reason, actor=actor, at=now, hard=hard)
+        raise_flag(client, scope=scope, reason=reason, actor=actor, at=now, hard=hard, delivery_tag=delivery_tag)
     except redis.RedisError as exc:
         # The mirror alone still holds it: dispatches refuse, executors read the mirror while Redis is
         # away, and the next check copies it back into Redis.
@@ -152,14 +153,17 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
     transaction that releases it: a resume of an agent only paused, or of one never killed, lifted no kill,
     and the audit trail must not say it did (nor twice, for two resumes racing).
     """
+    only_redis = _flag_of(client, scope)  # read before the mirror is released, as the delete below comes after
     with db.session(engine) as session:
         was = _locked(session, scope).engaged
         # The row is written released even when it was not engaged: its changed_at tells repair_mirror
         # that a flag only Redis holds, set before now, was resumed and must not be mirrored back.
         _upsert(session, scope=scope, engaged=False, reason=None, actor=actor, hard=False, now=now)
-        if was:
+        if was or only_redis is not None:
+            # A kill only Redis held (its mirror unwritten) is lifted too, and named: `carried_out` must know
+            # the fleet.kill it came from, should kombu deliver that again.
             store.add_event(session=session, at=now, kind="kill.released", agent=None if scope == GLOBAL else scope,
-                            actor=actor, scope=scope)
+                            actor=actor, scope=scope, **({} if was or only_redis is None else _engaged_by(only_redis)))
         session.commit()
     try:
         return bool(client.delete(keys.kill(scope))) or was
@@ -167,6 +171,21 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
         # Still killed in Redis: the fleet stays stopped (safe), and the operator must say it again.
         raise UnavailableError(f"released in the database, but Redis is unreachable ({exc.__class__.__name__}) "
                                "and still holds the flag: run `fleet resume` again once Redis is back") from None
+
+
+def _flag_of(client: redis.Redis, scope: str) -> KillState | None:
+    """The kill flag Redis holds for `scope`, if one can be read."""
+    try:
+        value = client.get(keys.kill(scope))
+    except (redis.RedisError, UnicodeDecodeError):
+        return None  # the delete that follows says what is wrong, or lifts a flag no fleet.kill wrote
+    return None if value is None else parse_flag(scope, value)
+
+
+def _engaged_by(flag: KillState) -> dict[str, str]:
+    """What a `kill.mirrored` or `kill.released` event says of the kill a flag only Redis held came from."""
+    return ({} if flag.actor is None else {"flag_actor": flag.actor}) | \
+        ({} if flag.delivery_tag is None else {"delivery_tag": flag.delivery_tag})
 
 
 def carried_out(engine: Engine, *, message_id: str, delivery_tag: str | None = None) -> str | None:
@@ -178,27 +197,34 @@ def carried_out(engine: Engine, *, message_id: str, delivery_tag: str | None = N
     that names its delivery tag: a task id can be given by the sender (`celery call --task-id`) and used
     again by a later kill, but kombu's tag is drawn anew for every send and kept when it restores one, so
     a new kill restored before it ever ran (a warm shutdown gives back what it prefetched) still engages.
-    An event that names no tag (written before tags were kept) matches by the id alone."""
+    An event that names no tag (written before tags were kept) matches by the id alone. A kill whose first
+    delivery reached only Redis wrote no `kill.engaged`: the watchdog's `kill.mirrored`, or the resume's
+    `kill.released`, names its flag's actor and tag instead."""
+    suffix = f":{message_id}"
+    in_detail = json.dumps(suffix)[1:-1]  # as the id is written inside an event's JSON detail
     with db.session(engine) as session:
-        rows = session.exec(select(RunEvent.at, RunEvent.detail)
-                            .where(RunEvent.kind == "kill.engaged",
-                                   col(RunEvent.actor).endswith(f":{message_id}", autoescape=True))
+        rows = session.exec(select(RunEvent.at, RunEvent.kind, RunEvent.detail)
+                            .where(or_(and_(col(RunEvent.kind) == "kill.engaged",
+                                            col(RunEvent.actor).endswith(suffix, autoescape=True)),
+                                       and_(col(RunEvent.kind).in_(["kill.mirrored", "kill.released"]),
+                                            col(RunEvent.detail).contains(in_detail, autoescape=True))))
                             .order_by(col(RunEvent.id).desc()).limit(_SAME_ID_KILLS)).all()
-    found = next((at for at, detail in rows if delivery_tag is None or _tag_of(detail) in (None, delivery_tag)),
-                 None)
+    found = next((at for at, kind, detail in rows
+                  if (kind == "kill.engaged" or str(_detail(detail).get("flag_actor", "")).endswith(suffix))
+                  and (delivery_tag is None or _detail(detail).get("delivery_tag") in (None, delivery_tag))), None)
     if found is None:
         return None
     return (f"already carried out at {found.isoformat(timespec='seconds')}: this kill was delivered again (a worker "
             "lost it before acknowledging it), and what followed it, a resume included, stands")
 
 
-def _tag_of(detail: str | None) -> str | None:
-    """The delivery tag a `kill.engaged` event names, if any."""
+def _detail(detail: str | None) -> dict[str, Any]:
+    """An event's detail, read back (nothing, or what cannot be read: empty)."""
     try:
-        tag = json.loads(detail or "{}").get("delivery_tag")
-    except (ValueError, AttributeError):
-        return None
-    return None if tag is None else str(tag)
+        found = json.loads(detail or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:
@@ -260,8 +286,10 @@ def parse_flag(scope: str, value: Any) -> KillState:
         shown = text if len(text) <= _FOREIGN_SHOWN else text[:_FOREIGN_SHOWN] + "..."
         return KillState(True, scope, f"kill flag not written by Fleet: {shown!r}")
     reason, actor = record.get("reason"), record.get("actor")
+    tag = record.get("delivery_tag")
     return KillState(True, scope, None if reason is None else str(reason), None if actor is None else str(actor),
-                     at=_when(record.get("at")), hard=record.get("hard") is True)
+                     at=_when(record.get("at")), hard=record.get("hard") is True,
+                     delivery_tag=None if tag is None else str(tag))
 
 
 def _when(stamp: Any) -> datetime | None:
@@ -347,7 +375,7 @@ def _mirror_one(engine: Engine, flag: KillState, at: datetime) -> bool:
             _upsert(session, scope=flag.scope, engaged=True, reason=reason, actor=(flag.actor or "watchdog")[:255],
                     hard=flag.hard, now=at)
             store.add_event(session=session, at=at, kind="kill.mirrored", agent=agent, actor="watchdog",
-                            scope=flag.scope, reason=reason)
+                            scope=flag.scope, reason=reason, **_engaged_by(flag))
             session.commit()
     except IntegrityError:  # another writer inserted the row first: the next pass looks again
         return False
