@@ -150,8 +150,9 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
     """Lift the switch in both places, the mirror first; whether a kill was in force in either.
 
     `kill.released` is written only when the mirror row was engaged, read (locked, on PostgreSQL) in the
-    transaction that releases it: a resume of an agent only paused, or of one never killed, lifted no kill,
-    and the audit trail must not say it did (nor twice, for two resumes racing).
+    transaction that releases it, or when Redis held a flag the mirror lacked (a kill whose mirror write
+    failed): a resume of an agent only paused, or of one never killed, lifted no kill, and the audit trail
+    must not say it did (nor twice, for two resumes racing on a mirrored kill).
     """
     only_redis = _flag_of(client, scope)  # read before the mirror is released, as the delete below comes after
     with db.session(engine) as session:
