@@ -228,6 +228,17 @@ def _detail(detail: str | None) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def holds(engine: Engine, client: redis.Redis, scope: str) -> bool:
+    """Whether a kill holds `scope` itself (for an agent: its own, not the fleet's), in Redis or the mirror."""
+    with db.session(engine) as session:
+        if list(db.execute(session, ENGAGED, {"scopes": [scope]})):
+            return True
+    try:
+        return bool(client.exists(keys.kill(scope)))
+    except redis.RedisError:
+        return False
+
+
 def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:
     """Why a resume delivered again by the broker must lift nothing, or None when nothing it could lift holds.
 
