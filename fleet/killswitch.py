@@ -228,15 +228,22 @@ def _detail(detail: str | None) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def holds(engine: Engine, client: redis.Redis, scope: str) -> bool:
-    """Whether a kill holds `scope` itself (for an agent: its own, not the fleet's), in Redis or the mirror."""
+def still_in_force(engine: Engine, client: redis.Redis, *, scope: str, message_id: str,
+                   delivery_tag: str | None) -> bool:
+    """Whether the kill of `scope` in force is the one this message engaged (its flag, or its mirror row, names
+    the message's task id and, the flag, its delivery tag): not a later kill, soft perhaps, after a resume."""
+    suffix = f":{message_id}"
     with db.session(engine) as session:
-        if list(db.execute(session, ENGAGED, {"scopes": [scope]})):
-            return True
+        for row in db.execute(session, ENGAGED, {"scopes": [scope]}):
+            if str(row.actor or "").endswith(suffix):
+                return True
     try:
-        return bool(client.exists(keys.kill(scope)))
-    except redis.RedisError:
+        value = client.get(keys.kill(scope))
+    except (redis.RedisError, UnicodeDecodeError):
         return False
+    flag = None if value is None else parse_flag(scope, value)
+    return (flag is not None and str(flag.actor or "").endswith(suffix)
+            and (delivery_tag is None or flag.delivery_tag in (None, delivery_tag)))
 
 
 def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:

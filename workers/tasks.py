@@ -76,9 +76,11 @@ def kill(self: Task, agent: str | None = None, reason: str | None = None, hard: 
     if _redelivered(self):  # restored by kombu: carried out already, maybe resumed since
         done = killswitch.carried_out(svc.engine, message_id=str(self.request.id), delivery_tag=_delivery_tag(self))
         if done is not None:
-            # A hard kill's first delivery may have died in its grace, before it revoked anything: while the
-            # scope is still killed, the revoke is done again (it terminates only executes of runs still running).
-            again = hard and killswitch.holds(svc.engine, svc.redis, scope)
+            # A hard kill's first delivery may have died in its grace, before it revoked anything: while its kill
+            # is still in force, the revoke is done again (it terminates only executes of runs still running).
+            again = hard and killswitch.still_in_force(svc.engine, svc.redis, scope=scope,
+                                                       message_id=str(self.request.id),
+                                                       delivery_tag=_delivery_tag(self))
             return {"scope": scope, "engaged": False, "reason": done,
                     "revoked": control.hard_stop(svc, agent) if again else 0}
     engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=_actor(self), hard=hard,
