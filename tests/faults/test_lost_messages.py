@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -129,6 +130,26 @@ def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
     report = faults.fleet.reap(later(faults.fleet.services, 600))
     assert report.counts.get("resent") == 1, report
     assert_ran_once(faults, result.run_id)
+
+
+def test_a_copy_a_dead_worker_took_by_a_clock_a_day_ahead_is_still_buried(faults: FaultFleet) -> None:
+    """The resent copy went to a worker whose clock runs a day ahead, and that worker died holding it: kombu's
+    `unacked_index` dates the take by that clock, tomorrow. Nobody answers for it and nobody will run it: the
+    run must still be dead-lettered as lost now, not kept queued (its slot held) until that clock's tomorrow
+    is three resend windows old."""
+    redis = faults.fleet.redis
+    with stalled_pool(faults):
+        result = dispatch(faults.fleet.services, request(), drop)
+        faults.accepted.add(result.run_id)
+        first = faults.fleet.reap(later(faults.fleet.services, 600))
+        assert first.counts.get("resent") == 1, first
+        taken(faults)
+        faults.fleet.stop_worker(faults.fleet.workers[0], signal.SIGKILL)
+    (tag,) = redis.hkeys("unacked")
+    redis.zadd("unacked_index", {tag: time.time() + 86400})  # as the dead worker's clock wrote it
+    second = faults.fleet.reap(later(faults.fleet.services, 1200))
+    run = run_of(faults.fleet, result.run_id)
+    assert run.status == RunStatus.DEAD, f"a copy nobody holds kept the run {run.status}: {second}"
 
 
 @contextlib.contextmanager
