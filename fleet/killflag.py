@@ -33,15 +33,18 @@ def check_reason(reason: str | None) -> None:
         raise BadInputError("--reason is not valid UTF-8 text (check the terminal's encoding)") from None
 
 
-def record(*, reason: str | None, actor: str | None, at: datetime, hard: bool) -> str:
-    """The flag's value: who, why, when, and whether Celery is asked to terminate too."""
-    return json.dumps({"reason": reason, "actor": actor, "at": at.isoformat(), "hard": hard})
+def record(*, reason: str | None, actor: str | None, at: datetime, hard: bool, delivery_tag: str | None = None) -> str:
+    """The flag's value: who, why, when, and whether Celery is asked to terminate too (`delivery_tag`: the broker
+    message that asked, for a kill that reaches only Redis to be known when kombu delivers it again)."""
+    tagged = {} if delivery_tag is None else {"delivery_tag": delivery_tag}
+    return json.dumps({"reason": reason, "actor": actor, "at": at.isoformat(), "hard": hard, **tagged})
 
 
-def raise_flag(client: redis.Redis, *, scope: str, reason: str | None, actor: str, at: datetime, hard: bool) -> None:
+def raise_flag(client: redis.Redis, *, scope: str, reason: str | None, actor: str, at: datetime, hard: bool,
+               delivery_tag: str | None = None) -> None:
     """Set the kill flag of `scope` (in force at once); raises redis.RedisError when Redis cannot take it."""
     check_reason(reason)
-    client.set(keys.kill(scope), record(reason=reason, actor=actor, at=at, hard=hard))
+    client.set(keys.kill(scope), record(reason=reason, actor=actor, at=at, hard=hard, delivery_tag=delivery_tag))
 
 
 # Deletes the key only while it still holds the value given (a flag someone set since is theirs to keep).

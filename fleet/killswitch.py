@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, bindparam
+from sqlalchemy import Engine, and_, bindparam, or_
 from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -33,6 +33,7 @@ from fleet.models import KillSwitch, RunEvent, table_of
 
 MIRROR_DEADLINE_S = 3.0  # how long `engage` keeps trying the mirror once the kill is in force in Redis
 _FOREIGN_SHOWN = 80  # characters of a flag Fleet did not write, quoted in its reason
+_SAME_ID_KILLS = 50  # the latest kills of one task id that `carried_out` compares a delivery with
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class KillState:
     actor: str | None = None
     at: datetime | None = None  # when it was engaged, as its record says (None: unknown)
     hard: bool = False
+    delivery_tag: str | None = None  # the broker message that engaged it, as its flag says (a fleet.kill's)
 
     def describe(self) -> str:
         """One line for a refusal or a gate verdict."""
@@ -86,23 +88,26 @@ class Engagement:
 
 
 def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | None, actor: str,
-           hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S) -> Engagement:
+           hard: bool, now: datetime, mirror_deadline_s: float = MIRROR_DEADLINE_S,
+           delivery_tag: str | None = None) -> Engagement:
     """Throw the switch: Redis first (in force at once), then the database mirror (durable).
 
     Raises BadInputError before anything is set, and UnavailableError when neither place could be
     written. A kill that reached only one of them is in force and is returned as such.
+    `delivery_tag`: the broker message that asked for it (kombu's tag, one per send), kept in its event for
+    `carried_out`.
     """
     redis_problem = None
     try:
         # Refuses a bad reason (BadInputError) before it sets anything, in Redis or the mirror.
-        raise_flag(client, scope=scope, reason=reason, actor=actor, at=now, hard=hard)
+        raise_flag(client, scope=scope, reason=reason, actor=actor, at=now, hard=hard, delivery_tag=delivery_tag)
     except redis.RedisError as exc:
         # The mirror alone still holds it: dispatches refuse, executors read the mirror while Redis is
         # away, and the next check copies it back into Redis.
         redis_problem = f"Redis unreachable: {first_line(exc)}"
         logs.get(__name__).warning("kill.redis_unreachable", scope=scope)
     mirror_problem = _write_mirror(engine, scope=scope, reason=reason, actor=actor, hard=hard, now=now,
-                                   deadline_s=mirror_deadline_s)
+                                   deadline_s=mirror_deadline_s, delivery_tag=delivery_tag)
     if redis_problem and mirror_problem:
         raise UnavailableError(f"the kill switch was NOT engaged: {redis_problem}; "
                                f"database: {mirror_problem}") from None
@@ -118,17 +123,18 @@ def engage(engine: Engine, client: redis.Redis, *, scope: str, reason: str | Non
 
 
 def _write_mirror(engine: Engine, *, scope: str, reason: str | None, actor: str, hard: bool, now: datetime,
-                  deadline_s: float) -> str | None:
+                  deadline_s: float, delivery_tag: str | None = None) -> str | None:
     """Write the engaged row and its event, retried until `deadline_s`; None once written, else why not."""
     give_up = time.monotonic() + deadline_s
     pause = 0.05
+    message = {} if delivery_tag is None else {"delivery_tag": delivery_tag}
     while True:
         try:
             with db.bounded_session(engine, max(0.05, give_up - time.monotonic())) as session:
                 _upsert(session, scope=scope, engaged=True, reason=reason, actor=actor, hard=hard, now=now)
                 store.add_event(session=session, at=now, kind="kill.engaged",
                                 agent=None if scope == GLOBAL else scope, actor=actor, scope=scope, reason=reason,
-                                hard=hard)
+                                hard=hard, **message)
                 session.commit()
             return None
         except (SQLAlchemyError, OSError) as exc:  # OSError: an SQLite folder that cannot be made
@@ -143,17 +149,21 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
     """Lift the switch in both places, the mirror first; whether a kill was in force in either.
 
     `kill.released` is written only when the mirror row was engaged, read (locked, on PostgreSQL) in the
-    transaction that releases it: a resume of an agent only paused, or of one never killed, lifted no kill,
-    and the audit trail must not say it did (nor twice, for two resumes racing).
+    transaction that releases it, or when Redis held a flag the mirror lacked (a kill whose mirror write
+    failed): a resume of an agent only paused, or of one never killed, lifted no kill, and the audit trail
+    must not say it did (nor twice, for two resumes racing on a mirrored kill).
     """
+    only_redis = _flag_of(client, scope)  # read before the mirror is released, as the delete below comes after
     with db.session(engine) as session:
         was = _locked(session, scope).engaged
         # The row is written released even when it was not engaged: its changed_at tells repair_mirror
         # that a flag only Redis holds, set before now, was resumed and must not be mirrored back.
         _upsert(session, scope=scope, engaged=False, reason=None, actor=actor, hard=False, now=now)
-        if was:
+        if was or only_redis is not None:
+            # A kill only Redis held (its mirror unwritten) is lifted too, and named: `carried_out` must know
+            # the fleet.kill it came from, should kombu deliver that again.
             store.add_event(session=session, at=now, kind="kill.released", agent=None if scope == GLOBAL else scope,
-                            actor=actor, scope=scope)
+                            actor=actor, scope=scope, **({} if was or only_redis is None else _engaged_by(only_redis)))
         session.commit()
     try:
         return bool(client.delete(keys.kill(scope))) or was
@@ -163,20 +173,76 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
                                "and still holds the flag: run `fleet resume` again once Redis is back") from None
 
 
-def carried_out(engine: Engine, *, message_id: str) -> str | None:
+def _flag_of(client: redis.Redis, scope: str) -> KillState | None:
+    """The kill flag Redis holds for `scope`, if one can be read."""
+    try:
+        value = client.get(keys.kill(scope))
+    except (redis.RedisError, UnicodeDecodeError):
+        return None  # the delete that follows says what is wrong, or lifts a flag no fleet.kill wrote
+    return None if value is None else parse_flag(scope, value)
+
+
+def _engaged_by(flag: KillState) -> dict[str, str]:
+    """What a `kill.mirrored` or `kill.released` event says of the kill a flag only Redis held came from."""
+    return ({} if flag.actor is None else {"flag_actor": flag.actor}) | \
+        ({} if flag.delivery_tag is None else {"delivery_tag": flag.delivery_tag})
+
+
+def carried_out(engine: Engine, *, message_id: str, delivery_tag: str | None = None) -> str | None:
     """Why a kill delivered again by the broker engages nothing, or None when its first delivery never engaged.
 
     kombu restores a message whose acknowledgement was lost, hours later (the visibility timeout): a kill
     carried out then, and resumed since by the operator, must not stop the fleet again. Its first delivery
-    left a `kill.engaged` event whose actor ends with the message's id (workers/tasks.py names it so)."""
+    left a `kill.engaged` event whose actor ends with the message's id (workers/tasks.py names it so) and
+    that names its delivery tag: a task id can be given by the sender (`celery call --task-id`) and used
+    again by a later kill, but kombu's tag is drawn anew for every send and kept when it restores one, so
+    a new kill restored before it ever ran (a warm shutdown gives back what it prefetched) still engages.
+    An event that names no tag (written before tags were kept) matches by the id alone. A kill whose first
+    delivery reached only Redis wrote no `kill.engaged`: the watchdog's `kill.mirrored`, or the resume's
+    `kill.released`, names its flag's actor and tag instead."""
+    suffix = f":{message_id}"
+    in_detail = json.dumps(suffix)[1:-1]  # as the id is written inside an event's JSON detail
     with db.session(engine) as session:
-        found = session.exec(select(RunEvent.at).where(RunEvent.kind == "kill.engaged",
-                                                       col(RunEvent.actor).endswith(f":{message_id}", autoescape=True))
-                             .limit(1)).first()
+        rows = session.exec(select(RunEvent.at, RunEvent.kind, RunEvent.detail)
+                            .where(or_(and_(col(RunEvent.kind) == "kill.engaged",
+                                            col(RunEvent.actor).endswith(suffix, autoescape=True)),
+                                       and_(col(RunEvent.kind).in_(["kill.mirrored", "kill.released"]),
+                                            col(RunEvent.detail).contains(in_detail, autoescape=True))))
+                            .order_by(col(RunEvent.id).desc()).limit(_SAME_ID_KILLS)).all()
+    found = next((at for at, kind, detail in rows
+                  if (kind == "kill.engaged" or str(_detail(detail).get("flag_actor", "")).endswith(suffix))
+                  and (delivery_tag is None or _detail(detail).get("delivery_tag") in (None, delivery_tag))), None)
     if found is None:
         return None
     return (f"already carried out at {found.isoformat(timespec='seconds')}: this kill was delivered again (a worker "
             "lost it before acknowledging it), and what followed it, a resume included, stands")
+
+
+def _detail(detail: str | None) -> dict[str, Any]:
+    """An event's detail, read back (nothing, or what cannot be read: empty)."""
+    try:
+        found = json.loads(detail or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def still_in_force(engine: Engine, client: redis.Redis, *, scope: str, message_id: str,
+                   delivery_tag: str | None) -> bool:
+    """Whether the kill of `scope` in force is the one this message engaged (its flag, or its mirror row, names
+    the message's task id and, the flag, its delivery tag): not a later kill, soft perhaps, after a resume."""
+    suffix = f":{message_id}"
+    with db.session(engine) as session:
+        for row in db.execute(session, ENGAGED, {"scopes": [scope]}):
+            if str(row.actor or "").endswith(suffix):
+                return True
+    try:
+        value = client.get(keys.kill(scope))
+    except (redis.RedisError, UnicodeDecodeError):
+        return False
+    flag = None if value is None else parse_flag(scope, value)
+    return (flag is not None and str(flag.actor or "").endswith(suffix)
+            and (delivery_tag is None or flag.delivery_tag in (None, delivery_tag)))
 
 
 def stale_resume(engine: Engine, client: redis.Redis, *, scope: str) -> str | None:
@@ -238,8 +304,10 @@ def parse_flag(scope: str, value: Any) -> KillState:
         shown = text if len(text) <= _FOREIGN_SHOWN else text[:_FOREIGN_SHOWN] + "..."
         return KillState(True, scope, f"kill flag not written by Fleet: {shown!r}")
     reason, actor = record.get("reason"), record.get("actor")
+    tag = record.get("delivery_tag")
     return KillState(True, scope, None if reason is None else str(reason), None if actor is None else str(actor),
-                     at=_when(record.get("at")), hard=record.get("hard") is True)
+                     at=_when(record.get("at")), hard=record.get("hard") is True,
+                     delivery_tag=None if tag is None else str(tag))
 
 
 def _when(stamp: Any) -> datetime | None:
@@ -325,7 +393,7 @@ def _mirror_one(engine: Engine, flag: KillState, at: datetime) -> bool:
             _upsert(session, scope=flag.scope, engaged=True, reason=reason, actor=(flag.actor or "watchdog")[:255],
                     hard=flag.hard, now=at)
             store.add_event(session=session, at=at, kind="kill.mirrored", agent=agent, actor="watchdog",
-                            scope=flag.scope, reason=reason)
+                            scope=flag.scope, reason=reason, **_engaged_by(flag))
             session.commit()
     except IntegrityError:  # another writer inserted the row first: the next pass looks again
         return False

@@ -281,3 +281,43 @@ def test_hard_kill_through_celery_stops_a_wedged_executor(fleet: Fleet) -> None:
             os.kill(executor, signal.SIGCONT)
         fleet.celery.send_task("fleet.resume", kwargs={"agent": "long"}, queue="dispatch").get(timeout=60)
     assert not fleet.redis.get(keys.kill("long"))
+
+
+def test_a_hard_kill_whose_worker_died_in_its_grace_still_terminates_the_wedged_executor(fleet: Fleet) -> None:
+    """`fleet.kill(hard=True)` engaged the flag, and the pool process running it was SIGKILLed (the OOM killer, a
+    deploy) while it waited out the grace before revoking: Celery rejects the message back to the queue
+    (task_reject_on_worker_lost) and kombu marks it redelivered. Its second delivery must still terminate the
+    executor that cannot read the flag, not take the hard kill for done because the flag is up."""
+    import os
+    import signal
+
+    from tests.harness import executor_of
+    from tests.test_beat import reap_until
+
+    fleet.reset_agent("long")
+    pidfile = fleet.tmp / "long.pids"
+    pidfile.unlink(missing_ok=True)
+    result = send(fleet, "long", f"wedged-{uuid.uuid4().hex}")
+    agent = wait_for_pids(pidfile, 60)[0][0]
+    executor = executor_of(agent)
+    os.kill(executor, signal.SIGSTOP)  # the executor is wedged: it will never see the flag
+    try:
+        kill = fleet.celery.send_task("fleet.kill", kwargs={"agent": "long", "reason": "wedged", "hard": True},
+                                      queue="dispatch")
+
+        def running_kill() -> int | None:
+            active = fleet.celery.control.inspect(timeout=1.0).active() or {}
+            return next((task["worker_pid"] for tasks in active.values() for task in tasks
+                         if task["id"] == kill.id and task.get("worker_pid")), None)
+
+        pool_pid = wait_for(running_kill, 30, "the hard kill to run")
+        assert fleet.redis.get(keys.kill("long")), "the kill runs its grace with the flag up"
+        os.kill(pool_pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(executor), 60, "the wedged executor to be terminated (revoked)")
+        wait_for(lambda: not pid_alive(agent), 60, "the agent to die with its terminated executor")
+        reap_until(fleet, lambda: run_of(fleet, result.run_id).status == RunStatus.KILLED, 60,
+                   "the reaper to end the run as killed, not retry it")
+    finally:
+        if pid_alive(executor):
+            os.kill(executor, signal.SIGCONT)
+        fleet.celery.send_task("fleet.resume", kwargs={"agent": "long"}, queue="dispatch").get(timeout=60)

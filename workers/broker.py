@@ -6,7 +6,8 @@ a worker took and has not acknowledged sits in kombu's `unacked` hash until it i
 its visibility timeout (hours) brings it back. A worker that died left its messages there, so an
 entry alone proves nothing: the holder is asked (Celery's `query_task`), and a message counts as
 on its way while a live worker answers for it (reserved, counting down, or running), or, unanswered,
-for UNANSWERED_PASSES resend windows after a worker took it (kombu's `unacked_index` says when): a live
+for UNANSWERED_PASSES resend windows after a worker took it (kombu's `unacked_index` says when, by the
+taker's clock; a take dated more than a window in the reaper's future is not believed): a live
 worker whose main process is too busy or frozen to answer within QUERY_TIMEOUT_S still runs what it
 took, and a dead one took it no earlier than the resend. Otherwise the run is sent again, which is
 harmless (a duplicate delivery starts nothing), or buried as lost.
@@ -70,33 +71,37 @@ def on_their_way(client: redis.Redis, control: Control, queue: str, runs: Sequen
     resent = {run.id: run.fence or 0 for run in runs if run.sends >= MAX_SENDS and run.id not in waiting}
     now = time.time()
     return waiting | held_runs(client, control, resent, due_by=now + due_within_s,
-                               taken_after=now - UNANSWERED_PASSES * due_within_s)
+                               taken_after=now - UNANSWERED_PASSES * due_within_s, taken_by=now + due_within_s)
 
 
 def held_runs(client: redis.Redis, control: Control, fences: Mapping[str, int], due_by: float,
-              taken_after: float = float("inf"), timeout_s: float = QUERY_TIMEOUT_S) -> set[str]:
+              taken_after: float = float("inf"), timeout_s: float = QUERY_TIMEOUT_S,
+              taken_by: float = float("inf")) -> set[str]:
     """Which of these runs (with their attempts' fences) have an execute message of that attempt, due by
     `due_by` (epoch seconds), that a live worker took and still answers for, or that a worker took after
-    `taken_after` (epoch seconds) whether or not it answers."""
+    `taken_after` and by `taken_by` (epoch seconds) whether or not it answers. The take is dated by the
+    taker's clock: one further ahead than `taken_by` is a clock not to be trusted (a dead worker's copy would
+    keep its run queued for as long as that clock is ahead), and its message counts only if answered for."""
     held = _held_task_ids(client, fences, due_by)
     if not held:
         return set()  # nothing held: no broadcast, no wait
     replies = control.inspect(timeout=timeout_s).query_task(*held) or {}
     answered = {task_id for tasks in replies.values() if isinstance(tasks, dict) for task_id in tasks}
     unanswered = {task_id: tag for task_id, (_run, tag) in held.items() if task_id not in answered}
-    recent = _taken_after(client, unanswered, taken_after)
+    recent = _taken_after(client, unanswered, taken_after, taken_by)
     return {held[task_id][0] for task_id in answered | recent if task_id in held}
 
 
-def _taken_after(client: redis.Redis, tags: Mapping[str, str], after: float) -> set[str]:
-    """Which of these task ids (with their delivery tags) a worker took after `after`, by kombu's index."""
+def _taken_after(client: redis.Redis, tags: Mapping[str, str], after: float, by: float = float("inf")) -> set[str]:
+    """Which of these task ids (with their delivery tags) a worker took after `after` and by `by`, by kombu's
+    index."""
     if not tags or after == float("inf"):
         return set()
     pipe = client.pipeline(transaction=False)
     for tag in tags.values():
         pipe.zscore(_UNACKED_INDEX, tag)
     return {task_id for task_id, taken in zip(tags, pipe.execute(), strict=True)
-            if taken is not None and float(taken) > after}
+            if taken is not None and after < float(taken) <= by}
 
 
 def _held_task_ids(client: redis.Redis, fences: Mapping[str, int], due_by: float) -> dict[str, tuple[str, str]]:

@@ -33,6 +33,13 @@ def _actor(task: Task) -> str:
     return f"celery:{task.request.hostname or 'client'}:{task.request.id}"  # killswitch.carried_out reads the id
 
 
+def _delivery_tag(task: Task) -> str | None:
+    """kombu's tag of this message: drawn anew for every send (a task id may be reused by its sender), and kept
+    when kombu restores the message."""
+    tag = (task.request.properties or {}).get("delivery_tag")
+    return None if tag is None else str(tag)
+
+
 def _redelivered(task: Task) -> bool:
     """Whether kombu restored this message (its acknowledgement was lost): it may have run before."""
     return bool((task.request.delivery_info or {}).get("redelivered"))
@@ -67,11 +74,17 @@ def kill(self: Task, agent: str | None = None, reason: str | None = None, hard: 
     if agent is not None:
         svc.config.agent(agent)
     if _redelivered(self):  # restored by kombu: carried out already, maybe resumed since
-        done = killswitch.carried_out(svc.engine, message_id=str(self.request.id))
+        done = killswitch.carried_out(svc.engine, message_id=str(self.request.id), delivery_tag=_delivery_tag(self))
         if done is not None:
-            return {"scope": scope, "engaged": False, "reason": done}
+            # A hard kill's first delivery may have died in its grace, before it revoked anything: while its kill
+            # is still in force, the revoke is done again (it terminates only executes of runs still running).
+            again = hard and killswitch.still_in_force(svc.engine, svc.redis, scope=scope,
+                                                       message_id=str(self.request.id),
+                                                       delivery_tag=_delivery_tag(self))
+            return {"scope": scope, "engaged": False, "reason": done,
+                    "revoked": control.hard_stop(svc, agent) if again else 0}
     engaged = killswitch.engage(svc.engine, svc.redis, scope=scope, reason=reason, actor=_actor(self), hard=hard,
-                                now=svc.now())
+                                now=svc.now(), delivery_tag=_delivery_tag(self))
     revoked = control.hard_stop(svc, agent) if hard else 0
     return {"scope": scope, "engaged": True, "reason": reason, "hard": hard, "revoked": revoked,
             "in_redis": engaged.in_redis, "mirrored": engaged.mirrored, "problem": engaged.problem}

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -25,6 +26,7 @@ from fleet.keys import GLOBAL
 from fleet.models import DeadLetter, Run, RunStatus, SpendDay
 from fleet.services import Services, utcnow
 from tests.faults.conftest import FaultFleet, fault_fleet
+from tests.faults.proxy import PASS, RESET
 from tests.faults.servers import PrivateCluster
 from tests.harness import children_of, wait_for
 from tests.test_dispatch import run_of, wait_status
@@ -128,6 +130,26 @@ def test_a_message_a_dead_worker_held_is_sent_again(faults: FaultFleet) -> None:
     report = faults.fleet.reap(later(faults.fleet.services, 600))
     assert report.counts.get("resent") == 1, report
     assert_ran_once(faults, result.run_id)
+
+
+def test_a_copy_a_dead_worker_took_by_a_clock_a_day_ahead_is_still_buried(faults: FaultFleet) -> None:
+    """The resent copy went to a worker whose clock runs a day ahead, and that worker died holding it: kombu's
+    `unacked_index` dates the take by that clock, tomorrow. Nobody answers for it and nobody will run it: the
+    run must still be dead-lettered as lost now, not kept queued (its slot held) until that clock's tomorrow
+    is three resend windows old."""
+    redis = faults.fleet.redis
+    with stalled_pool(faults):
+        result = dispatch(faults.fleet.services, request(), drop)
+        faults.accepted.add(result.run_id)
+        first = faults.fleet.reap(later(faults.fleet.services, 600))
+        assert first.counts.get("resent") == 1, first
+        taken(faults)
+        faults.fleet.stop_worker(faults.fleet.workers[0], signal.SIGKILL)
+    (tag,) = redis.hkeys("unacked")
+    redis.zadd("unacked_index", {tag: time.time() + 86400})  # as the dead worker's clock wrote it
+    second = faults.fleet.reap(later(faults.fleet.services, 1200))
+    run = run_of(faults.fleet, result.run_id)
+    assert run.status == RunStatus.DEAD, f"a copy nobody holds kept the run {run.status}: {second}"
 
 
 @contextlib.contextmanager
@@ -254,11 +276,15 @@ def _as_kombu_restores_it(client: Any, queue: str, index: int = -1) -> None:
     """The message at `index` in `queue` (kombu pushes on the left: -1 is the oldest), marked as kombu's Redis
     transport marks a message it restores from its `unacked` hash (a worker that died, or lost its connection,
     before its acknowledgement got through)."""
-    raw = client.lindex(queue, index)
+    client.lset(queue, index, _restored(client.lindex(queue, index)))
+
+
+def _restored(raw: str) -> str:
+    """A message as kombu's `_do_restore_message` puts it back: the same payload, marked redelivered."""
     message = json.loads(raw)
     message["headers"]["redelivered"] = True
     message["properties"]["delivery_info"]["redelivered"] = True
-    client.lset(queue, index, json.dumps(message))
+    return json.dumps(message)
 
 
 def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tmp_path: Path,
@@ -285,17 +311,20 @@ def test_a_kill_delivered_again_after_the_resume_does_not_kill_again(kind: str, 
     """`celery call fleet.kill` ran and its acknowledgement was lost; the operator resumed in the morning. kombu
     restores the old kill (hours later: the visibility timeout) and a worker runs it again: it was carried out
     once, and must not stop the fleet a second time. A kill whose first delivery never ran still engages."""
-    with fault_fleet(kind, tmp_path, pg_cluster) as faults:
+    with fault_fleet(kind, tmp_path, pg_cluster, start=False) as faults:
         services = faults.fleet.services
         task_id = f"kill-{uuid.uuid4().hex}"
-        faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
-                                      task_id=task_id).get(timeout=60)
+        first = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
+                                              task_id=task_id)
+        (sent,) = faults.fleet.redis.lrange("dispatch", 0, -1)  # the message itself, as kombu keeps it in `unacked`
+        faults.fleet.start_worker()
+        first.get(timeout=60)
         assert killswitch.check_redis(services.redis, None).killed
         faults.fleet.stop_worker(faults.fleet.workers[0])
         killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="test", now=services.now())
         faults.fleet.celery.backend.forget(task_id)  # the first delivery's result: the wait is for the second's
-        again = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
-                                              task_id=task_id)
+        faults.fleet.redis.rpush("dispatch", sent)  # kombu's restore puts back the very message (RPUSH: next out)
+        again = faults.fleet.celery.AsyncResult(task_id)
         _as_kombu_restores_it(faults.fleet.redis, "dispatch")
         never_ran = faults.fleet.celery.send_task("fleet.kill", args=["quick"], queue="dispatch")
         _as_kombu_restores_it(faults.fleet.redis, "dispatch", index=0)
@@ -307,3 +336,62 @@ def test_a_kill_delivered_again_after_the_resume_does_not_kill_again(kind: str, 
         assert answer["engaged"] is False and "already" in answer["reason"], answer
         assert never_ran.get(timeout=60)["engaged"] is True  # its first delivery: carried out
         assert killswitch.check_redis(services.redis, "quick").killed
+
+
+def test_a_new_kill_reusing_a_task_id_restored_before_it_ran_still_engages(kind: str, tmp_path: Path,
+                                                                           pg_cluster: PrivateCluster | None) -> None:
+    """A script stops the fleet with a fixed task id (`celery call fleet.kill --task-id nightly-stop`), and the
+    operator resumed Monday's kill. Tuesday's kill, the same id, waits prefetched by a worker that is stopped
+    warm: kombu restores it, marked redelivered, though it never ran. It is a new message, not Monday's delivered
+    again, and must stop the fleet."""
+    with fault_fleet(kind, tmp_path, pg_cluster) as faults:
+        services = faults.fleet.services
+        task_id = "nightly-stop"
+        faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "monday"}, queue="dispatch",
+                                      task_id=task_id).get(timeout=60)
+        faults.fleet.stop_worker(faults.fleet.workers[0])
+        killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="test", now=services.now())
+        faults.fleet.celery.backend.forget(task_id)
+        tuesday = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "tuesday"}, queue="dispatch",
+                                                task_id=task_id)
+        _as_kombu_restores_it(faults.fleet.redis, "dispatch")
+        faults.fleet.start_worker()
+        answer = tuesday.get(timeout=60)
+        assert killswitch.check_redis(services.redis, None).killed, f"Tuesday's kill engaged nothing: {answer}"
+        with db.session(services.engine) as session:
+            assert killswitch.check_mirror(session, None).killed
+        assert answer["engaged"] is True, answer
+
+
+@pytest.mark.parametrize("mirrored_by_watchdog", [True, False], ids=["watchdog-mirrored", "resumed-first"])
+def test_a_kill_that_reached_only_redis_delivered_again_after_the_resume_does_not_kill_again(
+        tmp_path: Path, pg_cluster: PrivateCluster | None, mirrored_by_watchdog: bool) -> None:
+    """The worker host loses the network just after `celery call fleet.kill` set the flag in Redis: the mirror
+    cannot be written (Redis only, exit 75's case) and the acknowledgement is lost too. The watchdog mirrors the
+    flag (or not yet), the operator resumes in the morning, and kombu restores the old kill: carried out once, it
+    must not stop the fleet a second time."""
+    with fault_fleet("postgresql", tmp_path, pg_cluster, start=False) as faults:
+        services, proxy = faults.fleet.services, faults.db_proxy
+        assert proxy is not None
+        task_id = f"kill-{uuid.uuid4().hex}"
+        first = faults.fleet.celery.send_task("fleet.kill", kwargs={"reason": "2am"}, queue="dispatch",
+                                              task_id=task_id)
+        (sent,) = faults.fleet.redis.lrange("dispatch", 0, -1)
+        proxy.set(RESET)  # the worker's database is gone; Redis still answers
+        try:
+            faults.fleet.start_worker()
+            answer = first.get(timeout=60)
+        finally:
+            proxy.set(PASS)
+        assert answer["in_redis"] is True and answer["mirrored"] is False, answer
+        if mirrored_by_watchdog:
+            assert killswitch.repair_mirror(services.engine, services.redis, [GLOBAL], services.now()) == [GLOBAL]
+        killswitch.release(services.engine, services.redis, scope=GLOBAL, actor="operator", now=services.now())
+        assert not killswitch.check_redis(services.redis, None).killed
+        faults.fleet.celery.backend.forget(task_id)
+        faults.fleet.redis.rpush("dispatch", _restored(sent))  # kombu's restore of the unacknowledged kill, hours later
+        again = faults.fleet.celery.AsyncResult(task_id).get(timeout=60)
+        assert not killswitch.check_redis(services.redis, None).killed, f"the old kill stopped it again: {again}"
+        with db.session(services.engine) as session:
+            assert not killswitch.check_mirror(session, None).killed
+        assert again["engaged"] is False and "already" in again["reason"], again
