@@ -186,8 +186,8 @@ def test_one_agents_kill_refused_by_a_broken_fleet_toml_names_the_kill_that_stil
     assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is None
 
 
-def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(tmp_path: Path,
-                                                                              redis_url: str) -> None:
+def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(
+        tmp_path: Path, redis_url: str, redis: redis_lib.Redis) -> None:  # `redis`: flushed, no beat leader left
     """`fleet status` after `fleet up` stopped (or in a folder whose embedded Redis is gone, so the command reads
     127.0.0.1:6379): "beat: leader none, last tick never" and exit 0 beside the runs of last night, with no word
     that nothing runs or of which Redis was read. It should say that no beat answers on that Redis (masked) and
@@ -240,15 +240,6 @@ def test_resuming_one_agent_killed_while_fleet_toml_is_broken_says_what_lifts_it
     assert "timeout_s" in resumed.stderr, resumed.stderr
     assert "still in force" in resumed.stderr and "fleet doctor" in resumed.stderr, resumed.stderr
     assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is not None
-
-
-def test_web_where_no_database_is_refuses_naming_the_missing_file(tmp_path: Path, redis_url: str) -> None:
-    env = cli_env(tmp_path, redis_url, FLEET_WEB_TOKEN="t" * 32, FLEET_WEB_PORT="0")
-    assert fleet("init", env=env, cwd=tmp_path).returncode == 0
-    result = fleet("web", env=env, cwd=tmp_path)
-    assert result.returncode == ExitCode.CONFIG, result.stdout + result.stderr
-    assert f"{tmp_path / 'fleet.db'} does not exist yet" in result.stderr, result.stderr
-    assert not (tmp_path / "fleet.db").exists()
 
 
 def test_init_twice_refuses_without_force_and_keeps_everything(tmp_path: Path, redis_url: str) -> None:

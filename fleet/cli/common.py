@@ -137,12 +137,12 @@ def services() -> Services:
     """Settings, config, database and Redis for a command that acts: on this fleet's Redis only."""
     from fleet.services import build
 
-    svc = build(with_a_database(settings()))
+    svc = build(_with_a_database(settings()))
     another_fleets_redis(svc)
     return svc
 
 
-def with_a_database(s: Settings) -> Settings:
+def _with_a_database(s: Settings) -> Settings:
     """The settings, once their SQLite file is known to exist (78 otherwise): SQLite makes a missing file on
     connect, and an empty fleet.db left by a look in the wrong folder would then say "no tables"."""
     from fleet import db
@@ -166,7 +166,7 @@ def reading_services(*, loud: bool = True) -> Services:
     from fleet.errors import ConfigError
     from fleet.services import build
 
-    s = with_a_database(settings())
+    s = _with_a_database(settings())
     try:
         config = fleet_config(s)
     except ConfigError as exc:

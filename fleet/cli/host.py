@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fleet.cli.common import celery_sender, out, settings, with_a_database
+from fleet.cli.common import celery_sender, out, settings
 
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
@@ -89,4 +89,4 @@ def web() -> None:
 
     s = settings()
     logs.configure("web")
-    serve(build(with_a_database(s)), celery_sender())  # its replays enqueue fleet.execute as `fleet dlq replay` does
+    serve(build(s), celery_sender())  # the page's replays enqueue fleet.execute as `fleet dlq replay` does
