@@ -38,6 +38,20 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.fixture(autouse=True)
+def _flushed_redis(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The tests here share this xdist worker's Redis database (`redis_url`): each starts from an empty one and
+    leaves one (a kill flag raised in the wrong folder, a pause, would otherwise stop the next test's agents)."""
+    if "redis_url" not in request.fixturenames:
+        yield
+        return
+    client = redis_lib.Redis.from_url(request.getfixturevalue("redis_url"))
+    client.flushdb()
+    yield
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture
 def closed_port() -> Iterator[int]:
     """A loopback port bound but never listening: connecting is refused, and no one else can take it."""
@@ -186,8 +200,8 @@ def test_one_agents_kill_refused_by_a_broken_fleet_toml_names_the_kill_that_stil
     assert redis_lib.Redis.from_url(redis_url).get("fleet:kill:echo") is None
 
 
-def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(
-        tmp_path: Path, redis_url: str, redis: redis_lib.Redis) -> None:  # `redis`: flushed, no beat leader left
+def test_status_of_a_fleet_that_is_not_running_says_so_and_which_redis_it_read(tmp_path: Path,
+                                                                              redis_url: str) -> None:
     """`fleet status` after `fleet up` stopped (or in a folder whose embedded Redis is gone, so the command reads
     127.0.0.1:6379): "beat: leader none, last tick never" and exit 0 beside the runs of last night, with no word
     that nothing runs or of which Redis was read. It should say that no beat answers on that Redis (masked) and
