@@ -3,6 +3,8 @@ SQLite and PostgreSQL with a real Redis, in-process. Found by review; each test 
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,3 +153,47 @@ def test_a_kill_only_the_mirror_holds_landing_during_the_claims_redis_round_trip
     marks = tmp_path / "counter.txt"
     assert not marks.exists() or not marks.read_text(), f"the agent ran after the kill: {marks.read_text()}"
     assert ended.status == "killed" and _row(services, run_id).status == RunStatus.KILLED, ended
+
+
+def test_a_claim_the_database_cannot_take_yet_is_deferred_not_failed(services: Services) -> None:
+    """The database cannot serve the claim yet (SQLite: another writer holds the lock past the busy timeout, as a
+    loaded CI once did; PostgreSQL: the server stalls): nothing has started, so the execute is deferred and sent
+    again shortly. It used to raise out of the task, whose message was then acknowledged as failed: the run stayed
+    queued with no message until the reaper's resend window (5 minutes) had passed."""
+    run_id, fence = _queued(services, "echo")
+    if services.engine.dialect.name == "sqlite":
+        hurried = dataclasses.replace(services, engine=db.make_engine(str(services.engine.url), timeout_s=0.2))
+        holder = sqlite3.connect(str(services.engine.url.database), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # a real writer holding the lock
+        try:
+            first, _ = _execute(hurried, run_id, fence)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            hurried.engine.dispose()
+    else:
+        with _first_statement_fails():
+            first, _ = _execute(services, run_id, fence)
+    assert first.status == "deferred", first
+    assert _row(services, run_id).status == RunStatus.QUEUED
+    again, _ = _execute(services, run_id, fence)
+    assert again.status == "succeeded" and _row(services, run_id).attempt == 1, again
+
+
+@contextmanager
+def _first_statement_fails() -> Iterator[None]:
+    """The next statement of any engine raises as a stalled server's would (the connection timed out)."""
+    from sqlalchemy import Engine
+
+    left = [1]
+
+    def fail(*_args: Any) -> None:
+        if left[0]:
+            left[0] -= 1
+            raise OperationalError("SELECT", None, Exception("connection timeout expired"))
+
+    event.listen(Engine, "before_cursor_execute", fail)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "before_cursor_execute", fail)
