@@ -38,7 +38,7 @@ from fleet.errors import ConfigError, NotFoundError, UnavailableError, first_lin
 from fleet.locks import Lease
 from fleet.models import DeadLetter, Run, RunStatus, table_of
 from fleet.process import Launch, Output, ProcessResult, run_agent
-from fleet.services import Services
+from fleet.services import Services, as_fleet_error
 from fleet.usage import make_parser
 from fleet.watch import Bookkeeper, Ownership, Watcher, book_lost_spend
 
@@ -116,7 +116,16 @@ class Verdict:
 def execute(services: Services, run_id: str, fence: int, requeue: Requeue) -> ExecuteResult:
     """Run one attempt of a queued run, if (and only if) this message still owns it."""
     claiming = time.monotonic()  # the claim renews the lease to its full TTL after this
-    started = _claim(services, run_id, fence)
+    try:
+        started = _claim(services, run_id, fence)
+    except SQLAlchemyError as exc:
+        # Nothing has started and nothing was committed: a database that stalls, restarts or holds its lock past
+        # the timeout is a blip, not a failure. Deferred, the message is sent again shortly (a raise would have
+        # its message acknowledged as failed, and the run would wait for the reaper's resend window).
+        failure = as_fleet_error(exc)
+        if not isinstance(failure, UnavailableError):
+            raise  # a schema or credentials problem: loud, retrying does not help
+        return ExecuteResult(run_id, "deferred", reason=f"the database could not take the claim yet: {failure}")
     if isinstance(started, ExecuteResult):
         return started
     run, spec, lease, room = started
