@@ -174,11 +174,12 @@ def release(engine: Engine, client: redis.Redis, *, scope: str, actor: str, now:
 
 
 def _flag_of(client: redis.Redis, scope: str) -> KillState | None:
-    """The kill flag Redis holds for `scope`, if one can be read."""
+    """The kill flag Redis holds for `scope`, if one can be read (None: none, or unreadable, which names no
+    message: a release's delete then says what is wrong, or lifts a flag no fleet.kill wrote)."""
     try:
         value = client.get(keys.kill(scope))
     except (redis.RedisError, UnicodeDecodeError):
-        return None  # the delete that follows says what is wrong, or lifts a flag no fleet.kill wrote
+        return None
     return None if value is None else parse_flag(scope, value)
 
 
@@ -236,11 +237,7 @@ def still_in_force(engine: Engine, client: redis.Redis, *, scope: str, message_i
         for row in db.execute(session, ENGAGED, {"scopes": [scope]}):
             if str(row.actor or "").endswith(suffix):
                 return True
-    try:
-        value = client.get(keys.kill(scope))
-    except (redis.RedisError, UnicodeDecodeError):
-        return False
-    flag = None if value is None else parse_flag(scope, value)
+    flag = _flag_of(client, scope)
     return (flag is not None and str(flag.actor or "").endswith(suffix)
             and (delivery_tag is None or flag.delivery_tag in (None, delivery_tag)))
 

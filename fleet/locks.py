@@ -184,10 +184,6 @@ class Leases:
         values = self._redis.mget([keys.slot_lease(agent, i) for agent, i in slots]) if slots else []
         return [parse(agent, i, cast(str, v)) for (agent, i), v in zip(slots, values, strict=True) if v]
 
-    def free_slots(self, agent: str, concurrency: int) -> int:
-        """How many slots are free now (a read-only look, for dry runs)."""
-        return concurrency - len(self.holders(agent, concurrency))
-
 
 def parse(agent: str, slot: int, value: str) -> Lease:
     """Read a slot key's value back into a Lease."""
