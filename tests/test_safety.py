@@ -3,12 +3,15 @@ a Redis restart, Redis down, and the shared breaker. Real Redis, real workers, S
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,11 +259,23 @@ def test_breaker_opens_and_lets_one_trial_through(fleet: Fleet, tmp_path: Path) 
 
 def test_hard_kill_through_celery_stops_a_wedged_executor(fleet: Fleet) -> None:
     """`fleet.kill(hard=True)` from Celery: an executor that cannot read the flag is revoked and terminated."""
-    import os
-    import signal
-
-    from tests.harness import executor_of
     from tests.test_beat import reap_until
+
+    with _a_wedged_long_run(fleet) as (result, agent, _executor):
+        outcome = fleet.celery.send_task("fleet.kill", kwargs={"agent": "long", "reason": "wedged", "hard": True},
+                                         queue="dispatch").get(timeout=60)
+        assert outcome["engaged"] and outcome["revoked"] == 1
+        wait_for(lambda: not pid_alive(agent), 10, "the agent to die with its terminated executor")
+        reap_until(fleet, lambda: run_of(fleet, result.run_id).status == RunStatus.KILLED, 60,
+                   "the reaper to end the run as killed, not retry it")
+    assert not fleet.redis.get(keys.kill("long"))
+
+
+@contextlib.contextmanager
+def _a_wedged_long_run(fleet: Fleet) -> Iterator[tuple[Any, int, int]]:
+    """A `long` run whose executor is stopped (SIGSTOP: it will never see the kill flag): (the dispatch's result,
+    the agent's pid, the executor's pid). Afterwards the executor goes on if it lives, and `long` is resumed."""
+    from tests.harness import executor_of
 
     fleet.reset_agent("long")
     pidfile = fleet.tmp / "long.pids"
@@ -268,19 +283,13 @@ def test_hard_kill_through_celery_stops_a_wedged_executor(fleet: Fleet) -> None:
     result = send(fleet, "long", f"wedged-{uuid.uuid4().hex}")
     agent = wait_for_pids(pidfile, 60)[0][0]
     executor = executor_of(agent)
-    os.kill(executor, signal.SIGSTOP)  # the executor is wedged: it will never see the flag
+    os.kill(executor, signal.SIGSTOP)
     try:
-        outcome = fleet.celery.send_task("fleet.kill", kwargs={"agent": "long", "reason": "wedged", "hard": True},
-                                         queue="dispatch").get(timeout=60)
-        assert outcome["engaged"] and outcome["revoked"] == 1
-        wait_for(lambda: not pid_alive(agent), 10, "the agent to die with its terminated executor")
-        reap_until(fleet, lambda: run_of(fleet, result.run_id).status == RunStatus.KILLED, 60,
-                   "the reaper to end the run as killed, not retry it")
+        yield result, agent, executor
     finally:
         if pid_alive(executor):
             os.kill(executor, signal.SIGCONT)
         fleet.celery.send_task("fleet.resume", kwargs={"agent": "long"}, queue="dispatch").get(timeout=60)
-    assert not fleet.redis.get(keys.kill("long"))
 
 
 def test_a_hard_kill_whose_worker_died_in_its_grace_still_terminates_the_wedged_executor(fleet: Fleet) -> None:
@@ -288,20 +297,9 @@ def test_a_hard_kill_whose_worker_died_in_its_grace_still_terminates_the_wedged_
     deploy) while it waited out the grace before revoking: Celery rejects the message back to the queue
     (task_reject_on_worker_lost) and kombu marks it redelivered. Its second delivery must still terminate the
     executor that cannot read the flag, not take the hard kill for done because the flag is up."""
-    import os
-    import signal
-
-    from tests.harness import executor_of
     from tests.test_beat import reap_until
 
-    fleet.reset_agent("long")
-    pidfile = fleet.tmp / "long.pids"
-    pidfile.unlink(missing_ok=True)
-    result = send(fleet, "long", f"wedged-{uuid.uuid4().hex}")
-    agent = wait_for_pids(pidfile, 60)[0][0]
-    executor = executor_of(agent)
-    os.kill(executor, signal.SIGSTOP)  # the executor is wedged: it will never see the flag
-    try:
+    with _a_wedged_long_run(fleet) as (result, agent, executor):
         kill = fleet.celery.send_task("fleet.kill", kwargs={"agent": "long", "reason": "wedged", "hard": True},
                                       queue="dispatch")
 
@@ -317,7 +315,3 @@ def test_a_hard_kill_whose_worker_died_in_its_grace_still_terminates_the_wedged_
         wait_for(lambda: not pid_alive(agent), 60, "the agent to die with its terminated executor")
         reap_until(fleet, lambda: run_of(fleet, result.run_id).status == RunStatus.KILLED, 60,
                    "the reaper to end the run as killed, not retry it")
-    finally:
-        if pid_alive(executor):
-            os.kill(executor, signal.SIGCONT)
-        fleet.celery.send_task("fleet.resume", kwargs={"agent": "long"}, queue="dispatch").get(timeout=60)

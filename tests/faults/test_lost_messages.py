@@ -287,6 +287,12 @@ def _restored(raw: str) -> str:
     return json.dumps(message)
 
 
+def _fleet_killed(services: Services) -> tuple[bool, bool]:
+    """Whether the fleet-wide kill holds (in Redis, in the database mirror)."""
+    with db.session(services.engine) as session:
+        return killswitch.check_redis(services.redis, None).killed, killswitch.check_mirror(session, None).killed
+
+
 def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tmp_path: Path,
                                                                    pg_cluster: PrivateCluster | None) -> None:
     """`celery call fleet.resume` ran, but its acknowledgement was lost (a Redis blip as it acked: workers/transport.py
@@ -300,9 +306,7 @@ def test_a_resume_delivered_again_after_a_later_kill_lifts_nothing(kind: str, tm
         _as_kombu_restores_it(faults.fleet.redis, "dispatch")
         faults.fleet.start_worker()
         answer = again.get(timeout=60)
-        assert killswitch.check_redis(services.redis, None).killed, f"the old resume lifted the kill: {answer}"
-        with db.session(services.engine) as session:
-            assert killswitch.check_mirror(session, None).killed
+        assert _fleet_killed(services) == (True, True), f"the old resume lifted the kill: {answer}"
         assert answer["engaged"] is True and "again" in answer["reason"], answer
 
 
@@ -330,9 +334,7 @@ def test_a_kill_delivered_again_after_the_resume_does_not_kill_again(kind: str, 
         _as_kombu_restores_it(faults.fleet.redis, "dispatch", index=0)
         faults.fleet.start_worker()
         answer = again.get(timeout=60)
-        assert not killswitch.check_redis(services.redis, None).killed, f"the old kill stopped it again: {answer}"
-        with db.session(services.engine) as session:
-            assert not killswitch.check_mirror(session, None).killed
+        assert _fleet_killed(services) == (False, False), f"the old kill stopped it again: {answer}"
         assert answer["engaged"] is False and "already" in answer["reason"], answer
         assert never_ran.get(timeout=60)["engaged"] is True  # its first delivery: carried out
         assert killswitch.check_redis(services.redis, "quick").killed
@@ -357,9 +359,7 @@ def test_a_new_kill_reusing_a_task_id_restored_before_it_ran_still_engages(kind:
         _as_kombu_restores_it(faults.fleet.redis, "dispatch")
         faults.fleet.start_worker()
         answer = tuesday.get(timeout=60)
-        assert killswitch.check_redis(services.redis, None).killed, f"Tuesday's kill engaged nothing: {answer}"
-        with db.session(services.engine) as session:
-            assert killswitch.check_mirror(session, None).killed
+        assert _fleet_killed(services) == (True, True), f"Tuesday's kill engaged nothing: {answer}"
         assert answer["engaged"] is True, answer
 
 
@@ -391,7 +391,5 @@ def test_a_kill_that_reached_only_redis_delivered_again_after_the_resume_does_no
         faults.fleet.celery.backend.forget(task_id)
         faults.fleet.redis.rpush("dispatch", _restored(sent))  # kombu's restore of the unacknowledged kill, hours later
         again = faults.fleet.celery.AsyncResult(task_id).get(timeout=60)
-        assert not killswitch.check_redis(services.redis, None).killed, f"the old kill stopped it again: {again}"
-        with db.session(services.engine) as session:
-            assert not killswitch.check_mirror(session, None).killed
+        assert _fleet_killed(services) == (False, False), f"the old kill stopped it again: {again}"
         assert again["engaged"] is False and "already" in again["reason"], again
